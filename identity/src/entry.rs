@@ -1,0 +1,373 @@
+//! Registration entries: which workloads (by selectors, under which parent)
+//! get which SPIFFE ID, and how their SVIDs are shaped.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+
+use crate::clock::{serde_opt_seconds, serde_opt_unix_seconds};
+use crate::selector::SelectorSet;
+use crate::spiffe_id::{ReservedIdError, SpiffeId, TrustDomain};
+
+/// Most DNS names one entry may carry.
+pub const MAX_DNS_NAMES: usize = 100;
+/// Longest hint, in bytes.
+pub const MAX_HINT_LEN: usize = 256;
+/// Longest entry id, in bytes.
+pub const MAX_ENTRY_ID_LEN: usize = 64;
+
+/// Why an entry (or one of its fields) is not acceptable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EntryError {
+    #[error("entry id must be 1 to {MAX_ENTRY_ID_LEN} characters of a-z, A-Z, 0-9, '-' or '_'")]
+    BadId,
+    #[error("spiffe id {0} is not in trust domain {1}")]
+    ForeignSpiffeId(SpiffeId, TrustDomain),
+    #[error("parent id {0} is not in trust domain {1}")]
+    ForeignParentId(SpiffeId, TrustDomain),
+    #[error("spiffe id {0} cannot be given to a workload: {1}")]
+    Reserved(SpiffeId, ReservedIdError),
+    #[error("an entry cannot be its own parent")]
+    SelfParent,
+    #[error("an entry needs at least one selector")]
+    NoSelectors,
+    #[error("ttl must be at least one second")]
+    ZeroTtl,
+    #[error("invalid dns name {0:?}: {1}")]
+    DnsName(String, &'static str),
+    #[error("an entry may carry at most {MAX_DNS_NAMES} dns names")]
+    TooManyDnsNames,
+    #[error("an entry cannot federate with its own trust domain")]
+    FederatesWithSelf,
+    #[error("hint must be at most {MAX_HINT_LEN} bytes without control characters")]
+    BadHint,
+}
+
+/// An entry's identifier; random for new entries.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct EntryId(String);
+
+impl EntryId {
+    /// A fresh random id (128 bits, hex).
+    pub fn generate() -> Self {
+        Self(crate::random::hex_id())
+    }
+
+    /// Parses an id given by an operator.
+    pub fn new(s: &str) -> Result<Self, EntryError> {
+        Self::try_from(s.to_owned())
+    }
+
+    /// The id as a string.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for EntryId {
+    type Error = EntryError;
+    fn try_from(s: String) -> Result<Self, EntryError> {
+        let ok = !s.is_empty()
+            && s.len() <= MAX_ENTRY_ID_LEN
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if ok {
+            Ok(Self(s))
+        } else {
+            Err(EntryError::BadId)
+        }
+    }
+}
+
+impl From<EntryId> for String {
+    fn from(id: EntryId) -> String {
+        id.0
+    }
+}
+
+impl fmt::Display for EntryId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for EntryId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "EntryId({})", self.0)
+    }
+}
+
+/// A DNS name for an SVID's DNS SANs; `*.` is allowed as the first label.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct DnsName(String);
+
+impl DnsName {
+    /// Parses a DNS name, checking RFC 1123 label syntax.
+    pub fn new(s: &str) -> Result<Self, EntryError> {
+        Self::try_from(s.to_owned())
+    }
+
+    /// The name as a string.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for DnsName {
+    type Error = EntryError;
+    fn try_from(s: String) -> Result<Self, EntryError> {
+        let bad = |why| Err(EntryError::DnsName(s.clone(), why));
+        if s.is_empty() || s.len() > 253 {
+            return bad("must be 1 to 253 bytes");
+        }
+        let body = s.strip_prefix("*.").unwrap_or(&s);
+        for label in body.split('.') {
+            if label.is_empty() || label.len() > 63 {
+                return bad("every label must be 1 to 63 bytes");
+            }
+            if !label
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            {
+                return bad("labels may only hold letters, digits and '-'");
+            }
+            if label.starts_with('-') || label.ends_with('-') {
+                return bad("a label may not start or end with '-'");
+            }
+        }
+        Ok(Self(s))
+    }
+}
+
+impl From<DnsName> for String {
+    fn from(d: DnsName) -> String {
+        d.0
+    }
+}
+
+impl fmt::Display for DnsName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for DnsName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "DnsName({})", self.0)
+    }
+}
+
+/// A registration entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistrationEntry {
+    /// Unique id.
+    pub id: EntryId,
+    /// The identity issued to matching workloads.
+    pub spiffe_id: SpiffeId,
+    /// The agent (or node alias) under which the workload must run; the
+    /// server's own ID marks a node alias entry.
+    pub parent_id: SpiffeId,
+    /// All of these must be among the workload's (or node's) selectors.
+    pub selectors: SelectorSet,
+    /// X.509-SVID lifetime; `None` uses the server default.
+    #[serde(with = "serde_opt_seconds", default)]
+    pub x509_svid_ttl: Option<Duration>,
+    /// JWT-SVID lifetime; `None` uses the server default.
+    #[serde(with = "serde_opt_seconds", default)]
+    pub jwt_svid_ttl: Option<Duration>,
+    /// DNS SANs for the X.509-SVID.
+    #[serde(default)]
+    pub dns_names: Vec<DnsName>,
+    /// Foreign trust domains whose bundles the workload receives.
+    #[serde(default)]
+    pub federates_with: BTreeSet<TrustDomain>,
+    /// Whether the identity may call the admin API.
+    #[serde(default)]
+    pub admin: bool,
+    /// Free-form hint passed to workloads to tell SVIDs apart.
+    #[serde(default)]
+    pub hint: String,
+    /// After this time the entry no longer yields SVIDs.
+    #[serde(with = "serde_opt_unix_seconds", default)]
+    pub expires_at: Option<SystemTime>,
+    /// Datastore revision of the last change; set by the datastore.
+    #[serde(default)]
+    pub revision: u64,
+}
+
+impl RegistrationEntry {
+    /// A new entry with a random id and defaults for everything optional.
+    pub fn new(spiffe_id: SpiffeId, parent_id: SpiffeId, selectors: SelectorSet) -> Self {
+        Self {
+            id: EntryId::generate(),
+            spiffe_id,
+            parent_id,
+            selectors,
+            x509_svid_ttl: None,
+            jwt_svid_ttl: None,
+            dns_names: Vec::new(),
+            federates_with: BTreeSet::new(),
+            admin: false,
+            hint: String::new(),
+            expires_at: None,
+            revision: 0,
+        }
+    }
+
+    /// Whether this is a node alias entry (parented to the server).
+    pub fn is_node_alias(&self) -> bool {
+        self.parent_id == SpiffeId::server(&self.spiffe_id.trust_domain())
+    }
+
+    /// Whether the entry has expired at `now`.
+    pub fn is_expired(&self, now: SystemTime) -> bool {
+        self.expires_at.is_some_and(|t| t <= now)
+    }
+
+    /// Checks the entry against the rules for trust domain `td`.
+    pub fn check(&self, td: &TrustDomain) -> Result<(), EntryError> {
+        if !self.spiffe_id.is_member_of(td) {
+            return Err(EntryError::ForeignSpiffeId(
+                self.spiffe_id.clone(),
+                td.clone(),
+            ));
+        }
+        if !self.parent_id.is_member_of(td) {
+            return Err(EntryError::ForeignParentId(
+                self.parent_id.clone(),
+                td.clone(),
+            ));
+        }
+        self.spiffe_id
+            .check_workload_id()
+            .map_err(|e| EntryError::Reserved(self.spiffe_id.clone(), e))?;
+        if self.spiffe_id == self.parent_id {
+            return Err(EntryError::SelfParent);
+        }
+        if self.selectors.is_empty() {
+            return Err(EntryError::NoSelectors);
+        }
+        let zero = |t: Option<Duration>| t.is_some_and(|t| t.as_secs() == 0);
+        if zero(self.x509_svid_ttl) || zero(self.jwt_svid_ttl) {
+            return Err(EntryError::ZeroTtl);
+        }
+        if self.dns_names.len() > MAX_DNS_NAMES {
+            return Err(EntryError::TooManyDnsNames);
+        }
+        if self.federates_with.contains(td) {
+            return Err(EntryError::FederatesWithSelf);
+        }
+        if self.hint.len() > MAX_HINT_LEN || self.hint.chars().any(char::is_control) {
+            return Err(EntryError::BadHint);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::selector::Selector;
+
+    fn entry() -> RegistrationEntry {
+        let sel = [Selector::parse("unix:uid:1000").unwrap()]
+            .into_iter()
+            .collect();
+        RegistrationEntry::new(
+            SpiffeId::parse("spiffe://example.org/web").unwrap(),
+            SpiffeId::parse("spiffe://example.org/sigil/agent/join_token/abc").unwrap(),
+            sel,
+        )
+    }
+
+    fn td() -> TrustDomain {
+        TrustDomain::new("example.org").unwrap()
+    }
+
+    #[test]
+    fn valid_entry_passes_and_round_trips() {
+        let mut e = entry();
+        e.dns_names = vec![DnsName::new("web.example.org").unwrap()];
+        e.x509_svid_ttl = Some(Duration::from_secs(600));
+        e.expires_at = Some(crate::clock::from_unix_seconds(2_000_000_000));
+        e.check(&td()).unwrap();
+        let json = serde_json::to_string(&e).unwrap();
+        let back: RegistrationEntry = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, e);
+    }
+
+    #[test]
+    fn rejects_reserved_and_foreign_ids() {
+        let mut e = entry();
+        e.spiffe_id = SpiffeId::parse("spiffe://example.org/sigil/agent/x").unwrap();
+        assert!(matches!(e.check(&td()), Err(EntryError::Reserved(..))));
+        e.spiffe_id = SpiffeId::parse("spiffe://example.org").unwrap();
+        assert!(matches!(e.check(&td()), Err(EntryError::Reserved(..))));
+        e.spiffe_id = SpiffeId::parse("spiffe://other.org/web").unwrap();
+        assert!(matches!(
+            e.check(&td()),
+            Err(EntryError::ForeignSpiffeId(..))
+        ));
+        let mut e = entry();
+        e.parent_id = SpiffeId::parse("spiffe://other.org/agent").unwrap();
+        assert!(matches!(
+            e.check(&td()),
+            Err(EntryError::ForeignParentId(..))
+        ));
+    }
+
+    #[test]
+    fn rejects_bad_fields() {
+        let mut e = entry();
+        e.selectors.clear();
+        assert_eq!(e.check(&td()), Err(EntryError::NoSelectors));
+        let mut e = entry();
+        e.x509_svid_ttl = Some(Duration::ZERO);
+        assert_eq!(e.check(&td()), Err(EntryError::ZeroTtl));
+        let mut e = entry();
+        e.federates_with.insert(td());
+        assert_eq!(e.check(&td()), Err(EntryError::FederatesWithSelf));
+        let mut e = entry();
+        e.hint = "a\nb".into();
+        assert_eq!(e.check(&td()), Err(EntryError::BadHint));
+        let mut e = entry();
+        e.parent_id = e.spiffe_id.clone();
+        assert_eq!(e.check(&td()), Err(EntryError::SelfParent));
+    }
+
+    #[test]
+    fn dns_name_rules() {
+        for ok in ["a", "web.example.org", "*.example.org", "x-1.y"] {
+            assert!(DnsName::new(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "", "-a.org", "a-.org", "a..org", "a_b.org", "*", "a.*.org", "a b",
+        ] {
+            assert!(DnsName::new(bad).is_err(), "{bad}");
+        }
+        assert!(DnsName::new(&"a".repeat(64)).is_err());
+    }
+
+    #[test]
+    fn entry_ids() {
+        let a = EntryId::generate();
+        assert_eq!(a.as_str().len(), 32);
+        assert_ne!(a, EntryId::generate());
+        assert!(EntryId::new("my-entry_1").is_ok());
+        assert!(EntryId::new("").is_err());
+        assert!(EntryId::new("a/b").is_err());
+    }
+
+    #[test]
+    fn node_alias_is_parented_to_server() {
+        let mut e = entry();
+        assert!(!e.is_node_alias());
+        e.parent_id = SpiffeId::server(&td());
+        assert!(e.is_node_alias());
+    }
+}

@@ -1,0 +1,40 @@
+//! SPIFFE domain types and the pure logic Sigil builds on.
+//!
+//! Everything here is free of async runtimes and wire formats: types that
+//! are valid by construction (IDs, selectors, entries, bundles), the
+//! X509-SVID profile validator, JWT-SVID minting and validation, and
+//! rotation timing as pure functions of `now`.
+//!
+//! # Layout
+//! - [`spiffe_id`]: `SpiffeId` and `TrustDomain`, every SPIFFE-ID rule.
+//! - [`selector`]: `type:value` selectors and subset matching.
+//! - [`entry`]: registration entries, entry ids, DNS names.
+//! - [`keys`]: the public key types Sigil accepts and signature checks.
+//! - [`bundle`]: trust bundles and their SPIFFE JWK Set encoding.
+//! - [`x509`]: the X509-SVID profile and chain verification.
+//! - [`jwt`]: JWT-SVID minting (cached ring signer) and validation.
+//! - [`rotation`]: SVID renewal and CA rotation schedules.
+//! - [`clock`]: the `Clock` trait, a fake clock, time serde helpers.
+//! - [`pem`], [`random`]: small encoding and randomness helpers.
+
+#![forbid(unsafe_code)]
+
+pub mod bundle;
+pub mod clock;
+pub mod entry;
+pub mod jwt;
+pub mod keys;
+pub mod pem;
+pub mod random;
+pub mod rotation;
+pub mod selector;
+pub mod spiffe_id;
+pub mod x509;
+
+#[cfg(test)]
+mod testutil;
+
+pub use bundle::{Bundle, JwtAuthority};
+pub use entry::{DnsName, EntryId, RegistrationEntry};
+pub use selector::{Selector, SelectorSet};
+pub use spiffe_id::{SpiffeId, TrustDomain};
