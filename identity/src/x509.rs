@@ -113,6 +113,19 @@ pub fn validity(cert: &X509Certificate<'_>) -> (SystemTime, SystemTime) {
     (t(v.not_before.timestamp()), t(v.not_after.timestamp()))
 }
 
+/// The serial number as lowercase hex without leading zero bytes, the
+/// form Sigil uses to pin and log certificates.
+pub fn serial_hex(cert: &X509Certificate<'_>) -> String {
+    serial_hex_of(cert.raw_serial())
+}
+
+/// Hex of serial bytes (as DER content or as generated), leading zero bytes
+/// dropped so that both forms agree.
+pub fn serial_hex_of(bytes: &[u8]) -> String {
+    let first = bytes.iter().position(|&b| b != 0).unwrap_or(bytes.len().saturating_sub(1));
+    crate::random::hex(&bytes[first..])
+}
+
 /// The SubjectKeyIdentifier, if present.
 pub fn subject_key_id(cert: &X509Certificate<'_>) -> Option<Vec<u8>> {
     cert.extensions()

@@ -1,0 +1,406 @@
+//! `CaManager`: CA key rotation driven by the journal, bundle publication,
+//! and signing with the active keys.
+//!
+//! Rotation follows [`sigil_identity::rotation`]: at ½ of the active key's
+//! life the next key is made, written to the journal and published in the
+//! bundle; at ⅚ it becomes active; a retired key stays in the bundle until
+//! it expires. Every step is persisted before the next one, and on start
+//! the bundle is rebuilt from the journal and published before any key is
+//! used, so no key ever signs before its certificate is in the published
+//! bundle.
+
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+use sigil_identity::clock::Clock;
+use sigil_identity::jwt::{JwtSigner, JwtSvid};
+use sigil_identity::rotation::{CaAction, ca_action};
+use sigil_identity::{Bundle, DnsName, JwtAuthority, SpiffeId};
+use tokio::sync::{Mutex, watch};
+use tracing::{info, warn};
+
+use super::csr::public_key_from_csr;
+use super::journal::{CaJournal, JwtSlot, Slot, SlotState, X509Slot};
+use super::keys::{KeyId, KeyManager};
+use super::x509::{BACKDATE, IssuedSvid, UpstreamCa, X509Authority};
+use super::{CaConfig, CaError};
+use crate::datastore::Datastore;
+
+/// The CA as the rest of the server uses it.
+pub struct CaManager {
+    config: CaConfig,
+    store: Arc<dyn Datastore>,
+    keys: Arc<dyn KeyManager>,
+    clock: Arc<dyn Clock>,
+    upstream: Option<UpstreamCa>,
+    /// Serialises rotation steps; holds the journal as last persisted.
+    journal: Mutex<CaJournal>,
+    x509: RwLock<Option<Arc<X509Authority>>>,
+    jwt: RwLock<Option<Arc<JwtSigner>>>,
+    bundle: watch::Sender<Arc<Bundle>>,
+}
+
+impl std::fmt::Debug for CaManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CaManager").field("trust_domain", &self.config.trust_domain).finish_non_exhaustive()
+    }
+}
+
+/// What one rotation pass changed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RotationReport {
+    pub prepared: usize,
+    pub activated: usize,
+    pub pruned: usize,
+}
+
+impl RotationReport {
+    fn any(&self) -> bool {
+        self.prepared + self.activated + self.pruned > 0
+    }
+}
+
+/// The plan for one slot list at `now`.
+fn plan<S: Slot>(slots: &[S], now: SystemTime) -> CaAction {
+    let prepared = slots.iter().any(|s| s.state() == SlotState::Prepared);
+    match slots.iter().find(|s| s.state() == SlotState::Active) {
+        Some(active) => {
+            let (nb, na) = active.validity();
+            if now >= na {
+                // Asleep past the active key's expiry: move on at once.
+                if prepared { CaAction::Activate } else { CaAction::Prepare }
+            } else {
+                ca_action(now, nb, na, prepared)
+            }
+        }
+        None if prepared => CaAction::Activate,
+        None => CaAction::Prepare,
+    }
+}
+
+/// Marks the prepared slot active and the active one retired.
+fn activate<S: Slot>(slots: &mut [S]) {
+    for s in slots.iter_mut() {
+        match s.state() {
+            SlotState::Active => s.set_state(SlotState::Retired),
+            SlotState::Prepared => s.set_state(SlotState::Active),
+            SlotState::Retired => {}
+        }
+    }
+}
+
+/// Removes retired slots that have expired, returning their key ids.
+fn prune<S: Slot>(slots: &mut Vec<S>, now: SystemTime) -> Vec<KeyId> {
+    let mut gone = Vec::new();
+    slots.retain(|s| {
+        let expired = s.state() == SlotState::Retired && s.validity().1 <= now;
+        if expired {
+            gone.push(s.key_id().clone());
+        }
+        !expired
+    });
+    gone
+}
+
+impl CaManager {
+    /// Loads the journal, publishes the bundle it implies, loads the active
+    /// keys, and performs any rotation that is due (creating the first keys
+    /// on a fresh store).
+    pub async fn start(
+        config: CaConfig,
+        store: Arc<dyn Datastore>,
+        keys: Arc<dyn KeyManager>,
+        clock: Arc<dyn Clock>,
+        upstream: Option<UpstreamCa>,
+    ) -> Result<Arc<Self>, CaError> {
+        let journal = store.fetch_ca_journal().await?.unwrap_or_default();
+        let initial = store.fetch_bundle(&config.trust_domain).await?.unwrap_or_else(|| Bundle::new(config.trust_domain.clone()));
+        let (bundle, _) = watch::channel(Arc::new(initial));
+        let ca = Arc::new(Self {
+            config,
+            store,
+            keys,
+            clock,
+            upstream,
+            journal: Mutex::new(journal),
+            x509: RwLock::new(None),
+            jwt: RwLock::new(None),
+            bundle,
+        });
+        {
+            let mut journal = ca.journal.lock().await;
+            // Publish first: whatever the journal holds is in the bundle
+            // before any of it signs.
+            ca.publish(&journal).await?;
+            ca.load_active(&mut journal).await?;
+        }
+        ca.rotate().await?;
+        Ok(ca)
+    }
+
+    /// The trust domain.
+    pub fn trust_domain(&self) -> &sigil_identity::TrustDomain {
+        &self.config.trust_domain
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &CaConfig {
+        &self.config
+    }
+
+    /// The current bundle of our own trust domain.
+    pub fn bundle(&self) -> Arc<Bundle> {
+        self.bundle.borrow().clone()
+    }
+
+    /// A receiver that sees every new bundle.
+    pub fn subscribe_bundle(&self) -> watch::Receiver<Arc<Bundle>> {
+        self.bundle.subscribe()
+    }
+
+    /// A copy of the journal as last persisted.
+    pub async fn journal(&self) -> CaJournal {
+        self.journal.lock().await.clone()
+    }
+
+    /// Loads the signers of the active slots; a slot whose key is gone (a
+    /// memory key manager after restart, a deleted file) is retired so a
+    /// new key takes over.
+    async fn load_active(&self, journal: &mut CaJournal) -> Result<(), CaError> {
+        let mut changed = false;
+        for slot in journal.x509.iter_mut().filter(|s| s.state == SlotState::Active) {
+            match self.load_x509(slot) {
+                Ok(a) => *self.x509.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(a)),
+                Err(e) => {
+                    warn!(key_id = %slot.key_id, error = %e, "active X.509 CA key unusable; retiring it");
+                    slot.state = SlotState::Retired;
+                    changed = true;
+                }
+            }
+        }
+        for slot in journal.jwt.iter_mut().filter(|s| s.state == SlotState::Active) {
+            match self.load_jwt(slot) {
+                Ok(s) => *self.jwt.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(s)),
+                Err(e) => {
+                    warn!(key_id = %slot.key_id, error = %e, "active JWT key unusable; retiring it");
+                    slot.state = SlotState::Retired;
+                    changed = true;
+                }
+            }
+        }
+        if changed {
+            self.store.put_ca_journal(journal).await?;
+        }
+        Ok(())
+    }
+
+    fn load_x509(&self, slot: &X509Slot) -> Result<X509Authority, CaError> {
+        let key = self.keys.load(&slot.key_id, slot.algorithm)?.ok_or_else(|| {
+            CaError::Key(super::keys::KeyManagerError::Invalid(format!("{} is missing", slot.key_id)))
+        })?;
+        X509Authority::load(&slot.cert_der, &key, self.upstream.as_ref())
+    }
+
+    fn load_jwt(&self, slot: &JwtSlot) -> Result<JwtSigner, CaError> {
+        let key = self.keys.load(&slot.key_id, slot.algorithm)?.ok_or_else(|| {
+            CaError::Key(super::keys::KeyManagerError::Invalid(format!("{} is missing", slot.key_id)))
+        })?;
+        Ok(JwtSigner::from_pkcs8(&slot.kid, slot.algorithm.curve(), key.pkcs8(), slot.not_after)?)
+    }
+
+    /// Rebuilds the bundle from the journal and publishes it (durably, with
+    /// the next sequence number) if its authorities changed.
+    async fn publish(&self, journal: &CaJournal) -> Result<(), CaError> {
+        let current = self.bundle();
+        let mut next = Bundle::new(self.config.trust_domain.clone());
+        next.refresh_hint = self.config.refresh_hint;
+        next.x509_authorities = match &self.upstream {
+            Some(u) => u.roots(),
+            None => journal.x509.iter().map(|s| s.cert_der.clone()).collect(),
+        };
+        next.jwt_authorities = journal
+            .jwt
+            .iter()
+            .filter_map(|s| s.key().map(|public_key| JwtAuthority { kid: s.kid.clone(), public_key }))
+            .collect();
+        if next.same_authorities(&current) && next.refresh_hint == current.refresh_hint && current.sequence > 0 {
+            return Ok(());
+        }
+        next.sequence = current.sequence + 1;
+        self.store.put_bundle(&next).await?;
+        info!(
+            trust_domain = %next.trust_domain,
+            sequence = next.sequence,
+            x509_authorities = next.x509_authorities.len(),
+            jwt_authorities = next.jwt_authorities.len(),
+            "bundle published"
+        );
+        self.bundle.send_replace(Arc::new(next));
+        Ok(())
+    }
+
+    /// Runs every rotation step due at the clock's `now`.
+    pub async fn rotate(&self) -> Result<RotationReport, CaError> {
+        let mut journal = self.journal.lock().await;
+        let mut report = RotationReport::default();
+        // Each pass takes at most one step per key kind; a server that slept
+        // through several phases catches up in a few passes.
+        for _ in 0..4 {
+            let now = self.clock.now();
+            let step = self.step(&mut journal, now).await?;
+            report.prepared += step.prepared;
+            report.activated += step.activated;
+            report.pruned += step.pruned;
+            if !step.any() {
+                break;
+            }
+        }
+        Ok(report)
+    }
+
+    async fn step(&self, journal: &mut CaJournal, now: SystemTime) -> Result<RotationReport, CaError> {
+        let mut report = RotationReport::default();
+        let td = &self.config.trust_domain;
+        let not_before = now.checked_sub(BACKDATE).unwrap_or(now);
+        let not_after = now + self.config.ca_ttl;
+        let alg = self.config.key_algorithm;
+
+        match plan(&journal.x509, now) {
+            CaAction::Prepare => {
+                let key_id = KeyId::generate("x509");
+                let key = self.keys.generate(&key_id, alg)?;
+                let authority = X509Authority::create(td, &key, not_before, not_after, self.upstream.as_ref())?;
+                journal.x509.push(X509Slot {
+                    key_id: key_id.clone(),
+                    algorithm: alg,
+                    state: SlotState::Prepared,
+                    cert_der: authority.cert_der().to_vec(),
+                    not_before,
+                    not_after: authority.not_after(),
+                });
+                self.store.put_ca_journal(journal).await?;
+                self.publish(journal).await?;
+                info!(key_id = %key_id, kind = "x509", "CA key prepared and published");
+                report.prepared += 1;
+            }
+            CaAction::Activate => {
+                let next = journal.x509.iter().find(|s| s.state == SlotState::Prepared).map(|s| self.load_x509(s));
+                if let Some(next) = next {
+                    let next = Arc::new(next?);
+                    activate(&mut journal.x509);
+                    self.store.put_ca_journal(journal).await?;
+                    *self.x509.write().unwrap_or_else(|p| p.into_inner()) = Some(next);
+                    info!(kind = "x509", "CA key activated");
+                    report.activated += 1;
+                }
+            }
+            CaAction::Wait => {}
+        }
+
+        match plan(&journal.jwt, now) {
+            CaAction::Prepare => {
+                let key_id = KeyId::generate("jwt");
+                let key = self.keys.generate(&key_id, alg)?;
+                let kid = sigil_identity::random::hex_id();
+                let signer = JwtSigner::from_pkcs8(&kid, alg.curve(), key.pkcs8(), not_after)?;
+                journal.jwt.push(JwtSlot {
+                    key_id: key_id.clone(),
+                    algorithm: alg,
+                    state: SlotState::Prepared,
+                    kid,
+                    public_key: signer.public_key().jwk_members(),
+                    not_before,
+                    not_after,
+                });
+                self.store.put_ca_journal(journal).await?;
+                self.publish(journal).await?;
+                info!(key_id = %key_id, kind = "jwt", "JWT key prepared and published");
+                report.prepared += 1;
+            }
+            CaAction::Activate => {
+                let next = journal.jwt.iter().find(|s| s.state == SlotState::Prepared).map(|s| self.load_jwt(s));
+                if let Some(next) = next {
+                    let next = Arc::new(next?);
+                    activate(&mut journal.jwt);
+                    self.store.put_ca_journal(journal).await?;
+                    *self.jwt.write().unwrap_or_else(|p| p.into_inner()) = Some(next);
+                    info!(kind = "jwt", "JWT key activated");
+                    report.activated += 1;
+                }
+            }
+            CaAction::Wait => {}
+        }
+
+        let mut gone = prune(&mut journal.x509, now);
+        gone.extend(prune(&mut journal.jwt, now));
+        if !gone.is_empty() {
+            self.store.put_ca_journal(journal).await?;
+            self.publish(journal).await?;
+            for key_id in &gone {
+                if let Err(e) = self.keys.delete(key_id) {
+                    warn!(key_id = %key_id, error = %e, "could not delete expired CA key");
+                }
+            }
+            info!(count = gone.len(), "expired CA keys removed from the bundle");
+            report.pruned += gone.len();
+        }
+        Ok(report)
+    }
+
+    /// Runs rotation on a timer until `shutdown` resolves.
+    pub async fn run(self: Arc<Self>, shutdown: impl std::future::Future<Output = ()>) {
+        let period = (self.config.ca_ttl / 120).clamp(Duration::from_secs(1), Duration::from_secs(30));
+        tokio::pin!(shutdown);
+        loop {
+            let jitter = 1.0 + 0.1 * sigil_identity::random::jitter_unit();
+            tokio::select! {
+                () = &mut shutdown => return,
+                () = tokio::time::sleep(period.mul_f64(jitter)) => {}
+            }
+            if let Err(e) = self.rotate().await {
+                warn!(error = %e, "CA rotation step failed; will retry");
+            }
+        }
+    }
+
+    fn active_x509(&self) -> Result<Arc<X509Authority>, CaError> {
+        self.x509.read().unwrap_or_else(|p| p.into_inner()).clone().ok_or(CaError::NotReady)
+    }
+
+    fn active_jwt(&self) -> Result<Arc<JwtSigner>, CaError> {
+        self.jwt.read().unwrap_or_else(|p| p.into_inner()).clone().ok_or(CaError::NotReady)
+    }
+
+    fn check_member(&self, id: &SpiffeId) -> Result<(), CaError> {
+        if id.is_member_of(&self.config.trust_domain) {
+            Ok(())
+        } else {
+            Err(CaError::ForeignId(id.to_string(), self.config.trust_domain.clone()))
+        }
+    }
+
+    /// Issues an X509-SVID for `spiffe_id` from a CSR, taking only the
+    /// CSR's public key. `ttl` defaults to the configured SVID TTL.
+    pub fn issue_x509_svid(
+        &self,
+        spiffe_id: &SpiffeId,
+        dns_names: &[DnsName],
+        ttl: Option<Duration>,
+        csr_der: &[u8],
+    ) -> Result<IssuedSvid, CaError> {
+        self.check_member(spiffe_id)?;
+        let key = public_key_from_csr(csr_der)?;
+        let ttl = ttl.unwrap_or(self.config.x509_svid_ttl);
+        self.active_x509()?.issue(spiffe_id, dns_names, ttl, &key, self.clock.now())
+    }
+
+    /// Mints a JWT-SVID; `ttl` defaults to the configured JWT TTL.
+    pub fn mint_jwt_svid(&self, spiffe_id: &SpiffeId, audience: &[String], ttl: Option<Duration>) -> Result<JwtSvid, CaError> {
+        self.check_member(spiffe_id)?;
+        let ttl = ttl.unwrap_or(self.config.jwt_svid_ttl);
+        Ok(self.active_jwt()?.mint(spiffe_id, audience, ttl, self.clock.now())?)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,374 @@
+//! The conformance suite every [`Datastore`] implementation runs.
+//!
+//! An implementation's test module invokes [`datastore_conformance!`] with
+//! an async factory that opens a store for a directory; the factory is
+//! called again with the same directory to check what survives a reopen.
+//! Each check is a named test in the implementation's module.
+
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use sigil_identity::clock::from_unix_seconds;
+use sigil_identity::{Bundle, EntryId, JwtAuthority, RegistrationEntry, Selector, SpiffeId, TrustDomain};
+
+use super::*;
+use crate::ca::journal::CaJournal;
+
+/// Expands to one `#[tokio::test]` per conformance check, each calling the
+/// check with `$open`, a `Fn(&Path) -> impl Future<Output = impl Datastore>`.
+macro_rules! datastore_conformance {
+    ($open:expr) => {
+        $crate::datastore::conformance::datastore_conformance!(@tests $open;
+            entry_create_fetch_delete,
+            entry_duplicate_id_or_registration_refused,
+            entry_update_bumps_revision,
+            entry_update_and_delete_of_unknown_id_fail,
+            entry_list_filters,
+            entry_batch_create_reports_per_item,
+            entry_change_feed_resumes_from_revision,
+            entries_and_revision_survive_reopen,
+            agent_lifecycle_and_ban_persist,
+            join_token_is_single_use,
+            join_token_expired_is_refused,
+            join_token_concurrent_consumers_one_wins,
+            join_token_prune_removes_expired,
+            bundle_sequence_never_goes_back,
+            ca_journal_round_trips,
+            audit_events_append_in_order,
+        );
+    };
+    (@tests $open:expr; $($name:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let dir = tempfile::tempdir().unwrap();
+                $crate::datastore::conformance::$name(&$open, dir.path()).await;
+            }
+        )*
+    };
+}
+pub(crate) use datastore_conformance;
+
+fn td() -> TrustDomain {
+    TrustDomain::new("example.org").unwrap()
+}
+
+/// A valid entry for `path` under a fixed agent, selected by `uid`.
+pub fn entry(path: &str, uid: u32) -> RegistrationEntry {
+    let selectors = [Selector::new("unix", &format!("uid:{uid}")).unwrap()].into_iter().collect();
+    RegistrationEntry::new(
+        td().id_from_segments(&[path]).unwrap(),
+        SpiffeId::parse("spiffe://example.org/sigil/agent/join_token/a1").unwrap(),
+        selectors,
+    )
+}
+
+/// An audit event numbered `i`.
+pub fn audit_event(i: u32) -> AuditEvent {
+    AuditEvent {
+        time: from_unix_seconds(1_000_000 + u64::from(i)),
+        caller: "uid:0".into(),
+        action: "entry.create".into(),
+        target: format!("entry-{i}"),
+        outcome: "ok".into(),
+        expires_at: None,
+    }
+}
+
+fn agent(name: &str) -> AgentRecord {
+    AgentRecord {
+        id: td().id_from_segments(&["sigil", "agent", "join_token", name]).unwrap(),
+        attestor: "join_token".into(),
+        serial: "01".into(),
+        pending_serial: None,
+        expires_at: from_unix_seconds(2_000_000_000),
+        selectors: Default::default(),
+        banned: false,
+        can_reattest: false,
+        created_at: from_unix_seconds(1_000_000_000),
+    }
+}
+
+fn token(name: &str, expires_at: SystemTime) -> JoinTokenRecord {
+    JoinTokenRecord { hash: TokenHash::of(name), expires_at, alias: None }
+}
+
+/// An hour from now, in whole seconds as stores keep time.
+fn later() -> SystemTime {
+    from_unix_seconds(sigil_identity::clock::unix_seconds(SystemTime::now()) + 3600)
+}
+
+pub async fn entry_create_fetch_delete<D: Datastore, F: Future<Output = D>>(open: &impl Fn(&Path) -> F, dir: &Path) {
+    let ds = open(dir).await;
+    let e = ds.create_entry(entry("web", 1000)).await.unwrap();
+    assert!(e.revision > 0, "the store assigns a revision");
+    assert_eq!(ds.fetch_entry(&e.id).await.unwrap(), Some(e.clone()));
+    assert_eq!(ds.count_entries().await.unwrap(), 1);
+    let gone = ds.delete_entry(&e.id).await.unwrap();
+    assert_eq!(gone.id, e.id);
+    assert_eq!(ds.fetch_entry(&e.id).await.unwrap(), None);
+    assert_eq!(ds.count_entries().await.unwrap(), 0);
+}
+
+pub async fn entry_duplicate_id_or_registration_refused<D: Datastore, F: Future<Output = D>>(
+    open: &impl Fn(&Path) -> F,
+    dir: &Path,
+) {
+    let ds = open(dir).await;
+    let e = ds.create_entry(entry("web", 1000)).await.unwrap();
+    let mut same_id = entry("other", 1);
+    same_id.id = e.id.clone();
+    assert!(matches!(ds.create_entry(same_id).await, Err(DatastoreError::AlreadyExists(_))));
+    // Same SPIFFE ID, parent and selectors under a new id.
+    assert!(matches!(ds.create_entry(entry("web", 1000)).await, Err(DatastoreError::AlreadyExists(_))));
+    // A different selector set is a different registration.
+    ds.create_entry(entry("web", 1001)).await.unwrap();
+    // After deletion the registration can be made again.
+    ds.delete_entry(&e.id).await.unwrap();
+    ds.create_entry(entry("web", 1000)).await.unwrap();
+}
+
+pub async fn entry_update_bumps_revision<D: Datastore, F: Future<Output = D>>(open: &impl Fn(&Path) -> F, dir: &Path) {
+    let ds = open(dir).await;
+    let e = ds.create_entry(entry("web", 1000)).await.unwrap();
+    let mut changed = e.clone();
+    changed.hint = "blue".into();
+    changed.selectors.insert(Selector::parse("unix:gid:10").unwrap());
+    let u = ds.update_entry(changed).await.unwrap();
+    assert!(u.revision > e.revision);
+    assert_eq!(ds.fetch_entry(&e.id).await.unwrap().unwrap().hint, "blue");
+    // The old registration key is free again, the new one is taken.
+    ds.create_entry(entry("web", 1000)).await.unwrap();
+    let mut clash = entry("web", 1000);
+    clash.selectors = u.selectors.clone();
+    assert!(matches!(ds.create_entry(clash).await, Err(DatastoreError::AlreadyExists(_))));
+    assert_eq!(ds.current_revision().await.unwrap(), u.revision + 1);
+}
+
+pub async fn entry_update_and_delete_of_unknown_id_fail<D: Datastore, F: Future<Output = D>>(
+    open: &impl Fn(&Path) -> F,
+    dir: &Path,
+) {
+    let ds = open(dir).await;
+    assert!(matches!(ds.update_entry(entry("web", 1)).await, Err(DatastoreError::NotFound(_))));
+    assert!(matches!(ds.delete_entry(&EntryId::generate()).await, Err(DatastoreError::NotFound(_))));
+    assert_eq!(ds.current_revision().await.unwrap(), 0, "failed calls change nothing");
+}
+
+pub async fn entry_list_filters<D: Datastore, F: Future<Output = D>>(open: &impl Fn(&Path) -> F, dir: &Path) {
+    let ds = open(dir).await;
+    let a = ds.create_entry(entry("a", 1)).await.unwrap();
+    let mut b = entry("b", 2);
+    b.parent_id = SpiffeId::parse("spiffe://example.org/sigil/agent/join_token/a2").unwrap();
+    let b = ds.create_entry(b).await.unwrap();
+    ds.create_entry(entry("a", 3)).await.unwrap();
+    assert_eq!(ds.list_entries(&EntryFilter::default()).await.unwrap().len(), 3);
+    let by_id = EntryFilter { spiffe_id: Some(a.spiffe_id.clone()), ..Default::default() };
+    assert_eq!(ds.list_entries(&by_id).await.unwrap().len(), 2);
+    let by_parent = EntryFilter { parent_id: Some(b.parent_id.clone()), ..Default::default() };
+    assert_eq!(ds.list_entries(&by_parent).await.unwrap(), vec![b.clone()]);
+    let by_sel = EntryFilter { selectors: Some(a.selectors.clone()), ..Default::default() };
+    assert_eq!(ds.list_entries(&by_sel).await.unwrap(), vec![a]);
+}
+
+pub async fn entry_batch_create_reports_per_item<D: Datastore, F: Future<Output = D>>(
+    open: &impl Fn(&Path) -> F,
+    dir: &Path,
+) {
+    let ds = open(dir).await;
+    let results = ds.create_entries(vec![entry("a", 1), entry("a", 1), entry("b", 2)]).await.unwrap();
+    assert!(results[0].is_ok());
+    assert!(matches!(results[1], Err(DatastoreError::AlreadyExists(_))), "one bad item");
+    assert!(results[2].is_ok(), "does not fail the others");
+    assert_eq!(ds.count_entries().await.unwrap(), 2);
+}
+
+pub async fn entry_change_feed_resumes_from_revision<D: Datastore, F: Future<Output = D>>(
+    open: &impl Fn(&Path) -> F,
+    dir: &Path,
+) {
+    let ds = open(dir).await;
+    let a = ds.create_entry(entry("a", 1)).await.unwrap();
+    let b = ds.create_entry(entry("b", 2)).await.unwrap();
+    let mut a2 = a.clone();
+    a2.hint = "x".into();
+    ds.update_entry(a2).await.unwrap();
+    ds.delete_entry(&b.id).await.unwrap();
+    let all = ds.entry_changes(0, 100).await.unwrap();
+    let kinds: Vec<_> = all.iter().map(|c| (c.kind, c.entry.id.clone())).collect();
+    assert_eq!(
+        kinds,
+        vec![
+            (ChangeKind::Created, a.id.clone()),
+            (ChangeKind::Created, b.id.clone()),
+            (ChangeKind::Updated, a.id.clone()),
+            (ChangeKind::Deleted, b.id.clone()),
+        ]
+    );
+    assert!(all.windows(2).all(|w| w[0].revision < w[1].revision));
+    let tail = ds.entry_changes(all[1].revision, 100).await.unwrap();
+    assert_eq!(tail, all[2..].to_vec());
+    assert_eq!(ds.entry_changes(0, 1).await.unwrap().len(), 1, "limit is honoured");
+    assert_eq!(ds.current_revision().await.unwrap(), all[3].revision);
+}
+
+pub async fn entries_and_revision_survive_reopen<D: Datastore, F: Future<Output = D>>(
+    open: &impl Fn(&Path) -> F,
+    dir: &Path,
+) {
+    let (e, rev) = {
+        let ds = open(dir).await;
+        let e = ds.create_entry(entry("web", 1000)).await.unwrap();
+        (e, ds.current_revision().await.unwrap())
+    };
+    let ds = open(dir).await;
+    assert_eq!(ds.fetch_entry(&e.id).await.unwrap(), Some(e));
+    assert_eq!(ds.current_revision().await.unwrap(), rev);
+    let next = ds.create_entry(entry("api", 1)).await.unwrap();
+    assert!(next.revision > rev, "revisions keep growing after a reopen");
+}
+
+pub async fn agent_lifecycle_and_ban_persist<D: Datastore, F: Future<Output = D>>(
+    open: &impl Fn(&Path) -> F,
+    dir: &Path,
+) {
+    let a = agent("n1");
+    {
+        let ds = open(dir).await;
+        ds.create_agent(a.clone()).await.unwrap();
+        assert!(matches!(ds.create_agent(a.clone()).await, Err(DatastoreError::AlreadyExists(_))));
+        let mut banned = a.clone();
+        banned.banned = true;
+        ds.update_agent(banned).await.unwrap();
+        assert!(matches!(ds.update_agent(agent("nobody")).await, Err(DatastoreError::NotFound(_))));
+    }
+    let ds = open(dir).await;
+    assert!(ds.fetch_agent(&a.id).await.unwrap().unwrap().banned, "a ban stays after reopen");
+    assert_eq!(ds.list_agents().await.unwrap().len(), 1);
+    ds.delete_agent(&a.id).await.unwrap();
+    assert_eq!(ds.fetch_agent(&a.id).await.unwrap(), None);
+    assert!(matches!(ds.delete_agent(&a.id).await, Err(DatastoreError::NotFound(_))));
+}
+
+pub async fn join_token_is_single_use<D: Datastore, F: Future<Output = D>>(open: &impl Fn(&Path) -> F, dir: &Path) {
+    let t = token("secret-1", later());
+    {
+        let ds = open(dir).await;
+        ds.create_join_token(t.clone()).await.unwrap();
+        assert_eq!(ds.consume_join_token(&t.hash, SystemTime::now()).await.unwrap(), t);
+        assert!(matches!(ds.consume_join_token(&t.hash, SystemTime::now()).await, Err(DatastoreError::NotFound(_))));
+    }
+    let ds = open(dir).await;
+    assert!(
+        matches!(ds.consume_join_token(&t.hash, SystemTime::now()).await, Err(DatastoreError::NotFound(_))),
+        "a consumed token stays consumed after reopen"
+    );
+}
+
+pub async fn join_token_expired_is_refused<D: Datastore, F: Future<Output = D>>(
+    open: &impl Fn(&Path) -> F,
+    dir: &Path,
+) {
+    let ds = open(dir).await;
+    let t = token("old", from_unix_seconds(1000));
+    ds.create_join_token(t.clone()).await.unwrap();
+    assert_eq!(ds.consume_join_token(&t.hash, SystemTime::now()).await, Err(DatastoreError::TokenExpired));
+}
+
+pub async fn join_token_concurrent_consumers_one_wins<D: Datastore + 'static, F: Future<Output = D>>(
+    open: &impl Fn(&Path) -> F,
+    dir: &Path,
+) {
+    let ds = Arc::new(open(dir).await);
+    for round in 0..20 {
+        let t = token(&format!("race-{round}"), later());
+        ds.create_join_token(t.clone()).await.unwrap();
+        let mut tasks = Vec::new();
+        for _ in 0..8 {
+            let ds = Arc::clone(&ds);
+            let hash = t.hash.clone();
+            tasks.push(tokio::spawn(async move { ds.consume_join_token(&hash, SystemTime::now()).await.is_ok() }));
+        }
+        let mut winners = 0;
+        for task in tasks {
+            winners += usize::from(task.await.unwrap());
+        }
+        assert_eq!(winners, 1, "round {round}: exactly one consumer wins");
+    }
+}
+
+pub async fn join_token_prune_removes_expired<D: Datastore, F: Future<Output = D>>(
+    open: &impl Fn(&Path) -> F,
+    dir: &Path,
+) {
+    let ds = open(dir).await;
+    ds.create_join_token(token("a", from_unix_seconds(10))).await.unwrap();
+    ds.create_join_token(token("b", from_unix_seconds(20))).await.unwrap();
+    let live = token("c", later());
+    ds.create_join_token(live.clone()).await.unwrap();
+    assert_eq!(ds.prune_join_tokens(SystemTime::now()).await.unwrap(), 2);
+    assert!(ds.consume_join_token(&live.hash, SystemTime::now()).await.is_ok());
+}
+
+pub async fn bundle_sequence_never_goes_back<D: Datastore, F: Future<Output = D>>(
+    open: &impl Fn(&Path) -> F,
+    dir: &Path,
+) {
+    let mut b = Bundle::new(td());
+    let kp = rcgen::KeyPair::generate().unwrap();
+    let key = sigil_identity::keys::PublicKey::from_spki_der(&rcgen::PublicKeyData::subject_public_key_info(&kp)).unwrap();
+    b.jwt_authorities.push(JwtAuthority { kid: "k".into(), public_key: key });
+    b.sequence = 5;
+    {
+        let ds = open(dir).await;
+        ds.put_bundle(&b).await.unwrap();
+        let mut older = b.clone();
+        older.sequence = 4;
+        assert!(matches!(ds.put_bundle(&older).await, Err(DatastoreError::SequenceRegression { .. })));
+        older.sequence = 5;
+        assert!(matches!(ds.put_bundle(&older).await, Err(DatastoreError::SequenceRegression { .. })));
+    }
+    let ds = open(dir).await;
+    assert_eq!(ds.fetch_bundle(&td()).await.unwrap(), Some(b.clone()));
+    let mut stale = b.clone();
+    stale.sequence = 1;
+    assert!(
+        matches!(ds.put_bundle(&stale).await, Err(DatastoreError::SequenceRegression { stored: 5, given: 1, .. })),
+        "the sequence does not go back after a reopen either"
+    );
+    let mut other = Bundle::new(TrustDomain::new("other.org").unwrap());
+    other.sequence = 1;
+    ds.put_bundle(&other).await.unwrap();
+    assert_eq!(ds.list_bundles().await.unwrap().len(), 2);
+    ds.delete_bundle(&other.trust_domain).await.unwrap();
+    assert_eq!(ds.list_bundles().await.unwrap(), vec![b]);
+}
+
+pub async fn ca_journal_round_trips<D: Datastore, F: Future<Output = D>>(open: &impl Fn(&Path) -> F, dir: &Path) {
+    let journal = CaJournal::sample_for_tests();
+    {
+        let ds = open(dir).await;
+        assert_eq!(ds.fetch_ca_journal().await.unwrap(), None);
+        ds.put_ca_journal(&journal).await.unwrap();
+    }
+    let ds = open(dir).await;
+    assert_eq!(ds.fetch_ca_journal().await.unwrap(), Some(journal));
+}
+
+pub async fn audit_events_append_in_order<D: Datastore, F: Future<Output = D>>(
+    open: &impl Fn(&Path) -> F,
+    dir: &Path,
+) {
+    let ds = open(dir).await;
+    let mut seqs = Vec::new();
+    for i in 0..5 {
+        seqs.push(ds.append_audit(audit_event(i)).await.unwrap());
+    }
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]));
+    let all = ds.list_audit(0, 100).await.unwrap();
+    assert_eq!(all.iter().map(|(_, e)| e.target.clone()).collect::<Vec<_>>(), (0..5).map(|i| format!("entry-{i}")).collect::<Vec<_>>());
+    let tail = ds.list_audit(seqs[2], 100).await.unwrap();
+    assert_eq!(tail.len(), 2);
+}

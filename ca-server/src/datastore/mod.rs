@@ -1,0 +1,242 @@
+//! Persistent state behind one trait.
+//!
+//! The [`Datastore`] trait deals in domain types and is grouped by entity:
+//! registration entries (with a change feed keyed by revision), attested
+//! agents, join tokens (stored only as hashes), trust bundles, the CA
+//! journal, and audit events. Every mutation returns only after it is
+//! durable. [`sled`] is the embedded implementation; [`conformance`] is the
+//! suite every implementation must pass.
+
+#[cfg(test)]
+pub(crate) mod conformance;
+pub mod sled;
+
+use std::fmt;
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use sigil_identity::clock::{serde_opt_unix_seconds, serde_unix_seconds};
+use sigil_identity::{Bundle, EntryId, RegistrationEntry, SelectorSet, SpiffeId, TrustDomain};
+
+use crate::ca::journal::CaJournal;
+
+pub use self::sled::SledDatastore;
+
+/// What went wrong in the datastore.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DatastoreError {
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("{0} already exists")]
+    AlreadyExists(String),
+    #[error("join token has expired")]
+    TokenExpired,
+    #[error("bundle sequence for {trust_domain} would go back from {stored} to {given}")]
+    SequenceRegression { trust_domain: TrustDomain, stored: u64, given: u64 },
+    #[error("stored record is corrupt: {0}")]
+    Corrupt(String),
+    #[error("storage backend failed: {0}")]
+    Backend(String),
+    #[error("write could not be made durable: {0}; the data directory's disk may be full or failing")]
+    Durability(String),
+}
+
+/// Result alias for datastore calls.
+pub type Result<T, E = DatastoreError> = std::result::Result<T, E>;
+
+/// How an entry changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChangeKind {
+    Created,
+    Updated,
+    Deleted,
+}
+
+/// One entry in the change feed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EntryChange {
+    /// The revision this change produced.
+    pub revision: u64,
+    /// What happened.
+    pub kind: ChangeKind,
+    /// The entry after the change (before it, for a deletion).
+    pub entry: RegistrationEntry,
+}
+
+/// Which entries `list_entries` returns; every given field must match.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EntryFilter {
+    /// Exactly this SPIFFE ID.
+    pub spiffe_id: Option<SpiffeId>,
+    /// Exactly this parent.
+    pub parent_id: Option<SpiffeId>,
+    /// Entries holding all of these selectors.
+    pub selectors: Option<SelectorSet>,
+}
+
+impl EntryFilter {
+    /// Whether `e` passes the filter.
+    pub fn matches(&self, e: &RegistrationEntry) -> bool {
+        self.spiffe_id.as_ref().is_none_or(|id| *id == e.spiffe_id)
+            && self.parent_id.as_ref().is_none_or(|id| *id == e.parent_id)
+            && self.selectors.as_ref().is_none_or(|s| s.is_subset(&e.selectors))
+    }
+}
+
+/// The identity of what makes two entries "the same registration": one
+/// SPIFFE ID, under one parent, for one selector set.
+pub fn entry_key(e: &RegistrationEntry) -> Vec<u8> {
+    let mut k = Vec::new();
+    k.extend_from_slice(e.spiffe_id.as_str().as_bytes());
+    k.push(0);
+    k.extend_from_slice(e.parent_id.as_str().as_bytes());
+    for s in &e.selectors {
+        k.push(0);
+        k.extend_from_slice(s.to_string().as_bytes());
+    }
+    k
+}
+
+/// An attested agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentRecord {
+    /// The agent's SPIFFE ID.
+    pub id: SpiffeId,
+    /// Which node attestor admitted it.
+    pub attestor: String,
+    /// Serial (hex) of the agent SVID it must present.
+    pub serial: String,
+    /// Serial of the SVID being issued during a renewal, also accepted.
+    pub pending_serial: Option<String>,
+    /// Expiry of the current agent SVID.
+    #[serde(with = "serde_unix_seconds")]
+    pub expires_at: SystemTime,
+    /// Node selectors from attestation.
+    pub selectors: SelectorSet,
+    /// Banned agents are refused everywhere until evicted.
+    pub banned: bool,
+    /// Whether the attestor allows the node to attest again.
+    pub can_reattest: bool,
+    /// When it first attested.
+    #[serde(with = "serde_unix_seconds")]
+    pub created_at: SystemTime,
+}
+
+/// SHA-256 of a join token, hex. The token itself is never stored.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct TokenHash(String);
+
+impl TokenHash {
+    /// Hashes a token.
+    pub fn of(token: &str) -> Self {
+        let d = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
+        Self(sigil_identity::random::hex(d.as_ref()))
+    }
+
+    /// The hash, hex.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for TokenHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // A prefix is enough to tell hashes apart in logs.
+        write!(f, "TokenHash({}…)", &self.0[..self.0.len().min(8)])
+    }
+}
+
+/// A join token as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinTokenRecord {
+    /// Hash of the token.
+    pub hash: TokenHash,
+    /// After this the token is refused.
+    #[serde(with = "serde_unix_seconds")]
+    pub expires_at: SystemTime,
+    /// Optional node alias ID to attach to the agent.
+    pub alias: Option<SpiffeId>,
+}
+
+/// An audit record: who did what to what, and how it ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEvent {
+    #[serde(with = "serde_unix_seconds")]
+    pub time: SystemTime,
+    /// The caller (uid, SPIFFE ID, or "server").
+    pub caller: String,
+    /// The action, e.g. `entry.create`.
+    pub action: String,
+    /// What it acted on, e.g. an entry id.
+    pub target: String,
+    /// `ok` or the error.
+    pub outcome: String,
+    /// Optional expiry of what was issued.
+    #[serde(with = "serde_opt_unix_seconds", default)]
+    pub expires_at: Option<SystemTime>,
+}
+
+/// The storage interface of the server.
+#[async_trait]
+pub trait Datastore: Send + Sync + fmt::Debug {
+    /// Stores a new entry, assigning its revision. Fails with
+    /// `AlreadyExists` if the id, or the same (SPIFFE ID, parent,
+    /// selectors), is taken.
+    async fn create_entry(&self, entry: RegistrationEntry) -> Result<RegistrationEntry>;
+    /// Creates several entries with one durable sync; one result per item.
+    async fn create_entries(&self, entries: Vec<RegistrationEntry>) -> Result<Vec<Result<RegistrationEntry>>>;
+    /// Replaces an existing entry (same id), assigning a new revision.
+    async fn update_entry(&self, entry: RegistrationEntry) -> Result<RegistrationEntry>;
+    /// Deletes an entry and returns it.
+    async fn delete_entry(&self, id: &EntryId) -> Result<RegistrationEntry>;
+    /// One entry by id.
+    async fn fetch_entry(&self, id: &EntryId) -> Result<Option<RegistrationEntry>>;
+    /// Entries passing `filter`, ordered by id.
+    async fn list_entries(&self, filter: &EntryFilter) -> Result<Vec<RegistrationEntry>>;
+    /// How many entries exist.
+    async fn count_entries(&self) -> Result<u64>;
+    /// Changes with revision greater than `after`, oldest first, at most `limit`.
+    async fn entry_changes(&self, after: u64, limit: usize) -> Result<Vec<EntryChange>>;
+    /// The revision of the latest entry change (0 when none).
+    async fn current_revision(&self) -> Result<u64>;
+
+    /// Stores a newly attested agent; `AlreadyExists` if present.
+    async fn create_agent(&self, agent: AgentRecord) -> Result<AgentRecord>;
+    /// Replaces an agent record; `NotFound` if absent.
+    async fn update_agent(&self, agent: AgentRecord) -> Result<AgentRecord>;
+    /// One agent.
+    async fn fetch_agent(&self, id: &SpiffeId) -> Result<Option<AgentRecord>>;
+    /// All agents, ordered by id.
+    async fn list_agents(&self) -> Result<Vec<AgentRecord>>;
+    /// Removes an agent (evict) and returns it.
+    async fn delete_agent(&self, id: &SpiffeId) -> Result<AgentRecord>;
+
+    /// Stores a join token hash.
+    async fn create_join_token(&self, token: JoinTokenRecord) -> Result<()>;
+    /// Atomically takes a token: exactly one caller ever gets it. An
+    /// expired token is removed and refused with `TokenExpired`.
+    async fn consume_join_token(&self, hash: &TokenHash, now: SystemTime) -> Result<JoinTokenRecord>;
+    /// Removes expired tokens, returning how many.
+    async fn prune_join_tokens(&self, now: SystemTime) -> Result<usize>;
+
+    /// Stores a bundle; its sequence must be greater than the stored one.
+    async fn put_bundle(&self, bundle: &Bundle) -> Result<()>;
+    /// The bundle of `td`.
+    async fn fetch_bundle(&self, td: &TrustDomain) -> Result<Option<Bundle>>;
+    /// All bundles, ordered by trust domain.
+    async fn list_bundles(&self) -> Result<Vec<Bundle>>;
+    /// Removes the bundle of `td`.
+    async fn delete_bundle(&self, td: &TrustDomain) -> Result<()>;
+
+    /// The CA journal, if one was written.
+    async fn fetch_ca_journal(&self) -> Result<Option<CaJournal>>;
+    /// Replaces the CA journal.
+    async fn put_ca_journal(&self, journal: &CaJournal) -> Result<()>;
+
+    /// Appends an audit event, returning its sequence number.
+    async fn append_audit(&self, event: AuditEvent) -> Result<u64>;
+    /// Audit events with sequence greater than `after`, oldest first.
+    async fn list_audit(&self, after: u64, limit: usize) -> Result<Vec<(u64, AuditEvent)>>;
+}
