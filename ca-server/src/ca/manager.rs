@@ -223,7 +223,7 @@ impl CaManager {
             .iter()
             .filter_map(|s| s.key().map(|public_key| JwtAuthority { kid: s.kid.clone(), public_key }))
             .collect();
-        if next.same_authorities(&current) && next.refresh_hint == current.refresh_hint && current.sequence > 0 {
+        if next.same_authorities(&current) && next.refresh_hint == current.refresh_hint {
             return Ok(());
         }
         next.sequence = current.sequence + 1;
@@ -258,6 +258,8 @@ impl CaManager {
         Ok(report)
     }
 
+    /// One rotation step at `now`: prepare (and publish) successors that
+    /// are due, then activate those that are due, then drop expired keys.
     async fn step(&self, journal: &mut CaJournal, now: SystemTime) -> Result<RotationReport, CaError> {
         let mut report = RotationReport::default();
         let td = &self.config.trust_domain;
@@ -265,70 +267,76 @@ impl CaManager {
         let not_after = now + self.config.ca_ttl;
         let alg = self.config.key_algorithm;
 
-        match plan(&journal.x509, now) {
-            CaAction::Prepare => {
-                let key_id = KeyId::generate("x509");
-                let key = self.keys.generate(&key_id, alg)?;
-                let authority = X509Authority::create(td, &key, not_before, not_after, self.upstream.as_ref())?;
-                journal.x509.push(X509Slot {
-                    key_id: key_id.clone(),
-                    algorithm: alg,
-                    state: SlotState::Prepared,
-                    cert_der: authority.cert_der().to_vec(),
-                    not_before,
-                    not_after: authority.not_after(),
-                });
-                self.store.put_ca_journal(journal).await?;
-                self.publish(journal).await?;
-                info!(key_id = %key_id, kind = "x509", "CA key prepared and published");
-                report.prepared += 1;
-            }
-            CaAction::Activate => {
-                let next = journal.x509.iter().find(|s| s.state == SlotState::Prepared).map(|s| self.load_x509(s));
-                if let Some(next) = next {
-                    let next = Arc::new(next?);
-                    activate(&mut journal.x509);
-                    self.store.put_ca_journal(journal).await?;
-                    *self.x509.write().unwrap_or_else(|p| p.into_inner()) = Some(next);
-                    info!(kind = "x509", "CA key activated");
-                    report.activated += 1;
-                }
-            }
-            CaAction::Wait => {}
+        if plan(&journal.x509, now) == CaAction::Prepare {
+            let key_id = KeyId::generate("x509");
+            let key = self.keys.generate(&key_id, alg)?;
+            let authority = X509Authority::create(td, &key, not_before, not_after, self.upstream.as_ref())?;
+            journal.x509.push(X509Slot {
+                key_id: key_id.clone(),
+                algorithm: alg,
+                state: SlotState::Prepared,
+                cert_der: authority.cert_der().to_vec(),
+                not_before,
+                not_after: authority.not_after(),
+            });
+            info!(key_id = %key_id, kind = "x509", "CA key prepared");
+            report.prepared += 1;
+        }
+        if plan(&journal.jwt, now) == CaAction::Prepare {
+            let key_id = KeyId::generate("jwt");
+            let key = self.keys.generate(&key_id, alg)?;
+            let kid = sigil_identity::random::hex_id();
+            let signer = JwtSigner::from_pkcs8(&kid, alg.curve(), key.pkcs8(), not_after)?;
+            journal.jwt.push(JwtSlot {
+                key_id: key_id.clone(),
+                algorithm: alg,
+                state: SlotState::Prepared,
+                kid,
+                public_key: signer.public_key().jwk_members(),
+                not_before,
+                not_after,
+            });
+            info!(key_id = %key_id, kind = "jwt", "JWT key prepared");
+            report.prepared += 1;
+        }
+        if report.prepared > 0 {
+            // Journal first, then the bundle: a crash in between is healed by
+            // `start`, which publishes what the journal holds.
+            self.store.put_ca_journal(journal).await?;
+            self.publish(journal).await?;
+            // Keys prepared in this step wait for the next one to activate,
+            // so the bundle above is durable before they sign anything.
+            return Ok(report);
         }
 
-        match plan(&journal.jwt, now) {
-            CaAction::Prepare => {
-                let key_id = KeyId::generate("jwt");
-                let key = self.keys.generate(&key_id, alg)?;
-                let kid = sigil_identity::random::hex_id();
-                let signer = JwtSigner::from_pkcs8(&kid, alg.curve(), key.pkcs8(), not_after)?;
-                journal.jwt.push(JwtSlot {
-                    key_id: key_id.clone(),
-                    algorithm: alg,
-                    state: SlotState::Prepared,
-                    kid,
-                    public_key: signer.public_key().jwk_members(),
-                    not_before,
-                    not_after,
-                });
-                self.store.put_ca_journal(journal).await?;
-                self.publish(journal).await?;
-                info!(key_id = %key_id, kind = "jwt", "JWT key prepared and published");
-                report.prepared += 1;
+        let x509_next = match plan(&journal.x509, now) {
+            CaAction::Activate => journal.x509.iter().find(|s| s.state == SlotState::Prepared).map(|s| self.load_x509(s)),
+            _ => None,
+        };
+        let jwt_next = match plan(&journal.jwt, now) {
+            CaAction::Activate => journal.jwt.iter().find(|s| s.state == SlotState::Prepared).map(|s| self.load_jwt(s)),
+            _ => None,
+        };
+        let x509_next = x509_next.transpose()?.map(Arc::new);
+        let jwt_next = jwt_next.transpose()?.map(Arc::new);
+        if x509_next.is_some() {
+            activate(&mut journal.x509);
+        }
+        if jwt_next.is_some() {
+            activate(&mut journal.jwt);
+        }
+        if x509_next.is_some() || jwt_next.is_some() {
+            self.store.put_ca_journal(journal).await?;
+            if let Some(a) = x509_next {
+                *self.x509.write().unwrap_or_else(|p| p.into_inner()) = Some(a);
+                info!(kind = "x509", "CA key activated");
+                report.activated += 1;
             }
-            CaAction::Activate => {
-                let next = journal.jwt.iter().find(|s| s.state == SlotState::Prepared).map(|s| self.load_jwt(s));
-                if let Some(next) = next {
-                    let next = Arc::new(next?);
-                    activate(&mut journal.jwt);
-                    self.store.put_ca_journal(journal).await?;
-                    *self.jwt.write().unwrap_or_else(|p| p.into_inner()) = Some(next);
-                    info!(kind = "jwt", "JWT key activated");
-                    report.activated += 1;
-                }
+            if let Some(s) = jwt_next {
+                *self.jwt.write().unwrap_or_else(|p| p.into_inner()) = Some(s);
+                info!(kind = "jwt", "JWT key activated");
+                report.activated += 1;
             }
-            CaAction::Wait => {}
         }
 
         let mut gone = prune(&mut journal.x509, now);

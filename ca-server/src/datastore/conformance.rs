@@ -8,7 +8,7 @@
 use std::future::Future;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use sigil_identity::clock::from_unix_seconds;
 use sigil_identity::{Bundle, EntryId, JwtAuthority, RegistrationEntry, Selector, SpiffeId, TrustDomain};
