@@ -1,1 +1,16 @@
-//! placeholder
+//! Sigil's built-in attestors, server and agent halves side by side.
+//!
+//! # Layout
+//! - [`join_token`]: single-use join tokens (node attestation).
+//! - [`x509pop`]: X.509 certificate with proof of possession of its key
+//!   (node attestation).
+
+#![forbid(unsafe_code)]
+
+pub mod join_token;
+pub mod x509pop;
+
+/// Lowercase hex SHA-256 of `bytes`.
+pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
+    sigil_identity::random::hex(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref())
+}

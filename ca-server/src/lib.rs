@@ -13,3 +13,4 @@
 
 pub mod ca;
 pub mod datastore;
+pub mod registry;

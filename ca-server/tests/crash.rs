@@ -31,7 +31,9 @@ fn token_name(round: u32, i: u32) -> String {
 }
 
 fn entry(round: u32, n: u32) -> RegistrationEntry {
-    let selectors = [Selector::new("unix", &format!("uid:{n}")).unwrap()].into_iter().collect();
+    let selectors = [Selector::new("unix", &format!("uid:{n}")).unwrap()]
+        .into_iter()
+        .collect();
     RegistrationEntry::new(
         SpiffeId::parse(&format!("spiffe://example.org/crash/r{round}-n{n}")).unwrap(),
         SpiffeId::parse("spiffe://example.org/sigil/agent/join_token/crash").unwrap(),
@@ -55,7 +57,10 @@ fn child(dir: &Path, round: u32) {
             })
         };
         for i in 0..TOKENS_PER_ROUND {
-            store.consume_join_token(&TokenHash::of(&token_name(round, i)), SystemTime::now()).await.unwrap();
+            store
+                .consume_join_token(&TokenHash::of(&token_name(round, i)), SystemTime::now())
+                .await
+                .unwrap();
             println!("T {i}");
         }
         entries.await.unwrap();
@@ -77,7 +82,10 @@ fn run_round(exe: &Path, dir: &Path, round: u32) -> Acked {
         .unwrap();
     let stdout = child.stdout.take().unwrap();
     let reader = std::thread::spawn(move || {
-        let mut acked = Acked { entries: Vec::new(), tokens: Vec::new() };
+        let mut acked = Acked {
+            entries: Vec::new(),
+            tokens: Vec::new(),
+        };
         // Only whole lines count: a line cut by the kill is not an ack.
         for line in BufReader::new(stdout).split(b'\n') {
             let Ok(line) = line else { break };
@@ -111,14 +119,28 @@ async fn prepare_tokens(dir: &Path, round: u32) {
 
 async fn check(dir: &Path, round: u32, acked: &Acked) -> usize {
     let store = SledDatastore::open(dir).unwrap();
-    let all = store.list_entries(&EntryFilter::default()).await.expect("no entry is corrupt or partial");
+    let all = store
+        .list_entries(&EntryFilter::default())
+        .await
+        .expect("no entry is corrupt or partial");
     let changes = store.entry_changes(0, usize::MAX).await.unwrap();
-    let created: std::collections::HashSet<_> =
-        changes.iter().filter(|c| c.kind == ChangeKind::Created).map(|c| c.entry.id.clone()).collect();
+    let created: std::collections::HashSet<_> = changes
+        .iter()
+        .filter(|c| c.kind == ChangeKind::Created)
+        .map(|c| c.entry.id.clone())
+        .collect();
     let revision = store.current_revision().await.unwrap();
     for e in &all {
-        assert!(created.contains(&e.id), "round {round}: entry {} has no change-feed record", e.id);
-        assert!(e.revision <= revision, "round {round}: revision counter behind entry {}", e.id);
+        assert!(
+            created.contains(&e.id),
+            "round {round}: entry {} has no change-feed record",
+            e.id
+        );
+        assert!(
+            e.revision <= revision,
+            "round {round}: revision counter behind entry {}",
+            e.id
+        );
     }
     for id in &acked.entries {
         let id = sigil_identity::EntryId::new(id).unwrap();
@@ -128,13 +150,21 @@ async fn check(dir: &Path, round: u32, acked: &Acked) -> usize {
         let mut again = e.clone();
         again.id = sigil_identity::EntryId::generate();
         assert!(
-            matches!(store.create_entry(again).await, Err(DatastoreError::AlreadyExists(_))),
+            matches!(
+                store.create_entry(again).await,
+                Err(DatastoreError::AlreadyExists(_))
+            ),
             "round {round}: entry {id} is present without its uniqueness key"
         );
     }
     for i in &acked.tokens {
-        let r = store.consume_join_token(&TokenHash::of(&token_name(round, *i)), SystemTime::now()).await;
-        assert!(matches!(r, Err(DatastoreError::NotFound(_))), "round {round}: consumed token {i} is usable again");
+        let r = store
+            .consume_join_token(&TokenHash::of(&token_name(round, *i)), SystemTime::now())
+            .await;
+        assert!(
+            matches!(r, Err(DatastoreError::NotFound(_))),
+            "round {round}: consumed token {i} is usable again"
+        );
     }
     all.len()
 }
@@ -155,7 +185,10 @@ fn main() {
         total_entries += acked.entries.len();
         total_tokens += acked.tokens.len();
         let stored = rt.block_on(check(dir.path(), round, &acked));
-        assert!(stored >= total_entries, "round {round}: fewer entries than acknowledged");
+        assert!(
+            stored >= total_entries,
+            "round {round}: fewer entries than acknowledged"
+        );
     }
     println!(
         "crash test: {ROUNDS} SIGKILL rounds, {total_entries} acknowledged entries and {total_tokens} consumed tokens all intact"

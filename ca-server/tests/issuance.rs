@@ -37,7 +37,9 @@ fn aki(cert: &x509_parser::certificate::X509Certificate<'_>) -> Vec<u8> {
     cert.extensions()
         .iter()
         .find_map(|e| match e.parsed_extension() {
-            ParsedExtension::AuthorityKeyIdentifier(a) => a.key_identifier.as_ref().map(|k| k.0.to_vec()),
+            ParsedExtension::AuthorityKeyIdentifier(a) => {
+                a.key_identifier.as_ref().map(|k| k.0.to_vec())
+            }
             _ => None,
         })
         .expect("AKI present")
@@ -49,39 +51,95 @@ async fn csr_asks_for_more_and_gets_only_what_the_entry_says() {
     let ca = ca_in(dir.path(), None).await;
     let key = KeyPair::generate().unwrap();
     let mut greedy = CertificateParams::new(vec!["evil.example".to_string()]).unwrap();
-    greedy.subject_alt_names.push(SanType::URI("spiffe://example.org/admin".try_into().unwrap()));
+    greedy.subject_alt_names.push(SanType::URI(
+        "spiffe://example.org/admin".try_into().unwrap(),
+    ));
     greedy.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
     greedy.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
-    greedy.custom_extensions = vec![CustomExtension::from_oid_content(&[1, 3, 6, 1, 4, 1, 99999, 1], vec![0x05, 0x00])];
+    greedy.custom_extensions = vec![CustomExtension::from_oid_content(
+        &[1, 3, 6, 1, 4, 1, 99999, 1],
+        vec![0x05, 0x00],
+    )];
     let csr = csr_der(&greedy, &key);
     let dns = vec![DnsName::new("web.example.org").unwrap()];
-    let issued = ca.issue_x509_svid(&web(), &dns, Some(Duration::from_secs(600)), &csr).unwrap();
-    assert_eq!(issued.chain.len(), 1, "self-signed CA: the chain is the leaf alone");
+    let issued = ca
+        .issue_x509_svid(&web(), &dns, Some(Duration::from_secs(600)), &csr)
+        .unwrap();
+    assert_eq!(
+        issued.chain.len(),
+        1,
+        "self-signed CA: the chain is the leaf alone"
+    );
     let leaf = svid::parse(&issued.chain[0]).unwrap();
 
     let sans = leaf.subject_alternative_name().unwrap().unwrap();
-    let uris: Vec<_> = sans.value.general_names.iter().filter_map(|n| if let GeneralName::URI(u) = n { Some(*u) } else { None }).collect();
-    let dnss: Vec<_> = sans.value.general_names.iter().filter_map(|n| if let GeneralName::DNSName(d) = n { Some(*d) } else { None }).collect();
-    assert_eq!(uris, vec!["spiffe://example.org/web"], "exactly one URI SAN, the entry's");
-    assert_eq!(dnss, vec!["web.example.org"], "DNS SANs only from the entry");
+    let uris: Vec<_> = sans
+        .value
+        .general_names
+        .iter()
+        .filter_map(|n| {
+            if let GeneralName::URI(u) = n {
+                Some(*u)
+            } else {
+                None
+            }
+        })
+        .collect();
+    let dnss: Vec<_> = sans
+        .value
+        .general_names
+        .iter()
+        .filter_map(|n| {
+            if let GeneralName::DNSName(d) = n {
+                Some(*d)
+            } else {
+                None
+            }
+        })
+        .collect();
+    assert_eq!(
+        uris,
+        vec!["spiffe://example.org/web"],
+        "exactly one URI SAN, the entry's"
+    );
+    assert_eq!(
+        dnss,
+        vec!["web.example.org"],
+        "DNS SANs only from the entry"
+    );
 
-    let bc = leaf.basic_constraints().unwrap().expect("BasicConstraints present");
+    let bc = leaf
+        .basic_constraints()
+        .unwrap()
+        .expect("BasicConstraints present");
     assert!(!bc.value.ca, "cA=false");
     let ku = leaf.key_usage().unwrap().unwrap();
     assert!(ku.critical, "KeyUsage critical");
-    assert!(ku.value.digital_signature() && ku.value.key_encipherment() && ku.value.key_agreement());
+    assert!(
+        ku.value.digital_signature() && ku.value.key_encipherment() && ku.value.key_agreement()
+    );
     assert!(!ku.value.key_cert_sign() && !ku.value.crl_sign());
     let eku = leaf.extended_key_usage().unwrap().unwrap();
     assert!(eku.value.server_auth && eku.value.client_auth);
     assert!(leaf.subject().iter().next().is_some(), "non-empty subject");
     assert!(
-        !leaf.extensions().iter().any(|e| e.oid.to_id_string() == "1.3.6.1.4.1.99999.1"),
+        !leaf
+            .extensions()
+            .iter()
+            .any(|e| e.oid.to_id_string() == "1.3.6.1.4.1.99999.1"),
         "requested extensions are ignored"
     );
     let (nb, na) = svid::validity(&leaf);
-    assert_eq!(na.duration_since(nb).unwrap(), Duration::from_secs(610), "TTL from the entry + 10 s backdating");
+    assert_eq!(
+        na.duration_since(nb).unwrap(),
+        Duration::from_secs(610),
+        "TTL from the entry + 10 s backdating"
+    );
     // The public key is the CSR's.
-    assert_eq!(leaf.public_key().subject_public_key.data.as_ref(), rcgen::PublicKeyData::der_bytes(&key));
+    assert_eq!(
+        leaf.public_key().subject_public_key.data.as_ref(),
+        rcgen::PublicKeyData::der_bytes(&key)
+    );
 }
 
 #[tokio::test]
@@ -100,13 +158,34 @@ async fn ca_certificate_profile() {
         .value
         .general_names
         .iter()
-        .filter_map(|n| if let GeneralName::URI(u) = n { Some(*u) } else { None })
+        .filter_map(|n| {
+            if let GeneralName::URI(u) = n {
+                Some(*u)
+            } else {
+                None
+            }
+        })
         .collect();
-    assert_eq!(uris, vec!["spiffe://example.org"], "CA URI SAN is the trust domain ID with no path");
-    assert!(cert.name_constraints().unwrap().is_none(), "no name constraints");
-    assert_eq!(aki(&cert), ski(&cert), "a self-signed CA's AKI is its own SKI");
+    assert_eq!(
+        uris,
+        vec!["spiffe://example.org"],
+        "CA URI SAN is the trust domain ID with no path"
+    );
+    assert!(
+        cert.name_constraints().unwrap().is_none(),
+        "no name constraints"
+    );
+    assert_eq!(
+        aki(&cert),
+        ski(&cert),
+        "a self-signed CA's AKI is its own SKI"
+    );
     let (nb, na) = svid::validity(&cert);
-    assert_eq!(na.duration_since(nb).unwrap(), Duration::from_secs(24 * 3600 + 10), "CA TTL 24 h by default");
+    assert_eq!(
+        na.duration_since(nb).unwrap(),
+        Duration::from_secs(24 * 3600 + 10),
+        "CA TTL 24 h by default"
+    );
 }
 
 #[tokio::test]
@@ -141,14 +220,19 @@ async fn serials_are_random_positive_128_bit_and_aki_links_to_issuer() {
 async fn accepted_and_refused_workload_keys() {
     let dir = tempfile::tempdir().unwrap();
     let ca = ca_in(dir.path(), None).await;
-    for alg in [&rcgen::PKCS_ECDSA_P256_SHA256, &rcgen::PKCS_ECDSA_P384_SHA384] {
+    for alg in [
+        &rcgen::PKCS_ECDSA_P256_SHA256,
+        &rcgen::PKCS_ECDSA_P384_SHA384,
+    ] {
         let key = KeyPair::generate_for(alg).unwrap();
         let csr = csr_der(&CertificateParams::default(), &key);
         ca.issue_x509_svid(&web(), &[], None, &csr).unwrap();
     }
     for bits in [2048, 4096] {
         let (csr, key) = openssl_rsa_csr(dir.path(), bits);
-        let issued = ca.issue_x509_svid(&web(), &[], None, &csr).unwrap_or_else(|e| panic!("RSA {bits}: {e}"));
+        let issued = ca
+            .issue_x509_svid(&web(), &[], None, &csr)
+            .unwrap_or_else(|e| panic!("RSA {bits}: {e}"));
         let chain: Vec<u8> = issued.chain.concat();
         spiffe::X509Svid::parse_from_der(&chain, &key).unwrap();
     }
@@ -219,8 +303,13 @@ async fn upstream_mode_chains_to_the_operator_root() {
     let root_key = KeyPair::generate().unwrap();
     let mut root_params = CertificateParams::default();
     root_params.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    root_params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::CrlSign];
-    root_params.distinguished_name.push(rcgen::DnType::CommonName, "Operator Root");
+    root_params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+    ];
+    root_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "Operator Root");
     root_params.not_before = time::OffsetDateTime::now_utc() - time::Duration::hours(1);
     root_params.not_after = time::OffsetDateTime::now_utc() + time::Duration::days(365);
     let root = root_params.self_signed(&root_key).unwrap();
@@ -228,17 +317,37 @@ async fn upstream_mode_chains_to_the_operator_root() {
     let key_pem = root_key.serialize_pem();
     std::fs::write(dir.path().join("up.crt"), &cert_pem).unwrap();
     std::fs::write(dir.path().join("up.key"), &key_pem).unwrap();
-    let upstream =
-        sigil_server::ca::x509::UpstreamCa::load(&dir.path().join("up.crt"), &dir.path().join("up.key"), &td()).unwrap();
+    let upstream = sigil_server::ca::x509::UpstreamCa::load(
+        &dir.path().join("up.crt"),
+        &dir.path().join("up.key"),
+        &td(),
+    )
+    .unwrap();
     let ca = ca_in(&dir.path().join("data"), Some(upstream)).await;
     let bundle = ca.bundle();
-    assert_eq!(bundle.x509_authorities, vec![root.der().to_vec()], "the bundle holds the operator root");
+    assert_eq!(
+        bundle.x509_authorities,
+        vec![root.der().to_vec()],
+        "the bundle holds the operator root"
+    );
 
     let key = KeyPair::generate().unwrap();
-    let issued = ca.issue_x509_svid(&web(), &[], None, &csr_der(&CertificateParams::default(), &key)).unwrap();
+    let issued = ca
+        .issue_x509_svid(
+            &web(),
+            &[],
+            None,
+            &csr_der(&CertificateParams::default(), &key),
+        )
+        .unwrap();
     assert_eq!(issued.chain.len(), 2, "leaf and Sigil's intermediate");
     svid::verify_svid(&issued.chain, &bundle, std::time::SystemTime::now()).unwrap();
-    let (ok, out) = openssl_verify(dir.path(), &issued.chain[0], &issued.chain[1..], &bundle.x509_authorities);
+    let (ok, out) = openssl_verify(
+        dir.path(),
+        &issued.chain[0],
+        &issued.chain[1..],
+        &bundle.x509_authorities,
+    );
     assert!(ok, "{out}");
     spiffe::X509Svid::parse_from_der(&issued.chain.concat(), &key.serialize_der()).unwrap();
 
@@ -248,7 +357,8 @@ async fn upstream_mode_chains_to_the_operator_root() {
     assert!(err.to_string().contains("does not match"), "{err}");
     // A certificate that is not a CA is refused.
     let leaf_pem = sigil_identity::pem::encode("CERTIFICATE", &issued.chain[0]);
-    let err = sigil_server::ca::x509::UpstreamCa::from_pem(&leaf_pem, &key.serialize_pem(), &td()).unwrap_err();
+    let err = sigil_server::ca::x509::UpstreamCa::from_pem(&leaf_pem, &key.serialize_pem(), &td())
+        .unwrap_err();
     assert!(err.to_string().contains("not a usable CA"), "{err}");
 }
 
@@ -257,7 +367,8 @@ fn segment() -> impl Strategy<Value = String> {
 }
 
 fn dns_name() -> impl Strategy<Value = String> {
-    prop::collection::vec("[a-z0-9]([a-z0-9-]{0,6}[a-z0-9])?", 1..4).prop_map(|labels| labels.join("."))
+    prop::collection::vec("[a-z0-9]([a-z0-9-]{0,6}[a-z0-9])?", 1..4)
+        .prop_map(|labels| labels.join("."))
 }
 
 proptest! {

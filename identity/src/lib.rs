@@ -14,13 +14,18 @@
 //! - [`x509`]: the X509-SVID profile and chain verification.
 //! - [`jwt`]: JWT-SVID minting (cached ring signer) and validation.
 //! - [`rotation`]: SVID renewal and CA rotation schedules.
+//! - [`tls`]: rustls verifiers and resolvers for SPIFFE mTLS.
 //! - [`clock`]: the `Clock` trait, a fake clock, time serde helpers.
+//! - [`duration`]: human-readable durations (`90s`, `1h30m`).
+//! - [`attestation`]: node attestor plugin traits (server and agent halves).
 //! - [`pem`], [`random`]: small encoding and randomness helpers.
 
 #![forbid(unsafe_code)]
 
+pub mod attestation;
 pub mod bundle;
 pub mod clock;
+pub mod duration;
 pub mod entry;
 pub mod jwt;
 pub mod keys;
@@ -29,6 +34,7 @@ pub mod random;
 pub mod rotation;
 pub mod selector;
 pub mod spiffe_id;
+pub mod tls;
 pub mod x509;
 
 #[cfg(test)]

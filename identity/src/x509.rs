@@ -122,7 +122,10 @@ pub fn serial_hex(cert: &X509Certificate<'_>) -> String {
 /// Hex of serial bytes (as DER content or as generated), leading zero bytes
 /// dropped so that both forms agree.
 pub fn serial_hex_of(bytes: &[u8]) -> String {
-    let first = bytes.iter().position(|&b| b != 0).unwrap_or(bytes.len().saturating_sub(1));
+    let first = bytes
+        .iter()
+        .position(|&b| b != 0)
+        .unwrap_or(bytes.len().saturating_sub(1));
     crate::random::hex(&bytes[first..])
 }
 

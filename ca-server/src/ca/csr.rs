@@ -64,15 +64,28 @@ pub fn public_key_from_csr(der: &[u8]) -> Result<CsrPublicKey, CsrError> {
     }
     let key = PublicKey::from_spki(&info.subject_pki).map_err(CsrError::Key)?;
     let algorithm = match &key {
-        PublicKey::Ec { curve: Curve::P256, .. } => &rcgen::PKCS_ECDSA_P256_SHA256,
-        PublicKey::Ec { curve: Curve::P384, .. } => &rcgen::PKCS_ECDSA_P384_SHA384,
+        PublicKey::Ec {
+            curve: Curve::P256, ..
+        } => &rcgen::PKCS_ECDSA_P256_SHA256,
+        PublicKey::Ec {
+            curve: Curve::P384, ..
+        } => &rcgen::PKCS_ECDSA_P384_SHA384,
         PublicKey::Rsa { .. } if key.rsa_bits() > MAX_CSR_RSA_BITS => {
             return Err(CsrError::Key(KeyError::RsaSize(key.rsa_bits())));
         }
         PublicKey::Rsa { .. } => &rcgen::PKCS_RSA_SHA256,
     };
-    key.verify_x509(&csr.signature_algorithm, info.raw, &csr.signature_value.data).map_err(CsrError::Signature)?;
-    Ok(CsrPublicKey { raw: info.subject_pki.subject_public_key.data.to_vec(), key, algorithm })
+    key.verify_x509(
+        &csr.signature_algorithm,
+        info.raw,
+        &csr.signature_value.data,
+    )
+    .map_err(CsrError::Signature)?;
+    Ok(CsrPublicKey {
+        raw: info.subject_pki.subject_public_key.data.to_vec(),
+        key,
+        algorithm,
+    })
 }
 
 #[cfg(test)]
@@ -87,29 +100,51 @@ mod tests {
 
     #[test]
     fn accepts_p256_and_p384_and_keeps_only_the_key() {
-        for alg in [&rcgen::PKCS_ECDSA_P256_SHA256, &rcgen::PKCS_ECDSA_P384_SHA384] {
+        for alg in [
+            &rcgen::PKCS_ECDSA_P256_SHA256,
+            &rcgen::PKCS_ECDSA_P384_SHA384,
+        ] {
             let key = KeyPair::generate_for(alg).unwrap();
             let got = public_key_from_csr(&csr_for(&key)).unwrap();
-            assert_eq!(rcgen::PublicKeyData::der_bytes(&got), rcgen::PublicKeyData::der_bytes(&key));
+            assert_eq!(
+                rcgen::PublicKeyData::der_bytes(&got),
+                rcgen::PublicKeyData::der_bytes(&key)
+            );
         }
     }
 
     #[test]
     fn refuses_oversized_before_parsing() {
-        assert_eq!(public_key_from_csr(&vec![0x30; MAX_CSR_LEN + 1]).unwrap_err(), CsrError::TooLarge);
+        assert_eq!(
+            public_key_from_csr(&vec![0x30; MAX_CSR_LEN + 1]).unwrap_err(),
+            CsrError::TooLarge
+        );
     }
 
     #[test]
     fn refuses_malformed_der() {
-        for bad in [&[][..], &[0x30, 0x00], &[0xff; 40][..], b"-----BEGIN CERTIFICATE REQUEST-----"] {
+        for bad in [
+            &[][..],
+            &[0x30, 0x00],
+            &[0xff; 40][..],
+            b"-----BEGIN CERTIFICATE REQUEST-----",
+        ] {
             assert_eq!(public_key_from_csr(bad).unwrap_err(), CsrError::Malformed);
         }
         let key = KeyPair::generate().unwrap();
         let mut der = csr_for(&key);
         der.push(0);
-        assert_eq!(public_key_from_csr(&der).unwrap_err(), CsrError::Malformed, "trailing bytes");
+        assert_eq!(
+            public_key_from_csr(&der).unwrap_err(),
+            CsrError::Malformed,
+            "trailing bytes"
+        );
         let der = csr_for(&key);
-        assert_eq!(public_key_from_csr(&der[..der.len() - 5]).unwrap_err(), CsrError::Malformed, "truncated");
+        assert_eq!(
+            public_key_from_csr(&der[..der.len() - 5]).unwrap_err(),
+            CsrError::Malformed,
+            "truncated"
+        );
     }
 
     #[test]
@@ -118,23 +153,35 @@ mod tests {
         let mut der = csr_for(&key);
         let n = der.len();
         der[n - 3] ^= 0x5a;
-        assert!(matches!(public_key_from_csr(&der), Err(CsrError::Signature(_)) | Err(CsrError::Malformed)));
+        assert!(matches!(
+            public_key_from_csr(&der),
+            Err(CsrError::Signature(_)) | Err(CsrError::Malformed)
+        ));
         // A CSR whose key was swapped for another one: valid DER, wrong signature.
         let other = KeyPair::generate().unwrap();
         let good = csr_for(&key);
         let swapped: Vec<u8> = {
-            let (a, b) = (rcgen::PublicKeyData::der_bytes(&key), rcgen::PublicKeyData::der_bytes(&other));
+            let (a, b) = (
+                rcgen::PublicKeyData::der_bytes(&key),
+                rcgen::PublicKeyData::der_bytes(&other),
+            );
             let at = good.windows(a.len()).position(|w| w == a).unwrap();
             let mut v = good.clone();
             v[at..at + a.len()].copy_from_slice(b);
             v
         };
-        assert_eq!(public_key_from_csr(&swapped).unwrap_err(), CsrError::Signature(KeyError::BadSignature));
+        assert_eq!(
+            public_key_from_csr(&swapped).unwrap_err(),
+            CsrError::Signature(KeyError::BadSignature)
+        );
     }
 
     #[test]
     fn refuses_unsupported_keys() {
         let ed = KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
-        assert_eq!(public_key_from_csr(&csr_for(&ed)).unwrap_err(), CsrError::Key(KeyError::UnsupportedKeyType));
+        assert_eq!(
+            public_key_from_csr(&csr_for(&ed)).unwrap_err(),
+            CsrError::Key(KeyError::UnsupportedKeyType)
+        );
     }
 }

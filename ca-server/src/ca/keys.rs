@@ -15,7 +15,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use ring::rand::SystemRandom;
-use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, ECDSA_P384_SHA384_FIXED_SIGNING, EcdsaKeyPair};
+use ring::signature::{
+    ECDSA_P256_SHA256_FIXED_SIGNING, ECDSA_P384_SHA384_FIXED_SIGNING, EcdsaKeyPair,
+};
 use serde::{Deserialize, Serialize};
 use sigil_identity::keys::Curve;
 use zeroize::Zeroizing;
@@ -56,7 +58,10 @@ pub enum KeyManagerError {
     #[error("key generation failed")]
     Generate,
     #[error("key file {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("key file {0} has mode {1:o}; CA keys must be 0600 (fix with chmod 600)")]
     InsecureMode(PathBuf, u32),
     #[error("key {0} is not a valid PKCS#8 key of its algorithm")]
@@ -83,8 +88,15 @@ impl KeyId {
 impl TryFrom<String> for KeyId {
     type Error = KeyManagerError;
     fn try_from(s: String) -> Result<Self, KeyManagerError> {
-        let ok = !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'-'));
-        if ok { Ok(Self(s)) } else { Err(KeyManagerError::BadKeyId(s)) }
+        let ok = !s.is_empty()
+            && s.len() <= 64
+            && s.bytes()
+                .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'-'));
+        if ok {
+            Ok(Self(s))
+        } else {
+            Err(KeyManagerError::BadKeyId(s))
+        }
     }
 }
 
@@ -126,14 +138,26 @@ impl PrivateKey {
             KeyAlgorithm::EcP256 => &ECDSA_P256_SHA256_FIXED_SIGNING,
             KeyAlgorithm::EcP384 => &ECDSA_P384_SHA384_FIXED_SIGNING,
         };
-        let doc = EcdsaKeyPair::generate_pkcs8(ring_alg, &SystemRandom::new()).map_err(|_| KeyManagerError::Generate)?;
-        Ok(Self { algorithm, pkcs8: Zeroizing::new(doc.as_ref().to_vec()) })
+        let doc = EcdsaKeyPair::generate_pkcs8(ring_alg, &SystemRandom::new())
+            .map_err(|_| KeyManagerError::Generate)?;
+        Ok(Self {
+            algorithm,
+            pkcs8: Zeroizing::new(doc.as_ref().to_vec()),
+        })
     }
 
     /// Wraps PKCS#8 bytes, checking they hold a key of `algorithm`.
-    pub fn from_pkcs8(algorithm: KeyAlgorithm, pkcs8: Vec<u8>, name: &str) -> Result<Self, KeyManagerError> {
-        let key = Self { algorithm, pkcs8: Zeroizing::new(pkcs8) };
-        key.rcgen().map_err(|_| KeyManagerError::Invalid(name.to_owned()))?;
+    pub fn from_pkcs8(
+        algorithm: KeyAlgorithm,
+        pkcs8: Vec<u8>,
+        name: &str,
+    ) -> Result<Self, KeyManagerError> {
+        let key = Self {
+            algorithm,
+            pkcs8: Zeroizing::new(pkcs8),
+        };
+        key.rcgen()
+            .map_err(|_| KeyManagerError::Invalid(name.to_owned()))?;
         Ok(key)
     }
 
@@ -159,7 +183,11 @@ pub trait KeyManager: Send + Sync + fmt::Debug {
     /// Generates and stores a new key under `id`.
     fn generate(&self, id: &KeyId, algorithm: KeyAlgorithm) -> Result<PrivateKey, KeyManagerError>;
     /// Loads the key stored under `id`, if any.
-    fn load(&self, id: &KeyId, algorithm: KeyAlgorithm) -> Result<Option<PrivateKey>, KeyManagerError>;
+    fn load(
+        &self,
+        id: &KeyId,
+        algorithm: KeyAlgorithm,
+    ) -> Result<Option<PrivateKey>, KeyManagerError>;
     /// Deletes the key under `id`; deleting a missing key is not an error.
     fn delete(&self, id: &KeyId) -> Result<(), KeyManagerError>;
 }
@@ -173,16 +201,31 @@ pub struct MemoryKeyManager {
 impl KeyManager for MemoryKeyManager {
     fn generate(&self, id: &KeyId, algorithm: KeyAlgorithm) -> Result<PrivateKey, KeyManagerError> {
         let key = PrivateKey::generate(algorithm)?;
-        self.keys.lock().unwrap_or_else(|p| p.into_inner()).insert(id.clone(), key.clone());
+        self.keys
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.clone(), key.clone());
         Ok(key)
     }
 
-    fn load(&self, id: &KeyId, _algorithm: KeyAlgorithm) -> Result<Option<PrivateKey>, KeyManagerError> {
-        Ok(self.keys.lock().unwrap_or_else(|p| p.into_inner()).get(id).cloned())
+    fn load(
+        &self,
+        id: &KeyId,
+        _algorithm: KeyAlgorithm,
+    ) -> Result<Option<PrivateKey>, KeyManagerError> {
+        Ok(self
+            .keys
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned())
     }
 
     fn delete(&self, id: &KeyId) -> Result<(), KeyManagerError> {
-        self.keys.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+        self.keys
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
         Ok(())
     }
 }
@@ -194,14 +237,21 @@ pub struct DiskKeyManager {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> KeyManagerError + '_ {
-    move |source| KeyManagerError::Io { path: path.to_path_buf(), source }
+    move |source| KeyManagerError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 impl DiskKeyManager {
     /// Uses `dir`, creating it with mode 0700 if needed.
     pub fn open(dir: impl Into<PathBuf>) -> Result<Self, KeyManagerError> {
         let dir = dir.into();
-        fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir).map_err(io(&dir))?;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(io(&dir))?;
         Ok(Self { dir })
     }
 
@@ -217,7 +267,12 @@ pub fn write_secret_file(path: &Path, bytes: &[u8]) -> Result<(), KeyManagerErro
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("key");
     let tmp = dir.join(format!(".{name}.tmp-{}", sigil_identity::random::hex_id()));
     let result = (|| {
-        let mut f = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp).map_err(io(&tmp))?;
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(io(&tmp))?;
         f.write_all(bytes).map_err(io(&tmp))?;
         f.sync_all().map_err(io(&tmp))?;
         fs::rename(&tmp, path).map_err(io(path))?;
@@ -236,7 +291,11 @@ impl KeyManager for DiskKeyManager {
         Ok(key)
     }
 
-    fn load(&self, id: &KeyId, algorithm: KeyAlgorithm) -> Result<Option<PrivateKey>, KeyManagerError> {
+    fn load(
+        &self,
+        id: &KeyId,
+        algorithm: KeyAlgorithm,
+    ) -> Result<Option<PrivateKey>, KeyManagerError> {
         let path = self.path(id);
         let meta = match fs::metadata(&path) {
             Ok(m) => m,
@@ -254,7 +313,9 @@ impl KeyManager for DiskKeyManager {
     fn delete(&self, id: &KeyId) -> Result<(), KeyManagerError> {
         let path = self.path(id);
         match fs::remove_file(&path) {
-            Ok(()) => File::open(&self.dir).and_then(|d| d.sync_all()).map_err(io(&self.dir)),
+            Ok(()) => File::open(&self.dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io(&self.dir)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(io(&path)(e)),
         }
@@ -289,7 +350,11 @@ mod tests {
         let id = KeyId::generate("jwt");
         km.generate(&id, KeyAlgorithm::EcP384).unwrap();
         let meta = fs::metadata(km.path(&id)).unwrap();
-        assert_eq!(meta.permissions().mode() & 0o777, 0o600, "key files are 0600");
+        assert_eq!(
+            meta.permissions().mode() & 0o777,
+            0o600,
+            "key files are 0600"
+        );
         let dmeta = fs::metadata(dir.path().join("keys")).unwrap();
         assert_eq!(dmeta.permissions().mode() & 0o777, 0o700);
         let leftovers: Vec<_> = fs::read_dir(dir.path().join("keys"))
@@ -307,7 +372,10 @@ mod tests {
         let id = KeyId::generate("x509");
         km.generate(&id, KeyAlgorithm::EcP256).unwrap();
         fs::set_permissions(km.path(&id), fs::Permissions::from_mode(0o640)).unwrap();
-        assert!(matches!(km.load(&id, KeyAlgorithm::EcP256), Err(KeyManagerError::InsecureMode(..))));
+        assert!(matches!(
+            km.load(&id, KeyAlgorithm::EcP256),
+            Err(KeyManagerError::InsecureMode(..))
+        ));
     }
 
     #[test]
@@ -316,7 +384,10 @@ mod tests {
         let km = DiskKeyManager::open(dir.path()).unwrap();
         let id = KeyId::generate("x509");
         write_secret_file(&km.path(&id), b"not a key").unwrap();
-        assert!(matches!(km.load(&id, KeyAlgorithm::EcP256), Err(KeyManagerError::Invalid(_))));
+        assert!(matches!(
+            km.load(&id, KeyAlgorithm::EcP256),
+            Err(KeyManagerError::Invalid(_))
+        ));
     }
 
     #[test]

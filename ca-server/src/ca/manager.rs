@@ -42,7 +42,9 @@ pub struct CaManager {
 
 impl std::fmt::Debug for CaManager {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CaManager").field("trust_domain", &self.config.trust_domain).finish_non_exhaustive()
+        f.debug_struct("CaManager")
+            .field("trust_domain", &self.config.trust_domain)
+            .finish_non_exhaustive()
     }
 }
 
@@ -68,7 +70,11 @@ fn plan<S: Slot>(slots: &[S], now: SystemTime) -> CaAction {
             let (nb, na) = active.validity();
             if now >= na {
                 // Asleep past the active key's expiry: move on at once.
-                if prepared { CaAction::Activate } else { CaAction::Prepare }
+                if prepared {
+                    CaAction::Activate
+                } else {
+                    CaAction::Prepare
+                }
             } else {
                 ca_action(now, nb, na, prepared)
             }
@@ -114,7 +120,10 @@ impl CaManager {
         upstream: Option<UpstreamCa>,
     ) -> Result<Arc<Self>, CaError> {
         let journal = store.fetch_ca_journal().await?.unwrap_or_default();
-        let initial = store.fetch_bundle(&config.trust_domain).await?.unwrap_or_else(|| Bundle::new(config.trust_domain.clone()));
+        let initial = store
+            .fetch_bundle(&config.trust_domain)
+            .await?
+            .unwrap_or_else(|| Bundle::new(config.trust_domain.clone()));
         let (bundle, _) = watch::channel(Arc::new(initial));
         let ca = Arc::new(Self {
             config,
@@ -168,7 +177,11 @@ impl CaManager {
     /// new key takes over.
     async fn load_active(&self, journal: &mut CaJournal) -> Result<(), CaError> {
         let mut changed = false;
-        for slot in journal.x509.iter_mut().filter(|s| s.state == SlotState::Active) {
+        for slot in journal
+            .x509
+            .iter_mut()
+            .filter(|s| s.state == SlotState::Active)
+        {
             match self.load_x509(slot) {
                 Ok(a) => *self.x509.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(a)),
                 Err(e) => {
@@ -178,7 +191,11 @@ impl CaManager {
                 }
             }
         }
-        for slot in journal.jwt.iter_mut().filter(|s| s.state == SlotState::Active) {
+        for slot in journal
+            .jwt
+            .iter_mut()
+            .filter(|s| s.state == SlotState::Active)
+        {
             match self.load_jwt(slot) {
                 Ok(s) => *self.jwt.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(s)),
                 Err(e) => {
@@ -195,17 +212,34 @@ impl CaManager {
     }
 
     fn load_x509(&self, slot: &X509Slot) -> Result<X509Authority, CaError> {
-        let key = self.keys.load(&slot.key_id, slot.algorithm)?.ok_or_else(|| {
-            CaError::Key(super::keys::KeyManagerError::Invalid(format!("{} is missing", slot.key_id)))
-        })?;
+        let key = self
+            .keys
+            .load(&slot.key_id, slot.algorithm)?
+            .ok_or_else(|| {
+                CaError::Key(super::keys::KeyManagerError::Invalid(format!(
+                    "{} is missing",
+                    slot.key_id
+                )))
+            })?;
         X509Authority::load(&slot.cert_der, &key, self.upstream.as_ref())
     }
 
     fn load_jwt(&self, slot: &JwtSlot) -> Result<JwtSigner, CaError> {
-        let key = self.keys.load(&slot.key_id, slot.algorithm)?.ok_or_else(|| {
-            CaError::Key(super::keys::KeyManagerError::Invalid(format!("{} is missing", slot.key_id)))
-        })?;
-        Ok(JwtSigner::from_pkcs8(&slot.kid, slot.algorithm.curve(), key.pkcs8(), slot.not_after)?)
+        let key = self
+            .keys
+            .load(&slot.key_id, slot.algorithm)?
+            .ok_or_else(|| {
+                CaError::Key(super::keys::KeyManagerError::Invalid(format!(
+                    "{} is missing",
+                    slot.key_id
+                )))
+            })?;
+        Ok(JwtSigner::from_pkcs8(
+            &slot.kid,
+            slot.algorithm.curve(),
+            key.pkcs8(),
+            slot.not_after,
+        )?)
     }
 
     /// Rebuilds the bundle from the journal and publishes it (durably, with
@@ -221,7 +255,12 @@ impl CaManager {
         next.jwt_authorities = journal
             .jwt
             .iter()
-            .filter_map(|s| s.key().map(|public_key| JwtAuthority { kid: s.kid.clone(), public_key }))
+            .filter_map(|s| {
+                s.key().map(|public_key| JwtAuthority {
+                    kid: s.kid.clone(),
+                    public_key,
+                })
+            })
             .collect();
         if next.same_authorities(&current) && next.refresh_hint == current.refresh_hint {
             return Ok(());
@@ -260,7 +299,11 @@ impl CaManager {
 
     /// One rotation step at `now`: prepare (and publish) successors that
     /// are due, then activate those that are due, then drop expired keys.
-    async fn step(&self, journal: &mut CaJournal, now: SystemTime) -> Result<RotationReport, CaError> {
+    async fn step(
+        &self,
+        journal: &mut CaJournal,
+        now: SystemTime,
+    ) -> Result<RotationReport, CaError> {
         let mut report = RotationReport::default();
         let td = &self.config.trust_domain;
         let not_before = now.checked_sub(BACKDATE).unwrap_or(now);
@@ -270,7 +313,8 @@ impl CaManager {
         if plan(&journal.x509, now) == CaAction::Prepare {
             let key_id = KeyId::generate("x509");
             let key = self.keys.generate(&key_id, alg)?;
-            let authority = X509Authority::create(td, &key, not_before, not_after, self.upstream.as_ref())?;
+            let authority =
+                X509Authority::create(td, &key, not_before, not_after, self.upstream.as_ref())?;
             journal.x509.push(X509Slot {
                 key_id: key_id.clone(),
                 algorithm: alg,
@@ -310,11 +354,19 @@ impl CaManager {
         }
 
         let x509_next = match plan(&journal.x509, now) {
-            CaAction::Activate => journal.x509.iter().find(|s| s.state == SlotState::Prepared).map(|s| self.load_x509(s)),
+            CaAction::Activate => journal
+                .x509
+                .iter()
+                .find(|s| s.state == SlotState::Prepared)
+                .map(|s| self.load_x509(s)),
             _ => None,
         };
         let jwt_next = match plan(&journal.jwt, now) {
-            CaAction::Activate => journal.jwt.iter().find(|s| s.state == SlotState::Prepared).map(|s| self.load_jwt(s)),
+            CaAction::Activate => journal
+                .jwt
+                .iter()
+                .find(|s| s.state == SlotState::Prepared)
+                .map(|s| self.load_jwt(s)),
             _ => None,
         };
         let x509_next = x509_next.transpose()?.map(Arc::new);
@@ -349,7 +401,10 @@ impl CaManager {
                     warn!(key_id = %key_id, error = %e, "could not delete expired CA key");
                 }
             }
-            info!(count = gone.len(), "expired CA keys removed from the bundle");
+            info!(
+                count = gone.len(),
+                "expired CA keys removed from the bundle"
+            );
             report.pruned += gone.len();
         }
         Ok(report)
@@ -357,7 +412,8 @@ impl CaManager {
 
     /// Runs rotation on a timer until `shutdown` resolves.
     pub async fn run(self: Arc<Self>, shutdown: impl std::future::Future<Output = ()>) {
-        let period = (self.config.ca_ttl / 120).clamp(Duration::from_secs(1), Duration::from_secs(30));
+        let period =
+            (self.config.ca_ttl / 120).clamp(Duration::from_secs(1), Duration::from_secs(30));
         tokio::pin!(shutdown);
         loop {
             let jitter = 1.0 + 0.1 * sigil_identity::random::jitter_unit();
@@ -372,18 +428,29 @@ impl CaManager {
     }
 
     fn active_x509(&self) -> Result<Arc<X509Authority>, CaError> {
-        self.x509.read().unwrap_or_else(|p| p.into_inner()).clone().ok_or(CaError::NotReady)
+        self.x509
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or(CaError::NotReady)
     }
 
     fn active_jwt(&self) -> Result<Arc<JwtSigner>, CaError> {
-        self.jwt.read().unwrap_or_else(|p| p.into_inner()).clone().ok_or(CaError::NotReady)
+        self.jwt
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or(CaError::NotReady)
     }
 
     fn check_member(&self, id: &SpiffeId) -> Result<(), CaError> {
         if id.is_member_of(&self.config.trust_domain) {
             Ok(())
         } else {
-            Err(CaError::ForeignId(id.to_string(), self.config.trust_domain.clone()))
+            Err(CaError::ForeignId(
+                id.to_string(),
+                self.config.trust_domain.clone(),
+            ))
         }
     }
 
@@ -399,14 +466,22 @@ impl CaManager {
         self.check_member(spiffe_id)?;
         let key = public_key_from_csr(csr_der)?;
         let ttl = ttl.unwrap_or(self.config.x509_svid_ttl);
-        self.active_x509()?.issue(spiffe_id, dns_names, ttl, &key, self.clock.now())
+        self.active_x509()?
+            .issue(spiffe_id, dns_names, ttl, &key, self.clock.now())
     }
 
     /// Mints a JWT-SVID; `ttl` defaults to the configured JWT TTL.
-    pub fn mint_jwt_svid(&self, spiffe_id: &SpiffeId, audience: &[String], ttl: Option<Duration>) -> Result<JwtSvid, CaError> {
+    pub fn mint_jwt_svid(
+        &self,
+        spiffe_id: &SpiffeId,
+        audience: &[String],
+        ttl: Option<Duration>,
+    ) -> Result<JwtSvid, CaError> {
         self.check_member(spiffe_id)?;
         let ttl = ttl.unwrap_or(self.config.jwt_svid_ttl);
-        Ok(self.active_jwt()?.mint(spiffe_id, audience, ttl, self.clock.now())?)
+        Ok(self
+            .active_jwt()?
+            .mint(spiffe_id, audience, ttl, self.clock.now())?)
     }
 }
 

@@ -5,8 +5,8 @@ use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose as Eku, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose as Ku, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose as Eku, IsCa, Issuer,
+    KeyPair, KeyUsagePurpose as Ku, SanType, SerialNumber,
 };
 use rustls_pki_types::CertificateDer;
 use sigil_identity::x509::{self as svid, IssuerInfo};
@@ -51,7 +51,9 @@ pub struct UpstreamCa {
 
 impl std::fmt::Debug for UpstreamCa {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("UpstreamCa").field("chain_len", &self.chain.len()).finish_non_exhaustive()
+        f.debug_struct("UpstreamCa")
+            .field("chain_len", &self.chain.len())
+            .finish_non_exhaustive()
     }
 }
 
@@ -60,7 +62,8 @@ impl UpstreamCa {
     /// its PKCS#8 PEM private key from disk.
     pub fn load(cert_path: &Path, key_path: &Path, td: &TrustDomain) -> Result<Self, CaError> {
         let read = |p: &Path| {
-            std::fs::read_to_string(p).map_err(|e| CaError::Upstream(format!("cannot read {}: {e}", p.display())))
+            std::fs::read_to_string(p)
+                .map_err(|e| CaError::Upstream(format!("cannot read {}: {e}", p.display())))
         };
         Self::from_pem(&read(cert_path)?, &read(key_path)?, td)
     }
@@ -75,15 +78,26 @@ impl UpstreamCa {
                  `openssl pkcs8 -topk8 -nocrypt`: {e}"
             ))
         })?;
-        let signing = svid::parse(&chain[0]).map_err(|e| CaError::Upstream(format!("upstream certificate: {e}")))?;
-        svid::check_ca(&signing, td).map_err(|e| CaError::Upstream(format!("upstream certificate is not a usable CA: {e}")))?;
-        if signing.public_key().subject_public_key.data.as_ref() != rcgen::PublicKeyData::der_bytes(&key) {
-            return Err(CaError::Upstream("upstream key does not match the upstream certificate".into()));
+        let signing = svid::parse(&chain[0])
+            .map_err(|e| CaError::Upstream(format!("upstream certificate: {e}")))?;
+        svid::check_ca(&signing, td).map_err(|e| {
+            CaError::Upstream(format!("upstream certificate is not a usable CA: {e}"))
+        })?;
+        if signing.public_key().subject_public_key.data.as_ref()
+            != rcgen::PublicKeyData::der_bytes(&key)
+        {
+            return Err(CaError::Upstream(
+                "upstream key does not match the upstream certificate".into(),
+            ));
         }
         let not_after = svid::validity(&signing).1;
         let issuer = Issuer::from_ca_cert_der(&CertificateDer::from(chain[0].as_slice()), key)
             .map_err(|e| CaError::Upstream(format!("upstream certificate: {e}")))?;
-        Ok(Self { chain, issuer, not_after })
+        Ok(Self {
+            chain,
+            issuer,
+            not_after,
+        })
     }
 
     /// The certificates to publish in the bundle: the upstream root.
@@ -110,7 +124,9 @@ pub struct X509Authority {
 
 impl std::fmt::Debug for X509Authority {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("X509Authority").field("not_after", &self.info.not_after).finish_non_exhaustive()
+        f.debug_struct("X509Authority")
+            .field("not_after", &self.info.not_after)
+            .finish_non_exhaustive()
     }
 }
 
@@ -141,9 +157,15 @@ impl X509Authority {
         let mut p = CertificateParams::default();
         p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         p.key_usages = vec![Ku::KeyCertSign, Ku::CrlSign];
-        p.distinguished_name.push(DnType::OrganizationName, ORGANIZATION);
-        p.distinguished_name.push(DnType::CommonName, format!("Sigil CA {}", svid::serial_hex_of(serial.as_ref())));
-        p.subject_alt_names = vec![SanType::URI(td.id().as_str().try_into().map_err(rcgen_err)?)];
+        p.distinguished_name
+            .push(DnType::OrganizationName, ORGANIZATION);
+        p.distinguished_name.push(
+            DnType::CommonName,
+            format!("Sigil CA {}", svid::serial_hex_of(serial.as_ref())),
+        );
+        p.subject_alt_names = vec![SanType::URI(
+            td.id().as_str().try_into().map_err(rcgen_err)?,
+        )];
         p.serial_number = Some(serial);
         p.not_before = to_offset(not_before);
         p.not_after = to_offset(not_after);
@@ -158,7 +180,11 @@ impl X509Authority {
     }
 
     /// Rebuilds an authority from its certificate and key (after restart).
-    pub fn load(cert_der: &[u8], key: &PrivateKey, upstream: Option<&UpstreamCa>) -> Result<Self, CaError> {
+    pub fn load(
+        cert_der: &[u8],
+        key: &PrivateKey,
+        upstream: Option<&UpstreamCa>,
+    ) -> Result<Self, CaError> {
         let cert = svid::parse(cert_der).map_err(CaError::SelfCheck)?;
         let td = SpiffeId::parse(
             cert.subject_alternative_name()
@@ -176,21 +202,33 @@ impl X509Authority {
         .map_err(|_| CaError::Build("CA certificate has no trust domain URI SAN".into()))?;
         svid::check_ca(&cert, &td).map_err(CaError::SelfCheck)?;
         let signer = key.rcgen().map_err(rcgen_err)?;
-        if cert.public_key().subject_public_key.data.as_ref() != rcgen::PublicKeyData::der_bytes(&signer) {
-            return Err(CaError::Build("CA key does not match its certificate".into()));
+        if cert.public_key().subject_public_key.data.as_ref()
+            != rcgen::PublicKeyData::der_bytes(&signer)
+        {
+            return Err(CaError::Build(
+                "CA key does not match its certificate".into(),
+            ));
         }
         let info = IssuerInfo {
-            ski: svid::subject_key_id(&cert).ok_or(CaError::SelfCheck(svid::SvidError::MissingSki))?,
+            ski: svid::subject_key_id(&cert)
+                .ok_or(CaError::SelfCheck(svid::SvidError::MissingSki))?,
             not_after: svid::validity(&cert).1,
         };
-        let issuer = Issuer::from_ca_cert_der(&CertificateDer::from(cert_der), signer).map_err(rcgen_err)?;
+        let issuer =
+            Issuer::from_ca_cert_der(&CertificateDer::from(cert_der), signer).map_err(rcgen_err)?;
         let (include_self, chain_tail) = match upstream {
             // The root is in the bundle; everything between it and us travels
             // with the SVID.
             Some(u) => (true, u.chain[..u.chain.len().saturating_sub(1)].to_vec()),
             None => (false, Vec::new()),
         };
-        Ok(Self { cert_der: cert_der.to_vec(), chain_tail, include_self, issuer, info })
+        Ok(Self {
+            cert_der: cert_der.to_vec(),
+            chain_tail,
+            include_self,
+            issuer,
+            info,
+        })
     }
 
     /// The CA certificate, DER.
@@ -224,9 +262,12 @@ impl X509Authority {
         p.is_ca = IsCa::ExplicitNoCa;
         p.key_usages = vec![Ku::DigitalSignature, Ku::KeyEncipherment, Ku::KeyAgreement];
         p.extended_key_usages = vec![Eku::ServerAuth, Eku::ClientAuth];
-        p.distinguished_name.push(DnType::OrganizationName, ORGANIZATION);
+        p.distinguished_name
+            .push(DnType::OrganizationName, ORGANIZATION);
         let mut sans = Vec::with_capacity(1 + dns_names.len());
-        sans.push(SanType::URI(spiffe_id.as_str().try_into().map_err(rcgen_err)?));
+        sans.push(SanType::URI(
+            spiffe_id.as_str().try_into().map_err(rcgen_err)?,
+        ));
         for d in dns_names {
             sans.push(SanType::DnsName(d.as_str().try_into().map_err(rcgen_err)?));
         }
@@ -235,10 +276,16 @@ impl X509Authority {
         p.not_before = to_offset(now.checked_sub(BACKDATE).unwrap_or(now));
         p.not_after = to_offset(not_after);
         p.use_authority_key_identifier_extension = true;
-        let leaf = p.signed_by(public_key, &self.issuer).map_err(rcgen_err)?.der().to_vec();
+        let leaf = p
+            .signed_by(public_key, &self.issuer)
+            .map_err(rcgen_err)?
+            .der()
+            .to_vec();
         let id = svid::check_issued(&leaf, &self.info).map_err(CaError::SelfCheck)?;
         if id != *spiffe_id {
-            return Err(CaError::Build("issued certificate names another SPIFFE ID".into()));
+            return Err(CaError::Build(
+                "issued certificate names another SPIFFE ID".into(),
+            ));
         }
         let mut chain = Vec::with_capacity(2 + self.chain_tail.len());
         chain.push(leaf);
@@ -246,6 +293,10 @@ impl X509Authority {
             chain.push(self.cert_der.clone());
         }
         chain.extend(self.chain_tail.iter().cloned());
-        Ok(IssuedSvid { chain, serial: serial_hex, expires_at: not_after })
+        Ok(IssuedSvid {
+            chain,
+            serial: serial_hex,
+            expires_at: not_after,
+        })
     }
 }

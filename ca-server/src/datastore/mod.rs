@@ -33,12 +33,18 @@ pub enum DatastoreError {
     #[error("join token has expired")]
     TokenExpired,
     #[error("bundle sequence for {trust_domain} would go back from {stored} to {given}")]
-    SequenceRegression { trust_domain: TrustDomain, stored: u64, given: u64 },
+    SequenceRegression {
+        trust_domain: TrustDomain,
+        stored: u64,
+        given: u64,
+    },
     #[error("stored record is corrupt: {0}")]
     Corrupt(String),
     #[error("storage backend failed: {0}")]
     Backend(String),
-    #[error("write could not be made durable: {0}; the data directory's disk may be full or failing")]
+    #[error(
+        "write could not be made durable: {0}; the data directory's disk may be full or failing"
+    )]
     Durability(String),
 }
 
@@ -81,7 +87,10 @@ impl EntryFilter {
     pub fn matches(&self, e: &RegistrationEntry) -> bool {
         self.spiffe_id.as_ref().is_none_or(|id| *id == e.spiffe_id)
             && self.parent_id.as_ref().is_none_or(|id| *id == e.parent_id)
-            && self.selectors.as_ref().is_none_or(|s| s.is_subset(&e.selectors))
+            && self
+                .selectors
+                .as_ref()
+                .is_none_or(|s| s.is_subset(&e.selectors))
     }
 }
 
@@ -186,7 +195,10 @@ pub trait Datastore: Send + Sync + fmt::Debug {
     /// selectors), is taken.
     async fn create_entry(&self, entry: RegistrationEntry) -> Result<RegistrationEntry>;
     /// Creates several entries with one durable sync; one result per item.
-    async fn create_entries(&self, entries: Vec<RegistrationEntry>) -> Result<Vec<Result<RegistrationEntry>>>;
+    async fn create_entries(
+        &self,
+        entries: Vec<RegistrationEntry>,
+    ) -> Result<Vec<Result<RegistrationEntry>>>;
     /// Replaces an existing entry (same id), assigning a new revision.
     async fn update_entry(&self, entry: RegistrationEntry) -> Result<RegistrationEntry>;
     /// Deletes an entry and returns it.
@@ -217,7 +229,11 @@ pub trait Datastore: Send + Sync + fmt::Debug {
     async fn create_join_token(&self, token: JoinTokenRecord) -> Result<()>;
     /// Atomically takes a token: exactly one caller ever gets it. An
     /// expired token is removed and refused with `TokenExpired`.
-    async fn consume_join_token(&self, hash: &TokenHash, now: SystemTime) -> Result<JoinTokenRecord>;
+    async fn consume_join_token(
+        &self,
+        hash: &TokenHash,
+        now: SystemTime,
+    ) -> Result<JoinTokenRecord>;
     /// Removes expired tokens, returning how many.
     async fn prune_join_tokens(&self, now: SystemTime) -> Result<usize>;
 
@@ -235,8 +251,9 @@ pub trait Datastore: Send + Sync + fmt::Debug {
     /// Replaces the CA journal.
     async fn put_ca_journal(&self, journal: &CaJournal) -> Result<()>;
 
-    /// Appends an audit event, returning its sequence number.
-    async fn append_audit(&self, event: AuditEvent) -> Result<u64>;
+    /// Appends audit events in order with one durable sync, returning the
+    /// sequence number of the last one (0 if `events` is empty).
+    async fn append_audit(&self, events: Vec<AuditEvent>) -> Result<u64>;
     /// Audit events with sequence greater than `after`, oldest first.
     async fn list_audit(&self, after: u64, limit: usize) -> Result<Vec<(u64, AuditEvent)>>;
 }

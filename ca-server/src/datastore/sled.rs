@@ -16,11 +16,11 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::SystemTime;
 
+use ::sled::Transactional;
+use ::sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
 use async_trait::async_trait;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use ::sled::Transactional;
-use ::sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
 use sigil_identity::{Bundle, EntryId, RegistrationEntry, SpiffeId, TrustDomain};
 use tokio::sync::watch;
 
@@ -46,7 +46,9 @@ pub struct SledDatastore {
 
 impl fmt::Debug for SledDatastore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SledDatastore").field("path", &self.path).finish_non_exhaustive()
+        f.debug_struct("SledDatastore")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
     }
 }
 
@@ -63,7 +65,9 @@ fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
 }
 
 fn read_u64(v: Option<::sled::IVec>) -> u64 {
-    v.and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok()).map(u64::from_be_bytes).unwrap_or(0)
+    v.and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok())
+        .map(u64::from_be_bytes)
+        .unwrap_or(0)
 }
 
 /// Maps a transaction outcome, keeping our own aborts as they are.
@@ -74,15 +78,21 @@ fn tx<T>(r: std::result::Result<T, TransactionError<DatastoreError>>) -> Result<
     })
 }
 
-fn abort<T>(e: DatastoreError) -> std::result::Result<T, ConflictableTransactionError<DatastoreError>> {
+fn abort<T>(
+    e: DatastoreError,
+) -> std::result::Result<T, ConflictableTransactionError<DatastoreError>> {
     Err(ConflictableTransactionError::Abort(e))
 }
 
-fn tx_decode<T: DeserializeOwned>(bytes: &[u8]) -> std::result::Result<T, ConflictableTransactionError<DatastoreError>> {
+fn tx_decode<T: DeserializeOwned>(
+    bytes: &[u8],
+) -> std::result::Result<T, ConflictableTransactionError<DatastoreError>> {
     decode(bytes).map_err(ConflictableTransactionError::Abort)
 }
 
-fn tx_encode<T: Serialize>(v: &T) -> std::result::Result<Vec<u8>, ConflictableTransactionError<DatastoreError>> {
+fn tx_encode<T: Serialize>(
+    v: &T,
+) -> std::result::Result<Vec<u8>, ConflictableTransactionError<DatastoreError>> {
     encode(v).map_err(ConflictableTransactionError::Abort)
 }
 
@@ -93,8 +103,12 @@ impl SledDatastore {
     /// is why the CLI always goes through the server's admin API.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
-        std::fs::create_dir_all(&path)
-            .map_err(|e| DatastoreError::Backend(format!("cannot create data directory {}: {e}", path.display())))?;
+        std::fs::create_dir_all(&path).map_err(|e| {
+            DatastoreError::Backend(format!(
+                "cannot create data directory {}: {e}",
+                path.display()
+            ))
+        })?;
         let db = ::sled::Config::new().path(&path).open().map_err(|e| match e {
             // sled reports the directory lock as an I/O error mentioning it.
             ::sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => DatastoreError::Backend(format!(
@@ -104,8 +118,9 @@ impl SledDatastore {
             other => DatastoreError::Backend(format!("cannot open sled store at {}: {other}", path.display())),
         })?;
         let tree = |name: &str| db.open_tree(name).map_err(backend);
-        let data_file = File::open(path.join("db"))
-            .map_err(|e| DatastoreError::Backend(format!("cannot open sled data file for syncing: {e}")))?;
+        let data_file = File::open(path.join("db")).map_err(|e| {
+            DatastoreError::Backend(format!("cannot open sled data file for syncing: {e}"))
+        })?;
         Ok(Self {
             entries: tree("entries")?,
             entry_keys: tree("entry_keys")?,
@@ -127,36 +142,51 @@ impl SledDatastore {
     }
 
     fn get<T: DeserializeOwned>(&self, tree: &::sled::Tree, key: &[u8]) -> Result<Option<T>> {
-        tree.get(key).map_err(backend)?.map(|v| decode(&v)).transpose()
+        tree.get(key)
+            .map_err(backend)?
+            .map(|v| decode(&v))
+            .transpose()
     }
 
     fn all<T: DeserializeOwned>(&self, tree: &::sled::Tree) -> Result<Vec<T>> {
-        tree.iter().values().map(|v| decode(&v.map_err(backend)?)).collect()
+        tree.iter()
+            .values()
+            .map(|v| decode(&v.map_err(backend)?))
+            .collect()
     }
 
     /// One entry creation as a single transaction (no sync).
     fn insert_entry(&self, entry: RegistrationEntry) -> Result<RegistrationEntry> {
         let key = entry_key(&entry);
-        tx((&self.entries, &self.entry_keys, &self.changes, &self.meta).transaction(|(entries, keys, changes, meta)| {
-            if entries.get(entry.id.as_str())?.is_some() {
-                return abort(DatastoreError::AlreadyExists(format!("entry {}", entry.id)));
-            }
-            if keys.get(&key)?.is_some() {
-                return abort(DatastoreError::AlreadyExists(format!(
-                    "an entry for {} under parent {} with the same selectors",
-                    entry.spiffe_id, entry.parent_id
-                )));
-            }
-            let entry = RegistrationEntry { revision: bump_revision(meta)?, ..entry.clone() };
-            entries.insert(entry.id.as_str(), tx_encode(&entry)?)?;
-            keys.insert(key.as_slice(), entry.id.as_str())?;
-            record_change(changes, ChangeKind::Created, &entry)?;
-            Ok(entry)
-        }))
+        tx(
+            (&self.entries, &self.entry_keys, &self.changes, &self.meta).transaction(
+                |(entries, keys, changes, meta)| {
+                    if entries.get(entry.id.as_str())?.is_some() {
+                        return abort(DatastoreError::AlreadyExists(format!("entry {}", entry.id)));
+                    }
+                    if keys.get(&key)?.is_some() {
+                        return abort(DatastoreError::AlreadyExists(format!(
+                            "an entry for {} under parent {} with the same selectors",
+                            entry.spiffe_id, entry.parent_id
+                        )));
+                    }
+                    let entry = RegistrationEntry {
+                        revision: bump_revision(meta)?,
+                        ..entry.clone()
+                    };
+                    entries.insert(entry.id.as_str(), tx_encode(&entry)?)?;
+                    keys.insert(key.as_slice(), entry.id.as_str())?;
+                    record_change(changes, ChangeKind::Created, &entry)?;
+                    Ok(entry)
+                },
+            ),
+        )
     }
 }
 
-fn bump_revision(meta: &TransactionalTree) -> std::result::Result<u64, ConflictableTransactionError<DatastoreError>> {
+fn bump_revision(
+    meta: &TransactionalTree,
+) -> std::result::Result<u64, ConflictableTransactionError<DatastoreError>> {
     let revision = read_u64(meta.get(REVISION_KEY)?) + 1;
     meta.insert(REVISION_KEY, &revision.to_be_bytes())?;
     Ok(revision)
@@ -167,7 +197,11 @@ fn record_change(
     kind: ChangeKind,
     entry: &RegistrationEntry,
 ) -> std::result::Result<(), ConflictableTransactionError<DatastoreError>> {
-    let change = EntryChange { revision: entry.revision, kind, entry: entry.clone() };
+    let change = EntryChange {
+        revision: entry.revision,
+        kind,
+        entry: entry.clone(),
+    };
     changes.insert(&entry.revision.to_be_bytes(), tx_encode(&change)?)?;
     Ok(())
 }
@@ -180,7 +214,10 @@ impl Datastore for SledDatastore {
         Ok(e)
     }
 
-    async fn create_entries(&self, entries: Vec<RegistrationEntry>) -> Result<Vec<Result<RegistrationEntry>>> {
+    async fn create_entries(
+        &self,
+        entries: Vec<RegistrationEntry>,
+    ) -> Result<Vec<Result<RegistrationEntry>>> {
         let results: Vec<_> = entries.into_iter().map(|e| self.insert_entry(e)).collect();
         self.durable().await?;
         Ok(results)
@@ -188,8 +225,8 @@ impl Datastore for SledDatastore {
 
     async fn update_entry(&self, entry: RegistrationEntry) -> Result<RegistrationEntry> {
         let new_key = entry_key(&entry);
-        let updated =
-            tx((&self.entries, &self.entry_keys, &self.changes, &self.meta).transaction(|(entries, keys, changes, meta)| {
+        let updated = tx((&self.entries, &self.entry_keys, &self.changes, &self.meta)
+            .transaction(|(entries, keys, changes, meta)| {
                 let Some(old) = entries.get(entry.id.as_str())? else {
                     return abort(DatastoreError::NotFound(format!("entry {}", entry.id)));
                 };
@@ -205,7 +242,10 @@ impl Datastore for SledDatastore {
                     keys.remove(old_key.as_slice())?;
                     keys.insert(new_key.as_slice(), entry.id.as_str())?;
                 }
-                let entry = RegistrationEntry { revision: bump_revision(meta)?, ..entry.clone() };
+                let entry = RegistrationEntry {
+                    revision: bump_revision(meta)?,
+                    ..entry.clone()
+                };
                 entries.insert(entry.id.as_str(), tx_encode(&entry)?)?;
                 record_change(changes, ChangeKind::Updated, &entry)?;
                 Ok(entry)
@@ -215,8 +255,8 @@ impl Datastore for SledDatastore {
     }
 
     async fn delete_entry(&self, id: &EntryId) -> Result<RegistrationEntry> {
-        let deleted =
-            tx((&self.entries, &self.entry_keys, &self.changes, &self.meta).transaction(|(entries, keys, changes, meta)| {
+        let deleted = tx((&self.entries, &self.entry_keys, &self.changes, &self.meta)
+            .transaction(|(entries, keys, changes, meta)| {
                 let Some(old) = entries.remove(id.as_str())? else {
                     return abort(DatastoreError::NotFound(format!("entry {id}")));
                 };
@@ -251,7 +291,12 @@ impl Datastore for SledDatastore {
 
     async fn entry_changes(&self, after: u64, limit: usize) -> Result<Vec<EntryChange>> {
         let start = after.saturating_add(1).to_be_bytes();
-        self.changes.range(start..).values().take(limit).map(|v| decode(&v.map_err(backend)?)).collect()
+        self.changes
+            .range(start..)
+            .values()
+            .take(limit)
+            .map(|v| decode(&v.map_err(backend)?))
+            .collect()
     }
 
     async fn current_revision(&self) -> Result<u64> {
@@ -312,7 +357,11 @@ impl Datastore for SledDatastore {
         self.durable().await
     }
 
-    async fn consume_join_token(&self, hash: &TokenHash, now: SystemTime) -> Result<JoinTokenRecord> {
+    async fn consume_join_token(
+        &self,
+        hash: &TokenHash,
+        now: SystemTime,
+    ) -> Result<JoinTokenRecord> {
         // `remove` is atomic: of two concurrent callers exactly one sees
         // the old value.
         let old = self.tokens.remove(hash.as_str()).map_err(backend)?;
@@ -330,7 +379,13 @@ impl Datastore for SledDatastore {
         for item in self.tokens.iter() {
             let (k, v) = item.map_err(backend)?;
             let record: JoinTokenRecord = decode(&v)?;
-            if record.expires_at <= now && self.tokens.compare_and_swap(&k, Some(&v), None as Option<&[u8]>).map_err(backend)?.is_ok() {
+            if record.expires_at <= now
+                && self
+                    .tokens
+                    .compare_and_swap(&k, Some(&v), None as Option<&[u8]>)
+                    .map_err(backend)?
+                    .is_ok()
+            {
                 removed += 1;
             }
         }
@@ -377,16 +432,25 @@ impl Datastore for SledDatastore {
     }
 
     async fn put_ca_journal(&self, journal: &CaJournal) -> Result<()> {
-        self.meta.insert(CA_JOURNAL_KEY, encode(journal)?).map_err(backend)?;
+        self.meta
+            .insert(CA_JOURNAL_KEY, encode(journal)?)
+            .map_err(backend)?;
         self.durable().await
     }
 
-    async fn append_audit(&self, event: AuditEvent) -> Result<u64> {
-        // generate_id is monotonic across crashes (it may skip numbers).
-        let seq = self.db.generate_id().map_err(backend)? + 1;
-        self.audit.insert(seq.to_be_bytes(), encode(&event)?).map_err(backend)?;
-        self.durable().await?;
-        Ok(seq)
+    async fn append_audit(&self, events: Vec<AuditEvent>) -> Result<u64> {
+        let mut last = 0;
+        for event in &events {
+            // generate_id is monotonic across crashes (it may skip numbers).
+            last = self.db.generate_id().map_err(backend)? + 1;
+            self.audit
+                .insert(last.to_be_bytes(), encode(event)?)
+                .map_err(backend)?;
+        }
+        if !events.is_empty() {
+            self.durable().await?;
+        }
+        Ok(last)
     }
 
     async fn list_audit(&self, after: u64, limit: usize) -> Result<Vec<(u64, AuditEvent)>> {
@@ -431,19 +495,28 @@ struct SyncState {
 
 impl GroupSync {
     fn start(db: ::sled::Db, data_file: File) -> Self {
-        let shared = Arc::new(SyncShared { state: Mutex::new(SyncState::default()), wake: Condvar::new() });
+        let shared = Arc::new(SyncShared {
+            state: Mutex::new(SyncState::default()),
+            wake: Condvar::new(),
+        });
         let (tx, done) = watch::channel(SyncProgress::default());
         let worker = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
             .name("sigil-sled-sync".into())
             .spawn(move || sync_loop(&worker, &db, &data_file, &tx))
             .ok();
-        Self { shared, done, thread }
+        Self {
+            shared,
+            done,
+            thread,
+        }
     }
 
     async fn wait(&self) -> Result<()> {
         if self.thread.is_none() {
-            return Err(DatastoreError::Durability("the sync thread could not be started".into()));
+            return Err(DatastoreError::Durability(
+                "the sync thread could not be started".into(),
+            ));
         }
         let ticket = {
             let mut s = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
@@ -463,7 +536,12 @@ impl GroupSync {
     }
 }
 
-fn sync_loop(shared: &SyncShared, db: &::sled::Db, data_file: &File, tx: &watch::Sender<SyncProgress>) {
+fn sync_loop(
+    shared: &SyncShared,
+    db: &::sled::Db,
+    data_file: &File,
+    tx: &watch::Sender<SyncProgress>,
+) {
     let mut durable = 0;
     loop {
         let target = {
@@ -478,7 +556,10 @@ fn sync_loop(shared: &SyncShared, db: &::sled::Db, data_file: &File, tx: &watch:
         };
         // Every ticket up to `target` was taken after its write finished,
         // so this flush covers all of them.
-        let result = db.flush().map_err(|e| e.to_string()).and_then(|_| data_file.sync_data().map_err(|e| e.to_string()));
+        let result = db
+            .flush()
+            .map_err(|e| e.to_string())
+            .and_then(|_| data_file.sync_data().map_err(|e| e.to_string()));
         match result {
             Ok(()) => {
                 durable = target;
@@ -495,7 +576,11 @@ fn sync_loop(shared: &SyncShared, db: &::sled::Db, data_file: &File, tx: &watch:
 
 impl Drop for GroupSync {
     fn drop(&mut self) {
-        self.shared.state.lock().unwrap_or_else(|p| p.into_inner()).stop = true;
+        self.shared
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .stop = true;
         self.shared.wake.notify_all();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
@@ -507,14 +592,19 @@ impl Drop for GroupSync {
 mod tests {
     use super::*;
 
-    crate::datastore::conformance::datastore_conformance!(|dir: &std::path::Path| std::future::ready(SledDatastore::open(dir).unwrap()));
+    crate::datastore::conformance::datastore_conformance!(|dir: &std::path::Path| {
+        std::future::ready(SledDatastore::open(dir).unwrap())
+    });
 
     #[tokio::test]
     async fn second_open_of_a_locked_directory_fails_clearly() {
         let dir = tempfile::tempdir().unwrap();
         let _first = SledDatastore::open(dir.path()).unwrap();
         let err = SledDatastore::open(dir.path()).unwrap_err();
-        assert!(err.to_string().contains("locked by another process"), "{err}");
+        assert!(
+            err.to_string().contains("locked by another process"),
+            "{err}"
+        );
     }
 
     #[tokio::test]
@@ -524,7 +614,12 @@ mod tests {
         let mut tasks = Vec::new();
         for i in 0..64 {
             let store = Arc::clone(&store);
-            tasks.push(tokio::spawn(async move { store.append_audit(conformance::audit_event(i)).await.unwrap() }));
+            tasks.push(tokio::spawn(async move {
+                store
+                    .append_audit(vec![conformance::audit_event(i)])
+                    .await
+                    .unwrap()
+            }));
         }
         for t in tasks {
             t.await.unwrap();

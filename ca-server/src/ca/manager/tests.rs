@@ -18,7 +18,10 @@ fn td() -> sigil_identity::TrustDomain {
 }
 
 fn config(ca_ttl: Duration) -> CaConfig {
-    CaConfig { ca_ttl, ..CaConfig::new(td()) }
+    CaConfig {
+        ca_ttl,
+        ..CaConfig::new(td())
+    }
 }
 
 struct Harness {
@@ -37,13 +40,25 @@ impl Harness {
     }
 
     async fn start(&self, cfg: CaConfig) -> Arc<CaManager> {
-        CaManager::start(cfg, self.store.clone(), self.keys.clone(), self.clock.clone(), None).await.unwrap()
+        CaManager::start(
+            cfg,
+            self.store.clone(),
+            self.keys.clone(),
+            self.clock.clone(),
+            None,
+        )
+        .await
+        .unwrap()
     }
 }
 
 fn csr() -> (Vec<u8>, rcgen::KeyPair) {
     let key = rcgen::KeyPair::generate().unwrap();
-    let der = rcgen::CertificateParams::default().serialize_request(&key).unwrap().der().to_vec();
+    let der = rcgen::CertificateParams::default()
+        .serialize_request(&key)
+        .unwrap()
+        .der()
+        .to_vec();
     (der, key)
 }
 
@@ -60,7 +75,11 @@ async fn fresh_start_creates_and_publishes_keys() {
     assert_eq!(bundle.sequence, 1, "one publication: first keys");
     assert_eq!(bundle.x509_authorities.len(), 1);
     assert_eq!(bundle.jwt_authorities.len(), 1);
-    assert_eq!(h.store.fetch_bundle(&td()).await.unwrap().as_ref(), Some(&*bundle), "published durably");
+    assert_eq!(
+        h.store.fetch_bundle(&td()).await.unwrap().as_ref(),
+        Some(&*bundle),
+        "published durably"
+    );
     let journal = ca.journal().await;
     assert_eq!(journal.x509[0].state, SlotState::Active);
     assert_eq!(journal.jwt[0].state, SlotState::Active);
@@ -91,19 +110,29 @@ async fn rotation_over_several_lifetimes_keeps_every_svid_valid() {
         let now = h.clock.now();
         activations += ca.rotate().await.unwrap().activated;
         let bundle = ca.bundle();
-        assert!(bundle.sequence >= last_sequence, "the sequence never goes back");
+        assert!(
+            bundle.sequence >= last_sequence,
+            "the sequence never goes back"
+        );
         last_sequence = bundle.sequence;
-        assert!(bundle.x509_authorities.len() <= 3, "old keys leave the bundle when they expire");
+        assert!(
+            bundle.x509_authorities.len() <= 3,
+            "old keys leave the bundle when they expire"
+        );
         for der in &bundle.x509_authorities {
             first_in_bundle.entry(der.clone()).or_insert(now);
         }
 
         let (csr, _key) = csr();
-        let issued = ca.issue_x509_svid(&web(), &[], Some(Duration::from_secs(HOUR)), &csr).unwrap();
+        let issued = ca
+            .issue_x509_svid(&web(), &[], Some(Duration::from_secs(HOUR)), &csr)
+            .unwrap();
         let issuer = bundle
             .x509_authorities
             .iter()
-            .find(|ca_der| svid::verify_svid(&issued.chain, &bundle_with(&bundle, ca_der), now).is_ok())
+            .find(|ca_der| {
+                svid::verify_svid(&issued.chain, &bundle_with(&bundle, ca_der), now).is_ok()
+            })
             .expect("the issuing CA is in the current bundle")
             .clone();
         first_signed.entry(issuer).or_insert(now);
@@ -112,24 +141,34 @@ async fn rotation_over_several_lifetimes_keeps_every_svid_valid() {
 
         for (chain, expiry) in &svids {
             if now < *expiry {
-                svid::verify_svid(chain, &bundle, now).expect("an SVID validates until its own expiry");
+                svid::verify_svid(chain, &bundle, now)
+                    .expect("an SVID validates until its own expiry");
             }
         }
         for t in &jwts {
             if now < t.expiry {
-                jwt::validate(&t.token, &["svc"], &*bundle, now).expect("a JWT-SVID validates until its expiry");
+                jwt::validate(&t.token, &["svc"], &*bundle, now)
+                    .expect("a JWT-SVID validates until its expiry");
             }
         }
     }
 
-    assert!(activations >= 6, "x509 and jwt keys rotated at least three times each: {activations}");
+    assert!(
+        activations >= 6,
+        "x509 and jwt keys rotated at least three times each: {activations}"
+    );
     for (ca_der, signed_at) in &first_signed {
         let published = first_in_bundle[ca_der];
-        if published == first_in_bundle.values().min().copied().unwrap() && published <= start + step {
+        if published == first_in_bundle.values().min().copied().unwrap()
+            && published <= start + step
+        {
             continue; // the very first key signs as soon as it exists
         }
         let lead = signed_at.duration_since(published).unwrap();
-        assert!(lead >= ca_ttl / 3 - step, "key published only {lead:?} before it signed");
+        assert!(
+            lead >= ca_ttl / 3 - step,
+            "key published only {lead:?} before it signed"
+        );
     }
 }
 
@@ -146,17 +185,36 @@ async fn svid_never_outlives_its_issuer_and_is_backdated() {
     let ca = h.start(config(Duration::from_secs(2 * HOUR))).await;
     let (csr, _) = csr();
     let now = h.clock.now();
-    let issued = ca.issue_x509_svid(&web(), &[], Some(Duration::from_secs(10 * HOUR)), &csr).unwrap();
+    let issued = ca
+        .issue_x509_svid(&web(), &[], Some(Duration::from_secs(10 * HOUR)), &csr)
+        .unwrap();
     let leaf = svid::parse(&issued.chain[0]).unwrap();
     let (nb, na) = svid::validity(&leaf);
     let bundle = ca.bundle();
     let ca_cert = svid::parse(&bundle.x509_authorities[0]).unwrap();
-    assert_eq!(na, svid::validity(&ca_cert).1, "NotAfter = issuer NotAfter when TTL reaches past it");
-    assert_eq!(nb, from_unix_seconds(sigil_identity::clock::unix_seconds(now) - 10), "NotBefore backdated 10 s");
-    let short = ca.issue_x509_svid(&web(), &[], Some(Duration::from_secs(60)), &csr).unwrap();
-    assert_eq!(short.expires_at, from_unix_seconds(sigil_identity::clock::unix_seconds(now) + 60));
+    assert_eq!(
+        na,
+        svid::validity(&ca_cert).1,
+        "NotAfter = issuer NotAfter when TTL reaches past it"
+    );
+    assert_eq!(
+        nb,
+        from_unix_seconds(sigil_identity::clock::unix_seconds(now) - 10),
+        "NotBefore backdated 10 s"
+    );
+    let short = ca
+        .issue_x509_svid(&web(), &[], Some(Duration::from_secs(60)), &csr)
+        .unwrap();
+    assert_eq!(
+        short.expires_at,
+        from_unix_seconds(sigil_identity::clock::unix_seconds(now) + 60)
+    );
     let default = ca.issue_x509_svid(&web(), &[], None, &csr).unwrap();
-    assert_eq!(default.expires_at, from_unix_seconds(sigil_identity::clock::unix_seconds(now) + HOUR), "1 h default");
+    assert_eq!(
+        default.expires_at,
+        from_unix_seconds(sigil_identity::clock::unix_seconds(now) + HOUR),
+        "1 h default"
+    );
 }
 
 #[tokio::test]
@@ -168,14 +226,25 @@ async fn restart_resumes_without_new_keys_or_sequence_regression() {
         let ca = h.start(cfg.clone()).await;
         h.clock.advance(Duration::from_secs(3 * HOUR + 60));
         let r = ca.rotate().await.unwrap();
-        assert_eq!(r.prepared, 2, "x509 and jwt successors prepared at half-life");
+        assert_eq!(
+            r.prepared, 2,
+            "x509 and jwt successors prepared at half-life"
+        );
         (ca.journal().await, ca.bundle())
     };
     let ca = h.start(cfg).await;
-    assert_eq!(ca.journal().await, journal, "a restart changes nothing that is not due");
+    assert_eq!(
+        ca.journal().await,
+        journal,
+        "a restart changes nothing that is not due"
+    );
     assert_eq!(ca.bundle(), bundle, "same bundle, same sequence");
     h.clock.advance(Duration::from_secs(2 * HOUR));
-    assert_eq!(ca.rotate().await.unwrap().activated, 2, "activation resumes after the restart");
+    assert_eq!(
+        ca.rotate().await.unwrap().activated,
+        2,
+        "activation resumes after the restart"
+    );
     let (csr, _) = csr();
     let issued = ca.issue_x509_svid(&web(), &[], None, &csr).unwrap();
     svid::verify_svid(&issued.chain, &ca.bundle(), h.clock.now()).unwrap();
@@ -208,9 +277,16 @@ async fn restart_after_unpublished_prepare_publishes_first() {
     };
     let ca = h.start(cfg).await;
     let bundle = ca.bundle();
-    assert_eq!(bundle.x509_authorities.len(), 2, "the prepared key is published on start");
+    assert_eq!(
+        bundle.x509_authorities.len(),
+        2,
+        "the prepared key is published on start"
+    );
     assert_eq!(bundle.sequence, sequence_before + 1);
-    assert_eq!(h.store.fetch_bundle(&td()).await.unwrap().unwrap().sequence, bundle.sequence);
+    assert_eq!(
+        h.store.fetch_bundle(&td()).await.unwrap().unwrap().sequence,
+        bundle.sequence
+    );
 }
 
 #[tokio::test]
@@ -221,14 +297,22 @@ async fn lost_keys_are_replaced_and_old_certs_stay_until_expiry() {
     let cfg = config(Duration::from_secs(6 * HOUR));
     let first = {
         let keys: Arc<dyn KeyManager> = Arc::new(MemoryKeyManager::default());
-        let ca = CaManager::start(cfg.clone(), store.clone(), keys, clock.clone(), None).await.unwrap();
+        let ca = CaManager::start(cfg.clone(), store.clone(), keys, clock.clone(), None)
+            .await
+            .unwrap();
         ca.bundle()
     };
     // A memory key manager forgets its keys across a restart.
     let keys: Arc<dyn KeyManager> = Arc::new(MemoryKeyManager::default());
-    let ca = CaManager::start(cfg, store.clone(), keys, clock.clone(), None).await.unwrap();
+    let ca = CaManager::start(cfg, store.clone(), keys, clock.clone(), None)
+        .await
+        .unwrap();
     let bundle = ca.bundle();
-    assert_eq!(bundle.x509_authorities.len(), 2, "new key added, old one kept");
+    assert_eq!(
+        bundle.x509_authorities.len(),
+        2,
+        "new key added, old one kept"
+    );
     assert!(bundle.x509_authorities.contains(&first.x509_authorities[0]));
     assert!(bundle.sequence > first.sequence);
     let (csr, _) = csr();
@@ -236,7 +320,12 @@ async fn lost_keys_are_replaced_and_old_certs_stay_until_expiry() {
     svid::verify_svid(&issued.chain, &bundle, clock.now()).unwrap();
     clock.advance(Duration::from_secs(7 * HOUR));
     ca.rotate().await.unwrap();
-    assert!(!ca.bundle().x509_authorities.contains(&first.x509_authorities[0]), "expired key pruned");
+    assert!(
+        !ca.bundle()
+            .x509_authorities
+            .contains(&first.x509_authorities[0]),
+        "expired key pruned"
+    );
 }
 
 #[tokio::test]
@@ -246,6 +335,12 @@ async fn refuses_ids_of_other_trust_domains() {
     let ca = h.start(config(Duration::from_secs(HOUR))).await;
     let (csr, _) = csr();
     let foreign = SpiffeId::parse("spiffe://other.org/web").unwrap();
-    assert!(matches!(ca.issue_x509_svid(&foreign, &[], None, &csr), Err(CaError::ForeignId(..))));
-    assert!(matches!(ca.mint_jwt_svid(&foreign, &["a".into()], None), Err(CaError::ForeignId(..))));
+    assert!(matches!(
+        ca.issue_x509_svid(&foreign, &[], None, &csr),
+        Err(CaError::ForeignId(..))
+    ));
+    assert!(matches!(
+        ca.mint_jwt_svid(&foreign, &["a".into()], None),
+        Err(CaError::ForeignId(..))
+    ));
 }

@@ -1,0 +1,262 @@
+//! Authorization and fan-out of the in-memory registry.
+
+use std::time::Duration;
+
+use sigil_identity::clock::from_unix_seconds;
+use sigil_identity::{Selector, SelectorSet};
+
+use super::*;
+use crate::datastore::SledDatastore;
+
+fn td() -> TrustDomain {
+    TrustDomain::new("example.org").unwrap()
+}
+
+fn agent_id(n: &str) -> SpiffeId {
+    td().id_from_segments(&["sigil", "agent", "join_token", n])
+        .unwrap()
+}
+
+fn sels(v: &[&str]) -> SelectorSet {
+    v.iter().map(|s| Selector::parse(s).unwrap()).collect()
+}
+
+fn agent(n: &str, selectors: &[&str]) -> AgentRecord {
+    AgentRecord {
+        id: agent_id(n),
+        attestor: "join_token".into(),
+        serial: "01".into(),
+        pending_serial: None,
+        expires_at: from_unix_seconds(4_000_000_000),
+        selectors: sels(selectors),
+        banned: false,
+        can_reattest: false,
+        created_at: from_unix_seconds(1),
+    }
+}
+
+fn entry(path: &str, parent: &SpiffeId, selectors: &[&str]) -> RegistrationEntry {
+    RegistrationEntry::new(
+        td().id_from_segments(&[path]).unwrap(),
+        parent.clone(),
+        sels(selectors),
+    )
+}
+
+async fn setup() -> (tempfile::TempDir, Arc<SledDatastore>, Arc<Registry>) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SledDatastore::open(dir.path()).unwrap());
+    for a in [
+        agent("a1", &["k8s:cluster:prod"]),
+        agent("a2", &["k8s:cluster:dev"]),
+    ] {
+        store.create_agent(a).await.unwrap();
+    }
+    let registry = Registry::load(store.clone(), &td()).await.unwrap();
+    (dir, store, registry)
+}
+
+fn now() -> SystemTime {
+    SystemTime::now()
+}
+
+#[tokio::test]
+async fn agent_sees_only_its_own_and_alias_entries() {
+    let (_d, store, reg) = setup().await;
+    let web = store
+        .create_entry(entry("web", &agent_id("a1"), &["unix:uid:1"]))
+        .await
+        .unwrap();
+    let other = store
+        .create_entry(entry("db", &agent_id("a2"), &["unix:uid:2"]))
+        .await
+        .unwrap();
+    let alias = entry(
+        "prod-nodes",
+        &SpiffeId::server(&td()),
+        &["k8s:cluster:prod"],
+    );
+    store.create_entry(alias.clone()).await.unwrap();
+    let via_alias = store
+        .create_entry(entry("api", &alias.spiffe_id, &["unix:uid:3"]))
+        .await
+        .unwrap();
+    reg.catch_up().await.unwrap();
+
+    let ids = |a: &str| {
+        reg.authorized_entries(&agent_id(a), now())
+            .iter()
+            .map(|e| e.id.clone())
+            .collect::<BTreeSet<_>>()
+    };
+    assert_eq!(
+        ids("a1"),
+        [web.id.clone(), via_alias.id.clone()].into_iter().collect()
+    );
+    assert_eq!(ids("a2"), [other.id.clone()].into_iter().collect());
+    assert!(
+        reg.authorized_entry(&agent_id("a1"), &other.id, now())
+            .is_none(),
+        "never another agent's entry"
+    );
+    assert!(
+        reg.authorized_entry(&agent_id("a2"), &via_alias.id, now())
+            .is_none()
+    );
+    assert!(
+        reg.authorized_entry(&agent_id("a1"), &via_alias.id, now())
+            .is_some()
+    );
+}
+
+#[tokio::test]
+async fn expired_entries_are_not_authorized() {
+    let (_d, store, reg) = setup().await;
+    let mut e = entry("web", &agent_id("a1"), &["unix:uid:1"]);
+    e.expires_at = Some(now() - Duration::from_secs(1));
+    let e = store.create_entry(e).await.unwrap();
+    reg.catch_up().await.unwrap();
+    assert!(
+        reg.authorized_entry(&agent_id("a1"), &e.id, now())
+            .is_none()
+    );
+}
+
+#[tokio::test]
+async fn changes_reach_exactly_the_affected_agents() {
+    let (_d, store, reg) = setup().await;
+    let (_s1, mut rx1, _g1) = reg.subscribe(&agent_id("a1"), 0, now());
+    let (_s2, mut rx2, _g2) = reg.subscribe(&agent_id("a2"), 0, now());
+    let e = store
+        .create_entry(entry("web", &agent_id("a1"), &["unix:uid:1"]))
+        .await
+        .unwrap();
+    reg.catch_up().await.unwrap();
+    assert!(matches!(rx1.try_recv(), Ok(AgentEvent::Upsert(u)) if u.id == e.id));
+    assert!(rx2.try_recv().is_err(), "a2 is not told about a1's entry");
+
+    // Moving the entry to a2 removes it from a1 and adds it to a2.
+    let mut moved = e.clone();
+    moved.parent_id = agent_id("a2");
+    store.update_entry(moved).await.unwrap();
+    reg.catch_up().await.unwrap();
+    assert!(matches!(rx1.try_recv(), Ok(AgentEvent::Removed(id)) if id == e.id));
+    assert!(matches!(rx2.try_recv(), Ok(AgentEvent::Upsert(u)) if u.id == e.id));
+
+    store.delete_entry(&e.id).await.unwrap();
+    reg.catch_up().await.unwrap();
+    assert!(matches!(rx2.try_recv(), Ok(AgentEvent::Removed(id)) if id == e.id));
+    assert!(rx1.try_recv().is_err());
+}
+
+#[tokio::test]
+async fn alias_changes_resync_member_agents() {
+    let (_d, store, reg) = setup().await;
+    let (_s1, mut rx1, _g1) = reg.subscribe(&agent_id("a1"), 0, now());
+    let (_s2, mut rx2, _g2) = reg.subscribe(&agent_id("a2"), 0, now());
+    store
+        .create_entry(entry(
+            "prod-nodes",
+            &SpiffeId::server(&td()),
+            &["k8s:cluster:prod"],
+        ))
+        .await
+        .unwrap();
+    reg.catch_up().await.unwrap();
+    assert!(
+        matches!(rx1.try_recv(), Ok(AgentEvent::Resync)),
+        "a1 joined the alias"
+    );
+    assert!(rx2.try_recv().is_err(), "a2 did not");
+}
+
+#[tokio::test]
+async fn ban_and_evict_revoke_open_streams() {
+    let (_d, _store, reg) = setup().await;
+    let (_s, mut rx, _g) = reg.subscribe(&agent_id("a1"), 0, now());
+    let mut banned = reg.agent(&agent_id("a1")).unwrap();
+    banned.banned = true;
+    reg.put_agent(banned);
+    assert!(matches!(
+        rx.try_recv(),
+        Ok(AgentEvent::Revoked("agent banned"))
+    ));
+    let (_s, mut rx, _g) = reg.subscribe(&agent_id("a2"), 0, now());
+    reg.remove_agent(&agent_id("a2"));
+    assert!(matches!(
+        rx.try_recv(),
+        Ok(AgentEvent::Revoked("agent evicted"))
+    ));
+    assert!(reg.agent(&agent_id("a2")).is_none());
+}
+
+#[tokio::test]
+async fn resume_sends_only_what_changed_since() {
+    let (_d, store, reg) = setup().await;
+    let keep = store
+        .create_entry(entry("keep", &agent_id("a1"), &["unix:uid:1"]))
+        .await
+        .unwrap();
+    let gone = store
+        .create_entry(entry("gone", &agent_id("a1"), &["unix:uid:2"]))
+        .await
+        .unwrap();
+    reg.catch_up().await.unwrap();
+    let seen = reg.revision();
+    store.delete_entry(&gone.id).await.unwrap();
+    let added = store
+        .create_entry(entry("new", &agent_id("a1"), &["unix:uid:3"]))
+        .await
+        .unwrap();
+    reg.catch_up().await.unwrap();
+
+    let (start, _rx, _g) = reg.subscribe(&agent_id("a1"), seen, now());
+    assert!(!start.full);
+    assert_eq!(
+        start
+            .entries
+            .iter()
+            .map(|e| e.id.clone())
+            .collect::<Vec<_>>(),
+        vec![added.id.clone()]
+    );
+    assert_eq!(start.removed, vec![gone.id.clone()]);
+    let (full, _rx, _g) = reg.subscribe(&agent_id("a1"), 0, now());
+    assert!(full.full);
+    assert_eq!(full.entries.len(), 2);
+    assert!(full.entries.iter().any(|e| e.id == keep.id));
+    // A revision from the future (another server's numbering) gets the full set.
+    let (future, _rx, _g) = reg.subscribe(&agent_id("a1"), seen + 1000, now());
+    assert!(future.full);
+}
+
+#[tokio::test]
+async fn slow_subscriber_is_cut_off_without_blocking_others() {
+    let (_d, store, reg) = setup().await;
+    let (_s, mut slow, _g1) = reg.subscribe(&agent_id("a1"), 0, now());
+    let (_s, mut fast, _g2) = reg.subscribe(&agent_id("a1"), 0, now());
+    for n in 0..(SUBSCRIBER_BUFFER + 10) {
+        store
+            .create_entry(entry(&format!("e{n}"), &agent_id("a1"), &["unix:uid:1"]))
+            .await
+            .unwrap();
+        if n % 100 == 0 {
+            reg.catch_up().await.unwrap();
+            while fast.try_recv().is_ok() {}
+        }
+    }
+    reg.catch_up().await.unwrap();
+    while fast.try_recv().is_ok() {}
+    let mut received = 0;
+    while slow.try_recv().is_ok() {
+        received += 1;
+    }
+    assert_eq!(
+        received, SUBSCRIBER_BUFFER,
+        "the slow reader got its buffer, then was dropped"
+    );
+    assert!(matches!(
+        slow.try_recv(),
+        Err(mpsc::error::TryRecvError::Disconnected)
+    ));
+}

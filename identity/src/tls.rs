@@ -1,0 +1,344 @@
+//! SPIFFE authentication for rustls (TLS 1.3, ring): certificate verifiers
+//! that accept a peer by its X509-SVID and an authorization rule on its
+//! SPIFFE ID, and a resolver that serves a rotating SVID.
+//!
+//! Verification ignores DNS names entirely: the peer is who its URI SAN
+//! says, if the chain verifies against the current bundle of its trust
+//! domain and the caller's rule accepts the ID.
+
+use std::fmt;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signature};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::sign::CertifiedKey;
+use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
+
+use crate::bundle::Bundle;
+use crate::spiffe_id::SpiffeId;
+use crate::x509::{SvidError, verify_svid};
+
+/// The crypto provider Sigil uses everywhere: ring.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// A bundle that can be swapped while connections use it.
+#[derive(Debug)]
+pub struct SharedBundle(RwLock<Arc<Bundle>>);
+
+impl SharedBundle {
+    /// Starts with `bundle`.
+    pub fn new(bundle: Bundle) -> Self {
+        Self(RwLock::new(Arc::new(bundle)))
+    }
+
+    /// The current bundle.
+    pub fn get(&self) -> Arc<Bundle> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Replaces the bundle.
+    pub fn set(&self, bundle: Arc<Bundle>) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = bundle;
+    }
+}
+
+/// Who may connect: a rule on the peer's SPIFFE ID.
+pub type Authorizer = Arc<dyn Fn(&SpiffeId) -> bool + Send + Sync>;
+
+/// Accepts exactly `id`.
+pub fn authorize_id(id: SpiffeId) -> Authorizer {
+    Arc::new(move |peer| *peer == id)
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct PeerRejected(String);
+
+fn reject(msg: impl fmt::Display) -> rustls::Error {
+    rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(
+        Arc::new(PeerRejected(msg.to_string())),
+    )))
+}
+
+fn to_system_time(now: UnixTime) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_secs(now.as_secs())
+}
+
+/// Verifies a peer chain and applies the authorizer.
+fn verify_peer(
+    bundle: &SharedBundle,
+    authorize: &Authorizer,
+    end_entity: &CertificateDer<'_>,
+    intermediates: &[CertificateDer<'_>],
+    now: UnixTime,
+) -> Result<SpiffeId, rustls::Error> {
+    let mut chain = Vec::with_capacity(1 + intermediates.len());
+    chain.push(end_entity.to_vec());
+    chain.extend(intermediates.iter().map(|c| c.to_vec()));
+    let id = verify_svid(&chain, &bundle.get(), to_system_time(now))
+        .map_err(|e: SvidError| reject(e))?;
+    if !authorize(&id) {
+        return Err(reject(format_args!("peer {id} is not authorized")));
+    }
+    Ok(id)
+}
+
+/// Verifies servers by SPIFFE ID (clients use it).
+pub struct SpiffeServerVerifier {
+    bundle: Arc<SharedBundle>,
+    authorize: Authorizer,
+    provider: Arc<CryptoProvider>,
+}
+
+impl fmt::Debug for SpiffeServerVerifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SpiffeServerVerifier")
+            .finish_non_exhaustive()
+    }
+}
+
+impl SpiffeServerVerifier {
+    /// Trusts `bundle`, accepts servers for which `authorize` holds.
+    pub fn new(bundle: Arc<SharedBundle>, authorize: Authorizer) -> Self {
+        Self {
+            bundle,
+            authorize,
+            provider: provider(),
+        }
+    }
+}
+
+impl ServerCertVerifier for SpiffeServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        verify_peer(
+            &self.bundle,
+            &self.authorize,
+            end_entity,
+            intermediates,
+            now,
+        )
+        .map(|_| ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// Verifies clients by SPIFFE ID (servers use it).
+pub struct SpiffeClientVerifier {
+    bundle: Arc<SharedBundle>,
+    authorize: Authorizer,
+    mandatory: bool,
+    provider: Arc<CryptoProvider>,
+}
+
+impl fmt::Debug for SpiffeClientVerifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SpiffeClientVerifier")
+            .field("mandatory", &self.mandatory)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SpiffeClientVerifier {
+    /// Trusts `bundle`, accepts clients for which `authorize` holds. With
+    /// `mandatory` false, clients without a certificate are let through and
+    /// the application decides per request.
+    pub fn new(bundle: Arc<SharedBundle>, authorize: Authorizer, mandatory: bool) -> Self {
+        Self {
+            bundle,
+            authorize,
+            mandatory,
+            provider: provider(),
+        }
+    }
+}
+
+impl ClientCertVerifier for SpiffeClientVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.mandatory
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        verify_peer(
+            &self.bundle,
+            &self.authorize,
+            end_entity,
+            intermediates,
+            now,
+        )
+        .map(|_| ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// Serves the current SVID on both sides of a connection; swap it on
+/// rotation and new handshakes pick it up.
+#[derive(Debug)]
+pub struct SvidResolver(RwLock<Arc<CertifiedKey>>);
+
+impl SvidResolver {
+    /// Starts with `key`.
+    pub fn new(key: Arc<CertifiedKey>) -> Self {
+        Self(RwLock::new(key))
+    }
+
+    /// Replaces the SVID.
+    pub fn set(&self, key: Arc<CertifiedKey>) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = key;
+    }
+
+    fn current(&self) -> Arc<CertifiedKey> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+impl rustls::server::ResolvesServerCert for SvidResolver {
+    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current())
+    }
+}
+
+impl rustls::client::ResolvesClientCert for SvidResolver {
+    fn resolve(&self, _hints: &[&[u8]], _schemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        Some(self.current())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// Builds a rustls key from a DER chain (leaf first) and a PKCS#8 key.
+pub fn certified_key(chain: &[Vec<u8>], pkcs8: &[u8]) -> Result<Arc<CertifiedKey>, rustls::Error> {
+    let key = provider()
+        .key_provider
+        .load_private_key(PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
+            pkcs8.to_vec(),
+        )))?;
+    let certs = chain
+        .iter()
+        .map(|c| CertificateDer::from(c.clone()))
+        .collect();
+    Ok(Arc::new(CertifiedKey::new(certs, key)))
+}
+
+/// TLS 1.3-only server config that authenticates clients by SVID.
+pub fn server_config(
+    resolver: Arc<SvidResolver>,
+    verifier: Arc<SpiffeClientVerifier>,
+) -> Result<rustls::ServerConfig, rustls::Error> {
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(resolver);
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(cfg)
+}
+
+/// TLS 1.3-only client config: server verified by SVID; client certificate
+/// from `resolver` when given.
+pub fn client_config(
+    verifier: Arc<SpiffeServerVerifier>,
+    resolver: Option<Arc<SvidResolver>>,
+) -> Result<rustls::ClientConfig, rustls::Error> {
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier);
+    let mut cfg = match resolver {
+        Some(r) => builder.with_client_cert_resolver(r),
+        None => builder.with_no_client_auth(),
+    };
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(cfg)
+}
