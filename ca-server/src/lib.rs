@@ -8,9 +8,23 @@
 //! - [`ca`]: CA keys and certificates, CSR handling, SVID issuance, rotation.
 //! - [`datastore`]: the storage trait, the sled implementation and the
 //!   conformance suite every implementation passes.
+//! - [`registry`]: in-memory authorization index and change fan-out.
+//! - [`node_api`]: the agent-facing gRPC API over TLS 1.3.
+//! - [`admin_api`]: the operator-facing gRPC API on a Unix socket.
+//! - [`audit`], [`rate_limit`]: audit trail and token buckets.
+//! - [`config`]: TOML config merged with flags.
+//! - [`server`]: wiring and `run(config, listeners, shutdown)`.
+//! - [`cli`]: the `sigil-server` command line.
 
 #![forbid(unsafe_code)]
 
+pub mod admin_api;
+pub mod audit;
 pub mod ca;
+pub mod cli;
+pub mod config;
 pub mod datastore;
+pub mod node_api;
+pub mod rate_limit;
 pub mod registry;
+pub mod server;

@@ -143,6 +143,13 @@ impl TryFrom<String> for DnsName {
     }
 }
 
+impl std::str::FromStr for DnsName {
+    type Err = EntryError;
+    fn from_str(s: &str) -> Result<Self, EntryError> {
+        Self::new(s)
+    }
+}
+
 impl From<DnsName> for String {
     fn from(d: DnsName) -> String {
         d.0

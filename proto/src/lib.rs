@@ -8,6 +8,7 @@
 //! - [`admin`]: `sigil.admin.v1`, CLI ↔ server.
 //! - [`convert`]: proto ↔ domain conversions, the only place that maps
 //!   between the two.
+//! - [`channel`]: client channels (node API over SPIFFE mTLS, Unix sockets).
 
 #![forbid(unsafe_code)]
 
@@ -22,26 +23,32 @@ pub mod workload {
     include!(concat!(env!("OUT_DIR"), "/_.rs"));
 }
 
-/// The node API between agents and the server.
+/// Generated code, nested as the protobuf packages are (`sigil.node.v1`,
+/// `sigil.admin.v1`) so cross-package references resolve.
 #[allow(
     missing_docs,
     clippy::all,
     clippy::pedantic,
     missing_debug_implementations
 )]
-pub mod node {
-    include!(concat!(env!("OUT_DIR"), "/sigil.node.v1.rs"));
+pub mod sigil {
+    pub mod node {
+        pub mod v1 {
+            include!(concat!(env!("OUT_DIR"), "/sigil.node.v1.rs"));
+        }
+    }
+    pub mod admin {
+        pub mod v1 {
+            include!(concat!(env!("OUT_DIR"), "/sigil.admin.v1.rs"));
+        }
+    }
 }
+
+/// The node API between agents and the server.
+pub use sigil::node::v1 as node;
 
 /// The admin API of the server.
-#[allow(
-    missing_docs,
-    clippy::all,
-    clippy::pedantic,
-    missing_debug_implementations
-)]
-pub mod admin {
-    include!(concat!(env!("OUT_DIR"), "/sigil.admin.v1.rs"));
-}
+pub use sigil::admin::v1 as admin;
 
+pub mod channel;
 pub mod convert;

@@ -104,3 +104,4 @@ pub fn openssl_verify(
     args.push(leaf_path.to_str().unwrap());
     openssl(&args)
 }
+pub mod server;

@@ -1,0 +1,627 @@
+//! The admin API (`sigil.admin.v1`) on a local Unix socket.
+//!
+//! Default deny: the socket is created with mode 0770, and each call is
+//! checked again against the caller's kernel credentials (SO_PEERCRED):
+//! only root, the server's own uid and configured admin uids may call.
+
+use std::collections::BTreeSet;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sigil_identity::clock::Clock;
+use sigil_identity::{DnsName, EntryId, RegistrationEntry, Selector, SpiffeId, TrustDomain};
+use sigil_proto::admin::{self as pb, admin_server::Admin};
+use sigil_proto::convert::{spiffe_id, unix_i64};
+use sigil_proto::node as node_pb;
+use tokio::net::UnixListener;
+use tonic::transport::server::UdsConnectInfo;
+use tonic::{Request, Response, Status};
+use tracing::warn;
+
+use crate::audit::Audit;
+use crate::ca::CaManager;
+use crate::datastore::{
+    AgentRecord, Datastore, DatastoreError, EntryFilter, JoinTokenRecord, TokenHash,
+};
+use crate::node_api::{ca_status, store_status};
+use crate::registry::Registry;
+
+/// Most entries in one batch call.
+pub const MAX_BATCH: usize = 10_000;
+
+/// Why the admin socket could not be bound.
+#[derive(Debug, thiserror::Error)]
+pub enum SocketError {
+    #[error("{0} is a symlink; refusing to bind the admin socket through it")]
+    Symlink(std::path::PathBuf),
+    #[error("{0} exists and is not a socket; move it away or choose another admin_socket")]
+    NotASocket(std::path::PathBuf),
+    #[error("admin socket {0}: {1}")]
+    Io(std::path::PathBuf, std::io::Error),
+}
+
+/// Binds a Unix socket at `path` with mode 0770: creates the parent
+/// directory (0750) if missing, replaces a stale socket, refuses a symlink.
+pub fn bind_socket(path: &Path) -> Result<UnixListener, SocketError> {
+    let io = |e| SocketError::Io(path.to_path_buf(), e);
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if !dir.exists() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .create(dir)
+                .map_err(io)?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o750)).map_err(io)?;
+        }
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_symlink() => {
+            return Err(SocketError::Symlink(path.to_path_buf()));
+        }
+        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path).map_err(io)?,
+        Ok(_) => return Err(SocketError::NotASocket(path.to_path_buf())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(e)),
+    }
+    let listener = UnixListener::bind(path).map_err(io)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o770)).map_err(io)?;
+    Ok(listener)
+}
+
+/// The effective uid of this process, read from `/proc/self`.
+pub fn own_uid() -> u32 {
+    std::fs::metadata("/proc/self")
+        .map(|m| m.uid())
+        .unwrap_or(0)
+}
+
+/// The admin API service.
+pub struct AdminService {
+    pub(crate) trust_domain: TrustDomain,
+    pub(crate) ca: Arc<CaManager>,
+    pub(crate) registry: Arc<Registry>,
+    pub(crate) store: Arc<dyn Datastore>,
+    pub(crate) audit: Audit,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) allowed_uids: BTreeSet<u32>,
+    pub(crate) token_ttl: Duration,
+}
+
+impl std::fmt::Debug for AdminService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminService")
+            .field("allowed_uids", &self.allowed_uids)
+            .finish_non_exhaustive()
+    }
+}
+
+fn agent_message(a: &AgentRecord) -> pb::Agent {
+    pb::Agent {
+        id: a.id.to_string(),
+        attestor: a.attestor.clone(),
+        serial: a.serial.clone(),
+        expires_at: unix_i64(a.expires_at),
+        selectors: a.selectors.iter().map(ToString::to_string).collect(),
+        banned: a.banned,
+        can_reattest: a.can_reattest,
+        created_at: unix_i64(a.created_at),
+    }
+}
+
+fn ok_status() -> Option<pb::ItemStatus> {
+    Some(pb::ItemStatus {
+        code: 0,
+        message: String::new(),
+    })
+}
+
+fn item_status(s: &Status) -> Option<pb::ItemStatus> {
+    Some(pb::ItemStatus {
+        code: s.code() as i32,
+        message: s.message().to_owned(),
+    })
+}
+
+fn ttl(v: i64) -> Result<Option<Duration>, Status> {
+    match v {
+        0 => Ok(None),
+        v if v > 0 => Ok(Some(Duration::from_secs(v as u64))),
+        _ => Err(Status::invalid_argument("ttl must not be negative")),
+    }
+}
+
+impl AdminService {
+    /// Who is calling, or PermissionDenied for anyone not allowed.
+    fn caller<T>(&self, req: &Request<T>) -> Result<String, Status> {
+        let cred = req
+            .extensions()
+            .get::<UdsConnectInfo>()
+            .and_then(|i| i.peer_cred)
+            .ok_or_else(|| Status::permission_denied("caller credentials unavailable"))?;
+        let uid = cred.uid();
+        if !self.allowed_uids.contains(&uid) {
+            warn!(uid, pid = cred.pid(), "admin API call refused");
+            return Err(Status::permission_denied(
+                "this uid may not use the admin API",
+            ));
+        }
+        Ok(format!("uid:{uid}"))
+    }
+
+    fn check_entry(&self, e: &RegistrationEntry) -> Result<(), Status> {
+        e.check(&self.trust_domain)
+            .map_err(|err| Status::invalid_argument(err.to_string()))?;
+        if !(e.parent_id.is_agent() || e.is_node_alias() || e.parent_id.check_workload_id().is_ok())
+        {
+            return Err(Status::invalid_argument(
+                "parent id must be an agent, the server (node alias) or another entry's id",
+            ));
+        }
+        Ok(())
+    }
+
+    async fn after_entry_change(&self) {
+        if let Err(e) = self.registry.catch_up().await {
+            warn!(error = %e, "registry could not catch up with the datastore");
+        }
+    }
+
+    async fn agent_op(
+        &self,
+        caller: &str,
+        action: &str,
+        id: &str,
+        ban: bool,
+    ) -> Result<AgentRecord, Status> {
+        let id = spiffe_id("id", id)?;
+        let result = async {
+            if ban {
+                let mut a = self
+                    .store
+                    .fetch_agent(&id)
+                    .await
+                    .map_err(|e| store_status(&e))?
+                    .ok_or_else(|| Status::not_found(format!("agent {id} not found")))?;
+                a.banned = true;
+                let a = self
+                    .store
+                    .update_agent(a)
+                    .await
+                    .map_err(|e| store_status(&e))?;
+                self.registry.put_agent(a.clone());
+                Ok(a)
+            } else {
+                let a = self.store.delete_agent(&id).await.map_err(|e| match e {
+                    DatastoreError::NotFound(_) => {
+                        Status::not_found(format!("agent {id} not found"))
+                    }
+                    e => store_status(&e),
+                })?;
+                self.registry.remove_agent(&id);
+                Ok(a)
+            }
+        }
+        .await;
+        let outcome = result
+            .as_ref()
+            .map_or_else(|s: &Status| s.message().to_owned(), |_| "ok".into());
+        self.audit
+            .record(caller, action, id.as_str(), &outcome)
+            .await;
+        result
+    }
+}
+
+/// The tonic-facing handle of [`AdminService`].
+#[derive(Debug, Clone)]
+pub struct AdminApi(pub Arc<AdminService>);
+
+impl std::ops::Deref for AdminApi {
+    type Target = AdminService;
+    fn deref(&self) -> &AdminService {
+        &self.0
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for AdminApi {
+    async fn create_entries(
+        &self,
+        req: Request<pb::CreateEntriesRequest>,
+    ) -> Result<Response<pb::CreateEntriesResponse>, Status> {
+        let caller = self.caller(&req)?;
+        let wire = req.into_inner().entries;
+        if wire.len() > MAX_BATCH {
+            return Err(Status::invalid_argument(format!(
+                "at most {MAX_BATCH} entries per call"
+            )));
+        }
+        let mut results = vec![pb::CreateEntryResult::default(); wire.len()];
+        let mut valid = Vec::new();
+        let mut slots = Vec::new();
+        for (i, w) in wire.into_iter().enumerate() {
+            let parsed = RegistrationEntry::try_from(w)
+                .map_err(Status::from)
+                .and_then(|e| self.check_entry(&e).map(|()| e));
+            match parsed {
+                Ok(e) => {
+                    slots.push(i);
+                    valid.push(e);
+                }
+                Err(s) => results[i].status = item_status(&s),
+            }
+        }
+        let stored = self
+            .store
+            .create_entries(valid)
+            .await
+            .map_err(|e| store_status(&e))?;
+        let mut audit = Vec::new();
+        for (slot, outcome) in slots.into_iter().zip(stored) {
+            match outcome {
+                Ok(e) => {
+                    audit.push(
+                        self.audit
+                            .event(&caller, "entry.create", e.id.as_str(), "ok"),
+                    );
+                    results[slot] = pb::CreateEntryResult {
+                        status: ok_status(),
+                        entry: Some((&e).into()),
+                    };
+                }
+                Err(err) => {
+                    audit.push(
+                        self.audit
+                            .event(&caller, "entry.create", "", &err.to_string()),
+                    );
+                    results[slot].status = item_status(&store_status(&err));
+                }
+            }
+        }
+        self.audit.record_all(audit).await;
+        self.after_entry_change().await;
+        Ok(Response::new(pb::CreateEntriesResponse { results }))
+    }
+
+    async fn list_entries(
+        &self,
+        req: Request<pb::ListEntriesRequest>,
+    ) -> Result<Response<pb::ListEntriesResponse>, Status> {
+        self.caller(&req)?;
+        let r = req.into_inner();
+        if !r.id.is_empty() {
+            let id = EntryId::new(&r.id)
+                .map_err(|e| Status::invalid_argument(format!("invalid id: {e}")))?;
+            let e = self
+                .store
+                .fetch_entry(&id)
+                .await
+                .map_err(|e| store_status(&e))?;
+            let e = e.ok_or_else(|| Status::not_found(format!("entry {id} not found")))?;
+            return Ok(Response::new(pb::ListEntriesResponse {
+                entries: vec![(&e).into()],
+            }));
+        }
+        let selectors = if r.selectors.is_empty() {
+            None
+        } else {
+            Some(
+                r.selectors
+                    .iter()
+                    .map(|s| {
+                        Selector::parse(s)
+                            .map_err(|e| Status::invalid_argument(format!("invalid selector: {e}")))
+                    })
+                    .collect::<Result<_, _>>()?,
+            )
+        };
+        let filter = EntryFilter {
+            spiffe_id: (!r.spiffe_id.is_empty())
+                .then(|| spiffe_id("spiffe_id", &r.spiffe_id))
+                .transpose()?,
+            parent_id: (!r.parent_id.is_empty())
+                .then(|| spiffe_id("parent_id", &r.parent_id))
+                .transpose()?,
+            selectors,
+        };
+        let entries = self
+            .store
+            .list_entries(&filter)
+            .await
+            .map_err(|e| store_status(&e))?;
+        Ok(Response::new(pb::ListEntriesResponse {
+            entries: entries.iter().map(Into::into).collect(),
+        }))
+    }
+
+    async fn update_entry(
+        &self,
+        req: Request<pb::UpdateEntryRequest>,
+    ) -> Result<Response<node_pb::Entry>, Status> {
+        let caller = self.caller(&req)?;
+        let wire = req
+            .into_inner()
+            .entry
+            .ok_or_else(|| Status::invalid_argument("entry is required"))?;
+        if wire.id.is_empty() {
+            return Err(Status::invalid_argument(
+                "entry id is required for an update",
+            ));
+        }
+        let e = RegistrationEntry::try_from(wire)?;
+        self.check_entry(&e)?;
+        let id = e.id.clone();
+        let result = self
+            .store
+            .update_entry(e)
+            .await
+            .map_err(|e| store_status(&e));
+        let outcome = result
+            .as_ref()
+            .map_or_else(|s| s.message().to_owned(), |_| "ok".into());
+        self.audit
+            .record(&caller, "entry.update", id.as_str(), &outcome)
+            .await;
+        self.after_entry_change().await;
+        Ok(Response::new((&result?).into()))
+    }
+
+    async fn delete_entries(
+        &self,
+        req: Request<pb::DeleteEntriesRequest>,
+    ) -> Result<Response<pb::DeleteEntriesResponse>, Status> {
+        let caller = self.caller(&req)?;
+        let ids = req.into_inner().ids;
+        if ids.len() > MAX_BATCH {
+            return Err(Status::invalid_argument(format!(
+                "at most {MAX_BATCH} ids per call"
+            )));
+        }
+        let mut results = Vec::with_capacity(ids.len());
+        let mut audit = Vec::new();
+        for raw in ids {
+            let outcome = match EntryId::new(&raw) {
+                Err(e) => Err(Status::invalid_argument(format!("invalid id {raw:?}: {e}"))),
+                Ok(id) => self
+                    .store
+                    .delete_entry(&id)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| store_status(&e)),
+            };
+            audit.push(
+                self.audit.event(
+                    &caller,
+                    "entry.delete",
+                    &raw,
+                    &outcome
+                        .as_ref()
+                        .map_or_else(|s| s.message().to_owned(), |()| "ok".into()),
+                ),
+            );
+            results.push(match outcome {
+                Ok(()) => pb::ItemStatus {
+                    code: 0,
+                    message: String::new(),
+                },
+                Err(s) => pb::ItemStatus {
+                    code: s.code() as i32,
+                    message: s.message().to_owned(),
+                },
+            });
+        }
+        self.audit.record_all(audit).await;
+        self.after_entry_change().await;
+        Ok(Response::new(pb::DeleteEntriesResponse { results }))
+    }
+
+    async fn count_entries(
+        &self,
+        req: Request<pb::CountEntriesRequest>,
+    ) -> Result<Response<pb::CountEntriesResponse>, Status> {
+        self.caller(&req)?;
+        let count = self
+            .store
+            .count_entries()
+            .await
+            .map_err(|e| store_status(&e))?;
+        Ok(Response::new(pb::CountEntriesResponse { count }))
+    }
+
+    async fn list_agents(
+        &self,
+        req: Request<pb::ListAgentsRequest>,
+    ) -> Result<Response<pb::ListAgentsResponse>, Status> {
+        self.caller(&req)?;
+        let agents = self
+            .store
+            .list_agents()
+            .await
+            .map_err(|e| store_status(&e))?;
+        Ok(Response::new(pb::ListAgentsResponse {
+            agents: agents.iter().map(agent_message).collect(),
+        }))
+    }
+
+    async fn get_agent(
+        &self,
+        req: Request<pb::AgentRequest>,
+    ) -> Result<Response<pb::Agent>, Status> {
+        self.caller(&req)?;
+        let id = spiffe_id("id", &req.get_ref().id)?;
+        let a = self
+            .store
+            .fetch_agent(&id)
+            .await
+            .map_err(|e| store_status(&e))?;
+        let a = a.ok_or_else(|| Status::not_found(format!("agent {id} not found")))?;
+        Ok(Response::new(agent_message(&a)))
+    }
+
+    async fn evict_agent(
+        &self,
+        req: Request<pb::AgentRequest>,
+    ) -> Result<Response<pb::Agent>, Status> {
+        let caller = self.caller(&req)?;
+        let a = self
+            .agent_op(&caller, "agent.evict", &req.get_ref().id, false)
+            .await?;
+        Ok(Response::new(agent_message(&a)))
+    }
+
+    async fn ban_agent(
+        &self,
+        req: Request<pb::AgentRequest>,
+    ) -> Result<Response<pb::Agent>, Status> {
+        let caller = self.caller(&req)?;
+        let a = self
+            .agent_op(&caller, "agent.ban", &req.get_ref().id, true)
+            .await?;
+        Ok(Response::new(agent_message(&a)))
+    }
+
+    async fn create_join_token(
+        &self,
+        req: Request<pb::CreateJoinTokenRequest>,
+    ) -> Result<Response<pb::CreateJoinTokenResponse>, Status> {
+        let caller = self.caller(&req)?;
+        let r = req.into_inner();
+        let ttl = ttl(r.ttl)?.unwrap_or(self.token_ttl);
+        let alias = (!r.alias.is_empty())
+            .then(|| spiffe_id("alias", &r.alias))
+            .transpose()?;
+        if let Some(alias) = &alias {
+            if !alias.is_member_of(&self.trust_domain) || alias.check_workload_id().is_err() {
+                return Err(Status::invalid_argument(format!(
+                    "alias {alias} must be in {} and outside the reserved /sigil/ path",
+                    self.trust_domain
+                )));
+            }
+        }
+        let token = sigil_attestors::join_token::generate_token();
+        let expires_at = self.clock.now() + ttl;
+        let record = JoinTokenRecord {
+            hash: TokenHash::of(&token),
+            expires_at,
+            alias: alias.clone(),
+        };
+        self.store
+            .create_join_token(record)
+            .await
+            .map_err(|e| store_status(&e))?;
+        if let Some(alias) = &alias {
+            // The alias is a node entry selecting exactly the agent that
+            // will attest with this token.
+            let selectors = [sigil_attestors::join_token::selector_for(&token)]
+                .into_iter()
+                .collect();
+            let entry = RegistrationEntry::new(
+                alias.clone(),
+                SpiffeId::server(&self.trust_domain),
+                selectors,
+            );
+            self.store
+                .create_entry(entry)
+                .await
+                .map_err(|e| store_status(&e))?;
+            self.after_entry_change().await;
+        }
+        let target = format!(
+            "join_token:{}",
+            sigil_attestors::join_token::token_id(&token)
+        );
+        self.audit
+            .record(&caller, "token.generate", &target, "ok")
+            .await;
+        Ok(Response::new(pb::CreateJoinTokenResponse {
+            token,
+            expires_at: unix_i64(expires_at),
+        }))
+    }
+
+    async fn get_bundle(
+        &self,
+        req: Request<pb::GetBundleRequest>,
+    ) -> Result<Response<node_pb::Bundle>, Status> {
+        self.caller(&req)?;
+        Ok(Response::new((&*self.ca.bundle()).into()))
+    }
+
+    async fn mint_x509_svid(
+        &self,
+        req: Request<pb::MintX509SvidRequest>,
+    ) -> Result<Response<node_pb::X509Svid>, Status> {
+        let caller = self.caller(&req)?;
+        let r = req.into_inner();
+        let id = spiffe_id("spiffe_id", &r.spiffe_id)?;
+        let dns = r
+            .dns_names
+            .iter()
+            .map(|d| DnsName::new(d).map_err(|e| Status::invalid_argument(e.to_string())))
+            .collect::<Result<Vec<_>, _>>()?;
+        let issued = self
+            .ca
+            .issue_x509_svid(&id, &dns, ttl(r.ttl)?, &r.csr)
+            .map_err(|e| ca_status(&e))?;
+        self.audit
+            .record_all(vec![self.audit.issued(
+                &caller,
+                "svid.x509.mint",
+                id.as_str(),
+                issued.expires_at,
+            )])
+            .await;
+        Ok(Response::new(node_pb::X509Svid {
+            spiffe_id: id.to_string(),
+            cert_chain: issued.chain,
+            expires_at: unix_i64(issued.expires_at),
+            serial: issued.serial,
+        }))
+    }
+
+    async fn mint_jwt_svid(
+        &self,
+        req: Request<pb::MintJwtSvidRequest>,
+    ) -> Result<Response<node_pb::NewJwtSvidResponse>, Status> {
+        let caller = self.caller(&req)?;
+        let r = req.into_inner();
+        let id = spiffe_id("spiffe_id", &r.spiffe_id)?;
+        let svid = self
+            .ca
+            .mint_jwt_svid(&id, &r.audience, ttl(r.ttl)?)
+            .map_err(|e| ca_status(&e))?;
+        self.audit
+            .record_all(vec![self.audit.issued(
+                &caller,
+                "svid.jwt.mint",
+                id.as_str(),
+                svid.expiry,
+            )])
+            .await;
+        Ok(Response::new(node_pb::NewJwtSvidResponse {
+            spiffe_id: id.to_string(),
+            token: svid.token,
+            expires_at: unix_i64(svid.expiry),
+        }))
+    }
+
+    async fn health(
+        &self,
+        req: Request<pb::HealthRequest>,
+    ) -> Result<Response<pb::HealthResponse>, Status> {
+        self.caller(&req)?;
+        let entries = self
+            .store
+            .count_entries()
+            .await
+            .map_err(|e| store_status(&e))?;
+        Ok(Response::new(pb::HealthResponse {
+            trust_domain: self.trust_domain.to_string(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            bundle_sequence: self.ca.bundle().sequence,
+            entries,
+            agents: self.registry.agent_count() as u64,
+        }))
+    }
+}

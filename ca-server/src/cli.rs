@@ -1,0 +1,842 @@
+//! The `sigil-server` command line: `run` starts the server; every other
+//! subcommand talks to a running server over the admin socket.
+
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde_json::{Value, json};
+use sigil_identity::clock::unix_seconds;
+use sigil_identity::{Bundle, DnsName, Selector, SpiffeId, TrustDomain};
+use sigil_proto::admin::{self as pb, admin_client::AdminClient};
+use sigil_proto::node as node_pb;
+use tonic::transport::Channel;
+
+use crate::config::{DEFAULT_ADMIN_SOCKET, LogFormat};
+
+/// Top-level flags and the subcommand.
+#[derive(Debug, Parser)]
+#[command(
+    name = "sigil-server",
+    version,
+    about = "Sigil CA server: issues SPIFFE identities to attested agents",
+    long_about = "Sigil CA server. `sigil-server run` starts the server; the other \
+                  subcommands manage a running server through its admin socket \
+                  (mode 0770: run them as root, as the server's user, or as a \
+                  configured admin uid)."
+)]
+pub struct Cli {
+    /// Admin socket of the server to manage [default: /run/sigil/server/admin.sock].
+    #[arg(long, env = "SIGIL_ADMIN_SOCKET", global = true, value_name = "PATH")]
+    pub admin_socket: Option<PathBuf>,
+    /// Output format for data.
+    #[arg(long, value_enum, default_value_t = Output::Text, global = true)]
+    pub output: Output,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Text,
+    Json,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the server.
+    Run(RunArgs),
+    /// Manage registration entries.
+    #[command(subcommand)]
+    Entry(EntryCmd),
+    /// Manage attested agents.
+    #[command(subcommand)]
+    Agent(AgentCmd),
+    /// Manage join tokens.
+    #[command(subcommand)]
+    Token(TokenCmd),
+    /// Show the trust bundle.
+    #[command(subcommand)]
+    Bundle(BundleCmd),
+    /// Mint X.509-SVIDs directly (for bootstrapping and tests).
+    #[command(subcommand)]
+    X509(X509Cmd),
+    /// Mint JWT-SVIDs directly.
+    #[command(subcommand)]
+    Jwt(JwtCmd),
+    /// Exit 0 when the server answers on its admin socket.
+    Healthcheck,
+}
+
+/// `run` flags; each overrides the config file.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// TOML configuration file (see deploy/examples/server.toml).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Trust domain, e.g. example.org.
+    #[arg(long)]
+    pub trust_domain: Option<TrustDomain>,
+    /// Data directory (datastore, CA keys).
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Node API address, e.g. 0.0.0.0:8081.
+    #[arg(long, value_name = "ADDR")]
+    pub bind: Option<std::net::SocketAddr>,
+    /// Log level or filter, e.g. info or debug.
+    #[arg(long)]
+    pub log_level: Option<String>,
+    /// Log format.
+    #[arg(long, value_enum)]
+    pub log_format: Option<LogFormat>,
+}
+
+#[derive(Debug, Args)]
+pub struct EntryFields {
+    /// SPIFFE ID to issue, e.g. spiffe://example.org/web.
+    #[arg(long)]
+    pub spiffe_id: Option<SpiffeId>,
+    /// Parent: an agent ID, or a node alias ID.
+    #[arg(long)]
+    pub parent_id: Option<SpiffeId>,
+    /// Selector TYPE:VALUE (repeat for several; all must match).
+    #[arg(long = "selector", value_name = "TYPE:VALUE")]
+    pub selectors: Vec<Selector>,
+    /// X.509-SVID lifetime, e.g. 1h.
+    #[arg(long, value_parser = parse_duration)]
+    pub x509_ttl: Option<Duration>,
+    /// JWT-SVID lifetime, e.g. 5m.
+    #[arg(long, value_parser = parse_duration)]
+    pub jwt_ttl: Option<Duration>,
+    /// DNS SAN (repeat for several).
+    #[arg(long = "dns", value_name = "NAME")]
+    pub dns_names: Vec<DnsName>,
+    /// Trust domain whose bundle the workload also receives (repeat).
+    #[arg(long = "federates-with", value_name = "TD")]
+    pub federates_with: Vec<TrustDomain>,
+    /// The identity may call the admin API.
+    #[arg(long)]
+    pub admin: bool,
+    /// Hint passed to workloads to tell SVIDs apart.
+    #[arg(long)]
+    pub hint: Option<String>,
+    /// Entry expiry, RFC 3339 (e.g. 2027-01-01T00:00:00Z).
+    #[arg(long, value_parser = parse_rfc3339)]
+    pub expires_at: Option<SystemTime>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EntryCmd {
+    /// Create an entry (prints its id) or, with --data, a batch.
+    Create {
+        #[command(flatten)]
+        fields: EntryFields,
+        /// Make a node alias entry: parented to the server, selecting agents
+        /// by node selectors.
+        #[arg(long)]
+        node: bool,
+        /// JSON file with {"entries": [...]} to create in one batch.
+        #[arg(long, value_name = "FILE", conflicts_with_all = ["spiffe_id", "parent_id", "selectors"])]
+        data: Option<PathBuf>,
+    },
+    /// Show entries matching the filters (all when none given).
+    Show {
+        #[arg(long)]
+        id: Option<String>,
+        #[arg(long)]
+        spiffe_id: Option<SpiffeId>,
+        #[arg(long)]
+        parent_id: Option<SpiffeId>,
+        #[arg(long = "selector", value_name = "TYPE:VALUE")]
+        selectors: Vec<Selector>,
+    },
+    /// Change an entry; fields not given keep their value.
+    Update {
+        #[arg(long)]
+        id: String,
+        #[command(flatten)]
+        fields: EntryFields,
+    },
+    /// Delete entries by id.
+    Delete {
+        #[arg(long, required = true)]
+        id: Vec<String>,
+    },
+    /// Count entries.
+    Count,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AgentCmd {
+    /// List attested agents.
+    List,
+    /// Show one agent.
+    Show {
+        #[arg(long)]
+        id: String,
+    },
+    /// Remove an agent; it must attest again (and may, unless banned before).
+    Evict {
+        #[arg(long)]
+        id: String,
+    },
+    /// Ban an agent: its calls and re-attestation are refused until evicted.
+    Ban {
+        #[arg(long)]
+        id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCmd {
+    /// Generate a single-use join token (printed on stdout).
+    Generate {
+        /// Token lifetime [default: the server's join_token.default_ttl].
+        #[arg(long, value_parser = parse_duration)]
+        ttl: Option<Duration>,
+        /// Node alias ID given to the agent that uses the token.
+        #[arg(long)]
+        spiffe_id: Option<SpiffeId>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum BundleFormat {
+    Pem,
+    Jwks,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BundleCmd {
+    /// Print the trust bundle.
+    Show {
+        #[arg(long, value_enum, default_value_t = BundleFormat::Pem)]
+        format: BundleFormat,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum X509Cmd {
+    /// Mint an X.509-SVID for a new local key.
+    Mint {
+        #[arg(long)]
+        spiffe_id: SpiffeId,
+        #[arg(long, value_parser = parse_duration)]
+        ttl: Option<Duration>,
+        #[arg(long = "dns", value_name = "NAME")]
+        dns_names: Vec<DnsName>,
+        /// Write svid.pem, svid.key (0600) and bundle.pem into DIR instead of stdout.
+        #[arg(long, value_name = "DIR")]
+        write: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum JwtCmd {
+    /// Mint a JWT-SVID.
+    Mint {
+        #[arg(long)]
+        spiffe_id: SpiffeId,
+        /// Audience (repeat for several).
+        #[arg(long = "audience", required = true)]
+        audience: Vec<String>,
+        #[arg(long, value_parser = parse_duration)]
+        ttl: Option<Duration>,
+    },
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    sigil_identity::duration::parse(s).map_err(|e| e.to_string())
+}
+
+fn parse_rfc3339(s: &str) -> Result<SystemTime, String> {
+    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+        .map(SystemTime::from)
+        .map_err(|e| format!("invalid RFC 3339 time {s:?}: {e}"))
+}
+
+fn rfc3339(unix: i64) -> String {
+    if unix <= 0 {
+        return "never".into();
+    }
+    time::OffsetDateTime::from_unix_timestamp(unix)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| unix.to_string())
+}
+
+fn secs(d: Option<Duration>) -> i64 {
+    d.map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// Connects to the admin socket.
+pub async fn connect(path: &Path) -> Result<AdminClient<Channel>> {
+    let channel = sigil_proto::channel::unix_channel(path).await.with_context(|| {
+        format!(
+            "cannot reach the server's admin socket at {}; is the server running, and may this user \
+             open the socket? (set --admin-socket or SIGIL_ADMIN_SOCKET)",
+            path.display()
+        )
+    })?;
+    Ok(AdminClient::new(channel)
+        .max_decoding_message_size(32 * 1024 * 1024)
+        .max_encoding_message_size(32 * 1024 * 1024))
+}
+
+/// A gRPC error as a CLI error.
+fn rpc(s: tonic::Status) -> anyhow::Error {
+    anyhow!("{} ({:?})", s.message(), s.code())
+}
+
+fn entry_json(e: &node_pb::Entry) -> Value {
+    json!({
+        "id": e.id,
+        "spiffe_id": e.spiffe_id,
+        "parent_id": e.parent_id,
+        "selectors": e.selectors,
+        "x509_svid_ttl": e.x509_svid_ttl,
+        "jwt_svid_ttl": e.jwt_svid_ttl,
+        "dns_names": e.dns_names,
+        "federates_with": e.federates_with,
+        "admin": e.admin,
+        "hint": e.hint,
+        "expires_at": e.expires_at,
+        "revision": e.revision,
+    })
+}
+
+fn entry_text(e: &node_pb::Entry) -> String {
+    let ttl = |s: i64| {
+        if s == 0 {
+            "default".to_owned()
+        } else {
+            sigil_identity::duration::format(Duration::from_secs(s as u64))
+        }
+    };
+    let list = |v: &[String]| {
+        if v.is_empty() {
+            "-".to_owned()
+        } else {
+            v.join(", ")
+        }
+    };
+    format!(
+        "Entry ID       : {}\nSPIFFE ID      : {}\nParent ID      : {}\nSelectors      : {}\nX509-SVID TTL  : {}\nJWT-SVID TTL   : {}\nDNS names      : {}\nFederates with : {}\nAdmin          : {}\nHint           : {}\nExpires at     : {}\nRevision       : {}\n",
+        e.id,
+        e.spiffe_id,
+        e.parent_id,
+        list(&e.selectors),
+        ttl(e.x509_svid_ttl),
+        ttl(e.jwt_svid_ttl),
+        list(&e.dns_names),
+        list(&e.federates_with),
+        e.admin,
+        if e.hint.is_empty() { "-" } else { &e.hint },
+        rfc3339(e.expires_at),
+        e.revision
+    )
+}
+
+fn agent_json(a: &pb::Agent) -> Value {
+    json!({
+        "id": a.id, "attestor": a.attestor, "serial": a.serial, "expires_at": a.expires_at,
+        "selectors": a.selectors, "banned": a.banned, "can_reattest": a.can_reattest, "created_at": a.created_at,
+    })
+}
+
+fn agent_text(a: &pb::Agent) -> String {
+    format!(
+        "Agent ID     : {}\nAttestor     : {}\nSerial       : {}\nSVID expires : {}\nSelectors    : {}\nBanned       : {}\nCan reattest : {}\n",
+        a.id,
+        a.attestor,
+        a.serial,
+        rfc3339(a.expires_at),
+        a.selectors.join(", "),
+        a.banned,
+        a.can_reattest
+    )
+}
+
+fn print_json(v: &Value) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn fields_to_entry(f: &EntryFields, base: node_pb::Entry) -> node_pb::Entry {
+    let mut e = base;
+    if let Some(v) = &f.spiffe_id {
+        e.spiffe_id = v.to_string();
+    }
+    if let Some(v) = &f.parent_id {
+        e.parent_id = v.to_string();
+    }
+    if !f.selectors.is_empty() {
+        e.selectors = f.selectors.iter().map(ToString::to_string).collect();
+    }
+    if f.x509_ttl.is_some() {
+        e.x509_svid_ttl = secs(f.x509_ttl);
+    }
+    if f.jwt_ttl.is_some() {
+        e.jwt_svid_ttl = secs(f.jwt_ttl);
+    }
+    if !f.dns_names.is_empty() {
+        e.dns_names = f.dns_names.iter().map(ToString::to_string).collect();
+    }
+    if !f.federates_with.is_empty() {
+        e.federates_with = f.federates_with.iter().map(ToString::to_string).collect();
+    }
+    if f.admin {
+        e.admin = true;
+    }
+    if let Some(h) = &f.hint {
+        e.hint = h.clone();
+    }
+    if let Some(t) = f.expires_at {
+        e.expires_at = i64::try_from(unix_seconds(t)).unwrap_or(i64::MAX);
+    }
+    e
+}
+
+/// Runs a client subcommand against the server at `socket`.
+pub async fn run_client(command: Command, socket: &Path, output: Output) -> Result<()> {
+    let json = output == Output::Json;
+    match command {
+        Command::Run(_) => unreachable!("run is handled by main"),
+        Command::Healthcheck => {
+            let mut c = connect(socket).await?;
+            let h = c
+                .health(pb::HealthRequest {})
+                .await
+                .map_err(rpc)?
+                .into_inner();
+            if json {
+                print_json(
+                    &json!({"status": "serving", "trust_domain": h.trust_domain, "version": h.version,
+                    "bundle_sequence": h.bundle_sequence, "entries": h.entries, "agents": h.agents}),
+                )?;
+            } else {
+                println!(
+                    "serving: trust domain {}, version {}, bundle sequence {}, {} entries, {} agents",
+                    h.trust_domain, h.version, h.bundle_sequence, h.entries, h.agents
+                );
+            }
+        }
+        Command::Entry(cmd) => entry(cmd, socket, json).await?,
+        Command::Agent(cmd) => {
+            let mut c = connect(socket).await?;
+            match cmd {
+                AgentCmd::List => {
+                    let agents = c
+                        .list_agents(pb::ListAgentsRequest {})
+                        .await
+                        .map_err(rpc)?
+                        .into_inner()
+                        .agents;
+                    if json {
+                        print_json(&Value::Array(agents.iter().map(agent_json).collect()))?;
+                    } else if agents.is_empty() {
+                        println!("no agents");
+                    } else {
+                        for a in &agents {
+                            println!("{}", agent_text(a));
+                        }
+                    }
+                }
+                AgentCmd::Show { id } => {
+                    let a = c
+                        .get_agent(pb::AgentRequest { id })
+                        .await
+                        .map_err(rpc)?
+                        .into_inner();
+                    if json {
+                        print_json(&agent_json(&a))?
+                    } else {
+                        print!("{}", agent_text(&a))
+                    }
+                }
+                AgentCmd::Evict { id } => {
+                    let a = c
+                        .evict_agent(pb::AgentRequest { id })
+                        .await
+                        .map_err(rpc)?
+                        .into_inner();
+                    if json {
+                        print_json(&agent_json(&a))?
+                    } else {
+                        println!("evicted {}", a.id)
+                    }
+                }
+                AgentCmd::Ban { id } => {
+                    let a = c
+                        .ban_agent(pb::AgentRequest { id })
+                        .await
+                        .map_err(rpc)?
+                        .into_inner();
+                    if json {
+                        print_json(&agent_json(&a))?
+                    } else {
+                        println!("banned {}", a.id)
+                    }
+                }
+            }
+        }
+        Command::Token(TokenCmd::Generate { ttl, spiffe_id }) => {
+            let mut c = connect(socket).await?;
+            let req = pb::CreateJoinTokenRequest {
+                ttl: secs(ttl),
+                alias: spiffe_id.map(|s| s.to_string()).unwrap_or_default(),
+            };
+            let t = c.create_join_token(req).await.map_err(rpc)?.into_inner();
+            if json {
+                print_json(&json!({"token": t.token, "expires_at": t.expires_at}))?;
+            } else {
+                println!("{}", t.token);
+            }
+        }
+        Command::Bundle(BundleCmd::Show { format }) => {
+            let mut c = connect(socket).await?;
+            let b = c
+                .get_bundle(pb::GetBundleRequest {})
+                .await
+                .map_err(rpc)?
+                .into_inner();
+            let bundle =
+                Bundle::try_from(&b).map_err(|e| anyhow!("server sent an invalid bundle: {e}"))?;
+            match format {
+                BundleFormat::Pem => print!("{}", bundle.x509_pem()),
+                BundleFormat::Jwks => {
+                    println!("{}", serde_json::to_string_pretty(&bundle.to_jwks())?)
+                }
+            }
+        }
+        Command::X509(X509Cmd::Mint {
+            spiffe_id,
+            ttl,
+            dns_names,
+            write,
+        }) => {
+            let mut c = connect(socket).await?;
+            let key = rcgen::KeyPair::generate().context("generating a key")?;
+            let csr = rcgen::CertificateParams::default()
+                .serialize_request(&key)
+                .context("making a CSR")?;
+            let req = pb::MintX509SvidRequest {
+                spiffe_id: spiffe_id.to_string(),
+                csr: csr.der().to_vec(),
+                ttl: secs(ttl),
+                dns_names: dns_names.iter().map(ToString::to_string).collect(),
+            };
+            let svid = c.mint_x509_svid(req).await.map_err(rpc)?.into_inner();
+            let b = c
+                .get_bundle(pb::GetBundleRequest {})
+                .await
+                .map_err(rpc)?
+                .into_inner();
+            let bundle =
+                Bundle::try_from(&b).map_err(|e| anyhow!("server sent an invalid bundle: {e}"))?;
+            let chain_pem: String = svid
+                .cert_chain
+                .iter()
+                .map(|d| sigil_identity::pem::encode("CERTIFICATE", d))
+                .collect();
+            let key_pem = sigil_identity::pem::encode("PRIVATE KEY", &key.serialize_der());
+            match write {
+                Some(dir) => {
+                    write_svid_files(&dir, &chain_pem, &key_pem, &bundle.x509_pem())?;
+                    if json {
+                        print_json(
+                            &json!({"spiffe_id": svid.spiffe_id, "serial": svid.serial, "expires_at": svid.expires_at, "dir": dir}),
+                        )?;
+                    } else {
+                        println!(
+                            "wrote {0}/svid.pem, {0}/svid.key, {0}/bundle.pem for {1} (serial {2}, expires {3})",
+                            dir.display(),
+                            svid.spiffe_id,
+                            svid.serial,
+                            rfc3339(svid.expires_at)
+                        );
+                    }
+                }
+                None if json => {
+                    print_json(&json!({"spiffe_id": svid.spiffe_id, "serial": svid.serial,
+                    "expires_at": svid.expires_at, "svid_pem": chain_pem, "key_pem": key_pem, "bundle_pem": bundle.x509_pem()}))?
+                }
+                None => print!("{chain_pem}{key_pem}"),
+            }
+        }
+        Command::Jwt(JwtCmd::Mint {
+            spiffe_id,
+            audience,
+            ttl,
+        }) => {
+            let mut c = connect(socket).await?;
+            let req = pb::MintJwtSvidRequest {
+                spiffe_id: spiffe_id.to_string(),
+                audience,
+                ttl: secs(ttl),
+            };
+            let t = c.mint_jwt_svid(req).await.map_err(rpc)?.into_inner();
+            if json {
+                print_json(
+                    &json!({"spiffe_id": t.spiffe_id, "token": t.token, "expires_at": t.expires_at}),
+                )?;
+            } else {
+                println!("{}", t.token);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn write_svid_files(dir: &Path, chain: &str, key: &str, bundle: &str) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let put = |name: &str, text: &str, mode: u32| -> Result<()> {
+        let path = dir.join(name);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .with_context(|| format!("writing {}", path.display()))?;
+        f.set_permissions(std::fs::Permissions::from_mode(mode))?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+        Ok(())
+    };
+    put("svid.key", key, 0o600)?;
+    put("svid.pem", chain, 0o644)?;
+    put("bundle.pem", bundle, 0o644)
+}
+
+async fn entry(cmd: EntryCmd, socket: &Path, json: bool) -> Result<()> {
+    match cmd {
+        EntryCmd::Create { fields, node, data } => {
+            let entries: Vec<node_pb::Entry> = match data {
+                Some(path) => read_batch(&path)?,
+                None => {
+                    let spiffe_id = fields
+                        .spiffe_id
+                        .as_ref()
+                        .ok_or_else(|| anyhow!("--spiffe-id is required"))?;
+                    let parent = match (node, &fields.parent_id) {
+                        (true, None) => SpiffeId::server(&spiffe_id.trust_domain()),
+                        (true, Some(_)) => {
+                            bail!("--node entries are parented to the server; drop --parent-id")
+                        }
+                        (false, Some(p)) => p.clone(),
+                        (false, None) => {
+                            bail!("--parent-id is required (or --node for a node alias entry)")
+                        }
+                    };
+                    if fields.selectors.is_empty() {
+                        bail!("at least one --selector TYPE:VALUE is required");
+                    }
+                    let base = node_pb::Entry {
+                        parent_id: parent.to_string(),
+                        ..Default::default()
+                    };
+                    vec![fields_to_entry(&fields, base)]
+                }
+            };
+            let mut c = connect(socket).await?;
+            let results = c
+                .create_entries(pb::CreateEntriesRequest { entries })
+                .await
+                .map_err(rpc)?
+                .into_inner()
+                .results;
+            let mut failed = 0;
+            let mut out = Vec::new();
+            for (i, r) in results.iter().enumerate() {
+                let status = r.status.clone().unwrap_or_default();
+                if status.code != 0 {
+                    failed += 1;
+                    if !json {
+                        eprintln!("entry {i}: {}", status.message);
+                    }
+                }
+                if json {
+                    out.push(
+                        json!({"status": {"code": status.code, "message": status.message},
+                        "entry": r.entry.as_ref().map(entry_json)}),
+                    );
+                } else if let Some(e) = &r.entry {
+                    println!("{}", e.id);
+                }
+            }
+            if json {
+                print_json(&Value::Array(out))?;
+            }
+            if failed > 0 {
+                bail!("{failed} of {} entries were not created", results.len());
+            }
+        }
+        EntryCmd::Show {
+            id,
+            spiffe_id,
+            parent_id,
+            selectors,
+        } => {
+            let mut c = connect(socket).await?;
+            let req = pb::ListEntriesRequest {
+                id: id.unwrap_or_default(),
+                spiffe_id: spiffe_id.map(|s| s.to_string()).unwrap_or_default(),
+                parent_id: parent_id.map(|s| s.to_string()).unwrap_or_default(),
+                selectors: selectors.iter().map(ToString::to_string).collect(),
+            };
+            let entries = c.list_entries(req).await.map_err(rpc)?.into_inner().entries;
+            if json {
+                print_json(&Value::Array(entries.iter().map(entry_json).collect()))?;
+            } else if entries.is_empty() {
+                println!("no matching entries");
+            } else {
+                for e in &entries {
+                    println!("{}", entry_text(e));
+                }
+            }
+        }
+        EntryCmd::Update { id, fields } => {
+            let mut c = connect(socket).await?;
+            let found = c
+                .list_entries(pb::ListEntriesRequest {
+                    id: id.clone(),
+                    ..Default::default()
+                })
+                .await
+                .map_err(rpc)?
+                .into_inner()
+                .entries;
+            let base = found
+                .into_iter()
+                .next()
+                .ok_or_else(|| anyhow!("entry {id} not found"))?;
+            let updated = fields_to_entry(&fields, base);
+            let e = c
+                .update_entry(pb::UpdateEntryRequest {
+                    entry: Some(updated),
+                })
+                .await
+                .map_err(rpc)?
+                .into_inner();
+            if json {
+                print_json(&entry_json(&e))?
+            } else {
+                print!("{}", entry_text(&e))
+            }
+        }
+        EntryCmd::Delete { id } => {
+            let mut c = connect(socket).await?;
+            let results = c
+                .delete_entries(pb::DeleteEntriesRequest { ids: id.clone() })
+                .await
+                .map_err(rpc)?
+                .into_inner()
+                .results;
+            let mut failed = 0;
+            let mut out = Vec::new();
+            for (id, r) in id.iter().zip(&results) {
+                if json {
+                    out.push(json!({"id": id, "code": r.code, "message": r.message}));
+                } else if r.code == 0 {
+                    println!("deleted {id}");
+                } else {
+                    eprintln!("{id}: {}", r.message);
+                }
+                failed += usize::from(r.code != 0);
+            }
+            if json {
+                print_json(&Value::Array(out))?;
+            }
+            if failed > 0 {
+                bail!("{failed} of {} entries were not deleted", results.len());
+            }
+        }
+        EntryCmd::Count => {
+            let mut c = connect(socket).await?;
+            let n = c
+                .count_entries(pb::CountEntriesRequest {})
+                .await
+                .map_err(rpc)?
+                .into_inner()
+                .count;
+            if json {
+                print_json(&json!({"count": n}))?
+            } else {
+                println!("{n}")
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Reads a batch file: `{"entries": [{"spiffe_id": ..., "parent_id": ...,
+/// "selectors": [...], ...}]}` with the same field names as `--output json`.
+fn read_batch(path: &Path) -> Result<Vec<node_pb::Entry>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let doc: Value =
+        serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))?;
+    let list = doc
+        .get("entries")
+        .and_then(Value::as_array)
+        .ok_or_else(|| anyhow!("{}: expected {{\"entries\": [...]}}", path.display()))?;
+    list.iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let s = |k: &str| {
+                v.get(k)
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_owned()
+            };
+            let strings = |k: &str| -> Vec<String> {
+                v.get(k)
+                    .and_then(Value::as_array)
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|x| x.as_str().map(str::to_owned))
+                            .collect()
+                    })
+                    .unwrap_or_default()
+            };
+            let int = |k: &str| v.get(k).and_then(Value::as_i64).unwrap_or(0);
+            if !v.is_object() {
+                bail!("{}: entry {i} is not an object", path.display());
+            }
+            Ok(node_pb::Entry {
+                id: s("id"),
+                spiffe_id: s("spiffe_id"),
+                parent_id: s("parent_id"),
+                selectors: strings("selectors"),
+                x509_svid_ttl: int("x509_svid_ttl"),
+                jwt_svid_ttl: int("jwt_svid_ttl"),
+                dns_names: strings("dns_names"),
+                federates_with: strings("federates_with"),
+                admin: v.get("admin").and_then(Value::as_bool).unwrap_or(false),
+                hint: s("hint"),
+                expires_at: int("expires_at"),
+                revision: 0,
+            })
+        })
+        .collect()
+}
+
+/// The admin socket to use: the flag/env value or the default.
+pub fn admin_socket(cli: &Cli) -> PathBuf {
+    cli.admin_socket
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_ADMIN_SOCKET))
+}
+
+/// For display: seconds since the epoch as RFC 3339.
+pub fn show_time(t: SystemTime) -> String {
+    rfc3339(i64::try_from(unix_seconds(t)).unwrap_or(0))
+}

@@ -1,0 +1,396 @@
+//! Server configuration: a TOML file, command-line flags over it, defaults
+//! under both, merged in one place into a typed [`ServerConfig`]. Unknown
+//! keys are an error, so a typo never silently falls back to a default.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use sigil_identity::TrustDomain;
+use sigil_identity::duration::serde_human;
+
+use crate::ca::keys::KeyAlgorithm;
+
+/// Default TCP address of the node API.
+pub const DEFAULT_BIND: &str = "127.0.0.1:8081";
+/// Default admin socket path.
+pub const DEFAULT_ADMIN_SOCKET: &str = "/run/sigil/server/admin.sock";
+/// Default data directory.
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/sigil/server";
+
+/// Why the configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {0}: {1}")]
+    Read(PathBuf, std::io::Error),
+    #[error("config file {0}: {1}")]
+    Parse(PathBuf, String),
+    #[error("trust_domain is required (set it in the config file or pass --trust-domain)")]
+    MissingTrustDomain,
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// The whole server configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// The trust domain this server is the authority of.
+    pub trust_domain: TrustDomain,
+    /// Where the datastore, CA keys and journal live.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    #[serde(default)]
+    pub server: ServerSection,
+    #[serde(default)]
+    pub ca: CaSection,
+    #[serde(default)]
+    pub agents: AgentsSection,
+    #[serde(default)]
+    pub node_attestors: NodeAttestorsSection,
+    #[serde(default)]
+    pub rate_limits: RateLimitSection,
+    #[serde(default)]
+    pub log: LogSection,
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from(DEFAULT_DATA_DIR)
+}
+
+/// Listening addresses and admin access.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSection {
+    /// TCP address of the node API (TLS 1.3).
+    pub bind_address: SocketAddr,
+    /// Unix socket of the admin API (mode 0770).
+    pub admin_socket: PathBuf,
+    /// Extra uids allowed on the admin socket besides root and the server's own.
+    pub admin_uids: Vec<u32>,
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        Self {
+            bind_address: DEFAULT_BIND
+                .parse()
+                .unwrap_or_else(|_| unreachable!("constant address parses")),
+            admin_socket: PathBuf::from(DEFAULT_ADMIN_SOCKET),
+            admin_uids: Vec::new(),
+        }
+    }
+}
+
+/// Where CA keys are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyManagerKind {
+    /// PKCS#8 files under `<data_dir>/keys`, mode 0600.
+    Disk,
+    /// In memory only: a restart makes new CA keys.
+    Memory,
+}
+
+/// The certificate authority.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CaSection {
+    /// Lifetime of each CA key and certificate.
+    #[serde(with = "serde_human")]
+    pub ttl: Duration,
+    /// Default X.509-SVID lifetime.
+    #[serde(with = "serde_human")]
+    pub x509_svid_ttl: Duration,
+    /// Default JWT-SVID lifetime.
+    #[serde(with = "serde_human")]
+    pub jwt_svid_ttl: Duration,
+    /// Algorithm of the CA's keys.
+    pub key_type: KeyAlgorithm,
+    /// Where CA keys are kept.
+    pub key_manager: KeyManagerKind,
+    /// Upstream CA certificate chain (PEM); with `upstream_key`, Sigil's CA
+    /// becomes an intermediate of it.
+    pub upstream_cert: Option<PathBuf>,
+    /// Upstream CA key (PKCS#8 PEM).
+    pub upstream_key: Option<PathBuf>,
+    /// `spiffe_refresh_hint` published with the bundle.
+    #[serde(with = "opt_human")]
+    pub bundle_refresh_hint: Option<Duration>,
+}
+
+impl Default for CaSection {
+    fn default() -> Self {
+        Self {
+            ttl: crate::ca::DEFAULT_CA_TTL,
+            x509_svid_ttl: crate::ca::DEFAULT_X509_SVID_TTL,
+            jwt_svid_ttl: crate::ca::DEFAULT_JWT_SVID_TTL,
+            key_type: KeyAlgorithm::EcP256,
+            key_manager: KeyManagerKind::Disk,
+            upstream_cert: None,
+            upstream_key: None,
+            bundle_refresh_hint: None,
+        }
+    }
+}
+
+/// Agents.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentsSection {
+    /// Lifetime of agent SVIDs.
+    #[serde(with = "serde_human")]
+    pub svid_ttl: Duration,
+}
+
+impl Default for AgentsSection {
+    fn default() -> Self {
+        Self {
+            svid_ttl: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// Node attestors.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeAttestorsSection {
+    pub join_token: JoinTokenSection,
+    pub x509pop: Option<X509PopSection>,
+}
+
+/// `join_token` attestor.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JoinTokenSection {
+    pub enabled: bool,
+    /// Lifetime of tokens made without `--ttl`.
+    #[serde(with = "serde_human")]
+    pub default_ttl: Duration,
+}
+
+impl Default for JoinTokenSection {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            default_ttl: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// `x509pop` attestor.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct X509PopSection {
+    /// CA certificates (PEM) that node certificates must chain to.
+    pub ca_bundle: PathBuf,
+}
+
+/// Rate limits (token buckets).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimitSection {
+    /// Attestations per second from one source address.
+    pub attest_per_second: f64,
+    /// Burst of attestations from one source address.
+    pub attest_burst: f64,
+    /// SVIDs signed per second for one agent.
+    pub signing_per_second: f64,
+    /// Burst of SVIDs signed for one agent.
+    pub signing_burst: f64,
+}
+
+impl Default for RateLimitSection {
+    fn default() -> Self {
+        Self {
+            attest_per_second: 5.0,
+            attest_burst: 50.0,
+            signing_per_second: 2000.0,
+            signing_burst: 20000.0,
+        }
+    }
+}
+
+/// Logging.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSection {
+    /// `error`, `warn`, `info`, `debug` or `trace` (or an env-filter string).
+    pub level: String,
+    /// `text` or `json`.
+    pub format: LogFormat,
+}
+
+impl Default for LogSection {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+mod opt_human {
+    use serde::{Deserialize, Deserializer};
+    use std::time::Duration;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        Option::<String>::deserialize(d)?
+            .map(|s| sigil_identity::duration::parse(&s).map_err(serde::de::Error::custom))
+            .transpose()
+    }
+}
+
+/// Values given on the command line; each overrides the file.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub trust_domain: Option<TrustDomain>,
+    pub data_dir: Option<PathBuf>,
+    pub bind_address: Option<SocketAddr>,
+    pub admin_socket: Option<PathBuf>,
+    pub log_level: Option<String>,
+    pub log_format: Option<LogFormat>,
+}
+
+impl ServerConfig {
+    /// Reads `file` (if any) and applies `overrides`: flags over file over
+    /// defaults.
+    pub fn load(file: Option<&Path>, overrides: Overrides) -> Result<Self, ConfigError> {
+        let mut table = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| ConfigError::Read(path.to_path_buf(), e))?;
+                text.parse::<toml::Table>()
+                    .map_err(|e| ConfigError::Parse(path.to_path_buf(), e.to_string()))?
+            }
+            None => toml::Table::new(),
+        };
+        if let Some(td) = &overrides.trust_domain {
+            table.insert("trust_domain".into(), toml::Value::String(td.to_string()));
+        }
+        if !table.contains_key("trust_domain") {
+            return Err(ConfigError::MissingTrustDomain);
+        }
+        let origin = file.map_or_else(|| PathBuf::from("<flags>"), Path::to_path_buf);
+        let mut cfg: ServerConfig = table
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Parse(origin.clone(), e.to_string()))?;
+        if let Some(v) = overrides.data_dir {
+            cfg.data_dir = v;
+        }
+        if let Some(v) = overrides.bind_address {
+            cfg.server.bind_address = v;
+        }
+        if let Some(v) = overrides.admin_socket {
+            cfg.server.admin_socket = v;
+        }
+        if let Some(v) = overrides.log_level {
+            cfg.log.level = v;
+        }
+        if let Some(v) = overrides.log_format {
+            cfg.log.format = v;
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.ca.upstream_cert.is_some() != self.ca.upstream_key.is_some() {
+            return Err(ConfigError::Invalid(
+                "ca.upstream_cert and ca.upstream_key must be set together".into(),
+            ));
+        }
+        if self.ca.x509_svid_ttl >= self.ca.ttl || self.ca.jwt_svid_ttl >= self.ca.ttl {
+            return Err(ConfigError::Invalid(
+                "ca.x509_svid_ttl and ca.jwt_svid_ttl must be shorter than ca.ttl".into(),
+            ));
+        }
+        if self.ca.ttl < Duration::from_secs(60) {
+            return Err(ConfigError::Invalid("ca.ttl must be at least 1m".into()));
+        }
+        if !(self.rate_limits.attest_per_second > 0.0 && self.rate_limits.signing_per_second > 0.0)
+        {
+            return Err(ConfigError::Invalid("rate limits must be positive".into()));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(text: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("server.toml");
+        std::fs::write(&path, text).unwrap();
+        (dir, path)
+    }
+
+    #[test]
+    fn defaults_and_file_values() {
+        let (_d, path) =
+            write("trust_domain = \"example.org\"\n[ca]\nttl = \"12h\"\nx509_svid_ttl = \"30m\"\n");
+        let cfg = ServerConfig::load(Some(&path), Overrides::default()).unwrap();
+        assert_eq!(cfg.trust_domain.as_str(), "example.org");
+        assert_eq!(cfg.ca.ttl, Duration::from_secs(12 * 3600));
+        assert_eq!(cfg.ca.x509_svid_ttl, Duration::from_secs(1800));
+        assert_eq!(cfg.ca.jwt_svid_ttl, Duration::from_secs(300));
+        assert_eq!(cfg.server.bind_address.to_string(), DEFAULT_BIND);
+        assert_eq!(cfg.ca.key_manager, KeyManagerKind::Disk);
+    }
+
+    #[test]
+    fn flags_override_file() {
+        let (_d, path) = write("trust_domain = \"example.org\"\ndata_dir = \"/a\"\n");
+        let o = Overrides {
+            trust_domain: Some(TrustDomain::new("other.org").unwrap()),
+            data_dir: Some("/b".into()),
+            ..Default::default()
+        };
+        let cfg = ServerConfig::load(Some(&path), o).unwrap();
+        assert_eq!(cfg.trust_domain.as_str(), "other.org");
+        assert_eq!(cfg.data_dir, PathBuf::from("/b"));
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let (_d, path) = write("trust_domain = \"example.org\"\n[ca]\nttll = \"1h\"\n");
+        let err = ServerConfig::load(Some(&path), Overrides::default()).unwrap_err();
+        assert!(err.to_string().contains("ttll"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let (_d, path) = write("trust_domain = \"Example.org\"\n");
+        assert!(ServerConfig::load(Some(&path), Overrides::default()).is_err());
+        let (_d, path) = write("trust_domain = \"example.org\"\n[ca]\nttl = \"10\"\n");
+        let err = ServerConfig::load(Some(&path), Overrides::default()).unwrap_err();
+        assert!(err.to_string().contains("missing unit"), "{err}");
+        let (_d, path) =
+            write("trust_domain = \"example.org\"\n[ca]\nttl = \"1h\"\nx509_svid_ttl = \"2h\"\n");
+        assert!(matches!(
+            ServerConfig::load(Some(&path), Overrides::default()),
+            Err(ConfigError::Invalid(_))
+        ));
+        assert!(matches!(
+            ServerConfig::load(None, Overrides::default()),
+            Err(ConfigError::MissingTrustDomain)
+        ));
+    }
+
+    #[test]
+    fn the_example_config_in_deploy_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/server.toml");
+        ServerConfig::load(Some(&path), Overrides::default()).unwrap();
+    }
+}

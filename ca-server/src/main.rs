@@ -1,0 +1,90 @@
+//! `sigil-server`: parse flags, load config, install logging, bind, run.
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use sigil_server::cli::{self, Cli, Command};
+use sigil_server::config::{LogFormat, Overrides, ServerConfig};
+use sigil_server::server::{self, Listeners};
+use tracing_subscriber::EnvFilter;
+
+fn install_logging(level: &str, format: LogFormat) -> anyhow::Result<()> {
+    let filter =
+        EnvFilter::try_new(level).with_context(|| format!("invalid log level {level:?}"))?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = ctrl_c.await;
+        }
+    }
+}
+
+async fn run(args: cli::RunArgs, admin_socket: Option<std::path::PathBuf>) -> anyhow::Result<()> {
+    let overrides = Overrides {
+        trust_domain: args.trust_domain,
+        data_dir: args.data_dir,
+        bind_address: args.bind,
+        admin_socket,
+        log_level: args.log_level,
+        log_format: args.log_format,
+    };
+    let config = ServerConfig::load(args.config.as_deref(), overrides)?;
+    install_logging(&config.log.level, config.log.format)?;
+    let node = tokio::net::TcpListener::bind(config.server.bind_address)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on {} for the node API",
+                config.server.bind_address
+            )
+        })?;
+    let admin = sigil_server::admin_api::bind_socket(&config.server.admin_socket)?;
+    server::run(config, Listeners { node, admin }, shutdown_signal()).await?;
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let socket = cli::admin_socket(&cli);
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Run(args) => run(args, cli.admin_socket).await,
+            command => cli::run_client(command, &socket, cli.output).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,604 @@
+//! The node API (`sigil.node.v1`): attestation, agent renewal, the Sync
+//! stream, and SVID issuance for authorized entries.
+//!
+//! Every call but `Attest` authenticates the agent by the SVID it presented
+//! in the TLS handshake, pinned to the serial the server last issued it (or
+//! the renewal in flight). Errors tell the agent little; the log says more.
+
+pub mod tls;
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use async_trait::async_trait;
+use sigil_identity::attestation::{AttestError, Challenger, ServerNodeAttestor};
+use sigil_identity::clock::Clock;
+use sigil_identity::{EntryId, RegistrationEntry, SpiffeId};
+use sigil_proto::convert::unix_i64;
+use sigil_proto::node::{self as pb, node_server::Node};
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{info, warn};
+
+use self::tls::NodeConnInfo;
+use crate::audit::Audit;
+use crate::ca::x509::IssuedSvid;
+use crate::ca::{CaError, CaManager};
+use crate::datastore::{AgentRecord, Datastore, DatastoreError};
+use crate::rate_limit::RateLimiter;
+use crate::registry::{AgentEvent, Registry, SyncStart};
+
+/// How long the server waits for an answer to an attestation challenge.
+const CHALLENGE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Most CSRs in one BatchNewX509Svid call.
+pub const MAX_BATCH: usize = 1000;
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// Maps CA failures to gRPC status codes, in one place.
+pub fn ca_status(e: &CaError) -> Status {
+    match e {
+        CaError::Csr(e) => Status::invalid_argument(format!("bad CSR: {e}")),
+        CaError::Jwt(e) => Status::invalid_argument(e.to_string()),
+        CaError::ForeignId(..) => Status::invalid_argument(e.to_string()),
+        CaError::NotReady => Status::unavailable(e.to_string()),
+        _ => Status::internal("the CA could not sign; see the server log"),
+    }
+}
+
+/// Maps datastore failures to gRPC status codes.
+pub fn store_status(e: &DatastoreError) -> Status {
+    match e {
+        DatastoreError::NotFound(what) => Status::not_found(format!("{what} not found")),
+        DatastoreError::AlreadyExists(what) => {
+            Status::already_exists(format!("{what} already exists"))
+        }
+        _ => Status::unavailable(format!("datastore: {e}")),
+    }
+}
+
+/// The node API service.
+pub struct NodeService {
+    pub(crate) ca: Arc<CaManager>,
+    pub(crate) registry: Arc<Registry>,
+    pub(crate) store: Arc<dyn Datastore>,
+    pub(crate) attestors: HashMap<&'static str, Arc<dyn ServerNodeAttestor>>,
+    pub(crate) audit: Audit,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) agent_svid_ttl: Duration,
+    pub(crate) attest_limit: RateLimiter<std::net::IpAddr>,
+    pub(crate) sign_limit: RateLimiter<SpiffeId>,
+}
+
+impl std::fmt::Debug for NodeService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeService").finish_non_exhaustive()
+    }
+}
+
+fn svid_message(id: &SpiffeId, issued: &IssuedSvid) -> pb::X509Svid {
+    pb::X509Svid {
+        spiffe_id: id.to_string(),
+        cert_chain: issued.chain.clone(),
+        expires_at: unix_i64(issued.expires_at),
+        serial: issued.serial.clone(),
+    }
+}
+
+/// Relays attestation challenges over the Attest stream.
+struct StreamChallenger<'a> {
+    tx: mpsc::Sender<Result<pb::AttestResponse, Status>>,
+    inbound: &'a mut Streaming<pb::AttestRequest>,
+}
+
+#[async_trait]
+impl Challenger for StreamChallenger<'_> {
+    async fn challenge(&mut self, challenge: Vec<u8>) -> Result<Vec<u8>, AttestError> {
+        let msg = pb::AttestResponse {
+            step: Some(pb::attest_response::Step::Challenge(challenge)),
+        };
+        self.tx
+            .send(Ok(msg))
+            .await
+            .map_err(|_| AttestError::Challenge)?;
+        match tokio::time::timeout(CHALLENGE_TIMEOUT, self.inbound.message()).await {
+            Ok(Ok(Some(pb::AttestRequest {
+                step: Some(pb::attest_request::Step::ChallengeResponse(r)),
+            }))) => Ok(r),
+            _ => Err(AttestError::Challenge),
+        }
+    }
+}
+
+/// An authenticated agent.
+struct AgentCtx {
+    id: SpiffeId,
+}
+
+impl NodeService {
+    fn now(&self) -> SystemTime {
+        self.clock.now()
+    }
+
+    /// Authenticates the calling agent by its presented SVID and serial.
+    async fn authenticate<T>(&self, req: &Request<T>) -> Result<AgentCtx, Status> {
+        let info = req
+            .extensions()
+            .get::<NodeConnInfo>()
+            .ok_or_else(|| Status::internal("no connection info"))?;
+        let chain = info.peer_chain.as_ref().ok_or_else(|| {
+            Status::unauthenticated(
+                "this call needs a client certificate: the agent SVID from attestation",
+            )
+        })?;
+        let leaf = chain
+            .first()
+            .ok_or_else(|| Status::unauthenticated("empty client certificate chain"))?;
+        let cert = sigil_identity::x509::parse(leaf)
+            .map_err(|_| Status::unauthenticated("bad client certificate"))?;
+        let id = sigil_identity::x509::check_leaf(&cert)
+            .map_err(|_| Status::unauthenticated("bad client certificate"))?;
+        let serial = sigil_identity::x509::serial_hex(&cert);
+        let (_, not_after) = sigil_identity::x509::validity(&cert);
+        let deny = |why: &'static str| {
+            warn!(agent_id = %id, serial = %serial, reason = why, "node API call refused");
+            Status::permission_denied(why)
+        };
+        if self.now() > not_after {
+            return Err(deny("agent SVID has expired; the agent must attest again"));
+        }
+        let Some(mut record) = self.registry.agent(&id) else {
+            return Err(deny("unknown agent; it may have been evicted"));
+        };
+        if record.banned {
+            return Err(deny("agent is banned"));
+        }
+        if record.serial == serial {
+            return Ok(AgentCtx { id });
+        }
+        if record.pending_serial.as_deref() == Some(serial.as_str()) {
+            // First use of the renewed SVID: from now on only it is accepted.
+            record.serial = serial;
+            record.pending_serial = None;
+            record.expires_at = not_after;
+            let record = self
+                .store
+                .update_agent(record)
+                .await
+                .map_err(|e| store_status(&e))?;
+            self.registry.put_agent(record);
+            return Ok(AgentCtx { id });
+        }
+        Err(deny("agent SVID was superseded by a renewal"))
+    }
+
+    async fn attest_flow(
+        &self,
+        remote: std::net::SocketAddr,
+        inbound: &mut Streaming<pb::AttestRequest>,
+        tx: mpsc::Sender<Result<pb::AttestResponse, Status>>,
+    ) -> Result<pb::AttestResult, Status> {
+        let first = inbound
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("attestation stream ended early"))?;
+        let Some(pb::attest_request::Step::Params(params)) = first.step else {
+            return Err(Status::invalid_argument(
+                "the first attestation message must carry params",
+            ));
+        };
+        let attestor = self
+            .attestors
+            .get(params.attestor.as_str())
+            .ok_or_else(|| {
+                Status::invalid_argument(format!(
+                    "node attestor {:?} is not enabled",
+                    params.attestor
+                ))
+            })?
+            .clone();
+        // Check the CSR before the attestor can consume a single-use token.
+        crate::ca::csr::public_key_from_csr(&params.csr)
+            .map_err(|e| Status::invalid_argument(format!("bad CSR: {e}")))?;
+        let mut challenger = StreamChallenger { tx, inbound };
+        let attestation = attestor
+            .attest(&params.evidence, &mut challenger)
+            .await
+            .map_err(|e| {
+                warn!(attestor = attestor.name(), %remote, error = %e, "node attestation failed");
+                match e {
+                    AttestError::Internal(_) => {
+                        Status::unavailable("attestation could not be completed")
+                    }
+                    AttestError::Malformed(_) => Status::invalid_argument(e.to_string()),
+                    _ => Status::permission_denied("attestation failed"),
+                }
+            })?;
+        let id = attestation.agent_id.clone();
+        let existing = self.registry.agent(&id);
+        if let Some(existing) = &existing {
+            if existing.banned {
+                warn!(agent_id = %id, "banned agent tried to attest");
+                return Err(Status::permission_denied(
+                    "agent is banned; an operator must evict it before it can attest again",
+                ));
+            }
+            if !existing.can_reattest {
+                return Err(Status::permission_denied(
+                    "agent already attested and its attestor does not allow re-attestation",
+                ));
+            }
+        }
+        let issued = self
+            .ca
+            .issue_x509_svid(&id, &[], Some(self.agent_svid_ttl), &params.csr)
+            .map_err(|e| ca_status(&e))?;
+        let record = AgentRecord {
+            id: id.clone(),
+            attestor: attestor.name().to_owned(),
+            serial: issued.serial.clone(),
+            pending_serial: None,
+            expires_at: issued.expires_at,
+            selectors: attestation.selectors,
+            banned: false,
+            can_reattest: attestation.can_reattest,
+            created_at: existing.as_ref().map_or(self.now(), |e| e.created_at),
+        };
+        let stored = match existing {
+            Some(_) => self.store.update_agent(record).await,
+            None => self.store.create_agent(record).await,
+        }
+        .map_err(|e| match e {
+            DatastoreError::AlreadyExists(_) => Status::permission_denied("agent already attested"),
+            e => store_status(&e),
+        })?;
+        self.registry.put_agent(stored);
+        info!(agent_id = %id, attestor = attestor.name(), %remote, serial = %issued.serial, "agent attested");
+        let event = self.audit.issued(
+            &id.to_string(),
+            "agent.attest",
+            &id.to_string(),
+            issued.expires_at,
+        );
+        self.audit.record_all(vec![event]).await;
+        Ok(pb::AttestResult {
+            svid: Some(svid_message(&id, &issued)),
+            bundle: Some((&*self.ca.bundle()).into()),
+        })
+    }
+
+    fn snapshot(&self, start: &SyncStart) -> pb::SyncResponse {
+        let bundle = self.ca.bundle();
+        pb::SyncResponse {
+            event: Some(pb::sync_response::Event::Snapshot(pb::Snapshot {
+                full: start.full,
+                entries: start
+                    .entries
+                    .iter()
+                    .map(|e| pb::Entry::from(&**e))
+                    .collect(),
+                removed: start.removed.iter().map(ToString::to_string).collect(),
+                bundle: Some((&*bundle).into()),
+                federated_bundles: Vec::new(),
+            })),
+            revision: start.revision,
+        }
+    }
+
+    /// Issues SVIDs for `work` on all cores; results keep the input order.
+    fn issue_parallel(
+        &self,
+        work: Vec<(Arc<RegistrationEntry>, Vec<u8>)>,
+    ) -> Vec<Result<IssuedSvid, CaError>> {
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(work.len().max(1));
+        if threads <= 1 || work.len() < 4 {
+            return work
+                .iter()
+                .map(|(e, csr)| {
+                    self.ca
+                        .issue_x509_svid(&e.spiffe_id, &e.dns_names, e.x509_svid_ttl, csr)
+                })
+                .collect();
+        }
+        let chunk = work.len().div_ceil(threads);
+        std::thread::scope(|s| {
+            let handles: Vec<_> = work
+                .chunks(chunk)
+                .map(|part| {
+                    s.spawn(move || {
+                        part.iter()
+                            .map(|(e, csr)| {
+                                self.ca.issue_x509_svid(
+                                    &e.spiffe_id,
+                                    &e.dns_names,
+                                    e.x509_svid_ttl,
+                                    csr,
+                                )
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .flat_map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        vec![Err(CaError::Build("issuing thread panicked".into()))]
+                    })
+                })
+                .collect()
+        })
+    }
+}
+
+/// The tonic-facing handle of [`NodeService`].
+#[derive(Debug, Clone)]
+pub struct NodeApi(pub Arc<NodeService>);
+
+impl std::ops::Deref for NodeApi {
+    type Target = NodeService;
+    fn deref(&self) -> &NodeService {
+        &self.0
+    }
+}
+
+#[tonic::async_trait]
+impl Node for NodeApi {
+    type AttestStream = BoxStream<pb::AttestResponse>;
+    type SyncStream = BoxStream<pb::SyncResponse>;
+
+    async fn attest(
+        &self,
+        req: Request<Streaming<pb::AttestRequest>>,
+    ) -> Result<Response<Self::AttestStream>, Status> {
+        let remote = req
+            .extensions()
+            .get::<NodeConnInfo>()
+            .map(|i| i.remote)
+            .ok_or_else(|| Status::internal("no connection info"))?;
+        if !self
+            .attest_limit
+            .try_take(&remote.ip(), 1.0, Instant::now())
+        {
+            warn!(%remote, "attestation rate limit hit");
+            return Err(Status::resource_exhausted(
+                "too many attestation attempts from this address; retry later",
+            ));
+        }
+        let mut inbound = req.into_inner();
+        let (tx, rx) = mpsc::channel(4);
+        let this = self.0.clone();
+        tokio::spawn(async move {
+            let result = this.attest_flow(remote, &mut inbound, tx.clone()).await;
+            let msg = result.map(|r| pb::AttestResponse {
+                step: Some(pb::attest_response::Step::Result(r)),
+            });
+            let _ = tx.send(msg).await;
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn renew_agent(
+        &self,
+        req: Request<pb::RenewAgentRequest>,
+    ) -> Result<Response<pb::RenewAgentResponse>, Status> {
+        let ctx = self.authenticate(&req).await?;
+        if !self.sign_limit.try_take(&ctx.id, 1.0, Instant::now()) {
+            return Err(Status::resource_exhausted(
+                "signing rate limit reached for this agent",
+            ));
+        }
+        let issued = self
+            .ca
+            .issue_x509_svid(&ctx.id, &[], Some(self.agent_svid_ttl), &req.get_ref().csr)
+            .map_err(|e| ca_status(&e))?;
+        let mut record = self
+            .registry
+            .agent(&ctx.id)
+            .ok_or_else(|| Status::permission_denied("unknown agent"))?;
+        record.pending_serial = Some(issued.serial.clone());
+        let record = self
+            .store
+            .update_agent(record)
+            .await
+            .map_err(|e| store_status(&e))?;
+        self.registry.put_agent(record);
+        info!(agent_id = %ctx.id, serial = %issued.serial, "agent SVID renewed");
+        self.audit
+            .record_all(vec![self.audit.issued(
+                ctx.id.as_str(),
+                "agent.renew",
+                ctx.id.as_str(),
+                issued.expires_at,
+            )])
+            .await;
+        Ok(Response::new(pb::RenewAgentResponse {
+            svid: Some(svid_message(&ctx.id, &issued)),
+        }))
+    }
+
+    async fn sync(
+        &self,
+        req: Request<pb::SyncRequest>,
+    ) -> Result<Response<Self::SyncStream>, Status> {
+        let ctx = self.authenticate(&req).await?;
+        let since = req.get_ref().since_revision;
+        let (start, mut events, subscription) = self.registry.subscribe(&ctx.id, since, self.now());
+        let (tx, rx) = mpsc::channel(64);
+        let this = self.0.clone();
+        let mut bundles = self.ca.subscribe_bundle();
+        bundles.borrow_and_update();
+        info!(agent_id = %ctx.id, since, full = start.full, entries = start.entries.len(), "sync stream opened");
+        tokio::spawn(async move {
+            let _subscription = subscription;
+            let mut revision = start.revision;
+            if tx.send(Ok(this.snapshot(&start))).await.is_err() {
+                return;
+            }
+            loop {
+                let msg = tokio::select! {
+                    () = tx.closed() => return,
+                    ev = events.recv() => match ev {
+                        Some(AgentEvent::Upsert(e)) => {
+                            revision = revision.max(e.revision);
+                            pb::SyncResponse { event: Some(pb::sync_response::Event::EntryUpsert((&*e).into())), revision }
+                        }
+                        Some(AgentEvent::Removed(id)) => {
+                            revision = revision.max(this.registry.revision());
+                            pb::SyncResponse { event: Some(pb::sync_response::Event::EntryRemoved(id.to_string())), revision }
+                        }
+                        Some(AgentEvent::Resync) => {
+                            let entries = this.registry.authorized_entries(&ctx.id, this.now());
+                            revision = this.registry.revision();
+                            this.snapshot(&SyncStart { full: true, entries, removed: Vec::new(), revision })
+                        }
+                        Some(AgentEvent::Revoked(why)) => {
+                            let msg = pb::SyncResponse { event: Some(pb::sync_response::Event::Revoked(why.to_owned())), revision };
+                            let _ = tx.send(Ok(msg)).await;
+                            let _ = tx.send(Err(Status::permission_denied(why))).await;
+                            return;
+                        }
+                        None => {
+                            let _ = tx.send(Err(Status::unavailable("sync stream fell behind; reconnect to resume"))).await;
+                            return;
+                        }
+                    },
+                    r = bundles.changed() => {
+                        if r.is_err() { return; }
+                        let b = bundles.borrow_and_update().clone();
+                        pb::SyncResponse { event: Some(pb::sync_response::Event::Bundle((&*b).into())), revision }
+                    }
+                };
+                if tx.send(Ok(msg)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn batch_new_x509_svid(
+        &self,
+        req: Request<pb::BatchNewX509SvidRequest>,
+    ) -> Result<Response<pb::BatchNewX509SvidResponse>, Status> {
+        let ctx = self.authenticate(&req).await?;
+        let params = req.into_inner().params;
+        if params.len() > MAX_BATCH {
+            return Err(Status::invalid_argument(format!(
+                "at most {MAX_BATCH} CSRs per call"
+            )));
+        }
+        if !self
+            .sign_limit
+            .try_take(&ctx.id, params.len() as f64, Instant::now())
+        {
+            return Err(Status::resource_exhausted(
+                "signing rate limit reached for this agent; retry later",
+            ));
+        }
+        let now = self.now();
+        let mut results: Vec<pb::SvidResult> = Vec::with_capacity(params.len());
+        let mut work = Vec::new();
+        let mut slots = Vec::new();
+        for p in params {
+            let entry = EntryId::new(&p.entry_id)
+                .ok()
+                .and_then(|id| self.registry.authorized_entry(&ctx.id, &id, now));
+            match entry {
+                Some(e) => {
+                    slots.push(results.len());
+                    work.push((e, p.csr));
+                    results.push(pb::SvidResult {
+                        entry_id: p.entry_id,
+                        ..Default::default()
+                    });
+                }
+                None => {
+                    warn!(agent_id = %ctx.id, entry_id = %p.entry_id, "SVID requested for an entry the agent is not authorized for");
+                    results.push(pb::SvidResult {
+                        entry_id: p.entry_id,
+                        svid: None,
+                        code: tonic::Code::PermissionDenied as i32,
+                        message: "entry not found or not authorized for this agent".into(),
+                    });
+                }
+            }
+        }
+        let entries: Vec<Arc<RegistrationEntry>> = work.iter().map(|(e, _)| e.clone()).collect();
+        let this = self.0.clone();
+        let issued = tokio::task::spawn_blocking(move || this.issue_parallel(work))
+            .await
+            .map_err(|_| Status::internal("issuance task failed"))?;
+        let mut audit = Vec::new();
+        for ((slot, entry), outcome) in slots.into_iter().zip(entries).zip(issued) {
+            match outcome {
+                Ok(svid) => {
+                    audit.push(self.audit.issued(
+                        ctx.id.as_str(),
+                        "svid.x509.issue",
+                        entry.spiffe_id.as_str(),
+                        svid.expires_at,
+                    ));
+                    results[slot].svid = Some(svid_message(&entry.spiffe_id, &svid));
+                }
+                Err(e) => {
+                    let status = ca_status(&e);
+                    results[slot].code = status.code() as i32;
+                    results[slot].message = status.message().to_owned();
+                }
+            }
+        }
+        self.audit.record_all(audit).await;
+        Ok(Response::new(pb::BatchNewX509SvidResponse { results }))
+    }
+
+    async fn new_jwt_svid(
+        &self,
+        req: Request<pb::NewJwtSvidRequest>,
+    ) -> Result<Response<pb::NewJwtSvidResponse>, Status> {
+        let ctx = self.authenticate(&req).await?;
+        if !self.sign_limit.try_take(&ctx.id, 1.0, Instant::now()) {
+            return Err(Status::resource_exhausted(
+                "signing rate limit reached for this agent; retry later",
+            ));
+        }
+        let req = req.into_inner();
+        let entry = EntryId::new(&req.entry_id)
+            .ok()
+            .and_then(|id| self.registry.authorized_entry(&ctx.id, &id, self.now()))
+            .ok_or_else(|| {
+                Status::permission_denied("entry not found or not authorized for this agent")
+            })?;
+        let svid = self
+            .ca
+            .mint_jwt_svid(&entry.spiffe_id, &req.audience, entry.jwt_svid_ttl)
+            .map_err(|e| ca_status(&e))?;
+        self.audit
+            .record_all(vec![self.audit.issued(
+                ctx.id.as_str(),
+                "svid.jwt.issue",
+                entry.spiffe_id.as_str(),
+                svid.expiry,
+            )])
+            .await;
+        Ok(Response::new(pb::NewJwtSvidResponse {
+            spiffe_id: entry.spiffe_id.to_string(),
+            token: svid.token,
+            expires_at: unix_i64(svid.expiry),
+        }))
+    }
+
+    async fn fetch_bundle(
+        &self,
+        req: Request<pb::FetchBundleRequest>,
+    ) -> Result<Response<pb::Bundle>, Status> {
+        self.authenticate(&req).await?;
+        Ok(Response::new((&*self.ca.bundle()).into()))
+    }
+}

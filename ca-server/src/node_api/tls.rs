@@ -1,0 +1,238 @@
+//! TLS for the node API: the server's own SVID (renewed at half-life), the
+//! agent verifier, and the accept loop that hands finished TLS connections
+//! to tonic together with the peer's certificate chain.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use rcgen::{CertificateParams, KeyPair};
+use sigil_identity::clock::Clock;
+use sigil_identity::tls::{SharedBundle, SpiffeClientVerifier, SvidResolver, certified_key};
+use sigil_identity::{SpiffeId, rotation};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::TlsAcceptor;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::server::Connected;
+use tracing::{debug, info, warn};
+
+use crate::ca::{CaError, CaManager};
+
+/// How long a client may take to finish the TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What a handler learns about the connection a request came on.
+#[derive(Debug, Clone)]
+pub struct NodeConnInfo {
+    /// The peer's address.
+    pub remote: SocketAddr,
+    /// The peer's verified certificate chain (DER, leaf first), if it sent one.
+    pub peer_chain: Option<Arc<Vec<Vec<u8>>>>,
+}
+
+/// A TLS connection plus its [`NodeConnInfo`].
+#[derive(Debug)]
+pub struct NodeConn {
+    stream: tokio_rustls::server::TlsStream<TcpStream>,
+    info: NodeConnInfo,
+}
+
+impl Connected for NodeConn {
+    type ConnectInfo = NodeConnInfo;
+    fn connect_info(&self) -> NodeConnInfo {
+        self.info.clone()
+    }
+}
+
+impl AsyncRead for NodeConn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for NodeConn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+}
+
+/// Accepts TCP connections, completes TLS handshakes concurrently (each
+/// bounded by a timeout), and yields finished connections.
+pub fn incoming(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+) -> ReceiverStream<std::io::Result<NodeConn>> {
+    let (tx, rx) = mpsc::channel(256);
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                () = tx.closed() => return,
+                a = listener.accept() => a,
+            };
+            let (tcp, remote) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    warn!(error = %e, "node API accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            let acceptor = acceptor.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(stream)) => {
+                        let peer_chain = stream.get_ref().1.peer_certificates().map(|certs| {
+                            Arc::new(certs.iter().map(|c| c.to_vec()).collect::<Vec<_>>())
+                        });
+                        let _ = tx
+                            .send(Ok(NodeConn {
+                                stream,
+                                info: NodeConnInfo { remote, peer_chain },
+                            }))
+                            .await;
+                    }
+                    Ok(Err(e)) => debug!(%remote, error = %e, "TLS handshake failed"),
+                    Err(_) => debug!(%remote, "TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    ReceiverStream::new(rx)
+}
+
+/// The server's SVID (`spiffe://<td>/sigil/server`), renewed at half-life.
+#[derive(Debug)]
+pub struct ServerSvid {
+    resolver: Arc<SvidResolver>,
+}
+
+fn issue(
+    ca: &CaManager,
+) -> Result<
+    (
+        Arc<rustls::sign::CertifiedKey>,
+        std::time::SystemTime,
+        std::time::SystemTime,
+    ),
+    CaError,
+> {
+    let key = KeyPair::generate().map_err(|e| CaError::Build(e.to_string()))?;
+    let csr = CertificateParams::default()
+        .serialize_request(&key)
+        .map_err(|e| CaError::Build(e.to_string()))?;
+    let id = SpiffeId::server(ca.trust_domain());
+    let issued = ca.issue_x509_svid(&id, &[], None, csr.der())?;
+    let leaf = sigil_identity::x509::parse(&issued.chain[0]).map_err(CaError::SelfCheck)?;
+    let (nb, na) = sigil_identity::x509::validity(&leaf);
+    let ck = certified_key(&issued.chain, &key.serialize_der())
+        .map_err(|e| CaError::Build(e.to_string()))?;
+    Ok((ck, nb, na))
+}
+
+impl ServerSvid {
+    /// Issues the first server SVID and starts renewing it until `shutdown`.
+    pub fn start(
+        ca: Arc<CaManager>,
+        clock: Arc<dyn Clock>,
+        shutdown: tokio::sync::watch::Receiver<bool>,
+    ) -> Result<Self, CaError> {
+        let (ck, mut nb, mut na) = issue(&ca)?;
+        let resolver = Arc::new(SvidResolver::new(ck));
+        let r = resolver.clone();
+        let mut shutdown = shutdown;
+        tokio::spawn(async move {
+            loop {
+                let at = rotation::renewal_time(nb, na, sigil_identity::random::jitter_unit());
+                let wait = at
+                    .duration_since(clock.now())
+                    .unwrap_or(Duration::ZERO)
+                    .max(Duration::from_millis(200));
+                tokio::select! {
+                    _ = shutdown.changed() => return,
+                    () = tokio::time::sleep(wait) => {}
+                }
+                match issue(&ca) {
+                    Ok((ck, new_nb, new_na)) => {
+                        r.set(ck);
+                        (nb, na) = (new_nb, new_na);
+                        info!(spiffe_id = %SpiffeId::server(ca.trust_domain()), "server SVID renewed");
+                    }
+                    Err(e) => warn!(error = %e, "server SVID renewal failed; retrying"),
+                }
+            }
+        });
+        Ok(Self { resolver })
+    }
+
+    /// The resolver serving the current SVID.
+    pub fn resolver(&self) -> Arc<SvidResolver> {
+        self.resolver.clone()
+    }
+}
+
+/// Keeps a [`SharedBundle`] in step with the CA's published bundle.
+pub fn follow_bundle(
+    ca: &CaManager,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) -> Arc<SharedBundle> {
+    let shared = Arc::new(SharedBundle::new((*ca.bundle()).clone()));
+    let mut rx = ca.subscribe_bundle();
+    let s = shared.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                r = rx.changed() => {
+                    if r.is_err() { return; }
+                    let b = rx.borrow_and_update().clone();
+                    s.set(b);
+                }
+            }
+        }
+    });
+    shared
+}
+
+/// The TLS acceptor: TLS 1.3, server SVID, optional agent client certs.
+pub fn acceptor(
+    server_svid: &ServerSvid,
+    bundle: Arc<SharedBundle>,
+) -> Result<TlsAcceptor, rustls::Error> {
+    let verifier = Arc::new(SpiffeClientVerifier::new(
+        bundle,
+        Arc::new(SpiffeId::is_agent),
+        false,
+    ));
+    let cfg = sigil_identity::tls::server_config(server_svid.resolver(), verifier)?;
+    Ok(TlsAcceptor::from(Arc::new(cfg)))
+}

@@ -1,0 +1,234 @@
+//! Wiring: builds every part of the server from a [`ServerConfig`] and runs
+//! the node and admin APIs until shutdown.
+
+use std::collections::{BTreeSet, HashMap};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sigil_attestors::join_token::{JoinTokenAttestor, TokenStore};
+use sigil_attestors::x509pop::X509PopAttestor;
+use sigil_identity::attestation::{AttestError, ServerNodeAttestor};
+use sigil_identity::clock::{Clock, SystemClock};
+use sigil_proto::admin::admin_server::AdminServer;
+use sigil_proto::node::node_server::NodeServer;
+use tokio::net::{TcpListener, UnixListener};
+use tokio_stream::wrappers::UnixListenerStream;
+use tracing::{info, warn};
+
+use crate::admin_api::{AdminApi, AdminService, own_uid};
+use crate::audit::Audit;
+use crate::ca::keys::{DiskKeyManager, KeyManager, MemoryKeyManager};
+use crate::ca::x509::UpstreamCa;
+use crate::ca::{CaConfig, CaManager};
+use crate::config::{KeyManagerKind, ServerConfig};
+use crate::datastore::{Datastore, DatastoreError, SledDatastore, TokenHash};
+use crate::node_api::{NodeApi, NodeService, tls};
+use crate::rate_limit::RateLimiter;
+use crate::registry::Registry;
+
+/// Largest gRPC message accepted (a full batch of CSRs fits).
+const MAX_MESSAGE: usize = 32 * 1024 * 1024;
+
+/// Why the server stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("datastore: {0}")]
+    Datastore(#[from] DatastoreError),
+    #[error("CA: {0}")]
+    Ca(#[from] crate::ca::CaError),
+    #[error("CA keys: {0}")]
+    Keys(#[from] crate::ca::keys::KeyManagerError),
+    #[error("TLS setup: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("node attestor: {0}")]
+    Attestor(#[from] AttestError),
+    #[error("serving: {0}")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+/// The sockets the server serves on, bound by the caller so tests can use
+/// ephemeral ports and temporary paths.
+#[derive(Debug)]
+pub struct Listeners {
+    pub node: TcpListener,
+    pub admin: UnixListener,
+}
+
+/// Join tokens are consumed from the datastore.
+#[derive(Debug)]
+struct DatastoreTokens {
+    store: Arc<dyn Datastore>,
+    clock: Arc<dyn Clock>,
+}
+
+#[async_trait]
+impl TokenStore for DatastoreTokens {
+    async fn consume(&self, token: &str) -> Result<(), AttestError> {
+        match self
+            .store
+            .consume_join_token(&TokenHash::of(token), self.clock.now())
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(DatastoreError::NotFound(_)) => {
+                Err(AttestError::Rejected("unknown or already used join token"))
+            }
+            Err(DatastoreError::TokenExpired) => {
+                Err(AttestError::Rejected("join token has expired"))
+            }
+            Err(e) => Err(AttestError::Internal(e.to_string())),
+        }
+    }
+}
+
+/// Runs the server until `shutdown` resolves, then stops serving
+/// gracefully (open streams are closed, in-flight calls finish).
+pub async fn run(
+    config: ServerConfig,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServerError> {
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let td = config.trust_domain.clone();
+    let store: Arc<dyn Datastore> =
+        Arc::new(SledDatastore::open(config.data_dir.join("datastore"))?);
+    let keys: Arc<dyn KeyManager> = match config.ca.key_manager {
+        KeyManagerKind::Disk => Arc::new(DiskKeyManager::open(config.data_dir.join("keys"))?),
+        KeyManagerKind::Memory => Arc::new(MemoryKeyManager::default()),
+    };
+    let upstream = match (&config.ca.upstream_cert, &config.ca.upstream_key) {
+        (Some(cert), Some(key)) => Some(UpstreamCa::load(cert, key, &td)?),
+        _ => None,
+    };
+    let ca_config = CaConfig {
+        trust_domain: td.clone(),
+        ca_ttl: config.ca.ttl,
+        x509_svid_ttl: config.ca.x509_svid_ttl,
+        jwt_svid_ttl: config.ca.jwt_svid_ttl,
+        key_algorithm: config.ca.key_type,
+        refresh_hint: config.ca.bundle_refresh_hint,
+    };
+    let ca = CaManager::start(ca_config, store.clone(), keys, clock.clone(), upstream).await?;
+    let registry = Registry::load(store.clone(), &td).await?;
+    let audit = Audit::new(store.clone(), clock.clone());
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let server_svid = tls::ServerSvid::start(ca.clone(), clock.clone(), stop_rx.clone())?;
+    let bundle = tls::follow_bundle(&ca, stop_rx.clone());
+    let acceptor = tls::acceptor(&server_svid, bundle)?;
+
+    let mut attestors: HashMap<&'static str, Arc<dyn ServerNodeAttestor>> = HashMap::new();
+    if config.node_attestors.join_token.enabled {
+        let tokens = Arc::new(DatastoreTokens {
+            store: store.clone(),
+            clock: clock.clone(),
+        });
+        attestors.insert(
+            sigil_attestors::join_token::NAME,
+            Arc::new(JoinTokenAttestor::new(td.clone(), tokens)),
+        );
+    }
+    if let Some(x) = &config.node_attestors.x509pop {
+        let a = X509PopAttestor::from_pem_file(td.clone(), &x.ca_bundle, clock.clone())?;
+        attestors.insert(sigil_attestors::x509pop::NAME, Arc::new(a));
+    }
+
+    let limits = &config.rate_limits;
+    let node = Arc::new(NodeService {
+        ca: ca.clone(),
+        registry: registry.clone(),
+        store: store.clone(),
+        attestors,
+        audit: audit.clone(),
+        clock: clock.clone(),
+        agent_svid_ttl: config.agents.svid_ttl,
+        attest_limit: RateLimiter::new(limits.attest_per_second, limits.attest_burst),
+        sign_limit: RateLimiter::new(limits.signing_per_second, limits.signing_burst),
+    });
+    let mut allowed_uids: BTreeSet<u32> = config.server.admin_uids.iter().copied().collect();
+    allowed_uids.insert(0);
+    allowed_uids.insert(own_uid());
+    let admin = Arc::new(AdminService {
+        trust_domain: td.clone(),
+        ca: ca.clone(),
+        registry: registry.clone(),
+        store: store.clone(),
+        audit,
+        clock: clock.clone(),
+        allowed_uids,
+        token_ttl: config.node_attestors.join_token.default_ttl,
+    });
+
+    // Background work: CA rotation, following the change feed (for changes
+    // made by other replicas), pruning expired join tokens.
+    let rotation = tokio::spawn(ca.clone().run(wait_for_stop(stop_rx.clone())));
+    let follower = {
+        let registry = registry.clone();
+        let store = store.clone();
+        let clock = clock.clone();
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            let mut n: u64 = 0;
+            loop {
+                tokio::select! {
+                    _ = stop.changed() => return,
+                    _ = tick.tick() => {}
+                }
+                if let Err(e) = registry.catch_up().await {
+                    warn!(error = %e, "registry catch-up failed");
+                }
+                n += 1;
+                if n % 3600 == 0 {
+                    match store.prune_join_tokens(clock.now()).await {
+                        Ok(k) if k > 0 => info!(pruned = k, "expired join tokens removed"),
+                        Ok(_) => {}
+                        Err(e) => warn!(error = %e, "join token pruning failed"),
+                    }
+                }
+            }
+        })
+    };
+
+    let node_addr = listeners.node.local_addr().ok();
+    let node_server = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .add_service(
+            NodeServer::new(NodeApi(node))
+                .max_decoding_message_size(MAX_MESSAGE)
+                .max_encoding_message_size(MAX_MESSAGE),
+        )
+        .serve_with_incoming_shutdown(
+            tls::incoming(listeners.node, acceptor),
+            wait_for_stop(stop_rx.clone()),
+        );
+    let admin_server = tonic::transport::Server::builder()
+        .add_service(
+            AdminServer::new(AdminApi(admin))
+                .max_decoding_message_size(MAX_MESSAGE)
+                .max_encoding_message_size(MAX_MESSAGE),
+        )
+        .serve_with_incoming_shutdown(
+            UnixListenerStream::new(listeners.admin),
+            wait_for_stop(stop_rx.clone()),
+        );
+    info!(trust_domain = %td, node_api = ?node_addr, bundle_sequence = ca.bundle().sequence, "sigil-server serving");
+
+    let stopper = async move {
+        shutdown.await;
+        info!("shutting down");
+        let _ = stop_tx.send(true);
+    };
+    let (node_result, admin_result, ()) = tokio::join!(node_server, admin_server, stopper);
+    let _ = tokio::join!(rotation, follower);
+    node_result?;
+    admin_result?;
+    info!("sigil-server stopped");
+    Ok(())
+}
+
+async fn wait_for_stop(mut rx: tokio::sync::watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stop| *stop).await;
+}
