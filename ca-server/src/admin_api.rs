@@ -46,14 +46,15 @@ pub enum SocketError {
 /// directory (0750) if missing, replaces a stale socket, refuses a symlink.
 pub fn bind_socket(path: &Path) -> Result<UnixListener, SocketError> {
     let io = |e| SocketError::Io(path.to_path_buf(), e);
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        if !dir.exists() {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .create(dir)
-                .map_err(io)?;
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o750)).map_err(io)?;
-        }
+    if let Some(dir) = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty() && !d.exists())
+    {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .create(dir)
+            .map_err(io)?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o750)).map_err(io)?;
     }
     match std::fs::symlink_metadata(path) {
         Ok(m) if m.file_type().is_symlink() => {
@@ -491,13 +492,14 @@ impl Admin for AdminApi {
         let alias = (!r.alias.is_empty())
             .then(|| spiffe_id("alias", &r.alias))
             .transpose()?;
-        if let Some(alias) = &alias {
-            if !alias.is_member_of(&self.trust_domain) || alias.check_workload_id().is_err() {
-                return Err(Status::invalid_argument(format!(
-                    "alias {alias} must be in {} and outside the reserved /sigil/ path",
-                    self.trust_domain
-                )));
-            }
+        if let Some(alias) = alias
+            .as_ref()
+            .filter(|a| !a.is_member_of(&self.trust_domain) || a.check_workload_id().is_err())
+        {
+            return Err(Status::invalid_argument(format!(
+                "alias {alias} must be in {} and outside the reserved /sigil/ path",
+                self.trust_domain
+            )));
         }
         let token = sigil_attestors::join_token::generate_token();
         let expires_at = self.clock.now() + ttl;

@@ -28,6 +28,9 @@ use crate::node_api::{NodeApi, NodeService, tls};
 use crate::rate_limit::RateLimiter;
 use crate::registry::Registry;
 
+/// How long shutdown waits for open connections to finish.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
 /// Largest gRPC message accepted (a full batch of CSRs fits).
 const MAX_MESSAGE: usize = 32 * 1024 * 1024;
 
@@ -88,7 +91,7 @@ impl TokenStore for DatastoreTokens {
 pub async fn run(
     config: ServerConfig,
     listeners: Listeners,
-    shutdown: impl Future<Output = ()> + Send,
+    shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let td = config.trust_domain.clone();
@@ -115,6 +118,11 @@ pub async fn run(
     let audit = Audit::new(store.clone(), clock.clone());
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        info!("shutting down");
+        let _ = stop_tx.send(true);
+    });
     let server_svid = tls::ServerSvid::start(ca.clone(), clock.clone(), stop_rx.clone())?;
     let bundle = tls::follow_bundle(&ca, stop_rx.clone());
     let acceptor = tls::acceptor(&server_svid, bundle)?;
@@ -146,6 +154,7 @@ pub async fn run(
         agent_svid_ttl: config.agents.svid_ttl,
         attest_limit: RateLimiter::new(limits.attest_per_second, limits.attest_burst),
         sign_limit: RateLimiter::new(limits.signing_per_second, limits.signing_burst),
+        shutdown: stop_rx.clone(),
     });
     let mut allowed_uids: BTreeSet<u32> = config.server.admin_uids.iter().copied().collect();
     allowed_uids.insert(0);
@@ -181,7 +190,7 @@ pub async fn run(
                     warn!(error = %e, "registry catch-up failed");
                 }
                 n += 1;
-                if n % 3600 == 0 {
+                if n.is_multiple_of(3600) {
                     match store.prune_join_tokens(clock.now()).await {
                         Ok(k) if k > 0 => info!(pruned = k, "expired join tokens removed"),
                         Ok(_) => {}
@@ -216,12 +225,20 @@ pub async fn run(
         );
     info!(trust_domain = %td, node_api = ?node_addr, bundle_sequence = ca.bundle().sequence, "sigil-server serving");
 
-    let stopper = async move {
-        shutdown.await;
-        info!("shutting down");
-        let _ = stop_tx.send(true);
+    // Graceful: stop accepting, let calls in flight finish, but do not wait
+    // more than SHUTDOWN_GRACE for clients that keep connections open.
+    let serve = async { tokio::join!(node_server, admin_server) };
+    let deadline = async {
+        wait_for_stop(stop_rx.clone()).await;
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
     };
-    let (node_result, admin_result, ()) = tokio::join!(node_server, admin_server, stopper);
+    let (node_result, admin_result) = tokio::select! {
+        r = serve => r,
+        () = deadline => {
+            warn!(grace = ?SHUTDOWN_GRACE, "connections still open after the shutdown grace period; closing them");
+            (Ok(()), Ok(()))
+        }
+    };
     let _ = tokio::join!(rotation, follower);
     node_result?;
     admin_result?;
@@ -229,6 +246,6 @@ pub async fn run(
     Ok(())
 }
 
-async fn wait_for_stop(mut rx: tokio::sync::watch::Receiver<bool>) {
+pub(crate) async fn wait_for_stop(mut rx: tokio::sync::watch::Receiver<bool>) {
     let _ = rx.wait_for(|stop| *stop).await;
 }

@@ -10,6 +10,8 @@
 //!
 //! Runs without the libtest harness so that the child can be this binary.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};

@@ -2,6 +2,9 @@
 //! issues, plus a property test against two independent verifiers: the
 //! `spiffe` crate and `openssl verify -x509_strict`.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::time::Duration;

@@ -1,5 +1,8 @@
 //! The node API against the real server process over real sockets.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::time::Duration;

@@ -72,6 +72,8 @@ pub struct NodeService {
     pub(crate) agent_svid_ttl: Duration,
     pub(crate) attest_limit: RateLimiter<std::net::IpAddr>,
     pub(crate) sign_limit: RateLimiter<SpiffeId>,
+    /// Becomes true when the server shuts down; open streams then end.
+    pub(crate) shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
 impl std::fmt::Debug for NodeService {
@@ -434,9 +436,11 @@ impl Node for NodeApi {
         let this = self.0.clone();
         let mut bundles = self.ca.subscribe_bundle();
         bundles.borrow_and_update();
+        let stopped = crate::server::wait_for_stop(self.shutdown.clone());
         info!(agent_id = %ctx.id, since, full = start.full, entries = start.entries.len(), "sync stream opened");
         tokio::spawn(async move {
             let _subscription = subscription;
+            tokio::pin!(stopped);
             let mut revision = start.revision;
             if tx.send(Ok(this.snapshot(&start))).await.is_err() {
                 return;
@@ -444,6 +448,10 @@ impl Node for NodeApi {
             loop {
                 let msg = tokio::select! {
                     () = tx.closed() => return,
+                    () = &mut stopped => {
+                        let _ = tx.send(Err(Status::unavailable("server shutting down; reconnect"))).await;
+                        return;
+                    }
                     ev = events.recv() => match ev {
                         Some(AgentEvent::Upsert(e)) => {
                             revision = revision.max(e.revision);

@@ -1,5 +1,5 @@
 //! Helpers shared by the ca-server integration tests.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::Path;
 use std::process::Command;

@@ -1,6 +1,6 @@
 //! A real `sigil-server` process in a temporary directory, and a simulated
 //! agent that talks to it over the real node API.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -82,37 +82,40 @@ impl TestServer {
             if let Ok(Some(status)) = self.child.as_mut().unwrap().try_wait() {
                 panic!("server exited early ({status}):\n{}", self.log());
             }
-            if let Ok(mut c) = sigil_server::cli::connect(&self.admin).await {
-                if c.health(sigil_proto::admin::HealthRequest {}).await.is_ok() {
-                    return;
-                }
+            if let Ok(mut c) = sigil_server::cli::connect(&self.admin).await
+                && c.health(sigil_proto::admin::HealthRequest {}).await.is_ok()
+            {
+                return;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         panic!("server did not become healthy:\n{}", self.log());
     }
 
-    /// Stops the server with SIGTERM and waits for it.
-    pub fn stop(&mut self) -> std::process::ExitStatus {
+    /// Stops the server with SIGTERM and waits for it (at most 10 s).
+    pub async fn stop(&mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("server running");
         Command::new("kill")
             .args(["-TERM", &child.id().to_string()])
             .status()
             .unwrap();
-        for _ in 0..100 {
+        for _ in 0..200 {
             if let Ok(Some(status)) = child.try_wait() {
                 return status;
             }
-            std::thread::sleep(Duration::from_millis(50));
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
         child.kill().ok();
-        panic!("server did not stop within 5 s of SIGTERM:\n{}", self.log());
+        panic!(
+            "server did not stop within 10 s of SIGTERM:\n{}",
+            self.log()
+        );
     }
 
     /// Starts the server again on the same data.
     pub async fn restart(&mut self) {
         if self.child.is_some() {
-            self.stop();
+            self.stop().await;
         }
         self.spawn().await;
     }
