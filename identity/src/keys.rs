@@ -10,8 +10,6 @@ use ring::signature::{self as sig, RsaPublicKeyComponents, UnparsedPublicKey};
 use serde_json::{Map, Value, json};
 use x509_parser::oid_registry::{
     OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY, OID_NIST_EC_P384, OID_PKCS1_RSAENCRYPTION,
-    OID_PKCS1_SHA256WITHRSA, OID_PKCS1_SHA384WITHRSA, OID_PKCS1_SHA512WITHRSA,
-    OID_SIG_ECDSA_WITH_SHA256, OID_SIG_ECDSA_WITH_SHA384,
 };
 use x509_parser::prelude::FromDer;
 use x509_parser::public_key::PublicKey as ParsedKey;
@@ -178,35 +176,54 @@ impl PublicKey {
         msg: &[u8],
         signature: &[u8],
     ) -> Result<(), KeyError> {
-        let oid = &alg.algorithm;
-        let verifier = if *oid == OID_SIG_ECDSA_WITH_SHA256 {
-            match self {
+        let alg = X509SigAlg::from_oid_content(alg.algorithm.as_bytes())
+            .ok_or(KeyError::UnsupportedSignatureAlgorithm)?;
+        self.verify_x509_alg(alg, msg, signature)
+    }
+
+    /// Verifies a signature made with a known X.509 signature algorithm.
+    pub fn verify_x509_alg(
+        &self,
+        alg: X509SigAlg,
+        msg: &[u8],
+        signature: &[u8],
+    ) -> Result<(), KeyError> {
+        use X509SigAlg::*;
+        let verifier = match (alg, self) {
+            (
+                EcdsaSha256,
                 PublicKey::Ec {
                     curve: Curve::P256, ..
-                } => Verifier::Ecdsa(&sig::ECDSA_P256_SHA256_ASN1),
+                },
+            ) => Verifier::Ecdsa(&sig::ECDSA_P256_SHA256_ASN1),
+            (
+                EcdsaSha256,
                 PublicKey::Ec {
                     curve: Curve::P384, ..
-                } => Verifier::Ecdsa(&sig::ECDSA_P384_SHA256_ASN1),
-                PublicKey::Rsa { .. } => return Err(KeyError::AlgorithmKeyMismatch),
-            }
-        } else if *oid == OID_SIG_ECDSA_WITH_SHA384 {
-            match self {
+                },
+            ) => Verifier::Ecdsa(&sig::ECDSA_P384_SHA256_ASN1),
+            (
+                EcdsaSha384,
                 PublicKey::Ec {
                     curve: Curve::P256, ..
-                } => Verifier::Ecdsa(&sig::ECDSA_P256_SHA384_ASN1),
+                },
+            ) => Verifier::Ecdsa(&sig::ECDSA_P256_SHA384_ASN1),
+            (
+                EcdsaSha384,
                 PublicKey::Ec {
                     curve: Curve::P384, ..
-                } => Verifier::Ecdsa(&sig::ECDSA_P384_SHA384_ASN1),
-                PublicKey::Rsa { .. } => return Err(KeyError::AlgorithmKeyMismatch),
+                },
+            ) => Verifier::Ecdsa(&sig::ECDSA_P384_SHA384_ASN1),
+            (RsaPkcs1Sha256, PublicKey::Rsa { .. }) => {
+                Verifier::Rsa(&sig::RSA_PKCS1_2048_8192_SHA256)
             }
-        } else if *oid == OID_PKCS1_SHA256WITHRSA {
-            Verifier::Rsa(&sig::RSA_PKCS1_2048_8192_SHA256)
-        } else if *oid == OID_PKCS1_SHA384WITHRSA {
-            Verifier::Rsa(&sig::RSA_PKCS1_2048_8192_SHA384)
-        } else if *oid == OID_PKCS1_SHA512WITHRSA {
-            Verifier::Rsa(&sig::RSA_PKCS1_2048_8192_SHA512)
-        } else {
-            return Err(KeyError::UnsupportedSignatureAlgorithm);
+            (RsaPkcs1Sha384, PublicKey::Rsa { .. }) => {
+                Verifier::Rsa(&sig::RSA_PKCS1_2048_8192_SHA384)
+            }
+            (RsaPkcs1Sha512, PublicKey::Rsa { .. }) => {
+                Verifier::Rsa(&sig::RSA_PKCS1_2048_8192_SHA512)
+            }
+            _ => return Err(KeyError::AlgorithmKeyMismatch),
         };
         self.verify_with(verifier, msg, signature)
     }
@@ -285,6 +302,37 @@ impl PublicKey {
             Some("RSA") => Self::rsa(&field("n")?, &field("e")?),
             Some(_) => Err(KeyError::UnsupportedKeyType),
             None => Err(KeyError::Jwk("missing kty")),
+        }
+    }
+}
+
+/// The X.509 signature algorithms Sigil accepts on certificates and CSRs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum X509SigAlg {
+    /// ecdsa-with-SHA256 (1.2.840.10045.4.3.2).
+    EcdsaSha256,
+    /// ecdsa-with-SHA384 (1.2.840.10045.4.3.3).
+    EcdsaSha384,
+    /// sha256WithRSAEncryption (1.2.840.113549.1.1.11).
+    RsaPkcs1Sha256,
+    /// sha384WithRSAEncryption (1.2.840.113549.1.1.12).
+    RsaPkcs1Sha384,
+    /// sha512WithRSAEncryption (1.2.840.113549.1.1.13).
+    RsaPkcs1Sha512,
+}
+
+impl X509SigAlg {
+    /// Recognises an algorithm by the content octets of its OID.
+    pub fn from_oid_content(oid: &[u8]) -> Option<Self> {
+        const ECDSA: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03];
+        const PKCS1: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01];
+        match oid.split_last() {
+            Some((2, head)) if head == ECDSA => Some(Self::EcdsaSha256),
+            Some((3, head)) if head == ECDSA => Some(Self::EcdsaSha384),
+            Some((11, head)) if head == PKCS1 => Some(Self::RsaPkcs1Sha256),
+            Some((12, head)) if head == PKCS1 => Some(Self::RsaPkcs1Sha384),
+            Some((13, head)) if head == PKCS1 => Some(Self::RsaPkcs1Sha512),
+            _ => None,
         }
     }
 }
@@ -370,6 +418,29 @@ mod tests {
             PublicKey::rsa(&n(2048), &[1, 0, 1]).unwrap().rsa_bits(),
             2048
         );
+    }
+
+    #[test]
+    fn signature_algorithm_oids() {
+        use x509_parser::oid_registry::*;
+        for (oid, alg) in [
+            (OID_SIG_ECDSA_WITH_SHA256, X509SigAlg::EcdsaSha256),
+            (OID_SIG_ECDSA_WITH_SHA384, X509SigAlg::EcdsaSha384),
+            (OID_PKCS1_SHA256WITHRSA, X509SigAlg::RsaPkcs1Sha256),
+            (OID_PKCS1_SHA384WITHRSA, X509SigAlg::RsaPkcs1Sha384),
+            (OID_PKCS1_SHA512WITHRSA, X509SigAlg::RsaPkcs1Sha512),
+        ] {
+            assert_eq!(X509SigAlg::from_oid_content(oid.as_bytes()), Some(alg));
+        }
+        assert_eq!(
+            X509SigAlg::from_oid_content(OID_SIG_ECDSA_WITH_SHA512.as_bytes()),
+            None
+        );
+        assert_eq!(
+            X509SigAlg::from_oid_content(OID_PKCS1_SHA1WITHRSA.as_bytes()),
+            None
+        );
+        assert_eq!(X509SigAlg::from_oid_content(&[]), None);
     }
 
     #[test]

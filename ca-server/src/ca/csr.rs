@@ -5,9 +5,9 @@
 //! else the CSR asks for (subject, SANs, extensions, CA bits, lifetimes) is
 //! ignored. Oversized input is refused before any parsing or crypto.
 
-use sigil_identity::keys::{Curve, KeyError, PublicKey};
-use x509_parser::certification_request::X509CertificationRequest;
-use x509_parser::prelude::FromDer;
+use sigil_identity::keys::{KeyError, PublicKey, X509SigAlg};
+
+use super::der;
 
 /// Largest CSR accepted, in bytes.
 pub const MAX_CSR_LEN: usize = 16 * 1024;
@@ -29,24 +29,50 @@ pub enum CsrError {
     Signature(KeyError),
 }
 
-/// The public key taken from a verified CSR, ready for rcgen.
+/// The public key taken from a verified CSR.
 #[derive(Debug, Clone)]
 pub struct CsrPublicKey {
     /// The parsed key.
     pub key: PublicKey,
-    /// The subjectPublicKey bit string contents.
-    raw: Vec<u8>,
-    algorithm: &'static rcgen::SignatureAlgorithm,
+    /// The whole SubjectPublicKeyInfo, DER, as the CSR carried it.
+    pub spki: Vec<u8>,
+    /// The subjectPublicKey bit string contents (for the key identifier).
+    pub key_bits: Vec<u8>,
 }
 
-impl rcgen::PublicKeyData for CsrPublicKey {
-    fn der_bytes(&self) -> &[u8] {
-        &self.raw
+/// Splits a PKCS#10 request into (info DER, signature algorithm OID, signature,
+/// SPKI DER), checking the structure; nothing else of the CSR is read.
+fn split(der: &[u8]) -> Result<(&[u8], &[u8], &[u8], &[u8]), CsrError> {
+    let m = |_| CsrError::Malformed;
+    let (outer, rest) = der::expect(der, 0x30).map_err(m)?;
+    if !rest.is_empty() {
+        return Err(CsrError::Malformed);
     }
-
-    fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
-        self.algorithm
+    let (info, rest) = der::expect(outer.content, 0x30).map_err(m)?;
+    let (alg, rest) = der::expect(rest, 0x30).map_err(m)?;
+    let (sig, rest) = der::expect(rest, 0x03).map_err(m)?;
+    if !rest.is_empty() {
+        return Err(CsrError::Malformed);
     }
+    let (version, rest) = der::expect(info.content, 0x02).map_err(m)?;
+    if version.content != [0] {
+        return Err(CsrError::BadVersion);
+    }
+    let (_subject, rest) = der::expect(rest, 0x30).map_err(m)?;
+    let (spki, rest) = der::expect(rest, 0x30).map_err(m)?;
+    let (_attributes, rest) = der::expect(rest, 0xa0).map_err(m)?;
+    if !rest.is_empty() {
+        return Err(CsrError::Malformed);
+    }
+    let (oid, params) = der::expect(alg.content, 0x06).map_err(m)?;
+    if !(params.is_empty() || params == [0x05, 0x00]) {
+        return Err(CsrError::Malformed);
+    }
+    let signature = match sig.content.split_first() {
+        Some((0, bits)) => bits,
+        _ => return Err(CsrError::Malformed),
+    };
+    Ok((info.whole, oid.content, signature, spki.whole))
 }
 
 /// Verifies `der` and returns only its public key.
@@ -54,37 +80,27 @@ pub fn public_key_from_csr(der: &[u8]) -> Result<CsrPublicKey, CsrError> {
     if der.len() > MAX_CSR_LEN {
         return Err(CsrError::TooLarge);
     }
-    let csr = match X509CertificationRequest::from_der(der) {
-        Ok(([], csr)) => csr,
-        _ => return Err(CsrError::Malformed),
-    };
-    let info = &csr.certification_request_info;
-    if info.version.0 != 0 {
-        return Err(CsrError::BadVersion);
+    let (info, alg, signature, spki) = split(der)?;
+    let key = PublicKey::from_spki_der(spki).map_err(|e| match e {
+        KeyError::Malformed => CsrError::Malformed,
+        e => CsrError::Key(e),
+    })?;
+    if key.rsa_bits() > MAX_CSR_RSA_BITS {
+        return Err(CsrError::Key(KeyError::RsaSize(key.rsa_bits())));
     }
-    let key = PublicKey::from_spki(&info.subject_pki).map_err(CsrError::Key)?;
-    let algorithm = match &key {
-        PublicKey::Ec {
-            curve: Curve::P256, ..
-        } => &rcgen::PKCS_ECDSA_P256_SHA256,
-        PublicKey::Ec {
-            curve: Curve::P384, ..
-        } => &rcgen::PKCS_ECDSA_P384_SHA384,
-        PublicKey::Rsa { .. } if key.rsa_bits() > MAX_CSR_RSA_BITS => {
-            return Err(CsrError::Key(KeyError::RsaSize(key.rsa_bits())));
-        }
-        PublicKey::Rsa { .. } => &rcgen::PKCS_RSA_SHA256,
-    };
-    key.verify_x509(
-        &csr.signature_algorithm,
-        info.raw,
-        &csr.signature_value.data,
-    )
-    .map_err(CsrError::Signature)?;
+    let alg = X509SigAlg::from_oid_content(alg)
+        .ok_or(CsrError::Signature(KeyError::UnsupportedSignatureAlgorithm))?;
+    key.verify_x509_alg(alg, info, signature)
+        .map_err(CsrError::Signature)?;
+    // The SPKI parsed above, so its second element is the key bit string.
+    let (spki_seq, _) = der::read(spki).map_err(|_| CsrError::Malformed)?;
+    let (_, rest) = der::read(spki_seq.content).map_err(|_| CsrError::Malformed)?;
+    let (bits, _) = der::expect(rest, 0x03).map_err(|_| CsrError::Malformed)?;
+    let key_bits = bits.content.get(1..).ok_or(CsrError::Malformed)?.to_vec();
     Ok(CsrPublicKey {
-        raw: info.subject_pki.subject_public_key.data.to_vec(),
         key,
-        algorithm,
+        spki: spki.to_vec(),
+        key_bits,
     })
 }
 
@@ -106,9 +122,10 @@ mod tests {
         ] {
             let key = KeyPair::generate_for(alg).unwrap();
             let got = public_key_from_csr(&csr_for(&key)).unwrap();
+            assert_eq!(got.key_bits, rcgen::PublicKeyData::der_bytes(&key));
             assert_eq!(
-                rcgen::PublicKeyData::der_bytes(&got),
-                rcgen::PublicKeyData::der_bytes(&key)
+                got.spki,
+                rcgen::PublicKeyData::subject_public_key_info(&key)
             );
         }
     }

@@ -5,8 +5,12 @@ use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose as Eku, IsCa, Issuer,
-    KeyPair, KeyUsagePurpose as Ku, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose as Ku,
+    SanType, SerialNumber,
+};
+use ring::rand::SystemRandom;
+use ring::signature::{
+    ECDSA_P256_SHA256_ASN1_SIGNING, ECDSA_P384_SHA384_ASN1_SIGNING, EcdsaKeyPair,
 };
 use rustls_pki_types::CertificateDer;
 use sigil_identity::x509::{self as svid, IssuerInfo};
@@ -15,7 +19,8 @@ use time::OffsetDateTime;
 
 use super::CaError;
 use super::csr::CsrPublicKey;
-use super::keys::PrivateKey;
+use super::der;
+use super::keys::{KeyAlgorithm, PrivateKey};
 
 /// How far back NotBefore is set, to absorb clock skew between machines.
 pub const BACKDATE: Duration = Duration::from_secs(10);
@@ -118,8 +123,146 @@ pub struct X509Authority {
     chain_tail: Vec<Vec<u8>>,
     /// Whether SVID chains carry this CA's certificate (intermediate mode).
     include_self: bool,
-    issuer: Issuer<'static, KeyPair>,
+    template: LeafTemplate,
     info: IssuerInfo,
+}
+
+/// The parts of every leaf that depend only on the CA, pre-encoded, and
+/// the CA's signing key. Issuance fills in serial, validity, key, SANs.
+struct LeafTemplate {
+    /// AlgorithmIdentifier of the CA's signature.
+    signature_algorithm: &'static [u8],
+    /// The CA's subject Name, DER: the leaf's issuer.
+    issuer_name: Vec<u8>,
+    /// The AuthorityKeyIdentifier extension, DER.
+    aki_extension: Vec<u8>,
+    signer: EcdsaKeyPair,
+    rng: SystemRandom,
+}
+
+// Fixed DER of the leaf profile (SPEC.md "X.509-SVIDs the CA issues").
+const VERSION_3: &[u8] = &[0xa0, 0x03, 0x02, 0x01, 0x02];
+const ECDSA_SHA256: &[u8] = &[
+    0x30, 0x0a, 0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x02,
+];
+const ECDSA_SHA384: &[u8] = &[
+    0x30, 0x0a, 0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x03,
+];
+/// Subject `O=Sigil`.
+const LEAF_SUBJECT: &[u8] = &[
+    0x30, 0x10, 0x31, 0x0e, 0x30, 0x0c, 0x06, 0x03, 0x55, 0x04, 0x0a, 0x0c, 0x05, b'S', b'i', b'g',
+    b'i', b'l',
+];
+/// BasicConstraints, critical, cA=false.
+const EXT_BASIC_CONSTRAINTS: &[u8] = &[
+    0x30, 0x0c, 0x06, 0x03, 0x55, 0x1d, 0x13, 0x01, 0x01, 0xff, 0x04, 0x02, 0x30, 0x00,
+];
+/// KeyUsage, critical: digitalSignature, keyEncipherment, keyAgreement.
+const EXT_KEY_USAGE: &[u8] = &[
+    0x30, 0x0e, 0x06, 0x03, 0x55, 0x1d, 0x0f, 0x01, 0x01, 0xff, 0x04, 0x04, 0x03, 0x02, 0x03, 0xa8,
+];
+/// ExtendedKeyUsage: serverAuth, clientAuth.
+const EXT_EXTENDED_KEY_USAGE: &[u8] = &[
+    0x30, 0x1d, 0x06, 0x03, 0x55, 0x1d, 0x25, 0x04, 0x16, 0x30, 0x14, 0x06, 0x08, 0x2b, 0x06, 0x01,
+    0x05, 0x05, 0x07, 0x03, 0x01, 0x06, 0x08, 0x2b, 0x06, 0x01, 0x05, 0x05, 0x07, 0x03, 0x02,
+];
+const OID_SKI: &[u8] = &[0x06, 0x03, 0x55, 0x1d, 0x0e];
+const OID_AKI: &[u8] = &[0x06, 0x03, 0x55, 0x1d, 0x23];
+const OID_SAN: &[u8] = &[0x06, 0x03, 0x55, 0x1d, 0x11];
+
+/// An extension `SEQUENCE { oid, OCTET STRING { value } }` (not critical).
+fn extension(oid: &[u8], value: &[u8]) -> Vec<u8> {
+    let mut content = Vec::with_capacity(oid.len() + value.len() + 4);
+    content.extend_from_slice(oid);
+    der::push(&mut content, 0x04, value);
+    der::wrap(0x30, &content)
+}
+
+/// A key identifier: the first 20 bytes of SHA-256 over the key bits.
+fn key_id(key_bits: &[u8]) -> Vec<u8> {
+    ring::digest::digest(&ring::digest::SHA256, key_bits).as_ref()[..20].to_vec()
+}
+
+impl LeafTemplate {
+    fn new(
+        ca: &x509_parser::certificate::X509Certificate<'_>,
+        ski: &[u8],
+        key: &PrivateKey,
+    ) -> Result<Self, CaError> {
+        let (signature_algorithm, ring_alg) = match key.algorithm() {
+            KeyAlgorithm::EcP256 => (ECDSA_SHA256, &ECDSA_P256_SHA256_ASN1_SIGNING),
+            KeyAlgorithm::EcP384 => (ECDSA_SHA384, &ECDSA_P384_SHA384_ASN1_SIGNING),
+        };
+        let rng = SystemRandom::new();
+        let signer = EcdsaKeyPair::from_pkcs8(ring_alg, key.pkcs8(), &rng)
+            .map_err(|e| CaError::Build(e.to_string()))?;
+        let mut aki = Vec::with_capacity(ski.len() + 2);
+        der::push(&mut aki, 0x80, ski);
+        let aki_extension = extension(OID_AKI, &der::wrap(0x30, &aki));
+        Ok(Self {
+            signature_algorithm,
+            issuer_name: ca.subject().as_raw().to_vec(),
+            aki_extension,
+            signer,
+            rng,
+        })
+    }
+
+    /// Encodes and signs one leaf.
+    fn sign(
+        &self,
+        spiffe_id: &SpiffeId,
+        dns_names: &[DnsName],
+        key: &CsrPublicKey,
+        serial: &[u8],
+        not_before: SystemTime,
+        not_after: SystemTime,
+    ) -> Result<Vec<u8>, CaError> {
+        let unix = |t: SystemTime| {
+            i64::try_from(sigil_identity::clock::unix_seconds(t)).unwrap_or(i64::MAX)
+        };
+        let mut tbs = Vec::with_capacity(512 + key.spki.len());
+        tbs.extend_from_slice(VERSION_3);
+        der::push_unsigned(&mut tbs, serial);
+        tbs.extend_from_slice(self.signature_algorithm);
+        tbs.extend_from_slice(&self.issuer_name);
+        let mut validity = Vec::with_capacity(34);
+        der::push_time(&mut validity, unix(not_before));
+        der::push_time(&mut validity, unix(not_after));
+        der::push(&mut tbs, 0x30, &validity);
+        tbs.extend_from_slice(LEAF_SUBJECT);
+        tbs.extend_from_slice(&key.spki);
+
+        let mut names = Vec::with_capacity(spiffe_id.as_str().len() + 64);
+        der::push(&mut names, 0x86, spiffe_id.as_str().as_bytes());
+        for d in dns_names {
+            der::push(&mut names, 0x82, d.as_str().as_bytes());
+        }
+        let mut exts = Vec::with_capacity(256 + names.len());
+        exts.extend_from_slice(EXT_BASIC_CONSTRAINTS);
+        exts.extend_from_slice(EXT_KEY_USAGE);
+        exts.extend_from_slice(EXT_EXTENDED_KEY_USAGE);
+        exts.extend_from_slice(&extension(
+            OID_SKI,
+            &der::wrap(0x04, &key_id(&key.key_bits)),
+        ));
+        exts.extend_from_slice(&self.aki_extension);
+        exts.extend_from_slice(&extension(OID_SAN, &der::wrap(0x30, &names)));
+        der::push(&mut tbs, 0xa3, &der::wrap(0x30, &exts));
+        let tbs = der::wrap(0x30, &tbs);
+
+        let signature = self
+            .signer
+            .sign(&self.rng, &tbs)
+            .map_err(|_| CaError::Build("signing failed".into()))?;
+        let mut cert = tbs;
+        cert.extend_from_slice(self.signature_algorithm);
+        cert.push(0x03);
+        der::push_len(&mut cert, signature.as_ref().len() + 1);
+        cert.push(0);
+        cert.extend_from_slice(signature.as_ref());
+        Ok(der::wrap(0x30, &cert))
+    }
 }
 
 impl std::fmt::Debug for X509Authority {
@@ -214,8 +357,7 @@ impl X509Authority {
                 .ok_or(CaError::SelfCheck(svid::SvidError::MissingSki))?,
             not_after: svid::validity(&cert).1,
         };
-        let issuer =
-            Issuer::from_ca_cert_der(&CertificateDer::from(cert_der), signer).map_err(rcgen_err)?;
+        let template = LeafTemplate::new(&cert, &info.ski, key)?;
         let (include_self, chain_tail) = match upstream {
             // The root is in the bundle; everything between it and us travels
             // with the SVID.
@@ -226,7 +368,7 @@ impl X509Authority {
             cert_der: cert_der.to_vec(),
             chain_tail,
             include_self,
-            issuer,
+            template,
             info,
         })
     }
@@ -256,31 +398,13 @@ impl X509Authority {
             return Err(CaError::AuthorityExpired);
         }
         let not_after = whole_seconds((now + ttl).min(self.info.not_after));
-        let serial = random_serial();
-        let serial_hex = svid::serial_hex_of(serial.as_ref());
-        let mut p = CertificateParams::default();
-        p.is_ca = IsCa::ExplicitNoCa;
-        p.key_usages = vec![Ku::DigitalSignature, Ku::KeyEncipherment, Ku::KeyAgreement];
-        p.extended_key_usages = vec![Eku::ServerAuth, Eku::ClientAuth];
-        p.distinguished_name
-            .push(DnType::OrganizationName, ORGANIZATION);
-        let mut sans = Vec::with_capacity(1 + dns_names.len());
-        sans.push(SanType::URI(
-            spiffe_id.as_str().try_into().map_err(rcgen_err)?,
-        ));
-        for d in dns_names {
-            sans.push(SanType::DnsName(d.as_str().try_into().map_err(rcgen_err)?));
-        }
-        p.subject_alt_names = sans;
-        p.serial_number = Some(serial);
-        p.not_before = to_offset(now.checked_sub(BACKDATE).unwrap_or(now));
-        p.not_after = to_offset(not_after);
-        p.use_authority_key_identifier_extension = true;
-        let leaf = p
-            .signed_by(public_key, &self.issuer)
-            .map_err(rcgen_err)?
-            .der()
-            .to_vec();
+        let not_before = now.checked_sub(BACKDATE).unwrap_or(now);
+        // 128 random bits, encoded as a positive INTEGER.
+        let serial = sigil_identity::random::bytes::<16>();
+        let serial_hex = svid::serial_hex_of(&serial);
+        let leaf = self.template.sign(
+            spiffe_id, dns_names, public_key, &serial, not_before, not_after,
+        )?;
         let id = svid::check_issued(&leaf, &self.info).map_err(CaError::SelfCheck)?;
         if id != *spiffe_id {
             return Err(CaError::Build(
