@@ -143,6 +143,11 @@ impl X509PopAttestor {
                     "certificate outside its validity period",
                 ));
             }
+            if i == 0 && is_ca(cert) {
+                return Err(AttestError::Rejected(
+                    "node certificate is a CA certificate",
+                ));
+            }
             if i > 0 && !is_ca(cert) {
                 return Err(AttestError::Rejected("intermediate is not a CA"));
             }

@@ -162,6 +162,21 @@ impl AdminService {
         Ok(())
     }
 
+    /// A SPIFFE ID the admin API may mint for: a workload ID of our trust
+    /// domain (never the server's or an agent's).
+    fn mintable(&self, raw: &str) -> Result<SpiffeId, Status> {
+        let id = spiffe_id("spiffe_id", raw)?;
+        if !id.is_member_of(&self.trust_domain) {
+            return Err(Status::invalid_argument(format!(
+                "{id} is not in trust domain {}",
+                self.trust_domain
+            )));
+        }
+        id.check_workload_id()
+            .map_err(|e| Status::invalid_argument(format!("{id}: {e}")))?;
+        Ok(id)
+    }
+
     async fn after_entry_change(&self) {
         if let Err(e) = self.registry.catch_up().await {
             warn!(error = %e, "registry could not catch up with the datastore");
@@ -502,7 +517,12 @@ impl Admin for AdminApi {
             )));
         }
         let token = sigil_attestors::join_token::generate_token();
-        let expires_at = self.clock.now() + ttl;
+        let expires_at = self
+            .clock
+            .now()
+            .checked_add(ttl)
+            .filter(|_| ttl <= Duration::from_secs(366 * 86400))
+            .ok_or_else(|| Status::invalid_argument("token ttl must be at most 366 days"))?;
         let record = JoinTokenRecord {
             hash: TokenHash::of(&token),
             expires_at,
@@ -556,16 +576,22 @@ impl Admin for AdminApi {
     ) -> Result<Response<node_pb::X509Svid>, Status> {
         let caller = self.caller(&req)?;
         let r = req.into_inner();
-        let id = spiffe_id("spiffe_id", &r.spiffe_id)?;
+        let id = self.mintable(&r.spiffe_id)?;
         let dns = r
             .dns_names
             .iter()
             .map(|d| DnsName::new(d).map_err(|e| Status::invalid_argument(e.to_string())))
             .collect::<Result<Vec<_>, _>>()?;
-        let issued = self
-            .ca
-            .issue_x509_svid(&id, &dns, ttl(r.ttl)?, &r.csr)
-            .map_err(|e| ca_status(&e))?;
+        let issued = match self.ca.issue_x509_svid(&id, &dns, ttl(r.ttl)?, &r.csr) {
+            Ok(i) => i,
+            Err(e) => {
+                let status = ca_status(&e);
+                self.audit
+                    .record(&caller, "svid.x509.mint", id.as_str(), status.message())
+                    .await;
+                return Err(status);
+            }
+        };
         self.audit
             .record_all(vec![self.audit.issued(
                 &caller,
@@ -588,11 +614,17 @@ impl Admin for AdminApi {
     ) -> Result<Response<node_pb::NewJwtSvidResponse>, Status> {
         let caller = self.caller(&req)?;
         let r = req.into_inner();
-        let id = spiffe_id("spiffe_id", &r.spiffe_id)?;
-        let svid = self
-            .ca
-            .mint_jwt_svid(&id, &r.audience, ttl(r.ttl)?)
-            .map_err(|e| ca_status(&e))?;
+        let id = self.mintable(&r.spiffe_id)?;
+        let svid = match self.ca.mint_jwt_svid(&id, &r.audience, ttl(r.ttl)?) {
+            Ok(s) => s,
+            Err(e) => {
+                let status = ca_status(&e);
+                self.audit
+                    .record(&caller, "svid.jwt.mint", id.as_str(), status.message())
+                    .await;
+                return Err(status);
+            }
+        };
         self.audit
             .record_all(vec![self.audit.issued(
                 &caller,

@@ -314,8 +314,17 @@ impl ServerConfig {
                 "ca.x509_svid_ttl and ca.jwt_svid_ttl must be shorter than ca.ttl".into(),
             ));
         }
-        if self.ca.ttl < Duration::from_secs(60) {
-            return Err(ConfigError::Invalid("ca.ttl must be at least 1m".into()));
+        if self.ca.ttl < Duration::from_secs(60)
+            || self.ca.ttl > Duration::from_secs(10 * 366 * 86400)
+        {
+            return Err(ConfigError::Invalid(
+                "ca.ttl must be between 1m and 10 years".into(),
+            ));
+        }
+        if self.agents.svid_ttl > self.ca.ttl {
+            return Err(ConfigError::Invalid(
+                "agents.svid_ttl must not exceed ca.ttl".into(),
+            ));
         }
         if !(self.rate_limits.attest_per_second > 0.0 && self.rate_limits.signing_per_second > 0.0)
         {

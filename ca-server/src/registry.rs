@@ -34,12 +34,24 @@ const SUBSCRIBER_BUFFER: usize = 1024;
 pub enum AgentEvent {
     /// An entry was created or changed (and is authorized for the agent).
     Upsert(Arc<RegistrationEntry>),
-    /// An entry is no longer authorized for the agent.
-    Removed(EntryId),
+    /// An entry is no longer authorized for the agent, as of this revision.
+    Removed(EntryId, u64),
     /// The agent's alias membership changed: send the full set again.
     Resync,
     /// The agent was banned or evicted.
     Revoked(&'static str),
+    /// The agent's SVID was replaced (renewal or re-attestation): streams
+    /// opened with the old one end.
+    Superseded,
+}
+
+/// A remembered change: its revision, the entry, and the parents involved
+/// (before and after), so a resuming agent learns only of its own.
+struct LoggedChange {
+    revision: u64,
+    id: EntryId,
+    parents: [Option<SpiffeId>; 2],
+    alias: bool,
 }
 
 /// The initial message of a Sync stream.
@@ -69,8 +81,10 @@ struct State {
     alias_members: HashMap<SpiffeId, BTreeSet<SpiffeId>>,
     subscribers: HashMap<SpiffeId, Vec<Subscriber>>,
     next_subscriber: u64,
-    /// (revision, entry id) of recent changes, oldest first.
-    log: VecDeque<(u64, EntryId)>,
+    /// Recent changes, oldest first.
+    log: VecDeque<LoggedChange>,
+    /// Revision at which each agent's alias membership last changed.
+    membership_changed: HashMap<SpiffeId, u64>,
     /// Revision before the oldest change in `log`.
     log_floor: u64,
 }
@@ -136,6 +150,9 @@ impl State {
                 .insert(id.clone());
         }
         let changed = old != new;
+        if changed {
+            self.membership_changed.insert(id.clone(), self.revision);
+        }
         if !new.is_empty() {
             self.agent_aliases.insert(id.clone(), new);
         }
@@ -178,15 +195,24 @@ impl State {
 
     fn apply(&mut self, change: EntryChange, server_id: &SpiffeId) {
         self.revision = self.revision.max(change.revision);
-        self.log
-            .push_back((change.revision, change.entry.id.clone()));
-        while self.log.len() > CHANGE_LOG_LEN {
-            if let Some((rev, _)) = self.log.pop_front() {
-                self.log_floor = rev;
-            }
-        }
         let id = change.entry.id.clone();
         let old = self.entries.get(&id).cloned();
+        let alias = self.is_alias(&change.entry, server_id)
+            || old.as_ref().is_some_and(|e| self.is_alias(e, server_id));
+        self.log.push_back(LoggedChange {
+            revision: change.revision,
+            id: id.clone(),
+            parents: [
+                old.as_ref().map(|e| e.parent_id.clone()),
+                Some(change.entry.parent_id.clone()),
+            ],
+            alias,
+        });
+        while self.log.len() > CHANGE_LOG_LEN {
+            if let Some(c) = self.log.pop_front() {
+                self.log_floor = c.revision;
+            }
+        }
         let before = old
             .as_ref()
             .map(|e| self.agents_under(&e.parent_id))
@@ -213,7 +239,7 @@ impl State {
             .map(|e| self.agents_under(&e.parent_id))
             .unwrap_or_default();
         for agent in before.difference(&after) {
-            self.send(agent, &AgentEvent::Removed(id.clone()));
+            self.send(agent, &AgentEvent::Removed(id.clone(), change.revision));
         }
         if let Some(new) = &new {
             for agent in &after {
@@ -373,9 +399,11 @@ impl Registry {
     }
 
     /// Records a new or changed agent (already written to the datastore).
-    pub fn put_agent(&self, record: AgentRecord) {
+    /// As in the datastore, a ban is sticky until the agent is removed.
+    pub fn put_agent(&self, mut record: AgentRecord) {
         let mut state = self.lock();
         let id = record.id.clone();
+        record.banned |= state.agents.get(&id).is_some_and(|old| old.banned);
         let banned = record.banned;
         state.agents.insert(id.clone(), record);
         if state.refresh_agent_aliases(&id) {
@@ -384,6 +412,13 @@ impl Registry {
         if banned {
             state.send(&id, &AgentEvent::Revoked("agent banned"));
         }
+    }
+
+    /// Ends every open stream of `agent`: its SVID was replaced.
+    pub fn supersede(&self, agent: &SpiffeId) {
+        let mut state = self.lock();
+        state.send(agent, &AgentEvent::Superseded);
+        state.subscribers.remove(agent);
     }
 
     /// Forgets an evicted agent (already removed from the datastore).
@@ -408,19 +443,25 @@ impl Registry {
         let (tx, rx) = mpsc::channel(SUBSCRIBER_BUFFER);
         let mut state = self.lock();
         let authorized = state.authorized(agent, now);
-        let can_resume = since > 0 && since >= state.log_floor && since <= state.revision;
+        let relevant: BTreeSet<&SpiffeId> = std::iter::once(agent)
+            .chain(state.agent_aliases.get(agent).into_iter().flatten())
+            .collect();
+        let since_changes = || state.log.iter().filter(move |c| c.revision > since);
+        // Resuming needs the history, and a stable alias membership since then.
+        let can_resume = since > 0
+            && since >= state.log_floor
+            && since <= state.revision
+            && state
+                .membership_changed
+                .get(agent)
+                .is_none_or(|rev| *rev <= since)
+            && !since_changes().any(|c| c.alias);
         let start = if can_resume {
-            let changed: BTreeSet<&EntryId> = state
-                .log
-                .iter()
-                .filter(|(rev, _)| *rev > since)
-                .map(|(_, id)| id)
-                .collect();
             let authorized_ids: BTreeSet<&EntryId> = authorized.iter().map(|e| &e.id).collect();
-            let removed = changed
-                .iter()
-                .filter(|id| !authorized_ids.contains(*id))
-                .map(|id| (*id).clone())
+            let removed: BTreeSet<EntryId> = since_changes()
+                .filter(|c| c.parents.iter().flatten().any(|p| relevant.contains(p)))
+                .filter(|c| !authorized_ids.contains(&c.id))
+                .map(|c| c.id.clone())
                 .collect();
             let entries = authorized
                 .iter()
@@ -430,7 +471,7 @@ impl Registry {
             SyncStart {
                 full: false,
                 entries,
-                removed,
+                removed: removed.into_iter().collect(),
                 revision: state.revision,
             }
         } else {

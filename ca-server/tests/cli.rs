@@ -357,6 +357,26 @@ async fn bad_input_gives_a_clear_message_and_nonzero_exit() {
             "trust domain",
         ),
         (
+            vec![
+                "x509",
+                "mint",
+                "--spiffe-id",
+                "spiffe://example.org/sigil/server",
+            ],
+            "reserved",
+        ),
+        (
+            vec![
+                "jwt",
+                "mint",
+                "--spiffe-id",
+                "spiffe://example.org/sigil/agent/x",
+                "--audience",
+                "a",
+            ],
+            "reserved",
+        ),
+        (
             vec!["jwt", "mint", "--spiffe-id", "spiffe://example.org/x"],
             "--audience",
         ),

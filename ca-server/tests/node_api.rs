@@ -530,3 +530,143 @@ async fn node_alias_entries_reach_every_matching_agent() {
     );
     let _ = td();
 }
+
+#[tokio::test]
+async fn attestation_is_rate_limited_per_source() {
+    let server =
+        TestServer::start("[rate_limits]\nattest_per_second = 0.001\nattest_burst = 2.0\n").await;
+    for _ in 0..2 {
+        TestAgent::join(&server, &server.token().await)
+            .await
+            .unwrap();
+    }
+    let err = TestAgent::join(&server, &server.token().await)
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+}
+
+#[tokio::test]
+async fn signing_is_rate_limited_per_agent() {
+    let server =
+        TestServer::start("[rate_limits]\nsigning_per_second = 0.001\nsigning_burst = 3.0\n").await;
+    let agent = TestAgent::join(&server, &server.token().await)
+        .await
+        .unwrap();
+    let entry = server
+        .entry("spiffe://example.org/web", &agent.id, &["unix:uid:1"])
+        .await;
+    let mut client = agent.client(&server).await;
+    let key = KeyPair::generate().unwrap();
+    let batch = |n: usize| pb::BatchNewX509SvidRequest {
+        params: (0..n)
+            .map(|_| pb::SvidParams {
+                entry_id: entry.id.clone(),
+                csr: csr(&key),
+            })
+            .collect(),
+    };
+    client.batch_new_x509_svid(batch(3)).await.unwrap();
+    let err = client.batch_new_x509_svid(batch(1)).await.err().unwrap();
+    assert_eq!(err.code(), Code::ResourceExhausted);
+}
+
+#[tokio::test]
+async fn admin_mutations_and_issuance_are_audited_without_secrets() {
+    let mut server = TestServer::start("").await;
+    let token = server.token().await;
+    let agent = TestAgent::join(&server, &token).await.unwrap();
+    let entry = server
+        .entry("spiffe://example.org/web", &agent.id, &["unix:uid:1"])
+        .await;
+    let mut client = agent.client(&server).await;
+    let key = KeyPair::generate().unwrap();
+    let csr_der = csr(&key);
+    client
+        .batch_new_x509_svid(pb::BatchNewX509SvidRequest {
+            params: vec![pb::SvidParams {
+                entry_id: entry.id.clone(),
+                csr: csr_der.clone(),
+            }],
+        })
+        .await
+        .unwrap();
+    client
+        .new_jwt_svid(pb::NewJwtSvidRequest {
+            entry_id: entry.id.clone(),
+            audience: vec!["db".into()],
+        })
+        .await
+        .unwrap();
+    let mut admin = server.admin().await;
+    admin
+        .delete_entries(admin::DeleteEntriesRequest {
+            ids: vec![entry.id.clone()],
+        })
+        .await
+        .unwrap();
+    admin
+        .ban_agent(admin::AgentRequest {
+            id: agent.id.to_string(),
+        })
+        .await
+        .unwrap();
+    drop(client);
+    drop(admin);
+    server.stop().await;
+
+    let store =
+        sigil_server::datastore::SledDatastore::open(server.dir.path().join("data/datastore"))
+            .unwrap();
+    use sigil_server::datastore::Datastore;
+    let events = store.list_audit(0, 1000).await.unwrap();
+    let actions: Vec<&str> = events.iter().map(|(_, e)| e.action.as_str()).collect();
+    for want in [
+        "token.generate",
+        "agent.attest",
+        "entry.create",
+        "svid.x509.issue",
+        "svid.jwt.issue",
+        "entry.delete",
+        "agent.ban",
+    ] {
+        assert!(actions.contains(&want), "no {want} in {actions:?}");
+    }
+    let issue = events
+        .iter()
+        .find(|(_, e)| e.action == "svid.x509.issue")
+        .unwrap()
+        .1
+        .clone();
+    assert_eq!(issue.caller, agent.id.as_str());
+    assert_eq!(issue.target, "spiffe://example.org/web");
+    assert_eq!(issue.outcome, "ok");
+    assert!(issue.expires_at.is_some());
+    let ban = events
+        .iter()
+        .find(|(_, e)| e.action == "agent.ban")
+        .unwrap()
+        .1
+        .clone();
+    assert!(ban.caller.starts_with("uid:"));
+    let everything = format!("{events:?}{}", server.log());
+    assert!(
+        !everything.contains(&token),
+        "the join token never appears in audit or logs"
+    );
+    let csr_b64 = base64_std(&csr_der);
+    assert!(
+        !everything.contains(&csr_b64[..40]),
+        "no CSR in audit or logs"
+    );
+    assert!(
+        server.log().contains("sigil::audit"),
+        "audit events are logged too"
+    );
+}
+
+fn base64_std(b: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(b)
+}

@@ -58,9 +58,14 @@ pub fn unix_seconds(t: SystemTime) -> u64 {
         .unwrap_or(0)
 }
 
-/// The time `secs` seconds after the Unix epoch.
+/// Latest time Sigil represents: 9999-12-31T23:59:59Z. Larger inputs are
+/// clamped to it, so no time arithmetic on outside input can overflow.
+pub const MAX_UNIX_SECONDS: u64 = 253_402_300_799;
+
+/// The time `secs` seconds after the Unix epoch, clamped to
+/// [`MAX_UNIX_SECONDS`].
 pub fn from_unix_seconds(secs: u64) -> SystemTime {
-    UNIX_EPOCH + Duration::from_secs(secs)
+    UNIX_EPOCH + Duration::from_secs(secs.min(MAX_UNIX_SECONDS))
 }
 
 /// Serde adapter: `SystemTime` as whole Unix seconds.
@@ -120,6 +125,11 @@ pub mod serde_opt_seconds {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn huge_times_are_clamped_not_overflowed() {
+        assert_eq!(unix_seconds(from_unix_seconds(u64::MAX)), MAX_UNIX_SECONDS);
+    }
 
     #[test]
     fn fake_clock_moves_only_when_told() {

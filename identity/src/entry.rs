@@ -15,6 +15,9 @@ use crate::spiffe_id::{ReservedIdError, SpiffeId, TrustDomain};
 pub const MAX_DNS_NAMES: usize = 100;
 /// Longest hint, in bytes.
 pub const MAX_HINT_LEN: usize = 256;
+/// Longest SVID lifetime an entry may ask for (the CA caps it further at
+/// its own expiry).
+pub const MAX_TTL: Duration = Duration::from_secs(366 * 24 * 3600);
 /// Longest entry id, in bytes.
 pub const MAX_ENTRY_ID_LEN: usize = 64;
 
@@ -35,6 +38,8 @@ pub enum EntryError {
     NoSelectors,
     #[error("ttl must be at least one second")]
     ZeroTtl,
+    #[error("ttl must be at most 366 days")]
+    TtlTooLong,
     #[error("invalid dns name {0:?}: {1}")]
     DnsName(String, &'static str),
     #[error("an entry may carry at most {MAX_DNS_NAMES} dns names")]
@@ -263,6 +268,13 @@ impl RegistrationEntry {
         if zero(self.x509_svid_ttl) || zero(self.jwt_svid_ttl) {
             return Err(EntryError::ZeroTtl);
         }
+        if [self.x509_svid_ttl, self.jwt_svid_ttl]
+            .iter()
+            .flatten()
+            .any(|t| *t > MAX_TTL)
+        {
+            return Err(EntryError::TtlTooLong);
+        }
         if self.dns_names.len() > MAX_DNS_NAMES {
             return Err(EntryError::TooManyDnsNames);
         }
@@ -336,6 +348,9 @@ mod tests {
         let mut e = entry();
         e.x509_svid_ttl = Some(Duration::ZERO);
         assert_eq!(e.check(&td()), Err(EntryError::ZeroTtl));
+        let mut e = entry();
+        e.jwt_svid_ttl = Some(MAX_TTL + Duration::from_secs(1));
+        assert_eq!(e.check(&td()), Err(EntryError::TtlTooLong));
         let mut e = entry();
         e.federates_with.insert(td());
         assert_eq!(e.check(&td()), Err(EntryError::FederatesWithSelf));

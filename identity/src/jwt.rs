@@ -289,7 +289,9 @@ impl JwtSigner {
         if now >= self.not_after {
             return Err(JwtError::SigningKeyExpired);
         }
-        let expiry = (now + ttl).min(self.not_after);
+        let expiry = now
+            .checked_add(ttl)
+            .map_or(self.not_after, |t| t.min(self.not_after));
         let claims = Claims {
             aud: audience,
             exp: unix_seconds(expiry),
@@ -398,7 +400,9 @@ fn numeric(
         Some(v) => {
             let secs = v
                 .as_f64()
-                .filter(|s| s.is_finite() && *s >= 0.0)
+                .filter(|s| {
+                    s.is_finite() && *s >= 0.0 && *s <= crate::clock::MAX_UNIX_SECONDS as f64
+                })
                 .ok_or(JwtError::BadNumericClaim(name))?;
             Ok(Some(from_unix_seconds(secs as u64)))
         }
@@ -496,11 +500,12 @@ pub fn validate(
         .verify_with(verifier, &token.as_bytes()[..signed_len], &signature)
         .map_err(|_| JwtError::BadSignature)?;
 
-    if now > expiry + LEEWAY {
+    if now > expiry.checked_add(LEEWAY).unwrap_or(expiry) {
         return Err(JwtError::Expired);
     }
-    if not_before.is_some_and(|nbf| nbf > now + LEEWAY)
-        || issued_at.is_some_and(|iat| iat > now + LEEWAY)
+    let now_plus_leeway = now.checked_add(LEEWAY).unwrap_or(now);
+    if not_before.is_some_and(|nbf| nbf > now_plus_leeway)
+        || issued_at.is_some_and(|iat| iat > now_plus_leeway)
     {
         return Err(JwtError::NotYetValid);
     }

@@ -250,6 +250,49 @@ impl PublicKey {
         ok.map_err(|_| KeyError::BadSignature)
     }
 
+    /// The canonical DER SubjectPublicKeyInfo of this key: named-curve EC
+    /// or `rsaEncryption` with NULL parameters.
+    pub fn to_spki_der(&self) -> Vec<u8> {
+        fn tlv(tag: u8, content: &[u8]) -> Vec<u8> {
+            let mut out = vec![tag];
+            let len = content.len();
+            match len {
+                0..=0x7f => out.push(len as u8),
+                0x80..=0xff => out.extend_from_slice(&[0x81, len as u8]),
+                _ => out.extend_from_slice(&[0x82, (len >> 8) as u8, len as u8]),
+            }
+            out.extend_from_slice(content);
+            out
+        }
+        fn uint(bytes: &[u8]) -> Vec<u8> {
+            let pad = bytes.first().is_none_or(|b| b & 0x80 != 0);
+            let mut v = Vec::with_capacity(bytes.len() + 1);
+            if pad {
+                v.push(0);
+            }
+            v.extend_from_slice(bytes);
+            tlv(0x02, &v)
+        }
+        const EC_PUBLIC_KEY: &[u8] = &[0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01];
+        const P256: &[u8] = &[0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+        const P384: &[u8] = &[0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x22];
+        const RSA: &[u8] = &[
+            0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01, 0x05, 0x00,
+        ];
+        let (alg, key): (Vec<u8>, Vec<u8>) = match self {
+            PublicKey::Ec { curve, point } => {
+                let curve_oid = match curve {
+                    Curve::P256 => P256,
+                    Curve::P384 => P384,
+                };
+                ([EC_PUBLIC_KEY, curve_oid].concat(), point.clone())
+            }
+            PublicKey::Rsa { n, e } => (RSA.to_vec(), tlv(0x30, &[uint(n), uint(e)].concat())),
+        };
+        let bits = [&[0u8][..], &key].concat();
+        tlv(0x30, &[tlv(0x30, &alg), tlv(0x03, &bits)].concat())
+    }
+
     /// The key's JWK members (`kty`, `crv`/`x`/`y` or `n`/`e`).
     pub fn jwk_members(&self) -> Map<String, Value> {
         let mut m = Map::new();
@@ -364,6 +407,24 @@ mod tests {
         ));
         let back = PublicKey::from_jwk(&key.jwk_members()).unwrap();
         assert_eq!(back, key);
+    }
+
+    #[test]
+    fn canonical_spki_matches_what_rcgen_and_openssl_write() {
+        for alg in [
+            &rcgen::PKCS_ECDSA_P256_SHA256,
+            &rcgen::PKCS_ECDSA_P384_SHA384,
+        ] {
+            let kp = rcgen::KeyPair::generate_for(alg).unwrap();
+            let spki = rcgen::PublicKeyData::subject_public_key_info(&kp);
+            assert_eq!(PublicKey::from_spki_der(&spki).unwrap().to_spki_der(), spki);
+        }
+        let n: Vec<u8> = std::iter::once(0xc3)
+            .chain(std::iter::repeat_n(0x55, 255))
+            .collect();
+        let rsa = PublicKey::rsa(&n, &[1, 0, 1]).unwrap();
+        let der = rsa.to_spki_der();
+        assert_eq!(PublicKey::from_spki_der(&der).unwrap(), rsa);
     }
 
     #[test]

@@ -198,6 +198,28 @@ async fn refuses_expired_certificates() {
     );
 }
 
+#[tokio::test]
+async fn refuses_a_ca_certificate_as_node_identity() {
+    let pki = new_pki();
+    let key = KeyPair::generate().unwrap();
+    let mut p = CertificateParams::default();
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let leaf = p
+        .signed_by(&key, &Issuer::from_params(&pki.root_params, &pki.root_key))
+        .unwrap()
+        .der()
+        .to_vec();
+    let agent = X509PopAgent::new(vec![leaf.clone()], &key.serialize_der()).unwrap();
+    let err = attestor(&pki)
+        .attest(&leaf, &mut AgentSide(&agent))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err,
+        AttestError::Rejected("node certificate is a CA certificate")
+    );
+}
+
 #[test]
 fn agent_refuses_mismatched_key() {
     let pki = new_pki();

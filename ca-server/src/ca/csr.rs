@@ -34,7 +34,7 @@ pub enum CsrError {
 pub struct CsrPublicKey {
     /// The parsed key.
     pub key: PublicKey,
-    /// The whole SubjectPublicKeyInfo, DER, as the CSR carried it.
+    /// The key's canonical SubjectPublicKeyInfo, DER.
     pub spki: Vec<u8>,
     /// The subjectPublicKey bit string contents (for the key identifier).
     pub key_bits: Vec<u8>,
@@ -92,14 +92,20 @@ pub fn public_key_from_csr(der: &[u8]) -> Result<CsrPublicKey, CsrError> {
         .ok_or(CsrError::Signature(KeyError::UnsupportedSignatureAlgorithm))?;
     key.verify_x509_alg(alg, info, signature)
         .map_err(CsrError::Signature)?;
-    // The SPKI parsed above, so its second element is the key bit string.
-    let (spki_seq, _) = der::read(spki).map_err(|_| CsrError::Malformed)?;
-    let (_, rest) = der::read(spki_seq.content).map_err(|_| CsrError::Malformed)?;
-    let (bits, _) = der::expect(rest, 0x03).map_err(|_| CsrError::Malformed)?;
-    let key_bits = bits.content.get(1..).ok_or(CsrError::Malformed)?.to_vec();
+    // Only the key itself goes on: re-encoded canonically, not copied.
+    let spki = key.to_spki_der();
+    let key_bits = match &key {
+        PublicKey::Ec { point, .. } => point.clone(),
+        PublicKey::Rsa { .. } => {
+            let (outer, _) = der::read(&spki).map_err(|_| CsrError::Malformed)?;
+            let (_, rest) = der::read(outer.content).map_err(|_| CsrError::Malformed)?;
+            let (bits, _) = der::expect(rest, 0x03).map_err(|_| CsrError::Malformed)?;
+            bits.content.get(1..).ok_or(CsrError::Malformed)?.to_vec()
+        }
+    };
     Ok(CsrPublicKey {
         key,
-        spki: spki.to_vec(),
+        spki,
         key_bits,
     })
 }

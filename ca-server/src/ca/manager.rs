@@ -172,20 +172,24 @@ impl CaManager {
         self.journal.lock().await.clone()
     }
 
-    /// Loads the signers of the active slots; a slot whose key is gone (a
-    /// memory key manager after restart, a deleted file) is retired so a
-    /// new key takes over.
+    /// Loads the signers of the active slots and checks the prepared ones;
+    /// a slot whose key is gone (a memory key manager after restart, a
+    /// deleted file) is retired so a new key takes over. Its certificate
+    /// stays in the bundle until it expires.
     async fn load_active(&self, journal: &mut CaJournal) -> Result<(), CaError> {
         let mut changed = false;
         for slot in journal
             .x509
             .iter_mut()
-            .filter(|s| s.state == SlotState::Active)
+            .filter(|s| s.state != SlotState::Retired)
         {
             match self.load_x509(slot) {
-                Ok(a) => *self.x509.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(a)),
+                Ok(a) if slot.state == SlotState::Active => {
+                    *self.x509.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(a));
+                }
+                Ok(_) => {}
                 Err(e) => {
-                    warn!(key_id = %slot.key_id, error = %e, "active X.509 CA key unusable; retiring it");
+                    warn!(key_id = %slot.key_id, state = ?slot.state, error = %e, "X.509 CA key unusable; retiring it");
                     slot.state = SlotState::Retired;
                     changed = true;
                 }
@@ -194,12 +198,15 @@ impl CaManager {
         for slot in journal
             .jwt
             .iter_mut()
-            .filter(|s| s.state == SlotState::Active)
+            .filter(|s| s.state != SlotState::Retired)
         {
             match self.load_jwt(slot) {
-                Ok(s) => *self.jwt.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(s)),
+                Ok(signer) if slot.state == SlotState::Active => {
+                    *self.jwt.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(signer));
+                }
+                Ok(_) => {}
                 Err(e) => {
-                    warn!(key_id = %slot.key_id, error = %e, "active JWT key unusable; retiring it");
+                    warn!(key_id = %slot.key_id, state = ?slot.state, error = %e, "JWT key unusable; retiring it");
                     slot.state = SlotState::Retired;
                     changed = true;
                 }
@@ -299,6 +306,8 @@ impl CaManager {
 
     /// One rotation step at `now`: prepare (and publish) successors that
     /// are due, then activate those that are due, then drop expired keys.
+    /// Each change is made on a copy of the journal and adopted only once
+    /// it is persisted, so a failed write leaves nothing half-done.
     async fn step(
         &self,
         journal: &mut CaJournal,
@@ -307,15 +316,20 @@ impl CaManager {
         let mut report = RotationReport::default();
         let td = &self.config.trust_domain;
         let not_before = now.checked_sub(BACKDATE).unwrap_or(now);
-        let not_after = now + self.config.ca_ttl;
+        let not_after = now
+            .checked_add(self.config.ca_ttl)
+            .ok_or(CaError::Build("ca ttl overflows the clock".into()))?;
         let alg = self.config.key_algorithm;
 
-        if plan(&journal.x509, now) == CaAction::Prepare {
+        let mut next = journal.clone();
+        let mut new_keys = Vec::new();
+        if plan(&next.x509, now) == CaAction::Prepare {
             let key_id = KeyId::generate("x509");
             let key = self.keys.generate(&key_id, alg)?;
+            new_keys.push(key_id.clone());
             let authority =
                 X509Authority::create(td, &key, not_before, not_after, self.upstream.as_ref())?;
-            journal.x509.push(X509Slot {
+            next.x509.push(X509Slot {
                 key_id: key_id.clone(),
                 algorithm: alg,
                 state: SlotState::Prepared,
@@ -326,12 +340,13 @@ impl CaManager {
             info!(key_id = %key_id, kind = "x509", "CA key prepared");
             report.prepared += 1;
         }
-        if plan(&journal.jwt, now) == CaAction::Prepare {
+        if plan(&next.jwt, now) == CaAction::Prepare {
             let key_id = KeyId::generate("jwt");
             let key = self.keys.generate(&key_id, alg)?;
+            new_keys.push(key_id.clone());
             let kid = sigil_identity::random::hex_id();
             let signer = JwtSigner::from_pkcs8(&kid, alg.curve(), key.pkcs8(), not_after)?;
-            journal.jwt.push(JwtSlot {
+            next.jwt.push(JwtSlot {
                 key_id: key_id.clone(),
                 algorithm: alg,
                 state: SlotState::Prepared,
@@ -345,57 +360,81 @@ impl CaManager {
         }
         if report.prepared > 0 {
             // Journal first, then the bundle: a crash in between is healed by
-            // `start`, which publishes what the journal holds.
-            self.store.put_ca_journal(journal).await?;
-            self.publish(journal).await?;
-            // Keys prepared in this step wait for the next one to activate,
-            // so the bundle above is durable before they sign anything.
+            // `start`, which publishes what the journal holds. Keys prepared
+            // here activate in a later step, after this bundle is durable.
+            let persisted = async {
+                self.store.put_ca_journal(&next).await?;
+                self.publish(&next).await
+            }
+            .await;
+            if let Err(e) = persisted {
+                for key_id in &new_keys {
+                    let _ = self.keys.delete(key_id);
+                }
+                return Err(e);
+            }
+            *journal = next;
             return Ok(report);
         }
 
-        let x509_next = match plan(&journal.x509, now) {
-            CaAction::Activate => journal
+        // Activation: only a slot whose certificate (or kid) is already in
+        // the published bundle may start signing.
+        let bundle = self.bundle();
+        let x509_ready = |s: &X509Slot| match &self.upstream {
+            Some(_) => true,
+            None => bundle.x509_authorities.contains(&s.cert_der),
+        };
+        let x509_next = match plan(&next.x509, now) {
+            CaAction::Activate => next
                 .x509
                 .iter()
-                .find(|s| s.state == SlotState::Prepared)
+                .find(|s| s.state == SlotState::Prepared && x509_ready(s))
                 .map(|s| self.load_x509(s)),
             _ => None,
         };
-        let jwt_next = match plan(&journal.jwt, now) {
-            CaAction::Activate => journal
+        let jwt_next = match plan(&next.jwt, now) {
+            CaAction::Activate => next
                 .jwt
                 .iter()
-                .find(|s| s.state == SlotState::Prepared)
+                .find(|s| s.state == SlotState::Prepared && bundle.jwt_authority(&s.kid).is_some())
                 .map(|s| self.load_jwt(s)),
             _ => None,
         };
         let x509_next = x509_next.transpose()?.map(Arc::new);
         let jwt_next = jwt_next.transpose()?.map(Arc::new);
         if x509_next.is_some() {
-            activate(&mut journal.x509);
+            activate(&mut next.x509);
         }
         if jwt_next.is_some() {
-            activate(&mut journal.jwt);
+            activate(&mut next.jwt);
         }
         if x509_next.is_some() || jwt_next.is_some() {
-            self.store.put_ca_journal(journal).await?;
+            self.store.put_ca_journal(&next).await?;
+            *journal = next.clone();
             if let Some(a) = x509_next {
                 *self.x509.write().unwrap_or_else(|p| p.into_inner()) = Some(a);
                 info!(kind = "x509", "CA key activated");
                 report.activated += 1;
             }
-            if let Some(s) = jwt_next {
-                *self.jwt.write().unwrap_or_else(|p| p.into_inner()) = Some(s);
+            if let Some(signer) = jwt_next {
+                *self.jwt.write().unwrap_or_else(|p| p.into_inner()) = Some(signer);
                 info!(kind = "jwt", "JWT key activated");
                 report.activated += 1;
             }
+        } else if matches!(plan(&next.x509, now), CaAction::Activate)
+            || matches!(plan(&next.jwt, now), CaAction::Activate)
+        {
+            // Due but not yet published (a failed publish earlier): publish now,
+            // activate in the next step.
+            self.publish(&next).await?;
         }
 
-        let mut gone = prune(&mut journal.x509, now);
-        gone.extend(prune(&mut journal.jwt, now));
+        let mut gone = prune(&mut next.x509, now);
+        gone.extend(prune(&mut next.jwt, now));
         if !gone.is_empty() {
-            self.store.put_ca_journal(journal).await?;
-            self.publish(journal).await?;
+            self.store.put_ca_journal(&next).await?;
+            *journal = next.clone();
+            self.publish(&next).await?;
             for key_id in &gone {
                 if let Err(e) = self.keys.delete(key_id) {
                     warn!(key_id = %key_id, error = %e, "could not delete expired CA key");

@@ -397,7 +397,10 @@ impl X509Authority {
         if now >= self.info.not_after {
             return Err(CaError::AuthorityExpired);
         }
-        let not_after = whole_seconds((now + ttl).min(self.info.not_after));
+        let not_after = whole_seconds(
+            now.checked_add(ttl)
+                .map_or(self.info.not_after, |t| t.min(self.info.not_after)),
+        );
         let not_before = now.checked_sub(BACKDATE).unwrap_or(now);
         // 128 random bits, encoded as a positive INTEGER.
         let serial = sigil_identity::random::bytes::<16>();

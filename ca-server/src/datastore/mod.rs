@@ -216,7 +216,9 @@ pub trait Datastore: Send + Sync + fmt::Debug {
 
     /// Stores a newly attested agent; `AlreadyExists` if present.
     async fn create_agent(&self, agent: AgentRecord) -> Result<AgentRecord>;
-    /// Replaces an agent record; `NotFound` if absent.
+    /// Replaces an agent record; `NotFound` if absent. A ban is sticky: an
+    /// update never clears `banned` (only `delete_agent` does), so a ban
+    /// racing with a renewal cannot be lost. Returns the stored record.
     async fn update_agent(&self, agent: AgentRecord) -> Result<AgentRecord>;
     /// One agent.
     async fn fetch_agent(&self, id: &SpiffeId) -> Result<Option<AgentRecord>>;

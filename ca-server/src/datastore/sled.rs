@@ -317,17 +317,22 @@ impl Datastore for SledDatastore {
     }
 
     async fn update_agent(&self, agent: AgentRecord) -> Result<AgentRecord> {
-        let value = encode(&agent)?;
         let key = agent.id.as_str();
-        tx(self.agents.transaction(|t| {
-            if t.get(key)?.is_none() {
+        let stored = tx(self.agents.transaction(|t| {
+            let Some(old) = t.get(key)? else {
                 return abort(DatastoreError::NotFound(format!("agent {key}")));
-            }
-            t.insert(key, value.as_slice())?;
-            Ok(())
+            };
+            let old: AgentRecord = tx_decode(&old)?;
+            // A ban is sticky: only deleting the record (evict) lifts it.
+            let record = AgentRecord {
+                banned: agent.banned || old.banned,
+                ..agent.clone()
+            };
+            t.insert(key, tx_encode(&record)?)?;
+            Ok(record)
         }))?;
         self.durable().await?;
-        Ok(agent)
+        Ok(stored)
     }
 
     async fn fetch_agent(&self, id: &SpiffeId) -> Result<Option<AgentRecord>> {

@@ -119,6 +119,8 @@ impl Challenger for StreamChallenger<'_> {
 /// An authenticated agent.
 struct AgentCtx {
     id: SpiffeId,
+    /// When the SVID it presented expires.
+    not_after: SystemTime,
 }
 
 impl NodeService {
@@ -160,11 +162,11 @@ impl NodeService {
             return Err(deny("agent is banned"));
         }
         if record.serial == serial {
-            return Ok(AgentCtx { id });
+            return Ok(AgentCtx { id, not_after });
         }
         if record.pending_serial.as_deref() == Some(serial.as_str()) {
             // First use of the renewed SVID: from now on only it is accepted.
-            record.serial = serial;
+            record.serial = serial.clone();
             record.pending_serial = None;
             record.expires_at = not_after;
             let record = self
@@ -172,8 +174,14 @@ impl NodeService {
                 .update_agent(record)
                 .await
                 .map_err(|e| store_status(&e))?;
+            let banned = record.banned;
             self.registry.put_agent(record);
-            return Ok(AgentCtx { id });
+            // Streams opened with the old SVID end; the old serial is dead.
+            self.registry.supersede(&id);
+            if banned {
+                return Err(deny("agent is banned"));
+            }
+            return Ok(AgentCtx { id, not_after });
         }
         Err(deny("agent SVID was superseded by a renewal"))
     }
@@ -250,6 +258,7 @@ impl NodeService {
             can_reattest: attestation.can_reattest,
             created_at: existing.as_ref().map_or(self.now(), |e| e.created_at),
         };
+        let was_known = existing.is_some();
         let stored = match existing {
             Some(_) => self.store.update_agent(record).await,
             None => self.store.create_agent(record).await,
@@ -258,7 +267,16 @@ impl NodeService {
             DatastoreError::AlreadyExists(_) => Status::permission_denied("agent already attested"),
             e => store_status(&e),
         })?;
+        if stored.banned {
+            return Err(Status::permission_denied(
+                "agent is banned; an operator must evict it before it can attest again",
+            ));
+        }
         self.registry.put_agent(stored);
+        if was_known {
+            // The old SVID's streams end; the new one replaces it.
+            self.registry.supersede(&id);
+        }
         info!(agent_id = %id, attestor = attestor.name(), %remote, serial = %issued.serial, "agent attested");
         let event = self.audit.issued(
             &id.to_string(),
@@ -296,42 +314,36 @@ impl NodeService {
         &self,
         work: Vec<(Arc<RegistrationEntry>, Vec<u8>)>,
     ) -> Vec<Result<IssuedSvid, CaError>> {
+        let issue_all =
+            |part: &[(Arc<RegistrationEntry>, Vec<u8>)]| -> Vec<Result<IssuedSvid, CaError>> {
+                part.iter()
+                    .map(|(e, csr)| {
+                        self.ca
+                            .issue_x509_svid(&e.spiffe_id, &e.dns_names, e.x509_svid_ttl, csr)
+                    })
+                    .collect()
+            };
         let threads = std::thread::available_parallelism()
             .map_or(1, |n| n.get())
             .min(work.len().max(1));
         if threads <= 1 || work.len() < 4 {
-            return work
-                .iter()
-                .map(|(e, csr)| {
-                    self.ca
-                        .issue_x509_svid(&e.spiffe_id, &e.dns_names, e.x509_svid_ttl, csr)
-                })
-                .collect();
+            return issue_all(&work);
         }
         let chunk = work.len().div_ceil(threads);
         std::thread::scope(|s| {
             let handles: Vec<_> = work
                 .chunks(chunk)
-                .map(|part| {
-                    s.spawn(move || {
-                        part.iter()
-                            .map(|(e, csr)| {
-                                self.ca.issue_x509_svid(
-                                    &e.spiffe_id,
-                                    &e.dns_names,
-                                    e.x509_svid_ttl,
-                                    csr,
-                                )
-                            })
-                            .collect::<Vec<_>>()
-                    })
-                })
+                .map(|part| (part.len(), s.spawn(move || issue_all(part))))
                 .collect();
+            // One result per item, in order, even if a thread panicked: a
+            // shifted result would hand one entry's SVID to another.
             handles
                 .into_iter()
-                .flat_map(|h| {
+                .flat_map(|(len, h)| {
                     h.join().unwrap_or_else(|_| {
-                        vec![Err(CaError::Build("issuing thread panicked".into()))]
+                        (0..len)
+                            .map(|_| Err(CaError::Build("issuing thread panicked".into())))
+                            .collect()
                     })
                 })
                 .collect()
@@ -437,10 +449,17 @@ impl Node for NodeApi {
         let mut bundles = self.ca.subscribe_bundle();
         bundles.borrow_and_update();
         let stopped = crate::server::wait_for_stop(self.shutdown.clone());
+        // The stream lives no longer than the SVID that opened it.
+        let svid_left = ctx
+            .not_after
+            .duration_since(self.now())
+            .unwrap_or(Duration::ZERO);
+        let expired = tokio::time::sleep(svid_left);
         info!(agent_id = %ctx.id, since, full = start.full, entries = start.entries.len(), "sync stream opened");
         tokio::spawn(async move {
             let _subscription = subscription;
             tokio::pin!(stopped);
+            tokio::pin!(expired);
             let mut revision = start.revision;
             if tx.send(Ok(this.snapshot(&start))).await.is_err() {
                 return;
@@ -448,6 +467,10 @@ impl Node for NodeApi {
             loop {
                 let msg = tokio::select! {
                     () = tx.closed() => return,
+                    () = &mut expired => {
+                        let _ = tx.send(Err(Status::permission_denied("agent SVID expired; renew and reconnect"))).await;
+                        return;
+                    }
                     () = &mut stopped => {
                         let _ = tx.send(Err(Status::unavailable("server shutting down; reconnect"))).await;
                         return;
@@ -457,8 +480,8 @@ impl Node for NodeApi {
                             revision = revision.max(e.revision);
                             pb::SyncResponse { event: Some(pb::sync_response::Event::EntryUpsert((&*e).into())), revision }
                         }
-                        Some(AgentEvent::Removed(id)) => {
-                            revision = revision.max(this.registry.revision());
+                        Some(AgentEvent::Removed(id, rev)) => {
+                            revision = revision.max(rev);
                             pb::SyncResponse { event: Some(pb::sync_response::Event::EntryRemoved(id.to_string())), revision }
                         }
                         Some(AgentEvent::Resync) => {
@@ -470,6 +493,10 @@ impl Node for NodeApi {
                             let msg = pb::SyncResponse { event: Some(pb::sync_response::Event::Revoked(why.to_owned())), revision };
                             let _ = tx.send(Ok(msg)).await;
                             let _ = tx.send(Err(Status::permission_denied(why))).await;
+                            return;
+                        }
+                        Some(AgentEvent::Superseded) => {
+                            let _ = tx.send(Err(Status::permission_denied("agent SVID superseded; reconnect with the new one"))).await;
                             return;
                         }
                         None => {
@@ -543,6 +570,11 @@ impl Node for NodeApi {
         let issued = tokio::task::spawn_blocking(move || this.issue_parallel(work))
             .await
             .map_err(|_| Status::internal("issuance task failed"))?;
+        if issued.len() != slots.len() {
+            return Err(Status::internal(
+                "issuance returned the wrong number of results",
+            ));
+        }
         let mut audit = Vec::new();
         for ((slot, entry), outcome) in slots.into_iter().zip(entries).zip(issued) {
             match outcome {

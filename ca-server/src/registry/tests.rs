@@ -140,12 +140,12 @@ async fn changes_reach_exactly_the_affected_agents() {
     moved.parent_id = agent_id("a2");
     store.update_entry(moved).await.unwrap();
     reg.catch_up().await.unwrap();
-    assert!(matches!(rx1.try_recv(), Ok(AgentEvent::Removed(id)) if id == e.id));
+    assert!(matches!(rx1.try_recv(), Ok(AgentEvent::Removed(id, _)) if id == e.id));
     assert!(matches!(rx2.try_recv(), Ok(AgentEvent::Upsert(u)) if u.id == e.id));
 
     store.delete_entry(&e.id).await.unwrap();
     reg.catch_up().await.unwrap();
-    assert!(matches!(rx2.try_recv(), Ok(AgentEvent::Removed(id)) if id == e.id));
+    assert!(matches!(rx2.try_recv(), Ok(AgentEvent::Removed(id, _)) if id == e.id));
     assert!(rx1.try_recv().is_err());
 }
 
@@ -225,9 +225,62 @@ async fn resume_sends_only_what_changed_since() {
     assert!(full.full);
     assert_eq!(full.entries.len(), 2);
     assert!(full.entries.iter().any(|e| e.id == keep.id));
+    // Another agent's deleted entry is not reported to this one.
+    let other = store
+        .create_entry(entry("other", &agent_id("a2"), &["unix:uid:9"]))
+        .await
+        .unwrap();
+    reg.catch_up().await.unwrap();
+    let seen2 = reg.revision();
+    store.delete_entry(&other.id).await.unwrap();
+    reg.catch_up().await.unwrap();
+    let (start, _rx, _g) = reg.subscribe(&agent_id("a1"), seen2, now());
+    assert!(!start.full && start.removed.is_empty() && start.entries.is_empty());
     // A revision from the future (another server's numbering) gets the full set.
     let (future, _rx, _g) = reg.subscribe(&agent_id("a1"), seen + 1000, now());
     assert!(future.full);
+}
+
+#[tokio::test]
+async fn alias_changes_since_the_revision_force_a_full_resync() {
+    let (_d, store, reg) = setup().await;
+    store
+        .create_entry(entry("web", &agent_id("a1"), &["unix:uid:1"]))
+        .await
+        .unwrap();
+    reg.catch_up().await.unwrap();
+    let seen = reg.revision();
+    store
+        .create_entry(entry(
+            "prod-nodes",
+            &SpiffeId::server(&td()),
+            &["k8s:cluster:prod"],
+        ))
+        .await
+        .unwrap();
+    reg.catch_up().await.unwrap();
+    let (start, _rx, _g) = reg.subscribe(&agent_id("a1"), seen, now());
+    assert!(
+        start.full,
+        "alias membership changed since the agent's revision"
+    );
+    let (start, _rx, _g) = reg.subscribe(&agent_id("a2"), seen, now());
+    assert!(
+        start.full,
+        "any alias change since the revision asks for the full set"
+    );
+}
+
+#[tokio::test]
+async fn superseding_ends_open_streams() {
+    let (_d, _store, reg) = setup().await;
+    let (_s, mut rx, _g) = reg.subscribe(&agent_id("a1"), 0, now());
+    reg.supersede(&agent_id("a1"));
+    assert!(matches!(rx.try_recv(), Ok(AgentEvent::Superseded)));
+    assert!(matches!(
+        rx.try_recv(),
+        Err(mpsc::error::TryRecvError::Disconnected)
+    ));
 }
 
 #[tokio::test]

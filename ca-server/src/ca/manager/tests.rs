@@ -328,6 +328,42 @@ async fn lost_keys_are_replaced_and_old_certs_stay_until_expiry() {
     );
 }
 
+/// A memory key manager restarted after half-life loses the prepared key
+/// too; the server still starts, retires both lost keys and makes new ones.
+#[tokio::test]
+async fn restart_after_losing_a_prepared_key_still_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SledDatastore::open(dir.path()).unwrap());
+    let clock = Arc::new(FakeClock::new(from_unix_seconds(1_800_000_000)));
+    let cfg = config(Duration::from_secs(6 * HOUR));
+    {
+        let keys: Arc<dyn KeyManager> = Arc::new(MemoryKeyManager::default());
+        let ca = CaManager::start(cfg.clone(), store.clone(), keys, clock.clone(), None)
+            .await
+            .unwrap();
+        clock.advance(Duration::from_secs(3 * HOUR + 60));
+        assert_eq!(ca.rotate().await.unwrap().prepared, 2);
+    }
+    clock.advance(Duration::from_secs(2 * HOUR));
+    let keys: Arc<dyn KeyManager> = Arc::new(MemoryKeyManager::default());
+    let ca = CaManager::start(cfg, store, keys, clock.clone(), None)
+        .await
+        .unwrap();
+    let journal = ca.journal().await;
+    assert_eq!(
+        journal
+            .x509
+            .iter()
+            .filter(|s| s.state == SlotState::Active)
+            .count(),
+        1
+    );
+    let (csr, _) = csr();
+    let issued = ca.issue_x509_svid(&web(), &[], None, &csr).unwrap();
+    svid::verify_svid(&issued.chain, &ca.bundle(), clock.now()).unwrap();
+    ca.mint_jwt_svid(&web(), &["a".into()], None).unwrap();
+}
+
 #[tokio::test]
 async fn refuses_ids_of_other_trust_domains() {
     let dir = tempfile::tempdir().unwrap();
