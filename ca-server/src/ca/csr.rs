@@ -40,9 +40,19 @@ pub struct CsrPublicKey {
     pub key_bits: Vec<u8>,
 }
 
-/// Splits a PKCS#10 request into (info DER, signature algorithm OID, signature,
-/// SPKI DER), checking the structure; nothing else of the CSR is read.
-fn split(der: &[u8]) -> Result<(&[u8], &[u8], &[u8], &[u8]), CsrError> {
+/// The parts of a PKCS#10 request Sigil reads.
+struct CsrParts<'a> {
+    /// The DER CertificationRequestInfo: what the signature covers.
+    info: &'a [u8],
+    /// Content octets of the signature algorithm OID.
+    alg_oid: &'a [u8],
+    signature: &'a [u8],
+    spki: &'a [u8],
+}
+
+/// Splits a PKCS#10 request into the parts above, checking the structure;
+/// nothing else of the CSR is read.
+fn split(der: &[u8]) -> Result<CsrParts<'_>, CsrError> {
     let m = |_| CsrError::Malformed;
     let (outer, rest) = der::expect(der, 0x30).map_err(m)?;
     if !rest.is_empty() {
@@ -72,7 +82,12 @@ fn split(der: &[u8]) -> Result<(&[u8], &[u8], &[u8], &[u8]), CsrError> {
         Some((0, bits)) => bits,
         _ => return Err(CsrError::Malformed),
     };
-    Ok((info.whole, oid.content, signature, spki.whole))
+    Ok(CsrParts {
+        info: info.whole,
+        alg_oid: oid.content,
+        signature,
+        spki: spki.whole,
+    })
 }
 
 /// Verifies `der` and returns only its public key.
@@ -80,7 +95,12 @@ pub fn public_key_from_csr(der: &[u8]) -> Result<CsrPublicKey, CsrError> {
     if der.len() > MAX_CSR_LEN {
         return Err(CsrError::TooLarge);
     }
-    let (info, alg, signature, spki) = split(der)?;
+    let CsrParts {
+        info,
+        alg_oid,
+        signature,
+        spki,
+    } = split(der)?;
     let key = PublicKey::from_spki_der(spki).map_err(|e| match e {
         KeyError::Malformed => CsrError::Malformed,
         e => CsrError::Key(e),
@@ -88,7 +108,7 @@ pub fn public_key_from_csr(der: &[u8]) -> Result<CsrPublicKey, CsrError> {
     if key.rsa_bits() > MAX_CSR_RSA_BITS {
         return Err(CsrError::Key(KeyError::RsaSize(key.rsa_bits())));
     }
-    let alg = X509SigAlg::from_oid_content(alg)
+    let alg = X509SigAlg::from_oid_content(alg_oid)
         .ok_or(CsrError::Signature(KeyError::UnsupportedSignatureAlgorithm))?;
     key.verify_x509_alg(alg, info, signature)
         .map_err(CsrError::Signature)?;
