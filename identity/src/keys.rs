@@ -8,12 +8,20 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
 use ring::signature::{self as sig, RsaPublicKeyComponents, UnparsedPublicKey};
 use serde_json::{Map, Value, json};
+
+use crate::der;
 use x509_parser::oid_registry::{
     OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY, OID_NIST_EC_P384, OID_PKCS1_RSAENCRYPTION,
 };
-use x509_parser::prelude::FromDer;
 use x509_parser::public_key::PublicKey as ParsedKey;
 use x509_parser::x509::{AlgorithmIdentifier, SubjectPublicKeyInfo};
+
+const OID_EC_PUBLIC_KEY: &[u8] = &[0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01];
+const OID_P256: &[u8] = &[0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+const OID_P384: &[u8] = &[0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x22];
+const OID_RSA_ENCRYPTION: &[u8] = &[
+    0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01,
+];
 
 /// Smallest RSA modulus accepted anywhere, in bits.
 pub const MIN_RSA_BITS: usize = 2048;
@@ -99,11 +107,40 @@ fn bit_len(b: &[u8]) -> usize {
 }
 
 impl PublicKey {
-    /// Parses a DER `SubjectPublicKeyInfo`.
-    pub fn from_spki_der(der: &[u8]) -> Result<Self, KeyError> {
-        match SubjectPublicKeyInfo::from_der(der) {
-            Ok(([], spki)) => Self::from_spki(&spki),
-            _ => Err(KeyError::Malformed),
+    /// Parses a DER `SubjectPublicKeyInfo` (strict DER, no trailing bytes).
+    pub fn from_spki_der(input: &[u8]) -> Result<Self, KeyError> {
+        let m = |_| KeyError::Malformed;
+        let (spki, rest) = der::expect(input, 0x30).map_err(m)?;
+        let (alg, rest2) = der::expect(spki.content, 0x30).map_err(m)?;
+        let (bits, rest3) = der::expect(rest2, 0x03).map_err(m)?;
+        if !rest.is_empty() || !rest3.is_empty() {
+            return Err(KeyError::Malformed);
+        }
+        let key = match bits.content.split_first() {
+            Some((0, key)) => key,
+            _ => return Err(KeyError::Malformed),
+        };
+        let (oid, params) = der::expect(alg.content, 0x06).map_err(m)?;
+        if oid.whole == OID_EC_PUBLIC_KEY {
+            let curve = match params {
+                p if p == OID_P256 => Curve::P256,
+                p if p == OID_P384 => Curve::P384,
+                _ => return Err(KeyError::UnsupportedKeyType),
+            };
+            Self::ec(curve, key.to_vec())
+        } else if oid.whole == OID_RSA_ENCRYPTION {
+            if params != [0x05, 0x00] {
+                return Err(KeyError::Malformed);
+            }
+            let (seq, rest) = der::expect(key, 0x30).map_err(m)?;
+            let (n, rest2) = der::expect(seq.content, 0x02).map_err(m)?;
+            let (e, rest3) = der::expect(rest2, 0x02).map_err(m)?;
+            if !rest.is_empty() || !rest3.is_empty() {
+                return Err(KeyError::Malformed);
+            }
+            Self::rsa(n.content, e.content)
+        } else {
+            Err(KeyError::UnsupportedKeyType)
         }
     }
 
@@ -253,44 +290,30 @@ impl PublicKey {
     /// The canonical DER SubjectPublicKeyInfo of this key: named-curve EC
     /// or `rsaEncryption` with NULL parameters.
     pub fn to_spki_der(&self) -> Vec<u8> {
-        fn tlv(tag: u8, content: &[u8]) -> Vec<u8> {
-            let mut out = vec![tag];
-            let len = content.len();
-            match len {
-                0..=0x7f => out.push(len as u8),
-                0x80..=0xff => out.extend_from_slice(&[0x81, len as u8]),
-                _ => out.extend_from_slice(&[0x82, (len >> 8) as u8, len as u8]),
-            }
-            out.extend_from_slice(content);
-            out
-        }
-        fn uint(bytes: &[u8]) -> Vec<u8> {
-            let pad = bytes.first().is_none_or(|b| b & 0x80 != 0);
-            let mut v = Vec::with_capacity(bytes.len() + 1);
-            if pad {
-                v.push(0);
-            }
-            v.extend_from_slice(bytes);
-            tlv(0x02, &v)
-        }
-        const EC_PUBLIC_KEY: &[u8] = &[0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01];
-        const P256: &[u8] = &[0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
-        const P384: &[u8] = &[0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x22];
-        const RSA: &[u8] = &[
-            0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01, 0x05, 0x00,
-        ];
-        let (alg, key): (Vec<u8>, Vec<u8>) = match self {
+        let (alg, key) = match self {
             PublicKey::Ec { curve, point } => {
                 let curve_oid = match curve {
-                    Curve::P256 => P256,
-                    Curve::P384 => P384,
+                    Curve::P256 => OID_P256,
+                    Curve::P384 => OID_P384,
                 };
-                ([EC_PUBLIC_KEY, curve_oid].concat(), point.clone())
+                ([OID_EC_PUBLIC_KEY, curve_oid].concat(), point.clone())
             }
-            PublicKey::Rsa { n, e } => (RSA.to_vec(), tlv(0x30, &[uint(n), uint(e)].concat())),
+            PublicKey::Rsa { n, e } => {
+                let mut ints = Vec::with_capacity(n.len() + e.len() + 10);
+                der::push_unsigned(&mut ints, n);
+                der::push_unsigned(&mut ints, e);
+                (
+                    [OID_RSA_ENCRYPTION, &[0x05, 0x00]].concat(),
+                    der::wrap(0x30, &ints),
+                )
+            }
         };
-        let bits = [&[0u8][..], &key].concat();
-        tlv(0x30, &[tlv(0x30, &alg), tlv(0x03, &bits)].concat())
+        let mut content = der::wrap(0x30, &alg);
+        let mut bits = Vec::with_capacity(key.len() + 1);
+        bits.push(0);
+        bits.extend_from_slice(&key);
+        der::push(&mut content, 0x03, &bits);
+        der::wrap(0x30, &content)
     }
 
     /// The key's JWK members (`kty`, `crv`/`x`/`y` or `n`/`e`).

@@ -18,13 +18,14 @@
 //! - [`clock`]: the `Clock` trait, a fake clock, time serde helpers.
 //! - [`duration`]: human-readable durations (`90s`, `1h30m`).
 //! - [`attestation`]: node attestor plugin traits (server and agent halves).
-//! - [`pem`], [`random`]: small encoding and randomness helpers.
+//! - [`der`], [`pem`], [`random`]: minimal DER, PEM and randomness helpers.
 
 #![forbid(unsafe_code)]
 
 pub mod attestation;
 pub mod bundle;
 pub mod clock;
+pub mod der;
 pub mod duration;
 pub mod entry;
 pub mod jwt;

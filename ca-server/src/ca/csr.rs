@@ -7,7 +7,7 @@
 
 use sigil_identity::keys::{KeyError, PublicKey, X509SigAlg};
 
-use super::der;
+use sigil_identity::der;
 
 /// Largest CSR accepted, in bytes.
 pub const MAX_CSR_LEN: usize = 16 * 1024;

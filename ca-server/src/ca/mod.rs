@@ -3,14 +3,12 @@
 //!
 //! - [`keys`]: the `KeyManager` trait and its disk and memory versions.
 //! - [`csr`]: taking only the public key from a verified CSR.
-//! - [`der`]: the minimal DER reader and writer of the issuance hot path.
 //! - [`x509`]: CA certificates (self-signed or upstream) and X509-SVIDs.
 //! - [`journal`]: the persisted record of every CA key and its state.
 //! - [`manager`]: `CaManager`, which rotates keys on schedule, publishes the
 //!   bundle and signs X.509 and JWT SVIDs with the active keys.
 
 pub mod csr;
-pub mod der;
 pub mod journal;
 pub mod keys;
 pub mod manager;

@@ -19,8 +19,8 @@ use time::OffsetDateTime;
 
 use super::CaError;
 use super::csr::CsrPublicKey;
-use super::der;
 use super::keys::{KeyAlgorithm, PrivateKey};
+use sigil_identity::der;
 
 /// How far back NotBefore is set, to absorb clock skew between machines.
 pub const BACKDATE: Duration = Duration::from_secs(10);

@@ -1,5 +1,6 @@
-//! Just enough DER for the issuance hot path: reading the four fields of a
-//! PKCS#10 request, and writing the fixed shape of an X509-SVID.
+//! Just enough DER for the issuance hot path: reading the fields of a
+//! PKCS#10 request and a SubjectPublicKeyInfo, and writing the fixed shape
+//! of an X509-SVID.
 //!
 //! Only single-byte tags and definite, minimally encoded lengths up to
 //! 2^24 − 1 are accepted; anything else is malformed. Everything written
