@@ -4,10 +4,13 @@
 //! - [`join_token`]: single-use join tokens (node attestation).
 //! - [`x509pop`]: X.509 certificate with proof of possession of its key
 //!   (node attestation).
+//! - [`unix`]: uid, gid, groups, executable path and hash of a local process
+//!   (workload attestation).
 
 #![forbid(unsafe_code)]
 
 pub mod join_token;
+pub mod unix;
 pub mod x509pop;
 
 /// Lowercase hex SHA-256 of `bytes`.
