@@ -243,10 +243,8 @@ impl UnixAttestor {
         if let Some(exe) = &before.exe {
             add(format!("path:{}", exe.display()));
         }
-        if let Some(key) = before.exe_key {
-            if let Some(h) = self.sha256(pid, key) {
-                add(format!("sha256:{h}"));
-            }
+        if let Some(h) = before.exe_key.and_then(|key| self.sha256(pid, key)) {
+            add(format!("sha256:{h}"));
         }
         // The same process, running the same file, as when we started.
         if self.snapshot(pid).map_err(|_| UnixError::Changed(pid))? != before {

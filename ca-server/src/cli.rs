@@ -370,6 +370,16 @@ fn print_json(v: &Value) -> Result<()> {
     Ok(())
 }
 
+/// Prints `value` as JSON or `text` as it is, by the chosen output.
+fn show(json: bool, value: Value, text: impl std::fmt::Display) -> Result<()> {
+    if json {
+        print_json(&value)
+    } else {
+        print!("{text}");
+        Ok(())
+    }
+}
+
 fn fields_to_entry(f: &EntryFields, base: node_pb::Entry) -> node_pb::Entry {
     let mut e = base;
     if let Some(v) = &f.spiffe_id {
@@ -456,11 +466,7 @@ pub async fn run_client(command: Command, socket: &Path, output: Output) -> Resu
                         .await
                         .map_err(rpc)?
                         .into_inner();
-                    if json {
-                        print_json(&agent_json(&a))?
-                    } else {
-                        print!("{}", agent_text(&a))
-                    }
+                    show(json, agent_json(&a), agent_text(&a))?;
                 }
                 AgentCmd::Evict { id } => {
                     let a = c
@@ -468,11 +474,15 @@ pub async fn run_client(command: Command, socket: &Path, output: Output) -> Resu
                         .await
                         .map_err(rpc)?
                         .into_inner();
-                    if json {
-                        print_json(&agent_json(&a))?
-                    } else {
-                        println!("evicted {}", a.id)
-                    }
+                    show(
+                        json,
+                        agent_json(&a),
+                        format!(
+                            "evicted {}
+",
+                            a.id
+                        ),
+                    )?;
                 }
                 AgentCmd::Ban { id } => {
                     let a = c
@@ -480,11 +490,15 @@ pub async fn run_client(command: Command, socket: &Path, output: Output) -> Resu
                         .await
                         .map_err(rpc)?
                         .into_inner();
-                    if json {
-                        print_json(&agent_json(&a))?
-                    } else {
-                        println!("banned {}", a.id)
-                    }
+                    show(
+                        json,
+                        agent_json(&a),
+                        format!(
+                            "banned {}
+",
+                            a.id
+                        ),
+                    )?;
                 }
             }
         }
@@ -726,11 +740,7 @@ async fn entry(cmd: EntryCmd, socket: &Path, json: bool) -> Result<()> {
                 .await
                 .map_err(rpc)?
                 .into_inner();
-            if json {
-                print_json(&entry_json(&e))?
-            } else {
-                print!("{}", entry_text(&e))
-            }
+            show(json, entry_json(&e), entry_text(&e))?;
         }
         EntryCmd::Delete { id } => {
             let mut c = connect(socket).await?;
@@ -767,11 +777,14 @@ async fn entry(cmd: EntryCmd, socket: &Path, json: bool) -> Result<()> {
                 .map_err(rpc)?
                 .into_inner()
                 .count;
-            if json {
-                print_json(&json!({"count": n}))?
-            } else {
-                println!("{n}")
-            }
+            show(
+                json,
+                json!({"count": n}),
+                format!(
+                    "{n}
+"
+                ),
+            )?;
         }
     }
     Ok(())

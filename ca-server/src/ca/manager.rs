@@ -84,6 +84,32 @@ fn plan<S: Slot>(slots: &[S], now: SystemTime) -> CaAction {
     }
 }
 
+/// Loads every live slot's key with `load`, installing the active one in
+/// `active`; a slot whose key cannot be loaded is retired. Returns whether
+/// any slot changed.
+fn load_slots<S: Slot, T>(
+    slots: &mut [S],
+    load: impl Fn(&S) -> Result<T, CaError>,
+    active: &RwLock<Option<Arc<T>>>,
+    kind: &str,
+) -> bool {
+    let mut changed = false;
+    for slot in slots.iter_mut().filter(|s| s.state() != SlotState::Retired) {
+        match load(slot) {
+            Ok(signer) if slot.state() == SlotState::Active => {
+                *active.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(signer));
+            }
+            Ok(_) => {}
+            Err(e) => {
+                warn!(key_id = %slot.key_id(), state = ?slot.state(), kind, error = %e, "CA key unusable; retiring it");
+                slot.set_state(SlotState::Retired);
+                changed = true;
+            }
+        }
+    }
+    changed
+}
+
 /// Marks the prepared slot active and the active one retired.
 fn activate<S: Slot>(slots: &mut [S]) {
     for s in slots.iter_mut() {
@@ -177,42 +203,9 @@ impl CaManager {
     /// deleted file) is retired so a new key takes over. Its certificate
     /// stays in the bundle until it expires.
     async fn load_active(&self, journal: &mut CaJournal) -> Result<(), CaError> {
-        let mut changed = false;
-        for slot in journal
-            .x509
-            .iter_mut()
-            .filter(|s| s.state != SlotState::Retired)
-        {
-            match self.load_x509(slot) {
-                Ok(a) if slot.state == SlotState::Active => {
-                    *self.x509.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(a));
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    warn!(key_id = %slot.key_id, state = ?slot.state, error = %e, "X.509 CA key unusable; retiring it");
-                    slot.state = SlotState::Retired;
-                    changed = true;
-                }
-            }
-        }
-        for slot in journal
-            .jwt
-            .iter_mut()
-            .filter(|s| s.state != SlotState::Retired)
-        {
-            match self.load_jwt(slot) {
-                Ok(signer) if slot.state == SlotState::Active => {
-                    *self.jwt.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(signer));
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    warn!(key_id = %slot.key_id, state = ?slot.state, error = %e, "JWT key unusable; retiring it");
-                    slot.state = SlotState::Retired;
-                    changed = true;
-                }
-            }
-        }
-        if changed {
+        let x509 = load_slots(&mut journal.x509, |s| self.load_x509(s), &self.x509, "x509");
+        let jwt = load_slots(&mut journal.jwt, |s| self.load_jwt(s), &self.jwt, "jwt");
+        if x509 || jwt {
             self.store.put_ca_journal(journal).await?;
         }
         Ok(())
