@@ -2,10 +2,13 @@
 //! stream, rotates SVIDs and serves the SPIFFE Workload API on a Unix
 //! socket.
 //!
-//! Not built yet: this crate holds the place the workspace layout gives it
-//! (DESIGN.md); the agent is the subject of its own issue.
+//! Being built: so far this crate holds the piece that lets gRPC C-core
+//! and grpc-java clients reach an h2-based server on a Unix socket; the
+//! rest of the agent is the subject of its own issue.
 //!
 //! # Layout
-//! (none yet)
+//! - [`authority`]: rewrites `:authority` values h2 would refuse.
 
 #![forbid(unsafe_code)]
+
+pub mod authority;

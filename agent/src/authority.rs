@@ -1,0 +1,354 @@
+//! Lets gRPC C-core and grpc-java clients talk to a Rust (h2) server on a
+//! Unix socket.
+//!
+//! Those clients send the socket path as the HTTP/2 `:authority`
+//! (`tmp%2Fagent.sock` from C-core since 1.57, `/tmp/agent.sock` from
+//! grpc-java), which the `h2` crate refuses: it resets the stream before any
+//! handler runs, and offers no switch to relax the check. [`AuthorityFix`]
+//! sits between the socket and the HTTP/2 server and rewrites, in the
+//! client's header blocks only, an `:authority` that would not parse into
+//! `localhost`. Every other frame passes through byte for byte.
+//!
+//! Header blocks are HPACK-compressed against a dynamic table that the
+//! client's encoder and the server's decoder keep in step. The fix decodes
+//! every client block with a decoder that mirrors the client's encoder, and
+//! re-encodes it without touching the dynamic table (literals without
+//! indexing), so the server's decoder table stays empty and consistent.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// The HTTP/2 client connection preface.
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+const FRAME_HEADER_LEN: usize = 9;
+const TYPE_HEADERS: u8 = 0x1;
+const TYPE_CONTINUATION: u8 = 0x9;
+const FLAG_END_STREAM: u8 = 0x1;
+const FLAG_END_HEADERS: u8 = 0x4;
+const FLAG_PADDED: u8 = 0x8;
+const FLAG_PRIORITY: u8 = 0x20;
+/// Largest frame payload we emit (the HTTP/2 minimum every peer accepts).
+const MAX_OUT_FRAME: usize = 16_384;
+/// Largest frame or header block accepted from the client.
+const MAX_IN: usize = 1 << 20;
+/// The authority written instead of one the server would refuse.
+const REPLACEMENT: &[u8] = b"localhost";
+
+fn protocol_error(what: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("http/2 authority fix: {what}"),
+    )
+}
+
+/// Whether h2 would accept `value` as `:authority`.
+fn acceptable(value: &[u8]) -> bool {
+    http::uri::Authority::try_from(value).is_ok()
+}
+
+/// Appends an HPACK integer with an `n`-bit prefix whose other bits are `flags`.
+fn push_int(out: &mut Vec<u8>, n: u8, flags: u8, value: usize) {
+    let max = (1usize << n) - 1;
+    if value < max {
+        out.push(flags | value as u8);
+        return;
+    }
+    out.push(flags | max as u8);
+    let mut rest = value - max;
+    while rest >= 128 {
+        out.push((rest % 128) as u8 | 0x80);
+        rest /= 128;
+    }
+    out.push(rest as u8);
+}
+
+/// Appends one header as "literal without indexing, new name", no Huffman.
+fn push_literal(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.push(0x00);
+    push_int(out, 7, 0, name.len());
+    out.extend_from_slice(name);
+    push_int(out, 7, 0, value.len());
+    out.extend_from_slice(value);
+}
+
+/// Where the reader is in the client's byte stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Preface,
+    Frames,
+}
+
+/// An open header block (HEADERS without END_HEADERS so far).
+#[derive(Debug)]
+struct Block {
+    stream_id: u32,
+    end_stream: bool,
+    fragment: Vec<u8>,
+}
+
+/// See the module documentation. Writes pass through untouched.
+pub struct AuthorityFix<S> {
+    inner: S,
+    phase: Phase,
+    decoder: loona_hpack::Decoder<'static>,
+    /// Bytes read from the client, not yet processed.
+    input: Vec<u8>,
+    /// Processed bytes waiting for the server to read them.
+    output: Vec<u8>,
+    output_pos: usize,
+    block: Option<Block>,
+    eof: bool,
+}
+
+impl<S> std::fmt::Debug for AuthorityFix<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthorityFix")
+            .field("phase", &self.phase)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S> AuthorityFix<S> {
+    /// Wraps the server side of a client connection.
+    pub fn new(inner: S) -> Self {
+        let mut decoder = loona_hpack::Decoder::new();
+        // The server never raises SETTINGS_HEADER_TABLE_SIZE above the
+        // default, so the client's table is at most 4096 bytes.
+        decoder.set_max_allowed_table_size(4096);
+        Self {
+            inner,
+            phase: Phase::Preface,
+            decoder,
+            input: Vec::new(),
+            output: Vec::new(),
+            output_pos: 0,
+            block: None,
+            eof: false,
+        }
+    }
+
+    /// The wrapped stream.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// Moves as much of `input` to `output` as is complete.
+    fn process(&mut self) -> io::Result<()> {
+        loop {
+            match self.phase {
+                Phase::Preface => {
+                    if self.input.len() < PREFACE.len() {
+                        if !PREFACE.starts_with(&self.input) {
+                            return Err(protocol_error("not an HTTP/2 connection preface"));
+                        }
+                        return Ok(());
+                    }
+                    if &self.input[..PREFACE.len()] != PREFACE {
+                        return Err(protocol_error("not an HTTP/2 connection preface"));
+                    }
+                    self.output.extend(self.input.drain(..PREFACE.len()));
+                    self.phase = Phase::Frames;
+                }
+                Phase::Frames => {
+                    if self.input.len() < FRAME_HEADER_LEN {
+                        return Ok(());
+                    }
+                    let len = usize::from(self.input[0]) << 16
+                        | usize::from(self.input[1]) << 8
+                        | usize::from(self.input[2]);
+                    if len > MAX_IN {
+                        return Err(protocol_error("frame too large"));
+                    }
+                    if self.input.len() < FRAME_HEADER_LEN + len {
+                        return Ok(());
+                    }
+                    let frame: Vec<u8> = self.input.drain(..FRAME_HEADER_LEN + len).collect();
+                    self.frame(&frame)?;
+                }
+            }
+        }
+    }
+
+    fn frame(&mut self, frame: &[u8]) -> io::Result<()> {
+        let (kind, flags) = (frame[3], frame[4]);
+        let stream_id = u32::from_be_bytes([frame[5] & 0x7f, frame[6], frame[7], frame[8]]);
+        let payload = &frame[FRAME_HEADER_LEN..];
+        match (kind, &mut self.block) {
+            (TYPE_HEADERS, None) => {
+                let mut body = payload;
+                let mut pad = 0usize;
+                if flags & FLAG_PADDED != 0 {
+                    let (&p, rest) = body
+                        .split_first()
+                        .ok_or_else(|| protocol_error("bad padding"))?;
+                    pad = usize::from(p);
+                    body = rest;
+                }
+                if flags & FLAG_PRIORITY != 0 {
+                    body = body
+                        .get(5..)
+                        .ok_or_else(|| protocol_error("bad priority"))?;
+                }
+                let end = body
+                    .len()
+                    .checked_sub(pad)
+                    .ok_or_else(|| protocol_error("bad padding"))?;
+                self.block = Some(Block {
+                    stream_id,
+                    end_stream: flags & FLAG_END_STREAM != 0,
+                    fragment: body[..end].to_vec(),
+                });
+                if flags & FLAG_END_HEADERS != 0 {
+                    self.finish_block()?;
+                }
+                Ok(())
+            }
+            (TYPE_CONTINUATION, Some(block)) if block.stream_id == stream_id => {
+                if block.fragment.len() + payload.len() > MAX_IN {
+                    return Err(protocol_error("header block too large"));
+                }
+                block.fragment.extend_from_slice(payload);
+                if flags & FLAG_END_HEADERS != 0 {
+                    self.finish_block()?;
+                }
+                Ok(())
+            }
+            (_, Some(_)) => Err(protocol_error("frame inside an unfinished header block")),
+            (TYPE_CONTINUATION, None) => Err(protocol_error("CONTINUATION without HEADERS")),
+            (_, None) => {
+                self.output.extend_from_slice(frame);
+                Ok(())
+            }
+        }
+    }
+
+    fn finish_block(&mut self) -> io::Result<()> {
+        let Some(block) = self.block.take() else {
+            return Ok(());
+        };
+        let mut encoded = Vec::with_capacity(block.fragment.len() + 64);
+        self.decoder
+            .decode_with_cb(&block.fragment, |name, value| {
+                let value: &[u8] = if &*name == b":authority" && !acceptable(&value) {
+                    REPLACEMENT
+                } else {
+                    &value
+                };
+                push_literal(&mut encoded, &name, value);
+            })
+            .map_err(|e| protocol_error(&format!("HPACK: {e:?}")))?;
+        let chunks: Vec<&[u8]> = if encoded.is_empty() {
+            vec![&[][..]]
+        } else {
+            encoded.chunks(MAX_OUT_FRAME).collect()
+        };
+        let last = chunks.len() - 1;
+        for (i, chunk) in chunks.into_iter().enumerate() {
+            let kind = if i == 0 {
+                TYPE_HEADERS
+            } else {
+                TYPE_CONTINUATION
+            };
+            let mut flags = 0;
+            if i == 0 && block.end_stream {
+                flags |= FLAG_END_STREAM;
+            }
+            if i == last {
+                flags |= FLAG_END_HEADERS;
+            }
+            let len = chunk.len();
+            self.output.extend_from_slice(&[
+                (len >> 16) as u8,
+                (len >> 8) as u8,
+                len as u8,
+                kind,
+                flags,
+            ]);
+            self.output
+                .extend_from_slice(&block.stream_id.to_be_bytes());
+            self.output.extend_from_slice(chunk);
+        }
+        Ok(())
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for AuthorityFix<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        loop {
+            if this.output_pos < this.output.len() {
+                let n = buf.remaining().min(this.output.len() - this.output_pos);
+                buf.put_slice(&this.output[this.output_pos..this.output_pos + n]);
+                this.output_pos += n;
+                if this.output_pos == this.output.len() {
+                    this.output.clear();
+                    this.output_pos = 0;
+                }
+                return Poll::Ready(Ok(()));
+            }
+            if this.eof {
+                return Poll::Ready(Ok(()));
+            }
+            let mut chunk = [0u8; 16 * 1024];
+            let mut rb = ReadBuf::new(&mut chunk);
+            match Pin::new(&mut this.inner).poll_read(cx, &mut rb) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(())) if rb.filled().is_empty() => {
+                    // End of input: whatever is left unprocessed is passed on
+                    // as it is, and the server sees the truncation itself.
+                    this.eof = true;
+                    let rest = std::mem::take(&mut this.input);
+                    this.output.extend_from_slice(&rest);
+                }
+                Poll::Ready(Ok(())) => {
+                    this.input.extend_from_slice(rb.filled());
+                    this.process()?;
+                }
+            }
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for AuthorityFix<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+impl tonic::transport::server::Connected for AuthorityFix<tokio::net::UnixStream> {
+    type ConnectInfo = tonic::transport::server::UdsConnectInfo;
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.inner.connect_info()
+    }
+}
+
+#[cfg(test)]
+mod tests;
