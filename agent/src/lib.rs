@@ -1,14 +1,22 @@
 //! The Sigil node agent: attests its node to the server, keeps the Sync
-//! stream, rotates SVIDs and serves the SPIFFE Workload API on a Unix
-//! socket.
-//!
-//! Being built: so far this crate holds the piece that lets gRPC C-core
-//! and grpc-java clients reach an h2-based server on a Unix socket; the
-//! rest of the agent is the subject of its own issue.
+//! stream, rotates SVIDs and (to come) serves the SPIFFE Workload API on a
+//! Unix socket.
 //!
 //! # Layout
-//! - [`authority`]: rewrites `:authority` values h2 would refuse.
+//! - [`config`]: the agent's TOML configuration.
+//! - [`store`]: the agent key, SVID and bundle on disk (restart without
+//!   re-attestation).
+//! - [`node`]: attestation and authenticated node API connections.
+//! - [`cache`]: entries from the Sync stream and the SVIDs held for them.
+//! - [`manager`]: the main loop: sync, issuance and rotation, renewal.
+//! - [`authority`]: rewrites `:authority` values h2 would refuse, for gRPC
+//!   C-core and grpc-java clients on Unix sockets.
 
 #![forbid(unsafe_code)]
 
 pub mod authority;
+pub mod cache;
+pub mod config;
+pub mod manager;
+pub mod node;
+pub mod store;

@@ -19,6 +19,7 @@
 //! - [`duration`]: human-readable durations (`90s`, `1h30m`).
 //! - [`attestation`]: node attestor plugin traits (server and agent halves).
 //! - [`der`], [`pem`], [`random`]: minimal DER, PEM and randomness helpers.
+//! - [`secret_file`]: crash-safe writes of keys to disk (0600).
 
 #![forbid(unsafe_code)]
 
@@ -33,6 +34,7 @@ pub mod keys;
 pub mod pem;
 pub mod random;
 pub mod rotation;
+pub mod secret_file;
 pub mod selector;
 pub mod spiffe_id;
 pub mod tls;

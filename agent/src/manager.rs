@@ -1,0 +1,353 @@
+//! The agent's main loop: attest (or reuse the stored SVID), keep the Sync
+//! stream open, issue and rotate SVIDs for its entries, renew its own SVID.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use sigil_attestors::join_token::JoinTokenAgent;
+use sigil_attestors::x509pop::X509PopAgent;
+use sigil_identity::attestation::AgentNodeAttestor;
+use sigil_identity::tls::{SharedBundle, SvidResolver};
+use sigil_identity::{Bundle, rotation};
+use sigil_proto::node as pb;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::cache::{Applied, Cache};
+use crate::config::AgentConfig;
+use crate::node::{self, Bootstrap, Connection, NodeError};
+use crate::store::{AgentState, Store, StoreError};
+
+/// Most CSRs sent in one call.
+const BATCH: usize = 500;
+
+/// Why the agent stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Node(#[from] NodeError),
+    #[error("trust bundle {0}: {1}")]
+    Bundle(std::path::PathBuf, String),
+    #[error(
+        "the agent SVID has expired and the {0} attestor cannot attest again; give the agent a new join token"
+    )]
+    CannotReattest(&'static str),
+    #[error("this agent was {0} by the server")]
+    Revoked(String),
+}
+
+fn attestor(config: &AgentConfig) -> Result<Box<dyn AgentNodeAttestor>, AgentError> {
+    let a = &config.node_attestor;
+    if let Some(t) = &a.join_token {
+        return Ok(Box::new(JoinTokenAgent::new(t.clone())));
+    }
+    if let Some(x) = &a.x509pop {
+        return Ok(Box::new(
+            X509PopAgent::from_pem_files(&x.certificate, &x.key).map_err(NodeError::from)?,
+        ));
+    }
+    Err(AgentError::Node(NodeError::Key(
+        "no node attestor configured".into(),
+    )))
+}
+
+fn bootstrap(config: &AgentConfig) -> Result<Bootstrap, AgentError> {
+    match &config.trust_bundle {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| AgentError::Bundle(path.clone(), e.to_string()))?;
+            let certs = sigil_identity::pem::decode_all("CERTIFICATE", &text)
+                .map_err(|e| AgentError::Bundle(path.clone(), e.to_string()))?;
+            let mut b = Bundle::new(config.trust_domain.clone());
+            b.x509_authorities = certs;
+            Ok(Bootstrap::Bundle(b))
+        }
+        None => {
+            warn!(
+                "insecure_bootstrap: trusting the server this agent first reaches without verification"
+            );
+            Ok(Bootstrap::Insecure)
+        }
+    }
+}
+
+fn svid_expiry(state: &AgentState) -> Option<(SystemTime, SystemTime)> {
+    let leaf = sigil_identity::x509::parse(state.chain.first()?).ok()?;
+    Some(sigil_identity::x509::validity(&leaf))
+}
+
+/// A running agent.
+#[derive(Debug, Clone)]
+pub struct Agent {
+    config: AgentConfig,
+    store: Store,
+    cache: Arc<Cache>,
+    resolver: Arc<SvidResolver>,
+    bundle: Arc<SharedBundle>,
+    /// The agent's own SVID validity, for renewal.
+    validity: Arc<std::sync::Mutex<(SystemTime, SystemTime)>>,
+    /// Moves when the agent SVID changes: connections must be reopened.
+    reconnect: watch::Sender<u64>,
+}
+
+impl Agent {
+    /// Loads the stored state or attests, and prepares the agent.
+    pub async fn start(config: AgentConfig) -> Result<Self, AgentError> {
+        let store = Store::open(&config.data_dir)?;
+        let now = SystemTime::now();
+        let state = match store.load(&config.trust_domain)? {
+            Some(s) if svid_expiry(&s).is_some_and(|(_, na)| na > now) => {
+                info!("using the stored agent SVID; no attestation needed");
+                s
+            }
+            stored => {
+                let attestor = attestor(&config)?;
+                if stored.is_some() && attestor.name() == sigil_attestors::join_token::NAME {
+                    return Err(AgentError::CannotReattest(
+                        sigil_attestors::join_token::NAME,
+                    ));
+                }
+                let s = node::attest(
+                    &config.server_address,
+                    &config.trust_domain,
+                    &bootstrap(&config)?,
+                    attestor.as_ref(),
+                )
+                .await?;
+                store.save(&s)?;
+                info!(attestor = attestor.name(), "node attested");
+                s
+            }
+        };
+        let validity = svid_expiry(&state)
+            .ok_or_else(|| NodeError::BadReply("agent SVID unreadable".into()))?;
+        Ok(Self {
+            resolver: Arc::new(SvidResolver::new(node::agent_key(&state)?)),
+            bundle: Arc::new(SharedBundle::new(state.bundle.clone())),
+            validity: Arc::new(std::sync::Mutex::new(validity)),
+            cache: Arc::new(Cache::default()),
+            reconnect: watch::channel(0).0,
+            config,
+            store,
+        })
+    }
+
+    /// The SVID cache.
+    pub fn cache(&self) -> Arc<Cache> {
+        self.cache.clone()
+    }
+
+    async fn connect(&self) -> Result<Connection, NodeError> {
+        Connection::open(
+            &self.config.server_address,
+            &self.config.trust_domain,
+            self.bundle.clone(),
+            self.resolver.clone(),
+        )
+        .await
+    }
+
+    /// Runs until `shutdown` resolves or the server revokes the agent.
+    pub async fn run(
+        self,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> Result<(), AgentError> {
+        tokio::pin!(shutdown);
+        let (revoked_tx, mut revoked_rx) = watch::channel(None::<String>);
+        let sync = tokio::spawn(self.clone().sync_loop(revoked_tx));
+        let issue = tokio::spawn(self.clone().issue_loop());
+        let renew = tokio::spawn(self.clone().renew_loop());
+        let result = tokio::select! {
+            () = &mut shutdown => Ok(()),
+            why = async {
+                let why = revoked_rx.wait_for(|r| r.is_some()).await.ok().and_then(|r| r.clone());
+                why.unwrap_or_default()
+            } => Err(AgentError::Revoked(why)),
+        };
+        sync.abort();
+        issue.abort();
+        renew.abort();
+        result
+    }
+
+    /// Keeps one Sync stream open, reconnecting with jittered backoff.
+    async fn sync_loop(self, revoked: watch::Sender<Option<String>>) {
+        let mut backoff = Duration::from_millis(200);
+        let mut reconnect = self.reconnect.subscribe();
+        loop {
+            let attempt = async {
+                let mut conn = self.connect().await?;
+                let mut stream = conn
+                    .client
+                    .sync(pb::SyncRequest {
+                        since_revision: self.cache.revision(),
+                    })
+                    .await?
+                    .into_inner();
+                loop {
+                    let Some(msg) = stream.message().await? else {
+                        return Ok::<_, NodeError>(());
+                    };
+                    let bundle_changed = matches!(
+                        msg.event,
+                        Some(
+                            pb::sync_response::Event::Bundle(_)
+                                | pb::sync_response::Event::Snapshot(_)
+                        )
+                    );
+                    match self.cache.apply(msg) {
+                        Ok(Applied::Ok) => {}
+                        Ok(Applied::Revoked(why)) => {
+                            let _ = revoked.send(Some(why));
+                            return Ok(());
+                        }
+                        Err(e) => warn!(error = %e, "ignoring an invalid sync message"),
+                    }
+                    if bundle_changed {
+                        self.adopt_bundle();
+                    }
+                }
+            };
+            tokio::select! {
+                r = attempt => {
+                    match r {
+                        Ok(()) => backoff = Duration::from_millis(200),
+                        Err(e) => {
+                            warn!(error = %e, retry_in = ?backoff, "sync stream lost; reconnecting");
+                        }
+                    }
+                }
+                _ = reconnect.changed() => {
+                    backoff = Duration::from_millis(50);
+                }
+            }
+            if revoked.borrow().is_some() {
+                return;
+            }
+            let jitter = 1.0 + 0.2 * sigil_identity::random::jitter_unit();
+            tokio::time::sleep(backoff.mul_f64(jitter)).await;
+            backoff = (backoff * 2).min(Duration::from_secs(30));
+        }
+    }
+
+    /// Trusts the bundle the server sent and persists it.
+    fn adopt_bundle(&self) {
+        let Some(b) = self.cache.bundle() else { return };
+        if *self.bundle.get() == *b {
+            return;
+        }
+        self.bundle.set(b.clone());
+        if let Ok(Some(mut state)) = self.store.load(&self.config.trust_domain) {
+            state.bundle = (*b).clone();
+            if let Err(e) = self.store.save(&state) {
+                warn!(error = %e, "could not persist the new bundle");
+            }
+        }
+    }
+
+    /// Issues SVIDs for entries that need them, in batches.
+    async fn issue_loop(self) {
+        let mut changes = self.cache.subscribe();
+        loop {
+            let due = self.cache.due(SystemTime::now());
+            if !due.is_empty()
+                && let Err(e) = self.issue(due).await
+            {
+                warn!(error = %e, "SVID issuance failed; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+            tokio::select! {
+                _ = changes.changed() => {}
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    }
+
+    async fn issue(
+        &self,
+        due: Vec<Arc<sigil_identity::RegistrationEntry>>,
+    ) -> Result<(), NodeError> {
+        let mut conn = self.connect().await?;
+        for chunk in due.chunks(BATCH) {
+            let mut keys = std::collections::HashMap::new();
+            let mut params = Vec::with_capacity(chunk.len());
+            for e in chunk {
+                let (key, csr) = node::key_and_csr()?;
+                keys.insert(e.id.clone(), key);
+                params.push(pb::SvidParams {
+                    entry_id: e.id.to_string(),
+                    csr,
+                });
+            }
+            let results = conn
+                .client
+                .batch_new_x509_svid(pb::BatchNewX509SvidRequest { params })
+                .await?
+                .into_inner()
+                .results;
+            for (entry, r) in chunk.iter().zip(results) {
+                match (r.svid, keys.remove(&entry.id)) {
+                    (Some(svid), Some(key)) if r.entry_id == entry.id.as_str() => {
+                        if let Err(e) = self.cache.store(entry.clone(), key, svid.cert_chain) {
+                            warn!(entry_id = %entry.id, error = %e, "server sent an unreadable SVID");
+                        }
+                    }
+                    _ => {
+                        warn!(entry_id = %entry.id, code = r.code, message = %r.message, "SVID not issued")
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Renews the agent SVID at half-life and makes connections switch.
+    async fn renew_loop(self) {
+        loop {
+            let (nb, na) = *self.validity.lock().unwrap_or_else(|p| p.into_inner());
+            let at = rotation::renewal_time(nb, na, sigil_identity::random::jitter_unit());
+            let wait = at
+                .duration_since(SystemTime::now())
+                .unwrap_or(Duration::ZERO);
+            tokio::time::sleep(wait.max(Duration::from_millis(100))).await;
+            match self.renew().await {
+                Ok(()) => info!("agent SVID renewed"),
+                Err(e) => {
+                    warn!(error = %e, "agent SVID renewal failed; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+
+    async fn renew(&self) -> Result<(), NodeError> {
+        let mut conn = self.connect().await?;
+        let (key, csr) = node::key_and_csr()?;
+        let svid = conn
+            .client
+            .renew_agent(pb::RenewAgentRequest { csr })
+            .await?
+            .into_inner()
+            .svid;
+        let svid = svid.ok_or_else(|| NodeError::BadReply("no SVID".into()))?;
+        let state = AgentState {
+            key,
+            chain: svid.cert_chain,
+            bundle: (*self.bundle.get()).clone(),
+        };
+        self.store
+            .save(&state)
+            .map_err(|e| NodeError::Key(e.to_string()))?;
+        self.resolver.set(node::agent_key(&state)?);
+        if let Some(v) = svid_expiry(&state) {
+            *self.validity.lock().unwrap_or_else(|p| p.into_inner()) = v;
+        }
+        // New connections present the new SVID; the first use makes the
+        // server retire the old serial.
+        self.reconnect.send_modify(|n| *n += 1);
+        Ok(())
+    }
+}
