@@ -1,6 +1,6 @@
 //! The Sigil node agent: attests its node to the server, keeps the Sync
-//! stream, rotates SVIDs and (to come) serves the SPIFFE Workload API on a
-//! Unix socket.
+//! stream, rotates SVIDs and serves the SPIFFE Workload API on a Unix
+//! socket.
 //!
 //! # Layout
 //! - [`config`]: the agent's TOML configuration.
@@ -9,6 +9,7 @@
 //! - [`node`]: attestation and authenticated node API connections.
 //! - [`cache`]: entries from the Sync stream and the SVIDs held for them.
 //! - [`manager`]: the main loop: sync, issuance and rotation, renewal.
+//! - [`workload_api`]: the SPIFFE Workload API on a Unix socket.
 //! - [`authority`]: rewrites `:authority` values h2 would refuse, for gRPC
 //!   C-core and grpc-java clients on Unix sockets.
 
@@ -20,3 +21,4 @@ pub mod config;
 pub mod manager;
 pub mod node;
 pub mod store;
+pub mod workload_api;

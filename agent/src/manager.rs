@@ -8,7 +8,9 @@ use sigil_attestors::join_token::JoinTokenAgent;
 use sigil_attestors::x509pop::X509PopAgent;
 use sigil_identity::attestation::AgentNodeAttestor;
 use sigil_identity::tls::{SharedBundle, SvidResolver};
-use sigil_identity::{Bundle, rotation};
+use std::collections::HashMap;
+
+use sigil_identity::{Bundle, EntryId, RegistrationEntry, rotation};
 use sigil_proto::node as pb;
 use tokio::sync::watch;
 use tracing::{info, warn};
@@ -90,7 +92,24 @@ pub struct Agent {
     validity: Arc<std::sync::Mutex<(SystemTime, SystemTime)>>,
     /// Moves when the agent SVID changes: connections must be reopened.
     reconnect: watch::Sender<u64>,
+    /// JWT-SVIDs by (entry, audience).
+    jwts: Arc<std::sync::Mutex<HashMap<JwtKey, CachedJwt>>>,
 }
+
+/// JWT-SVIDs are cached per entry and (sorted) audience.
+type JwtKey = (EntryId, Vec<String>);
+
+/// A JWT-SVID held for reuse until half its lifetime has passed.
+#[derive(Debug, Clone)]
+struct CachedJwt {
+    token: String,
+    refresh_at: SystemTime,
+    expires_at: SystemTime,
+}
+
+/// How long a workload waits for the server when a cached JWT-SVID could
+/// still be served.
+const JWT_UPSTREAM_WAIT: Duration = Duration::from_secs(1);
 
 impl Agent {
     /// Loads the stored state or attests, and prepares the agent.
@@ -129,6 +148,7 @@ impl Agent {
             validity: Arc::new(std::sync::Mutex::new(validity)),
             cache: Arc::new(Cache::default()),
             reconnect: watch::channel(0).0,
+            jwts: Arc::default(),
             config,
             store,
         })
@@ -137,6 +157,63 @@ impl Agent {
     /// The SVID cache.
     pub fn cache(&self) -> Arc<Cache> {
         self.cache.clone()
+    }
+
+    /// A JWT-SVID for `entry` and `audience`: from the cache until half its
+    /// life has passed, then from the server; if the server does not answer
+    /// within a second, the cached token is served while it is valid.
+    pub async fn jwt_svid(
+        &self,
+        entry: &RegistrationEntry,
+        audience: &[String],
+    ) -> Result<String, NodeError> {
+        let mut aud = audience.to_vec();
+        aud.sort();
+        aud.dedup();
+        let key = (entry.id.clone(), aud);
+        let now = SystemTime::now();
+        let cached = self
+            .jwts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+            .cloned();
+        if let Some(c) = &cached
+            && now < c.refresh_at
+        {
+            return Ok(c.token.clone());
+        }
+        let fetch = async {
+            let mut conn = self.connect().await?;
+            let req = pb::NewJwtSvidRequest {
+                entry_id: entry.id.to_string(),
+                audience: audience.to_vec(),
+            };
+            Ok::<_, NodeError>(conn.client.new_jwt_svid(req).await?.into_inner())
+        };
+        let fresh = match &cached {
+            Some(c) if now < c.expires_at => {
+                match tokio::time::timeout(JWT_UPSTREAM_WAIT, fetch).await {
+                    Ok(Ok(r)) => r,
+                    _ => return Ok(c.token.clone()),
+                }
+            }
+            _ => fetch.await?,
+        };
+        let expires_at =
+            sigil_identity::clock::from_unix_seconds(u64::try_from(fresh.expires_at).unwrap_or(0));
+        let refresh_at = now + expires_at.duration_since(now).unwrap_or(Duration::ZERO) / 2;
+        let mut jwts = self.jwts.lock().unwrap_or_else(|p| p.into_inner());
+        jwts.retain(|_, c| c.expires_at > now);
+        jwts.insert(
+            key,
+            CachedJwt {
+                token: fresh.token.clone(),
+                refresh_at,
+                expires_at,
+            },
+        );
+        Ok(fresh.token)
     }
 
     async fn connect(&self) -> Result<Connection, NodeError> {

@@ -5,117 +5,14 @@
 // Test code: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::Path;
+mod common;
+
 use std::time::Duration;
 
-use sigil_agent::config::AgentConfig;
+use common::{Server, agent_config, wait_for};
 use sigil_agent::manager::Agent;
-use sigil_proto::admin::{self, admin_client::AdminClient};
+use sigil_proto::admin;
 use sigil_proto::node as node_pb;
-use tonic::transport::Channel;
-
-struct Server {
-    dir: tempfile::TempDir,
-    addr: String,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-}
-
-impl Server {
-    async fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let node = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = node.local_addr().unwrap().to_string();
-        let admin = sigil_server::admin_api::bind_socket(&dir.path().join("admin.sock")).unwrap();
-        let text = format!(
-            "trust_domain = \"example.org\"\ndata_dir = \"{}\"\n",
-            dir.path().join("data").display()
-        );
-        std::fs::write(dir.path().join("server.toml"), text).unwrap();
-        let config = sigil_server::config::ServerConfig::load(
-            Some(&dir.path().join("server.toml")),
-            Default::default(),
-        )
-        .unwrap();
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(sigil_server::server::run(
-            config,
-            sigil_server::server::Listeners { node, admin },
-            async {
-                let _ = rx.await;
-            },
-        ));
-        let s = Self {
-            dir,
-            addr,
-            stop: Some(tx),
-        };
-        for _ in 0..100 {
-            if let Ok(mut c) = sigil_server::cli::connect(&s.dir.path().join("admin.sock")).await
-                && c.health(admin::HealthRequest {}).await.is_ok()
-            {
-                return s;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("server did not start");
-    }
-
-    async fn admin(&self) -> AdminClient<Channel> {
-        sigil_server::cli::connect(&self.dir.path().join("admin.sock"))
-            .await
-            .unwrap()
-    }
-
-    async fn bundle_pem(&self, path: &Path) {
-        let b = self
-            .admin()
-            .await
-            .get_bundle(admin::GetBundleRequest {})
-            .await
-            .unwrap()
-            .into_inner();
-        let b = sigil_identity::Bundle::try_from(&b).unwrap();
-        std::fs::write(path, b.x509_pem()).unwrap();
-    }
-
-    async fn token(&self) -> String {
-        self.admin()
-            .await
-            .create_join_token(admin::CreateJoinTokenRequest::default())
-            .await
-            .unwrap()
-            .into_inner()
-            .token
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-    }
-}
-
-fn agent_config(server: &Server, data: &Path, token: &str) -> AgentConfig {
-    AgentConfig::parse(&format!(
-        "trust_domain = \"example.org\"\nserver_address = \"{}\"\ndata_dir = \"{}\"\ntrust_bundle = \"{}\"\n[node_attestor]\njoin_token = \"{token}\"\n",
-        server.addr,
-        data.display(),
-        server.dir.path().join("bundle.pem").display()
-    ))
-    .unwrap()
-}
-
-async fn wait_for(mut f: impl FnMut() -> bool) -> bool {
-    for _ in 0..200 {
-        if f() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    false
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_attests_receives_svids_and_restarts_without_reattesting() {

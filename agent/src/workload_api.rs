@@ -1,0 +1,410 @@
+//! The SPIFFE Workload API on a Unix socket.
+//!
+//! Every call must carry the `workload.spiffe.io: true` metadata. The caller
+//! is identified by the kernel (SO_PEERCRED) and attested by the `unix`
+//! workload attestor; it receives the SVIDs of every entry whose selectors
+//! are all among its own. Streams send full state at once and again on
+//! every change; each stream has its own task, so a slow reader only delays
+//! itself and, when it catches up, gets the latest state.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use sigil_attestors::unix::UnixAttestor;
+use sigil_identity::{Bundle, RegistrationEntry, SelectorSet, SpiffeId, jwt};
+use sigil_proto::workload::spiffe_workload_api_server::{
+    SpiffeWorkloadApi, SpiffeWorkloadApiServer,
+};
+use sigil_proto::workload::*;
+use tokio::net::UnixListener;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
+use tonic::transport::server::UdsConnectInfo;
+use tonic::{Request, Response, Status};
+use tracing::{debug, warn};
+
+use crate::authority::AuthorityFix;
+use crate::cache::CachedSvid;
+use crate::manager::Agent;
+
+/// Largest request accepted (a JWT to validate is the largest field).
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+/// How long attestation of a caller may take.
+const ATTESTATION_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a new workload waits for SVIDs of entries that match it but are
+/// still being issued.
+const ISSUANCE_WAIT: Duration = Duration::from_secs(10);
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// Why the Workload API socket could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum SocketError {
+    #[error("{0} is a symlink; refusing to serve the Workload API through it")]
+    Symlink(std::path::PathBuf),
+    #[error("{0} exists and is not a socket")]
+    NotASocket(std::path::PathBuf),
+    #[error("Workload API socket {0}: {1}")]
+    Io(std::path::PathBuf, std::io::Error),
+}
+
+/// Binds the Workload API socket: the directory is created 0755 (workloads
+/// may enter, not write), a stale socket is replaced, a symlink refused;
+/// the socket itself is 0777 so any local workload can connect.
+pub fn bind(path: &Path) -> Result<UnixListener, SocketError> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let io = |e| SocketError::Io(path.to_path_buf(), e);
+    if let Some(dir) = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty() && !d.exists())
+    {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .create(dir)
+            .map_err(io)?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).map_err(io)?;
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_symlink() => {
+            return Err(SocketError::Symlink(path.to_path_buf()));
+        }
+        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path).map_err(io)?,
+        Ok(_) => return Err(SocketError::NotASocket(path.to_path_buf())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(e)),
+    }
+    let listener = UnixListener::bind(path).map_err(io)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o777)).map_err(io)?;
+    Ok(listener)
+}
+
+/// The Workload API service.
+#[derive(Debug, Clone)]
+pub struct WorkloadApi {
+    agent: Agent,
+    attestor: Arc<UnixAttestor>,
+}
+
+/// Checks the `workload.spiffe.io` metadata: exactly one value, `true`.
+fn check_header<T>(req: &Request<T>) -> Result<(), Status> {
+    let values: Vec<_> = req
+        .metadata()
+        .get_all("workload.spiffe.io")
+        .iter()
+        .collect();
+    match values.as_slice() {
+        [v] if v.as_bytes() == b"true" => Ok(()),
+        _ => Err(Status::invalid_argument(
+            "security header missing: set metadata workload.spiffe.io: true",
+        )),
+    }
+}
+
+fn svid_message(s: &CachedSvid, bundle: &Bundle) -> X509svid {
+    X509svid {
+        spiffe_id: s.entry.spiffe_id.to_string(),
+        x509_svid: s.chain.concat(),
+        x509_svid_key: s.key.to_vec(),
+        bundle: bundle.x509_authorities.concat(),
+        hint: s.entry.hint.clone(),
+    }
+}
+
+impl WorkloadApi {
+    /// Serves identities from `agent`, attesting callers with `attestor`.
+    pub fn new(agent: Agent, attestor: Arc<UnixAttestor>) -> Self {
+        Self { agent, attestor }
+    }
+
+    /// Checks the header and attests the caller, returning its selectors.
+    async fn caller<T>(&self, req: &Request<T>) -> Result<SelectorSet, Status> {
+        check_header(req)?;
+        let pid = req
+            .extensions()
+            .get::<UdsConnectInfo>()
+            .and_then(|i| i.peer_cred)
+            .and_then(|c| c.pid())
+            .ok_or_else(|| Status::unauthenticated("caller credentials unavailable"))?;
+        let attestor = self.attestor.clone();
+        let attested = tokio::time::timeout(
+            ATTESTATION_TIMEOUT,
+            tokio::task::spawn_blocking(move || attestor.attest(pid)),
+        )
+        .await
+        .map_err(|_| Status::unauthenticated("workload attestation timed out"))?
+        .map_err(|_| Status::internal("workload attestation failed"))?;
+        attested.map_err(|e| {
+            debug!(pid, error = %e, "workload attestation failed");
+            Status::unauthenticated("the calling process could not be attested")
+        })
+    }
+
+    /// Entries matching `selectors`, and the SVIDs held for them.
+    fn identities(
+        &self,
+        selectors: &SelectorSet,
+    ) -> (Vec<Arc<RegistrationEntry>>, Vec<CachedSvid>) {
+        let now = SystemTime::now();
+        let cache = self.agent.cache();
+        let entries: Vec<_> = cache
+            .entries()
+            .into_iter()
+            .filter(|e| !e.is_expired(now) && e.selectors.is_subset(selectors))
+            .collect();
+        let svids = cache
+            .svids()
+            .into_iter()
+            .filter(|s| entries.iter().any(|e| e.id == s.entry.id) && s.not_after > now)
+            .collect();
+        (entries, svids)
+    }
+
+    /// The SVIDs for `selectors`, waiting briefly for ones still being issued.
+    async fn x509_state(&self, selectors: &SelectorSet) -> Result<Vec<CachedSvid>, Status> {
+        let mut changes = self.agent.cache().subscribe();
+        let deadline = tokio::time::Instant::now() + ISSUANCE_WAIT;
+        loop {
+            let (entries, svids) = self.identities(selectors);
+            if entries.is_empty() {
+                return Err(Status::permission_denied(
+                    "no identity is registered for this workload",
+                ));
+            }
+            if svids.len() >= entries.len()
+                || (!svids.is_empty() && tokio::time::Instant::now() >= deadline)
+            {
+                return Ok(svids);
+            }
+            if tokio::time::timeout_at(deadline, changes.changed())
+                .await
+                .is_err()
+            {
+                return if svids.is_empty() {
+                    Err(Status::unavailable(
+                        "identities are still being issued; retry",
+                    ))
+                } else {
+                    Ok(svids)
+                };
+            }
+        }
+    }
+
+    fn bundle(&self) -> Result<Arc<Bundle>, Status> {
+        self.agent
+            .cache()
+            .bundle()
+            .ok_or_else(|| Status::unavailable("the agent has no trust bundle yet"))
+    }
+
+    /// Streams `make()` now and whenever the cache changes and the value
+    /// differs; ends with the error `make` returns.
+    fn watch_stream<T, F>(&self, first: T, make: F) -> BoxStream<T>
+    where
+        T: PartialEq + Clone + Send + 'static,
+        F: Fn(&WorkloadApi) -> Result<T, Status> + Send + 'static,
+    {
+        let (tx, rx) = mpsc::channel(1);
+        let this = self.clone();
+        let mut changes = self.agent.cache().subscribe();
+        tokio::spawn(async move {
+            let mut last = first.clone();
+            if tx.send(Ok(first)).await.is_err() {
+                return;
+            }
+            loop {
+                tokio::select! {
+                    () = tx.closed() => return,
+                    r = changes.changed() => if r.is_err() { return },
+                }
+                match make(&this) {
+                    Ok(next) if next == last => {}
+                    Ok(next) => {
+                        last = next.clone();
+                        if tx.send(Ok(next)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(status) => {
+                        let _ = tx.send(Err(status)).await;
+                        return;
+                    }
+                }
+            }
+        });
+        Box::pin(ReceiverStream::new(rx))
+    }
+}
+
+fn x509_response(svids: &[CachedSvid], bundle: &Bundle) -> X509svidResponse {
+    X509svidResponse {
+        svids: svids.iter().map(|s| svid_message(s, bundle)).collect(),
+        crl: vec![],
+        federated_bundles: HashMap::new(),
+    }
+}
+
+#[tonic::async_trait]
+impl SpiffeWorkloadApi for WorkloadApi {
+    type FetchX509SVIDStream = BoxStream<X509svidResponse>;
+    type FetchX509BundlesStream = BoxStream<X509BundlesResponse>;
+    type FetchJWTBundlesStream = BoxStream<JwtBundlesResponse>;
+
+    async fn fetch_x509svid(
+        &self,
+        req: Request<X509svidRequest>,
+    ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
+        let selectors = self.caller(&req).await?;
+        let svids = self.x509_state(&selectors).await?;
+        let first = x509_response(&svids, &*self.bundle()?);
+        Ok(Response::new(self.watch_stream(first, move |api| {
+            let (_, svids) = api.identities(&selectors);
+            if svids.is_empty() {
+                return Err(Status::permission_denied(
+                    "no identity is registered for this workload any more",
+                ));
+            }
+            Ok(x509_response(&svids, &*api.bundle()?))
+        })))
+    }
+
+    async fn fetch_x509_bundles(
+        &self,
+        req: Request<X509BundlesRequest>,
+    ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
+        let selectors = self.caller(&req).await?;
+        self.x509_state(&selectors).await?;
+        let make = |api: &WorkloadApi| -> Result<X509BundlesResponse, Status> {
+            let b = api.bundle()?;
+            Ok(X509BundlesResponse {
+                crl: vec![],
+                bundles: [(b.trust_domain.to_string(), b.x509_authorities.concat())].into(),
+            })
+        };
+        let first = make(self)?;
+        Ok(Response::new(self.watch_stream(first, make)))
+    }
+
+    async fn fetch_jwtsvid(
+        &self,
+        req: Request<JwtsvidRequest>,
+    ) -> Result<Response<JwtsvidResponse>, Status> {
+        let selectors = self.caller(&req).await?;
+        let r = req.into_inner();
+        if r.audience.is_empty() || r.audience.iter().any(String::is_empty) {
+            return Err(Status::invalid_argument("audience is required"));
+        }
+        let (entries, _) = self.identities(&selectors);
+        let wanted: Vec<_> = if r.spiffe_id.is_empty() {
+            entries
+        } else {
+            let id = SpiffeId::parse(&r.spiffe_id)
+                .map_err(|_| Status::permission_denied("not entitled to that SPIFFE ID"))?;
+            entries.into_iter().filter(|e| e.spiffe_id == id).collect()
+        };
+        if wanted.is_empty() {
+            return Err(Status::permission_denied(
+                "no matching identity for this workload",
+            ));
+        }
+        let mut svids = Vec::with_capacity(wanted.len());
+        for e in wanted {
+            let token = self.agent.jwt_svid(&e, &r.audience).await.map_err(|e| {
+                warn!(error = %e, "JWT-SVID unavailable");
+                Status::unavailable("JWT-SVID could not be obtained from the server; retry")
+            })?;
+            svids.push(Jwtsvid {
+                spiffe_id: e.spiffe_id.to_string(),
+                svid: token,
+                hint: e.hint.clone(),
+            });
+        }
+        Ok(Response::new(JwtsvidResponse { svids }))
+    }
+
+    async fn fetch_jwt_bundles(
+        &self,
+        req: Request<JwtBundlesRequest>,
+    ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
+        let selectors = self.caller(&req).await?;
+        self.x509_state(&selectors).await?;
+        let make = |api: &WorkloadApi| -> Result<JwtBundlesResponse, Status> {
+            let b = api.bundle()?;
+            // A JWT bundle holds the JWT authorities only: clients reject
+            // x509-svid keys (which carry no kid) in it.
+            let jwt_only = Bundle {
+                x509_authorities: Vec::new(),
+                ..(*b).clone()
+            };
+            Ok(JwtBundlesResponse {
+                bundles: [(b.trust_domain.to_string(), jwt_only.to_jwks_bytes())].into(),
+            })
+        };
+        let first = make(self)?;
+        Ok(Response::new(self.watch_stream(first, make)))
+    }
+
+    async fn validate_jwtsvid(
+        &self,
+        req: Request<ValidateJwtsvidRequest>,
+    ) -> Result<Response<ValidateJwtsvidResponse>, Status> {
+        check_header(&req)?;
+        let r = req.into_inner();
+        if r.audience.is_empty() {
+            return Err(Status::invalid_argument("audience is required"));
+        }
+        if r.svid.is_empty() {
+            return Err(Status::invalid_argument("svid is required"));
+        }
+        let bundle = self.bundle()?;
+        let v = jwt::validate(&r.svid, &[r.audience.as_str()], &*bundle, SystemTime::now())
+            .map_err(|e| Status::invalid_argument(format!("invalid JWT-SVID: {e}")))?;
+        use prost_types::value::Kind;
+        let num = |t: SystemTime| prost_types::Value {
+            kind: Some(Kind::NumberValue(
+                sigil_identity::clock::unix_seconds(t) as f64
+            )),
+        };
+        let text = |s: &str| prost_types::Value {
+            kind: Some(Kind::StringValue(s.to_owned())),
+        };
+        let mut fields = std::collections::BTreeMap::new();
+        fields.insert("sub".to_owned(), text(v.spiffe_id.as_str()));
+        fields.insert(
+            "aud".to_owned(),
+            prost_types::Value {
+                kind: Some(Kind::ListValue(prost_types::ListValue {
+                    values: v.audience.iter().map(|a| text(a)).collect(),
+                })),
+            },
+        );
+        fields.insert("exp".to_owned(), num(v.expiry));
+        if let Some(iat) = v.issued_at {
+            fields.insert("iat".to_owned(), num(iat));
+        }
+        Ok(Response::new(ValidateJwtsvidResponse {
+            spiffe_id: v.spiffe_id.to_string(),
+            claims: Some(prost_types::Struct {
+                fields: fields.into_iter().collect(),
+            }),
+        }))
+    }
+}
+
+/// Serves the Workload API on `listener` until `shutdown` resolves.
+pub async fn serve(
+    api: WorkloadApi,
+    listener: UnixListener,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), tonic::transport::Error> {
+    let incoming =
+        tokio_stream::wrappers::UnixListenerStream::new(listener).map(|s| s.map(AuthorityFix::new));
+    tonic::transport::Server::builder()
+        .add_service(SpiffeWorkloadApiServer::new(api).max_decoding_message_size(MAX_REQUEST_BYTES))
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await
+}

@@ -1,0 +1,251 @@
+//! The Workload API served by the agent, called by the `spiffe` crate's
+//! client (written by others, unmodified) and by a raw gRPC client for the
+//! rules clients normally hide.
+
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::os::unix::fs::MetadataExt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{Server, agent_config, wait_for};
+use sigil_agent::manager::Agent;
+use sigil_agent::workload_api::{self, WorkloadApi};
+use sigil_attestors::unix::UnixAttestor;
+use sigil_proto::admin;
+use sigil_proto::node as node_pb;
+use sigil_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
+use sigil_proto::workload::{JwtsvidRequest, X509svidRequest};
+use tonic::Code;
+
+struct Setup {
+    server: Server,
+    socket: std::path::PathBuf,
+    agent_id: String,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+async fn setup() -> Setup {
+    let server = Server::start().await;
+    server
+        .bundle_pem(&server.dir.path().join("bundle.pem"))
+        .await;
+    let data = server.dir.path().join("agent");
+    let agent = Agent::start(agent_config(&server, &data, &server.token().await))
+        .await
+        .unwrap();
+    let agent_id = server
+        .admin()
+        .await
+        .list_agents(admin::ListAgentsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .agents[0]
+        .id
+        .clone();
+    let socket = server.dir.path().join("workload/api.sock");
+    let listener = workload_api::bind(&socket).unwrap();
+    let api = WorkloadApi::new(agent.clone(), Arc::new(UnixAttestor::default()));
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let (stop_a, stop_b) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        let _ = rx.await;
+        let _ = stop_a.send(true);
+    });
+    let mut b1 = stop_b.clone();
+    tokio::spawn(agent.run(async move {
+        let _ = b1.wait_for(|s| *s).await;
+    }));
+    let mut b2 = stop_b;
+    tokio::spawn(workload_api::serve(api, listener, async move {
+        let _ = b2.wait_for(|s| *s).await;
+    }));
+    Setup {
+        server,
+        socket,
+        agent_id,
+        _stop: tx,
+    }
+}
+
+async fn register(s: &Setup, path: &str, selector: &str) -> String {
+    let e = node_pb::Entry {
+        spiffe_id: format!("spiffe://example.org/{path}"),
+        parent_id: s.agent_id.clone(),
+        selectors: vec![selector.into()],
+        ..Default::default()
+    };
+    let r = s
+        .server
+        .admin()
+        .await
+        .create_entries(admin::CreateEntriesRequest { entries: vec![e] })
+        .await
+        .unwrap();
+    r.into_inner().results[0].entry.as_ref().unwrap().id.clone()
+}
+
+fn with_header<T>(r: T) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(r);
+    req.metadata_mut()
+        .insert("workload.spiffe.io", "true".parse().unwrap());
+    req
+}
+
+fn my_uid() -> u32 {
+    std::fs::metadata("/proc/self").unwrap().uid()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_spiffe_crate_fetches_x509_and_jwt_svids() {
+    let s = setup().await;
+    register(&s, "web", &format!("unix:uid:{}", my_uid())).await;
+    register(&s, "other", "unix:uid:99999").await;
+    let client = spiffe::WorkloadApiClient::connect_to(format!("unix:{}", s.socket.display()))
+        .await
+        .unwrap();
+
+    let svid = client.fetch_x509_svid().await.unwrap();
+    assert_eq!(
+        svid.spiffe_id().to_string(),
+        "spiffe://example.org/web",
+        "only the entry matching this process"
+    );
+    let ctx = client.fetch_x509_context().await.unwrap();
+    assert_eq!(ctx.svids().len(), 1);
+    let bundles = client.fetch_x509_bundles().await.unwrap();
+    assert!(
+        bundles
+            .get(&spiffe::TrustDomain::new("example.org").unwrap())
+            .is_some()
+    );
+
+    let token = client.fetch_jwt_token(["db"], None).await.unwrap();
+    let validated = client.validate_jwt_token("db", &token).await.unwrap();
+    assert_eq!(
+        validated.spiffe_id().to_string(),
+        "spiffe://example.org/web"
+    );
+    let jwt_bundles = client.fetch_jwt_bundles().await.unwrap();
+    assert!(
+        jwt_bundles
+            .get(&spiffe::TrustDomain::new("example.org").unwrap())
+            .is_some()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn security_header_and_entitlement_rules() {
+    let s = setup().await;
+    let channel = sigil_proto::channel::unix_channel(&s.socket).await.unwrap();
+    let mut raw = SpiffeWorkloadApiClient::new(channel);
+
+    // No header.
+    let err = raw.fetch_x509svid(X509svidRequest {}).await.err().unwrap();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    // Wrong value, and duplicated.
+    let mut req = tonic::Request::new(X509svidRequest {});
+    req.metadata_mut()
+        .insert("workload.spiffe.io", "yes".parse().unwrap());
+    assert_eq!(
+        raw.fetch_x509svid(req).await.err().unwrap().code(),
+        Code::InvalidArgument
+    );
+    let mut req = tonic::Request::new(X509svidRequest {});
+    req.metadata_mut()
+        .append("workload.spiffe.io", "true".parse().unwrap());
+    req.metadata_mut()
+        .append("workload.spiffe.io", "true".parse().unwrap());
+    assert_eq!(
+        raw.fetch_x509svid(req).await.err().unwrap().code(),
+        Code::InvalidArgument
+    );
+
+    // No entry for this process.
+    let err = raw
+        .fetch_x509svid(with_header(X509svidRequest {}))
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    register(&s, "web", &format!("unix:uid:{}", my_uid())).await;
+    // Audience is required; an unentitled SPIFFE ID is refused.
+    let err = raw
+        .fetch_jwtsvid(with_header(JwtsvidRequest {
+            audience: vec![],
+            spiffe_id: String::new(),
+        }))
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let req = JwtsvidRequest {
+        audience: vec!["db".into()],
+        spiffe_id: "spiffe://example.org/admin".into(),
+    };
+    assert_eq!(
+        raw.fetch_jwtsvid(with_header(req))
+            .await
+            .err()
+            .unwrap()
+            .code(),
+        Code::PermissionDenied
+    );
+    let req = JwtsvidRequest {
+        audience: vec!["db".into()],
+        spiffe_id: "spiffe://example.org/web".into(),
+    };
+    let ok = raw
+        .fetch_jwtsvid(with_header(req))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ok.svids[0].spiffe_id, "spiffe://example.org/web");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_the_entry_ends_the_stream_with_permission_denied() {
+    let s = setup().await;
+    let id = register(&s, "web", &format!("unix:uid:{}", my_uid())).await;
+    let channel = sigil_proto::channel::unix_channel(&s.socket).await.unwrap();
+    let mut raw = SpiffeWorkloadApiClient::new(channel);
+    let mut req = tonic::Request::new(X509svidRequest {});
+    req.metadata_mut()
+        .insert("workload.spiffe.io", "true".parse().unwrap());
+    let mut stream = raw.fetch_x509svid(req).await.unwrap().into_inner();
+    let first = stream.message().await.unwrap().unwrap();
+    assert_eq!(first.svids.len(), 1);
+    let started = std::time::Instant::now();
+    s.server
+        .admin()
+        .await
+        .delete_entries(admin::DeleteEntriesRequest { ids: vec![id] })
+        .await
+        .unwrap();
+    let end = tokio::time::timeout(Duration::from_secs(5), stream.message())
+        .await
+        .unwrap();
+    let latency = started.elapsed();
+    assert_eq!(end.err().map(|e| e.code()), Some(Code::PermissionDenied));
+    println!("entry delete -> stream ended with PermissionDenied after {latency:?}");
+    assert!(wait_for(|| true).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_socket_directory_is_not_writable_by_workloads() {
+    let s = setup().await;
+    let dir = s.socket.parent().unwrap();
+    let mode = std::fs::metadata(dir).unwrap().mode() & 0o777;
+    assert_eq!(mode & 0o022, 0, "directory mode {mode:o}");
+    // A symlink at the socket path is refused.
+    let link = s.server.dir.path().join("link.sock");
+    std::os::unix::fs::symlink(&s.socket, &link).unwrap();
+    assert!(matches!(
+        workload_api::bind(&link),
+        Err(workload_api::SocketError::Symlink(_))
+    ));
+}
