@@ -6,14 +6,26 @@ cd "$(dirname "$0")/.."
 
 need_apt=()
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
+python3 -m venv --help >/dev/null 2>&1 || need_apt+=(python3 python3-venv)
 if [ ${#need_apt[@]} -gt 0 ]; then
-  echo "==> installing ${need_apt[*]} (used by the certificate interop tests)"
+  echo "==> installing ${need_apt[*]} (used by the interop tests)"
   if [ "$(id -u)" -eq 0 ]; then
     apt-get update -qq && apt-get install -y -qq "${need_apt[@]}"
   else
     sudo apt-get update -qq && sudo apt-get install -y -qq "${need_apt[@]}"
   fi
 fi
+
+# The official Python SPIFFE client for the interop test, pinned.
+req=agent/tests/interop/requirements.txt
+if [ ! -x .venv/bin/python ] || ! cmp -s "$req" .venv/requirements.txt; then
+  echo "==> installing the Python SPIFFE client into .venv ($req)"
+  rm -rf .venv
+  python3 -m venv .venv
+  .venv/bin/pip install --quiet --disable-pip-version-check -r "$req"
+  cp "$req" .venv/requirements.txt
+fi
+export SIGIL_PYTHON="$PWD/.venv/bin/python"
 
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check
