@@ -8,6 +8,8 @@ use sigil_identity::TrustDomain;
 
 /// Default data directory (agent key, SVID, bundle).
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/sigil/agent";
+/// Default Workload API socket.
+pub const DEFAULT_SOCKET: &str = "/run/sigil/agent/api.sock";
 
 /// Why the configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +45,27 @@ pub struct AgentConfig {
     /// How the agent proves its node.
     #[serde(default)]
     pub node_attestor: NodeAttestorConfig,
+    /// The Workload API socket.
+    #[serde(default = "default_socket")]
+    pub socket_path: PathBuf,
+    /// Largest executable hashed for `unix:sha256`, in bytes.
+    #[serde(default = "default_max_hash")]
+    pub max_hash_bytes: u64,
+    /// Logging: `error` … `trace` or an env-filter string.
+    #[serde(default = "default_log_level")]
+    pub log_level: String,
+}
+
+fn default_socket() -> PathBuf {
+    PathBuf::from(DEFAULT_SOCKET)
+}
+
+fn default_max_hash() -> u64 {
+    sigil_attestors::unix::DEFAULT_MAX_HASH_BYTES
+}
+
+fn default_log_level() -> String {
+    "info".into()
 }
 
 fn default_data_dir() -> PathBuf {
@@ -130,5 +153,14 @@ mod tests {
                 .to_string()
                 .contains("bogus")
         );
+    }
+}
+
+#[cfg(test)]
+mod example_tests {
+    #[test]
+    fn the_example_config_in_deploy_is_valid() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/agent.toml");
+        super::AgentConfig::load(&path).unwrap();
     }
 }

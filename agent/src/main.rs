@@ -1,0 +1,95 @@
+//! `sigil-agent`: parse flags, load config, install logging, run.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Parser;
+use sigil_agent::cli::{self, Cli, Command};
+use sigil_agent::config::AgentConfig;
+use sigil_agent::manager::Agent;
+use sigil_agent::workload_api::{self, WorkloadApi};
+use sigil_attestors::unix::UnixAttestor;
+use tracing::info;
+use tracing_subscriber::EnvFilter;
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = ctrl_c.await;
+        }
+    }
+}
+
+async fn run(args: cli::RunArgs) -> anyhow::Result<()> {
+    let mut config = AgentConfig::load(&args.config)?;
+    if let Some(level) = args.log_level {
+        config.log_level = level;
+    }
+    let filter = EnvFilter::try_new(&config.log_level)
+        .with_context(|| format!("invalid log level {:?}", config.log_level))?;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+
+    let socket = config.socket_path.clone();
+    let attestor = Arc::new(UnixAttestor::new(config.max_hash_bytes));
+    let agent = Agent::start(config).await?;
+    let listener = workload_api::bind(&socket)?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let api = tokio::spawn(workload_api::serve(
+        WorkloadApi::new(agent.clone(), attestor),
+        listener,
+        wait(stop_rx.clone()),
+    ));
+    info!(socket = %socket.display(), "Workload API serving");
+    let result = agent
+        .run(async {
+            shutdown_signal().await;
+            info!("shutting down");
+        })
+        .await;
+    let _ = stop_tx.send(true);
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), api).await;
+    info!("sigil-agent stopped");
+    result.map_err(Into::into)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let socket = cli::socket_path(cli.socket.as_deref());
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Run(args) => run(args).await,
+            command => cli::run_client(command, &socket, cli.output).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
