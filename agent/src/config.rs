@@ -160,7 +160,8 @@ mod tests {
 mod example_tests {
     #[test]
     fn the_example_config_in_deploy_is_valid() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/agent.toml");
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/agent.toml");
         super::AgentConfig::load(&path).unwrap();
     }
 }

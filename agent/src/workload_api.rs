@@ -33,6 +33,9 @@ use crate::manager::Agent;
 
 /// Largest request accepted (a JWT to validate is the largest field).
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+/// Most streams one uid may hold open at once; more are refused so that
+/// one user cannot starve the others.
+pub const MAX_STREAMS_PER_UID: usize = 256;
 /// How long attestation of a caller may take.
 const ATTESTATION_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a new workload waits for SVIDs of entries that match it but are
@@ -87,6 +90,32 @@ pub fn bind(path: &Path) -> Result<UnixListener, SocketError> {
 pub struct WorkloadApi {
     agent: Agent,
     attestor: Arc<UnixAttestor>,
+    streams: Arc<std::sync::Mutex<HashMap<u32, usize>>>,
+}
+
+/// One open stream counted against its uid; released on drop.
+#[derive(Debug)]
+struct StreamSlot {
+    counts: Arc<std::sync::Mutex<HashMap<u32, usize>>>,
+    uid: u32,
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = counts.get_mut(&self.uid) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(&self.uid);
+            }
+        }
+    }
+}
+
+/// An attested caller.
+struct Caller {
+    uid: u32,
+    selectors: SelectorSet,
 }
 
 /// Checks the `workload.spiffe.io` metadata: exactly one value, `true`.
@@ -117,17 +146,39 @@ fn svid_message(s: &CachedSvid, bundle: &Bundle) -> X509svid {
 impl WorkloadApi {
     /// Serves identities from `agent`, attesting callers with `attestor`.
     pub fn new(agent: Agent, attestor: Arc<UnixAttestor>) -> Self {
-        Self { agent, attestor }
+        Self {
+            agent,
+            attestor,
+            streams: Arc::default(),
+        }
     }
 
-    /// Checks the header and attests the caller, returning its selectors.
-    async fn caller<T>(&self, req: &Request<T>) -> Result<SelectorSet, Status> {
+    /// Counts a new stream for `uid`, refusing it past the limit.
+    fn open_stream(&self, uid: u32) -> Result<StreamSlot, Status> {
+        let mut counts = self.streams.lock().unwrap_or_else(|p| p.into_inner());
+        let n = counts.entry(uid).or_insert(0);
+        if *n >= MAX_STREAMS_PER_UID {
+            return Err(Status::resource_exhausted(format!(
+                "this user already holds {MAX_STREAMS_PER_UID} Workload API streams; close some first"
+            )));
+        }
+        *n += 1;
+        Ok(StreamSlot {
+            counts: self.streams.clone(),
+            uid,
+        })
+    }
+
+    /// Checks the header and attests the caller.
+    async fn caller<T>(&self, req: &Request<T>) -> Result<Caller, Status> {
         check_header(req)?;
-        let pid = req
+        let cred = req
             .extensions()
             .get::<UdsConnectInfo>()
             .and_then(|i| i.peer_cred)
-            .and_then(|c| c.pid())
+            .ok_or_else(|| Status::unauthenticated("caller credentials unavailable"))?;
+        let pid = cred
+            .pid()
             .ok_or_else(|| Status::unauthenticated("caller credentials unavailable"))?;
         let attestor = self.attestor.clone();
         let attested = tokio::time::timeout(
@@ -137,9 +188,13 @@ impl WorkloadApi {
         .await
         .map_err(|_| Status::unauthenticated("workload attestation timed out"))?
         .map_err(|_| Status::internal("workload attestation failed"))?;
-        attested.map_err(|e| {
+        let selectors = attested.map_err(|e| {
             debug!(pid, error = %e, "workload attestation failed");
             Status::unauthenticated("the calling process could not be attested")
+        })?;
+        Ok(Caller {
+            uid: cred.uid(),
+            selectors,
         })
     }
 
@@ -203,7 +258,7 @@ impl WorkloadApi {
 
     /// Streams `make()` now and whenever the cache changes and the value
     /// differs; ends with the error `make` returns.
-    fn watch_stream<T, F>(&self, first: T, make: F) -> BoxStream<T>
+    fn watch_stream<T, F>(&self, slot: StreamSlot, first: T, make: F) -> BoxStream<T>
     where
         T: PartialEq + Clone + Send + 'static,
         F: Fn(&WorkloadApi) -> Result<T, Status> + Send + 'static,
@@ -212,6 +267,7 @@ impl WorkloadApi {
         let this = self.clone();
         let mut changes = self.agent.cache().subscribe();
         tokio::spawn(async move {
+            let _slot = slot;
             let mut last = first.clone();
             if tx.send(Ok(first)).await.is_err() {
                 return;
@@ -258,10 +314,11 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         req: Request<X509svidRequest>,
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
-        let selectors = self.caller(&req).await?;
+        let Caller { uid, selectors } = self.caller(&req).await?;
+        let slot = self.open_stream(uid)?;
         let svids = self.x509_state(&selectors).await?;
         let first = x509_response(&svids, &*self.bundle()?);
-        Ok(Response::new(self.watch_stream(first, move |api| {
+        Ok(Response::new(self.watch_stream(slot, first, move |api| {
             let (_, svids) = api.identities(&selectors);
             if svids.is_empty() {
                 return Err(Status::permission_denied(
@@ -276,7 +333,8 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         req: Request<X509BundlesRequest>,
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
-        let selectors = self.caller(&req).await?;
+        let Caller { uid, selectors } = self.caller(&req).await?;
+        let slot = self.open_stream(uid)?;
         self.x509_state(&selectors).await?;
         let make = |api: &WorkloadApi| -> Result<X509BundlesResponse, Status> {
             let b = api.bundle()?;
@@ -286,14 +344,14 @@ impl SpiffeWorkloadApi for WorkloadApi {
             })
         };
         let first = make(self)?;
-        Ok(Response::new(self.watch_stream(first, make)))
+        Ok(Response::new(self.watch_stream(slot, first, make)))
     }
 
     async fn fetch_jwtsvid(
         &self,
         req: Request<JwtsvidRequest>,
     ) -> Result<Response<JwtsvidResponse>, Status> {
-        let selectors = self.caller(&req).await?;
+        let Caller { selectors, .. } = self.caller(&req).await?;
         let r = req.into_inner();
         if r.audience.is_empty() || r.audience.iter().any(String::is_empty) {
             return Err(Status::invalid_argument("audience is required"));
@@ -330,7 +388,8 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         req: Request<JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
-        let selectors = self.caller(&req).await?;
+        let Caller { uid, selectors } = self.caller(&req).await?;
+        let slot = self.open_stream(uid)?;
         self.x509_state(&selectors).await?;
         let make = |api: &WorkloadApi| -> Result<JwtBundlesResponse, Status> {
             let b = api.bundle()?;
@@ -345,7 +404,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
             })
         };
         let first = make(self)?;
-        Ok(Response::new(self.watch_stream(first, make)))
+        Ok(Response::new(self.watch_stream(slot, first, make)))
     }
 
     async fn validate_jwtsvid(

@@ -249,3 +249,109 @@ async fn the_socket_directory_is_not_writable_by_workloads() {
         Err(workload_api::SocketError::Symlink(_))
     ));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_streams_from_one_uid_do_not_starve_another_uid() {
+    use std::os::unix::fs::PermissionsExt;
+    let s = setup().await;
+    register(&s, "mine", &format!("unix:uid:{}", my_uid())).await;
+    register(&s, "nobody", "unix:uid:65534").await;
+
+    // 1,000 stream attempts from this uid over 8 connections.
+    let mut held = Vec::new();
+    let (mut opened, mut refused) = (0, 0);
+    for _ in 0..8 {
+        let channel = sigil_proto::channel::unix_channel(&s.socket).await.unwrap();
+        let mut raw = SpiffeWorkloadApiClient::new(channel);
+        for _ in 0..125 {
+            match raw.fetch_x509svid(with_header(X509svidRequest {})).await {
+                Ok(stream) => {
+                    opened += 1;
+                    held.push(stream.into_inner());
+                }
+                Err(e) => {
+                    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+                    refused += 1;
+                }
+            }
+        }
+    }
+    assert_eq!(opened, workload_api::MAX_STREAMS_PER_UID);
+    assert_eq!(refused, 1000 - workload_api::MAX_STREAMS_PER_UID);
+
+    // Another user is still served, through the real CLI, as uid 65534.
+    let mut dir = s.socket.parent();
+    while let Some(d) = dir {
+        if d == std::path::Path::new("/tmp") || d == std::path::Path::new("/") {
+            break;
+        }
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
+        dir = d.parent();
+    }
+    let out = tokio::task::spawn_blocking({
+        let socket = s.socket.clone();
+        move || {
+            use std::os::unix::process::CommandExt;
+            std::process::Command::new(env!("CARGO_BIN_EXE_sigil-agent"))
+                .arg("--socket")
+                .arg(&socket)
+                .args(["api", "fetch", "x509"])
+                .uid(65534)
+                .gid(65534)
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("spiffe://example.org/nobody"));
+
+    // Closing streams frees the slots.
+    held.clear();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let channel = sigil_proto::channel::unix_channel(&s.socket).await.unwrap();
+    let mut raw = SpiffeWorkloadApiClient::new(channel);
+    assert!(
+        raw.fetch_x509svid(with_header(X509svidRequest {}))
+            .await
+            .is_ok()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_requests_are_refused() {
+    let s = setup().await;
+    let channel = sigil_proto::channel::unix_channel(&s.socket).await.unwrap();
+    let mut raw = SpiffeWorkloadApiClient::new(channel).max_encoding_message_size(64 << 20);
+    let huge = "a".repeat(10 * 1024 * 1024);
+    let req = sigil_proto::workload::ValidateJwtsvidRequest {
+        audience: "db".into(),
+        svid: huge,
+    };
+    let err = raw.validate_jwtsvid(with_header(req)).await.err().unwrap();
+    assert!(
+        matches!(
+            err.code(),
+            Code::OutOfRange | Code::ResourceExhausted | Code::InvalidArgument
+        ),
+        "{err:?}"
+    );
+    // Just under the request limit, a garbage token is refused as invalid.
+    let req = sigil_proto::workload::ValidateJwtsvidRequest {
+        audience: "db".into(),
+        svid: "a".repeat(20_000),
+    };
+    assert_eq!(
+        raw.validate_jwtsvid(with_header(req))
+            .await
+            .err()
+            .unwrap()
+            .code(),
+        Code::InvalidArgument
+    );
+}
