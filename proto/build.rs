@@ -6,6 +6,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         std::path::PathBuf::from("proto/sigil/node/v1/node.proto"),
         "proto/sigil/admin/v1/admin.proto".into(),
         "proto/workload.proto".into(),
+        "proto/grpc/health/v1/health.proto".into(),
     ];
     for p in &protos {
         println!("cargo:rerun-if-changed={}", p.display());

@@ -215,12 +215,17 @@ pub async fn run_client(command: Command, socket: &Path, output: Output) -> Resu
     match command {
         Command::Run(_) => unreachable!("run is handled by main"),
         Command::Healthcheck => {
-            // Any answer from the API means the agent serves; having no
-            // identity for this process is still an answer.
-            match c.fetch_x509_bundles(request(X509BundlesRequest {})).await {
-                Ok(_) => {}
-                Err(s) if s.code() == tonic::Code::PermissionDenied => {}
-                Err(s) => bail!("the agent does not serve: {}", rpc(s)),
+            use sigil_proto::grpc::health::v1::{HealthCheckRequest, health_client::HealthClient};
+            let channel = sigil_proto::channel::unix_channel(socket).await?;
+            let r = HealthClient::new(channel)
+                .check(HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await
+                .map_err(rpc)?
+                .into_inner();
+            if r.status != 1 {
+                bail!("the agent is not serving yet (it has no trust bundle from the server)");
             }
             print(json_out, &json!({"status": "serving"}), "serving".into())?;
         }

@@ -454,6 +454,85 @@ impl SpiffeWorkloadApi for WorkloadApi {
     }
 }
 
+/// The standard gRPC health service next to the Workload API: `SERVING`
+/// once the agent holds a trust bundle from the server. It needs no
+/// security header, so stock probes work.
+#[derive(Debug, Clone)]
+pub struct Health {
+    agent: Agent,
+}
+
+impl Health {
+    fn status(&self, service: &str) -> Result<i32, Status> {
+        use sigil_proto::grpc::health::v1::health_check_response::ServingStatus;
+        if !(service.is_empty() || service == "SpiffeWorkloadAPI") {
+            return Err(Status::not_found(format!("unknown service {service:?}")));
+        }
+        let serving = self.agent.cache().bundle().is_some();
+        Ok(if serving {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        } as i32)
+    }
+}
+
+#[tonic::async_trait]
+impl sigil_proto::grpc::health::v1::health_server::Health for Health {
+    type WatchStream = BoxStream<sigil_proto::grpc::health::v1::HealthCheckResponse>;
+
+    async fn check(
+        &self,
+        req: Request<sigil_proto::grpc::health::v1::HealthCheckRequest>,
+    ) -> Result<Response<sigil_proto::grpc::health::v1::HealthCheckResponse>, Status> {
+        let status = self.status(&req.get_ref().service)?;
+        Ok(Response::new(
+            sigil_proto::grpc::health::v1::HealthCheckResponse { status },
+        ))
+    }
+
+    async fn watch(
+        &self,
+        req: Request<sigil_proto::grpc::health::v1::HealthCheckRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let service = req.into_inner().service;
+        let mut last = self.status(&service)?;
+        let (tx, rx) = mpsc::channel(1);
+        let this = self.clone();
+        let mut changes = self.agent.cache().subscribe();
+        tokio::spawn(async move {
+            use sigil_proto::grpc::health::v1::HealthCheckResponse;
+            if tx
+                .send(Ok(HealthCheckResponse { status: last }))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            loop {
+                tokio::select! {
+                    () = tx.closed() => return,
+                    r = changes.changed() => if r.is_err() { return },
+                }
+                let Ok(now) = this.status(&service) else {
+                    return;
+                };
+                if now != last {
+                    last = now;
+                    if tx
+                        .send(Ok(HealthCheckResponse { status: now }))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
 /// Serves the Workload API on `listener` until `shutdown` resolves.
 pub async fn serve(
     api: WorkloadApi,
@@ -462,7 +541,11 @@ pub async fn serve(
 ) -> Result<(), tonic::transport::Error> {
     let incoming =
         tokio_stream::wrappers::UnixListenerStream::new(listener).map(|s| s.map(AuthorityFix::new));
+    let health = Health {
+        agent: api.agent.clone(),
+    };
     tonic::transport::Server::builder()
+        .add_service(sigil_proto::grpc::health::v1::health_server::HealthServer::new(health))
         .add_service(SpiffeWorkloadApiServer::new(api).max_decoding_message_size(MAX_REQUEST_BYTES))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await

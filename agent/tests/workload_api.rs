@@ -355,3 +355,49 @@ async fn oversized_requests_are_refused() {
         Code::InvalidArgument
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_standard_health_service_answers_without_the_security_header() {
+    use sigil_proto::grpc::health::v1::{HealthCheckRequest, health_client::HealthClient};
+    let s = setup().await;
+    let channel = sigil_proto::channel::unix_channel(&s.socket).await.unwrap();
+    let mut health = HealthClient::new(channel);
+    assert!(wait_for(|| true).await);
+    for _ in 0..100 {
+        let r = health
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if r.status == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let r = health
+        .check(HealthCheckRequest {
+            service: "SpiffeWorkloadAPI".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.status, 1, "SERVING");
+    let err = health
+        .check(HealthCheckRequest {
+            service: "nope".into(),
+        })
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(err.code(), Code::NotFound);
+    let mut watch = health
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(watch.message().await.unwrap().unwrap().status, 1);
+}

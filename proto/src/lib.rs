@@ -6,6 +6,7 @@
 //!   methods are `/SpiffeWorkloadAPI/...`).
 //! - [`node`]: `sigil.node.v1`, agent ↔ server.
 //! - [`admin`]: `sigil.admin.v1`, CLI ↔ server.
+//! - [`grpc::health::v1`]: the standard gRPC health service.
 //! - [`convert`]: proto ↔ domain conversions, the only place that maps
 //!   between the two.
 //! - [`channel`]: client channels (node API over SPIFFE mTLS, Unix sockets).
@@ -40,6 +41,21 @@ pub mod sigil {
     pub mod admin {
         pub mod v1 {
             include!(concat!(env!("OUT_DIR"), "/sigil.admin.v1.rs"));
+        }
+    }
+}
+
+/// The standard gRPC health checking protocol.
+#[allow(
+    missing_docs,
+    clippy::all,
+    clippy::pedantic,
+    missing_debug_implementations
+)]
+pub mod grpc {
+    pub mod health {
+        pub mod v1 {
+            include!(concat!(env!("OUT_DIR"), "/grpc.health.v1.rs"));
         }
     }
 }
