@@ -401,3 +401,79 @@ async fn the_standard_health_service_answers_without_the_security_header() {
         .into_inner();
     assert_eq!(watch.message().await.unwrap().unwrap().status, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn x509_source_sees_a_rotation_and_jwt_source_mints() {
+    let s = setup().await;
+    let id = register(&s, "src", &format!("unix:uid:{}", my_uid())).await;
+    let endpoint = format!("unix:{}", s.socket.display());
+    let source = spiffe::X509Source::builder()
+        .endpoint(&endpoint)
+        .build()
+        .await
+        .unwrap();
+    let first = source.svid().unwrap();
+    assert_eq!(first.spiffe_id().to_string(), "spiffe://example.org/src");
+    let mut updates = source.updated();
+    let seen = updates.last();
+
+    // Changing the entry makes the agent issue a new SVID; the open stream
+    // under the source delivers it.
+    let mut entry = s
+        .server
+        .admin()
+        .await
+        .list_entries(admin::ListEntriesRequest {
+            id,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .entries
+        .remove(0);
+    entry.hint = "rotate".into();
+    s.server
+        .admin()
+        .await
+        .update_entry(admin::UpdateEntryRequest { entry: Some(entry) })
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), updates.wait_for(|v| *v > seen))
+        .await
+        .unwrap()
+        .unwrap();
+    let second = source.svid().unwrap();
+    assert_ne!(
+        second.leaf().as_bytes(),
+        first.leaf().as_bytes(),
+        "a new certificate arrived"
+    );
+    source.shutdown().await;
+
+    let jwt_source = spiffe::JwtSource::builder()
+        .endpoint(&endpoint)
+        .build()
+        .await
+        .unwrap();
+    let token = jwt_source.fetch_jwt_svid(["db"]).await.unwrap();
+    assert_eq!(token.spiffe_id().to_string(), "spiffe://example.org/src");
+    let bundles = jwt_source.bundle_set().unwrap();
+    assert!(
+        bundles
+            .get(&spiffe::TrustDomain::new("example.org").unwrap())
+            .is_some()
+    );
+    let client = spiffe::WorkloadApiClient::connect_to(&endpoint)
+        .await
+        .unwrap();
+    let validated = client
+        .validate_jwt_token("db", token.token())
+        .await
+        .unwrap();
+    assert_eq!(
+        validated.spiffe_id().to_string(),
+        "spiffe://example.org/src"
+    );
+    jwt_source.shutdown().await;
+}
