@@ -44,45 +44,13 @@ const ISSUANCE_WAIT: Duration = Duration::from_secs(10);
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
-/// Why the Workload API socket could not be set up.
-#[derive(Debug, thiserror::Error)]
-pub enum SocketError {
-    #[error("{0} is a symlink; refusing to serve the Workload API through it")]
-    Symlink(std::path::PathBuf),
-    #[error("{0} exists and is not a socket")]
-    NotASocket(std::path::PathBuf),
-    #[error("Workload API socket {0}: {1}")]
-    Io(std::path::PathBuf, std::io::Error),
-}
+pub use sigil_proto::socket::SocketError;
 
 /// Binds the Workload API socket: the directory is created 0755 (workloads
 /// may enter, not write), a stale socket is replaced, a symlink refused;
 /// the socket itself is 0777 so any local workload can connect.
 pub fn bind(path: &Path) -> Result<UnixListener, SocketError> {
-    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-    let io = |e| SocketError::Io(path.to_path_buf(), e);
-    if let Some(dir) = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty() && !d.exists())
-    {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .create(dir)
-            .map_err(io)?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).map_err(io)?;
-    }
-    match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_symlink() => {
-            return Err(SocketError::Symlink(path.to_path_buf()));
-        }
-        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path).map_err(io)?,
-        Ok(_) => return Err(SocketError::NotASocket(path.to_path_buf())),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io(e)),
-    }
-    let listener = UnixListener::bind(path).map_err(io)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o777)).map_err(io)?;
-    Ok(listener)
+    sigil_proto::socket::bind_unix(path, 0o755, 0o777)
 }
 
 /// The Workload API service.

@@ -5,7 +5,7 @@
 //! only root, the server's own uid and configured admin uids may call.
 
 use std::collections::BTreeSet;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,43 +31,12 @@ use crate::registry::Registry;
 /// Most entries in one batch call.
 pub const MAX_BATCH: usize = 10_000;
 
-/// Why the admin socket could not be bound.
-#[derive(Debug, thiserror::Error)]
-pub enum SocketError {
-    #[error("{0} is a symlink; refusing to bind the admin socket through it")]
-    Symlink(std::path::PathBuf),
-    #[error("{0} exists and is not a socket; move it away or choose another admin_socket")]
-    NotASocket(std::path::PathBuf),
-    #[error("admin socket {0}: {1}")]
-    Io(std::path::PathBuf, std::io::Error),
-}
+pub use sigil_proto::socket::SocketError;
 
-/// Binds a Unix socket at `path` with mode 0770: creates the parent
-/// directory (0750) if missing, replaces a stale socket, refuses a symlink.
+/// Binds the admin socket at `path` with mode 0770 (parent directory 0750
+/// if it has to be created).
 pub fn bind_socket(path: &Path) -> Result<UnixListener, SocketError> {
-    let io = |e| SocketError::Io(path.to_path_buf(), e);
-    if let Some(dir) = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty() && !d.exists())
-    {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .create(dir)
-            .map_err(io)?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o750)).map_err(io)?;
-    }
-    match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_symlink() => {
-            return Err(SocketError::Symlink(path.to_path_buf()));
-        }
-        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path).map_err(io)?,
-        Ok(_) => return Err(SocketError::NotASocket(path.to_path_buf())),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io(e)),
-    }
-    let listener = UnixListener::bind(path).map_err(io)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o770)).map_err(io)?;
-    Ok(listener)
+    sigil_proto::socket::bind_unix(path, 0o750, 0o770)
 }
 
 /// The effective uid of this process, read from `/proc/self`.

@@ -10,6 +10,7 @@
 //! - [`convert`]: proto ↔ domain conversions, the only place that maps
 //!   between the two.
 //! - [`channel`]: client channels (node API over SPIFFE mTLS, Unix sockets).
+//! - [`socket`]: binding the Unix sockets of the local APIs safely.
 
 #![forbid(unsafe_code)]
 
@@ -68,3 +69,4 @@ pub use sigil::admin::v1 as admin;
 
 pub mod channel;
 pub mod convert;
+pub mod socket;
