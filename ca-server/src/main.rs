@@ -14,7 +14,8 @@ fn install_logging(level: &str, format: LogFormat) -> anyhow::Result<()> {
         EnvFilter::try_new(level).with_context(|| format!("invalid log level {level:?}"))?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
