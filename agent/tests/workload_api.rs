@@ -477,3 +477,88 @@ async fn x509_source_sees_a_rotation_and_jwt_source_mints() {
     );
     jwt_source.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_the_server_is_down_cached_svids_are_served_and_sync_resumes_after() {
+    let mut s = setup().await;
+    register(&s, "cached", &format!("unix:uid:{}", my_uid())).await;
+    let endpoint = format!("unix:{}", s.socket.display());
+    let client = spiffe::WorkloadApiClient::connect_to(&endpoint)
+        .await
+        .unwrap();
+    let before = client.fetch_x509_svid().await.unwrap();
+
+    s.server.stop().await;
+    // The agent keeps serving what it holds.
+    let during = client.fetch_x509_svid().await.unwrap();
+    assert_eq!(during.spiffe_id(), before.spiffe_id());
+    assert_eq!(during.leaf().as_bytes(), before.leaf().as_bytes());
+
+    s.server.restart().await;
+    // Back: the agent reconnects (with its stored SVID, no re-attestation)
+    // and a new entry reaches the workload.
+    register(&s, "after", &format!("unix:uid:{}", my_uid())).await;
+    let mut found = false;
+    for _ in 0..200 {
+        let all = client.fetch_all_x509_svids().await.unwrap();
+        if all
+            .iter()
+            .any(|x| x.spiffe_id().to_string() == "spiffe://example.org/after")
+        {
+            found = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(found, "sync resumed after the outage");
+    let agents = s
+        .server
+        .admin()
+        .await
+        .list_agents(admin::ListAgentsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .agents;
+    assert_eq!(agents.len(), 1, "no re-attestation");
+}
+
+/// The kernel names the process that connected; if that process is gone
+/// when the request is attested (here: it forked, exited, and the child
+/// sent the request), no SVID is given. The same request from the
+/// connecting process itself gets one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_that_exited_before_attestation_gets_no_svid() {
+    let s = setup().await;
+    register(&s, "race", &format!("unix:uid:{}", my_uid())).await;
+    let script =
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/interop/exit_race.py");
+    let run = |mode: &'static str| {
+        let socket = s.socket.clone();
+        let script = script.clone();
+        tokio::task::spawn_blocking(move || {
+            let out = std::process::Command::new("python3")
+                .arg(&script)
+                .arg(&socket)
+                .arg(mode)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8(out.stdout).unwrap().trim().to_owned()
+        })
+    };
+    assert_eq!(
+        run("direct").await.unwrap(),
+        "svid",
+        "control: the connecting process is served"
+    );
+    assert_eq!(
+        run("after-exit").await.unwrap(),
+        "none",
+        "a gone process gets no SVID"
+    );
+}

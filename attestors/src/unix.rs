@@ -133,6 +133,12 @@ impl UnixAttestor {
                 pid,
                 reason: "bad stat".into(),
             })?;
+        // A zombie (or dead) process is gone even though /proc still shows
+        // it: whoever holds its socket now is some other process.
+        let state = after.split_whitespace().next().unwrap_or("");
+        if matches!(state, "Z" | "X" | "x") {
+            return Err(UnixError::Gone(pid));
+        }
         let start_time = after
             .split_whitespace()
             .nth(19)
@@ -303,6 +309,28 @@ mod tests {
             UnixAttestor::default().attest(pid),
             Err(UnixError::Gone(pid))
         );
+    }
+
+    #[test]
+    fn a_zombie_is_gone() {
+        let mut child = Command::new("true").spawn().unwrap();
+        let pid = child.id() as i32;
+        // Not reaped yet: /proc still lists it, as a zombie.
+        for _ in 0..100 {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            if stat
+                .rsplit_once(')')
+                .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+            {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert_eq!(
+            UnixAttestor::default().attest(pid),
+            Err(UnixError::Gone(pid))
+        );
+        child.wait().unwrap();
     }
 
     #[test]

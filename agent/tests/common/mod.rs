@@ -13,46 +13,70 @@ pub struct Server {
     pub dir: tempfile::TempDir,
     pub addr: String,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<Result<(), sigil_server::server::ServerError>>>,
 }
 
 impl Server {
     pub async fn start() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let node = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = node.local_addr().unwrap().to_string();
-        let admin = sigil_server::admin_api::bind_socket(&dir.path().join("admin.sock")).unwrap();
         let text = format!(
             "trust_domain = \"example.org\"\ndata_dir = \"{}\"\n",
             dir.path().join("data").display()
         );
         std::fs::write(dir.path().join("server.toml"), text).unwrap();
+        let mut s = Self {
+            dir,
+            addr: "127.0.0.1:0".into(),
+            stop: None,
+            task: None,
+        };
+        s.launch().await;
+        s
+    }
+
+    async fn launch(&mut self) {
+        let node = tokio::net::TcpListener::bind(&self.addr).await.unwrap();
+        self.addr = node.local_addr().unwrap().to_string();
+        let admin =
+            sigil_server::admin_api::bind_socket(&self.dir.path().join("admin.sock")).unwrap();
         let config = sigil_server::config::ServerConfig::load(
-            Some(&dir.path().join("server.toml")),
+            Some(&self.dir.path().join("server.toml")),
             Default::default(),
         )
         .unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(sigil_server::server::run(
+        self.task = Some(tokio::spawn(sigil_server::server::run(
             config,
             sigil_server::server::Listeners { node, admin },
             async {
                 let _ = rx.await;
             },
-        ));
-        let s = Self {
-            dir,
-            addr,
-            stop: Some(tx),
-        };
+        )));
+        self.stop = Some(tx);
         for _ in 0..100 {
-            if let Ok(mut c) = sigil_server::cli::connect(&s.dir.path().join("admin.sock")).await
+            if let Ok(mut c) = sigil_server::cli::connect(&self.dir.path().join("admin.sock")).await
                 && c.health(admin::HealthRequest {}).await.is_ok()
             {
-                return s;
+                return;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         panic!("server did not start");
+    }
+
+    /// Stops the server and waits until it has released its data.
+    pub async fn stop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.unwrap().unwrap();
+        }
+    }
+
+    /// Starts the server again on the same address and data.
+    pub async fn restart(&mut self) {
+        self.launch().await;
     }
 
     pub async fn admin(&self) -> AdminClient<Channel> {
