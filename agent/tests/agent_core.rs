@@ -158,3 +158,62 @@ async fn a_banned_agent_stops() {
         "{result:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_renews_its_svid_at_half_life_and_keeps_working() {
+    let server = Server::start_with("[agents]\nsvid_ttl = \"4s\"\n").await;
+    server
+        .bundle_pem(&server.dir.path().join("bundle.pem"))
+        .await;
+    let data = server.dir.path().join("agent");
+    let agent = Agent::start(agent_config(&server, &data, &server.token().await))
+        .await
+        .unwrap();
+    let cache = agent.cache();
+    let run = tokio::spawn(agent.run(std::future::pending()));
+    let mut admin_client = server.admin().await;
+    let first = admin_client
+        .list_agents(admin::ListAgentsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .agents
+        .remove(0);
+
+    // Past the first SVID's expiry: the agent must have renewed (twice).
+    tokio::time::sleep(Duration::from_millis(5000)).await;
+    let now = admin_client
+        .list_agents(admin::ListAgentsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .agents
+        .remove(0);
+    assert_ne!(
+        now.serial, first.serial,
+        "the server pinned a renewed serial"
+    );
+    assert!(now.expires_at > first.expires_at);
+
+    // And it still works: a new entry's SVID arrives.
+    let entry = node_pb::Entry {
+        spiffe_id: "spiffe://example.org/late".into(),
+        parent_id: first.id.clone(),
+        selectors: vec!["unix:uid:1".into()],
+        ..Default::default()
+    };
+    admin_client
+        .create_entries(admin::CreateEntriesRequest {
+            entries: vec![entry],
+        })
+        .await
+        .unwrap();
+    assert!(
+        wait_for(|| cache
+            .svids()
+            .iter()
+            .any(|s| s.entry.spiffe_id.as_str() == "spiffe://example.org/late"))
+        .await
+    );
+    run.abort();
+}

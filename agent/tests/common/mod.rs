@@ -18,9 +18,14 @@ pub struct Server {
 
 impl Server {
     pub async fn start() -> Self {
+        Self::start_with("").await
+    }
+
+    /// Starts a server whose config has `extra` TOML appended.
+    pub async fn start_with(extra: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let text = format!(
-            "trust_domain = \"example.org\"\ndata_dir = \"{}\"\n",
+            "trust_domain = \"example.org\"\ndata_dir = \"{}\"\n{extra}\n",
             dir.path().join("data").display()
         );
         std::fs::write(dir.path().join("server.toml"), text).unwrap();
