@@ -10,6 +10,7 @@ mod common;
 use std::time::Duration;
 
 use common::{Server, agent_config, wait_for};
+use sigil_agent::config::AgentConfig;
 use sigil_agent::manager::Agent;
 use sigil_proto::admin;
 use sigil_proto::node as node_pb;
@@ -214,6 +215,161 @@ async fn agent_renews_its_svid_at_half_life_and_keeps_working() {
             .iter()
             .any(|s| s.entry.spiffe_id.as_str() == "spiffe://example.org/late"))
         .await
+    );
+    run.abort();
+}
+
+/// x509pop with `insecure_bootstrap`: the agent attests, and when its
+/// stored SVID has expired it attests again (x509pop allows it) as the same
+/// agent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn x509pop_agent_reattests_after_its_svid_expired() {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    };
+    let pki_dir = tempfile::tempdir().unwrap();
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::default();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+    ca.distinguished_name.push(DnType::CommonName, "Node CA");
+    std::fs::write(
+        pki_dir.path().join("ca.pem"),
+        ca.self_signed(&ca_key).unwrap().pem(),
+    )
+    .unwrap();
+    let node_key = KeyPair::generate().unwrap();
+    let mut node = CertificateParams::default();
+    node.distinguished_name.push(DnType::CommonName, "node-7");
+    let node_cert = node
+        .signed_by(&node_key, &Issuer::from_params(&ca, &ca_key))
+        .unwrap();
+    std::fs::write(pki_dir.path().join("node.pem"), node_cert.pem()).unwrap();
+    std::fs::write(pki_dir.path().join("node.key"), node_key.serialize_pem()).unwrap();
+
+    let server = Server::start_with(&format!(
+        "[agents]\nsvid_ttl = \"2s\"\n[node_attestors.x509pop]\nca_bundle = \"{}\"\n",
+        pki_dir.path().join("ca.pem").display()
+    ))
+    .await;
+    let data = server.dir.path().join("agent");
+    let config = AgentConfig::parse(&format!(
+        "trust_domain = \"example.org\"\nserver_address = \"{}\"\ndata_dir = \"{}\"\ninsecure_bootstrap = true\n\
+         [node_attestor.x509pop]\ncertificate = \"{}\"\nkey = \"{}\"\n",
+        server.addr,
+        data.display(),
+        pki_dir.path().join("node.pem").display(),
+        pki_dir.path().join("node.key").display()
+    ))
+    .unwrap();
+    Agent::start(config.clone()).await.unwrap();
+    let first = server
+        .admin()
+        .await
+        .list_agents(admin::ListAgentsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .agents
+        .remove(0);
+    assert!(
+        first
+            .id
+            .starts_with("spiffe://example.org/sigil/agent/x509pop/")
+    );
+
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let agent = Agent::start(config).await.expect("re-attests with x509pop");
+    let again = server
+        .admin()
+        .await
+        .list_agents(admin::ListAgentsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .agents;
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].id, first.id, "the same node is the same agent");
+    assert_ne!(again[0].serial, first.serial);
+    let cache = agent.cache();
+    let run = tokio::spawn(agent.run(std::future::pending()));
+    assert!(
+        wait_for(|| cache.bundle().is_some()).await,
+        "the re-attested agent syncs"
+    );
+    run.abort();
+}
+
+/// JWT-SVIDs are cached per (entry, audience) until half their life; after
+/// that the server is asked, and if it cannot answer the cached token is
+/// served while it is still valid.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwt_svids_are_cached_and_outlive_a_server_outage() {
+    let mut server = Server::start_with("[ca]\njwt_svid_ttl = \"4s\"\n").await;
+    server
+        .bundle_pem(&server.dir.path().join("bundle.pem"))
+        .await;
+    let agent = Agent::start(agent_config(
+        &server,
+        &server.dir.path().join("agent"),
+        &server.token().await,
+    ))
+    .await
+    .unwrap();
+    let cache = agent.cache();
+    let handle = agent.clone();
+    let run = tokio::spawn(agent.run(std::future::pending()));
+    let agent_id = server
+        .admin()
+        .await
+        .list_agents(admin::ListAgentsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .agents[0]
+        .id
+        .clone();
+    let e = node_pb::Entry {
+        spiffe_id: "spiffe://example.org/jwt".into(),
+        parent_id: agent_id,
+        selectors: vec!["unix:uid:1".into()],
+        ..Default::default()
+    };
+    server
+        .admin()
+        .await
+        .create_entries(admin::CreateEntriesRequest { entries: vec![e] })
+        .await
+        .unwrap();
+    assert!(wait_for(|| !cache.entries().is_empty()).await);
+    let entry = cache.entries().remove(0);
+    let aud = vec!["db".to_string()];
+
+    let t1 = handle.jwt_svid(&entry, &aud).await.unwrap();
+    assert_eq!(handle.jwt_svid(&entry, &aud).await.unwrap(), t1, "cached");
+    let other = handle
+        .jwt_svid(&entry, &["other".to_string()])
+        .await
+        .unwrap();
+    assert_ne!(other, t1, "cached per audience");
+
+    tokio::time::sleep(Duration::from_millis(2300)).await; // past half-life
+    server.stop().await;
+    let started = std::time::Instant::now();
+    let t2 = handle.jwt_svid(&entry, &aud).await.unwrap();
+    println!(
+        "JWT-SVID served from cache during an outage after {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        t2, t1,
+        "the still-valid cached token is served while the server is down"
+    );
+
+    tokio::time::sleep(Duration::from_millis(2000)).await; // past expiry
+    assert!(
+        handle.jwt_svid(&entry, &aud).await.is_err(),
+        "an expired token is never served"
     );
     run.abort();
 }
