@@ -80,6 +80,76 @@ impl Drop for StreamSlot {
     }
 }
 
+/// What the server knows of a Workload API connection: the kernel's peer
+/// credentials, and the connecting process as it was when it connected.
+#[derive(Debug, Clone)]
+pub struct WorkloadConnInfo {
+    pub uds: UdsConnectInfo,
+    pub origin: Option<sigil_attestors::unix::ProcessIdentity>,
+}
+
+/// A Workload API connection: the `:authority` fix around the socket, plus
+/// [`WorkloadConnInfo`].
+#[derive(Debug)]
+pub struct WorkloadConn {
+    inner: AuthorityFix<tokio::net::UnixStream>,
+    info: WorkloadConnInfo,
+}
+
+impl WorkloadConn {
+    fn accept(stream: tokio::net::UnixStream, attestor: &UnixAttestor) -> Self {
+        use tonic::transport::server::Connected;
+        let uds = stream.connect_info();
+        let origin = uds
+            .peer_cred
+            .and_then(|c| c.pid())
+            .and_then(|pid| attestor.identity(pid).ok());
+        Self {
+            inner: AuthorityFix::new(stream),
+            info: WorkloadConnInfo { uds, origin },
+        }
+    }
+}
+
+impl tonic::transport::server::Connected for WorkloadConn {
+    type ConnectInfo = WorkloadConnInfo;
+    fn connect_info(&self) -> WorkloadConnInfo {
+        self.info.clone()
+    }
+}
+
+impl tokio::io::AsyncRead for WorkloadConn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for WorkloadConn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
 /// An attested caller.
 struct Caller {
     uid: u32,
@@ -140,18 +210,23 @@ impl WorkloadApi {
     /// Checks the header and attests the caller.
     async fn caller<T>(&self, req: &Request<T>) -> Result<Caller, Status> {
         check_header(req)?;
-        let cred = req
-            .extensions()
-            .get::<UdsConnectInfo>()
-            .and_then(|i| i.peer_cred)
+        let conn = req.extensions().get::<WorkloadConnInfo>().cloned();
+        let cred = conn
+            .as_ref()
+            .and_then(|c| c.uds.peer_cred)
             .ok_or_else(|| Status::unauthenticated("caller credentials unavailable"))?;
         let pid = cred
             .pid()
             .ok_or_else(|| Status::unauthenticated("caller credentials unavailable"))?;
+        // The process must still be the one that connected: not gone, not
+        // a reused pid, not another program after an exec.
+        let origin = conn
+            .and_then(|c| c.origin)
+            .ok_or_else(|| Status::unauthenticated("the calling process is gone"))?;
         let attestor = self.attestor.clone();
         let attested = tokio::time::timeout(
             ATTESTATION_TIMEOUT,
-            tokio::task::spawn_blocking(move || attestor.attest(pid)),
+            tokio::task::spawn_blocking(move || attestor.attest_as(pid, Some(&origin))),
         )
         .await
         .map_err(|_| Status::unauthenticated("workload attestation timed out"))?
@@ -507,8 +582,9 @@ pub async fn serve(
     listener: UnixListener,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
-    let incoming =
-        tokio_stream::wrappers::UnixListenerStream::new(listener).map(|s| s.map(AuthorityFix::new));
+    let attestor = api.attestor.clone();
+    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener)
+        .map(move |s| s.map(|s| WorkloadConn::accept(s, &attestor)));
     let health = Health {
         agent: api.agent.clone(),
     };

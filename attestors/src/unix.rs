@@ -43,9 +43,10 @@ struct FileKey {
     size: u64,
 }
 
-/// What must not change between the first and last look at a process.
+/// What must not change between a process connecting and being answered:
+/// its start time (no pid reuse) and its executable (no `exec`).
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Snapshot {
+pub struct ProcessIdentity {
     start_time: u64,
     exe: Option<PathBuf>,
     exe_key: Option<FileKey>,
@@ -120,7 +121,13 @@ impl UnixAttestor {
         }
     }
 
-    fn snapshot(&self, pid: i32) -> Result<Snapshot, UnixError> {
+    /// The identity of process `pid` now; take it when a connection is
+    /// accepted and pass it to [`UnixAttestor::attest_as`].
+    pub fn identity(&self, pid: i32) -> Result<ProcessIdentity, UnixError> {
+        self.snapshot(pid)
+    }
+
+    fn snapshot(&self, pid: i32) -> Result<ProcessIdentity, UnixError> {
         let dir = self.proc_root.join(pid.to_string());
         let stat =
             std::fs::read_to_string(dir.join("stat")).map_err(|e| Self::proc_err(pid, &e))?;
@@ -156,7 +163,7 @@ impl UnixAttestor {
             mtime_nsec: m.mtime_nsec(),
             size: m.size(),
         });
-        Ok(Snapshot {
+        Ok(ProcessIdentity {
             start_time,
             exe,
             exe_key,
@@ -203,7 +210,21 @@ impl UnixAttestor {
 
     /// Selectors for process `pid`; fails if the process changes meanwhile.
     pub fn attest(&self, pid: i32) -> Result<SelectorSet, UnixError> {
+        self.attest_as(pid, None)
+    }
+
+    /// Like [`UnixAttestor::attest`], and also fails unless the process is
+    /// still the one seen as `expected` (e.g. when it connected): a pid
+    /// reused, or an `exec` since, yields no selectors.
+    pub fn attest_as(
+        &self,
+        pid: i32,
+        expected: Option<&ProcessIdentity>,
+    ) -> Result<SelectorSet, UnixError> {
         let before = self.snapshot(pid)?;
+        if expected.is_some_and(|e| *e != before) {
+            return Err(UnixError::Changed(pid));
+        }
         let status = std::fs::read_to_string(self.proc_root.join(pid.to_string()).join("status"))
             .map_err(|e| Self::proc_err(pid, &e))?;
         let bad = || UnixError::Proc {
@@ -331,6 +352,55 @@ mod tests {
             Err(UnixError::Gone(pid))
         );
         child.wait().unwrap();
+    }
+
+    /// An `exec` between connect and attestation: the executable behind
+    /// `/proc/<pid>/exe` changed, so the process is no longer the one that
+    /// connected.
+    #[test]
+    fn an_exec_since_the_connection_yields_nothing() {
+        let dir = tempfile_dir();
+        let p = dir.join("proc/4343");
+        std::fs::create_dir_all(&p).unwrap();
+        std::fs::write(
+            p.join("stat"),
+            "4343 (app) S 1 1 1 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 555 0 0",
+        )
+        .unwrap();
+        std::fs::write(
+            p.join("status"),
+            "Uid:\t1000\t1000\t1000\t1000\nGid:\t100\t100\t100\t100\nGroups:\n",
+        )
+        .unwrap();
+        let (first, second) = (dir.join("first-binary"), dir.join("second-binary"));
+        std::fs::write(&first, b"one").unwrap();
+        std::fs::write(&second, b"two").unwrap();
+        std::os::unix::fs::symlink(&first, p.join("exe")).unwrap();
+        let a = UnixAttestor::with_roots(dir.join("proc"), dir.join("etc"), DEFAULT_MAX_HASH_BYTES);
+        let at_connect = a.identity(4343).unwrap();
+        assert!(
+            a.attest_as(4343, Some(&at_connect)).is_ok(),
+            "unchanged: attested"
+        );
+        std::fs::remove_file(p.join("exe")).unwrap();
+        std::os::unix::fs::symlink(&second, p.join("exe")).unwrap();
+        assert_eq!(
+            a.attest_as(4343, Some(&at_connect)),
+            Err(UnixError::Changed(4343)),
+            "exec'd: refused"
+        );
+        // A reused pid (new start time) is refused the same way.
+        std::fs::remove_file(p.join("exe")).unwrap();
+        std::os::unix::fs::symlink(&first, p.join("exe")).unwrap();
+        std::fs::write(
+            p.join("stat"),
+            "4343 (app) S 1 1 1 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 999 0 0",
+        )
+        .unwrap();
+        assert_eq!(
+            a.attest_as(4343, Some(&at_connect)),
+            Err(UnixError::Changed(4343))
+        );
     }
 
     #[test]
