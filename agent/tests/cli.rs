@@ -187,6 +187,38 @@ async fn run_then_every_api_subcommand() {
     watch.kill().unwrap();
     watch.wait().unwrap();
 
+    // A 10 MB JWT is refused without the agent's memory growing by it.
+    let rss = |pid: u32| -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+        line.split_whitespace()
+            .nth(1)
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+            * 1024
+    };
+    let before = rss(agent.id());
+    let channel = sigil_proto::channel::unix_channel(&socket).await.unwrap();
+    let mut raw =
+        sigil_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient::new(channel)
+            .max_encoding_message_size(64 << 20);
+    for _ in 0..3 {
+        let mut req = tonic::Request::new(sigil_proto::workload::ValidateJwtsvidRequest {
+            audience: "db".into(),
+            svid: "a".repeat(10 * 1024 * 1024),
+        });
+        req.metadata_mut()
+            .insert("workload.spiffe.io", "true".parse().unwrap());
+        assert!(raw.validate_jwtsvid(req).await.is_err());
+    }
+    let after = rss(agent.id());
+    println!("agent RSS before {before} B, after three 10 MB requests {after} B");
+    assert!(
+        after < before + 5 * 1024 * 1024,
+        "RSS grew from {before} to {after}"
+    );
+
     // SIGTERM stops the agent cleanly.
     Command::new("kill")
         .args(["-TERM", &agent.id().to_string()])
