@@ -34,6 +34,9 @@ const FLAG_PRIORITY: u8 = 0x20;
 const MAX_OUT_FRAME: usize = 16_384;
 /// Largest frame or header block accepted from the client.
 const MAX_IN: usize = 1 << 20;
+/// Largest decoded header block accepted (the server's own limit is 16 KiB
+/// by default).
+const MAX_DECODED: usize = 64 * 1024;
 /// The authority written instead of one the server would refuse.
 const REPLACEMENT: &[u8] = b"localhost";
 
@@ -230,8 +233,15 @@ impl<S> AuthorityFix<S> {
             return Ok(());
         };
         let mut encoded = Vec::with_capacity(block.fragment.len() + 64);
+        let mut too_large = false;
         self.decoder
             .decode_with_cb(&block.fragment, |name, value| {
+                // Indexed references expand: cap the decoded size, not only
+                // the compressed one, so a small block cannot balloon.
+                if too_large || encoded.len() + name.len() + value.len() > MAX_DECODED {
+                    too_large = true;
+                    return;
+                }
                 let value: &[u8] = if &*name == b":authority" && !acceptable(&value) {
                     REPLACEMENT
                 } else {
@@ -240,6 +250,9 @@ impl<S> AuthorityFix<S> {
                 push_literal(&mut encoded, &name, value);
             })
             .map_err(|e| protocol_error(&format!("HPACK: {e:?}")))?;
+        if too_large {
+            return Err(protocol_error("decoded header block too large"));
+        }
         let chunks: Vec<&[u8]> = if encoded.is_empty() {
             vec![&[][..]]
         } else {

@@ -45,6 +45,13 @@ pub enum Applied {
     Revoked(String),
 }
 
+/// Whether an SVID issued for `issued_for` may still be served for `now`.
+fn same_identity(now: &RegistrationEntry, issued_for: &RegistrationEntry) -> bool {
+    now.spiffe_id == issued_for.spiffe_id
+        && now.selectors == issued_for.selectors
+        && now.dns_names == issued_for.dns_names
+}
+
 #[derive(Default)]
 struct State {
     revision: u64,
@@ -118,56 +125,99 @@ impl Cache {
     /// (and reported), never half-applied.
     pub fn apply(&self, msg: pb::SyncResponse) -> Result<Applied, String> {
         use pb::sync_response::Event;
-        let mut st = self.lock();
-        let outcome = match msg.event {
-            Some(Event::Snapshot(s)) => {
-                let entries: Vec<RegistrationEntry> = s
+        // Parse everything first: a message is applied whole or not at all.
+        enum Change {
+            Snapshot {
+                full: bool,
+                entries: Vec<RegistrationEntry>,
+                removed: Vec<EntryId>,
+                bundle: Option<Bundle>,
+            },
+            Upsert(RegistrationEntry),
+            Remove(Option<EntryId>),
+            Bundle(Bundle),
+            Revoked(String),
+            Nothing,
+        }
+        let bundle = |b: &pb::Bundle| Bundle::try_from(b).map_err(|e| e.to_string());
+        let change = match msg.event {
+            Some(Event::Snapshot(s)) => Change::Snapshot {
+                full: s.full,
+                entries: s
                     .entries
                     .into_iter()
                     .map(RegistrationEntry::try_from)
                     .collect::<Result<_, _>>()
-                    .map_err(|e| e.to_string())?;
-                if s.full {
+                    .map_err(|e| e.to_string())?,
+                removed: s
+                    .removed
+                    .iter()
+                    .filter_map(|id| EntryId::new(id).ok())
+                    .collect(),
+                bundle: s.bundle.as_ref().map(bundle).transpose()?,
+            },
+            Some(Event::EntryUpsert(e)) => {
+                Change::Upsert(RegistrationEntry::try_from(e).map_err(|e| e.to_string())?)
+            }
+            Some(Event::EntryRemoved(id)) => Change::Remove(EntryId::new(&id).ok()),
+            Some(Event::Bundle(b)) => Change::Bundle(bundle(&b)?),
+            Some(Event::Revoked(why)) => Change::Revoked(why),
+            None => Change::Nothing,
+        };
+        let mut st = self.lock();
+        let outcome = match change {
+            Change::Snapshot {
+                full,
+                entries,
+                removed,
+                bundle,
+            } => {
+                if full {
                     st.entries.clear();
                 }
-                for id in s.removed {
-                    if let Ok(id) = EntryId::new(&id) {
-                        st.entries.remove(&id);
-                    }
+                for id in removed {
+                    st.entries.remove(&id);
                 }
                 for e in entries {
                     st.entries.insert(e.id.clone(), Arc::new(e));
                 }
-                if let Some(b) = s.bundle {
-                    st.bundle = Some(Arc::new(Bundle::try_from(&b).map_err(|e| e.to_string())?));
+                if let Some(b) = bundle {
+                    st.bundle = Some(Arc::new(b));
                 }
                 Applied::Ok
             }
-            Some(Event::EntryUpsert(e)) => {
-                let e = RegistrationEntry::try_from(e).map_err(|e| e.to_string())?;
+            Change::Upsert(e) => {
                 st.entries.insert(e.id.clone(), Arc::new(e));
                 Applied::Ok
             }
-            Some(Event::EntryRemoved(id)) => {
-                if let Ok(id) = EntryId::new(&id) {
+            Change::Remove(id) => {
+                if let Some(id) = id {
                     st.entries.remove(&id);
                 }
                 Applied::Ok
             }
-            Some(Event::Bundle(b)) => {
-                st.bundle = Some(Arc::new(Bundle::try_from(&b).map_err(|e| e.to_string())?));
+            Change::Bundle(b) => {
+                st.bundle = Some(Arc::new(b));
                 Applied::Ok
             }
-            Some(Event::Revoked(why)) => Applied::Revoked(why),
-            None => Applied::Ok,
+            Change::Revoked(why) => Applied::Revoked(why),
+            Change::Nothing => Applied::Ok,
         };
         st.revision = st.revision.max(msg.revision);
-        // SVIDs of entries that are gone go with them.
+        // An SVID leaves with its entry, and is never served for an entry
+        // whose identity-bearing fields changed (SPIFFE ID, selectors, DNS
+        // names): a new one is issued for those.
         let State { entries, svids, .. } = &mut *st;
-        svids.retain(|id, _| entries.contains_key(id));
+        svids.retain(|id, s| entries.get(id).is_some_and(|e| same_identity(e, &s.entry)));
         drop(st);
         self.bump();
         Ok(outcome)
+    }
+
+    /// Forgets the revision so the next Sync asks for the full set (after a
+    /// message could not be applied).
+    pub fn reset_revision(&self) {
+        self.lock().revision = 0;
     }
 
     /// Entries that need an SVID at `now`: none held, renewal due, or the
@@ -215,5 +265,93 @@ impl Cache {
             self.bump();
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sigil_identity::{Selector, SpiffeId};
+
+    fn entry(path: &str, rev: u64) -> RegistrationEntry {
+        let mut e = RegistrationEntry::new(
+            SpiffeId::parse(&format!("spiffe://example.org/{path}")).unwrap(),
+            SpiffeId::parse("spiffe://example.org/sigil/agent/join_token/a").unwrap(),
+            [Selector::parse("unix:uid:0").unwrap()]
+                .into_iter()
+                .collect(),
+        );
+        e.revision = rev;
+        e
+    }
+
+    fn upsert(e: &RegistrationEntry) -> pb::SyncResponse {
+        pb::SyncResponse {
+            event: Some(pb::sync_response::Event::EntryUpsert(e.into())),
+            revision: e.revision,
+        }
+    }
+
+    fn put_svid(cache: &Cache, e: &RegistrationEntry) {
+        let mut st = cache.lock();
+        let now = SystemTime::now();
+        st.svids.insert(
+            e.id.clone(),
+            CachedSvid {
+                entry: Arc::new(e.clone()),
+                key: Zeroizing::new(vec![1]),
+                chain: vec![],
+                not_before: now,
+                not_after: now,
+                renew_at: now,
+            },
+        );
+    }
+
+    #[test]
+    fn an_svid_is_never_served_for_a_changed_identity() {
+        let cache = Cache::default();
+        let e = entry("db-admin", 1);
+        cache.apply(upsert(&e)).unwrap();
+        put_svid(&cache, &e);
+        // A hint change keeps the SVID until a new one is issued.
+        let mut hinted = e.clone();
+        hinted.hint = "x".into();
+        hinted.revision = 2;
+        cache.apply(upsert(&hinted)).unwrap();
+        assert_eq!(cache.svids().len(), 1);
+        // A new SPIFFE ID drops it at once.
+        let mut renamed = hinted.clone();
+        renamed.spiffe_id = SpiffeId::parse("spiffe://example.org/web").unwrap();
+        renamed.revision = 3;
+        cache.apply(upsert(&renamed)).unwrap();
+        assert!(cache.svids().is_empty());
+    }
+
+    #[test]
+    fn a_message_that_does_not_parse_changes_nothing() {
+        let cache = Cache::default();
+        let e = entry("web", 1);
+        cache.apply(upsert(&e)).unwrap();
+        let mut bad = pb::Snapshot {
+            full: true,
+            ..Default::default()
+        };
+        bad.bundle = Some(pb::Bundle {
+            trust_domain: "example.org".into(),
+            jwks: b"not json".to_vec(),
+            sequence: 1,
+        });
+        let msg = pb::SyncResponse {
+            event: Some(pb::sync_response::Event::Snapshot(bad)),
+            revision: 9,
+        };
+        assert!(cache.apply(msg).is_err());
+        assert_eq!(
+            cache.entries().len(),
+            1,
+            "the full snapshot was not half-applied"
+        );
+        assert_eq!(cache.revision(), 1);
     }
 }

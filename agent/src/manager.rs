@@ -97,7 +97,10 @@ pub struct Agent {
 }
 
 /// JWT-SVIDs are cached per entry and (sorted) audience.
-type JwtKey = (EntryId, Vec<String>);
+type JwtKey = (EntryId, u64, Vec<String>);
+
+/// Most JWT-SVIDs cached at once.
+const MAX_CACHED_JWTS: usize = 10_000;
 
 /// A JWT-SVID held for reuse until half its lifetime has passed.
 #[derive(Debug, Clone)]
@@ -170,7 +173,9 @@ impl Agent {
         let mut aud = audience.to_vec();
         aud.sort();
         aud.dedup();
-        let key = (entry.id.clone(), aud);
+        // The revision is part of the key: after an entry change a token for
+        // the old entry is never served.
+        let key = (entry.id.clone(), entry.revision, aud);
         let now = SystemTime::now();
         let cached = self
             .jwts
@@ -205,6 +210,9 @@ impl Agent {
         let refresh_at = now + expires_at.duration_since(now).unwrap_or(Duration::ZERO) / 2;
         let mut jwts = self.jwts.lock().unwrap_or_else(|p| p.into_inner());
         jwts.retain(|_, c| c.expires_at > now);
+        if jwts.len() >= MAX_CACHED_JWTS {
+            jwts.clear();
+        }
         jwts.insert(
             key,
             CachedJwt {
@@ -280,7 +288,13 @@ impl Agent {
                             let _ = revoked.send(Some(why));
                             return Ok(());
                         }
-                        Err(e) => warn!(error = %e, "ignoring an invalid sync message"),
+                        Err(e) => {
+                            // Something was not applied: start over from a
+                            // full snapshot rather than build on a gap.
+                            warn!(error = %e, "invalid sync message; resynchronising");
+                            self.cache.reset_revision();
+                            return Err(NodeError::BadReply(e));
+                        }
                     }
                     if bundle_changed {
                         self.adopt_bundle();
@@ -390,11 +404,21 @@ impl Agent {
                 .duration_since(SystemTime::now())
                 .unwrap_or(Duration::ZERO);
             tokio::time::sleep(wait.max(Duration::from_millis(100))).await;
-            match self.renew().await {
-                Ok(()) => info!("agent SVID renewed"),
-                Err(e) => {
-                    warn!(error = %e, "agent SVID renewal failed; retrying");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
+            let mut backoff = Duration::from_secs(1);
+            loop {
+                match self.renew().await {
+                    Ok(()) => {
+                        info!("agent SVID renewed");
+                        break;
+                    }
+                    Err(e) => {
+                        warn!(error = %e, retry_in = ?backoff, "agent SVID renewal failed; retrying");
+                        tokio::time::sleep(
+                            backoff.mul_f64(1.0 + 0.2 * sigil_identity::random::jitter_unit()),
+                        )
+                        .await;
+                        backoff = (backoff * 2).min(Duration::from_secs(60));
+                    }
                 }
             }
         }

@@ -154,6 +154,8 @@ impl tokio::io::AsyncWrite for WorkloadConn {
 struct Caller {
     uid: u32,
     selectors: SelectorSet,
+    pid: i32,
+    origin: sigil_attestors::unix::ProcessIdentity,
 }
 
 /// Checks the `workload.spiffe.io` metadata: exactly one value, `true`.
@@ -223,6 +225,7 @@ impl WorkloadApi {
         let origin = conn
             .and_then(|c| c.origin)
             .ok_or_else(|| Status::unauthenticated("the calling process is gone"))?;
+        let origin_for_later = origin.clone();
         let attestor = self.attestor.clone();
         let attested = tokio::time::timeout(
             ATTESTATION_TIMEOUT,
@@ -235,9 +238,20 @@ impl WorkloadApi {
             debug!(pid, error = %e, "workload attestation failed");
             Status::unauthenticated("the calling process could not be attested")
         })?;
+        // The kernel recorded the uid at connect(); a process that became
+        // someone else since (a setuid exec) is not that caller.
+        let uid_selector = sigil_identity::Selector::new("unix", &format!("uid:{}", cred.uid()))
+            .map_err(|_| Status::internal("selector"))?;
+        if !selectors.contains(&uid_selector) {
+            return Err(Status::unauthenticated(
+                "the calling process changed user since it connected",
+            ));
+        }
         Ok(Caller {
             uid: cred.uid(),
             selectors,
+            pid,
+            origin: origin_for_later,
         })
     }
 
@@ -304,7 +318,7 @@ impl WorkloadApi {
     fn watch_stream<T, F>(&self, slot: StreamSlot, first: T, make: F) -> BoxStream<T>
     where
         T: PartialEq + Clone + Send + 'static,
-        F: Fn(&WorkloadApi) -> Result<T, Status> + Send + 'static,
+        F: Fn(&WorkloadApi) -> Result<Option<T>, Status> + Send + 'static,
     {
         let (tx, rx) = mpsc::channel(1);
         let this = self.clone();
@@ -321,8 +335,9 @@ impl WorkloadApi {
                     r = changes.changed() => if r.is_err() { return },
                 }
                 match make(&this) {
-                    Ok(next) if next == last => {}
-                    Ok(next) => {
+                    Ok(None) => {}
+                    Ok(Some(next)) if next == last => {}
+                    Ok(Some(next)) => {
                         last = next.clone();
                         if tx.send(Ok(next)).await.is_err() {
                             return;
@@ -357,18 +372,32 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         req: Request<X509svidRequest>,
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
-        let Caller { uid, selectors } = self.caller(&req).await?;
+        let Caller {
+            uid,
+            selectors,
+            pid,
+            origin,
+        } = self.caller(&req).await?;
         let slot = self.open_stream(uid)?;
         let svids = self.x509_state(&selectors).await?;
         let first = x509_response(&svids, &*self.bundle()?);
         Ok(Response::new(self.watch_stream(slot, first, move |api| {
-            let (_, svids) = api.identities(&selectors);
-            if svids.is_empty() {
+            // Each update goes only to the process that opened the stream.
+            if api.attestor.attest_as(pid, Some(&origin)).is_err() {
+                return Err(Status::unauthenticated(
+                    "the calling process changed or is gone",
+                ));
+            }
+            let (entries, svids) = api.identities(&selectors);
+            if entries.is_empty() {
                 return Err(Status::permission_denied(
                     "no identity is registered for this workload any more",
                 ));
             }
-            Ok(x509_response(&svids, &*api.bundle()?))
+            if svids.is_empty() {
+                return Ok(None); // re-issuance in progress: send when it lands
+            }
+            Ok(Some(x509_response(&svids, &*api.bundle()?)))
         })))
     }
 
@@ -376,7 +405,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         req: Request<X509BundlesRequest>,
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
-        let Caller { uid, selectors } = self.caller(&req).await?;
+        let Caller { uid, selectors, .. } = self.caller(&req).await?;
         let slot = self.open_stream(uid)?;
         self.x509_state(&selectors).await?;
         let make = |api: &WorkloadApi| -> Result<X509BundlesResponse, Status> {
@@ -387,7 +416,9 @@ impl SpiffeWorkloadApi for WorkloadApi {
             })
         };
         let first = make(self)?;
-        Ok(Response::new(self.watch_stream(slot, first, make)))
+        Ok(Response::new(
+            self.watch_stream(slot, first, move |api| make(api).map(Some)),
+        ))
     }
 
     async fn fetch_jwtsvid(
@@ -398,6 +429,11 @@ impl SpiffeWorkloadApi for WorkloadApi {
         let r = req.into_inner();
         if r.audience.is_empty() || r.audience.iter().any(String::is_empty) {
             return Err(Status::invalid_argument("audience is required"));
+        }
+        if r.audience.len() > jwt::MAX_AUDIENCES || r.audience.iter().any(|a| a.len() > 256) {
+            return Err(Status::invalid_argument(
+                "at most 32 audiences of at most 256 bytes",
+            ));
         }
         let (entries, _) = self.identities(&selectors);
         let wanted: Vec<_> = if r.spiffe_id.is_empty() {
@@ -431,7 +467,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         req: Request<JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
-        let Caller { uid, selectors } = self.caller(&req).await?;
+        let Caller { uid, selectors, .. } = self.caller(&req).await?;
         let slot = self.open_stream(uid)?;
         self.x509_state(&selectors).await?;
         let make = |api: &WorkloadApi| -> Result<JwtBundlesResponse, Status> {
@@ -447,7 +483,9 @@ impl SpiffeWorkloadApi for WorkloadApi {
             })
         };
         let first = make(self)?;
-        Ok(Response::new(self.watch_stream(slot, first, make)))
+        Ok(Response::new(
+            self.watch_stream(slot, first, move |api| make(api).map(Some)),
+        ))
     }
 
     async fn validate_jwtsvid(

@@ -40,6 +40,9 @@ struct FileKey {
     ino: u64,
     mtime: i64,
     mtime_nsec: i64,
+    /// ctime cannot be set by the file's owner, unlike mtime.
+    ctime: i64,
+    ctime_nsec: i64,
     size: u64,
 }
 
@@ -161,6 +164,8 @@ impl UnixAttestor {
             ino: m.ino(),
             mtime: m.mtime(),
             mtime_nsec: m.mtime_nsec(),
+            ctime: m.ctime(),
+            ctime_nsec: m.ctime_nsec(),
             size: m.size(),
         });
         Ok(ProcessIdentity {

@@ -228,3 +228,18 @@ fn hpack_integers() {
     assert_eq!(enc(5, 1337), [31, 154, 10]);
     assert_eq!(enc(8, 42), [42]);
 }
+
+#[test]
+fn a_header_block_that_expands_too_far_is_refused() {
+    // One 4000-byte literal into the dynamic table, then 100 references
+    // to it: 4 KB compressed expands to 400 KB.
+    let mut block = vec![0x40];
+    string(&mut block, b"x-fill");
+    string(&mut block, &vec![b'a'; 4000]);
+    block.extend(std::iter::repeat_n(0x80 | 62, 100));
+    let mut fix = AuthorityFix::new(());
+    fix.input.extend_from_slice(PREFACE);
+    fix.input
+        .extend(frame(TYPE_HEADERS, FLAG_END_HEADERS, 1, &block));
+    assert!(fix.process().unwrap_err().to_string().contains("too large"));
+}
