@@ -124,13 +124,7 @@ async fn agent_attests_receives_svids_and_restarts_without_reattesting() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_banned_agent_stops() {
     let server = Server::start().await;
-    server
-        .bundle_pem(&server.dir.path().join("bundle.pem"))
-        .await;
-    let data = server.dir.path().join("agent");
-    let agent = Agent::start(agent_config(&server, &data, &server.token().await))
-        .await
-        .unwrap();
+    let agent = server.start_agent().await;
     let cache = agent.cache();
     let run = tokio::spawn(agent.run(std::future::pending()));
     assert!(wait_for(|| cache.bundle().is_some()).await);
@@ -163,13 +157,7 @@ async fn a_banned_agent_stops() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_renews_its_svid_at_half_life_and_keeps_working() {
     let server = Server::start_with("[agents]\nsvid_ttl = \"4s\"\n").await;
-    server
-        .bundle_pem(&server.dir.path().join("bundle.pem"))
-        .await;
-    let data = server.dir.path().join("agent");
-    let agent = Agent::start(agent_config(&server, &data, &server.token().await))
-        .await
-        .unwrap();
+    let agent = server.start_agent().await;
     let cache = agent.cache();
     let run = tokio::spawn(agent.run(std::future::pending()));
     let mut admin_client = server.admin().await;

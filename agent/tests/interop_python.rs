@@ -18,9 +18,8 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{Server, agent_config};
+use common::Server;
 use serde_json::Value;
-use sigil_agent::manager::Agent;
 use sigil_agent::workload_api::{self, WorkloadApi};
 use sigil_attestors::unix::UnixAttestor;
 use sigil_proto::admin;
@@ -42,26 +41,8 @@ fn python() -> PathBuf {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_spiffe_client_works_end_to_end() {
     let server = Server::start().await;
-    server
-        .bundle_pem(&server.dir.path().join("bundle.pem"))
-        .await;
-    let agent = Agent::start(agent_config(
-        &server,
-        &server.dir.path().join("agent"),
-        &server.token().await,
-    ))
-    .await
-    .unwrap();
-    let agent_id = server
-        .admin()
-        .await
-        .list_agents(admin::ListAgentsRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .agents[0]
-        .id
-        .clone();
+    let agent = server.start_agent().await;
+    let agent_id = server.agent_id().await;
     let socket = server.dir.path().join("workload/api.sock");
     let listener = workload_api::bind(&socket).unwrap();
     tokio::spawn(workload_api::serve(

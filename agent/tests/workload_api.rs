@@ -11,8 +11,7 @@ use std::os::unix::fs::MetadataExt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{Server, agent_config, wait_for};
-use sigil_agent::manager::Agent;
+use common::Server;
 use sigil_agent::workload_api::{self, WorkloadApi};
 use sigil_attestors::unix::UnixAttestor;
 use sigil_proto::admin;
@@ -30,23 +29,8 @@ struct Setup {
 
 async fn setup() -> Setup {
     let server = Server::start().await;
-    server
-        .bundle_pem(&server.dir.path().join("bundle.pem"))
-        .await;
-    let data = server.dir.path().join("agent");
-    let agent = Agent::start(agent_config(&server, &data, &server.token().await))
-        .await
-        .unwrap();
-    let agent_id = server
-        .admin()
-        .await
-        .list_agents(admin::ListAgentsRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .agents[0]
-        .id
-        .clone();
+    let agent = server.start_agent().await;
+    let agent_id = server.agent_id().await;
     let socket = server.dir.path().join("workload/api.sock");
     let listener = workload_api::bind(&socket).unwrap();
     let api = WorkloadApi::new(agent.clone(), Arc::new(UnixAttestor::default()));
@@ -232,7 +216,6 @@ async fn deleting_the_entry_ends_the_stream_with_permission_denied() {
     let latency = started.elapsed();
     assert_eq!(end.err().map(|e| e.code()), Some(Code::PermissionDenied));
     println!("entry delete -> stream ended with PermissionDenied after {latency:?}");
-    assert!(wait_for(|| true).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -362,7 +345,6 @@ async fn the_standard_health_service_answers_without_the_security_header() {
     let s = setup().await;
     let channel = sigil_proto::channel::unix_channel(&s.socket).await.unwrap();
     let mut health = HealthClient::new(channel);
-    assert!(wait_for(|| true).await);
     for _ in 0..100 {
         let r = health
             .check(HealthCheckRequest {

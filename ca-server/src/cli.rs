@@ -848,8 +848,3 @@ pub fn admin_socket(cli: &Cli) -> PathBuf {
         .clone()
         .unwrap_or_else(|| PathBuf::from(DEFAULT_ADMIN_SOCKET))
 }
-
-/// For display: seconds since the epoch as RFC 3339.
-pub fn show_time(t: SystemTime) -> String {
-    rfc3339(i64::try_from(unix_seconds(t)).unwrap_or(0))
-}

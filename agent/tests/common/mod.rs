@@ -102,6 +102,27 @@ impl Server {
         std::fs::write(path, b.x509_pem()).unwrap();
     }
 
+    /// Writes the bundle file and starts an agent (data in `<dir>/agent`)
+    /// with a fresh join token.
+    pub async fn start_agent(&self) -> sigil_agent::manager::Agent {
+        self.bundle_pem(&self.dir.path().join("bundle.pem")).await;
+        let config = agent_config(self, &self.dir.path().join("agent"), &self.token().await);
+        sigil_agent::manager::Agent::start(config).await.unwrap()
+    }
+
+    /// The ID of the only attested agent.
+    pub async fn agent_id(&self) -> String {
+        self.admin()
+            .await
+            .list_agents(admin::ListAgentsRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .agents
+            .remove(0)
+            .id
+    }
+
     pub async fn token(&self) -> String {
         self.admin()
             .await
