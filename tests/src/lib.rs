@@ -1,11 +1,11 @@
-//! End-to-end suites that start the real `sigil-server` and `sigil-agent`
-//! binaries in temporary directories, and the `sigil-bench` harness.
+//! End-to-end tooling for Sigil: real `sigil-server` and `sigil-agent`
+//! processes in temporary directories, driven the way an operator drives
+//! them (config files, the CLIs, signals).
 //!
-//! Not built yet: the server's own integration tests live in
-//! `ca-server/tests/` until the agent exists; the cross-binary suites and
-//! the benchmark harness are the subject of their own issues.
+//! The suites in `tests/` use it; so does the benchmark harness.
 //!
 //! # Layout
-//! (none yet)
+//! - [`process`]: locating the built binaries, starting, stopping and
+//!   killing server and agent processes, running their CLIs.
 
-#![forbid(unsafe_code)]
+pub mod process;

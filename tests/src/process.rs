@@ -1,0 +1,514 @@
+//! Real server and agent processes.
+//!
+//! Every process gets its own directory (config, data, sockets, log file),
+//! listens on 127.0.0.1 or a Unix socket only, and is killed when its handle
+//! is dropped, so a failing test leaves nothing running.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+
+/// Where the workspace's binaries are: `$SIGIL_BIN_DIR`, else the
+/// directory cargo put this executable's parent in (`target/<profile>`).
+pub fn bin_dir() -> Result<PathBuf> {
+    if let Some(dir) = std::env::var_os("SIGIL_BIN_DIR") {
+        return Ok(PathBuf::from(dir));
+    }
+    let exe = std::env::current_exe().context("cannot locate the running executable")?;
+    let mut dir = exe
+        .parent()
+        .context("the running executable has no directory")?
+        .to_path_buf();
+    // Test binaries live in target/<profile>/deps.
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    Ok(dir)
+}
+
+/// The path of the built binary `name`, or an error saying how to build it.
+pub fn binary(name: &str) -> Result<PathBuf> {
+    let path = bin_dir()?.join(name);
+    if !path.is_file() {
+        bail!(
+            "{} is not built; run `cargo build --bins` first (or set SIGIL_BIN_DIR)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// A free TCP port on 127.0.0.1 (free when asked; taken by the caller soon after).
+pub fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")
+        .context("cannot bind 127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// The uid this process runs as (from /proc, without libc).
+pub fn current_uid() -> Result<u32> {
+    use std::os::unix::fs::MetadataExt;
+    Ok(std::fs::metadata("/proc/self")
+        .context("cannot read /proc/self")?
+        .uid())
+}
+
+/// Sends `signal` (e.g. `TERM`, `KILL`) to `pid` with kill(1).
+fn signal(pid: u32, signal: &str) -> Result<()> {
+    let status = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status()
+        .context("cannot run kill(1)")?;
+    if !status.success() {
+        bail!("kill -{signal} {pid} failed");
+    }
+    Ok(())
+}
+
+/// Waits for `child` to exit, at most `limit`.
+fn wait_exit(child: &mut Child, limit: Duration) -> Result<Option<ExitStatus>> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(Some(status));
+        }
+        if Instant::now() >= deadline {
+            return Ok(None);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Runs `cmd` and returns its stdout, or an error with its stderr.
+fn output_ok(cmd: &mut Command, what: &str) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("cannot run {what}"))?;
+    if !out.status.success() {
+        bail!(
+            "{what} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// One child process with its log file.
+#[derive(Debug)]
+struct Proc {
+    binary: PathBuf,
+    args: Vec<String>,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Proc {
+    fn spawn(&mut self) -> Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .with_context(|| format!("cannot open {}", self.log.display()))?;
+        let child = Command::new(&self.binary)
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("cannot start {}", self.binary.display()))?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// The exit status, if the process has exited.
+    fn exited(&mut self) -> Option<ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM, then wait up to `grace`; SIGKILL after that (an error).
+    fn stop(&mut self, grace: Duration) -> Result<ExitStatus> {
+        let Some(mut child) = self.child.take() else {
+            bail!("process is not running");
+        };
+        signal(child.id(), "TERM")?;
+        if let Some(status) = wait_exit(&mut child, grace)? {
+            return Ok(status);
+        }
+        child.kill().ok();
+        child.wait().ok();
+        bail!(
+            "{} did not stop within {grace:?} of SIGTERM",
+            self.binary.display()
+        )
+    }
+
+    fn kill(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill().context("SIGKILL failed")?;
+            child.wait()?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.kill();
+    }
+}
+
+/// How to configure a server.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    pub trust_domain: String,
+    /// CA certificate lifetime (`ca.ttl`); the server default when `None`.
+    pub ca_ttl: Option<Duration>,
+    /// Agent SVID lifetime (`agents.svid_ttl`); workload SVID lifetimes
+    /// are set per entry.
+    pub agent_svid_ttl: Option<Duration>,
+    /// Extra TOML appended to the config file.
+    pub extra: String,
+    /// Log filter.
+    pub log_level: String,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        Self {
+            trust_domain: "example.org".into(),
+            ca_ttl: None,
+            agent_svid_ttl: None,
+            extra: String::new(),
+            log_level: "info".into(),
+        }
+    }
+}
+
+fn secs(d: Duration) -> String {
+    format!("{}s", d.as_secs().max(1))
+}
+
+/// A `sigil-server` process.
+#[derive(Debug)]
+pub struct ServerProcess {
+    dir: PathBuf,
+    proc_: Proc,
+    /// Node API address (`127.0.0.1:<port>`).
+    pub addr: String,
+    /// Admin socket.
+    pub admin_socket: PathBuf,
+    /// The trust domain.
+    pub trust_domain: String,
+}
+
+impl ServerProcess {
+    /// Writes a config under `dir` (created if missing) and starts the
+    /// server, waiting until its admin socket answers.
+    pub fn start(dir: &Path, options: &ServerOptions) -> Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let addr = format!("127.0.0.1:{}", free_port()?);
+        let admin_socket = dir.join("admin.sock");
+        let mut toml = format!(
+            "trust_domain = \"{}\"\ndata_dir = \"{}\"\n\n[server]\nbind_address = \"{addr}\"\nadmin_socket = \"{}\"\n\n[log]\nlevel = \"{}\"\n",
+            options.trust_domain,
+            dir.join("data").display(),
+            admin_socket.display(),
+            options.log_level,
+        );
+        if let Some(ttl) = options.ca_ttl {
+            let _ = write!(toml, "\n[ca]\nttl = \"{}\"\n", secs(ttl));
+        }
+        if let Some(ttl) = options.agent_svid_ttl {
+            let _ = write!(toml, "\n[agents]\nsvid_ttl = \"{}\"\n", secs(ttl));
+        }
+        toml.push('\n');
+        toml.push_str(&options.extra);
+        let config = dir.join("server.toml");
+        std::fs::write(&config, toml)?;
+        let mut server = Self {
+            proc_: Proc {
+                binary: binary("sigil-server")?,
+                args: vec![
+                    "run".into(),
+                    "--config".into(),
+                    config.display().to_string(),
+                ],
+                log: dir.join("server.log"),
+                child: None,
+            },
+            dir: dir.to_path_buf(),
+            addr,
+            admin_socket,
+            trust_domain: options.trust_domain.clone(),
+        };
+        server.launch()?;
+        Ok(server)
+    }
+
+    fn launch(&mut self) -> Result<()> {
+        self.proc_.spawn()?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Some(status) = self.proc_.exited() {
+                bail!("sigil-server exited early ({status}):\n{}", self.log());
+            }
+            if self.cli(&["healthcheck"])?.status.success() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("sigil-server did not become healthy:\n{}", self.log())
+    }
+
+    /// The directory holding config, data, socket and log.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The server's log so far.
+    pub fn log(&self) -> String {
+        self.proc_.log_text()
+    }
+
+    /// The server's pid while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.proc_.pid()
+    }
+
+    /// Runs `sigil-server <args>` against this server's admin socket.
+    pub fn cli(&self, args: &[&str]) -> Result<Output> {
+        Command::new(&self.proc_.binary)
+            .arg("--admin-socket")
+            .arg(&self.admin_socket)
+            .args(args)
+            .output()
+            .context("cannot run sigil-server")
+    }
+
+    /// Runs the CLI and returns stdout, failing on a non-zero exit.
+    pub fn cli_ok(&self, args: &[&str]) -> Result<String> {
+        output_ok(
+            Command::new(&self.proc_.binary)
+                .arg("--admin-socket")
+                .arg(&self.admin_socket)
+                .args(args),
+            &format!("sigil-server {}", args.join(" ")),
+        )
+    }
+
+    /// Runs the CLI with `--output json` and parses stdout.
+    pub fn cli_json(&self, args: &[&str]) -> Result<serde_json::Value> {
+        let mut all = vec!["--output", "json"];
+        all.extend_from_slice(args);
+        let text = self.cli_ok(&all)?;
+        serde_json::from_str(&text).with_context(|| format!("not JSON: {text}"))
+    }
+
+    /// A fresh join token.
+    pub fn join_token(&self) -> Result<String> {
+        Ok(self.cli_ok(&["token", "generate"])?.trim().to_owned())
+    }
+
+    /// Writes the trust bundle as PEM to `path`.
+    pub fn write_bundle(&self, path: &Path) -> Result<()> {
+        let pem = self.cli_ok(&["bundle", "show", "--format", "pem"])?;
+        std::fs::write(path, pem)?;
+        Ok(())
+    }
+
+    /// Creates an entry and returns its id.
+    pub fn create_entry(&self, spiffe_id: &str, parent_id: &str, args: &[&str]) -> Result<String> {
+        let mut all = vec![
+            "entry",
+            "create",
+            "--spiffe-id",
+            spiffe_id,
+            "--parent-id",
+            parent_id,
+        ];
+        all.extend_from_slice(args);
+        let id = self.cli_ok(&all)?.trim().to_owned();
+        if id.is_empty() {
+            bail!("entry create printed no id");
+        }
+        Ok(id)
+    }
+
+    /// The IDs of the attested agents.
+    pub fn agent_ids(&self) -> Result<Vec<String>> {
+        let v = self.cli_json(&["agent", "list"])?;
+        let list = v
+            .as_array()
+            .or_else(|| v["agents"].as_array())
+            .ok_or_else(|| anyhow!("agent list printed no list: {v}"))?;
+        Ok(list
+            .iter()
+            .filter_map(|a| a["id"].as_str().map(str::to_owned))
+            .collect())
+    }
+
+    /// SIGTERM and wait (at most 10 s); the exit status.
+    pub fn stop(&mut self) -> Result<ExitStatus> {
+        self.proc_.stop(Duration::from_secs(10))
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill(&mut self) -> Result<()> {
+        self.proc_.kill()
+    }
+
+    /// Starts the server again on the same config and data.
+    pub fn restart(&mut self) -> Result<()> {
+        if self.proc_.child.is_some() {
+            self.stop()?;
+        }
+        self.launch()
+    }
+}
+
+/// How an agent proves its node.
+#[derive(Debug, Clone)]
+pub enum NodeAttestation {
+    /// A join token from the server.
+    JoinToken(String),
+    /// x509pop: certificate chain and key files (PEM).
+    X509Pop { certificate: PathBuf, key: PathBuf },
+}
+
+/// A `sigil-agent` process.
+#[derive(Debug)]
+pub struct AgentProcess {
+    dir: PathBuf,
+    proc_: Proc,
+    config: PathBuf,
+    /// The Workload API socket.
+    pub socket: PathBuf,
+}
+
+impl AgentProcess {
+    /// Writes a config under `dir` for `server` (trusting its current
+    /// bundle) and starts the agent, waiting until its Workload API answers.
+    pub fn start(dir: &Path, server: &ServerProcess, node: &NodeAttestation) -> Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let bundle = dir.join("bootstrap-bundle.pem");
+        server.write_bundle(&bundle)?;
+        let socket = dir.join("api.sock");
+        let attestor = match node {
+            NodeAttestation::JoinToken(t) => format!("join_token = \"{t}\"\n"),
+            NodeAttestation::X509Pop { certificate, key } => format!(
+                "[node_attestor.x509pop]\ncertificate = \"{}\"\nkey = \"{}\"\n",
+                certificate.display(),
+                key.display()
+            ),
+        };
+        let toml = format!(
+            "trust_domain = \"{}\"\nserver_address = \"{}\"\ndata_dir = \"{}\"\ntrust_bundle = \"{}\"\nsocket_path = \"{}\"\nlog_level = \"info\"\n\n[node_attestor]\n{attestor}",
+            server.trust_domain,
+            server.addr,
+            dir.join("data").display(),
+            bundle.display(),
+            socket.display(),
+        );
+        let config = dir.join("agent.toml");
+        std::fs::write(&config, toml)?;
+        let mut agent = Self {
+            proc_: Proc {
+                binary: binary("sigil-agent")?,
+                args: vec![
+                    "run".into(),
+                    "--config".into(),
+                    config.display().to_string(),
+                ],
+                log: dir.join("agent.log"),
+                child: None,
+            },
+            dir: dir.to_path_buf(),
+            config,
+            socket,
+        };
+        agent.launch()?;
+        Ok(agent)
+    }
+
+    fn launch(&mut self) -> Result<()> {
+        self.proc_.spawn()?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Some(status) = self.proc_.exited() {
+                bail!("sigil-agent exited early ({status}):\n{}", self.log());
+            }
+            if self.cli(&["healthcheck"])?.status.success() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        bail!("sigil-agent did not become healthy:\n{}", self.log())
+    }
+
+    /// The agent's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The agent's config file.
+    pub fn config(&self) -> &Path {
+        &self.config
+    }
+
+    /// The Workload API endpoint as SPIFFE clients spell it.
+    pub fn endpoint(&self) -> String {
+        format!("unix://{}", self.socket.display())
+    }
+
+    /// The agent's log so far.
+    pub fn log(&self) -> String {
+        self.proc_.log_text()
+    }
+
+    /// Whether the process has exited, and how.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.proc_.exited()
+    }
+
+    /// Runs `sigil-agent <args>` against this agent's socket.
+    pub fn cli(&self, args: &[&str]) -> Result<Output> {
+        Command::new(&self.proc_.binary)
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .context("cannot run sigil-agent")
+    }
+
+    /// SIGTERM and wait (at most 10 s).
+    pub fn stop(&mut self) -> Result<ExitStatus> {
+        self.proc_.stop(Duration::from_secs(10))
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill(&mut self) -> Result<()> {
+        self.proc_.kill()
+    }
+
+    /// Starts the agent again on the same config and data.
+    pub fn restart(&mut self) -> Result<()> {
+        if self.proc_.child.is_some() {
+            self.stop()?;
+        }
+        self.launch()
+    }
+}
