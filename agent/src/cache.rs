@@ -58,6 +58,8 @@ struct State {
     entries: BTreeMap<EntryId, Arc<RegistrationEntry>>,
     svids: HashMap<EntryId, CachedSvid>,
     bundle: Option<Arc<Bundle>>,
+    /// Why the server revoked this agent, until it attests again.
+    revoked: Option<String>,
 }
 
 /// See the module documentation.
@@ -214,6 +216,29 @@ impl Cache {
         Ok(outcome)
     }
 
+    /// Drops every entry and SVID because the server revoked this agent
+    /// (`why`): workloads get no identity until [`Cache::reinstate`]. The
+    /// bundle stays.
+    pub fn revoke(&self, why: &str) {
+        let mut st = self.lock();
+        st.entries.clear();
+        st.svids.clear();
+        st.revision = 0;
+        st.revoked = Some(why.to_owned());
+        drop(st);
+        self.bump();
+    }
+
+    /// The agent attested again after a revocation.
+    pub fn reinstate(&self) {
+        self.lock().revoked = None;
+    }
+
+    /// Why the server revoked this agent, while it is revoked.
+    pub fn revoked(&self) -> Option<String> {
+        self.lock().revoked.clone()
+    }
+
     /// Forgets the revision so the next Sync asks for the full set (after a
     /// message could not be applied).
     pub fn reset_revision(&self) {
@@ -246,8 +271,14 @@ impl Cache {
         let leaf = sigil_identity::x509::parse(chain.first().ok_or("empty chain")?)
             .map_err(|e| e.to_string())?;
         let (not_before, not_after) = sigil_identity::x509::validity(&leaf);
-        let renew_at =
-            rotation::renewal_time(not_before, not_after, sigil_identity::random::jitter_unit());
+        // Servers backdate NotBefore against clock skew; the half-life is
+        // counted from when the SVID arrived, or a 10 s SVID backdated 10 s
+        // would be due the moment it arrives.
+        let renew_at = rotation::renewal_time(
+            not_before.max(SystemTime::now()),
+            not_after,
+            sigil_identity::random::jitter_unit(),
+        );
         let mut st = self.lock();
         if st.entries.contains_key(&entry.id) {
             st.svids.insert(
@@ -306,6 +337,36 @@ mod tests {
                 renew_at: now,
             },
         );
+    }
+
+    #[test]
+    fn half_life_counts_from_arrival_not_from_a_backdated_not_before() {
+        let cache = Cache::default();
+        let e = entry("short", 1);
+        cache.apply(upsert(&e)).unwrap();
+        let now = time::OffsetDateTime::now_utc();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params.not_before = now - time::Duration::seconds(10);
+        params.not_after = now + time::Duration::seconds(10);
+        let cert = params.self_signed(&key).unwrap();
+        cache
+            .store(
+                Arc::new(e.clone()),
+                Zeroizing::new(key.serialize_der()),
+                vec![cert.der().to_vec()],
+            )
+            .unwrap();
+        let held = cache.svids().remove(0);
+        let wait = held
+            .renew_at
+            .duration_since(SystemTime::now())
+            .expect("not due on arrival");
+        assert!(
+            wait >= std::time::Duration::from_secs(4),
+            "due {wait:?} after arrival; half of the 10 s left is about 5 s"
+        );
+        assert!(cache.due(SystemTime::now()).is_empty());
     }
 
     #[test]

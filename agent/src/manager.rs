@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use sigil_identity::{Bundle, EntryId, RegistrationEntry, rotation};
 use sigil_proto::node as pb;
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::cache::{Applied, Cache};
 use crate::config::AgentConfig;
@@ -26,9 +26,9 @@ const BATCH: usize = 500;
 /// Why the agent stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
-    #[error("{0}")]
+    #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("{0}")]
+    #[error(transparent)]
     Node(#[from] NodeError),
     #[error("trust bundle {0}: {1}")]
     Bundle(std::path::PathBuf, String),
@@ -36,8 +36,6 @@ pub enum AgentError {
         "the agent SVID has expired and the {0} attestor cannot attest again; give the agent a new join token"
     )]
     CannotReattest(&'static str),
-    #[error("this agent was {0} by the server")]
-    Revoked(String),
 }
 
 fn attestor(config: &AgentConfig) -> Result<Box<dyn AgentNodeAttestor>, AgentError> {
@@ -80,6 +78,13 @@ fn svid_expiry(state: &AgentState) -> Option<(SystemTime, SystemTime)> {
     Some(sigil_identity::x509::validity(&leaf))
 }
 
+/// The validity used to time the renewal of an agent SVID that has just
+/// arrived: from now rather than the backdated NotBefore, so a short SVID
+/// is not due on arrival.
+fn fresh_validity(state: &AgentState) -> Option<(SystemTime, SystemTime)> {
+    svid_expiry(state).map(|(nb, na)| (nb.max(SystemTime::now()), na))
+}
+
 /// A running agent.
 #[derive(Debug, Clone)]
 pub struct Agent {
@@ -119,10 +124,10 @@ impl Agent {
     pub async fn start(config: AgentConfig) -> Result<Self, AgentError> {
         let store = Store::open(&config.data_dir)?;
         let now = SystemTime::now();
-        let state = match store.load(&config.trust_domain)? {
+        let (state, fresh) = match store.load(&config.trust_domain)? {
             Some(s) if svid_expiry(&s).is_some_and(|(_, na)| na > now) => {
                 info!("using the stored agent SVID; no attestation needed");
-                s
+                (s, false)
             }
             stored => {
                 let attestor = attestor(&config)?;
@@ -140,11 +145,15 @@ impl Agent {
                 .await?;
                 store.save(&s)?;
                 info!(attestor = attestor.name(), "node attested");
-                s
+                (s, true)
             }
         };
-        let validity = svid_expiry(&state)
-            .ok_or_else(|| NodeError::BadReply("agent SVID unreadable".into()))?;
+        let validity = if fresh {
+            fresh_validity(&state)
+        } else {
+            svid_expiry(&state)
+        }
+        .ok_or_else(|| NodeError::BadReply("agent SVID unreadable".into()))?;
         Ok(Self {
             resolver: Arc::new(SvidResolver::new(node::agent_key(&state)?)),
             bundle: Arc::new(SharedBundle::new(state.bundle.clone())),
@@ -234,27 +243,103 @@ impl Agent {
         .await
     }
 
-    /// Runs until `shutdown` resolves or the server revokes the agent.
+    /// Runs until `shutdown` resolves.
+    ///
+    /// When the server revokes the agent (ban, eviction, or a refused
+    /// Sync), every identity is dropped at once so workloads get
+    /// PermissionDenied, the stored SVID is deleted so a restart must
+    /// attest again, and the agent keeps attesting again with backoff if its
+    /// attestor allows (a banned agent is refused until an operator evicts
+    /// it). A join-token agent cannot: it serves PermissionDenied until it
+    /// is restarted with a new token.
     pub async fn run(
         self,
         shutdown: impl std::future::Future<Output = ()>,
     ) -> Result<(), AgentError> {
         tokio::pin!(shutdown);
-        let (revoked_tx, mut revoked_rx) = watch::channel(None::<String>);
-        let sync = tokio::spawn(self.clone().sync_loop(revoked_tx));
-        let issue = tokio::spawn(self.clone().issue_loop());
-        let renew = tokio::spawn(self.clone().renew_loop());
-        let result = tokio::select! {
-            () = &mut shutdown => Ok(()),
-            why = async {
-                let why = revoked_rx.wait_for(|r| r.is_some()).await.ok().and_then(|r| r.clone());
-                why.unwrap_or_default()
-            } => Err(AgentError::Revoked(why)),
-        };
-        sync.abort();
-        issue.abort();
-        renew.abort();
-        result
+        loop {
+            let (revoked_tx, mut revoked_rx) = watch::channel(None::<String>);
+            let sync = tokio::spawn(self.clone().sync_loop(revoked_tx));
+            let issue = tokio::spawn(self.clone().issue_loop());
+            let renew = tokio::spawn(self.clone().renew_loop());
+            let revoked = tokio::select! {
+                () = &mut shutdown => None,
+                why = async {
+                    let why = revoked_rx.wait_for(|r| r.is_some()).await.ok().and_then(|r| r.clone());
+                    why.unwrap_or_default()
+                } => Some(why),
+            };
+            sync.abort();
+            issue.abort();
+            renew.abort();
+            let Some(why) = revoked else {
+                return Ok(());
+            };
+            self.forget_identities(&why);
+            tokio::select! {
+                () = &mut shutdown => return Ok(()),
+                r = self.attest_again() => r?,
+            }
+        }
+    }
+
+    /// Drops every identity after a revocation.
+    fn forget_identities(&self, why: &str) {
+        error!(
+            reason = %why,
+            "the server revoked this agent; all workload identities dropped"
+        );
+        self.cache.revoke(why);
+        self.jwts.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        if let Err(e) = self.store.forget_svid() {
+            warn!(error = %e, "could not delete the revoked agent SVID");
+        }
+    }
+
+    /// Attests again after a revocation, retrying with backoff while the
+    /// server refuses. Never returns for a join-token agent.
+    async fn attest_again(&self) -> Result<(), AgentError> {
+        let attestor = attestor(&self.config)?;
+        if attestor.name() == sigil_attestors::join_token::NAME {
+            error!(
+                "a join-token agent cannot attest again; restart it with a new join token \
+                 (workloads get PermissionDenied until then)"
+            );
+            return std::future::pending().await;
+        }
+        let mut backoff = Duration::from_secs(1);
+        loop {
+            tokio::time::sleep(backoff.mul_f64(1.0 + 0.2 * sigil_identity::random::jitter_unit()))
+                .await;
+            let bootstrap = Bootstrap::Bundle((*self.bundle.get()).clone());
+            match node::attest(
+                &self.config.server_address,
+                &self.config.trust_domain,
+                &bootstrap,
+                attestor.as_ref(),
+            )
+            .await
+            {
+                Ok(state) => {
+                    self.store.save(&state)?;
+                    self.resolver.set(node::agent_key(&state)?);
+                    if let Some(v) = fresh_validity(&state) {
+                        *self.validity.lock().unwrap_or_else(|p| p.into_inner()) = v;
+                    }
+                    self.bundle.set(Arc::new(state.bundle.clone()));
+                    self.cache.reinstate();
+                    info!(
+                        attestor = attestor.name(),
+                        "node attested again after revocation"
+                    );
+                    return Ok(());
+                }
+                Err(e) => {
+                    warn!(error = %e, retry_in = ?backoff, "attesting again failed; retrying");
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                }
+            }
+        }
     }
 
     /// Keeps one Sync stream open, reconnecting with jittered backoff.
@@ -305,6 +390,12 @@ impl Agent {
                 r = attempt => {
                     match r {
                         Ok(()) => backoff = Duration::from_millis(200),
+                        // The server no longer accepts this agent (banned,
+                        // evicted, or its SVID expired).
+                        Err(NodeError::Refused(s)) if s.code() == tonic::Code::PermissionDenied => {
+                            let _ = revoked.send(Some(s.message().to_owned()));
+                            return;
+                        }
                         Err(e) => {
                             warn!(error = %e, retry_in = ?backoff, "sync stream lost; reconnecting");
                         }
@@ -443,7 +534,7 @@ impl Agent {
             .save(&state)
             .map_err(|e| NodeError::Key(e.to_string()))?;
         self.resolver.set(node::agent_key(&state)?);
-        if let Some(v) = svid_expiry(&state) {
+        if let Some(v) = fresh_validity(&state) {
             *self.validity.lock().unwrap_or_else(|p| p.into_inner()) = v;
         }
         // New connections present the new SVID; the first use makes the

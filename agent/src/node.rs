@@ -26,14 +26,28 @@ use crate::store::AgentState;
 pub enum NodeError {
     #[error("cannot reach the server: {0}")]
     Connect(String),
-    #[error("server refused: {0}")]
-    Refused(#[from] tonic::Status),
+    #[error("server refused: {} ({:?})", .0.message(), .0.code())]
+    Refused(tonic::Status),
     #[error("node attestor: {0}")]
-    Attestor(#[from] sigil_identity::attestation::AttestError),
+    Attestor(sigil_identity::attestation::AttestError),
     #[error("server sent an invalid reply: {0}")]
     BadReply(String),
     #[error("local key: {0}")]
     Key(String),
+}
+
+// Written out (not `#[from]`) so the cause is not repeated as a source
+// when the error chain is printed.
+impl From<tonic::Status> for NodeError {
+    fn from(s: tonic::Status) -> Self {
+        Self::Refused(s)
+    }
+}
+
+impl From<sigil_identity::attestation::AttestError> for NodeError {
+    fn from(e: sigil_identity::attestation::AttestError) -> Self {
+        Self::Attestor(e)
+    }
 }
 
 /// Accepts any server certificate. Only for `insecure_bootstrap`, which

@@ -79,6 +79,20 @@ impl Store {
         write("agent.pem", chain.as_bytes(), 0o644)
     }
 
+    /// Deletes the agent's key and SVID (after the server revoked it), so
+    /// that a restart must attest again. The bundle stays.
+    pub fn forget_svid(&self) -> Result<(), StoreError> {
+        for name in ["agent.pem", "agent.key"] {
+            let p = self.path(name);
+            match std::fs::remove_file(&p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(StoreError::Io(p, e)),
+            }
+        }
+        Ok(())
+    }
+
     /// Loads the state, or `None` on first run.
     pub fn load(&self, td: &TrustDomain) -> Result<Option<AgentState>, StoreError> {
         let read = |name: &str| -> Result<Option<Vec<u8>>, StoreError> {

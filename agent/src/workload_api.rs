@@ -275,6 +275,18 @@ impl WorkloadApi {
         (entries, svids)
     }
 
+    /// PermissionDenied for a caller with no identity: `why`, or that the
+    /// server revoked this node's agent.
+    fn no_identity(&self, why: &'static str) -> Status {
+        match self.agent.cache().revoked() {
+            Some(reason) => Status::permission_denied(format!(
+                "this node's agent was revoked by the server ({reason}); no identities are \
+                 served until it attests again"
+            )),
+            None => Status::permission_denied(why),
+        }
+    }
+
     /// The SVIDs for `selectors`, waiting briefly for ones still being issued.
     async fn x509_state(&self, selectors: &SelectorSet) -> Result<Vec<CachedSvid>, Status> {
         let mut changes = self.agent.cache().subscribe();
@@ -282,9 +294,7 @@ impl WorkloadApi {
         loop {
             let (entries, svids) = self.identities(selectors);
             if entries.is_empty() {
-                return Err(Status::permission_denied(
-                    "no identity is registered for this workload",
-                ));
+                return Err(self.no_identity("no identity is registered for this workload"));
             }
             if svids.len() >= entries.len()
                 || (!svids.is_empty() && tokio::time::Instant::now() >= deadline)
@@ -390,9 +400,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
             }
             let (entries, svids) = api.identities(&selectors);
             if entries.is_empty() {
-                return Err(Status::permission_denied(
-                    "no identity is registered for this workload any more",
-                ));
+                return Err(api.no_identity("no identity is registered for this workload any more"));
             }
             if svids.is_empty() {
                 return Ok(None); // re-issuance in progress: send when it lands
@@ -444,9 +452,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
             entries.into_iter().filter(|e| e.spiffe_id == id).collect()
         };
         if wanted.is_empty() {
-            return Err(Status::permission_denied(
-                "no matching identity for this workload",
-            ));
+            return Err(self.no_identity("no matching identity for this workload"));
         }
         let mut svids = Vec::with_capacity(wanted.len());
         for e in wanted {

@@ -122,36 +122,47 @@ async fn agent_attests_receives_svids_and_restarts_without_reattesting() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_banned_agent_stops() {
+async fn a_banned_agent_drops_every_identity_and_its_stored_svid() {
     let server = Server::start().await;
     let agent = server.start_agent().await;
     let cache = agent.cache();
     let run = tokio::spawn(agent.run(std::future::pending()));
     assert!(wait_for(|| cache.bundle().is_some()).await);
-    let id = server
+    let id = server.agent_id().await;
+    server
         .admin()
         .await
-        .list_agents(admin::ListAgentsRequest {})
+        .create_entries(admin::CreateEntriesRequest {
+            entries: vec![node_pb::Entry {
+                spiffe_id: "spiffe://example.org/w".into(),
+                parent_id: id.clone(),
+                selectors: vec!["unix:uid:1".into()],
+                ..Default::default()
+            }],
+        })
         .await
-        .unwrap()
-        .into_inner()
-        .agents[0]
-        .id
-        .clone();
+        .unwrap();
+    assert!(wait_for(|| !cache.svids().is_empty()).await, "SVID issued");
+    let stored = server.dir.path().join("agent").join("agent.pem");
+    assert!(stored.exists());
+
     server
         .admin()
         .await
         .ban_agent(admin::AgentRequest { id })
         .await
         .unwrap();
-    let result = tokio::time::timeout(Duration::from_secs(10), run)
-        .await
-        .unwrap()
-        .unwrap();
     assert!(
-        matches!(result, Err(sigil_agent::manager::AgentError::Revoked(_))),
-        "{result:?}"
+        wait_for(|| cache.revoked().is_some()).await,
+        "the agent saw the revocation"
     );
+    assert!(cache.entries().is_empty() && cache.svids().is_empty());
+    assert!(!stored.exists(), "a restart must attest again");
+    // A join-token agent cannot attest again; it keeps running (serving
+    // PermissionDenied) until it is stopped.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!run.is_finished());
+    run.abort();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

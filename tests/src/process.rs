@@ -144,6 +144,13 @@ impl Proc {
         let Some(mut child) = self.child.take() else {
             bail!("process is not running");
         };
+        if let Some(status) = child.try_wait()? {
+            bail!(
+                "{} had already exited ({status}):\n{}",
+                self.binary.display(),
+                self.log_text()
+            );
+        }
         signal(child.id(), "TERM")?;
         if let Some(status) = wait_exit(&mut child, grace)? {
             return Ok(status);
@@ -176,6 +183,8 @@ impl Drop for Proc {
 pub struct ServerOptions {
     pub trust_domain: String,
     /// CA certificate lifetime (`ca.ttl`); the server default when `None`.
+    /// Setting it also caps the default SVID lifetimes
+    /// (`ca.x509_svid_ttl`, `ca.jwt_svid_ttl`) at a sixth of it.
     pub ca_ttl: Option<Duration>,
     /// Agent SVID lifetime (`agents.svid_ttl`); workload SVID lifetimes
     /// are set per entry.
@@ -230,7 +239,12 @@ impl ServerProcess {
             options.log_level,
         );
         if let Some(ttl) = options.ca_ttl {
-            let _ = write!(toml, "\n[ca]\nttl = \"{}\"\n", secs(ttl));
+            let svid = secs(ttl / 6);
+            let _ = write!(
+                toml,
+                "\n[ca]\nttl = \"{}\"\nx509_svid_ttl = \"{svid}\"\njwt_svid_ttl = \"{svid}\"\n",
+                secs(ttl)
+            );
         }
         if let Some(ttl) = options.agent_svid_ttl {
             let _ = write!(toml, "\n[agents]\nsvid_ttl = \"{}\"\n", secs(ttl));
@@ -371,9 +385,10 @@ impl ServerProcess {
         self.proc_.kill()
     }
 
-    /// Starts the server again on the same config and data.
+    /// Starts the server again on the same config and data (stopping it
+    /// first if it runs).
     pub fn restart(&mut self) -> Result<()> {
-        if self.proc_.child.is_some() {
+        if self.proc_.child.is_some() && self.proc_.exited().is_none() {
             self.stop()?;
         }
         self.launch()
@@ -504,9 +519,10 @@ impl AgentProcess {
         self.proc_.kill()
     }
 
-    /// Starts the agent again on the same config and data.
+    /// Starts the agent again on the same config and data (stopping it
+    /// first if it runs).
     pub fn restart(&mut self) -> Result<()> {
-        if self.proc_.child.is_some() {
+        if self.proc_.child.is_some() && self.proc_.exited().is_none() {
             self.stop()?;
         }
         self.launch()

@@ -96,3 +96,32 @@ pub fn verify(svid: &spiffe::X509Svid, bundle: &spiffe::X509Bundle) -> Result<St
         .map(|id| id.to_string())
         .map_err(|e| e.to_string())
 }
+
+/// The leaf's serial (hex), NotAfter and authority key identifier.
+pub struct LeafFacts {
+    pub serial: String,
+    pub not_after: std::time::SystemTime,
+    pub issuer_key_id: Vec<u8>,
+}
+
+pub fn leaf_facts(svid: &spiffe::X509Svid) -> LeafFacts {
+    use x509_parser::extensions::ParsedExtension;
+    let (_, cert) = x509_parser::parse_x509_certificate(svid.leaf().as_ref()).unwrap();
+    let issuer_key_id = cert
+        .extensions()
+        .iter()
+        .find_map(|e| match e.parsed_extension() {
+            ParsedExtension::AuthorityKeyIdentifier(aki) => {
+                aki.key_identifier.as_ref().map(|k| k.0.to_vec())
+            }
+            _ => None,
+        })
+        .expect("SVIDs carry an authority key identifier");
+    let not_after =
+        std::time::UNIX_EPOCH + Duration::from_secs(cert.validity().not_after.timestamp() as u64);
+    LeafFacts {
+        serial: cert.raw_serial_as_string(),
+        not_after,
+        issuer_key_id,
+    }
+}
