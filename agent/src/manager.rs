@@ -166,6 +166,14 @@ impl Agent {
         })
     }
 
+    /// The agent's own SPIFFE ID, read from its stored SVID (`None` while
+    /// it holds none, e.g. after a revocation).
+    pub fn id(&self) -> Option<sigil_identity::SpiffeId> {
+        let state = self.store.load(&self.config.trust_domain).ok()??;
+        let leaf = sigil_identity::x509::parse(state.chain.first()?).ok()?;
+        sigil_identity::x509::check_leaf(&leaf).ok()
+    }
+
     /// The SVID cache.
     pub fn cache(&self) -> Arc<Cache> {
         self.cache.clone()

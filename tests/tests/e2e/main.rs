@@ -11,6 +11,7 @@ mod common;
 
 mod crash;
 mod outage;
+mod quickstart;
 mod register;
 mod revocation;
 mod rotation;

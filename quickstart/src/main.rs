@@ -1,0 +1,512 @@
+//! `sigil-quickstart`: Sigil on one machine in one command.
+//!
+//! Starts a server (embedded datastore, self-signed CA) and an agent in
+//! this process, on real sockets under one data directory; joins the agent
+//! with a fresh join token; registers the invoking user (`unix:uid:<uid>`);
+//! fetches and prints that user's X.509-SVID through the Workload API, as
+//! any workload would; then serves until Ctrl-C or SIGTERM and stops both
+//! cleanly. Run again on the same directory, it resumes: same CA, same
+//! agent (no new attestation while its SVID is valid), same entry.
+//!
+//! The server and agent are the same library code the `sigil-server` and
+//! `sigil-agent` binaries run; only the process is shared.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::Parser;
+use sigil_agent::cli::{ApiCmd, Command, FetchCmd, Output};
+use sigil_agent::config::AgentConfig;
+use sigil_agent::manager::{Agent, AgentError};
+use sigil_agent::workload_api::{self, WorkloadApi};
+use sigil_attestors::unix::UnixAttestor;
+use sigil_identity::{Bundle, SpiffeId, TrustDomain};
+use sigil_proto::admin::{self as pb, admin_client::AdminClient};
+use sigil_proto::node as node_pb;
+use sigil_server::config::{Overrides, ServerConfig};
+use sigil_server::server::{Listeners, ServerError};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+
+/// Longest Unix socket path the kernel accepts (sun_path, less the NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
+/// How long to wait for the first SVID before giving up.
+const FIRST_SVID_WAIT: Duration = Duration::from_secs(20);
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "sigil-quickstart",
+    version,
+    about = "Run a Sigil server and agent on this machine and get an SVID for yourself",
+    long_about = "Starts a Sigil server (embedded datastore, self-signed CA) and an agent in \
+                  one process, registers the invoking user (selector unix:uid:<your uid>), \
+                  fetches and prints your X.509-SVID through the SPIFFE Workload API, then \
+                  keeps both running until Ctrl-C or SIGTERM. It prints the two `export` \
+                  lines that let `sigil-agent api ...` and `sigil-server entry ...` work from \
+                  another terminal. Running it again resumes the same data."
+)]
+struct Args {
+    /// Directory for the data, sockets and log of both server and agent.
+    #[arg(long, value_name = "DIR", default_value = ".sigil")]
+    dir: PathBuf,
+    /// Trust domain of the server.
+    #[arg(long, default_value = "example.org")]
+    trust_domain: TrustDomain,
+    /// Node API address (TLS); port 0 picks a free port on each run.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:0")]
+    bind: SocketAddr,
+}
+
+/// Where everything lives, all absolute.
+#[derive(Debug)]
+struct Paths {
+    root: PathBuf,
+    server_data: PathBuf,
+    admin_socket: PathBuf,
+    agent_dir: PathBuf,
+    agent_data: PathBuf,
+    agent_socket: PathBuf,
+    bootstrap_bundle: PathBuf,
+    log: PathBuf,
+}
+
+impl Paths {
+    fn new(dir: &Path) -> Result<Self> {
+        let root = if dir.is_absolute() {
+            dir.to_path_buf()
+        } else {
+            std::env::current_dir()
+                .context("cannot read the current directory")?
+                .join(dir)
+        };
+        let p = Self {
+            server_data: root.join("server/data"),
+            admin_socket: root.join("server/admin.sock"),
+            agent_dir: root.join("agent"),
+            agent_data: root.join("agent/data"),
+            agent_socket: root.join("agent/api.sock"),
+            bootstrap_bundle: root.join("agent/bootstrap-bundle.pem"),
+            log: root.join("sigil.log"),
+            root,
+        };
+        for socket in [&p.admin_socket, &p.agent_socket] {
+            if socket.as_os_str().len() > MAX_SOCKET_PATH {
+                bail!(
+                    "the socket path {} is longer than the {MAX_SOCKET_PATH} bytes Unix sockets \
+                     allow; pass a shorter --dir (e.g. --dir /tmp/sigil)",
+                    socket.display()
+                );
+            }
+        }
+        for d in [&p.root, &p.root.join("server"), &p.agent_dir] {
+            std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
+        }
+        Ok(p)
+    }
+}
+
+/// Logs (server and agent) go to a file so the terminal shows only the
+/// quickstart's own output.
+fn install_logging(path: &Path) -> Result<()> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("cannot open the log file {}", path.display()))?;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(false)
+        .with_writer(Mutex::new(file))
+        .init();
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = ctrl_c.await;
+        }
+    }
+}
+
+/// A future that resolves once `stop` turns true.
+async fn stopped(mut stop: watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// The uid of this process (the owner of `/proc/self`).
+fn current_uid() -> Result<u32> {
+    use std::os::unix::fs::MetadataExt;
+    Ok(std::fs::metadata("/proc/self")
+        .context("cannot read /proc/self to learn this process's uid")?
+        .uid())
+}
+
+/// A TOML basic string.
+fn toml_str(s: &str) -> Result<String> {
+    if s.chars().any(char::is_control) {
+        bail!("{s:?} contains control characters");
+    }
+    Ok(format!(
+        "\"{}\"",
+        s.replace('\\', "\\\\").replace('"', "\\\"")
+    ))
+}
+
+fn path_str(p: &Path) -> Result<String> {
+    toml_str(
+        p.to_str()
+            .ok_or_else(|| anyhow!("{} is not valid UTF-8", p.display()))?,
+    )
+}
+
+/// Everything started, for a clean stop.
+struct Running {
+    stop: watch::Sender<bool>,
+    server: JoinHandle<Result<(), ServerError>>,
+    agent: Option<JoinHandle<Result<(), AgentError>>>,
+    api: Option<JoinHandle<Result<(), tonic::transport::Error>>>,
+}
+
+impl Running {
+    /// Stops the agent, then the server (which drains for up to 5 s).
+    async fn stop(self) -> Result<()> {
+        let _ = self.stop.send(true);
+        if let Some(agent) = self.agent {
+            match agent.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => eprintln!("agent: {e}"),
+                Err(e) => eprintln!("agent task: {e}"),
+            }
+        }
+        if let Some(api) = self.api {
+            let _ = tokio::time::timeout(Duration::from_secs(5), api).await;
+        }
+        match self.server.await {
+            Ok(r) => r.context("server"),
+            Err(e) => Err(anyhow!("server task: {e}")),
+        }
+    }
+}
+
+async fn admin_client(socket: &Path) -> Result<AdminClient<Channel>> {
+    sigil_server::cli::connect(socket).await
+}
+
+/// Whether a server already answers on `socket`.
+async fn already_running(socket: &Path) -> bool {
+    if !socket.exists() {
+        return false;
+    }
+    match admin_client(socket).await {
+        Ok(mut c) => c.health(pb::HealthRequest {}).await.is_ok(),
+        Err(_) => false,
+    }
+}
+
+/// Waits until the server answers on its admin socket.
+async fn wait_for_server(
+    socket: &Path,
+    server: &JoinHandle<Result<(), ServerError>>,
+) -> Result<AdminClient<Channel>> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if server.is_finished() {
+            bail!("the server stopped while starting; see the log");
+        }
+        if let Ok(mut c) = admin_client(socket).await
+            && c.health(pb::HealthRequest {}).await.is_ok()
+        {
+            return Ok(c);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bail!(
+        "the server did not answer on {} within 30 s",
+        socket.display()
+    )
+}
+
+async fn join_token(admin: &mut AdminClient<Channel>) -> Result<String> {
+    Ok(admin
+        .create_join_token(pb::CreateJoinTokenRequest::default())
+        .await
+        .context("cannot create a join token")?
+        .into_inner()
+        .token)
+}
+
+fn agent_config(
+    paths: &Paths,
+    td: &TrustDomain,
+    server: SocketAddr,
+    token: &str,
+) -> Result<AgentConfig> {
+    let text = format!(
+        "trust_domain = {}\nserver_address = {}\ndata_dir = {}\ntrust_bundle = {}\n\
+         socket_path = {}\n[node_attestor]\njoin_token = {}\n",
+        toml_str(td.as_str())?,
+        toml_str(&server.to_string())?,
+        path_str(&paths.agent_data)?,
+        path_str(&paths.bootstrap_bundle)?,
+        path_str(&paths.agent_socket)?,
+        toml_str(token)?,
+    );
+    AgentConfig::parse(&text).context("building the agent configuration")
+}
+
+/// Starts the agent: on its stored SVID if it has a valid one, else
+/// attesting with a fresh join token.
+async fn start_agent(
+    admin: &mut AdminClient<Channel>,
+    paths: &Paths,
+    td: &TrustDomain,
+    server: SocketAddr,
+) -> Result<(Agent, bool)> {
+    let bundle = admin
+        .get_bundle(pb::GetBundleRequest {})
+        .await
+        .context("cannot read the trust bundle")?
+        .into_inner();
+    let bundle = Bundle::try_from(&bundle).map_err(|e| anyhow!("trust bundle: {e}"))?;
+    std::fs::write(&paths.bootstrap_bundle, bundle.x509_pem())
+        .with_context(|| format!("cannot write {}", paths.bootstrap_bundle.display()))?;
+
+    if paths.agent_data.join("agent.pem").exists() {
+        // Never sent: a valid stored SVID needs no attestation, and an
+        // expired one is refused before any token would be used.
+        let unused = "none-the-agent-has-a-stored-svid";
+        match Agent::start(agent_config(paths, td, server, unused)?).await {
+            Ok(agent) => return Ok((agent, false)),
+            Err(AgentError::CannotReattest(_)) => {
+                sigil_agent::store::Store::open(&paths.agent_data)?.forget_svid()?;
+            }
+            Err(e) => return Err(e).context("starting the agent"),
+        }
+    }
+    let token = join_token(admin).await?;
+    let agent = Agent::start(agent_config(paths, td, server, &token)?)
+        .await
+        .context("starting the agent")?;
+    Ok((agent, true))
+}
+
+/// Registers `spiffe://<td>/local/uid/<uid>` for `unix:uid:<uid>` under
+/// `agent`, unless it already is. Returns the ID and whether it was new.
+async fn register_user(
+    admin: &mut AdminClient<Channel>,
+    td: &TrustDomain,
+    agent: &SpiffeId,
+    uid: u32,
+) -> Result<(String, bool)> {
+    let spiffe_id = format!("spiffe://{}/local/uid/{uid}", td.as_str());
+    let selector = format!("unix:uid:{uid}");
+    let existing = admin
+        .list_entries(pb::ListEntriesRequest {
+            spiffe_id: spiffe_id.clone(),
+            parent_id: agent.to_string(),
+            ..Default::default()
+        })
+        .await
+        .context("cannot list entries")?
+        .into_inner()
+        .entries;
+    if existing
+        .iter()
+        .any(|e| e.selectors.len() == 1 && e.selectors[0] == selector)
+    {
+        return Ok((spiffe_id, false));
+    }
+    let results = admin
+        .create_entries(pb::CreateEntriesRequest {
+            entries: vec![node_pb::Entry {
+                spiffe_id: spiffe_id.clone(),
+                parent_id: agent.to_string(),
+                selectors: vec![selector],
+                ..Default::default()
+            }],
+        })
+        .await
+        .context("cannot create the entry")?
+        .into_inner()
+        .results;
+    match results.first().and_then(|r| r.status.as_ref()) {
+        Some(s) if s.code != 0 => bail!("the server refused the entry: {}", s.message),
+        _ => Ok((spiffe_id, true)),
+    }
+}
+
+/// Fetches and prints this process's X.509-SVID through the Workload API,
+/// waiting while it is still being issued.
+async fn print_my_svid(socket: &Path) -> Result<()> {
+    let deadline = Instant::now() + FIRST_SVID_WAIT;
+    loop {
+        let fetch = Command::Api(ApiCmd::Fetch(FetchCmd::X509 { write: None }));
+        match sigil_agent::cli::run_client(fetch, socket, Output::Text).await {
+            Ok(()) => return Ok(()),
+            Err(e) if Instant::now() >= deadline => {
+                return Err(e).context("no SVID arrived through the Workload API");
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<()> {
+    let paths = Paths::new(&args.dir)?;
+    if already_running(&paths.admin_socket).await {
+        bail!(
+            "Sigil is already running with its data in {}; stop that one first (Ctrl-C in its \
+             terminal) or pass another --dir",
+            paths.root.display()
+        );
+    }
+    install_logging(&paths.log)?;
+    let td = args.trust_domain;
+    println!(
+        "Starting Sigil (trust domain {td}, data in {}, logs in {})",
+        paths.root.display(),
+        paths.log.display()
+    );
+
+    let config = ServerConfig::load(
+        None,
+        Overrides {
+            trust_domain: Some(td.clone()),
+            data_dir: Some(paths.server_data.clone()),
+            bind_address: Some(args.bind),
+            admin_socket: Some(paths.admin_socket.clone()),
+            log_level: None,
+            log_format: None,
+        },
+    )?;
+    let node = tokio::net::TcpListener::bind(args.bind)
+        .await
+        .with_context(|| format!("cannot listen on {} for the node API", args.bind))?;
+    let node_addr = node.local_addr()?;
+    let admin = sigil_server::admin_api::bind_socket(&paths.admin_socket)?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let server = tokio::spawn(sigil_server::server::run(
+        config,
+        Listeners { node, admin },
+        stopped(stop_rx.clone()),
+    ));
+    let mut running = Running {
+        stop: stop_tx,
+        server,
+        agent: None,
+        api: None,
+    };
+    let started = start_all(&paths, &td, node_addr, &stop_rx, &mut running).await;
+    match started {
+        Ok(()) => {
+            shutdown_signal().await;
+            println!("Stopping…");
+            running.stop().await?;
+            println!(
+                "Stopped. Run the same command again to resume with the data in {}.",
+                paths.root.display()
+            );
+            Ok(())
+        }
+        Err(e) => {
+            let _ = running.stop().await;
+            Err(e)
+        }
+    }
+}
+
+/// Everything after the server task is spawned; on error the caller stops
+/// what was started.
+async fn start_all(
+    paths: &Paths,
+    td: &TrustDomain,
+    node_addr: SocketAddr,
+    stop_rx: &watch::Receiver<bool>,
+    running: &mut Running,
+) -> Result<()> {
+    let mut admin = wait_for_server(&paths.admin_socket, &running.server).await?;
+    println!("  server   node API on {node_addr} (TLS), admin socket ready");
+
+    let (agent, attested) = start_agent(&mut admin, paths, td, node_addr).await?;
+    let agent_id = agent
+        .id()
+        .ok_or_else(|| anyhow!("the agent started without an SVID"))?;
+    println!(
+        "  agent    {agent_id} ({})",
+        if attested {
+            "joined with a fresh join token"
+        } else {
+            "resumed its stored identity"
+        }
+    );
+    let listener = workload_api::bind(&paths.agent_socket)?;
+    let attestor = Arc::new(UnixAttestor::new(
+        sigil_attestors::unix::DEFAULT_MAX_HASH_BYTES,
+    ));
+    running.api = Some(tokio::spawn(workload_api::serve(
+        WorkloadApi::new(agent.clone(), attestor),
+        listener,
+        stopped(stop_rx.clone()),
+    )));
+    running.agent = Some(tokio::spawn(agent.run(stopped(stop_rx.clone()))));
+
+    let uid = current_uid()?;
+    let (spiffe_id, created) = register_user(&mut admin, td, &agent_id, uid).await?;
+    println!(
+        "  entry    {spiffe_id} for unix:uid:{uid} ({})",
+        if created {
+            "registered"
+        } else {
+            "already registered"
+        }
+    );
+    println!("\nYour X.509-SVID, fetched through the Workload API:");
+    print_my_svid(&paths.agent_socket).await?;
+    println!(
+        "\nSigil is running. In another terminal:\n\n\
+         export SPIFFE_ENDPOINT_SOCKET=unix://{}\n\
+         export SIGIL_ADMIN_SOCKET={}\n\n\
+         cargo run -q -p sigil-agent -- api fetch x509      # your SVID, as a workload\n\
+         cargo run -q -p sigil-server -- entry show         # the registered entries\n\n\
+         Press Ctrl-C to stop.",
+        paths.agent_socket.display(),
+        paths.admin_socket.display()
+    );
+    Ok(())
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
