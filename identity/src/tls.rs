@@ -277,7 +277,8 @@ impl SvidResolver {
         *self.0.write().unwrap_or_else(|p| p.into_inner()) = key;
     }
 
-    fn current(&self) -> Arc<CertifiedKey> {
+    /// The SVID presented by handshakes starting now.
+    pub fn current(&self) -> Arc<CertifiedKey> {
         self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 }
@@ -313,6 +314,10 @@ pub fn certified_key(chain: &[Vec<u8>], pkcs8: &[u8]) -> Result<Arc<CertifiedKey
 }
 
 /// TLS 1.3-only server config that authenticates clients by SVID.
+///
+/// Session resumption is off on both sides: a resumed session carries the
+/// peer certificate of its first handshake, so it would keep authenticating
+/// a peer by an SVID that has since been rotated away (or has expired).
 pub fn server_config(
     resolver: Arc<SvidResolver>,
     verifier: Arc<SpiffeClientVerifier>,
@@ -322,6 +327,8 @@ pub fn server_config(
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(resolver);
     cfg.alpn_protocols = vec![b"h2".to_vec()];
+    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    cfg.send_tls13_tickets = 0;
     Ok(cfg)
 }
 
@@ -340,5 +347,127 @@ pub fn client_config(
         None => builder.with_no_client_auth(),
     };
     cfg.alpn_protocols = vec![b"h2".to_vec()];
+    cfg.resumption = rustls::client::Resumption::disabled();
     Ok(cfg)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::TrustDomain;
+    use rcgen::{
+        BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+        KeyUsagePurpose, SanType,
+    };
+
+    /// A CA (as a bundle) and SVIDs for `ids` signed by it.
+    fn pki(ids: &[&str]) -> (Bundle, Vec<Arc<CertifiedKey>>) {
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca = CertificateParams::default();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        ca.subject_alt_names = vec![SanType::URI("spiffe://example.org".try_into().unwrap())];
+        let ca_cert = ca.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::from_params(&ca, &ca_key);
+        let mut bundle = Bundle::new(TrustDomain::new("example.org").unwrap());
+        bundle.x509_authorities = vec![ca_cert.der().to_vec()];
+        let keys = ids
+            .iter()
+            .map(|id| {
+                let key = KeyPair::generate().unwrap();
+                let mut p = CertificateParams::default();
+                p.subject_alt_names = vec![SanType::URI((*id).try_into().unwrap())];
+                p.is_ca = IsCa::ExplicitNoCa;
+                p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+                p.use_authority_key_identifier_extension = true;
+                p.extended_key_usages = vec![
+                    ExtendedKeyUsagePurpose::ServerAuth,
+                    ExtendedKeyUsagePurpose::ClientAuth,
+                ];
+                let cert = p.signed_by(&key, &issuer).unwrap();
+                certified_key(&[cert.der().to_vec()], &key.serialize_der()).unwrap()
+            })
+            .collect();
+        (bundle, keys)
+    }
+
+    /// Runs one handshake in memory; whether it was resumed, and the
+    /// client certificate the server saw.
+    fn handshake(
+        client: &Arc<rustls::ClientConfig>,
+        server: &Arc<rustls::ServerConfig>,
+    ) -> (rustls::HandshakeKind, Vec<u8>) {
+        let mut c = rustls::ClientConnection::new(
+            client.clone(),
+            rustls::pki_types::ServerName::try_from("svid.test").unwrap(),
+        )
+        .unwrap();
+        let mut s = rustls::ServerConnection::new(server.clone()).unwrap();
+        let mut buf = Vec::new();
+        for _ in 0..20 {
+            buf.clear();
+            while c.wants_write() {
+                c.write_tls(&mut buf).unwrap();
+            }
+            s.read_tls(&mut buf.as_slice()).unwrap();
+            s.process_new_packets().unwrap();
+            buf.clear();
+            while s.wants_write() {
+                s.write_tls(&mut buf).unwrap();
+            }
+            c.read_tls(&mut buf.as_slice()).unwrap();
+            c.process_new_packets().unwrap();
+            if !c.is_handshaking() && !s.is_handshaking() {
+                break;
+            }
+        }
+        assert!(!c.is_handshaking() && !s.is_handshaking());
+        let seen = s.peer_certificates().unwrap()[0].as_ref().to_vec();
+        (c.handshake_kind().unwrap(), seen)
+    }
+
+    #[test]
+    fn sessions_are_never_resumed_so_a_rotated_svid_is_presented() {
+        let (bundle, keys) = pki(&[
+            "spiffe://example.org/server",
+            "spiffe://example.org/client",
+            "spiffe://example.org/client",
+        ]);
+        let bundle = Arc::new(SharedBundle::new(bundle));
+        let server_id = SpiffeId::parse("spiffe://example.org/server").unwrap();
+        let client_id = SpiffeId::parse("spiffe://example.org/client").unwrap();
+        let server = Arc::new(
+            server_config(
+                Arc::new(SvidResolver::new(keys[0].clone())),
+                Arc::new(SpiffeClientVerifier::new(
+                    bundle.clone(),
+                    authorize_id(client_id),
+                    true,
+                )),
+            )
+            .unwrap(),
+        );
+        let client_svid = Arc::new(SvidResolver::new(keys[1].clone()));
+        let client = Arc::new(
+            client_config(
+                Arc::new(SpiffeServerVerifier::new(bundle, authorize_id(server_id))),
+                Some(client_svid.clone()),
+            )
+            .unwrap(),
+        );
+        let (kind, first) = handshake(&client, &server);
+        assert_eq!(kind, rustls::HandshakeKind::Full);
+        assert_eq!(first, keys[1].cert[0].as_ref());
+
+        client_svid.set(keys[2].clone());
+        let (kind, second) = handshake(&client, &server);
+        assert_eq!(kind, rustls::HandshakeKind::Full, "no resumption");
+        assert_eq!(
+            second,
+            keys[2].cert[0].as_ref(),
+            "the rotated SVID was presented"
+        );
+    }
 }

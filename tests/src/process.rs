@@ -41,6 +41,18 @@ pub fn binary(name: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// The path of the built example `name` (`target/<profile>/examples`).
+pub fn example(name: &str) -> Result<PathBuf> {
+    let path = bin_dir()?.join("examples").join(name);
+    if !path.is_file() {
+        bail!(
+            "{} is not built; run `cargo build -p sigil-tests --examples` first",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
 /// A free TCP port on 127.0.0.1 (free when asked; taken by the caller soon after).
 pub fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")

@@ -10,6 +10,7 @@
 mod common;
 
 mod crash;
+mod mtls;
 mod outage;
 mod quickstart;
 mod register;
