@@ -23,21 +23,6 @@ fn install_logging(level: &str, format: LogFormat) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = ctrl_c => {}
-                _ = term.recv() => {}
-            }
-        }
-        Err(_) => {
-            let _ = ctrl_c.await;
-        }
-    }
-}
-
 async fn run(args: cli::RunArgs, admin_socket: Option<std::path::PathBuf>) -> anyhow::Result<()> {
     let overrides = Overrides {
         trust_domain: args.trust_domain,
@@ -58,7 +43,7 @@ async fn run(args: cli::RunArgs, admin_socket: Option<std::path::PathBuf>) -> an
             )
         })?;
     let admin = sigil_server::admin_api::bind_socket(&config.server.admin_socket)?;
-    server::run(config, Listeners { node, admin }, shutdown_signal()).await?;
+    server::run(config, Listeners { node, admin }, server::shutdown_signal()).await?;
     Ok(())
 }
 

@@ -86,6 +86,23 @@ impl TokenStore for DatastoreTokens {
     }
 }
 
+/// Resolves on the first Ctrl-C (SIGINT) or SIGTERM: the usual future to
+/// pass as `run`'s `shutdown`.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = ctrl_c.await;
+        }
+    }
+}
+
 /// Runs the server until `shutdown` resolves, then stops serving
 /// gracefully (open streams are closed, in-flight calls finish).
 pub async fn run(

@@ -128,21 +128,6 @@ fn install_logging(path: &Path) -> Result<()> {
     Ok(())
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = ctrl_c => {}
-                _ = term.recv() => {}
-            }
-        }
-        Err(_) => {
-            let _ = ctrl_c.await;
-        }
-    }
-}
-
 /// A future that resolves once `stop` turns true.
 async fn stopped(mut stop: watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
@@ -414,7 +399,7 @@ async fn run(args: Args) -> Result<()> {
     let started = start_all(&paths, &td, node_addr, &stop_rx, &mut running).await;
     match started {
         Ok(()) => {
-            shutdown_signal().await;
+            sigil_server::server::shutdown_signal().await;
             println!("Stopping…");
             running.stop().await?;
             println!(

@@ -109,16 +109,53 @@ fn output_ok(cmd: &mut Command, what: &str) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// One child process with its log file.
+/// One child process with its log file, and how its CLI reaches it.
 #[derive(Debug)]
 struct Proc {
     binary: PathBuf,
     args: Vec<String>,
     log: PathBuf,
     child: Option<Child>,
+    /// The CLI flag naming the socket (`--admin-socket`, `--socket`).
+    socket_flag: &'static str,
+    socket: PathBuf,
 }
 
 impl Proc {
+    /// A CLI command of this binary aimed at this process's socket.
+    fn cli_command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(&self.binary);
+        cmd.arg(self.socket_flag).arg(&self.socket).args(args);
+        cmd
+    }
+
+    /// Starts the process and waits (at most 30 s) until its
+    /// `healthcheck` command succeeds.
+    fn launch(&mut self) -> Result<()> {
+        self.spawn()?;
+        let name = self
+            .binary
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Some(status) = self.exited() {
+                bail!("{name} exited early ({status}):\n{}", self.log_text());
+            }
+            if self
+                .cli_command(&["healthcheck"])
+                .output()?
+                .status
+                .success()
+            {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        bail!("{name} did not become healthy:\n{}", self.log_text())
+    }
+
     fn spawn(&mut self) -> Result<()> {
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -275,29 +312,16 @@ impl ServerProcess {
                 ],
                 log: dir.join("server.log"),
                 child: None,
+                socket_flag: "--admin-socket",
+                socket: admin_socket.clone(),
             },
             dir: dir.to_path_buf(),
             addr,
             admin_socket,
             trust_domain: options.trust_domain.clone(),
         };
-        server.launch()?;
+        server.proc_.launch()?;
         Ok(server)
-    }
-
-    fn launch(&mut self) -> Result<()> {
-        self.proc_.spawn()?;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if let Some(status) = self.proc_.exited() {
-                bail!("sigil-server exited early ({status}):\n{}", self.log());
-            }
-            if self.cli(&["healthcheck"])?.status.success() {
-                return Ok(());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        bail!("sigil-server did not become healthy:\n{}", self.log())
     }
 
     /// The directory holding config, data, socket and log.
@@ -317,10 +341,8 @@ impl ServerProcess {
 
     /// Runs `sigil-server <args>` against this server's admin socket.
     pub fn cli(&self, args: &[&str]) -> Result<Output> {
-        Command::new(&self.proc_.binary)
-            .arg("--admin-socket")
-            .arg(&self.admin_socket)
-            .args(args)
+        self.proc_
+            .cli_command(args)
             .output()
             .context("cannot run sigil-server")
     }
@@ -328,10 +350,7 @@ impl ServerProcess {
     /// Runs the CLI and returns stdout, failing on a non-zero exit.
     pub fn cli_ok(&self, args: &[&str]) -> Result<String> {
         output_ok(
-            Command::new(&self.proc_.binary)
-                .arg("--admin-socket")
-                .arg(&self.admin_socket)
-                .args(args),
+            &mut self.proc_.cli_command(args),
             &format!("sigil-server {}", args.join(" ")),
         )
     }
@@ -403,7 +422,7 @@ impl ServerProcess {
         if self.proc_.child.is_some() && self.proc_.exited().is_none() {
             self.stop()?;
         }
-        self.launch()
+        self.proc_.launch()
     }
 }
 
@@ -462,28 +481,15 @@ impl AgentProcess {
                 ],
                 log: dir.join("agent.log"),
                 child: None,
+                socket_flag: "--socket",
+                socket: socket.clone(),
             },
             dir: dir.to_path_buf(),
             config,
             socket,
         };
-        agent.launch()?;
+        agent.proc_.launch()?;
         Ok(agent)
-    }
-
-    fn launch(&mut self) -> Result<()> {
-        self.proc_.spawn()?;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if let Some(status) = self.proc_.exited() {
-                bail!("sigil-agent exited early ({status}):\n{}", self.log());
-            }
-            if self.cli(&["healthcheck"])?.status.success() {
-                return Ok(());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        bail!("sigil-agent did not become healthy:\n{}", self.log())
     }
 
     /// The agent's directory.
@@ -513,10 +519,8 @@ impl AgentProcess {
 
     /// Runs `sigil-agent <args>` against this agent's socket.
     pub fn cli(&self, args: &[&str]) -> Result<Output> {
-        Command::new(&self.proc_.binary)
-            .arg("--socket")
-            .arg(&self.socket)
-            .args(args)
+        self.proc_
+            .cli_command(args)
             .output()
             .context("cannot run sigil-agent")
     }
@@ -537,6 +541,6 @@ impl AgentProcess {
         if self.proc_.child.is_some() && self.proc_.exited().is_none() {
             self.stop()?;
         }
-        self.launch()
+        self.proc_.launch()
     }
 }
