@@ -202,7 +202,13 @@ impl Cache {
                 st.bundle = Some(Arc::new(b));
                 Applied::Ok
             }
-            Change::Revoked(why) => Applied::Revoked(why),
+            Change::Revoked(why) => {
+                // Nothing more is served from the moment the message lands.
+                st.entries.clear();
+                st.svids.clear();
+                st.revoked = Some(why.clone());
+                Applied::Revoked(why)
+            }
             Change::Nothing => Applied::Ok,
         };
         st.revision = st.revision.max(msg.revision);

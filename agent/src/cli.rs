@@ -225,7 +225,10 @@ pub async fn run_client(command: Command, socket: &Path, output: Output) -> Resu
                 .map_err(rpc)?
                 .into_inner();
             if r.status != 1 {
-                bail!("the agent is not serving yet (it has no trust bundle from the server)");
+                bail!(
+                    "the agent is not serving: it has no trust bundle from the server yet, or \
+                     the server revoked it (see the agent's log)"
+                );
             }
             print(json_out, &json!({"status": "serving"}), "serving".into())?;
         }

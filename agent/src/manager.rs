@@ -273,15 +273,24 @@ impl Agent {
             let revoked = tokio::select! {
                 () = &mut shutdown => None,
                 why = async {
-                    let why = revoked_rx.wait_for(|r| r.is_some()).await.ok().and_then(|r| r.clone());
-                    why.unwrap_or_default()
+                    revoked_rx.wait_for(|r| r.is_some()).await.map(|r| r.clone().unwrap_or_default())
                 } => Some(why),
             };
-            sync.abort();
-            issue.abort();
-            renew.abort();
-            let Some(why) = revoked else {
-                return Ok(());
+            // Wait for the loops to be gone, so none of them can store an
+            // SVID or token after the identities are dropped.
+            for task in [sync, issue, renew] {
+                task.abort();
+                let _ = task.await;
+            }
+            let why = match revoked {
+                None => return Ok(()),
+                Some(Ok(why)) => why,
+                Some(Err(_)) => {
+                    // The sync loop ended without a revocation: it failed.
+                    error!("the sync loop stopped unexpectedly; restarting the agent's loops");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
             };
             self.forget_identities(&why);
             tokio::select! {
@@ -289,6 +298,21 @@ impl Agent {
                 r = self.attest_again() => r?,
             }
         }
+    }
+
+    /// What to trust when attesting again: the last bundle the server
+    /// sent plus the configured bootstrap bundle (the CA may have rotated
+    /// while the agent was revoked and received nothing).
+    fn reattestation_trust(&self) -> Result<Bootstrap, AgentError> {
+        let mut bundle = (*self.bundle.get()).clone();
+        if let Bootstrap::Bundle(configured) = bootstrap(&self.config)? {
+            for ca in configured.x509_authorities {
+                if !bundle.x509_authorities.contains(&ca) {
+                    bundle.x509_authorities.push(ca);
+                }
+            }
+        }
+        Ok(Bootstrap::Bundle(bundle))
     }
 
     /// Drops every identity after a revocation.
@@ -319,7 +343,7 @@ impl Agent {
         loop {
             tokio::time::sleep(backoff.mul_f64(1.0 + 0.2 * sigil_identity::random::jitter_unit()))
                 .await;
-            let bootstrap = Bootstrap::Bundle((*self.bundle.get()).clone());
+            let bootstrap = self.reattestation_trust()?;
             match node::attest(
                 &self.config.server_address,
                 &self.config.trust_domain,
@@ -398,9 +422,13 @@ impl Agent {
                 r = attempt => {
                     match r {
                         Ok(()) => backoff = Duration::from_millis(200),
-                        // The server no longer accepts this agent (banned,
-                        // evicted, or its SVID expired).
-                        Err(NodeError::Refused(s)) if s.code() == tonic::Code::PermissionDenied => {
+                        // The server revoked this agent (banned, or evicted).
+                        // Other refusals (a superseded or expired SVID) are
+                        // retried like any lost stream.
+                        Err(NodeError::Refused(s))
+                            if s.code() == tonic::Code::PermissionDenied
+                                && s.metadata().contains_key(sigil_proto::REVOKED_METADATA) =>
+                        {
                             let _ = revoked.send(Some(s.message().to_owned()));
                             return;
                         }

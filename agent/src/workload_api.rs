@@ -542,7 +542,8 @@ impl SpiffeWorkloadApi for WorkloadApi {
 }
 
 /// The standard gRPC health service next to the Workload API: `SERVING`
-/// once the agent holds a trust bundle from the server. It needs no
+/// once the agent holds a trust bundle from the server, and NOT_SERVING
+/// while the server has revoked it. It needs no
 /// security header, so stock probes work.
 #[derive(Debug, Clone)]
 pub struct Health {
@@ -555,7 +556,8 @@ impl Health {
         if !(service.is_empty() || service == "SpiffeWorkloadAPI") {
             return Err(Status::not_found(format!("unknown service {service:?}")));
         }
-        let serving = self.agent.cache().bundle().is_some();
+        let cache = self.agent.cache();
+        let serving = cache.bundle().is_some() && cache.revoked().is_none();
         Ok(if serving {
             ServingStatus::Serving
         } else {

@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::server::{TestAgent, TestServer, assert_all, csr, every_call};
+use common::server::{TestAgent, TestServer, assert_all, assert_revoked, csr, every_call};
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
@@ -257,7 +257,10 @@ async fn old_serial_after_renewal_is_refused_on_every_call() {
         .unwrap();
     // From now on the old serial is refused everywhere.
     let mut stale = agent.client(&server).await;
-    assert_all(&every_call(&mut stale, "x").await, Code::PermissionDenied);
+    let results = every_call(&mut stale, "x").await;
+    assert_all(&results, Code::PermissionDenied);
+    // Superseded is not revoked: the agent just reconnects with its new SVID.
+    assert_revoked(&results, false);
     new_client
         .fetch_bundle(pb::FetchBundleRequest {})
         .await
@@ -283,7 +286,9 @@ async fn banned_agent_is_refused_on_every_call() {
         })
         .await
         .unwrap();
-    assert_all(&every_call(&mut client, "x").await, Code::PermissionDenied);
+    let results = every_call(&mut client, "x").await;
+    assert_all(&results, Code::PermissionDenied);
+    assert_revoked(&results, true);
 }
 
 #[tokio::test]
@@ -299,7 +304,9 @@ async fn expired_agent_svid_is_refused_on_every_call() {
         .unwrap();
     tokio::time::sleep(Duration::from_millis(3200)).await;
     // The connection was verified while the SVID was valid; each call checks again.
-    assert_all(&every_call(&mut client, "x").await, Code::PermissionDenied);
+    let results = every_call(&mut client, "x").await;
+    assert_all(&results, Code::PermissionDenied);
+    assert_revoked(&results, false);
 }
 
 #[tokio::test]

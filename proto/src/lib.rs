@@ -64,6 +64,12 @@ pub mod grpc {
 /// The node API between agents and the server.
 pub use sigil::node::v1 as node;
 
+/// gRPC metadata key the server sets on a PermissionDenied that revokes
+/// the calling agent (banned, or evicted and so unknown). Other
+/// PermissionDenied replies (an SVID superseded by a renewal, or expired)
+/// are not revocations: the agent reconnects or renews.
+pub const REVOKED_METADATA: &str = "sigil-revoked";
+
 /// The admin API of the server.
 pub use sigil::admin::v1 as admin;
 

@@ -94,6 +94,17 @@ impl Paths {
             log: root.join("sigil.log"),
             root,
         };
+        // The paths are printed in `export` lines meant to be pasted into a
+        // shell, and the socket in a URI: keep to characters that need no
+        // quoting or escaping in either.
+        let plain = |c: char| c.is_ascii_alphanumeric() || "/._-+,@=~:".contains(c);
+        if let Some(bad) = p.root.to_string_lossy().chars().find(|c| !plain(*c)) {
+            bail!(
+                "the data directory {} contains {bad:?}, which the printed export lines would \
+                 need quoted; pass --dir with a plainer path (e.g. --dir /tmp/sigil)",
+                p.root.display()
+            );
+        }
         for socket in [&p.admin_socket, &p.agent_socket] {
             if socket.as_os_str().len() > MAX_SOCKET_PATH {
                 bail!(
@@ -192,14 +203,26 @@ async fn admin_client(socket: &Path) -> Result<AdminClient<Channel>> {
     sigil_server::cli::connect(socket).await
 }
 
-/// Whether a server already answers on `socket`.
-async fn already_running(socket: &Path) -> bool {
-    if !socket.exists() {
-        return false;
-    }
-    match admin_client(socket).await {
-        Ok(mut c) => c.health(pb::HealthRequest {}).await.is_ok(),
-        Err(_) => false,
+/// Locks `<dir>/lock` for as long as the returned file is open, so two
+/// quickstarts never share a directory.
+fn lock(paths: &Paths) -> Result<std::fs::File> {
+    let path = paths.root.join("lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => bail!(
+            "Sigil is already running with its data in {}; stop that one first (Ctrl-C in its \
+             terminal) or pass another --dir",
+            paths.root.display()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(e).with_context(|| format!("cannot lock {}", path.display()))
+        }
     }
 }
 
@@ -278,9 +301,24 @@ async fn start_agent(
         match Agent::start(agent_config(paths, td, server, unused)?).await {
             Ok(agent) => return Ok((agent, false)),
             Err(AgentError::CannotReattest(_)) => {
-                sigil_agent::store::Store::open(&paths.agent_data)?.forget_svid()?;
+                // Its SVID expired while the quickstart was stopped: the
+                // old agent is removed and a new one joins.
+                let store = sigil_agent::store::Store::open(&paths.agent_data)?;
+                if let Some(old) = stored_agent_id(&store, td) {
+                    let _ = admin
+                        .evict_agent(pb::AgentRequest {
+                            id: old.to_string(),
+                        })
+                        .await;
+                }
+                store.forget_svid()?;
             }
-            Err(e) => return Err(e).context("starting the agent"),
+            Err(e) => {
+                return Err(e).context(format!(
+                    "starting the agent (if the server's data was deleted, delete {} too)",
+                    paths.agent_data.display()
+                ));
+            }
         }
     }
     let token = join_token(admin).await?;
@@ -290,31 +328,54 @@ async fn start_agent(
     Ok((agent, true))
 }
 
+/// The agent ID in a stored agent SVID.
+fn stored_agent_id(store: &sigil_agent::store::Store, td: &TrustDomain) -> Option<SpiffeId> {
+    let state = store.load(td).ok()??;
+    let leaf = sigil_identity::x509::parse(state.chain.first()?).ok()?;
+    sigil_identity::x509::check_leaf(&leaf).ok()
+}
+
+/// What registering the user did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Registered {
+    Created,
+    AlreadyThere,
+    /// The entry existed under a previous agent and now names this one.
+    MovedHere,
+}
+
 /// Registers `spiffe://<td>/local/uid/<uid>` for `unix:uid:<uid>` under
-/// `agent`, unless it already is. Returns the ID and whether it was new.
+/// `agent`: the quickstart's one entry for this user, created once and
+/// moved to the current agent when the agent had to join again.
 async fn register_user(
     admin: &mut AdminClient<Channel>,
     td: &TrustDomain,
     agent: &SpiffeId,
     uid: u32,
-) -> Result<(String, bool)> {
+) -> Result<(String, Registered)> {
     let spiffe_id = format!("spiffe://{}/local/uid/{uid}", td.as_str());
     let selector = format!("unix:uid:{uid}");
     let existing = admin
         .list_entries(pb::ListEntriesRequest {
             spiffe_id: spiffe_id.clone(),
-            parent_id: agent.to_string(),
             ..Default::default()
         })
         .await
         .context("cannot list entries")?
         .into_inner()
-        .entries;
-    if existing
-        .iter()
-        .any(|e| e.selectors.len() == 1 && e.selectors[0] == selector)
-    {
-        return Ok((spiffe_id, false));
+        .entries
+        .into_iter()
+        .find(|e| e.selectors.len() == 1 && e.selectors[0] == selector);
+    if let Some(mut entry) = existing {
+        if entry.parent_id == agent.to_string() {
+            return Ok((spiffe_id, Registered::AlreadyThere));
+        }
+        entry.parent_id = agent.to_string();
+        admin
+            .update_entry(pb::UpdateEntryRequest { entry: Some(entry) })
+            .await
+            .context("cannot move the entry to the new agent")?;
+        return Ok((spiffe_id, Registered::MovedHere));
     }
     let results = admin
         .create_entries(pb::CreateEntriesRequest {
@@ -331,7 +392,7 @@ async fn register_user(
         .results;
     match results.first().and_then(|r| r.status.as_ref()) {
         Some(s) if s.code != 0 => bail!("the server refused the entry: {}", s.message),
-        _ => Ok((spiffe_id, true)),
+        _ => Ok((spiffe_id, Registered::Created)),
     }
 }
 
@@ -352,14 +413,12 @@ async fn print_my_svid(socket: &Path) -> Result<()> {
 }
 
 async fn run(args: Args) -> Result<()> {
+    // Signals first: a Ctrl-C during startup stops what has started,
+    // cleanly.
+    let shutdown = sigil_server::server::shutdown_signal();
+    tokio::pin!(shutdown);
     let paths = Paths::new(&args.dir)?;
-    if already_running(&paths.admin_socket).await {
-        bail!(
-            "Sigil is already running with its data in {}; stop that one first (Ctrl-C in its \
-             terminal) or pass another --dir",
-            paths.root.display()
-        );
-    }
+    let _lock = lock(&paths)?;
     install_logging(&paths.log)?;
     let td = args.trust_domain;
     println!(
@@ -396,22 +455,50 @@ async fn run(args: Args) -> Result<()> {
         agent: None,
         api: None,
     };
-    let started = start_all(&paths, &td, node_addr, &stop_rx, &mut running).await;
-    match started {
-        Ok(()) => {
-            sigil_server::server::shutdown_signal().await;
-            println!("Stopping…");
-            running.stop().await?;
-            println!(
-                "Stopped. Run the same command again to resume with the data in {}.",
-                paths.root.display()
-            );
-            Ok(())
-        }
-        Err(e) => {
-            let _ = running.stop().await;
-            Err(e)
-        }
+    let started = tokio::select! {
+        r = start_all(&paths, &td, node_addr, &stop_rx, &mut running) => r,
+        () = &mut shutdown => Err(anyhow!("interrupted while starting")),
+    };
+    if let Err(e) = started {
+        println!("Stopping…");
+        let _ = running.stop().await;
+        return Err(e);
+    }
+    let died = tokio::select! {
+        () = &mut shutdown => None,
+        () = finished(&running.server) => Some("the server"),
+        () = finished_opt(&running.agent) => Some("the agent"),
+    };
+    println!("Stopping…");
+    let stopped = running.stop().await;
+    if let Some(what) = died {
+        bail!(
+            "{what} stopped unexpectedly ({}); see {}",
+            stopped
+                .err()
+                .map_or_else(|| "no error".into(), |e| format!("{e:#}")),
+            paths.log.display()
+        );
+    }
+    stopped?;
+    println!(
+        "Stopped. Run the same command again to resume with the data in {}.",
+        paths.root.display()
+    );
+    Ok(())
+}
+
+/// Resolves once `task` has finished (without consuming its result).
+async fn finished<T>(task: &JoinHandle<T>) {
+    while !task.is_finished() {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+async fn finished_opt<T>(task: &Option<JoinHandle<T>>) {
+    match task {
+        Some(t) => finished(t).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -451,13 +538,13 @@ async fn start_all(
     running.agent = Some(tokio::spawn(agent.run(stopped(stop_rx.clone()))));
 
     let uid = current_uid()?;
-    let (spiffe_id, created) = register_user(&mut admin, td, &agent_id, uid).await?;
+    let (spiffe_id, registered) = register_user(&mut admin, td, &agent_id, uid).await?;
     println!(
         "  entry    {spiffe_id} for unix:uid:{uid} ({})",
-        if created {
-            "registered"
-        } else {
-            "already registered"
+        match registered {
+            Registered::Created => "registered",
+            Registered::AlreadyThere => "already registered",
+            Registered::MovedHere => "moved to this agent",
         }
     );
     println!("\nYour X.509-SVID, fetched through the Workload API:");

@@ -277,8 +277,22 @@ impl ServerProcess {
     /// Writes a config under `dir` (created if missing) and starts the
     /// server, waiting until its admin socket answers.
     pub fn start(dir: &Path, options: &ServerOptions) -> Result<Self> {
+        // The free port may be taken by another test before the server
+        // binds it; then try another.
+        let mut attempt = 0;
+        loop {
+            match Self::start_on(dir, options, free_port()?) {
+                Err(e) if attempt < 3 && e.to_string().contains("cannot listen") => {
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn start_on(dir: &Path, options: &ServerOptions, port: u16) -> Result<Self> {
         std::fs::create_dir_all(dir)?;
-        let addr = format!("127.0.0.1:{}", free_port()?);
+        let addr = format!("127.0.0.1:{port}");
         let admin_socket = dir.join("admin.sock");
         let mut toml = format!(
             "trust_domain = \"{}\"\ndata_dir = \"{}\"\n\n[server]\nbind_address = \"{addr}\"\nadmin_socket = \"{}\"\n\n[log]\nlevel = \"{}\"\n",

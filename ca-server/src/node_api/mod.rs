@@ -32,6 +32,16 @@ use crate::datastore::{AgentRecord, Datastore, DatastoreError};
 use crate::rate_limit::RateLimiter;
 use crate::registry::{AgentEvent, Registry, SyncStart};
 
+/// Marks `status` as revoking the calling agent (see
+/// [`sigil_proto::REVOKED_METADATA`]).
+fn revoked(mut status: Status) -> Status {
+    status.metadata_mut().insert(
+        sigil_proto::REVOKED_METADATA,
+        tonic::metadata::MetadataValue::from_static("true"),
+    );
+    status
+}
+
 /// How long the server waits for an answer to an attestation challenge.
 const CHALLENGE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Most CSRs in one BatchNewX509Svid call.
@@ -152,14 +162,15 @@ impl NodeService {
             warn!(agent_id = %id, serial = %serial, reason = why, "node API call refused");
             Status::permission_denied(why)
         };
+        let revoke = |why: &'static str| revoked(deny(why));
         if self.now() > not_after {
             return Err(deny("agent SVID has expired; the agent must attest again"));
         }
         let Some(mut record) = self.registry.agent(&id) else {
-            return Err(deny("unknown agent; it may have been evicted"));
+            return Err(revoke("unknown agent; it may have been evicted"));
         };
         if record.banned {
-            return Err(deny("agent is banned"));
+            return Err(revoke("agent is banned"));
         }
         if record.serial == serial {
             return Ok(AgentCtx { id, not_after });
@@ -179,7 +190,7 @@ impl NodeService {
             // Streams opened with the old SVID end; the old serial is dead.
             self.registry.supersede(&id);
             if banned {
-                return Err(deny("agent is banned"));
+                return Err(revoke("agent is banned"));
             }
             return Ok(AgentCtx { id, not_after });
         }
@@ -492,7 +503,7 @@ impl Node for NodeApi {
                         Some(AgentEvent::Revoked(why)) => {
                             let msg = pb::SyncResponse { event: Some(pb::sync_response::Event::Revoked(why.to_owned())), revision };
                             let _ = tx.send(Ok(msg)).await;
-                            let _ = tx.send(Err(Status::permission_denied(why))).await;
+                            let _ = tx.send(Err(revoked(Status::permission_denied(why)))).await;
                             return;
                         }
                         Some(AgentEvent::Superseded) => {

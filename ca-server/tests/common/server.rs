@@ -366,3 +366,14 @@ pub fn assert_all(results: &[(&'static str, Result<(), Status>)], code: tonic::C
         }
     }
 }
+
+/// Asserts every refusal does (or does not) mark the agent revoked.
+pub fn assert_revoked(results: &[(&'static str, Result<(), Status>)], revoked: bool) {
+    for (name, r) in results {
+        let marked = r
+            .as_ref()
+            .err()
+            .is_some_and(|s| s.metadata().contains_key(sigil_proto::REVOKED_METADATA));
+        assert_eq!(marked, revoked, "{name}: {r:?}");
+    }
+}

@@ -50,7 +50,7 @@ fn mtls_peers_authorize_by_spiffe_id_and_follow_rotation() {
         .unwrap();
     let (tx, server_lines) = mpsc::channel();
     let stdout = server.stdout.take().unwrap();
-    std::thread::spawn(move || {
+    let reader = std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
             let _ = tx.send(line);
         }
@@ -87,6 +87,8 @@ fn mtls_peers_authorize_by_spiffe_id_and_follow_rotation() {
 
     server.kill().ok();
     server.wait().ok();
+    // The reader reaches EOF once the server is gone: every line is in.
+    reader.join().unwrap();
     let seen: Vec<String> = server_lines.try_iter().collect();
     let accepted: Vec<&String> = seen.iter().filter(|l| l.starts_with("accepted")).collect();
     assert_eq!(accepted.len(), 30, "{seen:#?}");

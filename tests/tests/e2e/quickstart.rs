@@ -71,10 +71,11 @@ impl Quickstart {
             .unwrap_or_else(|| panic!("no line starting {prefix:?} in:\n{}", self.lines.join("\n")))
     }
 
-    /// SIGTERM; waits for a clean exit and returns the remaining stdout.
-    fn stop(mut self) -> Vec<String> {
+    /// Sends `signal` (TERM, INT); waits for a clean exit and returns the
+    /// remaining stdout.
+    fn stop(mut self, signal: &str) -> Vec<String> {
         let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
             .status()
             .unwrap();
         assert!(status.success());
@@ -139,10 +140,10 @@ fn quickstart_serves_an_svid_prints_exports_and_resumes() {
     assert!(!second.status.success());
     assert!(String::from_utf8_lossy(&second.stderr).contains("already running"));
 
-    let tail = first.stop();
+    let tail = first.stop("TERM");
     assert!(tail.iter().any(|l| l.starts_with("Stopped.")), "{tail:?}");
 
-    // Run again: same agent, same entry, a fresh SVID.
+    // Run again: same agent, same entry, a fresh SVID; Ctrl-C stops it.
     let again = Quickstart::start(&dir);
     assert_eq!(again.line_starting("SPIFFE ID : "), my_id);
     assert!(
@@ -155,5 +156,33 @@ fn quickstart_serves_an_svid_prints_exports_and_resumes() {
             .line_starting("  entry    ")
             .contains("already registered")
     );
-    again.stop();
+    let tail = again.stop("INT");
+    assert!(tail.iter().any(|l| l.starts_with("Stopped.")), "{tail:?}");
+
+    // The agent's state lost: a new agent joins and the user's one entry
+    // moves to it.
+    std::fs::remove_file(dir.join("agent/data/agent.pem")).unwrap();
+    let rejoined = Quickstart::start(&dir);
+    assert!(
+        rejoined
+            .line_starting("  agent    ")
+            .contains("fresh join token")
+    );
+    assert!(
+        rejoined
+            .line_starting("  entry    ")
+            .contains("moved to this agent")
+    );
+    assert_eq!(rejoined.line_starting("SPIFFE ID : "), my_id);
+    let admin = rejoined
+        .line_starting("export SIGIL_ADMIN_SOCKET=")
+        .to_owned();
+    let count = Command::new(binary("sigil-server").unwrap())
+        .args(["--output", "json", "entry", "show", "--spiffe-id", &my_id])
+        .env("SIGIL_ADMIN_SOCKET", &admin)
+        .output()
+        .unwrap();
+    let entries: serde_json::Value = serde_json::from_slice(&count.stdout).unwrap();
+    assert_eq!(entries.as_array().unwrap().len(), 1, "{entries}");
+    rejoined.stop("TERM");
 }

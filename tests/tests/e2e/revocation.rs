@@ -144,9 +144,18 @@ async fn banned_agent_is_denied_and_cannot_attest_until_evicted() {
     server.cli_ok(&["agent", "ban", "--id", &agent_id]).unwrap();
     assert!(denied(&client).await, "workloads get PermissionDenied");
     assert!(
-        wait_log(&agent, "attesting again failed", Duration::from_secs(10)).await,
-        "the agent tried to attest again and was refused:\n{}",
+        wait_log(
+            &agent,
+            "agent is banned; an operator must evict it",
+            Duration::from_secs(10)
+        )
+        .await,
+        "the agent tried to attest again and was refused as banned:\n{}",
         agent.log()
+    );
+    assert!(
+        !agent.cli(&["healthcheck"]).unwrap().status.success(),
+        "a revoked agent reports NOT_SERVING"
     );
     assert!(denied(&client).await, "still denied while banned");
 
