@@ -17,8 +17,10 @@
 
 pub mod https;
 pub mod join_token;
+pub mod k8s;
 pub mod k8s_psat;
 pub mod unix;
+pub mod workload;
 pub mod x509pop;
 
 /// Lowercase hex SHA-256 of `bytes`.
