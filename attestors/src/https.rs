@@ -318,10 +318,13 @@ impl HttpsClient {
     }
 }
 
-#[cfg(test)]
-pub(crate) mod testserver {
+#[cfg(any(test, feature = "test-fakes"))]
+pub mod testserver {
     //! A one-route-table HTTPS server on 127.0.0.1 for the fakes in tests
-    //! (issuer, API server, kubelet). Certificates come from rcgen.
+    //! (issuer, API server, kubelet). Certificates come from rcgen. Test
+    //! code only (feature `test-fakes` for other crates' tests): it panics
+    //! on any setup failure, which fails the test.
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use std::collections::HashMap;
     use std::convert::Infallible;
@@ -337,6 +340,7 @@ pub(crate) mod testserver {
     pub type Hits = Arc<Mutex<Vec<(String, Option<String>)>>>;
 
     /// A running fake.
+    #[derive(Debug)]
     pub struct FakeServer {
         pub base_url: String,
         pub ca_der: Vec<u8>,
