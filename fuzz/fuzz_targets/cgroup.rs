@@ -6,7 +6,10 @@ fuzz_target!(|data: &[u8]| {
     let text = String::from_utf8_lossy(data);
     // Never panics; whatever is found is well-formed.
     match parse(&text) {
-        CgroupMatch::Container { pod_uid, container_id } => {
+        CgroupMatch::Container {
+            pod_uid,
+            container_id,
+        } => {
             assert!(pod_uid.len() == 32 || pod_uid.len() == 36);
             assert_eq!(container_id.len(), 64);
         }
