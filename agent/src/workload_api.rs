@@ -264,7 +264,11 @@ impl WorkloadApi {
         if !self.others.is_empty() {
             for a in &self.others {
                 match tokio::time::timeout(ATTESTATION_TIMEOUT, a.attest(pid)).await {
-                    Ok(Ok(more)) => selectors.extend(more),
+                    // Each attestor speaks only for its own selector type:
+                    // none can add, say, a unix:uid the kernel did not give.
+                    Ok(Ok(more)) => {
+                        selectors.extend(more.into_iter().filter(|s| s.kind() == a.name()))
+                    }
                     Ok(Err(e)) => {
                         warn!(pid, attestor = a.name(), error = %e, "workload attestor failed; its selectors are left out");
                     }

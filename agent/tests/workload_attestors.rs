@@ -38,9 +38,13 @@ impl WorkloadAttestor for FakePodAttestor {
             });
         }
         assert_eq!(pid, std::process::id() as i32, "attests the caller's pid");
-        Ok([Selector::parse("k8s:ns:shop").unwrap()]
-            .into_iter()
-            .collect())
+        // A selector of another type is ignored by the agent.
+        Ok([
+            Selector::parse("k8s:ns:shop").unwrap(),
+            Selector::parse(&other_uid_selector()).unwrap(),
+        ]
+        .into_iter()
+        .collect())
     }
 }
 
@@ -88,6 +92,14 @@ async fn register(server: &Server, agent_id: &str, path: &str, selectors: &[Stri
     assert!(r.results[0].entry.is_some(), "{:?}", r.results[0]);
 }
 
+/// A uid this process does not have.
+fn other_uid_selector() -> String {
+    format!(
+        "unix:uid:{}",
+        std::fs::metadata("/proc/self").unwrap().uid() + 1
+    )
+}
+
 fn uid_selector() -> String {
     format!(
         "unix:uid:{}",
@@ -127,6 +139,7 @@ async fn k8s_and_unix_selectors_are_merged() {
         &[uid, "k8s:ns:other".into()],
     )
     .await;
+    register(&server, &agent_id, "impostor", &[other_uid_selector()]).await;
     assert_eq!(
         fetched_ids(&socket).await,
         vec!["spiffe://example.org/shop/web".to_owned()]
