@@ -33,6 +33,9 @@ cargo fmt --all -- --check
 echo "==> cargo clippy (all targets, warnings are errors)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+echo "==> deployment files (kubernetes-validate, kustomization lists, checkov)"
+deploy/k8s/check.sh
+
 echo "==> cargo build (the end-to-end suites run the built binaries)"
 cargo build --workspace --bins --locked
 

@@ -54,6 +54,9 @@ pub struct AgentConfig {
     /// Logging: `error` … `trace` or an env-filter string.
     #[serde(default = "default_log_level")]
     pub log_level: String,
+    /// Workload attestors run besides `unix` (which always runs).
+    #[serde(default)]
+    pub workload_attestors: WorkloadAttestorsConfig,
 }
 
 fn default_socket() -> PathBuf {
@@ -80,6 +83,72 @@ pub struct NodeAttestorConfig {
     pub join_token: Option<String>,
     /// Node certificate and key for x509pop.
     pub x509pop: Option<X509PopConfig>,
+    /// Kubernetes projected service-account token.
+    pub k8s_psat: Option<K8sPsatConfig>,
+}
+
+/// k8s_psat: the agent's cluster and projected token.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct K8sPsatConfig {
+    /// The cluster's name in the server's `[node_attestors.k8s_psat.clusters]`.
+    pub cluster: String,
+    /// The projected token (audience: the server's), re-read at each
+    /// attestation because the kubelet rotates it.
+    #[serde(default = "default_psat_token_path")]
+    pub token_path: PathBuf,
+}
+
+fn default_psat_token_path() -> PathBuf {
+    PathBuf::from(sigil_attestors::k8s_psat::DEFAULT_TOKEN_PATH)
+}
+
+/// Workload attestors besides `unix`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkloadAttestorsConfig {
+    /// `k8s`: pod and container of the caller, from the kubelet.
+    pub k8s: Option<K8sWorkloadConfig>,
+}
+
+/// The service-account token the agent shows the kubelet by default.
+pub const DEFAULT_KUBELET_TOKEN_PATH: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";
+
+/// `k8s` workload attestor settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct K8sWorkloadConfig {
+    /// The kubelet's API.
+    #[serde(default = "default_kubelet_url")]
+    pub kubelet_url: String,
+    /// CA certificates (PEM) the kubelet's serving certificate must chain to.
+    #[serde(default)]
+    pub kubelet_ca_path: Option<PathBuf>,
+    /// Accept any kubelet certificate. Insecure: anything that can
+    /// intercept the connection can claim any pod for any process.
+    #[serde(default)]
+    pub insecure_skip_kubelet_verify: bool,
+    /// Bearer token for the kubelet (needs `get` on `nodes/proxy`).
+    #[serde(default = "default_kubelet_token_path")]
+    pub token_path: PathBuf,
+    /// When set, only pods scheduled on this node get selectors.
+    #[serde(default)]
+    pub node_name: Option<String>,
+    /// How many times the kubelet is asked for a container not listed yet.
+    #[serde(default = "default_poll_attempts")]
+    pub max_poll_attempts: u32,
+}
+
+fn default_kubelet_url() -> String {
+    sigil_attestors::k8s::DEFAULT_KUBELET_URL.into()
+}
+
+fn default_kubelet_token_path() -> PathBuf {
+    PathBuf::from(DEFAULT_KUBELET_TOKEN_PATH)
+}
+
+fn default_poll_attempts() -> u32 {
+    sigil_attestors::k8s::DEFAULT_POLL_ATTEMPTS
 }
 
 /// x509pop files.
@@ -118,11 +187,28 @@ impl AgentConfig {
             ));
         }
         let a = &self.node_attestor;
-        if a.join_token.is_some() == a.x509pop.is_some() {
+        let configured = [
+            a.join_token.is_some(),
+            a.x509pop.is_some(),
+            a.k8s_psat.is_some(),
+        ];
+        if configured.iter().filter(|c| **c).count() != 1 {
             return Err(ConfigError::Invalid(
-                "configure exactly one of node_attestor.join_token and node_attestor.x509pop"
+                "configure exactly one of node_attestor.join_token, node_attestor.x509pop and node_attestor.k8s_psat"
                     .into(),
             ));
+        }
+        if let Some(k) = &self.workload_attestors.k8s {
+            if k.kubelet_ca_path.is_some() == k.insecure_skip_kubelet_verify {
+                return Err(ConfigError::Invalid(
+                    "workload_attestors.k8s: set kubelet_ca_path (the CA of the kubelet's serving certificate), or insecure_skip_kubelet_verify = true (insecure), not both".into(),
+                ));
+            }
+            if k.max_poll_attempts == 0 {
+                return Err(ConfigError::Invalid(
+                    "workload_attestors.k8s.max_poll_attempts must be at least 1".into(),
+                ));
+            }
         }
         Ok(())
     }
@@ -146,6 +232,13 @@ mod tests {
         );
         let two = format!("{ok}[node_attestor.x509pop]\ncertificate = \"a\"\nkey = \"b\"\n");
         assert!(AgentConfig::parse(&two).is_err());
+        let psat_too = format!("{ok}[node_attestor.k8s_psat]\ncluster = \"prod\"\n");
+        assert!(
+            AgentConfig::parse(&psat_too)
+                .unwrap_err()
+                .to_string()
+                .contains("exactly one")
+        );
         let unknown = format!("{ok}bogus = 1\n");
         assert!(
             AgentConfig::parse(&unknown)
@@ -153,6 +246,52 @@ mod tests {
                 .to_string()
                 .contains("bogus")
         );
+    }
+}
+
+#[cfg(test)]
+mod k8s_tests {
+    use super::*;
+
+    const BASE: &str = "trust_domain = \"example.org\"\nserver_address = \"sigil-server:8081\"\ninsecure_bootstrap = true\n[node_attestor.k8s_psat]\ncluster = \"prod\"\n";
+
+    #[test]
+    fn k8s_psat_and_the_k8s_workload_attestor_parse_with_defaults() {
+        let text = format!("{BASE}[workload_attestors.k8s]\nkubelet_ca_path = \"/ca.crt\"\n");
+        let cfg = AgentConfig::parse(&text).unwrap();
+        let psat = cfg.node_attestor.k8s_psat.unwrap();
+        assert_eq!(psat.cluster, "prod");
+        assert_eq!(
+            psat.token_path,
+            PathBuf::from("/var/run/secrets/tokens/sigil-agent")
+        );
+        let k = cfg.workload_attestors.k8s.unwrap();
+        assert_eq!(k.kubelet_url, "https://127.0.0.1:10250");
+        assert!(!k.insecure_skip_kubelet_verify);
+        assert_eq!(k.token_path, PathBuf::from(DEFAULT_KUBELET_TOKEN_PATH));
+        // Without the section, only unix runs.
+        assert!(
+            AgentConfig::parse(BASE)
+                .unwrap()
+                .workload_attestors
+                .k8s
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn the_kubelet_must_be_verified_or_explicitly_not() {
+        for section in [
+            "[workload_attestors.k8s]\n",
+            "[workload_attestors.k8s]\nkubelet_ca_path = \"/ca\"\ninsecure_skip_kubelet_verify = true\n",
+        ] {
+            let err = AgentConfig::parse(&format!("{BASE}{section}")).unwrap_err();
+            assert!(err.to_string().contains("insecure"), "{err}");
+        }
+        let skip = format!("{BASE}[workload_attestors.k8s]\ninsecure_skip_kubelet_verify = true\n");
+        assert!(AgentConfig::parse(&skip).is_ok());
+        let typo = format!("{BASE}[workload_attestors.k8s]\nkubelet_ca = \"/ca\"\n");
+        assert!(AgentConfig::parse(&typo).is_err());
     }
 }
 

@@ -11,6 +11,8 @@
 //! - [`cache`]: entries from the Sync stream and the SVIDs held for them.
 //! - [`manager`]: the main loop: sync, issuance and rotation, renewal.
 //! - [`workload_api`]: the SPIFFE Workload API on a Unix socket.
+//! - [`workload_attestors`]: the workload attestors run besides `unix`
+//!   (`k8s`), from the configuration.
 //! - [`authority`]: rewrites `:authority` values h2 would refuse, for gRPC
 //!   C-core and grpc-java clients on Unix sockets.
 
@@ -24,3 +26,4 @@ pub mod manager;
 pub mod node;
 pub mod store;
 pub mod workload_api;
+pub mod workload_attestors;

@@ -43,6 +43,7 @@ async fn run(args: cli::RunArgs) -> anyhow::Result<()> {
 
     let socket = config.socket_path.clone();
     let attestor = Arc::new(UnixAttestor::new(config.max_hash_bytes));
+    let workload_attestors = sigil_agent::workload_attestors::from_config(&config)?;
     let agent = Agent::start(config).await?;
     let listener = workload_api::bind(&socket)?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -50,7 +51,7 @@ async fn run(args: cli::RunArgs) -> anyhow::Result<()> {
         let _ = rx.wait_for(|s| *s).await;
     };
     let api = tokio::spawn(workload_api::serve(
-        WorkloadApi::new(agent.clone(), attestor),
+        WorkloadApi::new(agent.clone(), attestor).with_workload_attestors(workload_attestors),
         listener,
         wait(stop_rx.clone()),
     ));

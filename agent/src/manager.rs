@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use sigil_attestors::join_token::JoinTokenAgent;
+use sigil_attestors::k8s_psat::K8sPsatAgent;
 use sigil_attestors::x509pop::X509PopAgent;
 use sigil_identity::attestation::AgentNodeAttestor;
 use sigil_identity::tls::{SharedBundle, SvidResolver};
@@ -47,6 +48,12 @@ fn attestor(config: &AgentConfig) -> Result<Box<dyn AgentNodeAttestor>, AgentErr
         return Ok(Box::new(
             X509PopAgent::from_pem_files(&x.certificate, &x.key).map_err(NodeError::from)?,
         ));
+    }
+    if let Some(k) = &a.k8s_psat {
+        return Ok(Box::new(K8sPsatAgent::new(
+            k.cluster.clone(),
+            k.token_path.clone(),
+        )));
     }
     Err(AgentError::Node(NodeError::Key(
         "no node attestor configured".into(),

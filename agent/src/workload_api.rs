@@ -2,7 +2,8 @@
 //!
 //! Every call must carry the `workload.spiffe.io: true` metadata. The caller
 //! is identified by the kernel (SO_PEERCRED) and attested by the `unix`
-//! workload attestor; it receives the SVIDs of every entry whose selectors
+//! workload attestor plus any configured ones (`k8s`), whose selectors are
+//! merged; it receives the SVIDs of every entry whose selectors
 //! are all among its own. Streams send full state at once and again on
 //! every change; each stream has its own task, so a slow reader only delays
 //! itself and, when it catches up, gets the latest state.
@@ -14,6 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use sigil_attestors::unix::UnixAttestor;
+use sigil_attestors::workload::WorkloadAttestor;
 use sigil_identity::{Bundle, RegistrationEntry, SelectorSet, SpiffeId, jwt};
 use sigil_proto::workload::spiffe_workload_api_server::{
     SpiffeWorkloadApi, SpiffeWorkloadApiServer,
@@ -58,6 +60,8 @@ pub fn bind(path: &Path) -> Result<UnixListener, SocketError> {
 pub struct WorkloadApi {
     agent: Agent,
     attestor: Arc<UnixAttestor>,
+    /// Attestors run after `unix`; their selectors are added to its.
+    others: Vec<Arc<dyn WorkloadAttestor>>,
     streams: Arc<std::sync::Mutex<HashMap<u32, usize>>>,
 }
 
@@ -189,8 +193,18 @@ impl WorkloadApi {
         Self {
             agent,
             attestor,
+            others: Vec::new(),
             streams: Arc::default(),
         }
+    }
+
+    /// Also runs `attestors` on every caller and adds their selectors. One
+    /// that fails or times out contributes nothing (logged); it never
+    /// adds selectors to the wrong process, because the caller is checked
+    /// to be the one that connected after they ran.
+    pub fn with_workload_attestors(mut self, attestors: Vec<Arc<dyn WorkloadAttestor>>) -> Self {
+        self.others = attestors;
+        self
     }
 
     /// Counts a new stream for `uid`, refusing it past the limit.
@@ -234,7 +248,7 @@ impl WorkloadApi {
         .await
         .map_err(|_| Status::unauthenticated("workload attestation timed out"))?
         .map_err(|_| Status::internal("workload attestation failed"))?;
-        let selectors = attested.map_err(|e| {
+        let mut selectors = attested.map_err(|e| {
             debug!(pid, error = %e, "workload attestation failed");
             Status::unauthenticated("the calling process could not be attested")
         })?;
@@ -246,6 +260,34 @@ impl WorkloadApi {
             return Err(Status::unauthenticated(
                 "the calling process changed user since it connected",
             ));
+        }
+        if !self.others.is_empty() {
+            for a in &self.others {
+                match tokio::time::timeout(ATTESTATION_TIMEOUT, a.attest(pid)).await {
+                    // Each attestor speaks only for its own selector type:
+                    // none can add, say, a unix:uid the kernel did not give.
+                    Ok(Ok(more)) => {
+                        selectors.extend(more.into_iter().filter(|s| s.kind() == a.name()))
+                    }
+                    Ok(Err(e)) => {
+                        warn!(pid, attestor = a.name(), error = %e, "workload attestor failed; its selectors are left out");
+                    }
+                    Err(_) => {
+                        warn!(
+                            pid,
+                            attestor = a.name(),
+                            "workload attestor timed out; its selectors are left out"
+                        );
+                    }
+                }
+            }
+            // The slower attestors ran after the unix checks: the process
+            // must still be the one that connected.
+            if self.attestor.identity(pid).ok().as_ref() != Some(&origin_for_later) {
+                return Err(Status::unauthenticated(
+                    "the calling process changed or is gone",
+                ));
+            }
         }
         Ok(Caller {
             uid: cred.uid(),

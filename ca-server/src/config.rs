@@ -158,6 +158,7 @@ impl Default for AgentsSection {
 pub struct NodeAttestorsSection {
     pub join_token: JoinTokenSection,
     pub x509pop: Option<X509PopSection>,
+    pub k8s_psat: Option<K8sPsatSection>,
 }
 
 /// `join_token` attestor.
@@ -185,6 +186,85 @@ impl Default for JoinTokenSection {
 pub struct X509PopSection {
     /// CA certificates (PEM) that node certificates must chain to.
     pub ca_bundle: PathBuf,
+}
+
+/// `k8s_psat` attestor: one table per cluster,
+/// `[node_attestors.k8s_psat.clusters.<name>]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct K8sPsatSection {
+    pub clusters: std::collections::BTreeMap<String, K8sPsatClusterSection>,
+}
+
+/// Default API server address inside a cluster.
+pub const DEFAULT_K8S_API_SERVER: &str = "https://kubernetes.default.svc";
+/// The in-cluster service-account CA certificate.
+pub const DEFAULT_K8S_CA_FILE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt";
+/// The in-cluster service-account token.
+pub const DEFAULT_K8S_TOKEN_FILE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";
+/// Public CA certificates used for OIDC discovery unless `oidc_ca_file` is set.
+pub const DEFAULT_SYSTEM_CA_FILE: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+/// One cluster whose agents may attest with projected tokens.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct K8sPsatClusterSection {
+    /// The cluster's service-account issuer (`--service-account-issuer`),
+    /// compared with the token's `iss` exactly.
+    pub issuer: String,
+    /// The audience agent tokens must carry.
+    #[serde(default = "default_psat_audience")]
+    pub audience: String,
+    /// JWKS file with the issuer's keys (`kubectl get --raw /openid/v1/jwks`).
+    #[serde(default)]
+    pub jwks_file: Option<PathBuf>,
+    /// Fetch the keys by OIDC discovery from `issuer` instead.
+    #[serde(default)]
+    pub oidc_discovery: bool,
+    /// CA certificates (PEM) for OIDC discovery; default the system's.
+    #[serde(default)]
+    pub oidc_ca_file: Option<PathBuf>,
+    /// Bearer token file sent with OIDC discovery requests (the API server's
+    /// discovery endpoints need one unless anonymous access is allowed).
+    #[serde(default)]
+    pub oidc_token_file: Option<PathBuf>,
+    /// How often the keys are re-read.
+    #[serde(with = "serde_human", default = "default_jwks_refresh")]
+    pub jwks_refresh: Duration,
+    /// `namespace:name` of the service accounts agents may use; empty
+    /// allows any.
+    #[serde(default)]
+    pub allowed_service_accounts: Vec<String>,
+    /// The cluster's API server, asked whether the token's pod still
+    /// exists with the token's UID.
+    #[serde(default = "default_api_server")]
+    pub api_server: String,
+    /// CA certificate (PEM) of the API server.
+    #[serde(default = "default_api_ca_file")]
+    pub api_ca_file: PathBuf,
+    /// Bearer token for the API server (needs `get` on `pods`).
+    #[serde(default = "default_api_token_file")]
+    pub api_token_file: PathBuf,
+}
+
+fn default_psat_audience() -> String {
+    sigil_attestors::k8s_psat::DEFAULT_AUDIENCE.into()
+}
+
+fn default_jwks_refresh() -> Duration {
+    sigil_attestors::k8s_psat::DEFAULT_JWKS_REFRESH
+}
+
+fn default_api_server() -> String {
+    DEFAULT_K8S_API_SERVER.into()
+}
+
+fn default_api_ca_file() -> PathBuf {
+    PathBuf::from(DEFAULT_K8S_CA_FILE)
+}
+
+fn default_api_token_file() -> PathBuf {
+    PathBuf::from(DEFAULT_K8S_TOKEN_FILE)
 }
 
 /// Rate limits (token buckets).
@@ -326,6 +406,20 @@ impl ServerConfig {
                 "agents.svid_ttl must not exceed ca.ttl".into(),
             ));
         }
+        if let Some(k) = &self.node_attestors.k8s_psat {
+            if k.clusters.is_empty() {
+                return Err(ConfigError::Invalid(
+                    "node_attestors.k8s_psat needs at least one [node_attestors.k8s_psat.clusters.<name>]".into(),
+                ));
+            }
+            for (name, c) in &k.clusters {
+                if c.jwks_file.is_some() == c.oidc_discovery {
+                    return Err(ConfigError::Invalid(format!(
+                        "node_attestors.k8s_psat.clusters.{name}: set exactly one of jwks_file and oidc_discovery = true"
+                    )));
+                }
+            }
+        }
         if !(self.rate_limits.attest_per_second > 0.0 && self.rate_limits.signing_per_second > 0.0)
         {
             return Err(ConfigError::Invalid("rate limits must be positive".into()));
@@ -395,6 +489,36 @@ mod tests {
             ServerConfig::load(None, Overrides::default()),
             Err(ConfigError::MissingTrustDomain)
         ));
+    }
+
+    #[test]
+    fn k8s_psat_clusters_parse_with_defaults_and_need_one_key_source() {
+        let base = "trust_domain = \"example.org\"\n[node_attestors.k8s_psat.clusters.prod]\nissuer = \"https://kubernetes.default.svc.cluster.local\"\n";
+        let (_d, path) = write(&format!(
+            "{base}jwks_file = \"/etc/sigil/prod-jwks.json\"\nallowed_service_accounts = [\"sigil:sigil-agent\"]\n"
+        ));
+        let cfg = ServerConfig::load(Some(&path), Overrides::default()).unwrap();
+        let k = cfg.node_attestors.k8s_psat.unwrap();
+        let prod = &k.clusters["prod"];
+        assert_eq!(prod.audience, "sigil-server");
+        assert_eq!(prod.api_server, DEFAULT_K8S_API_SERVER);
+        assert_eq!(prod.api_token_file, PathBuf::from(DEFAULT_K8S_TOKEN_FILE));
+        assert_eq!(prod.jwks_refresh, Duration::from_secs(300));
+        assert_eq!(prod.allowed_service_accounts, vec!["sigil:sigil-agent"]);
+
+        let (_d, path) = write(base);
+        let err = ServerConfig::load(Some(&path), Overrides::default()).unwrap_err();
+        assert!(
+            err.to_string().contains("exactly one of jwks_file"),
+            "{err}"
+        );
+        let (_d, path) = write(&format!("{base}jwks_file = \"a\"\noidc_discovery = true\n"));
+        assert!(ServerConfig::load(Some(&path), Overrides::default()).is_err());
+        let (_d, path) = write(&format!(
+            "{base}oidc_discovery = true\naudiences = [\"x\"]\n"
+        ));
+        let err = ServerConfig::load(Some(&path), Overrides::default()).unwrap_err();
+        assert!(err.to_string().contains("audiences"), "{err}");
     }
 
     #[test]

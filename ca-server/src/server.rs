@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use sigil_attestors::https::{HttpsClient, Trust};
 use sigil_attestors::join_token::{JoinTokenAttestor, TokenStore};
+use sigil_attestors::k8s_psat::{ApiServerPods, ClusterConfig, K8sPsatAttestor, KeySource};
 use sigil_attestors::x509pop::X509PopAttestor;
 use sigil_identity::attestation::{AttestError, ServerNodeAttestor};
 use sigil_identity::clock::{Clock, SystemClock};
@@ -22,7 +24,7 @@ use crate::audit::Audit;
 use crate::ca::keys::{DiskKeyManager, KeyManager, MemoryKeyManager};
 use crate::ca::x509::UpstreamCa;
 use crate::ca::{CaConfig, CaManager};
-use crate::config::{KeyManagerKind, ServerConfig};
+use crate::config::{K8sPsatSection, KeyManagerKind, ServerConfig};
 use crate::datastore::{Datastore, DatastoreError, SledDatastore, TokenHash};
 use crate::node_api::{NodeApi, NodeService, tls};
 use crate::rate_limit::RateLimiter;
@@ -49,6 +51,47 @@ pub enum ServerError {
     Attestor(#[from] AttestError),
     #[error("serving: {0}")]
     Serve(#[from] tonic::transport::Error),
+}
+
+/// Builds the `k8s_psat` attestor from its configuration section.
+fn k8s_psat_attestor(
+    section: &K8sPsatSection,
+    td: &sigil_identity::TrustDomain,
+    clock: Arc<dyn Clock>,
+) -> Result<K8sPsatAttestor, ServerError> {
+    let internal = |cluster: &str, e: sigil_attestors::https::HttpsError| {
+        AttestError::Internal(format!("k8s_psat cluster {cluster:?}: {e}"))
+    };
+    let mut clusters = Vec::new();
+    for (name, c) in &section.clusters {
+        let keys = match &c.jwks_file {
+            Some(path) => KeySource::File(path.clone()),
+            None => {
+                let ca = c
+                    .oidc_ca_file
+                    .clone()
+                    .unwrap_or_else(|| crate::config::DEFAULT_SYSTEM_CA_FILE.into());
+                let trust = Trust::from_pem_file(&ca).map_err(|e| internal(name, e))?;
+                KeySource::Discovery {
+                    issuer_url: c.issuer.clone(),
+                    client: HttpsClient::new(trust).map_err(|e| internal(name, e))?,
+                    token_file: c.oidc_token_file.clone(),
+                }
+            }
+        };
+        let api_trust = Trust::from_pem_file(&c.api_ca_file).map_err(|e| internal(name, e))?;
+        let pods = ApiServerPods::new(
+            c.api_server.clone(),
+            HttpsClient::new(api_trust).map_err(|e| internal(name, e))?,
+            Some(c.api_token_file.clone()),
+        );
+        let mut cluster = ClusterConfig::new(name.clone(), c.issuer.clone(), keys, Arc::new(pods));
+        cluster.audience = c.audience.clone();
+        cluster.jwks_refresh = c.jwks_refresh;
+        cluster.allowed_service_accounts = c.allowed_service_accounts.clone();
+        clusters.push(cluster);
+    }
+    Ok(K8sPsatAttestor::new(td.clone(), clusters, clock)?)
 }
 
 /// The sockets the server serves on, bound by the caller so tests can use
@@ -169,6 +212,10 @@ pub async fn run(
     if let Some(x) = &config.node_attestors.x509pop {
         let a = X509PopAttestor::from_pem_file(td.clone(), &x.ca_bundle, clock.clone())?;
         attestors.insert(sigil_attestors::x509pop::NAME, Arc::new(a));
+    }
+    if let Some(k) = &config.node_attestors.k8s_psat {
+        let a = k8s_psat_attestor(k, &td, clock.clone())?;
+        attestors.insert(sigil_attestors::k8s_psat::NAME, Arc::new(a));
     }
 
     let limits = &config.rate_limits;

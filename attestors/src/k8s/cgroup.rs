@@ -1,0 +1,117 @@
+//! Pod UID and container ID from `/proc/<pid>/cgroup`.
+//!
+//! The kubelet puts every container in a cgroup under its pod's cgroup, and
+//! names both after fixed patterns (see the fixtures under
+//! `attestors/tests/fixtures/cgroup/` for each layout):
+//!
+//! - cgroupfs driver: `/kubepods[/<qos>]/pod<uid>/<container-id>`;
+//! - systemd driver: `/kubepods.slice[/kubepods-<qos>.slice]/kubepods[-<qos>]-pod<uid with _ for ->.slice/<runtime>-<container-id>.scope`,
+//!   where the runtime prefix is `cri-containerd`, `crio` or `docker`;
+//! - cgroup v1 repeats the path once per hierarchy (`id:controllers:path`),
+//!   cgroup v2 has one line `0::path`;
+//! - seen from inside a cgroup namespace the path is relative and may start
+//!   with `/..` segments, so segments are matched wherever they appear.
+//!
+//! Parsing is pure. A process whose lines name two different pods or two
+//! different containers is [`CgroupMatch::Ambiguous`] and gets no `k8s`
+//! selectors; so does a process in a pod's cgroup but in no container's
+//! (e.g. cri-o's `conmon`).
+
+/// What the cgroup file says about a process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CgroupMatch {
+    /// No pod cgroup at all: not a Kubernetes workload.
+    NotInPod,
+    /// In the pod's cgroup but no container's.
+    PodOnly { pod_uid: String },
+    /// In exactly one container of exactly one pod.
+    Container {
+        pod_uid: String,
+        container_id: String,
+    },
+    /// The lines disagree; nothing can be said.
+    Ambiguous(&'static str),
+}
+
+/// Whether `s` looks like a pod UID: a UUID, or the 32 hex digits of a
+/// static pod's config hash.
+fn is_pod_uid(s: &str) -> bool {
+    (s.len() == 36 || s.len() == 32) && s.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-')
+}
+
+/// The pod UID named by one path segment, if it is a pod cgroup.
+fn pod_uid(segment: &str) -> Option<String> {
+    // cgroupfs: pod<uid>
+    if let Some(uid) = segment.strip_prefix("pod") {
+        return is_pod_uid(uid).then(|| uid.to_ascii_lowercase());
+    }
+    // systemd: [<prefix>-]kubepods[-<qos>]-pod<uid_with_underscores>.slice
+    let stem = segment.strip_suffix(".slice")?;
+    if !stem.contains("kubepods") {
+        return None;
+    }
+    let (_, uid) = stem.rsplit_once("-pod")?;
+    let uid = uid.replace('_', "-");
+    is_pod_uid(&uid).then(|| uid.to_ascii_lowercase())
+}
+
+/// The container ID named by one path segment, if it is a container cgroup.
+fn container_id(segment: &str) -> Option<String> {
+    let id = match segment.strip_suffix(".scope") {
+        Some(stem) => {
+            if stem.starts_with("crio-conmon-") {
+                return None; // cri-o's monitor process, not the container
+            }
+            ["cri-containerd-", "crio-", "docker-", "containerd-"]
+                .iter()
+                .find_map(|p| stem.strip_prefix(p))?
+        }
+        None => segment
+            .strip_prefix("crio-")
+            .or_else(|| segment.strip_prefix("docker-"))
+            .unwrap_or(segment),
+    };
+    (id.len() == 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+    .then(|| id.to_owned())
+}
+
+/// Reads the pod and container of a process from its cgroup file.
+pub fn parse(cgroup_file: &str) -> CgroupMatch {
+    let mut pod: Option<String> = None;
+    let mut container: Option<String> = None;
+    for line in cgroup_file.lines() {
+        let Some(path) = line.splitn(3, ':').nth(2) else {
+            continue;
+        };
+        let segments: Vec<&str> = path.split('/').collect();
+        let Some((i, uid)) = segments
+            .iter()
+            .enumerate()
+            .find_map(|(i, s)| pod_uid(s).map(|u| (i, u)))
+        else {
+            continue;
+        };
+        if pod.as_ref().is_some_and(|p| *p != uid) {
+            return CgroupMatch::Ambiguous("the process is in the cgroups of two pods");
+        }
+        pod = Some(uid);
+        // The container's cgroup is the one right under the pod's.
+        if let Some(id) = segments.get(i + 1).and_then(|s| container_id(s)) {
+            if container.as_ref().is_some_and(|c| *c != id) {
+                return CgroupMatch::Ambiguous("the process is in the cgroups of two containers");
+            }
+            container = Some(id);
+        }
+    }
+    match (pod, container) {
+        (None, _) => CgroupMatch::NotInPod,
+        (Some(pod_uid), None) => CgroupMatch::PodOnly { pod_uid },
+        (Some(pod_uid), Some(container_id)) => CgroupMatch::Container {
+            pod_uid,
+            container_id,
+        },
+    }
+}
