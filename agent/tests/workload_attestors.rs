@@ -111,7 +111,16 @@ async fn fetched_ids(socket: &std::path::Path) -> Vec<String> {
     let client = spiffe::WorkloadApiClient::connect_to(format!("unix:{}", socket.display()))
         .await
         .unwrap();
-    let ctx = client.fetch_x509_context().await.unwrap();
+    // Until the first matching entry has synced the agent denies.
+    let mut ctx = client.fetch_x509_context().await;
+    for _ in 0..100 {
+        if ctx.is_ok() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        ctx = client.fetch_x509_context().await;
+    }
+    let ctx = ctx.unwrap();
     let mut ids: Vec<String> = ctx
         .svids()
         .iter()
@@ -125,21 +134,17 @@ async fn fetched_ids(socket: &std::path::Path) -> Vec<String> {
 async fn k8s_and_unix_selectors_are_merged() {
     let (server, socket, agent_id, _stop) = serve(false).await;
     let uid = uid_selector();
-    register(
-        &server,
-        &agent_id,
-        "shop/web",
-        &[uid.clone(), "k8s:ns:shop".into()],
-    )
-    .await;
+    // The entries that must not match go first: the agent receives entries
+    // in order, so once shop/web is served the others are known too.
+    register(&server, &agent_id, "impostor", &[other_uid_selector()]).await;
     register(
         &server,
         &agent_id,
         "other/web",
-        &[uid, "k8s:ns:other".into()],
+        &[uid.clone(), "k8s:ns:other".into()],
     )
     .await;
-    register(&server, &agent_id, "impostor", &[other_uid_selector()]).await;
+    register(&server, &agent_id, "shop/web", &[uid, "k8s:ns:shop".into()]).await;
     assert_eq!(
         fetched_ids(&socket).await,
         vec!["spiffe://example.org/shop/web".to_owned()]

@@ -353,17 +353,33 @@ impl KeySource {
                     .get("jwks_uri")
                     .and_then(Value::as_str)
                     .ok_or_else(|| format!("{url} has no jwks_uri"))?;
+                // The discovery document chooses `jwks_uri`; the server's
+                // token goes only where the discovery request went.
+                let same_origin = origin(jwks_uri) == origin(issuer_url);
                 let resp = client
-                    .get(jwks_uri, token.as_deref())
+                    .get(jwks_uri, token.as_deref().filter(|_| same_origin))
                     .await
                     .map_err(|e| e.to_string())?;
                 if resp.status != 200 {
-                    return Err(format!("{jwks_uri} answered HTTP {}", resp.status));
+                    let hint = if same_origin || token.is_none() {
+                        ""
+                    } else {
+                        " (it is on another host than the issuer, so no token was sent: allow \
+                         anonymous access to it or configure jwks_file)"
+                    };
+                    return Err(format!("{jwks_uri} answered HTTP {}{hint}", resp.status));
                 }
                 parse_jwks(&resp.body).map_err(|e| format!("{jwks_uri}: {e}"))
             }
         }
     }
+}
+
+/// `scheme://authority` of `url`, lowercased.
+fn origin(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    format!("{scheme}://{authority}").to_ascii_lowercase()
 }
 
 #[derive(Debug, Default)]
@@ -441,8 +457,8 @@ pub struct ClusterConfig {
     pub jwks_refresh: Duration,
     /// Least time between two fetches triggered by unknown `kid`s.
     pub jwks_min_refetch: Duration,
-    /// `namespace:name` of the service accounts agents may use; empty
-    /// allows any.
+    /// `namespace:name` of the service accounts agents may use; required
+    /// (an empty list is refused).
     pub allowed_service_accounts: Vec<String>,
     /// Confirms the pod still exists with the token's UID.
     pub pods: Arc<dyn PodLookup>,
@@ -574,6 +590,16 @@ impl K8sPsatAttestor {
             if c.issuer.is_empty() || c.audience.is_empty() {
                 return Err(AttestError::Internal(format!(
                     "k8s_psat cluster {:?}: issuer and audience must not be empty",
+                    c.name
+                )));
+            }
+            // Any pod that can mount a projected token with the server's
+            // audience holds a valid token naming its node; only the
+            // agent's own service accounts may attest as that node.
+            if c.allowed_service_accounts.is_empty() {
+                return Err(AttestError::Internal(format!(
+                    "k8s_psat cluster {:?}: allowed_service_accounts is empty; list the agent's \
+                     service account(s) as namespace:name (e.g. \"sigil:sigil-agent\")",
                     c.name
                 )));
             }

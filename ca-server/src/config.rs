@@ -231,9 +231,8 @@ pub struct K8sPsatClusterSection {
     /// How often the keys are re-read.
     #[serde(with = "serde_human", default = "default_jwks_refresh")]
     pub jwks_refresh: Duration,
-    /// `namespace:name` of the service accounts agents may use; empty
-    /// allows any.
-    #[serde(default)]
+    /// `namespace:name` of the service accounts agents may use; required:
+    /// any pod may carry a token with the server's audience.
     pub allowed_service_accounts: Vec<String>,
     /// The cluster's API server, asked whether the token's pod still
     /// exists with the token's UID.
@@ -493,9 +492,9 @@ mod tests {
 
     #[test]
     fn k8s_psat_clusters_parse_with_defaults_and_need_one_key_source() {
-        let base = "trust_domain = \"example.org\"\n[node_attestors.k8s_psat.clusters.prod]\nissuer = \"https://kubernetes.default.svc.cluster.local\"\n";
+        let base = "trust_domain = \"example.org\"\n[node_attestors.k8s_psat.clusters.prod]\nissuer = \"https://kubernetes.default.svc.cluster.local\"\nallowed_service_accounts = [\"sigil:sigil-agent\"]\n";
         let (_d, path) = write(&format!(
-            "{base}jwks_file = \"/etc/sigil/prod-jwks.json\"\nallowed_service_accounts = [\"sigil:sigil-agent\"]\n"
+            "{base}jwks_file = \"/etc/sigil/prod-jwks.json\"\n"
         ));
         let cfg = ServerConfig::load(Some(&path), Overrides::default()).unwrap();
         let k = cfg.node_attestors.k8s_psat.unwrap();

@@ -10,7 +10,10 @@
 //! - cgroup v1 repeats the path once per hierarchy (`id:controllers:path`),
 //!   cgroup v2 has one line `0::path`;
 //! - seen from inside a cgroup namespace the path is relative and may start
-//!   with `/..` segments, so segments are matched wherever they appear.
+//!   with `/..` segments;
+//! - everything above the pod's cgroup must be part of those layouts, so a
+//!   pod-shaped path built by hand elsewhere (a user's delegated subtree)
+//!   does not count.
 //!
 //! Parsing is pure. A process whose lines name two different pods or two
 //! different containers is [`CgroupMatch::Ambiguous`] and gets no `k8s`
@@ -55,6 +58,24 @@ fn pod_uid(segment: &str) -> Option<String> {
     is_pod_uid(&uid).then(|| uid.to_ascii_lowercase())
 }
 
+/// Whether `segment`, above a pod's cgroup (`pod`), is where the kubelet's
+/// layouts put it: the `kubepods` root and QoS levels (cgroupfs), a parent
+/// slice (systemd names every slice after its parent: `a.slice` holds
+/// `a-b.slice`), or a step out of a cgroup namespace. Anything else (such
+/// as a user's delegated `user@1000.service` subtree, where a pod-shaped
+/// path could be made by hand) means the path is not the kubelet's.
+fn kubelet_ancestor(segment: &str, pod: &str) -> bool {
+    match segment {
+        "" | ".." | "kubepods" | "burstable" | "besteffort" | "guaranteed" => true,
+        _ => match (segment.strip_suffix(".slice"), pod.strip_suffix(".slice")) {
+            (Some(parent), Some(pod)) => pod
+                .strip_prefix(parent)
+                .is_some_and(|rest| rest.starts_with('-')),
+            _ => false,
+        },
+    }
+}
+
 /// The container ID named by one path segment, if it is a container cgroup.
 fn container_id(segment: &str) -> Option<String> {
     let id = match segment.strip_suffix(".scope") {
@@ -94,6 +115,12 @@ pub fn parse(cgroup_file: &str) -> CgroupMatch {
         else {
             continue;
         };
+        if !segments[..i]
+            .iter()
+            .all(|s| kubelet_ancestor(s, segments[i]))
+        {
+            continue; // pod-shaped, but not where the kubelet puts pods
+        }
         if pod.as_ref().is_some_and(|p| *p != uid) {
             return CgroupMatch::Ambiguous("the process is in the cgroups of two pods");
         }

@@ -63,6 +63,19 @@ fn conmon_host_processes_and_mixed_cgroups_yield_no_container() {
 }
 
 #[test]
+fn pod_shaped_paths_outside_the_kubelet_layouts_yield_nothing() {
+    // A user with a delegated systemd subtree can make these by hand and
+    // move a process in, naming another pod's UID and container ID.
+    for name in ["v2-forged-user-subtree.txt", "v2-forged-cgroupfs-shape.txt"] {
+        assert_eq!(
+            cgroup::parse(&fixture(name)),
+            CgroupMatch::NotInPod,
+            "{name}"
+        );
+    }
+}
+
+#[test]
 fn garbage_cgroup_files_yield_nothing() {
     for text in [
         "",

@@ -232,13 +232,25 @@ async fn api_server() -> (FakeServer, Arc<dyn PodLookup>) {
 
 /// One cluster `prod` whose keys come from OIDC discovery on a fake HTTPS
 /// issuer, with the given allow-list.
+/// A cluster allowing the service account the fake issuer's tokens name.
+fn cluster(
+    name: &str,
+    issuer: impl Into<String>,
+    keys: KeySource,
+    pods: Arc<dyn PodLookup>,
+) -> ClusterConfig {
+    let mut c = ClusterConfig::new(name, issuer, keys, pods);
+    c.allowed_service_accounts = vec!["sigil:sigil-agent".into()];
+    c
+}
+
 async fn setup(allowed: &[&str]) -> Setup {
     let issuer_server = testserver::start().await;
     let issuer = FakeIssuer::ec("key-1", &issuer_server.base_url);
     serve_issuer(&issuer_server, &issuer_server.base_url, &[&issuer]).await;
     let (api, pods) = api_server().await;
     let client = HttpsClient::new(Trust::Roots(vec![issuer_server.ca_der.clone()])).unwrap();
-    let mut cfg = ClusterConfig::new(
+    let mut cfg = cluster(
         "prod",
         issuer_server.base_url.clone(),
         KeySource::Discovery {
@@ -324,7 +336,7 @@ async fn rsa_issuer_keys_from_a_jwks_file_are_accepted() {
     let (_api, pods) = api_server().await;
     let a = K8sPsatAttestor::new(
         TrustDomain::new("example.org").unwrap(),
-        vec![ClusterConfig::new(
+        vec![cluster(
             "prod",
             "https://kubernetes.default.svc.cluster.local",
             KeySource::File(jwks),
@@ -347,7 +359,7 @@ async fn refused(s: &Setup, token: &str) -> PsatError {
 
 #[tokio::test]
 async fn wrong_audience_is_refused() {
-    let s = setup(&[]).await;
+    let s = setup(&["sigil:sigil-agent"]).await;
     let t = s
         .issuer
         .mint_with(|c| c["aud"] = json!(["https://kubernetes.default.svc"]));
@@ -363,7 +375,7 @@ async fn wrong_audience_is_refused() {
 
 #[tokio::test]
 async fn expired_and_future_tokens_are_refused() {
-    let s = setup(&[]).await;
+    let s = setup(&["sigil:sigil-agent"]).await;
     let now = unix_seconds(SystemTime::now());
     let t = s.issuer.mint_with(|c| {
         c["iat"] = json!(now - 7200);
@@ -380,7 +392,7 @@ async fn expired_and_future_tokens_are_refused() {
 
 #[tokio::test]
 async fn legacy_non_expiring_tokens_are_refused() {
-    let s = setup(&[]).await;
+    let s = setup(&["sigil:sigil-agent"]).await;
     // A secret-based token: no exp, no pod binding, the old issuer name.
     let legacy = json!({
         "iss": s.issuer.issuer,
@@ -398,7 +410,7 @@ async fn legacy_non_expiring_tokens_are_refused() {
 
 #[tokio::test]
 async fn unknown_key_is_refused_and_refetches_are_rate_limited() {
-    let s = setup(&[]).await;
+    let s = setup(&["sigil:sigil-agent"]).await;
     let stranger = FakeIssuer::ec("key-2", &s.issuer.issuer);
     let t = stranger.mint();
     assert!(matches!(
@@ -420,7 +432,7 @@ async fn a_rotated_in_key_is_fetched_when_a_token_names_it() {
     let old = FakeIssuer::ec("old", &issuer_server.base_url);
     serve_issuer(&issuer_server, &issuer_server.base_url, &[&old]).await;
     let (_api, pods) = api_server().await;
-    let mut cfg = ClusterConfig::new(
+    let mut cfg = cluster(
         "prod",
         issuer_server.base_url.clone(),
         KeySource::Discovery {
@@ -458,7 +470,7 @@ async fn another_clusters_key_does_not_verify() {
     for (name, k) in [("a", &a_key), ("b", &b_key)] {
         let path = dir.path().join(format!("{name}.json"));
         std::fs::write(&path, FakeIssuer::jwks(&[k])).unwrap();
-        clusters.push(ClusterConfig::new(
+        clusters.push(cluster(
             name,
             k.issuer.clone(),
             KeySource::File(path),
@@ -493,7 +505,7 @@ async fn another_clusters_key_does_not_verify() {
 
 #[tokio::test]
 async fn alg_none_and_hmac_are_refused() {
-    let s = setup(&[]).await;
+    let s = setup(&["sigil:sigil-agent"]).await;
     let claims = B64URL.encode(serde_json::to_vec(&s.issuer.claims()).unwrap());
     for alg in ["none", "None", "NONE"] {
         let h = B64URL.encode(serde_json::to_vec(&json!({"alg": alg, "kid": "key-1"})).unwrap());
@@ -530,7 +542,7 @@ async fn alg_none_and_hmac_are_refused() {
 
 #[tokio::test]
 async fn deleted_or_recreated_pod_is_refused() {
-    let s = setup(&[]).await;
+    let s = setup(&["sigil:sigil-agent"]).await;
     // The pod was deleted and re-created by the DaemonSet: same name, new UID.
     s.api.route(
         POD_PATH,
@@ -586,7 +598,7 @@ async fn service_account_outside_the_allow_list_is_refused() {
 
 #[tokio::test]
 async fn tokens_without_pod_or_node_binding_are_refused() {
-    let s = setup(&[]).await;
+    let s = setup(&["sigil:sigil-agent"]).await;
     let t = s.issuer.mint_with(|c| {
         c["kubernetes.io"].as_object_mut().unwrap().remove("pod");
     });
@@ -605,10 +617,16 @@ async fn tokens_without_pod_or_node_binding_are_refused() {
 
 #[tokio::test]
 async fn names_unfit_for_an_id_are_refused_not_cleaned() {
-    let s = setup(&[]).await;
+    let s = setup(&["sigil:sigil-agent"]).await;
     let t = s
         .issuer
         .mint_with(|c| c["kubernetes.io"]["node"]["uid"] = json!("../../server"));
+    // The token itself is fine; the node UID cannot become an ID segment.
+    let pod = s.attestor.verify(&evidence("prod", &t)).await.unwrap();
+    assert_eq!(
+        s.attestor.attestation(&pod).unwrap_err(),
+        PsatError::BadName("node uid")
+    );
     let err = s
         .attestor
         .attest(&evidence("prod", &t), &mut NoChallenges)
@@ -619,7 +637,7 @@ async fn names_unfit_for_an_id_are_refused_not_cleaned() {
 
 #[tokio::test]
 async fn malformed_evidence_tells_the_agent_little() {
-    let s = setup(&[]).await;
+    let s = setup(&["sigil:sigil-agent"]).await;
     for bad in [
         &b"not json"[..],
         br#"{"cluster":"prod"}"#,
@@ -639,12 +657,18 @@ fn bad_cluster_configuration_is_refused() {
         None,
     ));
     let td = TrustDomain::new("example.org").unwrap();
-    let mk = |name: &str| {
-        ClusterConfig::new(name, "https://i", KeySource::File("x".into()), pods.clone())
-    };
+    let mk = |name: &str| cluster(name, "https://i", KeySource::File("x".into()), pods.clone());
     assert!(K8sPsatAttestor::new(td.clone(), vec![mk("a/b")], Arc::new(SystemClock)).is_err());
     assert!(
         K8sPsatAttestor::new(td.clone(), vec![mk("a"), mk("a")], Arc::new(SystemClock)).is_err()
+    );
+    let mut open_to_all = mk("a");
+    open_to_all.allowed_service_accounts.clear();
+    let err = K8sPsatAttestor::new(td.clone(), vec![open_to_all], Arc::new(SystemClock))
+        .expect_err("an empty allow-list is refused");
+    assert!(
+        err.to_string().contains("allowed_service_accounts"),
+        "{err}"
     );
     let mut bad_sa = mk("a");
     bad_sa.allowed_service_accounts = vec!["no-colon".into()];
@@ -691,4 +715,21 @@ fn jwks_parsing_skips_unusable_keys() {
     assert_eq!(keys.keys().collect::<Vec<_>>(), vec!["a"]);
     assert!(parse_jwks(b"{}").is_err());
     assert!(parse_jwks(b"[").is_err());
+}
+
+#[test]
+fn the_api_token_only_goes_to_the_issuers_origin() {
+    let issuer = "https://kubernetes.default.svc.cluster.local";
+    assert_eq!(
+        origin("https://KUBERNETES.default.svc.cluster.local/openid/v1/jwks"),
+        origin(issuer)
+    );
+    for other in [
+        "https://10.0.0.1:6443/openid/v1/jwks",
+        "http://kubernetes.default.svc.cluster.local/openid/v1/jwks",
+        "https://kubernetes.default.svc.cluster.local.evil.example/jwks",
+        "https://kubernetes.default.svc.cluster.local:8443/jwks",
+    ] {
+        assert_ne!(origin(other), origin(issuer), "{other}");
+    }
 }
