@@ -390,27 +390,77 @@ struct KeyState {
 }
 
 /// A cluster's issuer keys, cached.
+///
+/// A known key from keys younger than `refresh` is answered at once, even
+/// while a fetch is in flight, so a token naming an unknown `kid` cannot
+/// hold up everyone else's attestation. Fetches are one at a time and at
+/// most one per `min_refetch`. Keys that could not be refreshed for
+/// [`MAX_STALENESS_FACTOR`] × `refresh` are no longer trusted: a key the
+/// issuer removed must stop verifying even while the issuer is unreachable.
 #[derive(Debug)]
 struct KeyCache {
     source: KeySource,
     refresh: Duration,
     min_refetch: Duration,
-    state: tokio::sync::Mutex<KeyState>,
+    state: std::sync::Mutex<KeyState>,
+    fetching: tokio::sync::Mutex<()>,
 }
 
+/// Keys older than this many refresh periods are dropped.
+const MAX_STALENESS_FACTOR: u32 = 12;
+
 impl KeyCache {
+    fn new(source: KeySource, refresh: Duration, min_refetch: Duration) -> Self {
+        Self {
+            source,
+            refresh,
+            min_refetch,
+            state: std::sync::Mutex::default(),
+            fetching: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, KeyState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The key `kid` if held and not too old.
+    fn held(&self, kid: &str, now: Instant) -> Option<PublicKey> {
+        let st = self.lock();
+        let fetched = st.fetched?;
+        if now.duration_since(fetched) >= self.refresh * MAX_STALENESS_FACTOR {
+            return None;
+        }
+        st.keys.get(kid).cloned()
+    }
+
     async fn key(&self, cluster: &str, kid: &str) -> Result<PublicKey, PsatError> {
-        let mut st = self.state.lock().await;
+        let fresh = |st: &KeyState, now: Instant| {
+            st.fetched
+                .is_some_and(|t| now.duration_since(t) < self.refresh)
+        };
+        {
+            let st = self.lock();
+            if fresh(&st, Instant::now())
+                && let Some(k) = st.keys.get(kid)
+            {
+                return Ok(k.clone());
+            }
+        }
+        let _one_fetch = self.fetching.lock().await;
         let now = Instant::now();
-        let stale = st
-            .fetched
-            .is_none_or(|t| now.duration_since(t) >= self.refresh);
-        let unknown = !st.keys.contains_key(kid);
-        let may_try = st
-            .last_try
-            .is_none_or(|t| now.duration_since(t) >= self.min_refetch);
-        if (stale || unknown) && may_try {
-            st.last_try = Some(now);
+        let should_fetch = {
+            let mut st = self.lock();
+            let needed = !fresh(&st, now) || !st.keys.contains_key(kid);
+            let may_try = st
+                .last_try
+                .is_none_or(|t| now.duration_since(t) >= self.min_refetch);
+            if needed && may_try {
+                st.last_try = Some(now);
+            }
+            needed && may_try
+        };
+        if should_fetch {
             match self.source.fetch().await {
                 Ok(keys) => {
                     info!(
@@ -419,6 +469,7 @@ impl KeyCache {
                         keys = keys.len(),
                         "issuer keys loaded"
                     );
+                    let mut st = self.lock();
                     st.keys = keys;
                     st.fetched = Some(now);
                 }
@@ -426,13 +477,11 @@ impl KeyCache {
                     attestor = NAME,
                     cluster,
                     error = %e,
-                    "cannot load issuer keys; keeping the ones held"
+                    "cannot load issuer keys; keeping the ones held while they are not too old"
                 ),
             }
         }
-        st.keys
-            .get(kid)
-            .cloned()
+        self.held(kid, Instant::now())
             .ok_or_else(|| PsatError::UnknownKid {
                 kid: kid.chars().take(64).collect(),
                 cluster: cluster.to_owned(),
@@ -620,12 +669,7 @@ impl K8sPsatAttestor {
                 audience: c.audience,
                 allowed: c.allowed_service_accounts,
                 pods: c.pods,
-                keys: KeyCache {
-                    source: c.keys,
-                    refresh: c.jwks_refresh,
-                    min_refetch: c.jwks_min_refetch,
-                    state: tokio::sync::Mutex::default(),
-                },
+                keys: KeyCache::new(c.keys, c.jwks_refresh, c.jwks_min_refetch),
             };
             if out.insert(c.name.clone(), cluster).is_some() {
                 return Err(AttestError::Internal(format!(

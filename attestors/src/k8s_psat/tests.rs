@@ -350,6 +350,43 @@ async fn rsa_issuer_keys_from_a_jwks_file_are_accepted() {
     assert_eq!(p.service_account, "sigil-agent");
 }
 
+#[tokio::test]
+async fn keys_that_cannot_be_refreshed_stop_verifying_after_a_while() {
+    let issuer = FakeIssuer::rsa("rsa-1", "https://kubernetes.default.svc.cluster.local");
+    let dir = tempfile::tempdir().unwrap();
+    let jwks = dir.path().join("jwks.json");
+    std::fs::write(&jwks, FakeIssuer::jwks(&[&issuer])).unwrap();
+    let (_api, pods) = api_server().await;
+    let mut c = cluster(
+        "prod",
+        "https://kubernetes.default.svc.cluster.local",
+        KeySource::File(jwks.clone()),
+        pods,
+    );
+    c.jwks_refresh = Duration::from_millis(20);
+    c.jwks_min_refetch = Duration::ZERO;
+    let a = K8sPsatAttestor::new(
+        TrustDomain::new("example.org").unwrap(),
+        vec![c],
+        Arc::new(SystemClock),
+    )
+    .unwrap();
+    let token = issuer.mint();
+    assert!(a.verify(&evidence("prod", &token)).await.is_ok());
+    // The key source becomes unreadable: the held key is used for a while…
+    std::fs::remove_file(&jwks).unwrap();
+    assert!(a.verify(&evidence("prod", &token)).await.is_ok());
+    // …but not beyond MAX_STALENESS_FACTOR refresh periods.
+    tokio::time::sleep(Duration::from_millis(
+        20 * u64::from(MAX_STALENESS_FACTOR) + 50,
+    ))
+    .await;
+    assert!(matches!(
+        a.verify(&evidence("prod", &token)).await,
+        Err(PsatError::UnknownKid { .. })
+    ));
+}
+
 async fn refused(s: &Setup, token: &str) -> PsatError {
     s.attestor
         .verify(&evidence("prod", token))
