@@ -33,9 +33,10 @@ use crate::manager::Agent;
 
 /// Largest request accepted (a JWT to validate is the largest field).
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
-/// Most streams one uid may hold open at once; more are refused so that
-/// one user cannot starve the others.
-pub const MAX_STREAMS_PER_UID: usize = 256;
+/// Most streams one uid may hold open at once unless configured otherwise
+/// (`max_streams_per_uid`); more are refused so that one user cannot starve
+/// the others.
+pub const DEFAULT_MAX_STREAMS_PER_UID: usize = 256;
 /// How long attestation of a caller may take.
 const ATTESTATION_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a new workload waits for SVIDs of entries that match it but are
@@ -59,6 +60,7 @@ pub struct WorkloadApi {
     agent: Agent,
     attestor: Arc<UnixAttestor>,
     streams: Arc<std::sync::Mutex<HashMap<u32, usize>>>,
+    max_streams_per_uid: usize,
 }
 
 /// One open stream counted against its uid; released on drop.
@@ -184,22 +186,31 @@ fn svid_message(s: &CachedSvid, bundle: &Bundle) -> X509svid {
 }
 
 impl WorkloadApi {
-    /// Serves identities from `agent`, attesting callers with `attestor`.
+    /// Serves identities from `agent`, attesting callers with `attestor`,
+    /// with the default per-uid stream limit.
     pub fn new(agent: Agent, attestor: Arc<UnixAttestor>) -> Self {
         Self {
             agent,
             attestor,
             streams: Arc::default(),
+            max_streams_per_uid: DEFAULT_MAX_STREAMS_PER_UID,
         }
+    }
+
+    /// Sets the most streams one uid may hold open at once (at least 1).
+    pub fn with_max_streams_per_uid(mut self, limit: usize) -> Self {
+        self.max_streams_per_uid = limit.max(1);
+        self
     }
 
     /// Counts a new stream for `uid`, refusing it past the limit.
     fn open_stream(&self, uid: u32) -> Result<StreamSlot, Status> {
         let mut counts = self.streams.lock().unwrap_or_else(|p| p.into_inner());
         let n = counts.entry(uid).or_insert(0);
-        if *n >= MAX_STREAMS_PER_UID {
+        if *n >= self.max_streams_per_uid {
             return Err(Status::resource_exhausted(format!(
-                "this user already holds {MAX_STREAMS_PER_UID} Workload API streams; close some first"
+                "this user already holds {} Workload API streams; close some first",
+                self.max_streams_per_uid
             )));
         }
         *n += 1;
