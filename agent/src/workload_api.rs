@@ -325,11 +325,15 @@ impl WorkloadApi {
     }
 
     /// Streams `make()` now and whenever the cache changes and the value
-    /// differs; ends with the error `make` returns.
-    fn watch_stream<T, F>(&self, slot: StreamSlot, first: T, make: F) -> BoxStream<T>
+    /// differs; ends with the error `make` returns. `check` runs before
+    /// each update is sent (not when nothing is sent: an unchanged value,
+    /// or an error ending the stream, discloses nothing) and ends the
+    /// stream with its error instead.
+    fn watch_stream<T, F, C>(&self, slot: StreamSlot, first: T, make: F, check: C) -> BoxStream<T>
     where
         T: PartialEq + Clone + Send + 'static,
         F: Fn(&WorkloadApi) -> Result<Option<T>, Status> + Send + 'static,
+        C: Fn(&WorkloadApi) -> Result<(), Status> + Send + 'static,
     {
         let (tx, rx) = mpsc::channel(1);
         let this = self.clone();
@@ -349,6 +353,10 @@ impl WorkloadApi {
                     Ok(None) => {}
                     Ok(Some(next)) if next == last => {}
                     Ok(Some(next)) => {
+                        if let Err(status) = check(&this) {
+                            let _ = tx.send(Err(status)).await;
+                            return;
+                        }
                         last = next.clone();
                         if tx.send(Ok(next)).await.is_err() {
                             return;
@@ -392,13 +400,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         let slot = self.open_stream(uid)?;
         let svids = self.x509_state(&selectors).await?;
         let first = x509_response(&svids, &*self.bundle()?);
-        Ok(Response::new(self.watch_stream(slot, first, move |api| {
-            // Each update goes only to the process that opened the stream.
-            if api.attestor.attest_as(pid, Some(&origin)).is_err() {
-                return Err(Status::unauthenticated(
-                    "the calling process changed or is gone",
-                ));
-            }
+        let make = move |api: &WorkloadApi| {
             let (entries, svids) = api.identities(&selectors);
             if entries.is_empty() {
                 return Err(Status::permission_denied(
@@ -409,7 +411,17 @@ impl SpiffeWorkloadApi for WorkloadApi {
                 return Ok(None); // re-issuance in progress: send when it lands
             }
             Ok(Some(x509_response(&svids, &*api.bundle()?)))
-        })))
+        };
+        // Each update goes only to the process that opened the stream: it
+        // is attested again before anything is sent (and only then, so a
+        // change that sends nothing, or a revocation, costs no /proc reads).
+        let check = move |api: &WorkloadApi| {
+            api.attestor
+                .attest_as(pid, Some(&origin))
+                .map(|_| ())
+                .map_err(|_| Status::unauthenticated("the calling process changed or is gone"))
+        };
+        Ok(Response::new(self.watch_stream(slot, first, make, check)))
     }
 
     async fn fetch_x509_bundles(
@@ -427,9 +439,12 @@ impl SpiffeWorkloadApi for WorkloadApi {
             })
         };
         let first = make(self)?;
-        Ok(Response::new(
-            self.watch_stream(slot, first, move |api| make(api).map(Some)),
-        ))
+        Ok(Response::new(self.watch_stream(
+            slot,
+            first,
+            move |api| make(api).map(Some),
+            |_| Ok(()),
+        )))
     }
 
     async fn fetch_jwtsvid(
@@ -494,9 +509,12 @@ impl SpiffeWorkloadApi for WorkloadApi {
             })
         };
         let first = make(self)?;
-        Ok(Response::new(
-            self.watch_stream(slot, first, move |api| make(api).map(Some)),
-        ))
+        Ok(Response::new(self.watch_stream(
+            slot,
+            first,
+            move |api| make(api).map(Some),
+            |_| Ok(()),
+        )))
     }
 
     async fn validate_jwtsvid(

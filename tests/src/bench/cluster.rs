@@ -54,6 +54,9 @@ impl Cluster {
             ..ServerOptions::default()
         };
         let server = ServerProcess::start(&dir.path().join("server"), &options)?;
+        if let Some(pid) = server.pid() {
+            eprintln!("sigil-server pid {pid} in {}", dir.path().display());
+        }
         Ok(Self { server, dir })
     }
 
@@ -112,6 +115,9 @@ impl Cluster {
             &NodeAttestation::JoinToken(token),
             AGENT_EXTRA,
         )?;
+        if let Some(pid) = agent.pid() {
+            eprintln!("sigil-agent pid {pid}");
+        }
         let after = self.agent_ids(&mut admin).await?;
         let id = after
             .into_iter()

@@ -127,12 +127,16 @@ pub async fn run(options: &Options) -> Result<Report> {
     if !status.success() {
         bail!("the probe workload failed ({status})");
     }
+    // The watching stream holds every SVID in one message (in the agent
+    // too, as the last state sent); close it so that the memory measured
+    // is the cache, not the harness's stream.
+    drop(watch);
     let probe: Vec<Duration> = serde_json::from_str::<Vec<f64>>(text.trim())
         .with_context(|| format!("probe printed no latencies: {text:?}"))?
         .into_iter()
         .map(|us| Duration::from_secs_f64(us / 1e6))
         .collect();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let (rss_after, hwm) = memory(agent_pid)?;
 
     report.add("CreateEntries call", create_call.as_secs_f64() * 1e3, "ms");
