@@ -160,7 +160,56 @@ pub async fn run(options: &Options) -> Result<Report> {
         "B",
         Target::AtMost(2_048.0),
     );
+
+    // The same without any workload reading the SVIDs: a second agent
+    // caches N SVIDs for entries no process matches; its RSS is read once
+    // it has stopped growing.
+    progress(NAME, format!("second agent caching {n} SVIDs nobody reads"));
+    let (idle, idle_id) = cluster.start_agent("idle-agent").await?;
+    let idle_pid = idle
+        .pid()
+        .ok_or_else(|| anyhow!("the second agent is not running"))?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (idle_before, _) = memory(idle_pid)?;
+    let unread: Vec<_> = (0..n)
+        .map(|i| {
+            entry(
+                format!("spiffe://example.org/bench/rotation/unread/{i}"),
+                &idle_id,
+                vec!["unix:uid:4242424".into()],
+            )
+        })
+        .collect();
+    cluster.create_entries(&mut admin, unread).await?;
+    let idle_after = settled(idle_pid, idle_before, n as u64 * 256).await?;
+    report.add_target(
+        "agent memory per cached SVID, no stream",
+        idle_after.saturating_sub(idle_before) as f64 / n as f64,
+        "B",
+        Target::AtMost(2_048.0),
+    );
     Ok(report)
+}
+
+/// VmRSS of `pid` once it has grown past `before` by at least `growth`
+/// bytes and then stayed within 64 KiB for 2 s (at most 60 s).
+async fn settled(pid: u32, before: u64, growth: u64) -> Result<u64> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut last = before;
+    let mut stable_since = Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let (rss, _) = memory(pid)?;
+        if rss.abs_diff(last) > 64 * 1024 {
+            last = rss;
+            stable_since = Instant::now();
+        } else if rss > before + growth && stable_since.elapsed() >= Duration::from_secs(2) {
+            return Ok(rss);
+        }
+        if Instant::now() >= deadline {
+            bail!("agent memory did not settle within 60 s (VmRSS {rss} B)");
+        }
+    }
 }
 
 /// Reads `watch` until a response carries `count` SVIDs; the time since `t0`.
