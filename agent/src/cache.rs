@@ -87,6 +87,9 @@ impl std::fmt::Debug for State {
     }
 }
 
+/// A freshly issued SVID to store: its entry, PKCS#8 key and DER chain.
+pub type Issued = (Arc<RegistrationEntry>, Zeroizing<Vec<u8>>, Vec<Vec<u8>>);
+
 impl Cache {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
@@ -274,34 +277,59 @@ impl Cache {
         key: Zeroizing<Vec<u8>>,
         chain: Vec<Vec<u8>>,
     ) -> Result<(), String> {
-        let leaf = sigil_identity::x509::parse(chain.first().ok_or("empty chain")?)
-            .map_err(|e| e.to_string())?;
-        let (not_before, not_after) = sigil_identity::x509::validity(&leaf);
-        // Servers backdate NotBefore against clock skew; the half-life is
-        // counted from when the SVID arrived, or a 10 s SVID backdated 10 s
-        // would be due the moment it arrives.
-        let renew_at = rotation::renewal_time(
-            not_before.max(SystemTime::now()),
-            not_after,
-            sigil_identity::random::jitter_unit(),
-        );
+        self.store_all(vec![(entry, key, chain)])
+            .pop()
+            .unwrap_or(Ok(()))
+    }
+
+    /// Stores freshly issued SVIDs (entry, key, chain) whose entries are
+    /// still there, as one change: readers are woken once for the whole
+    /// batch, not once per SVID. One result per item, in order.
+    pub fn store_all(&self, items: Vec<Issued>) -> Vec<Result<(), String>> {
+        let mut results = Vec::with_capacity(items.len());
+        let mut ready = Vec::with_capacity(items.len());
+        for (entry, key, chain) in items {
+            let parsed = chain
+                .first()
+                .ok_or_else(|| "empty chain".to_owned())
+                .and_then(|leaf| sigil_identity::x509::parse(leaf).map_err(|e| e.to_string()))
+                .map(|leaf| sigil_identity::x509::validity(&leaf));
+            match parsed {
+                Ok((not_before, not_after)) => {
+                    // Servers backdate NotBefore against clock skew; the
+                    // half-life is counted from when the SVID arrived, or a
+                    // 10 s SVID backdated 10 s would be due on arrival.
+                    let renew_at = rotation::renewal_time(
+                        not_before.max(SystemTime::now()),
+                        not_after,
+                        sigil_identity::random::jitter_unit(),
+                    );
+                    ready.push(CachedSvid {
+                        entry,
+                        key,
+                        chain,
+                        not_before,
+                        not_after,
+                        renew_at,
+                    });
+                    results.push(Ok(()));
+                }
+                Err(e) => results.push(Err(e)),
+            }
+        }
         let mut st = self.lock();
-        if st.entries.contains_key(&entry.id) {
-            st.svids.insert(
-                entry.id.clone(),
-                CachedSvid {
-                    entry,
-                    key,
-                    chain,
-                    not_before,
-                    not_after,
-                    renew_at,
-                },
-            );
-            drop(st);
+        let mut changed = false;
+        for svid in ready {
+            if st.entries.contains_key(&svid.entry.id) {
+                st.svids.insert(svid.entry.id.clone(), svid);
+                changed = true;
+            }
+        }
+        drop(st);
+        if changed {
             self.bump();
         }
-        Ok(())
+        results
     }
 }
 

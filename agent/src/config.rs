@@ -57,6 +57,14 @@ pub struct AgentConfig {
     /// Workload attestors run besides `unix` (which always runs).
     #[serde(default)]
     pub workload_attestors: WorkloadAttestorsConfig,
+    /// Most Workload API streams one uid may hold open at once; more are
+    /// refused so that one user cannot starve the others.
+    #[serde(default = "default_max_streams_per_uid")]
+    pub max_streams_per_uid: usize,
+}
+
+fn default_max_streams_per_uid() -> usize {
+    crate::workload_api::DEFAULT_MAX_STREAMS_PER_UID
 }
 
 fn default_socket() -> PathBuf {
@@ -186,6 +194,11 @@ impl AgentConfig {
                 "set trust_bundle (the server's CA, e.g. from `sigil-server bundle show`) or insecure_bootstrap = true".into(),
             ));
         }
+        if self.max_streams_per_uid == 0 {
+            return Err(ConfigError::Invalid(
+                "max_streams_per_uid must be at least 1".into(),
+            ));
+        }
         let a = &self.node_attestor;
         let configured = [
             a.join_token.is_some(),
@@ -223,6 +236,9 @@ mod tests {
         let ok = "trust_domain = \"example.org\"\nserver_address = \"127.0.0.1:8081\"\ninsecure_bootstrap = true\n[node_attestor]\njoin_token = \"abc\"\n";
         let cfg = AgentConfig::parse(ok).unwrap();
         assert_eq!(cfg.data_dir, PathBuf::from(DEFAULT_DATA_DIR));
+        assert_eq!(cfg.max_streams_per_uid, 256);
+        let zero = format!("max_streams_per_uid = 0\n{ok}");
+        assert!(AgentConfig::parse(&zero).is_err());
         let no_trust = "trust_domain = \"example.org\"\nserver_address = \"x:1\"\n[node_attestor]\njoin_token = \"abc\"\n";
         assert!(
             AgentConfig::parse(no_trust)

@@ -42,6 +42,7 @@ async fn run(args: cli::RunArgs) -> anyhow::Result<()> {
         .init();
 
     let socket = config.socket_path.clone();
+    let max_streams_per_uid = config.max_streams_per_uid;
     let attestor = Arc::new(UnixAttestor::new(config.max_hash_bytes));
     let workload_attestors = sigil_agent::workload_attestors::from_config(&config)?;
     let agent = Agent::start(config).await?;
@@ -51,7 +52,9 @@ async fn run(args: cli::RunArgs) -> anyhow::Result<()> {
         let _ = rx.wait_for(|s| *s).await;
     };
     let api = tokio::spawn(workload_api::serve(
-        WorkloadApi::new(agent.clone(), attestor).with_workload_attestors(workload_attestors),
+        WorkloadApi::new(agent.clone(), attestor)
+            .with_workload_attestors(workload_attestors)
+            .with_max_streams_per_uid(max_streams_per_uid),
         listener,
         wait(stop_rx.clone()),
     ));

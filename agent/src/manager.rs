@@ -513,16 +513,23 @@ impl Agent {
                 .await?
                 .into_inner()
                 .results;
+            let mut issued = Vec::with_capacity(chunk.len());
             for (entry, r) in chunk.iter().zip(results) {
                 match (r.svid, keys.remove(&entry.id)) {
                     (Some(svid), Some(key)) if r.entry_id == entry.id.as_str() => {
-                        if let Err(e) = self.cache.store(entry.clone(), key, svid.cert_chain) {
-                            warn!(entry_id = %entry.id, error = %e, "server sent an unreadable SVID");
-                        }
+                        issued.push((entry.clone(), key, svid.cert_chain));
                     }
                     _ => {
                         warn!(entry_id = %entry.id, code = r.code, message = %r.message, "SVID not issued")
                     }
+                }
+            }
+            // One cache change per batch: every open stream rebuilds its
+            // state on a change, so per-SVID changes cost streams × SVIDs.
+            let ids: Vec<_> = issued.iter().map(|(e, _, _)| e.id.clone()).collect();
+            for (id, stored) in ids.iter().zip(self.cache.store_all(issued)) {
+                if let Err(e) = stored {
+                    warn!(entry_id = %id, error = %e, "server sent an unreadable SVID");
                 }
             }
         }

@@ -35,9 +35,10 @@ use crate::manager::Agent;
 
 /// Largest request accepted (a JWT to validate is the largest field).
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
-/// Most streams one uid may hold open at once; more are refused so that
-/// one user cannot starve the others.
-pub const MAX_STREAMS_PER_UID: usize = 256;
+/// Most streams one uid may hold open at once unless configured otherwise
+/// (`max_streams_per_uid`); more are refused so that one user cannot starve
+/// the others.
+pub const DEFAULT_MAX_STREAMS_PER_UID: usize = 256;
 /// How long attestation of a caller may take.
 const ATTESTATION_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a new workload waits for SVIDs of entries that match it but are
@@ -63,6 +64,7 @@ pub struct WorkloadApi {
     /// Attestors run after `unix`; their selectors are added to its.
     others: Vec<Arc<dyn WorkloadAttestor>>,
     streams: Arc<std::sync::Mutex<HashMap<u32, usize>>>,
+    max_streams_per_uid: usize,
 }
 
 /// One open stream counted against its uid; released on drop.
@@ -188,13 +190,15 @@ fn svid_message(s: &CachedSvid, bundle: &Bundle) -> X509svid {
 }
 
 impl WorkloadApi {
-    /// Serves identities from `agent`, attesting callers with `attestor`.
+    /// Serves identities from `agent`, attesting callers with `attestor`,
+    /// with the default per-uid stream limit.
     pub fn new(agent: Agent, attestor: Arc<UnixAttestor>) -> Self {
         Self {
             agent,
             attestor,
             others: Vec::new(),
             streams: Arc::default(),
+            max_streams_per_uid: DEFAULT_MAX_STREAMS_PER_UID,
         }
     }
 
@@ -207,13 +211,20 @@ impl WorkloadApi {
         self
     }
 
+    /// Sets the most streams one uid may hold open at once (at least 1).
+    pub fn with_max_streams_per_uid(mut self, limit: usize) -> Self {
+        self.max_streams_per_uid = limit.max(1);
+        self
+    }
+
     /// Counts a new stream for `uid`, refusing it past the limit.
     fn open_stream(&self, uid: u32) -> Result<StreamSlot, Status> {
         let mut counts = self.streams.lock().unwrap_or_else(|p| p.into_inner());
         let n = counts.entry(uid).or_insert(0);
-        if *n >= MAX_STREAMS_PER_UID {
+        if *n >= self.max_streams_per_uid {
             return Err(Status::resource_exhausted(format!(
-                "this user already holds {MAX_STREAMS_PER_UID} Workload API streams; close some first"
+                "this user already holds {} Workload API streams; close some first",
+                self.max_streams_per_uid
             )));
         }
         *n += 1;
@@ -366,11 +377,15 @@ impl WorkloadApi {
     }
 
     /// Streams `make()` now and whenever the cache changes and the value
-    /// differs; ends with the error `make` returns.
-    fn watch_stream<T, F>(&self, slot: StreamSlot, first: T, make: F) -> BoxStream<T>
+    /// differs; ends with the error `make` returns. `check` runs before
+    /// each update is sent (not when nothing is sent: an unchanged value,
+    /// or an error ending the stream, discloses nothing) and ends the
+    /// stream with its error instead.
+    fn watch_stream<T, F, C>(&self, slot: StreamSlot, first: T, make: F, check: C) -> BoxStream<T>
     where
         T: PartialEq + Clone + Send + 'static,
         F: Fn(&WorkloadApi) -> Result<Option<T>, Status> + Send + 'static,
+        C: Fn(&WorkloadApi) -> Result<(), Status> + Send + 'static,
     {
         let (tx, rx) = mpsc::channel(1);
         let this = self.clone();
@@ -390,6 +405,10 @@ impl WorkloadApi {
                     Ok(None) => {}
                     Ok(Some(next)) if next == last => {}
                     Ok(Some(next)) => {
+                        if let Err(status) = check(&this) {
+                            let _ = tx.send(Err(status)).await;
+                            return;
+                        }
                         last = next.clone();
                         if tx.send(Ok(next)).await.is_err() {
                             return;
@@ -433,13 +452,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         let slot = self.open_stream(uid)?;
         let svids = self.x509_state(&selectors).await?;
         let first = x509_response(&svids, &*self.bundle()?);
-        Ok(Response::new(self.watch_stream(slot, first, move |api| {
-            // Each update goes only to the process that opened the stream.
-            if api.attestor.attest_as(pid, Some(&origin)).is_err() {
-                return Err(Status::unauthenticated(
-                    "the calling process changed or is gone",
-                ));
-            }
+        let make = move |api: &WorkloadApi| {
             let (entries, svids) = api.identities(&selectors);
             if entries.is_empty() {
                 return Err(api.no_identity("no identity is registered for this workload any more"));
@@ -448,7 +461,17 @@ impl SpiffeWorkloadApi for WorkloadApi {
                 return Ok(None); // re-issuance in progress: send when it lands
             }
             Ok(Some(x509_response(&svids, &*api.bundle()?)))
-        })))
+        };
+        // Each update goes only to the process that opened the stream: it
+        // is attested again before anything is sent (and only then, so a
+        // change that sends nothing, or a revocation, costs no /proc reads).
+        let check = move |api: &WorkloadApi| {
+            api.attestor
+                .attest_as(pid, Some(&origin))
+                .map(|_| ())
+                .map_err(|_| Status::unauthenticated("the calling process changed or is gone"))
+        };
+        Ok(Response::new(self.watch_stream(slot, first, make, check)))
     }
 
     async fn fetch_x509_bundles(
@@ -466,9 +489,12 @@ impl SpiffeWorkloadApi for WorkloadApi {
             })
         };
         let first = make(self)?;
-        Ok(Response::new(
-            self.watch_stream(slot, first, move |api| make(api).map(Some)),
-        ))
+        Ok(Response::new(self.watch_stream(
+            slot,
+            first,
+            move |api| make(api).map(Some),
+            |_| Ok(()),
+        )))
     }
 
     async fn fetch_jwtsvid(
@@ -531,9 +557,12 @@ impl SpiffeWorkloadApi for WorkloadApi {
             })
         };
         let first = make(self)?;
-        Ok(Response::new(
-            self.watch_stream(slot, first, move |api| make(api).map(Some)),
-        ))
+        Ok(Response::new(self.watch_stream(
+            slot,
+            first,
+            move |api| make(api).map(Some),
+            |_| Ok(()),
+        )))
     }
 
     async fn validate_jwtsvid(

@@ -259,8 +259,8 @@ async fn a_thousand_streams_from_one_uid_do_not_starve_another_uid() {
             }
         }
     }
-    assert_eq!(opened, workload_api::MAX_STREAMS_PER_UID);
-    assert_eq!(refused, 1000 - workload_api::MAX_STREAMS_PER_UID);
+    assert_eq!(opened, workload_api::DEFAULT_MAX_STREAMS_PER_UID);
+    assert_eq!(refused, 1000 - workload_api::DEFAULT_MAX_STREAMS_PER_UID);
 
     // Another user is still served, through the real CLI, as uid 65534.
     let mut dir = s.socket.parent();

@@ -7,5 +7,9 @@
 //! # Layout
 //! - [`process`]: locating the built binaries, starting, stopping and
 //!   killing server and agent processes, running their CLIs.
+//! - [`bench`]: the `sigil-bench` scenarios (issuance, JWT minting,
+//!   Workload API latency, revocation fan-out, mass rotation, scale) and
+//!   their report table.
 
+pub mod bench;
 pub mod process;

@@ -11,9 +11,24 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 
-/// Where the workspace's binaries are: `$SIGIL_BIN_DIR`, else the
-/// directory cargo put this executable's parent in (`target/<profile>`).
+/// The directory set by [`set_bin_dir`], if any.
+static BIN_DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// Makes [`bin_dir`] return `dir` from now on (e.g. from a `--bin-dir`
+/// flag); only the first call has an effect, later ones are an error.
+pub fn set_bin_dir(dir: PathBuf) -> Result<()> {
+    BIN_DIR
+        .set(dir)
+        .map_err(|dir| anyhow!("the binary directory is already set (to {})", dir.display()))
+}
+
+/// Where the workspace's binaries are: the directory given to
+/// [`set_bin_dir`], else `$SIGIL_BIN_DIR`, else the directory cargo put
+/// this executable's parent in (`target/<profile>`).
 pub fn bin_dir() -> Result<PathBuf> {
+    if let Some(dir) = BIN_DIR.get() {
+        return Ok(dir.clone());
+    }
     if let Some(dir) = std::env::var_os("SIGIL_BIN_DIR") {
         return Ok(PathBuf::from(dir));
     }
@@ -463,6 +478,17 @@ impl AgentProcess {
     /// Writes a config under `dir` for `server` (trusting its current
     /// bundle) and starts the agent, waiting until its Workload API answers.
     pub fn start(dir: &Path, server: &ServerProcess, node: &NodeAttestation) -> Result<Self> {
+        Self::start_with(dir, server, node, "")
+    }
+
+    /// As [`AgentProcess::start`], with `extra` top-level TOML settings
+    /// (e.g. `max_streams_per_uid = 20000`) added to the config file.
+    pub fn start_with(
+        dir: &Path,
+        server: &ServerProcess,
+        node: &NodeAttestation,
+        extra: &str,
+    ) -> Result<Self> {
         std::fs::create_dir_all(dir)?;
         let bundle = dir.join("bootstrap-bundle.pem");
         server.write_bundle(&bundle)?;
@@ -476,7 +502,7 @@ impl AgentProcess {
             ),
         };
         let toml = format!(
-            "trust_domain = \"{}\"\nserver_address = \"{}\"\ndata_dir = \"{}\"\ntrust_bundle = \"{}\"\nsocket_path = \"{}\"\nlog_level = \"info\"\n\n[node_attestor]\n{attestor}",
+            "trust_domain = \"{}\"\nserver_address = \"{}\"\ndata_dir = \"{}\"\ntrust_bundle = \"{}\"\nsocket_path = \"{}\"\nlog_level = \"info\"\n{extra}\n\n[node_attestor]\n{attestor}",
             server.trust_domain,
             server.addr,
             dir.join("data").display(),
@@ -524,6 +550,11 @@ impl AgentProcess {
     /// The agent's log so far.
     pub fn log(&self) -> String {
         self.proc_.log_text()
+    }
+
+    /// The agent's pid while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.proc_.pid()
     }
 
     /// Whether the process has exited, and how.

@@ -1,0 +1,125 @@
+//! `sigil-bench`: starts real `sigil-server` and `sigil-agent` processes,
+//! drives them through each benchmark scenario, prints a table of the
+//! results (stdout) and writes them as JSON. Progress goes to stderr.
+//!
+//! `sigil-bench --quick` runs every scenario scaled down (the CI smoke run);
+//! use release binaries for real numbers:
+//! `sigil-bench --bin-dir target/release`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use sigil_tests::bench::{self, Options, SCENARIOS};
+
+/// Benchmark harness for Sigil.
+#[derive(Debug, Parser)]
+#[command(name = "sigil-bench", version)]
+struct Cli {
+    /// Run every scenario scaled down (under 2 minutes; no numbers to quote).
+    #[arg(long)]
+    quick: bool,
+    /// Run only this scenario (repeatable): issuance, jwt,
+    /// workload-latency, revocation, rotation, scale.
+    #[arg(long = "scenario", value_name = "NAME")]
+    scenarios: Vec<String>,
+    /// Where to write the results as JSON.
+    #[arg(long, value_name = "FILE", default_value = "target/sigil-bench.json")]
+    json: PathBuf,
+    /// Directory holding sigil-server and sigil-agent [default: next to
+    /// this executable, or $SIGIL_BIN_DIR].
+    #[arg(long, value_name = "DIR")]
+    bin_dir: Option<PathBuf>,
+    /// Internal: run as the probe workload of the rotation scenario.
+    #[arg(long, hide = true, value_name = "SOCKET")]
+    probe_socket: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sigil-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    if let Some(socket) = &cli.probe_socket {
+        return runtime.block_on(bench::rotation::probe(socket));
+    }
+    if let Some(dir) = &cli.bin_dir {
+        let dir =
+            std::path::absolute(dir).with_context(|| format!("bad --bin-dir {}", dir.display()))?;
+        sigil_tests::process::set_bin_dir(dir)?;
+    }
+    let names: Vec<String> = if cli.scenarios.is_empty() {
+        SCENARIOS.iter().map(|s| (*s).to_owned()).collect()
+    } else {
+        cli.scenarios.clone()
+    };
+    for name in &names {
+        if !SCENARIOS.contains(&name.as_str()) {
+            bail!(
+                "unknown scenario {name:?}; the scenarios are {}",
+                SCENARIOS.join(", ")
+            );
+        }
+    }
+    let options = Options { quick: cli.quick };
+    eprintln!(
+        "sigil-bench: {} run of {}; binaries from {}",
+        if cli.quick { "quick" } else { "full" },
+        names.join(", "),
+        sigil_tests::process::bin_dir()?.display()
+    );
+    let mut reports = Vec::new();
+    let mut failures = Vec::new();
+    for name in &names {
+        eprintln!("[{name}] starting");
+        match runtime.block_on(bench::run(name, &options)) {
+            Ok(report) => {
+                eprintln!("[{name}] done in {:.1} s", report.wall.as_secs_f64());
+                reports.push(report);
+            }
+            Err(e) => {
+                eprintln!("[{name}] FAILED: {e:#}");
+                failures.push(format!("{name}: {e:#}"));
+            }
+        }
+    }
+    print!("{}", bench::table(&reports));
+    let json = serde_json::json!({
+        "quick": cli.quick,
+        "cores": bench::raw::cores(),
+        "unix_time": std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        "load_average": std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim(),
+        "scenarios": reports.iter().map(bench::Report::to_json).collect::<Vec<_>>(),
+        "failures": failures,
+    });
+    if let Some(parent) = cli.json.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("cannot create {}", parent.display()))?;
+    }
+    std::fs::write(&cli.json, serde_json::to_string_pretty(&json)?)
+        .with_context(|| format!("cannot write {}", cli.json.display()))?;
+    eprintln!("sigil-bench: results written to {}", cli.json.display());
+    if !failures.is_empty() {
+        bail!(
+            "{} scenario(s) failed:\n{}",
+            failures.len(),
+            failures.join("\n")
+        );
+    }
+    Ok(())
+}
