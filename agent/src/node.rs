@@ -4,9 +4,6 @@
 use std::sync::Arc;
 
 use rcgen::{CertificateParams, KeyPair};
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
 use sigil_identity::attestation::AgentNodeAttestor;
 use sigil_identity::tls::{
     SharedBundle, SpiffeServerVerifier, SvidResolver, authorize_id, certified_key, client_config,
@@ -47,44 +44,6 @@ impl From<tonic::Status> for NodeError {
 impl From<sigil_identity::attestation::AttestError> for NodeError {
     fn from(e: sigil_identity::attestation::AttestError) -> Self {
         Self::Attestor(e)
-    }
-}
-
-/// Accepts any server certificate. Only for `insecure_bootstrap`, which
-/// says so in its name; used for attestation alone, after which the
-/// agent trusts exactly the bundle it received.
-#[derive(Debug)]
-struct InsecureBootstrap(Arc<rustls::crypto::CryptoProvider>);
-
-impl ServerCertVerifier for InsecureBootstrap {
-    fn verify_server_cert(
-        &self,
-        _: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-    fn verify_tls12_signature(
-        &self,
-        m: &[u8],
-        c: &CertificateDer<'_>,
-        d: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
-    }
-    fn verify_tls13_signature(
-        &self,
-        m: &[u8],
-        c: &CertificateDer<'_>,
-        d: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
-    }
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
     }
 }
 
@@ -135,9 +94,12 @@ pub async fn attest(
                 .map(|b| {
                     let mut c = b
                         .dangerous()
-                        .with_custom_certificate_verifier(Arc::new(InsecureBootstrap(
-                            sigil_identity::tls::provider(),
-                        )))
+                        // Only for `insecure_bootstrap`, which says so in its
+                        // name; used for attestation alone, after which the
+                        // agent trusts exactly the bundle it received.
+                        .with_custom_certificate_verifier(
+                            sigil_identity::tls::InsecureAnyServer::new(),
+                        )
                         .with_no_client_auth();
                     c.alpn_protocols = vec![b"h2".to_vec()];
                     c

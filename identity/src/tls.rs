@@ -261,6 +261,65 @@ impl ClientCertVerifier for SpiffeClientVerifier {
     }
 }
 
+/// Accepts any server certificate, still checking that the handshake is
+/// signed by the key in the certificate presented. Only for the modes that
+/// say "insecure" in their name (`insecure_bootstrap`,
+/// `insecure_skip_kubelet_verify`).
+#[derive(Debug)]
+pub struct InsecureAnyServer(Arc<CryptoProvider>);
+
+impl InsecureAnyServer {
+    /// The verifier, on Sigil's crypto provider.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self(provider()))
+    }
+}
+
+impl ServerCertVerifier for InsecureAnyServer {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
 /// Serves the current SVID on both sides of a connection; swap it on
 /// rotation and new handshakes pick it up.
 #[derive(Debug)]
