@@ -239,7 +239,7 @@ pub async fn run(
         ca: ca.clone(),
         registry: registry.clone(),
         store: store.clone(),
-        audit,
+        audit: audit.clone(),
         clock: clock.clone(),
         allowed_uids,
         token_ttl: config.node_attestors.join_token.default_ttl,
@@ -315,6 +315,8 @@ pub async fn run(
         }
     };
     let _ = tokio::join!(rotation, follower);
+    // Issuance events still queued reach the datastore before it closes.
+    audit.flush().await;
     node_result?;
     admin_result?;
     info!("sigil-server stopped");

@@ -605,7 +605,7 @@ impl Node for NodeApi {
                 }
             }
         }
-        self.audit.record_all(audit).await;
+        self.audit.record_issued(audit).await;
         Ok(Response::new(pb::BatchNewX509SvidResponse { results }))
     }
 
@@ -631,7 +631,7 @@ impl Node for NodeApi {
             .mint_jwt_svid(&entry.spiffe_id, &req.audience, entry.jwt_svid_ttl)
             .map_err(|e| ca_status(&e))?;
         self.audit
-            .record_all(vec![self.audit.issued(
+            .record_issued(vec![self.audit.issued(
                 ctx.id.as_str(),
                 "svid.jwt.issue",
                 entry.spiffe_id.as_str(),
