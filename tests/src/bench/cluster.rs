@@ -138,6 +138,39 @@ impl Cluster {
             .collect())
     }
 
+    /// Attests `count` simulated agents, each with one entry
+    /// `spiffe://example.org/bench/<scenario>/<i>`; each agent with that
+    /// entry's id.
+    pub async fn agents_with_one_entry(
+        &self,
+        scenario: &str,
+        count: usize,
+        bundle: &Bundle,
+    ) -> Result<Vec<(SimAgent, String)>> {
+        let mut admin = self.admin().await?;
+        let mut out = Vec::with_capacity(count);
+        for i in 0..count {
+            let token = self.token(&mut admin).await?;
+            let agent = SimAgent::attest(self, bundle, &token).await?;
+            let created = self
+                .create_entries(
+                    &mut admin,
+                    vec![entry(
+                        format!("spiffe://example.org/bench/{scenario}/{i}"),
+                        &agent.id,
+                        vec!["unix:uid:1".into()],
+                    )],
+                )
+                .await?;
+            let entry_id = created
+                .first()
+                .map(|e| e.id.clone())
+                .ok_or_else(|| anyhow!("no entry created"))?;
+            out.push((agent, entry_id));
+        }
+        Ok(out)
+    }
+
     /// Creates `entries` in batches the admin API accepts; the created
     /// entries in order.
     pub async fn create_entries(

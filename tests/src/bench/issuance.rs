@@ -11,7 +11,7 @@ use anyhow::{Result, anyhow, bail};
 use serde_json::json;
 use sigil_proto::node as pb;
 
-use super::cluster::{Cluster, SimAgent, csr_pool, entry};
+use super::cluster::{Cluster, csr_pool};
 use super::raw;
 use super::{Options, Report, Target, memory, mib, progress};
 
@@ -35,25 +35,8 @@ pub async fn run(options: &Options) -> Result<Report> {
     let csrs = Arc::new(raw::blocking(move || csr_pool(pool)).await?);
     let cluster = Cluster::start()?;
     let bundle = cluster.bundle().await?;
-    let mut admin = cluster.admin().await?;
     let mut workers = Vec::new();
-    for i in 0..agents {
-        let token = cluster.token(&mut admin).await?;
-        let agent = SimAgent::attest(&cluster, &bundle, &token).await?;
-        let created = cluster
-            .create_entries(
-                &mut admin,
-                vec![entry(
-                    format!("spiffe://example.org/bench/issuance/{i}"),
-                    &agent.id,
-                    vec!["unix:uid:1".into()],
-                )],
-            )
-            .await?;
-        let entry_id = created
-            .first()
-            .map(|e| e.id.clone())
-            .ok_or_else(|| anyhow!("no entry created"))?;
+    for (agent, entry_id) in cluster.agents_with_one_entry(NAME, agents, &bundle).await? {
         for _ in 0..in_flight {
             workers.push((agent.client(&cluster, &bundle).await?, entry_id.clone()));
         }

@@ -10,7 +10,7 @@ use anyhow::{Result, anyhow, bail};
 use serde_json::json;
 use sigil_proto::node as pb;
 
-use super::cluster::{Cluster, SimAgent, entry};
+use super::cluster::Cluster;
 use super::raw;
 use super::{Options, Report, Target, progress};
 
@@ -30,25 +30,8 @@ pub async fn run(options: &Options) -> Result<Report> {
 
     let cluster = Cluster::start()?;
     let bundle = cluster.bundle().await?;
-    let mut admin = cluster.admin().await?;
     let mut clients = Vec::new();
-    for i in 0..agents {
-        let token = cluster.token(&mut admin).await?;
-        let agent = SimAgent::attest(&cluster, &bundle, &token).await?;
-        let created = cluster
-            .create_entries(
-                &mut admin,
-                vec![entry(
-                    format!("spiffe://example.org/bench/jwt/{i}"),
-                    &agent.id,
-                    vec!["unix:uid:1".into()],
-                )],
-            )
-            .await?;
-        let entry_id = created
-            .first()
-            .map(|e| e.id.clone())
-            .ok_or_else(|| anyhow!("no entry created"))?;
+    for (agent, entry_id) in cluster.agents_with_one_entry(NAME, agents, &bundle).await? {
         let client = agent.client(&cluster, &bundle).await?;
         mint(&mut client.clone(), &entry_id).await?; // warm-up
         clients.push((client, entry_id));
