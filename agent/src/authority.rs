@@ -14,12 +14,16 @@
 //! every client block with a decoder that mirrors the client's encoder, and
 //! re-encodes it without touching the dynamic table (literals without
 //! indexing), so the server's decoder table stays empty and consistent.
+//! Huffman-coded strings are decoded first, by [`huffman`], so the HPACK
+//! decoder only ever sees plain ones.
 
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+mod huffman;
 
 /// The HTTP/2 client connection preface.
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -75,6 +79,79 @@ fn push_literal(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(name);
     push_int(out, 7, 0, value.len());
     out.extend_from_slice(value);
+}
+
+/// Reads an HPACK integer with an `n`-bit prefix at `*pos`.
+fn read_int(block: &[u8], pos: &mut usize, n: u8) -> io::Result<usize> {
+    let truncated = || protocol_error("truncated HPACK integer");
+    let max = (1usize << n) - 1;
+    let first = usize::from(*block.get(*pos).ok_or_else(truncated)?) & max;
+    *pos += 1;
+    if first < max {
+        return Ok(first);
+    }
+    let mut value = max;
+    for shift in (0..28).step_by(7) {
+        let byte = *block.get(*pos).ok_or_else(truncated)?;
+        *pos += 1;
+        value += usize::from(byte & 0x7f) << shift;
+        if byte & 0x80 == 0 {
+            return Ok(value);
+        }
+    }
+    Err(protocol_error("HPACK integer too large"))
+}
+
+/// Copies the HPACK string literal at `*pos` to `out`, decoding it first if
+/// it is Huffman-coded.
+fn copy_string(block: &[u8], pos: &mut usize, out: &mut Vec<u8>) -> io::Result<()> {
+    let huffman_coded = block.get(*pos).is_some_and(|b| b & 0x80 != 0);
+    let len = read_int(block, pos, 7)?;
+    let bytes = block
+        .get(*pos..)
+        .and_then(|rest| rest.get(..len))
+        .ok_or_else(|| protocol_error("truncated HPACK string"))?;
+    *pos += len;
+    if huffman_coded {
+        // At most 8 octets per 5 bits.
+        let mut plain = Vec::with_capacity(len * 8 / 5 + 1);
+        huffman::decode(bytes, &mut plain)
+            .map_err(|_| protocol_error("invalid Huffman-coded HPACK string"))?;
+        push_int(out, 7, 0, plain.len());
+        out.extend_from_slice(&plain);
+    } else {
+        push_int(out, 7, 0, len);
+        out.extend_from_slice(bytes);
+    }
+    Ok(())
+}
+
+/// Rewrites a header block with every Huffman-coded string literal in plain
+/// form; representations, indices and table updates are kept as they are,
+/// so the block means the same to an HPACK decoder.
+fn without_huffman(block: &[u8]) -> io::Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(block.len() * 2);
+    let mut pos = 0;
+    while let Some(&first) = block.get(pos) {
+        // RFC 7541 section 6: the representation's prefix size, and whether
+        // string literals follow.
+        let (prefix, literal) = match first {
+            0x80.. => (7, false), // indexed field
+            0x40.. => (6, true),  // literal with incremental indexing
+            0x20.. => (5, false), // dynamic table size update
+            _ => (4, true),       // literal without / never indexed
+        };
+        let start = pos;
+        let index = read_int(block, &mut pos, prefix)?;
+        out.extend_from_slice(&block[start..pos]);
+        if literal {
+            if index == 0 {
+                copy_string(block, &mut pos, &mut out)?;
+            }
+            copy_string(block, &mut pos, &mut out)?;
+        }
+    }
+    Ok(out)
 }
 
 /// Where the reader is in the client's byte stream.
@@ -232,10 +309,11 @@ impl<S> AuthorityFix<S> {
         let Some(block) = self.block.take() else {
             return Ok(());
         };
-        let mut encoded = Vec::with_capacity(block.fragment.len() + 64);
+        let plain = without_huffman(&block.fragment)?;
+        let mut encoded = Vec::with_capacity(plain.len() + 64);
         let mut too_large = false;
         self.decoder
-            .decode_with_cb(&block.fragment, |name, value| {
+            .decode_with_cb(&plain, |name, value| {
                 // Indexed references expand: cap the decoded size, not only
                 // the compressed one, so a small block cannot balloon.
                 if too_large || encoded.len() + name.len() + value.len() > MAX_DECODED {

@@ -27,6 +27,21 @@ fn first_block(path: &[u8], authority: &[u8]) -> Vec<u8> {
     b
 }
 
+/// [`first_block`] with both strings Huffman-coded, as C-core and h2 send
+/// them.
+fn huffman_first_block(path: &[u8], authority: &[u8]) -> Vec<u8> {
+    let mut b = vec![0x83, 0x86, 0x44];
+    for s in [path, authority] {
+        let coded = huffman::encode(s);
+        push_int(&mut b, 7, 0x80, coded.len());
+        b.extend_from_slice(&coded);
+        if s == path {
+            b.push(0x41);
+        }
+    }
+    b
+}
+
 /// A later request reusing both dynamic entries (62 = authority, 63 = path).
 fn repeat_block() -> Vec<u8> {
     vec![0x83, 0x86, 0x80 | 63, 0x80 | 62]
@@ -115,6 +130,36 @@ async fn without_the_fix_h2_refuses_c_core_authorities() {
         requests_seen(&seen, 1).await.is_empty(),
         "h2 resets the stream before the handler"
     );
+}
+
+#[tokio::test]
+async fn huffman_coded_authorities_are_decoded_and_fixed() {
+    for (authority, want) in [
+        (&b"tmp%2Fagent.sock"[..], "localhost"),
+        (b"/run/sigil/agent.sock", "localhost"),
+        (b"example.org:8443", "example.org:8443"),
+    ] {
+        let (client, server) = tokio::io::duplex(1 << 16);
+        let seen = serve(server, true).await;
+        let blocks = vec![
+            (1, huffman_first_block(b"/test", authority)),
+            (3, repeat_block()),
+        ];
+        run_client(client, client_bytes(&blocks)).await;
+        assert_eq!(requests_seen(&seen, 2).await, vec![want; 2]);
+        // What the HPACK decoder is given has the same strings, plain.
+        assert_eq!(
+            without_huffman(&huffman_first_block(b"/test", authority)).unwrap(),
+            first_block(b"/test", authority)
+        );
+    }
+    // A Huffman string that is not valid (EOS inside) ends the connection.
+    let mut fix = AuthorityFix::new(());
+    fix.input.extend_from_slice(PREFACE);
+    let block = [0x41, 0x84, 0xff, 0xff, 0xff, 0xfc];
+    fix.input
+        .extend(frame(TYPE_HEADERS, FLAG_END_HEADERS, 1, &block));
+    assert!(fix.process().unwrap_err().to_string().contains("Huffman"));
 }
 
 #[tokio::test]
