@@ -13,7 +13,7 @@ use std::fs::File;
 use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use sigil_identity::{Selector, SelectorSet};
 
@@ -46,6 +46,45 @@ struct FileKey {
     size: u64,
 }
 
+impl FileKey {
+    fn of(m: &std::fs::Metadata) -> Self {
+        FileKey {
+            dev: m.dev(),
+            ino: m.ino(),
+            mtime: m.mtime(),
+            mtime_nsec: m.mtime_nsec(),
+            ctime: m.ctime(),
+            ctime_nsec: m.ctime_nsec(),
+            size: m.size(),
+        }
+    }
+}
+
+/// id → name, from a `name:x:id:...` database.
+type Names = Arc<HashMap<u32, String>>;
+
+/// A parsed `/etc/passwd` or `/etc/group`, read again only when the file's
+/// [`FileKey`] changes (a `stat` per attestation instead of a parse).
+#[derive(Debug, Default)]
+struct NamesCache(Mutex<Option<(FileKey, Names)>>);
+
+impl NamesCache {
+    fn get(&self, path: &Path) -> Names {
+        let Ok(key) = std::fs::metadata(path).map(|m| FileKey::of(&m)) else {
+            return Names::default();
+        };
+        let mut cached = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((k, names)) = cached.as_ref()
+            && *k == key
+        {
+            return names.clone();
+        }
+        let names = Arc::new(names(path));
+        *cached = Some((key, names.clone()));
+        names
+    }
+}
+
 /// What must not change between a process connecting and being answered:
 /// its start time (no pid reuse) and its executable (no `exec`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,6 +101,8 @@ pub struct UnixAttestor {
     etc_root: PathBuf,
     max_hash_bytes: u64,
     hashes: Mutex<HashMap<FileKey, String>>,
+    users: NamesCache,
+    groups: NamesCache,
 }
 
 impl Default for UnixAttestor {
@@ -110,6 +151,8 @@ impl UnixAttestor {
             etc_root: etc_root.into(),
             max_hash_bytes,
             hashes: Mutex::new(HashMap::new()),
+            users: NamesCache::default(),
+            groups: NamesCache::default(),
         }
     }
 
@@ -159,15 +202,9 @@ impl UnixAttestor {
             })?;
         // Kernel threads and zombies have no exe; that is not an error.
         let exe = std::fs::read_link(dir.join("exe")).ok();
-        let exe_key = std::fs::metadata(dir.join("exe")).ok().map(|m| FileKey {
-            dev: m.dev(),
-            ino: m.ino(),
-            mtime: m.mtime(),
-            mtime_nsec: m.mtime_nsec(),
-            ctime: m.ctime(),
-            ctime_nsec: m.ctime_nsec(),
-            size: m.size(),
-        });
+        let exe_key = std::fs::metadata(dir.join("exe"))
+            .ok()
+            .map(|m| FileKey::of(&m));
         Ok(ProcessIdentity {
             start_time,
             exe,
@@ -226,10 +263,13 @@ impl UnixAttestor {
         pid: i32,
         expected: Option<&ProcessIdentity>,
     ) -> Result<SelectorSet, UnixError> {
-        let before = self.snapshot(pid)?;
-        if expected.is_some_and(|e| *e != before) {
-            return Err(UnixError::Changed(pid));
-        }
+        // With `expected`, that is the identity everything read must belong
+        // to, and the check after reading compares with it; without, the
+        // process as it is now.
+        let before = match expected {
+            Some(e) => e.clone(),
+            None => self.snapshot(pid)?,
+        };
         let status = std::fs::read_to_string(self.proc_root.join(pid.to_string()).join("status"))
             .map_err(|e| Self::proc_err(pid, &e))?;
         let bad = || UnixError::Proc {
@@ -249,8 +289,8 @@ impl UnixAttestor {
             .iter()
             .filter_map(|g| g.parse().ok())
             .collect();
-        let users = names(&self.etc_root.join("passwd"));
-        let group_names = names(&self.etc_root.join("group"));
+        let users = self.users.get(&self.etc_root.join("passwd"));
+        let group_names = self.groups.get(&self.etc_root.join("group"));
 
         let mut out = SelectorSet::new();
         let mut add = |value: String| {
@@ -278,7 +318,8 @@ impl UnixAttestor {
         if let Some(h) = before.exe_key.and_then(|key| self.sha256(pid, key)) {
             add(format!("sha256:{h}"));
         }
-        // The same process, running the same file, as when we started.
+        // The same process, running the same file, as when we started (or
+        // as `expected`): a pid reused or an exec since shows here.
         if self.snapshot(pid).map_err(|_| UnixError::Changed(pid))? != before {
             return Err(UnixError::Changed(pid));
         }
@@ -449,6 +490,22 @@ mod tests {
             assert!(has(&got, want), "missing {want} in {got:?}");
         }
         assert!(!has(&got, "unix:uid:1000"), "the real uid is not used");
+
+        // The parsed databases are cached, but a changed file is read again:
+        // rewritten in place, and replaced by a rename (as useradd does).
+        std::fs::write(dir.join("etc/passwd"), "robert:x:2000:300::/:/bin/sh\n").unwrap();
+        let got = a.attest(4242).unwrap();
+        assert!(
+            has(&got, "unix:user:robert") && !has(&got, "unix:user:bob"),
+            "{got:?}"
+        );
+        std::fs::write(dir.join("etc/group.new"), "team:x:300:\n").unwrap();
+        std::fs::rename(dir.join("etc/group.new"), dir.join("etc/group")).unwrap();
+        let got = a.attest(4242).unwrap();
+        assert!(
+            has(&got, "unix:group:team") && !has(&got, "unix:group:staff"),
+            "{got:?}"
+        );
     }
 
     fn tempfile_dir() -> PathBuf {
