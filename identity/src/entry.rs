@@ -3,6 +3,7 @@
 
 use std::collections::BTreeSet;
 use std::fmt;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
@@ -51,14 +52,17 @@ pub enum EntryError {
 }
 
 /// An entry's identifier; random for new entries.
+///
+/// Shared, not copied, when cloned: servers and agents key several maps
+/// and indexes by it, one clone each per entry.
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
-pub struct EntryId(String);
+pub struct EntryId(Arc<str>);
 
 impl EntryId {
     /// A fresh random id (128 bits, hex).
     pub fn generate() -> Self {
-        Self(crate::random::hex_id())
+        Self(crate::random::hex_id().into())
     }
 
     /// Parses an id given by an operator.
@@ -80,7 +84,7 @@ impl TryFrom<String> for EntryId {
             && s.bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
         if ok {
-            Ok(Self(s))
+            Ok(Self(s.into()))
         } else {
             Err(EntryError::BadId)
         }
@@ -89,7 +93,7 @@ impl TryFrom<String> for EntryId {
 
 impl From<EntryId> for String {
     fn from(id: EntryId) -> String {
-        id.0
+        id.0.as_ref().to_owned()
     }
 }
 
@@ -343,7 +347,7 @@ mod tests {
     #[test]
     fn rejects_bad_fields() {
         let mut e = entry();
-        e.selectors.clear();
+        e.selectors = SelectorSet::new();
         assert_eq!(e.check(&td()), Err(EntryError::NoSelectors));
         let mut e = entry();
         e.x509_svid_ttl = Some(Duration::ZERO);

@@ -1,6 +1,6 @@
 //! Selectors: `type:value` facts about a node or a workload.
 
-use std::collections::BTreeSet;
+use std::cmp::Ordering;
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
@@ -28,11 +28,28 @@ pub enum SelectorError {
 }
 
 /// One selector, e.g. type `unix`, value `uid:1000`.
-#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+///
+/// Held as one `type:value` string (one allocation; agents and servers hold
+/// one per entry selector). Ordered by type, then value.
+#[derive(Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct Selector {
-    kind: String,
-    value: String,
+    /// `type:value`; the type has no colon, so the first one splits them.
+    text: Box<str>,
+    /// Length of the type.
+    kind_len: usize,
+}
+
+impl Ord for Selector {
+    fn cmp(&self, other: &Self) -> Ordering {
+        (self.kind(), self.value()).cmp(&(other.kind(), other.value()))
+    }
+}
+
+impl PartialOrd for Selector {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
 }
 
 impl Selector {
@@ -57,8 +74,8 @@ impl Selector {
             return Err(SelectorError::TooLong);
         }
         Ok(Self {
-            kind: kind.to_owned(),
-            value: value.to_owned(),
+            text: format!("{kind}:{value}").into_boxed_str(),
+            kind_len: kind.len(),
         })
     }
 
@@ -72,18 +89,18 @@ impl Selector {
 
     /// The selector type, e.g. `unix`.
     pub fn kind(&self) -> &str {
-        &self.kind
+        &self.text[..self.kind_len]
     }
 
     /// The value, e.g. `uid:1000`.
     pub fn value(&self) -> &str {
-        &self.value
+        &self.text[self.kind_len + 1..]
     }
 }
 
 impl fmt::Display for Selector {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}", self.kind, self.value)
+        f.write_str(&self.text)
     }
 }
 
@@ -102,7 +119,7 @@ impl TryFrom<String> for Selector {
 
 impl From<Selector> for String {
     fn from(s: Selector) -> String {
-        s.to_string()
+        s.text.into()
     }
 }
 
@@ -114,7 +131,116 @@ impl std::str::FromStr for Selector {
 }
 
 /// A set of selectors, ordered so that equal sets compare and hash equal.
-pub type SelectorSet = BTreeSet<Selector>;
+///
+/// A sorted vector without duplicates: entries hold a few selectors each,
+/// and a `BTreeSet` would allocate a node for eleven per entry.
+#[derive(Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(from = "Vec<Selector>", into = "Vec<Selector>")]
+pub struct SelectorSet(Vec<Selector>);
+
+impl SelectorSet {
+    /// An empty set.
+    pub const fn new() -> Self {
+        Self(Vec::new())
+    }
+
+    /// Adds `selector`; false if it was already there.
+    pub fn insert(&mut self, selector: Selector) -> bool {
+        match self.0.binary_search(&selector) {
+            Ok(_) => false,
+            Err(at) => {
+                self.0.insert(at, selector);
+                true
+            }
+        }
+    }
+
+    /// Whether `selector` is in the set.
+    pub fn contains(&self, selector: &Selector) -> bool {
+        self.0.binary_search(selector).is_ok()
+    }
+
+    /// Whether every selector of `self` is in `other`.
+    pub fn is_subset(&self, other: &SelectorSet) -> bool {
+        // Both sorted: one merge walk.
+        let mut theirs = other.0.iter();
+        self.0
+            .iter()
+            .all(|s| theirs.by_ref().find(|t| *t >= s).is_some_and(|t| t == s))
+    }
+
+    /// The selectors, in order.
+    pub fn iter(&self) -> std::slice::Iter<'_, Selector> {
+        self.0.iter()
+    }
+
+    /// How many selectors there are.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for SelectorSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_set().entries(&self.0).finish()
+    }
+}
+
+impl From<Vec<Selector>> for SelectorSet {
+    fn from(mut v: Vec<Selector>) -> Self {
+        v.sort_unstable();
+        v.dedup();
+        v.shrink_to_fit();
+        Self(v)
+    }
+}
+
+impl<const N: usize> From<[Selector; N]> for SelectorSet {
+    fn from(a: [Selector; N]) -> Self {
+        Vec::from(a).into()
+    }
+}
+
+impl From<SelectorSet> for Vec<Selector> {
+    fn from(s: SelectorSet) -> Self {
+        s.0
+    }
+}
+
+impl FromIterator<Selector> for SelectorSet {
+    fn from_iter<I: IntoIterator<Item = Selector>>(iter: I) -> Self {
+        iter.into_iter().collect::<Vec<_>>().into()
+    }
+}
+
+impl Extend<Selector> for SelectorSet {
+    fn extend<I: IntoIterator<Item = Selector>>(&mut self, iter: I) {
+        let mut all = std::mem::take(&mut self.0);
+        all.extend(iter);
+        *self = all.into();
+    }
+}
+
+impl IntoIterator for SelectorSet {
+    type Item = Selector;
+    type IntoIter = std::vec::IntoIter<Selector>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.into_iter()
+    }
+}
+
+impl<'a> IntoIterator for &'a SelectorSet {
+    type Item = &'a Selector;
+    type IntoIter = std::slice::Iter<'a, Selector>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
+    }
+}
 
 /// Whether every selector of `required` is among `have`.
 pub fn all_present(required: &SelectorSet, have: &SelectorSet) -> bool {
@@ -167,5 +293,48 @@ mod tests {
             &have
         ));
         assert!(!all_present(&set(&["unix:uid:1000", "unix:gid:0"]), &have));
+        assert!(!all_present(&set(&["unix:uid:1001"]), &have));
+        assert!(!all_present(&set(&["unix:zzz:1"]), &have));
+        assert!(all_present(&set(&[]), &have));
+        assert!(!all_present(&have, &set(&["unix:uid:1000"])));
+    }
+
+    #[test]
+    fn sets_are_sorted_without_duplicates_however_built() {
+        let a = Selector::parse("unix:uid:1").unwrap();
+        let b = Selector::parse("k8s:ns:x").unwrap();
+        let c = Selector::parse("k8s_psat:cluster:c").unwrap();
+        let collected: SelectorSet = [a.clone(), b.clone(), a.clone(), c.clone()]
+            .into_iter()
+            .collect();
+        let mut inserted = SelectorSet::new();
+        assert!(inserted.insert(c.clone()));
+        assert!(inserted.insert(a.clone()));
+        assert!(!inserted.insert(a.clone()));
+        inserted.extend([b.clone(), c.clone()]);
+        assert_eq!(collected, inserted);
+        assert_eq!(collected.len(), 3);
+        assert_eq!(collected.iter().collect::<Vec<_>>(), [&b, &c, &a]);
+        assert!(collected.contains(&b) && !collected.contains(&Selector::parse("x:y").unwrap()));
+        // The wire form is a list; one with duplicates or out of order
+        // reads as the same set.
+        let json = serde_json::to_string(&collected).unwrap();
+        assert_eq!(json, r#"["k8s:ns:x","k8s_psat:cluster:c","unix:uid:1"]"#);
+        let shuffled: SelectorSet =
+            serde_json::from_str(r#"["unix:uid:1","k8s_psat:cluster:c","k8s:ns:x","unix:uid:1"]"#)
+                .unwrap();
+        assert_eq!(shuffled, collected);
+    }
+
+    #[test]
+    fn selectors_order_by_type_then_value() {
+        // As a string "a1:x" < "a:x" (':' sorts after digits); by type,
+        // "a" comes first.
+        let short = Selector::parse("a:x").unwrap();
+        let long = Selector::parse("a1:x").unwrap();
+        assert!(short < long);
+        assert_eq!(short.kind(), "a");
+        assert_eq!(long.value(), "x");
+        assert_eq!(String::from(long), "a1:x");
     }
 }
