@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
-use sigil_identity::{Bundle, EntryId, RegistrationEntry, rotation};
+use sigil_identity::{Bundle, EntryId, RegistrationEntry, SelectorSet, rotation};
 use sigil_proto::node as pb;
 use tokio::sync::watch;
 use zeroize::Zeroizing;
@@ -56,7 +56,10 @@ fn same_identity(now: &RegistrationEntry, issued_for: &RegistrationEntry) -> boo
 struct State {
     revision: u64,
     entries: BTreeMap<EntryId, Arc<RegistrationEntry>>,
-    svids: HashMap<EntryId, CachedSvid>,
+    /// Behind `Arc`: a map slot is then a pointer, not the whole record (a
+    /// map keeps about 40 % of its slots empty), and readers share SVIDs
+    /// instead of copying keys and chains.
+    svids: HashMap<EntryId, Arc<CachedSvid>>,
     bundle: Option<Arc<Bundle>>,
     /// Why the server revoked this agent, until it attests again.
     revoked: Option<String>,
@@ -115,7 +118,7 @@ impl Cache {
     }
 
     /// Every SVID held.
-    pub fn svids(&self) -> Vec<CachedSvid> {
+    pub fn svids(&self) -> Vec<Arc<CachedSvid>> {
         let mut v: Vec<_> = self.lock().svids.values().cloned().collect();
         v.sort_by(|a, b| a.entry.id.cmp(&b.entry.id));
         v
@@ -124,6 +127,32 @@ impl Cache {
     /// Every entry known.
     pub fn entries(&self) -> Vec<Arc<RegistrationEntry>> {
         self.lock().entries.values().cloned().collect()
+    }
+
+    /// The entries a workload with `selectors` matches (unexpired at
+    /// `now`), and the unexpired SVIDs held for them, both in entry order.
+    /// Only what matches is copied: a workload with one identity costs the
+    /// same however many the agent holds.
+    pub fn matching(
+        &self,
+        selectors: &SelectorSet,
+        now: SystemTime,
+    ) -> (Vec<Arc<RegistrationEntry>>, Vec<Arc<CachedSvid>>) {
+        let state = self.lock();
+        let mut entries = Vec::new();
+        let mut svids = Vec::new();
+        for entry in state.entries.values() {
+            if entry.is_expired(now) || !entry.selectors.is_subset(selectors) {
+                continue;
+            }
+            if let Some(svid) = state.svids.get(&entry.id)
+                && svid.not_after > now
+            {
+                svids.push(svid.clone());
+            }
+            entries.push(entry.clone());
+        }
+        (entries, svids)
     }
 
     /// Applies one Sync message. Invalid entries from the wire are skipped
@@ -288,7 +317,10 @@ impl Cache {
     pub fn store_all(&self, items: Vec<Issued>) -> Vec<Result<(), String>> {
         let mut results = Vec::with_capacity(items.len());
         let mut ready = Vec::with_capacity(items.len());
-        for (entry, key, chain) in items {
+        for (entry, key, mut chain) in items {
+            // Decoded from the wire with room to grow; held for the SVID's
+            // whole life.
+            chain.shrink_to_fit();
             let parsed = chain
                 .first()
                 .ok_or_else(|| "empty chain".to_owned())
@@ -321,7 +353,7 @@ impl Cache {
         let mut changed = false;
         for svid in ready {
             if st.entries.contains_key(&svid.entry.id) {
-                st.svids.insert(svid.entry.id.clone(), svid);
+                st.svids.insert(svid.entry.id.clone(), Arc::new(svid));
                 changed = true;
             }
         }
@@ -362,14 +394,14 @@ mod tests {
         let now = SystemTime::now();
         st.svids.insert(
             e.id.clone(),
-            CachedSvid {
+            Arc::new(CachedSvid {
                 entry: Arc::new(e.clone()),
                 key: Zeroizing::new(vec![1]),
                 chain: vec![],
                 not_before: now,
                 not_after: now,
                 renew_at: now,
-            },
+            }),
         );
     }
 

@@ -312,20 +312,8 @@ impl WorkloadApi {
     fn identities(
         &self,
         selectors: &SelectorSet,
-    ) -> (Vec<Arc<RegistrationEntry>>, Vec<CachedSvid>) {
-        let now = SystemTime::now();
-        let cache = self.agent.cache();
-        let entries: Vec<_> = cache
-            .entries()
-            .into_iter()
-            .filter(|e| !e.is_expired(now) && e.selectors.is_subset(selectors))
-            .collect();
-        let svids = cache
-            .svids()
-            .into_iter()
-            .filter(|s| entries.iter().any(|e| e.id == s.entry.id) && s.not_after > now)
-            .collect();
-        (entries, svids)
+    ) -> (Vec<Arc<RegistrationEntry>>, Vec<Arc<CachedSvid>>) {
+        self.agent.cache().matching(selectors, SystemTime::now())
     }
 
     /// PermissionDenied for a caller with no identity: `why`, or that the
@@ -341,7 +329,7 @@ impl WorkloadApi {
     }
 
     /// The SVIDs for `selectors`, waiting briefly for ones still being issued.
-    async fn x509_state(&self, selectors: &SelectorSet) -> Result<Vec<CachedSvid>, Status> {
+    async fn x509_state(&self, selectors: &SelectorSet) -> Result<Vec<Arc<CachedSvid>>, Status> {
         let mut changes = self.agent.cache().subscribe();
         let deadline = tokio::time::Instant::now() + ISSUANCE_WAIT;
         loop {
@@ -425,7 +413,7 @@ impl WorkloadApi {
     }
 }
 
-fn x509_response(svids: &[CachedSvid], bundle: &Bundle) -> X509svidResponse {
+fn x509_response(svids: &[Arc<CachedSvid>], bundle: &Bundle) -> X509svidResponse {
     X509svidResponse {
         svids: svids.iter().map(|s| svid_message(s, bundle)).collect(),
         crl: vec![],
