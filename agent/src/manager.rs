@@ -497,15 +497,25 @@ impl Agent {
     ) -> Result<(), NodeError> {
         let mut conn = self.connect().await?;
         for chunk in due.chunks(BATCH) {
+            // A full batch of keys and CSRs takes tens of milliseconds: made
+            // on the blocking pool, so the Workload API is not kept waiting.
+            // (Storing stays here: an aborted loop must not store later.)
+            let ids: Vec<_> = chunk.iter().map(|e| e.id.clone()).collect();
+            let generated = tokio::task::spawn_blocking(move || {
+                ids.into_iter()
+                    .map(|id| node::key_and_csr().map(|(key, csr)| (id, key, csr)))
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .await
+            .map_err(|e| NodeError::Key(format!("key generation task failed: {e}")))??;
             let mut keys = std::collections::HashMap::new();
             let mut params = Vec::with_capacity(chunk.len());
-            for e in chunk {
-                let (key, csr) = node::key_and_csr()?;
-                keys.insert(e.id.clone(), key);
+            for (id, key, csr) in generated {
                 params.push(pb::SvidParams {
-                    entry_id: e.id.to_string(),
+                    entry_id: id.to_string(),
                     csr,
                 });
+                keys.insert(id, key);
             }
             let results = conn
                 .client
