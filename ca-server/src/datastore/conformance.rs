@@ -513,4 +513,18 @@ pub async fn audit_events_append_in_order<D: Datastore, F: Future<Output = D>>(
     );
     let tail = ds.list_audit(seqs[2], 100).await.unwrap();
     assert_eq!(tail.len(), 2, "a batch appends every event");
+    // Sequence numbers are per event, also inside a batch: resuming after
+    // the batch's first event, or stopping at a limit inside it, works.
+    let ids: Vec<u64> = all.iter().map(|(id, _)| *id).collect();
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
+    assert_eq!(
+        ids[4], seqs[3],
+        "the batch's last event has the number returned"
+    );
+    let last = ds.list_audit(ids[3], 100).await.unwrap();
+    assert_eq!(last.len(), 1);
+    assert_eq!(last[0], all[4]);
+    let first_four = ds.list_audit(0, 4).await.unwrap();
+    assert_eq!(first_four, all[..4]);
+    assert_eq!(ds.list_audit(seqs[3], 100).await.unwrap(), vec![]);
 }

@@ -256,6 +256,12 @@ pub trait Datastore: Send + Sync + fmt::Debug {
     /// Appends audit events in order with one durable sync, returning the
     /// sequence number of the last one (0 if `events` is empty).
     async fn append_audit(&self, events: Vec<AuditEvent>) -> Result<u64>;
+    /// Like [`Datastore::append_audit`], without waiting until the events
+    /// are durable: [`Datastore::sync`], or any later durable write, makes
+    /// them so.
+    async fn append_audit_unsynced(&self, events: Vec<AuditEvent>) -> Result<u64>;
+    /// Returns once every write made so far is durable.
+    async fn sync(&self) -> Result<()>;
     /// Audit events with sequence greater than `after`, oldest first.
     async fn list_audit(&self, after: u64, limit: usize) -> Result<Vec<(u64, AuditEvent)>>;
 }

@@ -40,6 +40,9 @@ pub struct SledDatastore {
     tokens: ::sled::Tree,
     bundles: ::sled::Tree,
     audit: ::sled::Tree,
+    /// Held while a batch of audit sequence numbers is taken, so a batch's
+    /// numbers are consecutive.
+    audit_ids: std::sync::Mutex<()>,
     sync: GroupSync,
     path: PathBuf,
 }
@@ -130,6 +133,7 @@ impl SledDatastore {
             tokens: tree("join_tokens")?,
             bundles: tree("bundles")?,
             audit: tree("audit")?,
+            audit_ids: std::sync::Mutex::new(()),
             sync: GroupSync::start(db.clone(), data_file),
             db,
             path,
@@ -139,6 +143,41 @@ impl SledDatastore {
     /// Waits until every change made before this call is on stable storage.
     async fn durable(&self) -> Result<()> {
         self.sync.wait().await
+    }
+
+    /// How many syncs have been asked for (tests).
+    #[cfg(test)]
+    pub(crate) fn syncs_requested(&self) -> u64 {
+        self.sync
+            .shared
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .requested
+    }
+
+    /// Writes `events` as one record, keyed by its first sequence number
+    /// (event i has number first + i), and returns the last number (0 for
+    /// none): a batch of issuance events costs one tree insert, not one
+    /// each. `generate_id` is monotonic across crashes (it may skip
+    /// numbers); only this method calls it, so under the lock a record's
+    /// numbers are consecutive.
+    fn insert_audit(&self, events: &[AuditEvent]) -> Result<u64> {
+        let Some(n) = u64::try_from(events.len()).ok().filter(|&n| n > 0) else {
+            return Ok(0);
+        };
+        let first = {
+            let _ids = self.audit_ids.lock().unwrap_or_else(|p| p.into_inner());
+            let first = self.db.generate_id().map_err(backend)? + 1;
+            for _ in 1..n {
+                self.db.generate_id().map_err(backend)?;
+            }
+            first
+        };
+        self.audit
+            .insert(first.to_be_bytes(), encode(&events)?)
+            .map_err(backend)?;
+        Ok(first + n - 1)
     }
 
     fn get<T: DeserializeOwned>(&self, tree: &::sled::Tree, key: &[u8]) -> Result<Option<T>> {
@@ -444,30 +483,53 @@ impl Datastore for SledDatastore {
     }
 
     async fn append_audit(&self, events: Vec<AuditEvent>) -> Result<u64> {
-        let mut last = 0;
-        for event in &events {
-            // generate_id is monotonic across crashes (it may skip numbers).
-            last = self.db.generate_id().map_err(backend)? + 1;
-            self.audit
-                .insert(last.to_be_bytes(), encode(event)?)
-                .map_err(backend)?;
-        }
-        if !events.is_empty() {
+        let last = self.insert_audit(&events)?;
+        if last != 0 {
             self.durable().await?;
         }
         Ok(last)
     }
 
+    async fn append_audit_unsynced(&self, events: Vec<AuditEvent>) -> Result<u64> {
+        self.insert_audit(&events)
+    }
+
+    async fn sync(&self) -> Result<()> {
+        self.durable().await
+    }
+
     async fn list_audit(&self, after: u64, limit: usize) -> Result<Vec<(u64, AuditEvent)>> {
-        let start = after.saturating_add(1).to_be_bytes();
-        self.audit
-            .range(start..)
-            .take(limit)
-            .map(|item| {
-                let (k, v) = item.map_err(backend)?;
-                Ok((read_u64(Some(k)), decode(&v)?))
-            })
-            .collect()
+        let wanted = after.saturating_add(1);
+        // The record holding `wanted` starts at or before it.
+        let start = match self.audit.range(..=wanted.to_be_bytes()).next_back() {
+            Some(item) => item.map_err(backend)?.0,
+            None => ::sled::IVec::from(&wanted.to_be_bytes()),
+        };
+        let mut out = Vec::new();
+        for item in self.audit.range(start..) {
+            let (k, v) = item.map_err(backend)?;
+            let first = read_u64(Some(k));
+            for (i, event) in decode_audit_record(&v)?.into_iter().enumerate() {
+                let seq = first + i as u64;
+                if seq < wanted {
+                    continue;
+                }
+                if out.len() == limit {
+                    return Ok(out);
+                }
+                out.push((seq, event));
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// An audit record: a list of events, or (written before batching) one.
+fn decode_audit_record(bytes: &[u8]) -> Result<Vec<AuditEvent>> {
+    if bytes.first() == Some(&b'[') {
+        decode(bytes)
+    } else {
+        decode(bytes).map(|one| vec![one])
     }
 }
 
@@ -600,6 +662,31 @@ mod tests {
     crate::datastore::conformance::datastore_conformance!(|dir: &std::path::Path| {
         std::future::ready(SledDatastore::open(dir).unwrap())
     });
+
+    #[tokio::test]
+    async fn audit_records_written_one_event_each_are_still_read() {
+        // Before batching, each event was its own record (a JSON object).
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledDatastore::open(dir.path()).unwrap();
+        let old = conformance::audit_event(7);
+        store
+            .audit
+            .insert(1u64.to_be_bytes(), encode(&old).unwrap())
+            .unwrap();
+        store.db.generate_id().unwrap();
+        let seq = store
+            .append_audit(vec![
+                conformance::audit_event(8),
+                conformance::audit_event(9),
+            ])
+            .await
+            .unwrap();
+        let all = store.list_audit(0, 100).await.unwrap();
+        let targets: Vec<_> = all.iter().map(|(_, e)| e.target.as_str()).collect();
+        assert_eq!(targets, ["entry-7", "entry-8", "entry-9"]);
+        assert_eq!(all[0].0, 1);
+        assert_eq!(all[2].0, seq);
+    }
 
     #[tokio::test]
     async fn second_open_of_a_locked_directory_fails_clearly() {
