@@ -24,7 +24,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn};
 
-use self::tls::NodeConnInfo;
+use self::tls::{NodeConnInfo, PeerSvid};
 use crate::audit::Audit;
 use crate::ca::x509::IssuedSvid;
 use crate::ca::{CaError, CaManager};
@@ -144,20 +144,19 @@ impl NodeService {
             .extensions()
             .get::<NodeConnInfo>()
             .ok_or_else(|| Status::internal("no connection info"))?;
-        let chain = info.peer_chain.as_ref().ok_or_else(|| {
-            Status::unauthenticated(
-                "this call needs a client certificate: the agent SVID from attestation",
-            )
-        })?;
-        let leaf = chain
-            .first()
-            .ok_or_else(|| Status::unauthenticated("empty client certificate chain"))?;
-        let cert = sigil_identity::x509::parse(leaf)
-            .map_err(|_| Status::unauthenticated("bad client certificate"))?;
-        let id = sigil_identity::x509::check_leaf(&cert)
-            .map_err(|_| Status::unauthenticated("bad client certificate"))?;
-        let serial = sigil_identity::x509::serial_hex(&cert);
-        let (_, not_after) = sigil_identity::x509::validity(&cert);
+        let (id, serial, not_after) = match &*info.peer {
+            PeerSvid::Absent => {
+                return Err(Status::unauthenticated(
+                    "this call needs a client certificate: the agent SVID from attestation",
+                ));
+            }
+            PeerSvid::Invalid => return Err(Status::unauthenticated("bad client certificate")),
+            PeerSvid::Svid {
+                id,
+                serial,
+                not_after,
+            } => (id.clone(), serial.as_str(), *not_after),
+        };
         let deny = |why: &'static str| {
             warn!(agent_id = %id, serial = %serial, reason = why, "node API call refused");
             Status::permission_denied(why)
@@ -175,9 +174,9 @@ impl NodeService {
         if record.serial == serial {
             return Ok(AgentCtx { id, not_after });
         }
-        if record.pending_serial.as_deref() == Some(serial.as_str()) {
+        if record.pending_serial.as_deref() == Some(serial) {
             // First use of the renewed SVID: from now on only it is accepted.
-            record.serial = serial.clone();
+            record.serial = serial.to_owned();
             record.pending_serial = None;
             record.expires_at = not_after;
             let record = self

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use rcgen::{CertificateParams, KeyPair};
 use sigil_identity::clock::Clock;
@@ -30,8 +30,44 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct NodeConnInfo {
     /// The peer's address.
     pub remote: SocketAddr,
-    /// The peer's verified certificate chain (DER, leaf first), if it sent one.
-    pub peer_chain: Option<Arc<Vec<Vec<u8>>>>,
+    /// The peer's client certificate, read once per connection rather than
+    /// parsed again on every call.
+    pub peer: Arc<PeerSvid>,
+}
+
+/// The client certificate of a node API connection (already verified
+/// against the bundle by the TLS handshake).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerSvid {
+    /// No client certificate: only attestation is open to it.
+    Absent,
+    /// A certificate that is not a valid X509-SVID leaf.
+    Invalid,
+    /// An X509-SVID: its SPIFFE ID, serial (hex) and expiry.
+    Svid {
+        id: SpiffeId,
+        serial: String,
+        not_after: SystemTime,
+    },
+}
+
+impl PeerSvid {
+    fn read(chain: Option<&[rustls_pki_types::CertificateDer<'_>]>) -> Self {
+        let Some(leaf) = chain.and_then(|c| c.first()) else {
+            return Self::Absent;
+        };
+        let Ok(cert) = sigil_identity::x509::parse(leaf) else {
+            return Self::Invalid;
+        };
+        match sigil_identity::x509::check_leaf(&cert) {
+            Ok(id) => Self::Svid {
+                id,
+                serial: sigil_identity::x509::serial_hex(&cert),
+                not_after: sigil_identity::x509::validity(&cert).1,
+            },
+            Err(_) => Self::Invalid,
+        }
+    }
 }
 
 /// A TLS connection plus its [`NodeConnInfo`].
@@ -111,13 +147,11 @@ pub fn incoming(
             tokio::spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(stream)) => {
-                        let peer_chain = stream.get_ref().1.peer_certificates().map(|certs| {
-                            Arc::new(certs.iter().map(|c| c.to_vec()).collect::<Vec<_>>())
-                        });
+                        let peer = Arc::new(PeerSvid::read(stream.get_ref().1.peer_certificates()));
                         let _ = tx
                             .send(Ok(NodeConn {
                                 stream,
-                                info: NodeConnInfo { remote, peer_chain },
+                                info: NodeConnInfo { remote, peer },
                             }))
                             .await;
                     }
