@@ -209,12 +209,9 @@ mod tests {
     use crate::datastore::SledDatastore;
     use sigil_identity::clock::SystemClock;
 
-    #[tokio::test]
-    async fn queued_issuance_events_are_all_written_by_flush() {
-        let dir = tempfile::tempdir().unwrap();
-        let store: Arc<dyn Datastore> = Arc::new(SledDatastore::open(dir.path()).unwrap());
-        let audit = Audit::new(store.clone(), Arc::new(SystemClock));
-        for i in 0..5_000 {
+    /// Records `n` JWT-SVID issuance events, one call each.
+    async fn record_jwts(audit: &Audit, n: usize) {
+        for i in 0..n {
             let e = audit.issued(
                 "agent",
                 "svid.jwt.issue",
@@ -223,6 +220,14 @@ mod tests {
             );
             audit.record_issued(vec![e]).await;
         }
+    }
+
+    #[tokio::test]
+    async fn queued_issuance_events_are_all_written_by_flush() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Datastore> = Arc::new(SledDatastore::open(dir.path()).unwrap());
+        let audit = Audit::new(store.clone(), Arc::new(SystemClock));
+        record_jwts(&audit, 5_000).await;
         audit.record("admin", "entry.create", "e1", "ok").await;
         audit.flush().await;
         let events = store.list_audit(0, 10_000).await.unwrap();
@@ -242,15 +247,7 @@ mod tests {
         let sled = Arc::new(SledDatastore::open(dir.path()).unwrap());
         let audit = Audit::new(sled.clone(), Arc::new(SystemClock));
         let before = sled.syncs_requested();
-        for i in 0..100 {
-            let e = audit.issued(
-                "agent",
-                "svid.jwt.issue",
-                &format!("w{i}"),
-                SystemTime::now(),
-            );
-            audit.record_issued(vec![e]).await;
-        }
+        record_jwts(&audit, 100).await;
         // Written at once (one record per batch), not yet synced.
         tokio::time::sleep(SYNC_INTERVAL / 4).await;
         assert_eq!(sled.list_audit(0, 1_000).await.unwrap().len(), 100);

@@ -115,13 +115,18 @@ fn probe(oracle: &mut HuffmanDecoder, code: u32, len: usize) -> Option<u8> {
     }
 }
 
-/// `copies` copies of a `len`-bit code, most significant bit first, padded
-/// with 1s to a whole byte.
+/// `copies` copies of a `len`-bit code as a Huffman-coded string.
 fn encode_repeated(code: u32, len: usize, copies: usize) -> Vec<u8> {
+    pack(std::iter::repeat_n((code, len), copies))
+}
+
+/// Codes (value, bit length) packed most significant bit first, padded
+/// with 1s to a whole byte.
+fn pack(codes: impl IntoIterator<Item = (u32, usize)>) -> Vec<u8> {
     let mut out = Vec::new();
     let mut acc: u64 = 0;
     let mut bits = 0usize;
-    for _ in 0..copies {
+    for (code, len) in codes {
         acc = acc << len | u64::from(code);
         bits += len;
         while bits >= 8 {
@@ -178,24 +183,7 @@ pub(super) fn encode(input: &[u8]) -> Vec<u8> {
             code_of[usize::from(symbol)] = (table.first[len] + i, len);
         }
     }
-    let mut out = Vec::new();
-    let mut acc: u64 = 0;
-    let mut bits = 0usize;
-    for &b in input {
-        let (code, len) = code_of[usize::from(b)];
-        acc = acc << len | u64::from(code);
-        bits += len;
-        while bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-        }
-        acc &= (1 << bits) - 1;
-    }
-    if bits > 0 {
-        let pad = 8 - bits;
-        out.push((acc << pad | ((1 << pad) - 1)) as u8);
-    }
-    out
+    pack(input.iter().map(|&b| code_of[usize::from(b)]))
 }
 
 #[cfg(test)]
