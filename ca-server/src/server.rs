@@ -230,6 +230,7 @@ pub async fn run(
         attest_limit: RateLimiter::new(limits.attest_per_second, limits.attest_burst),
         sign_limit: RateLimiter::new(limits.signing_per_second, limits.signing_burst),
         shutdown: stop_rx.clone(),
+        wire_bundle: std::sync::Mutex::default(),
     });
     let mut allowed_uids: BTreeSet<u32> = config.server.admin_uids.iter().copied().collect();
     allowed_uids.insert(0);

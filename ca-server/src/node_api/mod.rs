@@ -84,6 +84,9 @@ pub struct NodeService {
     pub(crate) sign_limit: RateLimiter<SpiffeId>,
     /// Becomes true when the server shuts down; open streams then end.
     pub(crate) shutdown: tokio::sync::watch::Receiver<bool>,
+    /// The current bundle and its wire form, encoded once per bundle (the
+    /// JWKS serialisation costs more than the rest of a FetchBundle call).
+    pub(crate) wire_bundle: std::sync::Mutex<Option<(Arc<sigil_identity::Bundle>, pb::Bundle)>>,
 }
 
 impl std::fmt::Debug for NodeService {
@@ -134,6 +137,20 @@ struct AgentCtx {
 }
 
 impl NodeService {
+    /// The current bundle as sent to agents.
+    fn bundle_message(&self) -> pb::Bundle {
+        let current = self.ca.bundle();
+        let mut cached = self.wire_bundle.lock().unwrap_or_else(|p| p.into_inner());
+        match &*cached {
+            Some((bundle, wire)) if Arc::ptr_eq(bundle, &current) => wire.clone(),
+            _ => {
+                let wire = pb::Bundle::from(&*current);
+                *cached = Some((current, wire.clone()));
+                wire
+            }
+        }
+    }
+
     fn now(&self) -> SystemTime {
         self.clock.now()
     }
@@ -297,12 +314,11 @@ impl NodeService {
         self.audit.record_all(vec![event]).await;
         Ok(pb::AttestResult {
             svid: Some(svid_message(&id, &issued)),
-            bundle: Some((&*self.ca.bundle()).into()),
+            bundle: Some(self.bundle_message()),
         })
     }
 
     fn snapshot(&self, start: &SyncStart) -> pb::SyncResponse {
-        let bundle = self.ca.bundle();
         pb::SyncResponse {
             event: Some(pb::sync_response::Event::Snapshot(pb::Snapshot {
                 full: start.full,
@@ -312,7 +328,7 @@ impl NodeService {
                     .map(|e| pb::Entry::from(&**e))
                     .collect(),
                 removed: start.removed.iter().map(ToString::to_string).collect(),
-                bundle: Some((&*bundle).into()),
+                bundle: Some(self.bundle_message()),
                 federated_bundles: Vec::new(),
             })),
             revision: start.revision,
@@ -649,6 +665,6 @@ impl Node for NodeApi {
         req: Request<pb::FetchBundleRequest>,
     ) -> Result<Response<pb::Bundle>, Status> {
         self.authenticate(&req).await?;
-        Ok(Response::new((&*self.ca.bundle()).into()))
+        Ok(Response::new(self.bundle_message()))
     }
 }
