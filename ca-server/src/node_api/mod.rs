@@ -532,8 +532,10 @@ impl Node for NodeApi {
                     },
                     r = bundles.changed() => {
                         if r.is_err() { return; }
-                        let b = bundles.borrow_and_update().clone();
-                        pb::SyncResponse { event: Some(pb::sync_response::Event::Bundle((&*b).into())), revision }
+                        // The CA's current bundle (this one or newer),
+                        // encoded once for every agent's stream.
+                        bundles.borrow_and_update();
+                        pb::SyncResponse { event: Some(pb::sync_response::Event::Bundle(this.bundle_message())), revision }
                     }
                 };
                 if tx.send(Ok(msg)).await.is_err() {
