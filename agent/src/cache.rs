@@ -56,9 +56,9 @@ fn same_identity(now: &RegistrationEntry, issued_for: &RegistrationEntry) -> boo
 struct State {
     revision: u64,
     entries: BTreeMap<EntryId, Arc<RegistrationEntry>>,
-    /// Behind `Arc`: a map slot is then a pointer, not the whole record (a
-    /// map keeps about 40 % of its slots empty), and readers share SVIDs
-    /// instead of copying keys and chains.
+    /// Behind `Arc`: a map slot is then a pointer, not the whole record
+    /// (a hash map keeps spare slots), and readers share SVIDs instead of
+    /// copying keys and chains.
     svids: HashMap<EntryId, Arc<CachedSvid>>,
     bundle: Option<Arc<Bundle>>,
     /// Why the server revoked this agent, until it attests again.
