@@ -14,7 +14,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use ::sled::Transactional;
 use ::sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
@@ -93,6 +93,41 @@ fn tx_decode<T: DeserializeOwned>(
     decode(bytes).map_err(ConflictableTransactionError::Abort)
 }
 
+/// How long [`open_db`] keeps retrying a directory whose lock is held.
+/// sled releases its lock when the last reference to its files goes, and
+/// some of those references are freed by sled's epoch-based reclamation a
+/// moment after the `Db` itself is dropped; a store reopened in the same
+/// process right after a drop can therefore find its own old lock. A lock
+/// held by another process is reported after this wait.
+const LOCK_WAIT: Duration = Duration::from_secs(2);
+
+/// Opens the sled database in `path`, waiting up to [`LOCK_WAIT`] for its
+/// directory lock.
+fn open_db(path: &Path) -> Result<::sled::Db> {
+    let deadline = Instant::now() + LOCK_WAIT;
+    loop {
+        match ::sled::Config::new().path(path).open() {
+            Ok(db) => return Ok(db),
+            // sled reports the directory lock as an I/O error mentioning it.
+            Err(::sled::Error::Io(io)) if io.to_string().contains("could not acquire lock") => {
+                if Instant::now() >= deadline {
+                    return Err(DatastoreError::Backend(format!(
+                        "data directory {} is locked by another process; is a server already running on it?",
+                        path.display()
+                    )));
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(other) => {
+                return Err(DatastoreError::Backend(format!(
+                    "cannot open sled store at {}: {other}",
+                    path.display()
+                )));
+            }
+        }
+    }
+}
+
 fn tx_encode<T: Serialize>(
     v: &T,
 ) -> std::result::Result<Vec<u8>, ConflictableTransactionError<DatastoreError>> {
@@ -102,7 +137,8 @@ fn tx_encode<T: Serialize>(
 impl SledDatastore {
     /// Opens (or creates) the store in directory `path`.
     ///
-    /// sled locks the directory: a second process opening it fails, which
+    /// sled locks the directory: a second process opening it fails (after
+    /// waiting [`LOCK_WAIT`] for the lock), which
     /// is why the CLI always goes through the server's admin API.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
@@ -112,14 +148,7 @@ impl SledDatastore {
                 path.display()
             ))
         })?;
-        let db = ::sled::Config::new().path(&path).open().map_err(|e| match e {
-            // sled reports the directory lock as an I/O error mentioning it.
-            ::sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => DatastoreError::Backend(format!(
-                "data directory {} is locked by another process; is a server already running on it?",
-                path.display()
-            )),
-            other => DatastoreError::Backend(format!("cannot open sled store at {}: {other}", path.display())),
-        })?;
+        let db = open_db(&path)?;
         let tree = |name: &str| db.open_tree(name).map_err(backend);
         let data_file = File::open(path.join("db")).map_err(|e| {
             DatastoreError::Backend(format!("cannot open sled data file for syncing: {e}"))
