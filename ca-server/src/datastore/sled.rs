@@ -94,10 +94,9 @@ fn tx_decode<T: DeserializeOwned>(
 }
 
 /// How long [`open_db`] keeps retrying a directory whose lock is held.
-/// sled releases its lock when the last reference to its files goes, and
-/// some of those references are freed by sled's epoch-based reclamation a
-/// moment after the `Db` itself is dropped; a store reopened in the same
-/// process right after a drop can therefore find its own old lock. A lock
+/// sled can still hold its lock a moment after the `Db` is dropped (a
+/// test that reopened a store at once failed on it under load), so a
+/// store reopened in the same process may find its own old lock. A lock
 /// held by another process is reported after this wait.
 const LOCK_WAIT: Duration = Duration::from_secs(2);
 
@@ -138,8 +137,8 @@ impl SledDatastore {
     /// Opens (or creates) the store in directory `path`.
     ///
     /// sled locks the directory: a second process opening it fails (after
-    /// waiting [`LOCK_WAIT`] for the lock), which
-    /// is why the CLI always goes through the server's admin API.
+    /// waiting [`LOCK_WAIT`] for the lock), which is why the CLI always
+    /// goes through the server's admin API.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
         std::fs::create_dir_all(&path).map_err(|e| {
