@@ -166,7 +166,7 @@ fn pod_list(with_container: bool) -> Vec<u8> {
                     "serviceAccountName": "web",
                     "nodeName": "node-a",
                     "containers": [{"name": "web", "image": "registry.example/shop/web:1.4.2"}],
-                    "volumes": [{"name": "spiffe", "hostPath": {"path": "/run/sigil/agent", "type": "Directory"}}]
+                    "volumes": [{"name": "spiffe", "csi": {"driver": "csi.spiffe.io", "readOnly": true}}]
                 },
                 "status": {
                     "phase": if with_container { "Running" } else { "Pending" },
@@ -326,6 +326,7 @@ async fn kubelet_refusals_and_gone_processes_are_errors() {
     let n = node("v2-systemd-containerd.txt", 1).await;
     n.kubelet.route("/pods", 403, &b"Forbidden"[..]);
     let err = n.attestor.attest(4242).await.unwrap_err();
+    assert!(err.to_string().contains("nodes/pods"), "{err}");
     assert!(err.to_string().contains("nodes/proxy"), "{err}");
     assert_eq!(
         n.attestor.attest(999_999).await.unwrap_err(),
