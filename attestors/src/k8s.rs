@@ -10,10 +10,13 @@
 //!
 //! The list (up to [`crate::https::DEFAULT_MAX_BODY`] of JSON) is kept for
 //! [`DEFAULT_POD_LIST_MAX_AGE`] and shared: attestations arriving together
-//! wait for one request instead of each making their own, and a process
-//! whose pod or container is not in the kept list makes it be asked for
-//! again (once per poll, shared too). Only the fields read here are kept,
-//! and only the latest list. Selectors:
+//! wait for one request instead of each making their own (and share its
+//! error if it fails; a failure is not kept), and a process whose pod or
+//! container is not in the kept list makes it be asked for again (once per
+//! poll, shared too). Only the fields read here are kept, and only the
+//! latest list.
+//!
+//! Selectors:
 //! `k8s:ns:<namespace>`, `k8s:sa:<service account>`, `k8s:pod-name:<name>`,
 //! `k8s:pod-uid:<uid>`, `k8s:pod-label:<key>:<value>`,
 //! `k8s:container-name:<name>`, `k8s:container-image:<image>`,
@@ -90,7 +93,16 @@ pub struct K8sAttestor {
     /// The latest pod list. The lock is held across the kubelet request, so
     /// concurrent attestations that need a list make one request between
     /// them (single flight).
-    pod_list: tokio::sync::Mutex<Option<CachedPodList>>,
+    pod_list: tokio::sync::Mutex<PodListSlot>,
+}
+
+#[derive(Debug, Default)]
+struct PodListSlot {
+    kept: Option<CachedPodList>,
+    /// When the latest request failed, and why: callers that were waiting
+    /// for it share its failure instead of each trying again in turn (which
+    /// would add one kubelet timeout per waiting caller).
+    failed: Option<(Instant, WorkloadAttestError)>,
 }
 
 /// A pod list as fetched, and which fetch it came from.
@@ -208,7 +220,7 @@ impl K8sAttestor {
         Self {
             config,
             client,
-            pod_list: tokio::sync::Mutex::new(None),
+            pod_list: tokio::sync::Mutex::default(),
         }
     }
 
@@ -218,20 +230,36 @@ impl K8sAttestor {
         &self,
         newer_than: Option<u64>,
     ) -> Result<CachedPodList, WorkloadAttestError> {
+        let asked_at = Instant::now();
         let mut slot = self.pod_list.lock().await;
-        if let Some(kept) = slot.as_ref()
+        if let Some(kept) = &slot.kept
             && kept.fetched_at.elapsed() < self.config.pod_list_max_age
             && newer_than.is_none_or(|g| kept.generation > g)
         {
             return Ok(kept.clone());
         }
-        let fresh = CachedPodList {
-            generation: slot.as_ref().map_or(1, |k| k.generation + 1),
-            fetched_at: Instant::now(),
-            pods: Arc::new(self.pods().await?),
-        };
-        *slot = Some(fresh.clone());
-        Ok(fresh)
+        if let Some((failed_at, e)) = &slot.failed
+            && *failed_at >= asked_at
+        {
+            return Err(e.clone());
+        }
+        let fetched_at = Instant::now();
+        match self.pods().await {
+            Ok(pods) => {
+                let fresh = CachedPodList {
+                    generation: slot.kept.as_ref().map_or(1, |k| k.generation + 1),
+                    fetched_at,
+                    pods: Arc::new(pods),
+                };
+                slot.kept = Some(fresh.clone());
+                slot.failed = None;
+                Ok(fresh)
+            }
+            Err(e) => {
+                slot.failed = Some((Instant::now(), e.clone()));
+                Err(e)
+            }
+        }
     }
 
     fn find(&self, list: &PodList, pod_uid: &str, container_id: &str) -> Found {

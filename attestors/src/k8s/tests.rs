@@ -418,3 +418,28 @@ async fn a_pod_list_older_than_its_max_age_is_fetched_again() {
     ));
     assert_eq!(n.kubelet.hits("/pods"), 2);
 }
+
+#[tokio::test]
+async fn attestations_waiting_on_a_failed_request_share_its_error() {
+    let n = node("v2-systemd-containerd.txt", 3).await;
+    n.kubelet.route("/pods", 403, &b"Forbidden"[..]);
+    n.kubelet.set_delay(Duration::from_millis(300));
+    let attestor = Arc::new(n.attestor);
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let a = attestor.clone();
+            tokio::spawn(async move { a.attest(4242).await })
+        })
+        .collect();
+    for t in tasks {
+        let err = t.await.unwrap().unwrap_err();
+        assert!(err.to_string().contains("HTTP 403"), "{err}");
+    }
+    // One request for all of them, not one after another behind it.
+    assert_eq!(n.kubelet.hits("/pods"), 1);
+    // A failure is not kept: the next attestation asks again.
+    n.kubelet.set_delay(Duration::ZERO);
+    n.kubelet.route("/pods", 200, pod_list(true));
+    assert!(has(&attestor.attest(4242).await.unwrap(), "k8s:sa:web"));
+    assert_eq!(n.kubelet.hits("/pods"), 2);
+}
