@@ -136,7 +136,8 @@ pub struct K8sWorkloadConfig {
     /// intercept the connection can claim any pod for any process.
     #[serde(default)]
     pub insecure_skip_kubelet_verify: bool,
-    /// Bearer token for the kubelet (needs `get` on `nodes/proxy`).
+    /// Bearer token for the kubelet (needs `get` on `nodes/pods`, or on
+    /// `nodes/proxy` for kubelets without fine-grained authorization).
     #[serde(default = "default_kubelet_token_path")]
     pub token_path: PathBuf,
     /// When set, only pods scheduled on this node get selectors.

@@ -18,9 +18,9 @@ use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair};
 use serde_json::json;
 use sigil_agent::config::AgentConfig;
 use sigil_agent::manager::Agent;
-use sigil_attestors::https::testserver;
 use sigil_identity::keys::{Curve, PublicKey};
 use sigil_proto::admin;
+use sigil_test_fakes as testserver;
 
 const NODE_UID: &str = "6f1d2b8e-4c3a-4d2e-9b7a-0c5e8f9a1b2c";
 const POD_UID: &str = "3a4b5c6d-7e8f-4a0b-9c1d-2e3f4a5b6c7d";

@@ -6,7 +6,17 @@
 //! configured CA unless `insecure_skip_kubelet_verify` is set, which is
 //! insecure) → the pod and container status. A container that was just
 //! started may not be in the kubelet's list yet, so the list is polled a
-//! bounded number of times. Selectors:
+//! bounded number of times.
+//!
+//! The list (up to [`crate::https::DEFAULT_MAX_BODY`] of JSON) is kept for
+//! [`DEFAULT_POD_LIST_MAX_AGE`] and shared: attestations arriving together
+//! wait for one request instead of each making their own (and share its
+//! error if it fails; a failure is not kept), and a process whose pod or
+//! container is not in the kept list makes it be asked for again (once per
+//! poll, shared too). Only the fields read here are kept, and only the
+//! latest list.
+//!
+//! Selectors:
 //! `k8s:ns:<namespace>`, `k8s:sa:<service account>`, `k8s:pod-name:<name>`,
 //! `k8s:pod-uid:<uid>`, `k8s:pod-label:<key>:<value>`,
 //! `k8s:container-name:<name>`, `k8s:container-image:<image>`,
@@ -16,11 +26,13 @@
 pub mod cgroup;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::Deserialize;
 use sigil_identity::{Selector, SelectorSet};
+use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use crate::https::HttpsClient;
@@ -35,6 +47,10 @@ pub const DEFAULT_KUBELET_URL: &str = "https://127.0.0.1:10250";
 pub const DEFAULT_POLL_ATTEMPTS: u32 = 5;
 /// Pause between two asks.
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(300);
+/// How long a pod list is reused. Short: a list older than this may miss
+/// label changes (new pods and restarted containers are not missed, since a
+/// miss asks again).
+pub const DEFAULT_POD_LIST_MAX_AGE: Duration = Duration::from_secs(2);
 
 /// Settings of the `k8s` workload attestor.
 #[derive(Debug, Clone)]
@@ -51,6 +67,8 @@ pub struct K8sAttestorConfig {
     pub poll_interval: Duration,
     /// Where `/proc` is (tests use fixtures).
     pub proc_root: PathBuf,
+    /// How long a fetched pod list answers later attestations.
+    pub pod_list_max_age: Duration,
 }
 
 impl Default for K8sAttestorConfig {
@@ -62,6 +80,7 @@ impl Default for K8sAttestorConfig {
             poll_attempts: DEFAULT_POLL_ATTEMPTS,
             poll_interval: DEFAULT_POLL_INTERVAL,
             proc_root: PathBuf::from("/proc"),
+            pod_list_max_age: DEFAULT_POD_LIST_MAX_AGE,
         }
     }
 }
@@ -71,6 +90,29 @@ impl Default for K8sAttestorConfig {
 pub struct K8sAttestor {
     config: K8sAttestorConfig,
     client: HttpsClient,
+    /// The latest pod list. The lock is held across the kubelet request, so
+    /// concurrent attestations that need a list make one request between
+    /// them (single flight).
+    pod_list: tokio::sync::Mutex<PodListSlot>,
+}
+
+#[derive(Debug, Default)]
+struct PodListSlot {
+    kept: Option<CachedPodList>,
+    /// When the latest request failed, and why: callers that were waiting
+    /// for it share its failure instead of each trying again in turn (which
+    /// would add one kubelet timeout per waiting caller).
+    failed: Option<(Instant, WorkloadAttestError)>,
+}
+
+/// A pod list as fetched, and which fetch it came from.
+#[derive(Debug, Clone)]
+struct CachedPodList {
+    /// Counts fetches; a caller that did not find its pod in list `n` asks
+    /// for a list newer than `n`, which one refresh serves to all of them.
+    generation: u64,
+    fetched_at: Instant,
+    pods: Arc<PodList>,
 }
 
 // The parts of the kubelet's PodList this attestor reads (field names as
@@ -175,7 +217,49 @@ impl K8sAttestor {
     /// An attestor asking the kubelet through `client` (which holds the
     /// trust setting for the kubelet's certificate).
     pub fn new(config: K8sAttestorConfig, client: HttpsClient) -> Self {
-        Self { config, client }
+        Self {
+            config,
+            client,
+            pod_list: tokio::sync::Mutex::default(),
+        }
+    }
+
+    /// The kept pod list if it is young enough and newer than generation
+    /// `newer_than`; otherwise a list fetched now (and kept).
+    async fn pod_list(
+        &self,
+        newer_than: Option<u64>,
+    ) -> Result<CachedPodList, WorkloadAttestError> {
+        let asked_at = Instant::now();
+        let mut slot = self.pod_list.lock().await;
+        if let Some(kept) = &slot.kept
+            && kept.fetched_at.elapsed() < self.config.pod_list_max_age
+            && newer_than.is_none_or(|g| kept.generation > g)
+        {
+            return Ok(kept.clone());
+        }
+        if let Some((failed_at, e)) = &slot.failed
+            && *failed_at >= asked_at
+        {
+            return Err(e.clone());
+        }
+        let fetched_at = Instant::now();
+        match self.pods().await {
+            Ok(pods) => {
+                let fresh = CachedPodList {
+                    generation: slot.kept.as_ref().map_or(1, |k| k.generation + 1),
+                    fetched_at,
+                    pods: Arc::new(pods),
+                };
+                slot.kept = Some(fresh.clone());
+                slot.failed = None;
+                Ok(fresh)
+            }
+            Err(e) => {
+                slot.failed = Some((Instant::now(), e.clone()));
+                Err(e)
+            }
+        }
     }
 
     fn find(&self, list: &PodList, pod_uid: &str, container_id: &str) -> Found {
@@ -234,7 +318,7 @@ impl K8sAttestor {
             .map_err(|e| unavailable(e.to_string()))?;
         if resp.status != 200 {
             return Err(unavailable(format!(
-                "kubelet answered HTTP {} for /pods (the agent's service account needs get on nodes/proxy and nodes/pods)",
+                "kubelet answered HTTP {} for /pods (the agent's service account needs get on nodes/pods, or on nodes/proxy where the kubelet lacks fine-grained authorization: see deploy/k8s/README.md)",
                 resp.status
             )));
         }
@@ -280,13 +364,22 @@ impl WorkloadAttestor for K8sAttestor {
             }
         };
         let attempts = self.config.poll_attempts.max(1);
-        for attempt in 1..=attempts {
-            let list = self.pods().await?;
-            if let Found::Selectors(s) = self.find(&list, &pod_uid, &container_id) {
+        let started = Instant::now();
+        let mut seen: Option<u64> = None;
+        let mut polls = 0;
+        while polls < attempts {
+            let list = self.pod_list(seen).await?;
+            if let Found::Selectors(s) = self.find(&list.pods, &pod_uid, &container_id) {
                 return Ok(s);
             }
-            if attempt < attempts {
-                tokio::time::sleep(self.config.poll_interval).await;
+            seen = Some(list.generation);
+            // A list kept from before this attestation is not a poll: the
+            // next one is asked for at once.
+            if list.fetched_at >= started {
+                polls += 1;
+                if polls < attempts {
+                    tokio::time::sleep(self.config.poll_interval).await;
+                }
             }
         }
         warn!(

@@ -2,8 +2,10 @@
 # Checks every deployment file: each Kubernetes manifest against the
 # Kubernetes API schemas (kubernetes-validate, strict: unknown fields fail),
 # that the kustomizations list exactly the manifest files there are (kustomize
-# itself is not installed), and a checkov scan of the manifests and the
-# Dockerfiles with zero failed checks. A check skipped on purpose carries its
+# itself is not installed), that workloads (pods outside the sigil namespace)
+# run in namespaces enforcing the restricted Pod Security Standard with no
+# hostPath, and a checkov scan of the manifests and the Dockerfiles with zero
+# failed checks. A check skipped on purpose carries its
 # reason next to it: `checkov.io/skipN: <ID>=<reason>` annotations in the
 # manifests, `# checkov:skip=<ID>:<reason>` comments in Dockerfiles.
 #
@@ -39,7 +41,7 @@ for root, _, files in os.walk("deploy/k8s"):
     if "kustomization.yaml" not in files:
         continue
     k = yaml.safe_load(open(os.path.join(root, "kustomization.yaml")))
-    for r in k.get("resources", []):
+    for r in k.get("resources", []) + k.get("components", []):
         path = os.path.normpath(os.path.join(root, r))
         if os.path.isdir(path):
             if not os.path.isfile(os.path.join(path, "kustomization.yaml")):
@@ -55,6 +57,42 @@ for e in errors:
 if errors:
     sys.exit(1)
 print(f"{len(listed)} resources listed, all present")
+PY
+
+echo "==> workloads: restricted namespaces, no hostPath"
+"$venv/bin/python" - "${manifests[@]}" <<'PY'
+import sys, yaml
+# Namespaces of Sigil itself (the agent and the CSI driver are node
+# infrastructure and need host access); every other pod is a workload.
+SIGIL = {"sigil"}
+POD_KINDS = {"Pod", "Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job", "CronJob"}
+docs = [(p, d) for p in sys.argv[1:] for d in yaml.safe_load_all(open(p)) if d]
+enforced = {d["metadata"]["name"]: (d["metadata"].get("labels") or {}).get("pod-security.kubernetes.io/enforce")
+            for _, d in docs if d["kind"] == "Namespace"}
+def has_key(node, key):
+    if isinstance(node, dict):
+        return key in node or any(has_key(v, key) for v in node.values())
+    if isinstance(node, list):
+        return any(has_key(v, key) for v in node)
+    return False
+errors, workloads = [], 0
+for path, d in docs:
+    ns = d["metadata"].get("namespace", "default")
+    if d["kind"] not in POD_KINDS or ns in SIGIL:
+        continue
+    workloads += 1
+    name = f'{path}: {d["kind"]} {ns}/{d["metadata"]["name"]}'
+    if has_key(d, "hostPath"):
+        errors.append(f"{name} has a hostPath volume (mount the agent socket with a csi.spiffe.io volume)")
+    if enforced.get(ns) != "restricted":
+        errors.append(f"{name}: namespace {ns} does not enforce Pod Security restricted (enforce={enforced.get(ns)})")
+for e in errors:
+    print(e, file=sys.stderr)
+if errors:
+    sys.exit(1)
+if workloads == 0:
+    sys.exit("no workload manifests found: the check would pass vacuously")
+print(f"{workloads} workloads: restricted, no hostPath")
 PY
 
 echo "==> checkov (manifests and Dockerfiles under deploy/)"

@@ -17,8 +17,12 @@
 //!
 //! Parsing is pure. A process whose lines name two different pods or two
 //! different containers is [`CgroupMatch::Ambiguous`] and gets no `k8s`
-//! selectors; so does a process in a pod's cgroup but in no container's
-//! (e.g. cri-o's `conmon`).
+//! selectors, and so is one whose cgroup v1 hierarchies put it in a
+//! container's cgroup in some lines and only in the pod's in others: the
+//! kubelet puts a container's processes in the container's cgroup in every
+//! hierarchy, so such a mix was made by someone else and says nothing
+//! reliable. A process in a pod's cgroup but in no container's in every
+//! line (e.g. cri-o's `conmon`) is [`CgroupMatch::PodOnly`].
 
 /// What the cgroup file says about a process.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -103,6 +107,8 @@ fn container_id(segment: &str) -> Option<String> {
 pub fn parse(cgroup_file: &str) -> CgroupMatch {
     let mut pod: Option<String> = None;
     let mut container: Option<String> = None;
+    // Whether some line names the pod but no container under it.
+    let mut pod_level_line = false;
     for line in cgroup_file.lines() {
         let Some(path) = line.splitn(3, ':').nth(2) else {
             continue;
@@ -126,11 +132,21 @@ pub fn parse(cgroup_file: &str) -> CgroupMatch {
         }
         pod = Some(uid);
         // The container's cgroup is the one right under the pod's.
-        if let Some(id) = segments.get(i + 1).and_then(|s| container_id(s)) {
-            if container.as_ref().is_some_and(|c| *c != id) {
-                return CgroupMatch::Ambiguous("the process is in the cgroups of two containers");
+        match segments.get(i + 1).and_then(|s| container_id(s)) {
+            Some(id) => {
+                if container.as_ref().is_some_and(|c| *c != id) {
+                    return CgroupMatch::Ambiguous(
+                        "the process is in the cgroups of two containers",
+                    );
+                }
+                container = Some(id);
             }
-            container = Some(id);
+            None => pod_level_line = true,
+        }
+        if pod_level_line && container.is_some() {
+            return CgroupMatch::Ambiguous(
+                "the process is in a container's cgroup in some hierarchies and only in its pod's in others",
+            );
         }
     }
     match (pod, container) {

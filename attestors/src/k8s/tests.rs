@@ -2,10 +2,11 @@
 //! real `/pods` PodList shape).
 
 use super::*;
-use crate::https::testserver::{self, FakeServer};
 use crate::https::{HttpsClient, Trust};
 use serde_json::json;
+use sigil_test_fakes::{self as testserver, FakeServer};
 use std::path::Path;
+use std::sync::Arc;
 
 const POD_UID: &str = "2c48913c-b29f-11e7-9350-020968147796";
 const CID: &str = "9bca8d63d5fa610783847915bcff0ecac1273e5b4bed3f6fa1b07350e0135961";
@@ -60,6 +61,22 @@ fn conmon_host_processes_and_mixed_cgroups_yield_no_container() {
         cgroup::parse(&fixture("v1-two-containers.txt")),
         CgroupMatch::Ambiguous(_)
     ));
+}
+
+#[test]
+fn v1_hierarchies_mixing_pod_and_container_cgroups_are_ambiguous() {
+    // Some hierarchies put the process in its pod's cgroup, others in a
+    // container's: which container it runs in cannot be told.
+    for name in [
+        "v1-cgroupfs-mixed-pod-container.txt",
+        "v1-systemd-mixed-pod-container.txt",
+    ] {
+        assert!(
+            matches!(cgroup::parse(&fixture(name)), CgroupMatch::Ambiguous(_)),
+            "{name}: {:?}",
+            cgroup::parse(&fixture(name))
+        );
+    }
 }
 
 #[test]
@@ -149,7 +166,7 @@ fn pod_list(with_container: bool) -> Vec<u8> {
                     "serviceAccountName": "web",
                     "nodeName": "node-a",
                     "containers": [{"name": "web", "image": "registry.example/shop/web:1.4.2"}],
-                    "volumes": [{"name": "spiffe", "hostPath": {"path": "/run/sigil/agent", "type": "Directory"}}]
+                    "volumes": [{"name": "spiffe", "csi": {"driver": "csi.spiffe.io", "readOnly": true}}]
                 },
                 "status": {
                     "phase": if with_container { "Running" } else { "Pending" },
@@ -186,6 +203,7 @@ async fn node(cgroup_fixture: &str, attempts: u32) -> Node {
         poll_attempts: attempts,
         poll_interval: Duration::from_millis(50),
         proc_root: proc.path().to_owned(),
+        ..K8sAttestorConfig::default()
     };
     let client = HttpsClient::new(Trust::Roots(vec![kubelet.ca_der.clone()])).unwrap();
     Node {
@@ -258,6 +276,7 @@ async fn processes_outside_one_pod_get_nothing_and_the_kubelet_is_not_asked() {
         "v2-host-process.txt",
         "v1-two-pods.txt",
         "v2-crio-conmon.txt",
+        "v1-cgroupfs-mixed-pod-container.txt",
     ] {
         let n = node(f, 3).await;
         assert!(n.attestor.attest(4242).await.unwrap().is_empty(), "{f}");
@@ -307,9 +326,120 @@ async fn kubelet_refusals_and_gone_processes_are_errors() {
     let n = node("v2-systemd-containerd.txt", 1).await;
     n.kubelet.route("/pods", 403, &b"Forbidden"[..]);
     let err = n.attestor.attest(4242).await.unwrap_err();
+    assert!(err.to_string().contains("nodes/pods"), "{err}");
     assert!(err.to_string().contains("nodes/proxy"), "{err}");
     assert_eq!(
         n.attestor.attest(999_999).await.unwrap_err(),
         WorkloadAttestError::Gone(999_999)
     );
+}
+
+const POD2_UID: &str = "7d1e2f3a-4b5c-4d6e-8f7a-9b0c1d2e3f4a";
+const CID2: &str = "5a6b7c8d9e0f1a2b3c4d5e6f7a8b9c0d1e2f3a4b5c6d7e8f9a0b1c2d3e4f5a6b";
+
+/// [`pod_list`] with a second pod, `api`, as if it had just been created.
+fn pod_list_with_api_pod() -> Vec<u8> {
+    let mut list: serde_json::Value = serde_json::from_slice(&pod_list(true)).unwrap();
+    list["items"].as_array_mut().unwrap().push(json!({
+        "metadata": {"name": "api-6c9d8e7f5-x1y2z", "namespace": "shop", "uid": POD2_UID, "labels": {"app": "api"}},
+        "spec": {"serviceAccountName": "api", "nodeName": "node-a", "containers": [{"name": "api", "image": "registry.example/shop/api:2.0.1"}]},
+        "status": {"phase": "Running", "containerStatuses": [{"name": "api", "image": "registry.example/shop/api:2.0.1", "imageID": "", "containerID": format!("containerd://{CID2}"), "ready": true, "restartCount": 0}]}
+    }));
+    serde_json::to_vec(&list).unwrap()
+}
+
+#[tokio::test]
+async fn concurrent_attestations_share_one_kubelet_request() {
+    let n = node("v2-systemd-containerd.txt", 3).await;
+    // The kubelet is slow to answer, so every attestation below is waiting
+    // for the pod list while the first request is still in flight.
+    n.kubelet.set_delay(Duration::from_millis(300));
+    let attestor = Arc::new(n.attestor);
+    let tasks: Vec<_> = (0..16)
+        .map(|_| {
+            let a = attestor.clone();
+            tokio::spawn(async move { a.attest(4242).await })
+        })
+        .collect();
+    for t in tasks {
+        let got = t.await.unwrap().unwrap();
+        assert!(has(&got, "k8s:container-name:web"), "{got:?}");
+    }
+    assert_eq!(n.kubelet.hits("/pods"), 1);
+    // A later attestation within the list's age is answered from it too.
+    assert!(has(
+        &attestor.attest(4242).await.unwrap(),
+        "k8s:pod-name:web-5d8c7b9f4-q2w7e"
+    ));
+    assert_eq!(n.kubelet.hits("/pods"), 1);
+}
+
+#[tokio::test]
+async fn a_pod_created_after_the_list_was_cached_is_found() {
+    let n = node("v2-systemd-containerd.txt", 3).await;
+    std::fs::create_dir(n._proc.path().join("4343")).unwrap();
+    std::fs::write(
+        n._proc.path().join("4343/cgroup"),
+        format!("0::/kubepods/besteffort/pod{POD2_UID}/{CID2}\n"),
+    )
+    .unwrap();
+    assert!(has(&n.attestor.attest(4242).await.unwrap(), "k8s:sa:web"));
+    assert_eq!(n.kubelet.hits("/pods"), 1);
+    // The api pod starts after the list was cached: its process is not in
+    // the cached list, so the list is asked for again, once.
+    n.kubelet.route("/pods", 200, pod_list_with_api_pod());
+    let got = n.attestor.attest(4343).await.unwrap();
+    assert!(has(&got, "k8s:sa:api"), "{got:?}");
+    assert!(has(&got, &format!("k8s:pod-uid:{POD2_UID}")), "{got:?}");
+    assert_eq!(n.kubelet.hits("/pods"), 2);
+    // Both are now answered from the refreshed list.
+    assert!(has(&n.attestor.attest(4242).await.unwrap(), "k8s:sa:web"));
+    assert!(has(&n.attestor.attest(4343).await.unwrap(), "k8s:sa:api"));
+    assert_eq!(n.kubelet.hits("/pods"), 2);
+}
+
+#[tokio::test]
+async fn a_pod_list_older_than_its_max_age_is_fetched_again() {
+    let mut n = node("v2-systemd-containerd.txt", 1).await;
+    n.attestor.config.pod_list_max_age = Duration::from_millis(200);
+    n.kubelet.route("/pods", 200, pod_list(true));
+    assert!(has(&n.attestor.attest(4242).await.unwrap(), "k8s:sa:web"));
+    assert!(has(&n.attestor.attest(4242).await.unwrap(), "k8s:sa:web"));
+    assert_eq!(n.kubelet.hits("/pods"), 1);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The pod's labels changed meanwhile; the old list is not used.
+    let relabelled = String::from_utf8(pod_list(true))
+        .unwrap()
+        .replace("\"app\":\"web\"", "\"app\":\"web-v2\"");
+    n.kubelet.route("/pods", 200, relabelled);
+    assert!(has(
+        &n.attestor.attest(4242).await.unwrap(),
+        "k8s:pod-label:app:web-v2"
+    ));
+    assert_eq!(n.kubelet.hits("/pods"), 2);
+}
+
+#[tokio::test]
+async fn attestations_waiting_on_a_failed_request_share_its_error() {
+    let n = node("v2-systemd-containerd.txt", 3).await;
+    n.kubelet.route("/pods", 403, &b"Forbidden"[..]);
+    n.kubelet.set_delay(Duration::from_millis(300));
+    let attestor = Arc::new(n.attestor);
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let a = attestor.clone();
+            tokio::spawn(async move { a.attest(4242).await })
+        })
+        .collect();
+    for t in tasks {
+        let err = t.await.unwrap().unwrap_err();
+        assert!(err.to_string().contains("HTTP 403"), "{err}");
+    }
+    // One request for all of them, not one after another behind it.
+    assert_eq!(n.kubelet.hits("/pods"), 1);
+    // A failure is not kept: the next attestation asks again.
+    n.kubelet.set_delay(Duration::ZERO);
+    n.kubelet.route("/pods", 200, pod_list(true));
+    assert!(has(&attestor.attest(4242).await.unwrap(), "k8s:sa:web"));
+    assert_eq!(n.kubelet.hits("/pods"), 2);
 }

@@ -4,12 +4,12 @@
 //! server's pod lookup.
 
 use super::*;
-use crate::https::testserver::{self, FakeServer};
 use crate::https::{HttpsClient, Trust};
 use ring::rand::SystemRandom;
 use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair, RsaKeyPair};
 use serde_json::json;
 use sigil_identity::clock::{SystemClock, unix_seconds};
+use sigil_test_fakes::{self as testserver, FakeServer};
 
 const NODE_UID: &str = "6f1d2b8e-4c3a-4d2e-9b7a-0c5e8f9a1b2c";
 const POD_UID: &str = "3a4b5c6d-7e8f-4a0b-9c1d-2e3f4a5b6c7d";
