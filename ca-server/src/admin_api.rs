@@ -174,7 +174,11 @@ impl AdminService {
                     .update_agent(a)
                     .await
                     .map_err(|e| store_status(&e))?;
-                self.registry.put_agent(a.clone());
+                // What the store holds now (an eviction may have won).
+                self.registry
+                    .reload_agent(&id)
+                    .await
+                    .map_err(|e| store_status(&e))?;
                 Ok(a)
             } else {
                 let a = self.store.delete_agent(&id).await.map_err(|e| match e {
@@ -183,7 +187,10 @@ impl AdminService {
                     }
                     e => store_status(&e),
                 })?;
-                self.registry.remove_agent(&id);
+                self.registry
+                    .reload_agent(&id)
+                    .await
+                    .map_err(|e| store_status(&e))?;
                 Ok(a)
             }
         }

@@ -69,6 +69,12 @@ pub struct ServerSection {
     pub admin_socket: PathBuf,
     /// Extra uids allowed on the admin socket besides root and the server's own.
     pub admin_uids: Vec<u32>,
+    /// Node API connections open at once; more are closed on accept.
+    pub max_connections: usize,
+    /// Node API connections from one IP address that have not (yet)
+    /// presented an agent SVID: in TLS handshake, or attesting. Agents
+    /// behind one NAT that attest at once may need more.
+    pub max_unauthenticated_connections_per_address: usize,
 }
 
 impl Default for ServerSection {
@@ -79,6 +85,8 @@ impl Default for ServerSection {
                 .unwrap_or_else(|_| unreachable!("constant address parses")),
             admin_socket: PathBuf::from(DEFAULT_ADMIN_SOCKET),
             admin_uids: Vec::new(),
+            max_connections: 16_384,
+            max_unauthenticated_connections_per_address: 64,
         }
     }
 }
@@ -423,6 +431,13 @@ impl ServerConfig {
         {
             return Err(ConfigError::Invalid("rate limits must be positive".into()));
         }
+        if self.server.max_connections == 0
+            || self.server.max_unauthenticated_connections_per_address == 0
+        {
+            return Err(ConfigError::Invalid(
+                "server.max_connections and server.max_unauthenticated_connections_per_address must be at least 1 (0 would refuse every agent)".into(),
+            ));
+        }
         Ok(())
     }
 }
@@ -469,6 +484,19 @@ mod tests {
         let (_d, path) = write("trust_domain = \"example.org\"\n[ca]\nttll = \"1h\"\n");
         let err = ServerConfig::load(Some(&path), Overrides::default()).unwrap_err();
         assert!(err.to_string().contains("ttll"), "{err}");
+    }
+
+    #[test]
+    fn connection_caps_default_and_refuse_zero() {
+        let (_d, path) = write("trust_domain = \"example.org\"\n");
+        let cfg = ServerConfig::load(Some(&path), Overrides::default()).unwrap();
+        assert_eq!(cfg.server.max_connections, 16_384);
+        assert_eq!(cfg.server.max_unauthenticated_connections_per_address, 64);
+        let (_d, path) = write(
+            "trust_domain = \"example.org\"\n[server]\nmax_unauthenticated_connections_per_address = 0\n",
+        );
+        let err = ServerConfig::load(Some(&path), Overrides::default()).unwrap_err();
+        assert!(err.to_string().contains("at least 1"), "{err}");
     }
 
     #[test]

@@ -12,7 +12,7 @@
 //! under its parent; a node alias change re-evaluates alias membership of
 //! every agent.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
@@ -28,6 +28,14 @@ use crate::datastore::{
 const CHANGE_LOG_LEN: usize = 100_000;
 /// Events buffered per Sync stream before it is cut off as too slow.
 const SUBSCRIBER_BUFFER: usize = 1024;
+/// Changes per chunk of the change log. A Sync stream that resumes takes
+/// the chunks it needs by reference and reads them after the lock is
+/// released; appending copies only a chunk someone still holds.
+const LOG_CHUNK: usize = 1024;
+/// Sync streams one agent may hold open. An agent needs one; a second
+/// covers a reconnect while the server has not yet noticed the old
+/// connection died. A newer stream displaces the oldest.
+pub const MAX_SYNC_STREAMS_PER_AGENT: usize = 2;
 
 /// What a Sync stream is told.
 #[derive(Debug, Clone)]
@@ -43,10 +51,14 @@ pub enum AgentEvent {
     /// The agent's SVID was replaced (renewal or re-attestation): streams
     /// opened with the old one end.
     Superseded,
+    /// The agent opened more Sync streams than it may hold: this, its
+    /// oldest, ends.
+    Displaced,
 }
 
 /// A remembered change: its revision, the entry, and the parents involved
 /// (before and after), so a resuming agent learns only of its own.
+#[derive(Clone)]
 struct LoggedChange {
     revision: u64,
     id: EntryId,
@@ -69,11 +81,44 @@ struct Subscriber {
     tx: mpsc::Sender<AgentEvent>,
 }
 
+/// The entries under one parent.
+type Siblings = BTreeMap<EntryId, Arc<RegistrationEntry>>;
+
+/// What a Sync stream starts from, taken under the lock (references only)
+/// and turned into a [`SyncStart`] after it is released.
+struct AgentView {
+    /// The entry sets of the agent and of its node aliases.
+    parents: Vec<Arc<Siblings>>,
+    /// The agent and its node aliases.
+    relevant: BTreeSet<SpiffeId>,
+    revision: u64,
+    log_floor: u64,
+    /// When the agent's alias membership last changed.
+    membership_changed: Option<u64>,
+    /// The log chunks holding changes after the revision asked for.
+    changes: Vec<Arc<Vec<LoggedChange>>>,
+}
+
+/// Entries in `parents` that are not expired at `now`, by id.
+fn authorized_in(parents: &[Arc<Siblings>], now: SystemTime) -> Vec<Arc<RegistrationEntry>> {
+    let mut out: Vec<_> = parents
+        .iter()
+        .flat_map(|set| set.values())
+        .filter(|e| !e.is_expired(now))
+        .cloned()
+        .collect();
+    out.sort_by(|a, b| a.id.cmp(&b.id));
+    out.dedup_by(|a, b| a.id == b.id);
+    out
+}
+
 #[derive(Default)]
 struct State {
     revision: u64,
     entries: HashMap<EntryId, Arc<RegistrationEntry>>,
-    by_parent: HashMap<SpiffeId, BTreeSet<EntryId>>,
+    /// Entries by parent, each set shared with the Sync streams being
+    /// started (copied on write only while one holds it).
+    by_parent: HashMap<SpiffeId, Arc<Siblings>>,
     /// Node alias entries (parented to the server).
     aliases: HashMap<EntryId, Arc<RegistrationEntry>>,
     agents: HashMap<SpiffeId, AgentRecord>,
@@ -81,8 +126,10 @@ struct State {
     alias_members: HashMap<SpiffeId, BTreeSet<SpiffeId>>,
     subscribers: HashMap<SpiffeId, Vec<Subscriber>>,
     next_subscriber: u64,
-    /// Recent changes, oldest first.
-    log: VecDeque<LoggedChange>,
+    /// Recent changes, oldest first, in chunks of at most [`LOG_CHUNK`].
+    log: VecDeque<Arc<Vec<LoggedChange>>>,
+    /// How many changes `log` holds.
+    log_len: usize,
     /// Revision at which each agent's alias membership last changed.
     membership_changed: HashMap<SpiffeId, u64>,
     /// Revision before the oldest change in `log`.
@@ -95,6 +142,8 @@ pub struct Registry {
     server_id: SpiffeId,
     state: Mutex<State>,
     catch_up: tokio::sync::Mutex<()>,
+    /// Serializes [`Registry::reload_agent`].
+    agent_reload: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -159,6 +208,27 @@ impl State {
         changed
     }
 
+    /// Stores `record` as is and tells the agent's streams what changed.
+    fn set_agent(&mut self, record: AgentRecord) {
+        let id = record.id.clone();
+        let banned = record.banned;
+        self.agents.insert(id.clone(), record);
+        if self.refresh_agent_aliases(&id) {
+            self.send(&id, &AgentEvent::Resync);
+        }
+        if banned {
+            self.send(&id, &AgentEvent::Revoked("agent banned"));
+        }
+    }
+
+    /// Forgets agent `id` and ends its streams.
+    fn drop_agent(&mut self, id: &SpiffeId) {
+        self.agents.remove(id);
+        self.refresh_agent_aliases(id);
+        self.send(id, &AgentEvent::Revoked("agent evicted"));
+        self.subscribers.remove(id);
+    }
+
     fn send(&mut self, agent: &SpiffeId, event: &AgentEvent) {
         let Some(subs) = self.subscribers.get_mut(agent) else {
             return;
@@ -175,17 +245,15 @@ impl State {
         if self.is_alias(e, server_id) {
             self.aliases.insert(e.id.clone(), e.clone());
         }
-        self.by_parent
-            .entry(e.parent_id.clone())
-            .or_default()
-            .insert(e.id.clone());
+        Arc::make_mut(self.by_parent.entry(e.parent_id.clone()).or_default())
+            .insert(e.id.clone(), e.clone());
         self.entries.insert(e.id.clone(), e.clone());
     }
 
     fn unindex(&mut self, e: &RegistrationEntry) {
         self.aliases.remove(&e.id);
         if let Some(set) = self.by_parent.get_mut(&e.parent_id) {
-            set.remove(&e.id);
+            Arc::make_mut(set).remove(&e.id);
             if set.is_empty() {
                 self.by_parent.remove(&e.parent_id);
             }
@@ -199,7 +267,7 @@ impl State {
         let old = self.entries.get(&id).cloned();
         let alias = self.is_alias(&change.entry, server_id)
             || old.as_ref().is_some_and(|e| self.is_alias(e, server_id));
-        self.log.push_back(LoggedChange {
+        let logged = LoggedChange {
             revision: change.revision,
             id: id.clone(),
             parents: [
@@ -207,9 +275,18 @@ impl State {
                 Some(change.entry.parent_id.clone()),
             ],
             alias,
-        });
-        while self.log.len() > CHANGE_LOG_LEN {
-            if let Some(c) = self.log.pop_front() {
+        };
+        match self.log.back_mut() {
+            Some(chunk) if chunk.len() < LOG_CHUNK => Arc::make_mut(chunk).push(logged),
+            _ => self.log.push_back(Arc::new(vec![logged])),
+        }
+        self.log_len += 1;
+        while self.log_len > CHANGE_LOG_LEN {
+            let Some(oldest) = self.log.pop_front() else {
+                break;
+            };
+            self.log_len -= oldest.len();
+            if let Some(c) = oldest.last() {
                 self.log_floor = c.revision;
             }
         }
@@ -248,21 +325,44 @@ impl State {
         }
     }
 
-    fn authorized(&self, agent: &SpiffeId, now: SystemTime) -> Vec<Arc<RegistrationEntry>> {
-        let mut parents = vec![agent];
-        if let Some(aliases) = self.agent_aliases.get(agent) {
-            parents.extend(aliases.iter());
-        }
-        let mut out: Vec<_> = parents
-            .into_iter()
-            .filter_map(|p| self.by_parent.get(p))
-            .flat_map(|ids| ids.iter().filter_map(|id| self.entries.get(id)))
-            .filter(|e| !e.is_expired(now))
+    /// The agent and its node aliases.
+    fn relevant(&self, agent: &SpiffeId) -> BTreeSet<SpiffeId> {
+        std::iter::once(agent)
+            .chain(self.agent_aliases.get(agent).into_iter().flatten())
             .cloned()
-            .collect();
-        out.sort_by(|a, b| a.id.cmp(&b.id));
-        out.dedup_by(|a, b| a.id == b.id);
-        out
+            .collect()
+    }
+
+    /// The entry sets `agent` is authorized from, by reference: cheap
+    /// under the lock, read after it.
+    fn parents_of(&self, relevant: &BTreeSet<SpiffeId>) -> Vec<Arc<Siblings>> {
+        relevant
+            .iter()
+            .filter_map(|p| self.by_parent.get(p).cloned())
+            .collect()
+    }
+
+    /// What a Sync stream of `agent` resuming after `since` starts from.
+    fn view(&self, agent: &SpiffeId, since: u64) -> AgentView {
+        let relevant = self.relevant(agent);
+        let changes = if since > 0 && since >= self.log_floor {
+            // Chunks are in revision order: skip those wholly at or before
+            // `since` without reading them.
+            let first = self
+                .log
+                .partition_point(|c| c.last().is_some_and(|l| l.revision <= since));
+            self.log.range(first..).cloned().collect()
+        } else {
+            Vec::new()
+        };
+        AgentView {
+            parents: self.parents_of(&relevant),
+            relevant,
+            revision: self.revision,
+            log_floor: self.log_floor,
+            membership_changed: self.membership_changed.get(agent).copied(),
+            changes,
+        }
     }
 
     fn is_authorized(&self, agent: &SpiffeId, e: &RegistrationEntry, now: SystemTime) -> bool {
@@ -333,6 +433,7 @@ impl Registry {
             server_id,
             state: Mutex::new(state),
             catch_up: tokio::sync::Mutex::new(()),
+            agent_reload: tokio::sync::Mutex::new(()),
         });
         registry.catch_up().await?;
         Ok(registry)
@@ -370,7 +471,22 @@ impl Registry {
         agent: &SpiffeId,
         now: SystemTime,
     ) -> Vec<Arc<RegistrationEntry>> {
-        self.lock().authorized(agent, now)
+        self.full_set(agent, now).entries
+    }
+
+    /// The full set of entries `agent` is authorized for at `now`, and the
+    /// revision it is as of (built after the lock is released).
+    pub fn full_set(&self, agent: &SpiffeId, now: SystemTime) -> SyncStart {
+        let (parents, revision) = {
+            let state = self.lock();
+            (state.parents_of(&state.relevant(agent)), state.revision)
+        };
+        SyncStart {
+            full: true,
+            entries: authorized_in(&parents, now),
+            removed: Vec::new(),
+            revision,
+        }
     }
 
     /// The entry `id`, if `agent` is authorized for it at `now`.
@@ -400,18 +516,31 @@ impl Registry {
 
     /// Records a new or changed agent (already written to the datastore).
     /// As in the datastore, a ban is sticky until the agent is removed.
+    /// Handlers use [`Registry::reload_agent`] instead: a record they hold
+    /// may be stale by the time it gets here.
     pub fn put_agent(&self, mut record: AgentRecord) {
         let mut state = self.lock();
-        let id = record.id.clone();
-        record.banned |= state.agents.get(&id).is_some_and(|old| old.banned);
-        let banned = record.banned;
-        state.agents.insert(id.clone(), record);
-        if state.refresh_agent_aliases(&id) {
-            state.send(&id, &AgentEvent::Resync);
+        record.banned |= state.agents.get(&record.id).is_some_and(|old| old.banned);
+        state.set_agent(record);
+    }
+
+    /// Makes this registry's record of agent `id` the one the datastore
+    /// holds now (or removes it), and returns that record. Every write of
+    /// an agent record is followed by this, not by putting the writer's own
+    /// copy: two writes of one agent (a renewal and an eviction, say) can
+    /// finish in the same durable-sync round, and a blind put of the
+    /// renewal's copy after the eviction would bring the evicted agent back.
+    /// Reloads run one at a time, each after its own write, so the last one
+    /// sees every write before it.
+    pub async fn reload_agent(&self, id: &SpiffeId) -> Result<Option<AgentRecord>, DatastoreError> {
+        let _one_at_a_time = self.agent_reload.lock().await;
+        let stored = self.store.fetch_agent(id).await?;
+        let mut state = self.lock();
+        match &stored {
+            Some(record) => state.set_agent(record.clone()),
+            None => state.drop_agent(id),
         }
-        if banned {
-            state.send(&id, &AgentEvent::Revoked("agent banned"));
-        }
+        Ok(stored)
     }
 
     /// Ends every open stream of `agent`: its SVID was replaced.
@@ -423,11 +552,7 @@ impl Registry {
 
     /// Forgets an evicted agent (already removed from the datastore).
     pub fn remove_agent(&self, id: &SpiffeId) {
-        let mut state = self.lock();
-        state.agents.remove(id);
-        state.refresh_agent_aliases(id);
-        state.send(id, &AgentEvent::Revoked("agent evicted"));
-        state.subscribers.remove(id);
+        self.lock().drop_agent(id);
     }
 
     /// Starts a Sync stream for `agent`: the initial message and a receiver
@@ -441,25 +566,45 @@ impl Registry {
         now: SystemTime,
     ) -> (SyncStart, mpsc::Receiver<AgentEvent>, Subscription) {
         let (tx, rx) = mpsc::channel(SUBSCRIBER_BUFFER);
-        let mut state = self.lock();
-        let authorized = state.authorized(agent, now);
-        let relevant: BTreeSet<&SpiffeId> = std::iter::once(agent)
-            .chain(state.agent_aliases.get(agent).into_iter().flatten())
-            .collect();
-        let since_changes = || state.log.iter().filter(move |c| c.revision > since);
+        let (view, id) = {
+            let mut state = self.lock();
+            let view = state.view(agent, since);
+            let id = state.next_subscriber;
+            state.next_subscriber += 1;
+            let subs = state.subscribers.entry(agent.clone()).or_default();
+            while subs.len() >= MAX_SYNC_STREAMS_PER_AGENT {
+                let oldest = subs.remove(0);
+                // If its buffer is full, dropping the sender ends it anyway.
+                let _ = oldest.tx.try_send(AgentEvent::Displaced);
+            }
+            subs.push(Subscriber { id, tx });
+            (view, id)
+        };
+        // The lock is released: the snapshot and the change scan read only
+        // what `view` holds, as of `view.revision`; later changes reach
+        // the stream as events.
+        let authorized = authorized_in(&view.parents, now);
+        let since_changes = || {
+            view.changes
+                .iter()
+                .flat_map(|chunk| chunk.iter())
+                .filter(move |c| c.revision > since)
+        };
         // Resuming needs the history, and a stable alias membership since then.
         let can_resume = since > 0
-            && since >= state.log_floor
-            && since <= state.revision
-            && state
-                .membership_changed
-                .get(agent)
-                .is_none_or(|rev| *rev <= since)
+            && since >= view.log_floor
+            && since <= view.revision
+            && view.membership_changed.is_none_or(|rev| rev <= since)
             && !since_changes().any(|c| c.alias);
         let start = if can_resume {
             let authorized_ids: BTreeSet<&EntryId> = authorized.iter().map(|e| &e.id).collect();
             let removed: BTreeSet<EntryId> = since_changes()
-                .filter(|c| c.parents.iter().flatten().any(|p| relevant.contains(p)))
+                .filter(|c| {
+                    c.parents
+                        .iter()
+                        .flatten()
+                        .any(|p| view.relevant.contains(p))
+                })
                 .filter(|c| !authorized_ids.contains(&c.id))
                 .map(|c| c.id.clone())
                 .collect();
@@ -472,24 +617,16 @@ impl Registry {
                 full: false,
                 entries,
                 removed: removed.into_iter().collect(),
-                revision: state.revision,
+                revision: view.revision,
             }
         } else {
             SyncStart {
                 full: true,
                 entries: authorized,
                 removed: Vec::new(),
-                revision: state.revision,
+                revision: view.revision,
             }
         };
-        let id = state.next_subscriber;
-        state.next_subscriber += 1;
-        state
-            .subscribers
-            .entry(agent.clone())
-            .or_default()
-            .push(Subscriber { id, tx });
-        drop(state);
         (
             start,
             rx,

@@ -26,14 +26,15 @@ use crate::ca::x509::UpstreamCa;
 use crate::ca::{CaConfig, CaManager};
 use crate::config::{K8sPsatSection, KeyManagerKind, ServerConfig};
 use crate::datastore::{Datastore, DatastoreError, SledDatastore, TokenHash};
-use crate::node_api::{NodeApi, NodeService, tls};
+use crate::node_api::{NodeApi, NodeService, limits, tls};
 use crate::rate_limit::RateLimiter;
 use crate::registry::Registry;
 
 /// How long shutdown waits for open connections to finish.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
-/// Largest gRPC message accepted (a full batch of CSRs fits).
+/// Largest gRPC message sent, and accepted on the admin API (a full batch
+/// of SVIDs fits). The node API accepts less: see [`limits`].
 const MAX_MESSAGE: usize = 32 * 1024 * 1024;
 
 /// Why the server stopped with an error.
@@ -218,7 +219,7 @@ pub async fn run(
         attestors.insert(sigil_attestors::k8s_psat::NAME, Arc::new(a));
     }
 
-    let limits = &config.rate_limits;
+    let rates = &config.rate_limits;
     let node = Arc::new(NodeService {
         ca: ca.clone(),
         registry: registry.clone(),
@@ -227,8 +228,8 @@ pub async fn run(
         audit: audit.clone(),
         clock: clock.clone(),
         agent_svid_ttl: config.agents.svid_ttl,
-        attest_limit: RateLimiter::new(limits.attest_per_second, limits.attest_burst),
-        sign_limit: RateLimiter::new(limits.signing_per_second, limits.signing_burst),
+        attest_limit: RateLimiter::new(rates.attest_per_second, rates.attest_burst),
+        sign_limit: RateLimiter::new(rates.signing_per_second, rates.signing_burst),
         shutdown: stop_rx.clone(),
         wire_bundle: std::sync::Mutex::default(),
     });
@@ -278,15 +279,21 @@ pub async fn run(
     };
 
     let node_addr = listeners.node.local_addr().ok();
+    let conn_limits = tls::ConnLimits {
+        total: config.server.max_connections,
+        unauthenticated_per_address: config.server.max_unauthenticated_connections_per_address,
+    };
     let node_server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .add_service(
-            NodeServer::new(NodeApi(node))
-                .max_decoding_message_size(MAX_MESSAGE)
+        .max_concurrent_streams(limits::MAX_STREAMS_PER_CONNECTION)
+        .add_service(limits::Guarded::new(
+            NodeServer::new(NodeApi(node.clone()))
+                .max_decoding_message_size(limits::BATCH_BODY)
                 .max_encoding_message_size(MAX_MESSAGE),
-        )
+            node,
+        ))
         .serve_with_incoming_shutdown(
-            tls::incoming(listeners.node, acceptor),
+            tls::incoming(listeners.node, acceptor, conn_limits),
             wait_for_stop(stop_rx.clone()),
         );
     let admin_server = tonic::transport::Server::builder()

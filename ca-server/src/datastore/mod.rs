@@ -115,10 +115,19 @@ pub struct AgentRecord {
     pub id: SpiffeId,
     /// Which node attestor admitted it.
     pub attestor: String,
-    /// Serial (hex) of the agent SVID it must present.
+    /// Serial (hex) of the agent's current SVID (shown to operators).
     pub serial: String,
-    /// Serial of the SVID being issued during a renewal, also accepted.
-    pub pending_serial: Option<String>,
+    /// SHA-256 (hex) of the DER of the agent SVID it must present: the
+    /// pin. A serial alone is not enough: with an upstream CA, a sibling CA
+    /// can mint a certificate with the same serial. Empty only in records
+    /// written before pinning by hash; those match by serial until the
+    /// next renewal or attestation writes a hash.
+    #[serde(default)]
+    pub cert_sha256: String,
+    /// SHA-256 of the SVID issued during a renewal, also accepted; its
+    /// first use makes it the pin.
+    #[serde(default)]
+    pub pending_cert_sha256: Option<String>,
     /// Expiry of the current agent SVID.
     #[serde(with = "serde_unix_seconds")]
     pub expires_at: SystemTime,
@@ -131,6 +140,11 @@ pub struct AgentRecord {
     /// When it first attested.
     #[serde(with = "serde_unix_seconds")]
     pub created_at: SystemTime,
+}
+
+/// SHA-256 (hex) of a certificate's DER: how agents are pinned.
+pub fn cert_sha256(der: &[u8]) -> String {
+    sigil_identity::random::hex(ring::digest::digest(&ring::digest::SHA256, der).as_ref())
 }
 
 /// SHA-256 of a join token, hex. The token itself is never stored.

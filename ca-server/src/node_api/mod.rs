@@ -2,9 +2,12 @@
 //! stream, and SVID issuance for authorized entries.
 //!
 //! Every call but `Attest` authenticates the agent by the SVID it presented
-//! in the TLS handshake, pinned to the serial the server last issued it (or
-//! the renewal in flight). Errors tell the agent little; the log says more.
+//! in the TLS handshake, pinned to the certificate the server last issued
+//! it (SHA-256 of the DER; or the renewal in flight). Errors tell the agent
+//! little; the log says more. What is read before that check is bounded:
+//! see [`limits`].
 
+pub mod limits;
 pub mod tls;
 
 use std::collections::HashMap;
@@ -22,7 +25,7 @@ use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use self::tls::{NodeConnInfo, PeerSvid};
 use crate::audit::Audit;
@@ -104,6 +107,15 @@ fn svid_message(id: &SpiffeId, issued: &IssuedSvid) -> pb::X509Svid {
     }
 }
 
+/// The pin of an issued SVID: SHA-256 of its leaf.
+fn issued_sha256(issued: &IssuedSvid) -> Result<String, Status> {
+    issued
+        .chain
+        .first()
+        .map(|leaf| crate::datastore::cert_sha256(leaf))
+        .ok_or_else(|| Status::internal("the CA returned an empty certificate chain"))
+}
+
 /// Relays attestation challenges over the Attest stream.
 struct StreamChallenger<'a> {
     tx: mpsc::Sender<Result<pb::AttestResponse, Status>>,
@@ -127,6 +139,14 @@ impl Challenger for StreamChallenger<'_> {
             _ => Err(AttestError::Challenge),
         }
     }
+}
+
+/// A caller that passed [`NodeService::check_peer`].
+pub(crate) struct Pinned {
+    ctx: AgentCtx,
+    /// The agent's record, when the caller presented the renewed SVID (not
+    /// yet the pin).
+    record: Option<AgentRecord>,
 }
 
 /// An authenticated agent.
@@ -155,13 +175,14 @@ impl NodeService {
         self.clock.now()
     }
 
-    /// Authenticates the calling agent by its presented SVID and serial.
-    async fn authenticate<T>(&self, req: &Request<T>) -> Result<AgentCtx, Status> {
-        let info = req
-            .extensions()
-            .get::<NodeConnInfo>()
-            .ok_or_else(|| Status::internal("no connection info"))?;
-        let (id, serial, not_after) = match &*info.peer {
+    /// Checks the caller's presented SVID against the agent's pin without
+    /// touching the datastore: the agent exists, is not banned, and the
+    /// SVID is unexpired and is the pinned certificate (or the renewal in
+    /// flight: then [`Pinned::record`] holds the agent's record). Run
+    /// before a request's body is read, so callers that are not agents
+    /// cannot make the server buffer anything.
+    pub(crate) fn check_peer(&self, peer: &PeerSvid) -> Result<Pinned, Status> {
+        let (id, serial, cert_sha256, not_after) = match peer {
             PeerSvid::Absent => {
                 return Err(Status::unauthenticated(
                     "this call needs a client certificate: the agent SVID from attestation",
@@ -171,8 +192,9 @@ impl NodeService {
             PeerSvid::Svid {
                 id,
                 serial,
+                cert_sha256,
                 not_after,
-            } => (id.clone(), serial.as_str(), *not_after),
+            } => (id, serial, cert_sha256, *not_after),
         };
         let deny = |why: &'static str| {
             warn!(agent_id = %id, serial = %serial, reason = why, "node API call refused");
@@ -182,35 +204,80 @@ impl NodeService {
         if self.now() > not_after {
             return Err(deny("agent SVID has expired; the agent must attest again"));
         }
-        let Some(mut record) = self.registry.agent(&id) else {
+        let Some(record) = self.registry.agent(id) else {
             return Err(revoke("unknown agent; it may have been evicted"));
         };
         if record.banned {
             return Err(revoke("agent is banned"));
         }
-        if record.serial == serial {
-            return Ok(AgentCtx { id, not_after });
+        // Records from before pinning by hash have none: their serial
+        // stands in until the next renewal writes one.
+        let current = if record.cert_sha256.is_empty() {
+            record.serial == *serial
+        } else {
+            record.cert_sha256 == *cert_sha256
+        };
+        let pending = record.pending_cert_sha256.as_ref() == Some(cert_sha256);
+        if !current && !pending {
+            return Err(deny("agent SVID was superseded by a renewal"));
         }
-        if record.pending_serial.as_deref() == Some(serial) {
-            // First use of the renewed SVID: from now on only it is accepted.
-            record.serial = serial.to_owned();
-            record.pending_serial = None;
-            record.expires_at = not_after;
-            let record = self
-                .store
-                .update_agent(record)
-                .await
-                .map_err(|e| store_status(&e))?;
-            let banned = record.banned;
-            self.registry.put_agent(record);
-            // Streams opened with the old SVID end; the old serial is dead.
-            self.registry.supersede(&id);
-            if banned {
-                return Err(revoke("agent is banned"));
+        Ok(Pinned {
+            ctx: AgentCtx {
+                id: id.clone(),
+                not_after,
+            },
+            record: pending.then_some(record),
+        })
+    }
+
+    /// Authenticates the calling agent by its presented SVID (see
+    /// [`NodeService::check_peer`]); the first use of a renewed SVID makes
+    /// it the pin.
+    async fn authenticate<T>(&self, req: &Request<T>) -> Result<AgentCtx, Status> {
+        let info = req
+            .extensions()
+            .get::<NodeConnInfo>()
+            .ok_or_else(|| Status::internal("no connection info"))?;
+        let Pinned { ctx, record } = self.check_peer(&info.peer)?;
+        let (
+            Some(mut record),
+            PeerSvid::Svid {
+                serial,
+                cert_sha256,
+                ..
+            },
+        ) = (record, &*info.peer)
+        else {
+            return Ok(ctx);
+        };
+        let revoke = |why: &'static str| {
+            warn!(agent_id = %ctx.id, reason = why, "node API call refused");
+            revoked(Status::permission_denied(why))
+        };
+        // First use of the renewed SVID: from now on only it is accepted.
+        record.serial.clone_from(serial);
+        record.cert_sha256.clone_from(cert_sha256);
+        record.pending_cert_sha256 = None;
+        record.expires_at = ctx.not_after;
+        match self.store.update_agent(record).await {
+            Ok(_) => {}
+            Err(DatastoreError::NotFound(_)) => {
+                return Err(revoke("unknown agent; it may have been evicted"));
             }
-            return Ok(AgentCtx { id, not_after });
+            Err(e) => return Err(store_status(&e)),
         }
-        Err(deny("agent SVID was superseded by a renewal"))
+        let stored = self
+            .registry
+            .reload_agent(&ctx.id)
+            .await
+            .map_err(|e| store_status(&e))?;
+        // Streams opened with the old SVID end; the old one is dead.
+        self.registry.supersede(&ctx.id);
+        match stored {
+            None => Err(revoke("unknown agent; it may have been evicted")),
+            Some(r) if r.banned => Err(revoke("agent is banned")),
+            Some(_) => Ok(ctx),
+        }
     }
 
     async fn attest_flow(
@@ -219,9 +286,15 @@ impl NodeService {
         inbound: &mut Streaming<pb::AttestRequest>,
         tx: mpsc::Sender<Result<pb::AttestResponse, Status>>,
     ) -> Result<pb::AttestResult, Status> {
-        let first = inbound
-            .message()
-            .await?
+        let first = tokio::time::timeout(limits::ATTEST_FIRST_MESSAGE, inbound.message())
+            .await
+            .map_err(|_| {
+                debug!(%remote, "attestation parameters did not arrive in time");
+                Status::deadline_exceeded(format!(
+                    "no attestation parameters within {:?}",
+                    limits::ATTEST_FIRST_MESSAGE
+                ))
+            })??
             .ok_or_else(|| Status::invalid_argument("attestation stream ended early"))?;
         let Some(pb::attest_request::Step::Params(params)) = first.step else {
             return Err(Status::invalid_argument(
@@ -278,7 +351,8 @@ impl NodeService {
             id: id.clone(),
             attestor: attestor.name().to_owned(),
             serial: issued.serial.clone(),
-            pending_serial: None,
+            cert_sha256: issued_sha256(&issued)?,
+            pending_cert_sha256: None,
             expires_at: issued.expires_at,
             selectors: attestation.selectors,
             banned: false,
@@ -299,7 +373,24 @@ impl NodeService {
                 "agent is banned; an operator must evict it before it can attest again",
             ));
         }
-        self.registry.put_agent(stored);
+        let stored = self
+            .registry
+            .reload_agent(&id)
+            .await
+            .map_err(|e| store_status(&e))?;
+        match stored {
+            None => {
+                return Err(Status::permission_denied(
+                    "agent was evicted during attestation; attest again",
+                ));
+            }
+            Some(r) if r.banned => {
+                return Err(Status::permission_denied(
+                    "agent is banned; an operator must evict it before it can attest again",
+                ));
+            }
+            Some(_) => {}
+        }
         if was_known {
             // The old SVID's streams end; the new one replaces it.
             self.registry.supersede(&id);
@@ -442,13 +533,26 @@ impl Node for NodeApi {
             .registry
             .agent(&ctx.id)
             .ok_or_else(|| Status::permission_denied("unknown agent"))?;
-        record.pending_serial = Some(issued.serial.clone());
-        let record = self
-            .store
-            .update_agent(record)
+        record.pending_cert_sha256 = Some(issued_sha256(&issued)?);
+        let evicted = || {
+            revoked(Status::permission_denied(
+                "unknown agent; it may have been evicted",
+            ))
+        };
+        match self.store.update_agent(record).await {
+            Ok(_) => {}
+            Err(DatastoreError::NotFound(_)) => return Err(evicted()),
+            Err(e) => return Err(store_status(&e)),
+        }
+        if self
+            .registry
+            .reload_agent(&ctx.id)
             .await
-            .map_err(|e| store_status(&e))?;
-        self.registry.put_agent(record);
+            .map_err(|e| store_status(&e))?
+            .is_none()
+        {
+            return Err(evicted());
+        }
         info!(agent_id = %ctx.id, serial = %issued.serial, "agent SVID renewed");
         self.audit
             .record_all(vec![self.audit.issued(
@@ -511,14 +615,21 @@ impl Node for NodeApi {
                             pb::SyncResponse { event: Some(pb::sync_response::Event::EntryRemoved(id.to_string())), revision }
                         }
                         Some(AgentEvent::Resync) => {
-                            let entries = this.registry.authorized_entries(&ctx.id, this.now());
-                            revision = this.registry.revision();
-                            this.snapshot(&SyncStart { full: true, entries, removed: Vec::new(), revision })
+                            let start = this.registry.full_set(&ctx.id, this.now());
+                            revision = start.revision;
+                            this.snapshot(&start)
                         }
                         Some(AgentEvent::Revoked(why)) => {
                             let msg = pb::SyncResponse { event: Some(pb::sync_response::Event::Revoked(why.to_owned())), revision };
                             let _ = tx.send(Ok(msg)).await;
                             let _ = tx.send(Err(revoked(Status::permission_denied(why)))).await;
+                            return;
+                        }
+                        Some(AgentEvent::Displaced) => {
+                            let _ = tx.send(Err(Status::resource_exhausted(format!(
+                                "this agent opened more than {} Sync streams; its oldest was closed",
+                                crate::registry::MAX_SYNC_STREAMS_PER_AGENT
+                            )))).await;
                             return;
                         }
                         Some(AgentEvent::Superseded) => {
@@ -670,3 +781,6 @@ impl Node for NodeApi {
         Ok(Response::new(self.bundle_message()))
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -2,9 +2,10 @@
 //! agent verifier, and the accept loop that hands finished TLS connections
 //! to tonic together with the peer's certificate chain.
 
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
@@ -43,10 +44,12 @@ pub enum PeerSvid {
     Absent,
     /// A certificate that is not a valid X509-SVID leaf.
     Invalid,
-    /// An X509-SVID: its SPIFFE ID, serial (hex) and expiry.
+    /// An X509-SVID: its SPIFFE ID, serial (hex), SHA-256 of its DER
+    /// (hex, what agents are pinned to) and expiry.
     Svid {
         id: SpiffeId,
         serial: String,
+        cert_sha256: String,
         not_after: SystemTime,
     },
 }
@@ -63,6 +66,7 @@ impl PeerSvid {
             Ok(id) => Self::Svid {
                 id,
                 serial: sigil_identity::x509::serial_hex(&cert),
+                cert_sha256: crate::datastore::cert_sha256(leaf),
                 not_after: sigil_identity::x509::validity(&cert).1,
             },
             Err(_) => Self::Invalid,
@@ -75,6 +79,76 @@ impl PeerSvid {
 pub struct NodeConn {
     stream: tokio_rustls::server::TlsStream<TcpStream>,
     info: NodeConnInfo,
+    /// Held for as long as the connection is open.
+    _slot: ConnSlot,
+}
+
+/// Caps on node API connections (see the `server` configuration section).
+#[derive(Debug, Clone, Copy)]
+pub struct ConnLimits {
+    /// Connections open at once.
+    pub total: usize,
+    /// Connections per IP address without an agent SVID.
+    pub unauthenticated_per_address: usize,
+}
+
+#[derive(Debug, Default)]
+struct SlotCounts {
+    total: usize,
+    unauthenticated: HashMap<IpAddr, usize>,
+}
+
+/// One connection's share of the caps; released on drop.
+#[derive(Debug)]
+struct ConnSlot {
+    counts: Arc<Mutex<SlotCounts>>,
+    /// The address whose unauthenticated count this connection holds.
+    unauthenticated: Option<IpAddr>,
+}
+
+impl ConnSlot {
+    /// Takes a slot for a new connection from `ip`, if both caps allow.
+    fn take(counts: &Arc<Mutex<SlotCounts>>, limits: ConnLimits, ip: IpAddr) -> Option<Self> {
+        let mut c = counts.lock().unwrap_or_else(|p| p.into_inner());
+        let from_ip = c.unauthenticated.get(&ip).copied().unwrap_or(0);
+        if c.total >= limits.total || from_ip >= limits.unauthenticated_per_address {
+            return None;
+        }
+        c.total += 1;
+        c.unauthenticated.insert(ip, from_ip + 1);
+        Some(Self {
+            counts: counts.clone(),
+            unauthenticated: Some(ip),
+        })
+    }
+
+    /// The connection presented an agent SVID: it no longer counts
+    /// against its address.
+    fn authenticated(&mut self) {
+        if let Some(ip) = self.unauthenticated.take() {
+            let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+            release(&mut c.unauthenticated, ip);
+        }
+    }
+}
+
+fn release(per_ip: &mut HashMap<IpAddr, usize>, ip: IpAddr) {
+    if let Some(n) = per_ip.get_mut(&ip) {
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            per_ip.remove(&ip);
+        }
+    }
+}
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        c.total = c.total.saturating_sub(1);
+        if let Some(ip) = self.unauthenticated {
+            release(&mut c.unauthenticated, ip);
+        }
+    }
 }
 
 impl Connected for NodeConn {
@@ -120,13 +194,16 @@ impl AsyncWrite for NodeConn {
     }
 }
 
-/// Accepts TCP connections, completes TLS handshakes concurrently (each
-/// bounded by a timeout), and yields finished connections.
+/// Accepts TCP connections within `limits` (others are closed at once),
+/// completes TLS handshakes concurrently (each bounded by a timeout), and
+/// yields finished connections.
 pub fn incoming(
     listener: TcpListener,
     acceptor: TlsAcceptor,
+    limits: ConnLimits,
 ) -> ReceiverStream<std::io::Result<NodeConn>> {
     let (tx, rx) = mpsc::channel(256);
+    let counts = Arc::new(Mutex::new(SlotCounts::default()));
     tokio::spawn(async move {
         loop {
             let accepted = tokio::select! {
@@ -141,6 +218,10 @@ pub fn incoming(
                     continue;
                 }
             };
+            let Some(mut slot) = ConnSlot::take(&counts, limits, remote.ip()) else {
+                debug!(%remote, "node API connection refused: connection cap reached");
+                continue;
+            };
             let _ = tcp.set_nodelay(true);
             let acceptor = acceptor.clone();
             let tx = tx.clone();
@@ -148,10 +229,14 @@ pub fn incoming(
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(stream)) => {
                         let peer = Arc::new(PeerSvid::read(stream.get_ref().1.peer_certificates()));
+                        if matches!(*peer, PeerSvid::Svid { .. }) {
+                            slot.authenticated();
+                        }
                         let _ = tx
                             .send(Ok(NodeConn {
                                 stream,
                                 info: NodeConnInfo { remote, peer },
+                                _slot: slot,
                             }))
                             .await;
                     }

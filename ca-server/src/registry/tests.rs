@@ -26,7 +26,8 @@ fn agent(n: &str, selectors: &[&str]) -> AgentRecord {
         id: agent_id(n),
         attestor: "join_token".into(),
         serial: "01".into(),
-        pending_serial: None,
+        cert_sha256: "ab".into(),
+        pending_cert_sha256: None,
         expires_at: from_unix_seconds(4_000_000_000),
         selectors: sels(selectors),
         banned: false,
@@ -312,4 +313,43 @@ async fn slow_subscriber_is_cut_off_without_blocking_others() {
         slow.try_recv(),
         Err(mpsc::error::TryRecvError::Disconnected)
     ));
+}
+
+#[tokio::test]
+async fn a_third_sync_stream_displaces_the_oldest() {
+    let (_d, _store, reg) = setup().await;
+    let (_s1, mut rx1, _g1) = reg.subscribe(&agent_id("a1"), 0, now());
+    let (_s2, mut rx2, _g2) = reg.subscribe(&agent_id("a1"), 0, now());
+    let (_s3, mut rx3, _g3) = reg.subscribe(&agent_id("a1"), 0, now());
+    assert!(matches!(rx1.try_recv(), Ok(AgentEvent::Displaced)));
+    assert!(rx2.try_recv().is_err() && rx3.try_recv().is_err());
+    // The two newest still get events.
+    reg.supersede(&agent_id("a1"));
+    assert!(matches!(rx2.try_recv(), Ok(AgentEvent::Superseded)));
+    assert!(matches!(rx3.try_recv(), Ok(AgentEvent::Superseded)));
+}
+
+#[tokio::test]
+async fn resume_reads_changes_across_log_chunks() {
+    let (_d, store, reg) = setup().await;
+    let gone = store
+        .create_entry(entry("gone", &agent_id("a1"), &["unix:uid:1"]))
+        .await
+        .unwrap();
+    reg.catch_up().await.unwrap();
+    let seen = reg.revision();
+    // More than two chunks of other agents' changes, then the deletion.
+    let others: Vec<_> = (0..2 * LOG_CHUNK + 10)
+        .map(|i| entry(&format!("o{i}"), &agent_id("a2"), &["unix:uid:2"]))
+        .collect();
+    for r in store.create_entries(others).await.unwrap() {
+        r.unwrap();
+    }
+    store.delete_entry(&gone.id).await.unwrap();
+    reg.catch_up().await.unwrap();
+    let (start, _rx, _g) = reg.subscribe(&agent_id("a1"), seen, now());
+    assert!(!start.full);
+    assert!(start.entries.is_empty());
+    assert_eq!(start.removed, vec![gone.id.clone()]);
+    assert_eq!(start.revision, reg.revision());
 }

@@ -60,6 +60,25 @@ impl TestServer {
         s
     }
 
+    /// The server's pid while it runs.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("server running").id()
+    }
+
+    /// A rustls client config trusting this server's bundle, presenting
+    /// `client` if given.
+    pub async fn tls(&self, client: Option<&TestAgent>) -> Arc<rustls::ClientConfig> {
+        let bundle = Arc::new(SharedBundle::new(self.bundle().await));
+        let server = SpiffeId::server(&TrustDomain::new("example.org").unwrap());
+        let verifier = Arc::new(SpiffeServerVerifier::new(bundle, authorize_id(server)));
+        let resolver = client.map(|a| {
+            Arc::new(SvidResolver::new(
+                certified_key(&a.chain, &a.key.serialize_der()).unwrap(),
+            ))
+        });
+        Arc::new(client_config(verifier, resolver).unwrap())
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
     }

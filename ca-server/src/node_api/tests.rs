@@ -1,0 +1,247 @@
+//! Races inside the node API that black-box tests cannot time: a datastore
+//! that pauses after a write lets another change land in between.
+
+use std::net::SocketAddr;
+use std::sync::Mutex;
+
+use sigil_identity::clock::SystemClock;
+use sigil_identity::{Bundle, TrustDomain};
+use sigil_proto::node::node_server::Node;
+use tokio::sync::oneshot;
+
+use super::*;
+use crate::ca::CaConfig;
+use crate::ca::journal::CaJournal;
+use crate::ca::keys::MemoryKeyManager;
+use crate::datastore::{
+    AuditEvent, EntryChange, EntryFilter, JoinTokenRecord, SledDatastore, TokenHash,
+};
+
+type Gate = (oneshot::Sender<()>, oneshot::Receiver<()>);
+
+/// Sled, except that the next `update_agent` stops after its write (once
+/// it is durable, before returning) until the test lets it go.
+#[derive(Debug)]
+struct PausingStore {
+    inner: SledDatastore,
+    gate: Mutex<Option<Gate>>,
+}
+
+impl PausingStore {
+    /// Arms the pause: returns (written, go).
+    fn pause_next_update(&self) -> (oneshot::Receiver<()>, oneshot::Sender<()>) {
+        let (written_tx, written_rx) = oneshot::channel();
+        let (go_tx, go_rx) = oneshot::channel();
+        *self.gate.lock().unwrap() = Some((written_tx, go_rx));
+        (written_rx, go_tx)
+    }
+}
+
+type R<T> = crate::datastore::Result<T>;
+
+#[async_trait]
+impl Datastore for PausingStore {
+    async fn update_agent(&self, agent: AgentRecord) -> R<AgentRecord> {
+        let result = self.inner.update_agent(agent).await;
+        let gate = self.gate.lock().unwrap().take();
+        if let Some((written, go)) = gate {
+            let _ = written.send(());
+            let _ = go.await;
+        }
+        result
+    }
+    async fn create_entry(&self, e: RegistrationEntry) -> R<RegistrationEntry> {
+        self.inner.create_entry(e).await
+    }
+    async fn create_entries(&self, e: Vec<RegistrationEntry>) -> R<Vec<R<RegistrationEntry>>> {
+        self.inner.create_entries(e).await
+    }
+    async fn update_entry(&self, e: RegistrationEntry) -> R<RegistrationEntry> {
+        self.inner.update_entry(e).await
+    }
+    async fn delete_entry(&self, id: &EntryId) -> R<RegistrationEntry> {
+        self.inner.delete_entry(id).await
+    }
+    async fn fetch_entry(&self, id: &EntryId) -> R<Option<RegistrationEntry>> {
+        self.inner.fetch_entry(id).await
+    }
+    async fn list_entries(&self, f: &EntryFilter) -> R<Vec<RegistrationEntry>> {
+        self.inner.list_entries(f).await
+    }
+    async fn count_entries(&self) -> R<u64> {
+        self.inner.count_entries().await
+    }
+    async fn entry_changes(&self, after: u64, limit: usize) -> R<Vec<EntryChange>> {
+        self.inner.entry_changes(after, limit).await
+    }
+    async fn current_revision(&self) -> R<u64> {
+        self.inner.current_revision().await
+    }
+    async fn create_agent(&self, a: AgentRecord) -> R<AgentRecord> {
+        self.inner.create_agent(a).await
+    }
+    async fn fetch_agent(&self, id: &SpiffeId) -> R<Option<AgentRecord>> {
+        self.inner.fetch_agent(id).await
+    }
+    async fn list_agents(&self) -> R<Vec<AgentRecord>> {
+        self.inner.list_agents().await
+    }
+    async fn delete_agent(&self, id: &SpiffeId) -> R<AgentRecord> {
+        self.inner.delete_agent(id).await
+    }
+    async fn create_join_token(&self, t: JoinTokenRecord) -> R<()> {
+        self.inner.create_join_token(t).await
+    }
+    async fn consume_join_token(&self, h: &TokenHash, now: SystemTime) -> R<JoinTokenRecord> {
+        self.inner.consume_join_token(h, now).await
+    }
+    async fn prune_join_tokens(&self, now: SystemTime) -> R<usize> {
+        self.inner.prune_join_tokens(now).await
+    }
+    async fn put_bundle(&self, b: &Bundle) -> R<()> {
+        self.inner.put_bundle(b).await
+    }
+    async fn fetch_bundle(&self, td: &TrustDomain) -> R<Option<Bundle>> {
+        self.inner.fetch_bundle(td).await
+    }
+    async fn list_bundles(&self) -> R<Vec<Bundle>> {
+        self.inner.list_bundles().await
+    }
+    async fn delete_bundle(&self, td: &TrustDomain) -> R<()> {
+        self.inner.delete_bundle(td).await
+    }
+    async fn fetch_ca_journal(&self) -> R<Option<CaJournal>> {
+        self.inner.fetch_ca_journal().await
+    }
+    async fn put_ca_journal(&self, j: &CaJournal) -> R<()> {
+        self.inner.put_ca_journal(j).await
+    }
+    async fn append_audit(&self, e: Vec<AuditEvent>) -> R<u64> {
+        self.inner.append_audit(e).await
+    }
+    async fn append_audit_unsynced(&self, e: Vec<AuditEvent>) -> R<u64> {
+        self.inner.append_audit_unsynced(e).await
+    }
+    async fn sync(&self) -> R<()> {
+        self.inner.sync().await
+    }
+    async fn list_audit(&self, after: u64, limit: usize) -> R<Vec<(u64, AuditEvent)>> {
+        self.inner.list_audit(after, limit).await
+    }
+}
+
+fn td() -> TrustDomain {
+    TrustDomain::new("example.org").unwrap()
+}
+
+fn csr() -> Vec<u8> {
+    let key = rcgen::KeyPair::generate().unwrap();
+    rcgen::CertificateParams::default()
+        .serialize_request(&key)
+        .unwrap()
+        .der()
+        .to_vec()
+}
+
+async fn service(store: Arc<PausingStore>) -> Arc<NodeService> {
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let dyn_store: Arc<dyn Datastore> = store;
+    let ca = CaManager::start(
+        CaConfig::new(td()),
+        dyn_store.clone(),
+        Arc::new(MemoryKeyManager::default()),
+        clock.clone(),
+        None,
+    )
+    .await
+    .unwrap();
+    let registry = Registry::load(dyn_store.clone(), &td()).await.unwrap();
+    let (_stop, shutdown) = tokio::sync::watch::channel(false);
+    Arc::new(NodeService {
+        ca,
+        registry,
+        store: dyn_store.clone(),
+        attestors: HashMap::new(),
+        audit: Audit::new(dyn_store, clock.clone()),
+        clock,
+        agent_svid_ttl: Duration::from_secs(3600),
+        attest_limit: RateLimiter::new(100.0, 100.0),
+        sign_limit: RateLimiter::new(100.0, 100.0),
+        shutdown,
+        wire_bundle: std::sync::Mutex::default(),
+    })
+}
+
+/// A request as it arrives from the agent `id` presenting `peer`.
+fn from_agent<T>(msg: T, peer: &PeerSvid) -> Request<T> {
+    let mut req = Request::new(msg);
+    req.extensions_mut().insert(NodeConnInfo {
+        remote: SocketAddr::from(([127, 0, 0, 1], 4000)),
+        peer: Arc::new(peer.clone()),
+    });
+    req
+}
+
+#[tokio::test]
+async fn an_eviction_during_a_renewal_is_not_undone() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(PausingStore {
+        inner: SledDatastore::open(dir.path().join("data")).unwrap(),
+        gate: Mutex::new(None),
+    });
+    let svc = service(store.clone()).await;
+    let id = td()
+        .id_from_segments(&["sigil", "agent", "join_token", "a1"])
+        .unwrap();
+    let not_after = SystemTime::now() + Duration::from_secs(3600);
+    store
+        .create_agent(AgentRecord {
+            id: id.clone(),
+            attestor: "join_token".into(),
+            serial: "01".into(),
+            cert_sha256: "ab".repeat(32),
+            pending_cert_sha256: None,
+            expires_at: not_after,
+            selectors: Default::default(),
+            banned: false,
+            can_reattest: false,
+            created_at: SystemTime::now(),
+        })
+        .await
+        .unwrap();
+    svc.registry.reload_agent(&id).await.unwrap();
+    let peer = PeerSvid::Svid {
+        id: id.clone(),
+        serial: "01".into(),
+        cert_sha256: "ab".repeat(32),
+        not_after,
+    };
+
+    // The renewal writes the store, then stops; the operator evicts the
+    // agent (the admin API's path); then the renewal finishes.
+    let (written, go) = store.pause_next_update();
+    let api = NodeApi(svc.clone());
+    let req = from_agent(pb::RenewAgentRequest { csr: csr() }, &peer);
+    let renewal = tokio::spawn(async move { api.renew_agent(req).await });
+    written.await.unwrap();
+    store.delete_agent(&id).await.unwrap();
+    svc.registry.reload_agent(&id).await.unwrap();
+    go.send(()).unwrap();
+    let outcome = renewal.await.unwrap();
+
+    assert!(
+        svc.registry.agent(&id).is_none(),
+        "the evicted agent is back in the registry"
+    );
+    let Err(err) = outcome else {
+        panic!("a renewal of an evicted agent succeeded");
+    };
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+    let Err(later) = NodeApi(svc.clone())
+        .fetch_bundle(from_agent(pb::FetchBundleRequest {}, &peer))
+        .await
+    else {
+        panic!("the evicted agent was served");
+    };
+    assert_eq!(later.code(), tonic::Code::PermissionDenied, "{later:?}");
+}

@@ -1,0 +1,364 @@
+//! The node API under hostile or unlucky callers, against the real server
+//! process over real sockets: what it reads before authentication, how
+//! many connections it holds, how long it waits, and what it pins agents to.
+
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::server::{TestAgent, TestServer, csr};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::{Bytes, Frame};
+use hyper::client::conn::http2::SendRequest;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType, SerialNumber,
+};
+use sigil_proto::node as pb;
+use tokio_stream::{Stream, StreamExt};
+use tonic::Code;
+
+type RawBody = BoxBody<Bytes, Infallible>;
+
+/// Resident memory of process `pid`, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// A raw HTTP/2 connection to the node API over TLS.
+async fn raw_h2(server: &TestServer, tls: Arc<rustls::ClientConfig>) -> SendRequest<RawBody> {
+    let tcp = tokio::net::TcpStream::connect(&server.addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("sigil-server").unwrap();
+    let stream = tokio_rustls::TlsConnector::from(tls)
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let (send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    send
+}
+
+/// A gRPC request to `method` whose one message declares `declared` bytes
+/// but carries only `sent`, and whose body then never ends.
+fn declared(method: &str, declared: u32, sent: usize) -> hyper::Request<RawBody> {
+    let mut header = vec![0u8];
+    header.extend_from_slice(&declared.to_be_bytes());
+    let chunks = std::iter::once(Bytes::from(header))
+        .chain((0..sent.div_ceil(16 * 1024)).map(|_| Bytes::from(vec![0u8; 16 * 1024])));
+    let frames: Pin<Box<dyn Stream<Item = Result<Frame<Bytes>, Infallible>> + Send + Sync>> =
+        Box::pin(
+            tokio_stream::iter(chunks.map(|b| Ok(Frame::data(b)))).chain(tokio_stream::pending()),
+        );
+    hyper::Request::builder()
+        .method("POST")
+        .uri(format!("http://sigil-server/sigil.node.v1.Node/{method}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(BodyExt::boxed(StreamBody::new(frames)))
+        .unwrap()
+}
+
+/// The grpc-status of a response: from its headers (a trailers-only
+/// response) or else its trailers.
+async fn grpc_status(resp: hyper::Response<hyper::body::Incoming>) -> Option<i32> {
+    let code = |h: &hyper::HeaderMap| {
+        h.get("grpc-status")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+    };
+    if let Some(c) = code(resp.headers()) {
+        return Some(c);
+    }
+    let body = resp.into_body().collect().await.ok()?;
+    body.trailers().and_then(code)
+}
+
+#[tokio::test]
+async fn unauthenticated_large_declared_messages_are_refused_unread() {
+    let server = TestServer::start("").await;
+    let tls = server.tls(None).await;
+    let pid = server.pid();
+    let before = rss_kib(pid);
+    // The attack from the issue: no client certificate, 8 connections x 25
+    // streams, each declaring a 32 MiB message and sending 1 MiB of it.
+    let mut responses = Vec::new();
+    let mut conns = Vec::new();
+    for _ in 0..8 {
+        let mut send = raw_h2(&server, tls.clone()).await;
+        for _ in 0..25 {
+            send.ready().await.unwrap();
+            let fut = send.send_request(declared("FetchBundle", 32 << 20, 1 << 20));
+            responses.push(tokio::spawn(fut));
+        }
+        conns.push(send);
+    }
+    // Give the server time to read what was sent: the peak over a few
+    // seconds, not an instant.
+    let mut peak = before;
+    let until = Instant::now() + Duration::from_secs(6);
+    while Instant::now() < until {
+        peak = peak.max(rss_kib(pid));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let grown_mib = peak.saturating_sub(before) / 1024;
+    assert!(
+        grown_mib < 48,
+        "200 unauthenticated streams grew the server by {grown_mib} MiB"
+    );
+    for r in responses {
+        let resp = tokio::time::timeout(Duration::from_secs(10), r)
+            .await
+            .expect("the server answers without waiting for the declared message")
+            .unwrap()
+            .unwrap();
+        assert_eq!(grpc_status(resp).await, Some(Code::Unauthenticated as i32));
+    }
+    drop(conns);
+}
+
+#[tokio::test]
+async fn attest_declaring_a_large_message_is_cut_off() {
+    let server = TestServer::start("").await;
+    let mut send = raw_h2(&server, server.tls(None).await).await;
+    // 2 MiB: under the service-wide gRPC limit (a full batch), far over
+    // what an attestation needs.
+    let resp = send.send_request(declared("Attest", 2 << 20, 1 << 20));
+    let status = tokio::time::timeout(Duration::from_secs(10), async {
+        grpc_status(resp.await.unwrap()).await
+    })
+    .await
+    .unwrap_or_else(|_| {
+        panic!(
+            "an oversize attestation message is refused, not buffered until complete; log:\n{}",
+            server.log()
+        )
+    });
+    assert_eq!(status, Some(Code::ResourceExhausted as i32));
+}
+
+#[tokio::test]
+async fn attest_without_parameters_times_out() {
+    let server = TestServer::start("").await;
+    let mut client = server.anonymous().await;
+    let started = Instant::now();
+    let outcome = tokio::time::timeout(Duration::from_secs(30), async {
+        let mut inbound = client
+            .attest(tokio_stream::pending::<pb::AttestRequest>())
+            .await?
+            .into_inner();
+        inbound.message().await
+    })
+    .await
+    .expect("the server gives up on an attestation that sends nothing");
+    let status = outcome.err().unwrap();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert!(started.elapsed() >= Duration::from_secs(5), "{status:?}");
+}
+
+#[tokio::test]
+async fn unauthenticated_connections_per_address_are_capped() {
+    // The default cap is 64 connections per address without an agent SVID.
+    let server = TestServer::start("").await;
+    let tls = server.tls(None).await;
+    let mut held = Vec::new();
+    for _ in 0..64 {
+        held.push(tokio::net::TcpStream::connect(&server.addr).await.unwrap());
+    }
+    let handshake = || async {
+        let tcp = tokio::net::TcpStream::connect(&server.addr).await?;
+        let name = rustls::pki_types::ServerName::try_from("sigil-server").unwrap();
+        tokio_rustls::TlsConnector::from(tls.clone())
+            .connect(name, tcp)
+            .await
+    };
+    let refused = tokio::time::timeout(Duration::from_secs(5), handshake())
+        .await
+        .expect("the 65th connection is closed at once, not left hanging");
+    assert!(
+        refused.is_err(),
+        "the 65th connection from one address was served"
+    );
+    // Closed connections free their slots.
+    drop(held);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if handshake().await.is_ok() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "slots were not released");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn agents_keep_full_batches_but_small_calls_are_capped() {
+    let server = TestServer::start("").await;
+    let token = server.token().await;
+    let agent = TestAgent::join(&server, &token).await.unwrap();
+    let mut client = agent.client(&server).await;
+    let key = KeyPair::generate().unwrap();
+    let one = csr(&key);
+    // A full batch (1000 CSRs, far over the small-call limit) is read.
+    let params: Vec<pb::SvidParams> = (0..1000)
+        .map(|i| pb::SvidParams {
+            entry_id: format!("{i:032x}"),
+            csr: one.clone(),
+        })
+        .collect();
+    let results = client
+        .batch_new_x509_svid(pb::BatchNewX509SvidRequest { params })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    assert_eq!(results.len(), 1000);
+    // A RenewAgent carrying 1 MiB is refused before it is parsed.
+    let err = client
+        .renew_agent(pb::RenewAgentRequest {
+            csr: vec![0; 1 << 20],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    // The agent still works.
+    client
+        .fetch_bundle(pb::FetchBundleRequest {})
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn an_agent_is_pinned_to_its_certificate_not_its_serial() {
+    // Upstream mode: the bundle is the operator's root, and anything that
+    // root (or a sibling CA under it) signs chains to it.
+    let dir = tempfile::tempdir().unwrap();
+    let root_key = KeyPair::generate().unwrap();
+    let mut root_params = CertificateParams::default();
+    root_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    root_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    root_params
+        .distinguished_name
+        .push(DnType::CommonName, "Operator Root");
+    root_params.not_before = time::OffsetDateTime::now_utc() - time::Duration::hours(1);
+    root_params.not_after = time::OffsetDateTime::now_utc() + time::Duration::days(365);
+    let root = root_params.self_signed(&root_key).unwrap();
+    let (cert, key) = (dir.path().join("up.crt"), dir.path().join("up.key"));
+    std::fs::write(&cert, root.pem()).unwrap();
+    std::fs::write(&key, root_key.serialize_pem()).unwrap();
+    let server = TestServer::start(&format!(
+        "[ca]\nupstream_cert = \"{}\"\nupstream_key = \"{}\"\n",
+        cert.display(),
+        key.display()
+    ))
+    .await;
+    let token = server.token().await;
+    let agent = TestAgent::join(&server, &token).await.unwrap();
+
+    // A certificate for the agent's ID with the agent's serial, minted by
+    // another CA under the same root.
+    let forged_key = KeyPair::generate().unwrap();
+    let mut p = CertificateParams::default();
+    p.distinguished_name.push(DnType::CommonName, "forged");
+    p.subject_alt_names = vec![SanType::URI(agent.id.as_str().try_into().unwrap())];
+    p.serial_number = Some(SerialNumber::from_slice(&hex(&agent.serial)));
+    p.is_ca = IsCa::ExplicitNoCa;
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    p.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    p.not_before = time::OffsetDateTime::now_utc() - time::Duration::minutes(1);
+    p.not_after = time::OffsetDateTime::now_utc() + time::Duration::minutes(30);
+    let forged = p
+        .signed_by(&forged_key, &Issuer::from_params(&root_params, &root_key))
+        .unwrap();
+    let leaf = sigil_identity::x509::parse(forged.der()).unwrap();
+    assert_eq!(sigil_identity::x509::serial_hex(&leaf), agent.serial);
+    let impostor = TestAgent {
+        id: agent.id.clone(),
+        key: forged_key,
+        chain: vec![forged.der().to_vec()],
+        serial: agent.serial.clone(),
+    };
+    let outcome = impostor
+        .client(&server)
+        .await
+        .fetch_bundle(pb::FetchBundleRequest {})
+        .await;
+    let Err(err) = outcome else {
+        panic!("a certificate with the agent's serial from another CA was accepted");
+    };
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+
+    // The real agent, and its renewal, still work.
+    let mut client = agent.client(&server).await;
+    client
+        .fetch_bundle(pb::FetchBundleRequest {})
+        .await
+        .unwrap();
+    let renewed = agent.renew(&mut client).await.unwrap();
+    renewed
+        .client(&server)
+        .await
+        .fetch_bundle(pb::FetchBundleRequest {})
+        .await
+        .unwrap();
+}
+
+fn hex(s: &str) -> Vec<u8> {
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn an_agent_holds_at_most_two_sync_streams() {
+    let server = TestServer::start("").await;
+    let token = server.token().await;
+    let agent = TestAgent::join(&server, &token).await.unwrap();
+    let mut client = agent.client(&server).await;
+    let mut streams = Vec::new();
+    for _ in 0..3 {
+        let mut s = client
+            .sync(pb::SyncRequest { since_revision: 0 })
+            .await
+            .unwrap()
+            .into_inner();
+        // The snapshot: the stream is registered.
+        s.message().await.unwrap().unwrap();
+        streams.push(s);
+    }
+    let oldest = tokio::time::timeout(Duration::from_secs(10), streams[0].message())
+        .await
+        .expect("the oldest of three Sync streams is closed");
+    let Err(err) = oldest else {
+        panic!("the oldest stream went on");
+    };
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    // The two newest stay open.
+    for s in &mut streams[1..] {
+        assert!(
+            tokio::time::timeout(Duration::from_millis(500), s.message())
+                .await
+                .is_err(),
+            "a newer stream ended"
+        );
+    }
+}
