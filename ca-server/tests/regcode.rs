@@ -7,7 +7,7 @@
 
 mod common;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Instant;
 
@@ -51,7 +51,7 @@ fn node(name: &str, path: &str) -> String {
     )
 }
 
-fn plan_json(s: &TestServer, file: &PathBuf, extra: &[&str], code: i32) -> Value {
+fn plan_json(s: &TestServer, file: &Path, extra: &[&str], code: i32) -> Value {
     let mut args = vec![
         "--output",
         "json",
