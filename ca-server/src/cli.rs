@@ -910,19 +910,24 @@ fn plan_text(changes: &[pb::PlannedChange], applied: bool) -> String {
     let mut out = String::new();
     let mut counts = [0usize; 3];
     for c in changes {
-        let (mark, verb, slot) = match c.kind.as_str() {
-            "create" => ('+', "create", Some(0)),
-            "update" => ('~', "update", Some(1)),
-            "adopt" => ('~', "adopt (made by hand)", Some(1)),
-            "delete" => ('-', "delete", Some(2)),
-            _ => ('?', "not in the file, kept (--prune deletes it)", None),
+        let (mark, verb, note, slot) = match c.kind.as_str() {
+            "create" => ('+', "create", "", Some(0)),
+            "update" => ('~', "update", "", Some(1)),
+            "adopt" => ('~', "adopt", " made by hand", Some(1)),
+            "delete" => ('-', "delete", "", Some(2)),
+            _ => ('?', "keep", "; not in the file, --prune deletes it", None),
         };
         if let Some(i) = slot {
             counts[i] += 1;
         }
+        let id = if c.id.is_empty() {
+            String::new()
+        } else {
+            format!(", entry {}", c.id)
+        };
         out.push_str(&format!(
-            "{mark} {} {} [{}] {}\n",
-            c.name, c.spiffe_id, c.id, verb
+            "{mark} {verb} {:?} ({}{id}{note})\n",
+            c.name, c.spiffe_id
         ));
         for f in &c.fields {
             out.push_str(&format!("    {}: {:?} -> {:?}\n", f.field, f.old, f.new));

@@ -28,11 +28,17 @@ struct Planned {
 }
 
 impl Planned {
-    fn message(&self) -> pb::PlannedChange {
+    /// The change on the wire; a creation not made has no id yet.
+    fn message(&self, applied: bool) -> pb::PlannedChange {
+        let id = if self.kind == "create" && !applied {
+            String::new()
+        } else {
+            self.entry.id.to_string()
+        };
         pb::PlannedChange {
             kind: self.kind.to_owned(),
             name: self.entry.name.clone(),
-            id: self.entry.id.to_string(),
+            id,
             spiffe_id: self.entry.spiffe_id.to_string(),
             fields: self
                 .fields
@@ -179,7 +185,7 @@ pub(crate) async fn apply(
     let mut planned = plan(&owner, wanted, stored, req.prune)?;
     if req.dry_run {
         return Ok(pb::ApplyEntriesResponse {
-            changes: planned.iter().map(Planned::message).collect(),
+            changes: planned.iter().map(|p| p.message(false)).collect(),
             applied: false,
         });
     }
@@ -232,7 +238,7 @@ pub(crate) async fn apply(
         svc.after_entry_change().await;
     }
     Ok(pb::ApplyEntriesResponse {
-        changes: planned.iter().map(Planned::message).collect(),
+        changes: planned.iter().map(|p| p.message(true)).collect(),
         applied: true,
     })
 }
