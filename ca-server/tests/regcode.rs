@@ -325,6 +325,58 @@ async fn an_invalid_file_changes_nothing_and_names_the_line() {
     assert!(err.contains("nothing was changed"), "{err}");
     assert_eq!(entries(&s).len(), 1, "only the other owner's entry");
 
+    // A change the datastore itself refuses (an update onto a registration
+    // made by hand under another id, found only inside the transaction)
+    // undoes the creation planned with it.
+    exit(
+        &s.cli(&[
+            "entry",
+            "apply",
+            "--file",
+            write(&s, "w.toml", &entry("w", "w", 8, ""))
+                .to_str()
+                .unwrap(),
+        ]),
+        0,
+    );
+    exit(
+        &s.cli(&[
+            "entry",
+            "create",
+            "--spiffe-id",
+            "spiffe://example.org/taken",
+            "--parent-id",
+            AGENT,
+            "--selector",
+            "unix:uid:9",
+        ]),
+        0,
+    );
+    let clash = write(
+        &s,
+        "w.toml",
+        &format!(
+            "{}{}",
+            entry("new", "new", 10, ""),
+            entry("w", "taken", 9, "hint = \"x\"")
+        ),
+    );
+    let out = s.cli(&["entry", "apply", "--file", clash.to_str().unwrap()]);
+    exit(&out, 1);
+    let err = text(&out.stderr);
+    assert!(err.contains("spiffe://example.org/taken"), "{err}");
+    assert!(err.contains("nothing was changed"), "{err}");
+    let now = entries(&s);
+    assert_eq!(now.len(), 3, "{now:?}");
+    assert!(
+        now.iter()
+            .all(|e| e["spiffe_id"] != "spiffe://example.org/new")
+    );
+    assert!(
+        now.iter()
+            .any(|e| e["spiffe_id"] == "spiffe://example.org/w")
+    );
+
     // A server-side field check names entry and field.
     let reserved_parent = entry("p", "p", 6, "").replace(AGENT, "spiffe://example.org/sigil/x");
     let file = write(&s, "parent.toml", &reserved_parent);
@@ -332,7 +384,7 @@ async fn an_invalid_file_changes_nothing_and_names_the_line() {
     exit(&out, 1);
     let err = text(&out.stderr);
     assert!(err.contains("entry \"p\": parent id"), "{err}");
-    assert_eq!(entries(&s).len(), 1);
+    assert_eq!(entries(&s).len(), 3);
 }
 
 /// The fields `export` must carry over (not id, revision, owner or name).
