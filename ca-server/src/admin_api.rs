@@ -119,7 +119,7 @@ impl AdminService {
         Ok(format!("uid:{uid}"))
     }
 
-    fn check_entry(&self, e: &RegistrationEntry) -> Result<(), Status> {
+    pub(crate) fn check_entry(&self, e: &RegistrationEntry) -> Result<(), Status> {
         e.check(&self.trust_domain)
             .map_err(|err| Status::invalid_argument(err.to_string()))?;
         if !(e.parent_id.is_agent() || e.is_node_alias() || e.parent_id.check_workload_id().is_ok())
@@ -146,7 +146,7 @@ impl AdminService {
         Ok(id)
     }
 
-    async fn after_entry_change(&self) {
+    pub(crate) async fn after_entry_change(&self) {
         if let Err(e) = self.registry.catch_up().await {
             warn!(error = %e, "registry could not catch up with the datastore");
         }
@@ -316,6 +316,7 @@ impl Admin for AdminApi {
                 .then(|| spiffe_id("parent_id", &r.parent_id))
                 .transpose()?,
             selectors,
+            owner: (!r.owner.is_empty()).then_some(r.owner),
         };
         let entries = self
             .store
@@ -419,6 +420,16 @@ impl Admin for AdminApi {
             .await
             .map_err(|e| store_status(&e))?;
         Ok(Response::new(pb::CountEntriesResponse { count }))
+    }
+
+    async fn apply_entries(
+        &self,
+        req: Request<pb::ApplyEntriesRequest>,
+    ) -> Result<Response<pb::ApplyEntriesResponse>, Status> {
+        let caller = self.caller(&req)?;
+        crate::entry_apply::apply(self, &caller, req.into_inner())
+            .await
+            .map(Response::new)
     }
 
     async fn list_agents(

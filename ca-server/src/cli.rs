@@ -169,7 +169,47 @@ pub enum EntryCmd {
     },
     /// Count entries.
     Count,
+    /// Show what `entry apply` would change: exits 0 when nothing, 2 when
+    /// something would change (a CI check).
+    Plan {
+        #[command(flatten)]
+        file: RegistrationArgs,
+    },
+    /// Make the owner's entries match a registration file, all or nothing.
+    Apply {
+        #[command(flatten)]
+        file: RegistrationArgs,
+        /// Only print the plan; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Print entries as a registration file (all, or one owner's).
+    Export {
+        /// Only the entries of this owner.
+        #[arg(long)]
+        owner: Option<String>,
+    },
 }
+
+/// The registration file flags of `entry plan` and `entry apply`.
+#[derive(Debug, Args)]
+pub struct RegistrationArgs {
+    /// Registration file (TOML; see README "Registration files").
+    #[arg(long, value_name = "FILE")]
+    pub file: PathBuf,
+    /// Who manages these entries; apply only ever changes this owner's
+    /// entries (and adopts matching entries made by hand).
+    #[arg(long, value_name = "NAME", default_value = "default")]
+    pub owner: String,
+    /// Also delete the owner's entries that the file no longer lists.
+    #[arg(long)]
+    pub prune: bool,
+}
+
+/// `entry plan` found changes: the process exits with status 2.
+#[derive(Debug, thiserror::Error)]
+#[error("the registration file differs from the server's entries")]
+pub struct PlanHasChanges;
 
 #[derive(Debug, Subcommand)]
 pub enum AgentCmd {
@@ -310,6 +350,8 @@ fn entry_json(e: &node_pb::Entry) -> Value {
         "hint": e.hint,
         "expires_at": e.expires_at,
         "revision": e.revision,
+        "owner": e.owner,
+        "name": e.name,
     })
 }
 
@@ -705,6 +747,7 @@ async fn entry(cmd: EntryCmd, socket: &Path, json: bool) -> Result<()> {
                 spiffe_id: spiffe_id.map(|s| s.to_string()).unwrap_or_default(),
                 parent_id: parent_id.map(|s| s.to_string()).unwrap_or_default(),
                 selectors: selectors.iter().map(ToString::to_string).collect(),
+                owner: String::new(),
             };
             let entries = c.list_entries(req).await.map_err(rpc)?.into_inner().entries;
             if json {
@@ -769,6 +812,22 @@ async fn entry(cmd: EntryCmd, socket: &Path, json: bool) -> Result<()> {
                 bail!("{failed} of {} entries were not deleted", results.len());
             }
         }
+        EntryCmd::Plan { file } => apply_file(socket, json, &file, true).await?,
+        EntryCmd::Apply { file, dry_run } => apply_file(socket, json, &file, dry_run).await?,
+        EntryCmd::Export { owner } => {
+            let mut c = connect(socket).await?;
+            let req = pb::ListEntriesRequest {
+                owner: owner.unwrap_or_default(),
+                ..Default::default()
+            };
+            let wire = c.list_entries(req).await.map_err(rpc)?.into_inner().entries;
+            let entries = wire
+                .into_iter()
+                .map(sigil_identity::RegistrationEntry::try_from)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| anyhow!("server sent an invalid entry: {e}"))?;
+            print!("{}", crate::registration_file::render(&entries));
+        }
         EntryCmd::Count => {
             let mut c = connect(socket).await?;
             let n = c
@@ -788,6 +847,102 @@ async fn entry(cmd: EntryCmd, socket: &Path, json: bool) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `entry plan` (`dry_run`) and `entry apply`: checks the file, then sends
+/// it as one `ApplyEntries` call and prints the plan.
+async fn apply_file(
+    socket: &Path,
+    json: bool,
+    args: &RegistrationArgs,
+    dry_run: bool,
+) -> Result<()> {
+    let shown = args.file.display().to_string();
+    let text = std::fs::read_to_string(&args.file).with_context(|| format!("reading {shown}"))?;
+    // Everything that needs no server first, so a broken file fails even
+    // when the server is down.
+    crate::registration_file::parse(&shown, &text, None)?;
+    let mut c = connect(socket).await?;
+    let td = c
+        .health(pb::HealthRequest {})
+        .await
+        .map_err(rpc)?
+        .into_inner()
+        .trust_domain;
+    let td = TrustDomain::new(&td).map_err(|e| anyhow!("server sent trust domain {td:?}: {e}"))?;
+    let declared = crate::registration_file::parse(&shown, &text, Some(&td))?;
+    let req = pb::ApplyEntriesRequest {
+        owner: args.owner.clone(),
+        entries: declared
+            .iter()
+            .map(|d| node_pb::Entry::from(&d.entry))
+            .collect(),
+        prune: args.prune,
+        dry_run,
+    };
+    let r = c.apply_entries(req).await.map_err(rpc)?.into_inner();
+    let pending = r.changes.iter().filter(|c| c.kind != "orphan").count();
+    if json {
+        let changes: Vec<Value> = r
+            .changes
+            .iter()
+            .map(|c| {
+                let fields: Vec<Value> = c
+                    .fields
+                    .iter()
+                    .map(|f| json!({"field": f.field, "old": f.old, "new": f.new}))
+                    .collect();
+                json!({"kind": c.kind, "name": c.name, "id": c.id, "spiffe_id": c.spiffe_id, "fields": fields})
+            })
+            .collect();
+        print_json(&json!({"changes": changes, "applied": r.applied}))?;
+    } else {
+        print!("{}", plan_text(&r.changes, r.applied));
+    }
+    if dry_run && pending > 0 && !r.applied {
+        return Err(PlanHasChanges.into());
+    }
+    Ok(())
+}
+
+/// A plan (or what was applied) for people.
+fn plan_text(changes: &[pb::PlannedChange], applied: bool) -> String {
+    let mut out = String::new();
+    let mut counts = [0usize; 3];
+    for c in changes {
+        let (mark, verb, note, slot) = match c.kind.as_str() {
+            "create" => ('+', "create", "", Some(0)),
+            "update" => ('~', "update", "", Some(1)),
+            "adopt" => ('~', "adopt", " made by hand", Some(1)),
+            "delete" => ('-', "delete", "", Some(2)),
+            _ => ('?', "keep", "; not in the file, --prune deletes it", None),
+        };
+        if let Some(i) = slot {
+            counts[i] += 1;
+        }
+        let id = if c.id.is_empty() {
+            String::new()
+        } else {
+            format!(", entry {}", c.id)
+        };
+        out.push_str(&format!(
+            "{mark} {verb} {:?} ({}{id}{note})\n",
+            c.name, c.spiffe_id
+        ));
+        for f in &c.fields {
+            out.push_str(&format!("    {}: {:?} -> {:?}\n", f.field, f.old, f.new));
+        }
+    }
+    let [create, update, delete] = counts;
+    if create + update + delete == 0 {
+        out.push_str("No changes: the server matches the file.\n");
+    } else {
+        let done = if applied { "Applied" } else { "Plan" };
+        out.push_str(&format!(
+            "{done}: {create} to create, {update} to update, {delete} to delete.\n"
+        ));
+    }
+    out
 }
 
 /// Reads a batch file: `{"entries": [{"spiffe_id": ..., "parent_id": ...,
@@ -837,6 +992,7 @@ fn read_batch(path: &Path) -> Result<Vec<node_pb::Entry>> {
                 hint: s("hint"),
                 expires_at: int("expires_at"),
                 revision: 0,
+                ..Default::default()
             })
         })
         .collect()

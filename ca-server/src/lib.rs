@@ -14,6 +14,8 @@
 //! - [`audit`], [`rate_limit`]: audit trail and token buckets.
 //! - [`config`]: TOML config merged with flags.
 //! - [`server`]: wiring and `run(config, listeners, shutdown)`.
+//! - [`registration_file`], [`entry_apply`]: registration entries kept as
+//!   code (`entry plan`/`apply`/`export`).
 //! - [`cli`]: the `sigil-server` command line.
 
 #![forbid(unsafe_code)]
@@ -24,7 +26,9 @@ pub mod ca;
 pub mod cli;
 pub mod config;
 pub mod datastore;
+pub mod entry_apply;
 pub mod node_api;
 pub mod rate_limit;
+pub mod registration_file;
 pub mod registry;
 pub mod server;

@@ -68,6 +68,8 @@ fn main() -> ExitCode {
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // `entry plan` found changes: its plan is the output.
+        Err(e) if e.is::<cli::PlanHasChanges>() => ExitCode::from(2),
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE

@@ -21,6 +21,8 @@ pub const MAX_HINT_LEN: usize = 256;
 pub const MAX_TTL: Duration = Duration::from_secs(366 * 24 * 3600);
 /// Longest entry id, in bytes.
 pub const MAX_ENTRY_ID_LEN: usize = 64;
+/// Longest entry name or owner (registration files), in bytes.
+pub const MAX_NAME_LEN: usize = 128;
 
 /// Why an entry (or one of its fields) is not acceptable.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -49,6 +51,19 @@ pub enum EntryError {
     FederatesWithSelf,
     #[error("hint must be at most {MAX_HINT_LEN} bytes without control characters")]
     BadHint,
+    #[error("{0} must be 1 to {MAX_NAME_LEN} characters of a-z, A-Z, 0-9, '-', '_', '.' or '/'")]
+    BadName(&'static str),
+    #[error("an entry has a name only together with an owner, and the other way round")]
+    NameWithoutOwner,
+}
+
+/// Whether `s` is a valid entry name or owner: 1 to [`MAX_NAME_LEN`]
+/// characters of a-z, A-Z, 0-9, `-`, `_`, `.` or `/`.
+pub fn is_valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= MAX_NAME_LEN
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'/'))
 }
 
 /// An entry's identifier; random for new entries.
@@ -214,6 +229,15 @@ pub struct RegistrationEntry {
     /// Datastore revision of the last change; set by the datastore.
     #[serde(default)]
     pub revision: u64,
+    /// Who manages the entry from a registration file (`entry apply
+    /// --owner`); empty for entries made by hand. Left out of the stored
+    /// record when empty, so records stay as they were before.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub owner: String,
+    /// The entry's stable name within its owner's registration file; empty
+    /// exactly when `owner` is.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub name: String,
 }
 
 impl RegistrationEntry {
@@ -232,6 +256,8 @@ impl RegistrationEntry {
             hint: String::new(),
             expires_at: None,
             revision: 0,
+            owner: String::new(),
+            name: String::new(),
         }
     }
 
@@ -287,6 +313,18 @@ impl RegistrationEntry {
         }
         if self.hint.len() > MAX_HINT_LEN || self.hint.chars().any(char::is_control) {
             return Err(EntryError::BadHint);
+        }
+        match (self.owner.is_empty(), self.name.is_empty()) {
+            (true, true) => {}
+            (false, false) => {
+                if !is_valid_name(&self.owner) {
+                    return Err(EntryError::BadName("owner"));
+                }
+                if !is_valid_name(&self.name) {
+                    return Err(EntryError::BadName("name"));
+                }
+            }
+            _ => return Err(EntryError::NameWithoutOwner),
         }
         Ok(())
     }
@@ -364,6 +402,28 @@ mod tests {
         let mut e = entry();
         e.parent_id = e.spiffe_id.clone();
         assert_eq!(e.check(&td()), Err(EntryError::SelfParent));
+        let mut e = entry();
+        e.owner = "team".into();
+        assert_eq!(e.check(&td()), Err(EntryError::NameWithoutOwner));
+        e.name = "web server".into();
+        assert_eq!(e.check(&td()), Err(EntryError::BadName("name")));
+        e.name = "payments/web-1.a_b".into();
+        assert_eq!(e.check(&td()), Ok(()));
+    }
+
+    #[test]
+    fn records_without_owner_and_name_read_and_write_as_before() {
+        // A record stored before entries had owners and names.
+        let old = serde_json::to_value(entry()).unwrap();
+        assert!(old.get("owner").is_none() && old.get("name").is_none());
+        let back: RegistrationEntry = serde_json::from_value(old).unwrap();
+        assert_eq!(back.owner, "");
+        let mut e = entry();
+        e.owner = "team".into();
+        e.name = "web".into();
+        let back: RegistrationEntry =
+            serde_json::from_str(&serde_json::to_string(&e).unwrap()).unwrap();
+        assert_eq!(back, e);
     }
 
     #[test]

@@ -76,6 +76,8 @@ impl From<&RegistrationEntry> for node::Entry {
             hint: e.hint.clone(),
             expires_at: unix(e.expires_at),
             revision: e.revision,
+            owner: e.owner.clone(),
+            name: e.name.clone(),
         }
     }
 }
@@ -125,6 +127,8 @@ impl TryFrom<node::Entry> for RegistrationEntry {
             hint: e.hint,
             expires_at,
             revision: e.revision,
+            owner: e.owner,
+            name: e.name,
         })
     }
 }
@@ -167,6 +171,8 @@ mod tests {
         e.expires_at = Some(from_unix_seconds(2_000_000_000));
         e.hint = "blue".into();
         e.revision = 7;
+        e.owner = "team".into();
+        e.name = "web".into();
         e
     }
 

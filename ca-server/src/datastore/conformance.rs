@@ -29,6 +29,7 @@ macro_rules! datastore_conformance {
             entry_update_and_delete_of_unknown_id_fail,
             entry_list_filters,
             entry_batch_create_reports_per_item,
+            entry_apply_is_all_or_nothing,
             entry_change_feed_resumes_from_revision,
             entries_and_revision_survive_reopen,
             agent_lifecycle_and_ban_persist,
@@ -245,6 +246,76 @@ pub async fn entry_batch_create_reports_per_item<D: Datastore, F: Future<Output 
     );
     assert!(results[2].is_ok(), "does not fail the others");
     assert_eq!(ds.count_entries().await.unwrap(), 2);
+}
+
+pub async fn entry_apply_is_all_or_nothing<D: Datastore, F: Future<Output = D>>(
+    open: &impl Fn(&Path) -> F,
+    dir: &Path,
+) {
+    let ds = open(dir).await;
+    let keep = ds.create_entry(entry("keep", 1)).await.unwrap();
+    let gone = ds.create_entry(entry("gone", 2)).await.unwrap();
+    let before = ds.current_revision().await.unwrap();
+    let mut changed = keep.clone();
+    changed.hint = "new".into();
+    // The last creation collides with `keep`: nothing at all may change.
+    let bad = EntryBatch {
+        create: vec![entry("new", 3), entry("keep", 1)],
+        update: vec![changed.clone()],
+        delete: vec![(gone.id.clone(), gone.revision)],
+    };
+    assert!(matches!(
+        ds.apply_entries(bad).await,
+        Err(DatastoreError::AlreadyExists(_))
+    ));
+    assert_eq!(ds.current_revision().await.unwrap(), before);
+    assert_eq!(
+        ds.list_entries(&EntryFilter::default())
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
+    assert_eq!(ds.fetch_entry(&keep.id).await.unwrap(), Some(keep.clone()));
+
+    // A stale expected revision is refused the same way.
+    let mut stale = changed.clone();
+    stale.revision = keep.revision + 100;
+    let r = ds
+        .apply_entries(EntryBatch {
+            update: vec![stale],
+            ..Default::default()
+        })
+        .await;
+    assert!(matches!(r, Err(DatastoreError::Conflict(_))), "{r:?}");
+
+    // The good batch: a deletion freeing a registration that a creation
+    // in the same batch takes.
+    let mut reborn = entry("gone", 2);
+    reborn.hint = "again".into();
+    let made = ds
+        .apply_entries(EntryBatch {
+            create: vec![entry("new", 3), reborn],
+            update: vec![changed],
+            delete: vec![(gone.id.clone(), gone.revision)],
+        })
+        .await
+        .unwrap();
+    let kinds: Vec<_> = made.iter().map(|c| c.kind).collect();
+    assert_eq!(
+        kinds,
+        [
+            ChangeKind::Deleted,
+            ChangeKind::Updated,
+            ChangeKind::Created,
+            ChangeKind::Created
+        ]
+    );
+    assert_eq!(ds.current_revision().await.unwrap(), before + 4);
+    let feed = ds.entry_changes(before, 10).await.unwrap();
+    assert_eq!(feed, made, "each change is in the feed with its revision");
+    assert_eq!(ds.fetch_entry(&keep.id).await.unwrap().unwrap().hint, "new");
+    assert_eq!(ds.fetch_entry(&gone.id).await.unwrap(), None);
 }
 
 pub async fn entry_change_feed_resumes_from_revision<D: Datastore, F: Future<Output = D>>(

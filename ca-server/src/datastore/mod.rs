@@ -38,6 +38,8 @@ pub enum DatastoreError {
         stored: u64,
         given: u64,
     },
+    #[error("{0} changed while the change was being made; run it again")]
+    Conflict(String),
     #[error("stored record is corrupt: {0}")]
     Corrupt(String),
     #[error("storage backend failed: {0}")]
@@ -80,6 +82,8 @@ pub struct EntryFilter {
     pub parent_id: Option<SpiffeId>,
     /// Entries holding all of these selectors.
     pub selectors: Option<SelectorSet>,
+    /// Entries of this registration-file owner.
+    pub owner: Option<String>,
 }
 
 impl EntryFilter {
@@ -91,6 +95,27 @@ impl EntryFilter {
                 .selectors
                 .as_ref()
                 .is_none_or(|s| s.is_subset(&e.selectors))
+            && self.owner.as_ref().is_none_or(|o| *o == e.owner)
+    }
+}
+
+/// Entry changes made together by [`Datastore::apply_entries`]: all of them
+/// or none. Updates and deletions name the revision they were planned
+/// against; if the stored entry has moved on since, nothing is changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EntryBatch {
+    /// New entries (ids must be free).
+    pub create: Vec<RegistrationEntry>,
+    /// Replacements; each `revision` is the stored revision expected.
+    pub update: Vec<RegistrationEntry>,
+    /// Deletions: id and the stored revision expected.
+    pub delete: Vec<(EntryId, u64)>,
+}
+
+impl EntryBatch {
+    /// Whether the batch changes nothing.
+    pub fn is_empty(&self) -> bool {
+        self.create.is_empty() && self.update.is_empty() && self.delete.is_empty()
     }
 }
 
@@ -217,6 +242,11 @@ pub trait Datastore: Send + Sync + fmt::Debug {
     async fn update_entry(&self, entry: RegistrationEntry) -> Result<RegistrationEntry>;
     /// Deletes an entry and returns it.
     async fn delete_entry(&self, id: &EntryId) -> Result<RegistrationEntry>;
+    /// Makes every change of `batch` (deletions first, then updates, then
+    /// creations), each with its own revision and change-feed record, in
+    /// one atomic, durable step; on any error nothing is changed. Returns
+    /// the changes in the order made.
+    async fn apply_entries(&self, batch: EntryBatch) -> Result<Vec<EntryChange>>;
     /// One entry by id.
     async fn fetch_entry(&self, id: &EntryId) -> Result<Option<RegistrationEntry>>;
     /// Entries passing `filter`, ordered by id.

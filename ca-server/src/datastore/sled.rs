@@ -224,31 +224,99 @@ impl SledDatastore {
 
     /// One entry creation as a single transaction (no sync).
     fn insert_entry(&self, entry: RegistrationEntry) -> Result<RegistrationEntry> {
-        let key = entry_key(&entry);
-        tx(
-            (&self.entries, &self.entry_keys, &self.changes, &self.meta).transaction(
-                |(entries, keys, changes, meta)| {
-                    if entries.get(entry.id.as_str())?.is_some() {
-                        return abort(DatastoreError::AlreadyExists(format!("entry {}", entry.id)));
-                    }
-                    if keys.get(&key)?.is_some() {
-                        return abort(DatastoreError::AlreadyExists(format!(
-                            "an entry for {} under parent {} with the same selectors",
-                            entry.spiffe_id, entry.parent_id
-                        )));
-                    }
-                    let entry = RegistrationEntry {
-                        revision: bump_revision(meta)?,
-                        ..entry.clone()
-                    };
-                    entries.insert(entry.id.as_str(), tx_encode(&entry)?)?;
-                    keys.insert(key.as_slice(), entry.id.as_str())?;
-                    record_change(changes, ChangeKind::Created, &entry)?;
-                    Ok(entry)
-                },
-            ),
-        )
+        tx((&self.entries, &self.entry_keys, &self.changes, &self.meta)
+            .transaction(|trees| tx_create(trees, &entry)))
     }
+}
+
+/// The entry trees inside a transaction: entries, uniqueness keys, change
+/// feed, meta (revision counter).
+type EntryTrees = (
+    TransactionalTree,
+    TransactionalTree,
+    TransactionalTree,
+    TransactionalTree,
+);
+
+type TxResult<T> = std::result::Result<T, ConflictableTransactionError<DatastoreError>>;
+
+fn duplicate(entry: &RegistrationEntry) -> DatastoreError {
+    DatastoreError::AlreadyExists(format!(
+        "an entry for {} under parent {} with the same selectors",
+        entry.spiffe_id, entry.parent_id
+    ))
+}
+
+/// Stores a new entry with the next revision.
+fn tx_create(
+    (entries, keys, changes, meta): &EntryTrees,
+    entry: &RegistrationEntry,
+) -> TxResult<RegistrationEntry> {
+    let key = entry_key(entry);
+    if entries.get(entry.id.as_str())?.is_some() {
+        return abort(DatastoreError::AlreadyExists(format!("entry {}", entry.id)));
+    }
+    if keys.get(&key)?.is_some() {
+        return abort(duplicate(entry));
+    }
+    let entry = RegistrationEntry {
+        revision: bump_revision(meta)?,
+        ..entry.clone()
+    };
+    entries.insert(entry.id.as_str(), tx_encode(&entry)?)?;
+    keys.insert(key.as_slice(), entry.id.as_str())?;
+    record_change(changes, ChangeKind::Created, &entry)?;
+    Ok(entry)
+}
+
+/// Replaces a stored entry; with `expected`, only if its revision is that.
+fn tx_update(
+    (entries, keys, changes, meta): &EntryTrees,
+    entry: &RegistrationEntry,
+    expected: Option<u64>,
+) -> TxResult<RegistrationEntry> {
+    let Some(old) = entries.get(entry.id.as_str())? else {
+        return abort(DatastoreError::NotFound(format!("entry {}", entry.id)));
+    };
+    let old: RegistrationEntry = tx_decode(&old)?;
+    if expected.is_some_and(|r| r != old.revision) {
+        return abort(DatastoreError::Conflict(format!("entry {}", entry.id)));
+    }
+    let old_key = entry_key(&old);
+    let new_key = entry_key(entry);
+    if old_key != new_key {
+        if keys.get(&new_key)?.is_some() {
+            return abort(duplicate(entry));
+        }
+        keys.remove(old_key.as_slice())?;
+        keys.insert(new_key.as_slice(), entry.id.as_str())?;
+    }
+    let entry = RegistrationEntry {
+        revision: bump_revision(meta)?,
+        ..entry.clone()
+    };
+    entries.insert(entry.id.as_str(), tx_encode(&entry)?)?;
+    record_change(changes, ChangeKind::Updated, &entry)?;
+    Ok(entry)
+}
+
+/// Deletes a stored entry; with `expected`, only if its revision is that.
+fn tx_delete(
+    (entries, keys, changes, meta): &EntryTrees,
+    id: &EntryId,
+    expected: Option<u64>,
+) -> TxResult<RegistrationEntry> {
+    let Some(old) = entries.remove(id.as_str())? else {
+        return abort(DatastoreError::NotFound(format!("entry {id}")));
+    };
+    let mut old: RegistrationEntry = tx_decode(&old)?;
+    if expected.is_some_and(|r| r != old.revision) {
+        return abort(DatastoreError::Conflict(format!("entry {id}")));
+    }
+    keys.remove(entry_key(&old))?;
+    old.revision = bump_revision(meta)?;
+    record_change(changes, ChangeKind::Deleted, &old)?;
+    Ok(old)
 }
 
 fn bump_revision(
@@ -291,50 +359,47 @@ impl Datastore for SledDatastore {
     }
 
     async fn update_entry(&self, entry: RegistrationEntry) -> Result<RegistrationEntry> {
-        let new_key = entry_key(&entry);
         let updated = tx((&self.entries, &self.entry_keys, &self.changes, &self.meta)
-            .transaction(|(entries, keys, changes, meta)| {
-                let Some(old) = entries.get(entry.id.as_str())? else {
-                    return abort(DatastoreError::NotFound(format!("entry {}", entry.id)));
-                };
-                let old: RegistrationEntry = tx_decode(&old)?;
-                let old_key = entry_key(&old);
-                if old_key != new_key {
-                    if keys.get(&new_key)?.is_some() {
-                        return abort(DatastoreError::AlreadyExists(format!(
-                            "an entry for {} under parent {} with the same selectors",
-                            entry.spiffe_id, entry.parent_id
-                        )));
-                    }
-                    keys.remove(old_key.as_slice())?;
-                    keys.insert(new_key.as_slice(), entry.id.as_str())?;
-                }
-                let entry = RegistrationEntry {
-                    revision: bump_revision(meta)?,
-                    ..entry.clone()
-                };
-                entries.insert(entry.id.as_str(), tx_encode(&entry)?)?;
-                record_change(changes, ChangeKind::Updated, &entry)?;
-                Ok(entry)
-            }))?;
+            .transaction(|trees| tx_update(trees, &entry, None)))?;
         self.durable().await?;
         Ok(updated)
     }
 
     async fn delete_entry(&self, id: &EntryId) -> Result<RegistrationEntry> {
         let deleted = tx((&self.entries, &self.entry_keys, &self.changes, &self.meta)
-            .transaction(|(entries, keys, changes, meta)| {
-                let Some(old) = entries.remove(id.as_str())? else {
-                    return abort(DatastoreError::NotFound(format!("entry {id}")));
-                };
-                let mut old: RegistrationEntry = tx_decode(&old)?;
-                keys.remove(entry_key(&old))?;
-                old.revision = bump_revision(meta)?;
-                record_change(changes, ChangeKind::Deleted, &old)?;
-                Ok(old)
-            }))?;
+            .transaction(|trees| tx_delete(trees, id, None)))?;
         self.durable().await?;
         Ok(deleted)
+    }
+
+    async fn apply_entries(&self, batch: EntryBatch) -> Result<Vec<EntryChange>> {
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        let made = tx(
+            (&self.entries, &self.entry_keys, &self.changes, &self.meta).transaction(|trees| {
+                let mut made = Vec::new();
+                let mut push = |kind, entry: RegistrationEntry| {
+                    made.push(EntryChange {
+                        revision: entry.revision,
+                        kind,
+                        entry,
+                    })
+                };
+                for (id, rev) in &batch.delete {
+                    push(ChangeKind::Deleted, tx_delete(trees, id, Some(*rev))?);
+                }
+                for e in &batch.update {
+                    push(ChangeKind::Updated, tx_update(trees, e, Some(e.revision))?);
+                }
+                for e in &batch.create {
+                    push(ChangeKind::Created, tx_create(trees, e)?);
+                }
+                Ok(made)
+            }),
+        )?;
+        self.durable().await?;
+        Ok(made)
     }
 
     async fn fetch_entry(&self, id: &EntryId) -> Result<Option<RegistrationEntry>> {

@@ -13,6 +13,7 @@ mod crash;
 mod mtls;
 mod outage;
 mod quickstart;
+mod regcode;
 mod register;
 mod revocation;
 mod rotation;

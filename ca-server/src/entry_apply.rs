@@ -1,0 +1,244 @@
+//! `ApplyEntries`: makes one owner's registration entries match a
+//! registration file in one all-or-nothing datastore step.
+//!
+//! Wanted entries are matched to stored ones by (owner, name). A wanted
+//! entry with no match takes over ("adopts") an entry made by hand with the
+//! same SPIFFE ID, parent and selectors, so an installation can move to
+//! files; otherwise it is created. The owner's stored entries the file no
+//! longer lists are deleted with `prune` and reported as orphans without.
+//! Entries of other owners are never touched.
+
+use std::collections::{HashMap, HashSet};
+
+use sigil_identity::entry::is_valid_name;
+use sigil_identity::{EntryId, RegistrationEntry};
+use sigil_proto::admin as pb;
+use tonic::Status;
+
+use crate::admin_api::{AdminService, MAX_BATCH};
+use crate::datastore::{ChangeKind, DatastoreError, EntryBatch, EntryFilter, entry_key};
+use crate::node_api::store_status;
+use crate::registration_file::diff;
+
+/// One planned change, before it is made.
+struct Planned {
+    kind: &'static str,
+    entry: RegistrationEntry,
+    fields: Vec<(&'static str, String, String)>,
+}
+
+impl Planned {
+    /// The change on the wire; a creation not made has no id yet.
+    fn message(&self, applied: bool) -> pb::PlannedChange {
+        let id = if self.kind == "create" && !applied {
+            String::new()
+        } else {
+            self.entry.id.to_string()
+        };
+        pb::PlannedChange {
+            kind: self.kind.to_owned(),
+            name: self.entry.name.clone(),
+            id,
+            spiffe_id: self.entry.spiffe_id.to_string(),
+            fields: self
+                .fields
+                .iter()
+                .map(|(f, old, new)| pb::FieldChange {
+                    field: (*f).to_owned(),
+                    old: old.clone(),
+                    new: new.clone(),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// The wanted entries, validated, each with the owner set.
+fn wanted(
+    svc: &AdminService,
+    owner: &str,
+    wire: Vec<sigil_proto::node::Entry>,
+) -> Result<Vec<RegistrationEntry>, Status> {
+    let mut names = HashSet::new();
+    let mut keys = HashMap::new();
+    let mut out = Vec::with_capacity(wire.len());
+    for w in wire {
+        let name = w.name.clone();
+        let bad = |msg: String| Status::invalid_argument(format!("entry {name:?}: {msg}"));
+        if !is_valid_name(&name) {
+            return Err(bad(
+                "name must be 1 to 128 characters of a-z, A-Z, 0-9, '-', '_', '.' or '/'".into(),
+            ));
+        }
+        if !names.insert(name.clone()) {
+            return Err(bad("name is listed twice".into()));
+        }
+        let mut e = RegistrationEntry::try_from(sigil_proto::node::Entry {
+            id: String::new(),
+            revision: 0,
+            ..w
+        })
+        .map_err(|err| bad(err.to_string()))?;
+        e.owner = owner.to_owned();
+        svc.check_entry(&e)
+            .map_err(|s| bad(s.message().to_owned()))?;
+        if let Some(other) = keys.insert(entry_key(&e), name.clone()) {
+            return Err(bad(format!(
+                "same SPIFFE ID, parent and selectors as entry {other:?}"
+            )));
+        }
+        out.push(e);
+    }
+    Ok(out)
+}
+
+/// Works out what to change to make `owner`'s entries match `wanted`.
+fn plan(
+    owner: &str,
+    wanted: Vec<RegistrationEntry>,
+    stored: Vec<RegistrationEntry>,
+    prune: bool,
+) -> Result<Vec<Planned>, Status> {
+    let mut mine: HashMap<String, RegistrationEntry> = HashMap::new();
+    let mut by_key: HashMap<Vec<u8>, RegistrationEntry> = HashMap::new();
+    for e in stored {
+        if e.owner == owner {
+            mine.insert(e.name.clone(), e.clone());
+        }
+        by_key.insert(entry_key(&e), e);
+    }
+    let wanted_names: HashSet<String> = wanted.iter().map(|e| e.name.clone()).collect();
+    let mut out = Vec::new();
+    for mut e in wanted {
+        let key = entry_key(&e);
+        let matched = match mine.get(&e.name) {
+            Some(old) => Some(("update", old)),
+            None => match by_key.get(&key) {
+                Some(old) if old.owner.is_empty() => Some(("adopt", old)),
+                Some(old) if old.owner != owner => {
+                    return Err(Status::already_exists(format!(
+                        "entry {:?}: entry {} of owner {:?} already has this SPIFFE ID ({}), parent and selectors; nothing was changed",
+                        e.name, old.id, old.owner, e.spiffe_id
+                    )));
+                }
+                // Held by another of this owner's entries: freed earlier in
+                // the same batch (it is renamed or deleted), or the
+                // datastore refuses the whole batch.
+                _ => None,
+            },
+        };
+        let Some((kind, old)) = matched else {
+            out.push(Planned {
+                kind: "create",
+                entry: e,
+                fields: Vec::new(),
+            });
+            continue;
+        };
+        e.id = old.id.clone();
+        e.revision = old.revision;
+        let fields = diff(old, &e);
+        if !fields.is_empty() {
+            out.push(Planned {
+                kind,
+                entry: e,
+                fields,
+            });
+        }
+    }
+    for (name, e) in mine {
+        if !wanted_names.contains(&name) {
+            out.push(Planned {
+                kind: if prune { "delete" } else { "orphan" },
+                entry: e,
+                fields: Vec::new(),
+            });
+        }
+    }
+    out.sort_by(|a, b| a.entry.name.cmp(&b.entry.name));
+    Ok(out)
+}
+
+/// Serves `ApplyEntries` for `caller`.
+pub(crate) async fn apply(
+    svc: &AdminService,
+    caller: &str,
+    req: pb::ApplyEntriesRequest,
+) -> Result<pb::ApplyEntriesResponse, Status> {
+    let owner = req.owner;
+    if !is_valid_name(&owner) {
+        return Err(Status::invalid_argument(
+            "owner must be 1 to 128 characters of a-z, A-Z, 0-9, '-', '_', '.' or '/'",
+        ));
+    }
+    if req.entries.len() > MAX_BATCH {
+        return Err(Status::invalid_argument(format!(
+            "at most {MAX_BATCH} entries per registration file"
+        )));
+    }
+    let wanted = wanted(svc, &owner, req.entries)?;
+    let stored = svc
+        .store
+        .list_entries(&EntryFilter::default())
+        .await
+        .map_err(|e| store_status(&e))?;
+    let mut planned = plan(&owner, wanted, stored, req.prune)?;
+    if req.dry_run {
+        return Ok(pb::ApplyEntriesResponse {
+            changes: planned.iter().map(|p| p.message(false)).collect(),
+            applied: false,
+        });
+    }
+    let mut batch = EntryBatch::default();
+    for p in &planned {
+        match p.kind {
+            "create" => batch.create.push(p.entry.clone()),
+            "update" | "adopt" => batch.update.push(p.entry.clone()),
+            "delete" => batch.delete.push((p.entry.id.clone(), p.entry.revision)),
+            _ => {}
+        }
+    }
+    let made = match svc.store.apply_entries(batch).await {
+        Ok(made) => made,
+        Err(err) => {
+            let target = format!("owner={owner}");
+            svc.audit
+                .record(caller, "entry.apply", &target, &err.to_string())
+                .await;
+            return Err(match err {
+                DatastoreError::AlreadyExists(what) => {
+                    Status::already_exists(format!("{what} already exists; nothing was changed"))
+                }
+                e => store_status(&e),
+            });
+        }
+    };
+    // Creations got their ids when the wanted entries were built; keep
+    // the stored revisions for the report.
+    let ids: HashMap<&EntryId, u64> = made.iter().map(|c| (&c.entry.id, c.revision)).collect();
+    for p in &mut planned {
+        if let Some(rev) = ids.get(&p.entry.id) {
+            p.entry.revision = *rev;
+        }
+    }
+    let audit = made
+        .iter()
+        .map(|c| {
+            let action = match c.kind {
+                ChangeKind::Created => "entry.create",
+                ChangeKind::Updated => "entry.update",
+                ChangeKind::Deleted => "entry.delete",
+            };
+            let target = format!("{} owner={} name={}", c.entry.id, owner, c.entry.name);
+            svc.audit.event(caller, action, &target, "ok")
+        })
+        .collect();
+    svc.audit.record_all(audit).await;
+    if !made.is_empty() {
+        svc.after_entry_change().await;
+    }
+    Ok(pb::ApplyEntriesResponse {
+        changes: planned.iter().map(|p| p.message(true)).collect(),
+        applied: true,
+    })
+}
