@@ -140,6 +140,12 @@ impl SledDatastore {
     /// waiting [`LOCK_WAIT`] for the lock), which is why the CLI always
     /// goes through the server's admin API.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        Self::open_with(path, Arc::new(|f: &File| f.sync_data()))
+    }
+
+    /// [`SledDatastore::open`] with the call that makes a file durable
+    /// (tests inject failures and observe which files are synced).
+    pub(crate) fn open_with(path: impl AsRef<Path>, sync_file: Arc<SyncFile>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
         std::fs::create_dir_all(&path).map_err(|e| {
             DatastoreError::Backend(format!(
@@ -162,7 +168,7 @@ impl SledDatastore {
             bundles: tree("bundles")?,
             audit: tree("audit")?,
             audit_ids: std::sync::Mutex::new(()),
-            sync: GroupSync::start(db.clone(), data_file),
+            sync: GroupSync::start(db.clone(), &path, data_file, sync_file),
             db,
             path,
         })
@@ -561,6 +567,10 @@ fn decode_audit_record(bytes: &[u8]) -> Result<Vec<AuditEvent>> {
     }
 }
 
+/// Makes one open file's data durable: `File::sync_data`, or a test's
+/// stand-in.
+pub(crate) type SyncFile = dyn Fn(&File) -> std::io::Result<()> + Send + Sync;
+
 /// Group commit: batches `flush + fdatasync` rounds across writers.
 struct GroupSync {
     shared: Arc<SyncShared>,
@@ -572,8 +582,10 @@ struct GroupSync {
 struct SyncProgress {
     /// Every ticket up to this one is durable.
     durable: u64,
-    /// Set once a sync failed; the store refuses further acknowledgements.
-    failed: Option<String>,
+    /// The latest failed round: tickets up to `.0` that were not durable
+    /// by then get its error. A failure is not sticky: the next round
+    /// tries again, so writes succeed once the cause (a full disk) is gone.
+    failed: Option<(u64, String)>,
 }
 
 struct SyncShared {
@@ -588,17 +600,74 @@ struct SyncState {
     stop: bool,
 }
 
+/// What a sync round writes out: sled's data file and its blob files.
+struct SyncFiles {
+    db: ::sled::Db,
+    data_file: File,
+    /// sled writes a record larger than about 128 KiB (a segment, 512 KiB,
+    /// over 4, less headers: `Log::reserve` in sled 0.34.7) to its own
+    /// file here and never fsyncs it; the data file only points to it.
+    /// Whole pages are serialized too, so a leaf of a few large records
+    /// can go there as well: bounding record sizes would not avoid it.
+    blobs: PathBuf,
+    /// Blob files already made durable (sled never rewrites one in place).
+    synced_blobs: std::collections::HashSet<std::ffi::OsString>,
+    sync_file: Arc<SyncFile>,
+}
+
+impl SyncFiles {
+    /// One round: sled's buffers to the files, new blob files and their
+    /// directory entries to disk, then the data file that points to them.
+    fn sync(&mut self) -> std::io::Result<()> {
+        self.db.flush().map_err(std::io::Error::other)?;
+        let mut new = Vec::new();
+        match std::fs::read_dir(&self.blobs) {
+            Ok(dir) => {
+                for item in dir {
+                    let name = item?.file_name();
+                    if !self.synced_blobs.contains(&name) {
+                        new.push(name);
+                    }
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        if !new.is_empty() {
+            for name in &new {
+                match File::open(self.blobs.join(name)) {
+                    Ok(f) => (self.sync_file)(&f)?,
+                    // sled removed a blob it no longer needs.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            (self.sync_file)(&File::open(&self.blobs)?)?;
+        }
+        (self.sync_file)(&self.data_file)?;
+        self.synced_blobs.extend(new);
+        Ok(())
+    }
+}
+
 impl GroupSync {
-    fn start(db: ::sled::Db, data_file: File) -> Self {
+    fn start(db: ::sled::Db, dir: &Path, data_file: File, sync_file: Arc<SyncFile>) -> Self {
         let shared = Arc::new(SyncShared {
             state: Mutex::new(SyncState::default()),
             wake: Condvar::new(),
         });
         let (tx, done) = watch::channel(SyncProgress::default());
         let worker = Arc::clone(&shared);
+        let mut files = SyncFiles {
+            db,
+            data_file,
+            blobs: dir.join("blobs"),
+            synced_blobs: Default::default(),
+            sync_file,
+        };
         let thread = std::thread::Builder::new()
             .name("sigil-sled-sync".into())
-            .spawn(move || sync_loop(&worker, &db, &data_file, &tx))
+            .spawn(move || sync_loop(&worker, &mut files, &tx))
             .ok();
         Self {
             shared,
@@ -621,49 +690,41 @@ impl GroupSync {
         self.shared.wake.notify_one();
         let mut rx = self.done.clone();
         let progress = rx
-            .wait_for(|p| p.durable >= ticket || p.failed.is_some())
+            .wait_for(|p| p.durable >= ticket || p.failed.as_ref().is_some_and(|f| f.0 >= ticket))
             .await
             .map_err(|_| DatastoreError::Durability("the sync thread stopped".into()))?;
-        match &progress.failed {
-            Some(e) => Err(DatastoreError::Durability(e.clone())),
-            None => Ok(()),
+        if progress.durable >= ticket {
+            return Ok(());
         }
+        let error = progress.failed.as_ref().map_or("", |f| f.1.as_str());
+        Err(DatastoreError::Durability(error.to_owned()))
     }
 }
 
-fn sync_loop(
-    shared: &SyncShared,
-    db: &::sled::Db,
-    data_file: &File,
-    tx: &watch::Sender<SyncProgress>,
-) {
-    let mut durable = 0;
+fn sync_loop(shared: &SyncShared, files: &mut SyncFiles, tx: &watch::Sender<SyncProgress>) {
+    let mut handled = 0;
     loop {
         let target = {
             let mut s = shared.state.lock().unwrap_or_else(|p| p.into_inner());
-            while s.requested == durable && !s.stop {
+            while s.requested == handled && !s.stop {
                 s = shared.wake.wait(s).unwrap_or_else(|p| p.into_inner());
             }
-            if s.requested == durable && s.stop {
+            if s.requested == handled && s.stop {
                 return;
             }
             s.requested
         };
         // Every ticket up to `target` was taken after its write finished,
-        // so this flush covers all of them.
-        let result = db
-            .flush()
-            .map_err(|e| e.to_string())
-            .and_then(|_| data_file.sync_data().map_err(|e| e.to_string()));
-        match result {
-            Ok(()) => {
-                durable = target;
-                tx.send_modify(|p| p.durable = target);
-            }
+        // so this round covers all of them.
+        handled = target;
+        match files.sync() {
+            Ok(()) => tx.send_modify(|p| p.durable = target),
             Err(e) => {
-                tracing::error!(error = %e, "datastore sync failed; refusing further writes");
-                tx.send_modify(|p| p.failed = Some(e));
-                return;
+                tracing::error!(
+                    error = %e,
+                    "datastore sync failed; the writes waiting for it are refused, the next write tries again"
+                );
+                tx.send_modify(|p| p.failed = Some((target, e.to_string())));
             }
         }
     }
@@ -714,6 +775,70 @@ mod tests {
         assert_eq!(targets, ["entry-7", "entry-8", "entry-9"]);
         assert_eq!(all[0].0, 1);
         assert_eq!(all[2].0, seq);
+    }
+
+    /// A sync stand-in that records the inode of every file it syncs and
+    /// fails while `fail` is set.
+    fn observed_sync(
+        synced: Arc<Mutex<Vec<u64>>>,
+        fail: Arc<std::sync::atomic::AtomicBool>,
+    ) -> Arc<SyncFile> {
+        use std::os::unix::fs::MetadataExt;
+        Arc::new(move |f: &File| {
+            if fail.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(std::io::Error::from_raw_os_error(28)); // ENOSPC
+            }
+            synced.lock().unwrap().push(f.metadata()?.ino());
+            f.sync_data()
+        })
+    }
+
+    #[tokio::test]
+    async fn large_records_sled_writes_to_blob_files_are_synced_before_the_ack() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let synced = Arc::new(Mutex::new(Vec::new()));
+        let sync = observed_sync(synced.clone(), Arc::default());
+        let store = SledDatastore::open_with(dir.path(), sync).unwrap();
+        // One audit record of ~400 KiB: well over sled's blob threshold.
+        let events: Vec<_> = (0..3_000).map(conformance::audit_event).collect();
+        store.append_audit(events).await.unwrap();
+        let blobs: Vec<u64> = std::fs::read_dir(dir.path().join("blobs"))
+            .unwrap()
+            .map(|e| e.unwrap().metadata().unwrap().ino())
+            .collect();
+        assert!(!blobs.is_empty(), "sled wrote no blob file; test is void");
+        let synced = synced.lock().unwrap();
+        for ino in blobs {
+            assert!(synced.contains(&ino), "blob file {ino} not synced");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_sync_refuses_the_writes_waiting_for_it_and_later_writes_succeed() {
+        use std::sync::atomic::Ordering;
+        let dir = tempfile::tempdir().unwrap();
+        let fail = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sync = observed_sync(Arc::default(), fail.clone());
+        let store = SledDatastore::open_with(dir.path(), sync).unwrap();
+        store
+            .append_audit(vec![conformance::audit_event(1)])
+            .await
+            .unwrap();
+        // The disk fills up: the write is not acknowledged.
+        fail.store(true, Ordering::SeqCst);
+        let err = store
+            .append_audit(vec![conformance::audit_event(2)])
+            .await
+            .unwrap_err();
+        assert!(matches!(err, DatastoreError::Durability(_)), "{err}");
+        // Space is back: writes are acknowledged again, without a restart.
+        fail.store(false, Ordering::SeqCst);
+        store
+            .append_audit(vec![conformance::audit_event(3)])
+            .await
+            .unwrap();
+        store.sync().await.unwrap();
     }
 
     #[tokio::test]
