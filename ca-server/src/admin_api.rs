@@ -159,7 +159,15 @@ impl AdminService {
         id: &str,
         ban: bool,
     ) -> Result<AgentRecord, Status> {
-        let id = spiffe_id("id", id)?;
+        let id = match spiffe_id("id", id).map_err(Status::from) {
+            Ok(id) => id,
+            Err(status) => {
+                self.audit
+                    .record(caller, action, id, status.message())
+                    .await;
+                return Err(status);
+            }
+        };
         let result = async {
             if ban {
                 let mut a = self
@@ -196,6 +204,76 @@ impl AdminService {
             .await;
         result
     }
+
+    /// Creates a join token (and its alias entry) for `create_join_token`.
+    async fn join_token(
+        &self,
+        caller: &str,
+        r: pb::CreateJoinTokenRequest,
+    ) -> Result<pb::CreateJoinTokenResponse, Status> {
+        let ttl = ttl(r.ttl)?.unwrap_or(self.token_ttl);
+        let alias = (!r.alias.is_empty())
+            .then(|| spiffe_id("alias", &r.alias))
+            .transpose()?;
+        if let Some(alias) = alias
+            .as_ref()
+            .filter(|a| !a.is_member_of(&self.trust_domain) || a.check_workload_id().is_err())
+        {
+            return Err(Status::invalid_argument(format!(
+                "alias {alias} must be in {} and outside the reserved /sigil/ path",
+                self.trust_domain
+            )));
+        }
+        let token = sigil_attestors::join_token::generate_token();
+        let expires_at = self
+            .clock
+            .now()
+            .checked_add(ttl)
+            .filter(|_| ttl <= Duration::from_secs(366 * 86400))
+            .ok_or_else(|| Status::invalid_argument("token ttl must be at most 366 days"))?;
+        let record = JoinTokenRecord {
+            hash: TokenHash::of(&token),
+            expires_at,
+            alias: alias.clone(),
+        };
+        self.store
+            .create_join_token(record)
+            .await
+            .map_err(|e| store_status(&e))?;
+        let mut events = Vec::new();
+        if let Some(alias) = &alias {
+            // The alias is a node entry selecting exactly the agent that
+            // will attest with this token.
+            let selectors = [sigil_attestors::join_token::selector_for(&token)]
+                .into_iter()
+                .collect();
+            let entry = RegistrationEntry::new(
+                alias.clone(),
+                SpiffeId::server(&self.trust_domain),
+                selectors,
+            );
+            let entry = self
+                .store
+                .create_entry(entry)
+                .await
+                .map_err(|e| store_status(&e))?;
+            events.push(
+                self.audit
+                    .event(caller, "entry.create", entry.id.as_str(), "ok"),
+            );
+            self.after_entry_change().await;
+        }
+        let target = format!(
+            "join_token:{}",
+            sigil_attestors::join_token::token_id(&token)
+        );
+        events.insert(0, self.audit.event(caller, "token.generate", &target, "ok"));
+        self.audit.record_all(events).await;
+        Ok(pb::CreateJoinTokenResponse {
+            token,
+            expires_at: unix_i64(expires_at),
+        })
+    }
 }
 
 /// The tonic-facing handle of [`AdminService`].
@@ -225,7 +303,9 @@ impl Admin for AdminApi {
         let mut results = vec![pb::CreateEntryResult::default(); wire.len()];
         let mut valid = Vec::new();
         let mut slots = Vec::new();
+        let mut audit = Vec::new();
         for (i, w) in wire.into_iter().enumerate() {
+            let target = w.spiffe_id.clone();
             let parsed = RegistrationEntry::try_from(w)
                 .map_err(Status::from)
                 .and_then(|e| self.check_entry(&e).map(|()| e));
@@ -234,7 +314,14 @@ impl Admin for AdminApi {
                     slots.push(i);
                     valid.push(e);
                 }
-                Err(s) => results[i].status = item_status(&s),
+                Err(s) => {
+                    // Refused entries are audited, named by their SPIFFE ID.
+                    audit.push(
+                        self.audit
+                            .event(&caller, "entry.create", &target, s.message()),
+                    );
+                    results[i].status = item_status(&s);
+                }
             }
         }
         let stored = self
@@ -242,7 +329,6 @@ impl Admin for AdminApi {
             .create_entries(valid)
             .await
             .map_err(|e| store_status(&e))?;
-        let mut audit = Vec::new();
         for (slot, outcome) in slots.into_iter().zip(stored) {
             match outcome {
                 Ok(e) => {
@@ -325,17 +411,29 @@ impl Admin for AdminApi {
         req: Request<pb::UpdateEntryRequest>,
     ) -> Result<Response<node_pb::Entry>, Status> {
         let caller = self.caller(&req)?;
-        let wire = req
-            .into_inner()
-            .entry
-            .ok_or_else(|| Status::invalid_argument("entry is required"))?;
-        if wire.id.is_empty() {
-            return Err(Status::invalid_argument(
-                "entry id is required for an update",
-            ));
-        }
-        let e = RegistrationEntry::try_from(wire)?;
-        self.check_entry(&e)?;
+        let wire = req.into_inner().entry;
+        let raw_id = wire.as_ref().map(|w| w.id.clone()).unwrap_or_default();
+        let checked = wire
+            .ok_or_else(|| Status::invalid_argument("entry is required"))
+            .and_then(|wire| {
+                if wire.id.is_empty() {
+                    return Err(Status::invalid_argument(
+                        "entry id is required for an update",
+                    ));
+                }
+                let e = RegistrationEntry::try_from(wire)?;
+                self.check_entry(&e)?;
+                Ok(e)
+            });
+        let e = match checked {
+            Ok(e) => e,
+            Err(status) => {
+                self.audit
+                    .record(&caller, "entry.update", &raw_id, status.message())
+                    .await;
+                return Err(status);
+            }
+        };
         let id = e.id.clone();
         let result = self
             .store
@@ -471,64 +569,13 @@ impl Admin for AdminApi {
         req: Request<pb::CreateJoinTokenRequest>,
     ) -> Result<Response<pb::CreateJoinTokenResponse>, Status> {
         let caller = self.caller(&req)?;
-        let r = req.into_inner();
-        let ttl = ttl(r.ttl)?.unwrap_or(self.token_ttl);
-        let alias = (!r.alias.is_empty())
-            .then(|| spiffe_id("alias", &r.alias))
-            .transpose()?;
-        if let Some(alias) = alias
-            .as_ref()
-            .filter(|a| !a.is_member_of(&self.trust_domain) || a.check_workload_id().is_err())
-        {
-            return Err(Status::invalid_argument(format!(
-                "alias {alias} must be in {} and outside the reserved /sigil/ path",
-                self.trust_domain
-            )));
+        let result = self.join_token(&caller, req.into_inner()).await;
+        if let Err(status) = &result {
+            self.audit
+                .record(&caller, "token.generate", "", status.message())
+                .await;
         }
-        let token = sigil_attestors::join_token::generate_token();
-        let expires_at = self
-            .clock
-            .now()
-            .checked_add(ttl)
-            .filter(|_| ttl <= Duration::from_secs(366 * 86400))
-            .ok_or_else(|| Status::invalid_argument("token ttl must be at most 366 days"))?;
-        let record = JoinTokenRecord {
-            hash: TokenHash::of(&token),
-            expires_at,
-            alias: alias.clone(),
-        };
-        self.store
-            .create_join_token(record)
-            .await
-            .map_err(|e| store_status(&e))?;
-        if let Some(alias) = &alias {
-            // The alias is a node entry selecting exactly the agent that
-            // will attest with this token.
-            let selectors = [sigil_attestors::join_token::selector_for(&token)]
-                .into_iter()
-                .collect();
-            let entry = RegistrationEntry::new(
-                alias.clone(),
-                SpiffeId::server(&self.trust_domain),
-                selectors,
-            );
-            self.store
-                .create_entry(entry)
-                .await
-                .map_err(|e| store_status(&e))?;
-            self.after_entry_change().await;
-        }
-        let target = format!(
-            "join_token:{}",
-            sigil_attestors::join_token::token_id(&token)
-        );
-        self.audit
-            .record(&caller, "token.generate", &target, "ok")
-            .await;
-        Ok(Response::new(pb::CreateJoinTokenResponse {
-            token,
-            expires_at: unix_i64(expires_at),
-        }))
+        result.map(Response::new)
     }
 
     async fn get_bundle(

@@ -26,6 +26,10 @@ const QUEUE: usize = 65_536;
 /// Most events in one write.
 const MAX_BATCH: usize = 4_096;
 
+/// The tracing target of audit log lines; the server's log filter always
+/// enables it at `info`, whatever `log.level` says.
+pub const LOG_TARGET: &str = "sigil::audit";
+
 /// Longest time a written issuance event waits for a disk sync.
 pub const SYNC_INTERVAL: Duration = Duration::from_millis(100);
 
@@ -130,7 +134,7 @@ impl Audit {
 
 fn log(e: &AuditEvent) {
     info!(
-        target: "sigil::audit",
+        target: LOG_TARGET,
         caller = %e.caller,
         action = %e.action,
         target_id = %e.target,

@@ -29,3 +29,105 @@ async fn jwt_svid_that_fails_the_validator_is_not_handed_out() {
     );
     assert!(stderr.contains("validation"), "{stderr}");
 }
+
+/// Item 11: refused attempts (invalid entries, bad ids, refused join
+/// tokens) and a join token's alias entry are audited, and audit lines are
+/// logged even when `log.level` is `error`.
+#[tokio::test]
+async fn refused_attempts_and_alias_entries_are_audited_and_logged_at_any_level() {
+    use sigil_proto::admin;
+    use sigil_proto::node as pb;
+    use sigil_server::datastore::Datastore;
+
+    let mut s = TestServer::start("").await;
+    let text = std::fs::read_to_string(&s.config).unwrap();
+    std::fs::write(
+        &s.config,
+        text.replace("level = \"info\"", "level = \"error\""),
+    )
+    .unwrap();
+    s.restart().await;
+    let log_before = s.log().len();
+
+    let mut a = s.admin().await;
+    let foreign = pb::Entry {
+        spiffe_id: "spiffe://other.org/refused".into(),
+        parent_id: "spiffe://example.org/sigil/server".into(),
+        selectors: vec!["unix:uid:1".into()],
+        ..Default::default()
+    };
+    let r = a
+        .create_entries(admin::CreateEntriesRequest {
+            entries: vec![foreign],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(r.results[0].status.as_ref().unwrap().code, 0);
+    let err = a
+        .update_entry(admin::UpdateEntryRequest {
+            entry: Some(pb::Entry {
+                id: "bad-update-id".into(),
+                spiffe_id: "not a spiffe id".into(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    let err = a
+        .evict_agent(admin::AgentRequest {
+            id: "not-a-spiffe-id".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    let token = a
+        .create_join_token(admin::CreateJoinTokenRequest {
+            alias: "spiffe://example.org/node-alias".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    assert!(!token.is_empty());
+    let refused = common::server::TestAgent::join(&s, "no-such-token")
+        .await
+        .err()
+        .expect("unknown token refused");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+    drop(a);
+    s.stop().await;
+
+    let store =
+        sigil_server::datastore::SledDatastore::open(s.dir.path().join("data/datastore")).unwrap();
+    let events = store.list_audit(0, 1000).await.unwrap();
+    let has = |action: &str, target: &str, refused: bool| {
+        events.iter().any(|(_, e)| {
+            e.action == action && e.target.contains(target) && (e.outcome != "ok") == refused
+        })
+    };
+    assert!(
+        has("entry.create", "spiffe://other.org/refused", true),
+        "{events:#?}"
+    );
+    assert!(has("entry.update", "bad-update-id", true), "{events:#?}");
+    assert!(has("agent.evict", "not-a-spiffe-id", true), "{events:#?}");
+    assert!(has("agent.attest", "join_token", true), "{events:#?}");
+    assert!(has("token.generate", "join_token:", false), "{events:#?}");
+    let alias = store
+        .list_entries(&Default::default())
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|e| e.spiffe_id.as_str() == "spiffe://example.org/node-alias")
+        .expect("alias entry");
+    assert!(has("entry.create", alias.id.as_str(), false), "{events:#?}");
+
+    let log = s.log()[log_before..].to_owned();
+    assert!(
+        log.contains("audit") && log.contains("entry.create") && log.contains("agent.attest"),
+        "no audit lines at log level error:\n{log}"
+    );
+}

@@ -412,7 +412,8 @@ async fn refuses_chains_longer_than_a_path_length_constraint() {
     let mut rp = CertificateParams::default();
     rp.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     rp.key_usages = vec![KeyUsagePurpose::KeyCertSign];
-    rp.distinguished_name.push(DnType::CommonName, "Root pathLen 0");
+    rp.distinguished_name
+        .push(DnType::CommonName, "Root pathLen 0");
     let root_der = rp.self_signed(&root_key).unwrap().der().to_vec();
     let root = Issuer::from_params(&rp, &root_key);
     let (inter, ip, ikey) = sub_ca(&root, "Inter", vec![KeyUsagePurpose::KeyCertSign], None);
@@ -426,7 +427,9 @@ async fn refuses_chains_longer_than_a_path_length_constraint() {
     );
     // Directly under that root: accepted.
     let (leaf, key) = leaf_with(&root, |_| {});
-    attest_chain(vec![root_der], vec![leaf], &key).await.unwrap();
+    attest_chain(vec![root_der], vec![leaf], &key)
+        .await
+        .unwrap();
 
     // Intermediate with pathLen 0 above another intermediate.
     let pki = new_pki();

@@ -246,19 +246,29 @@ impl NodeService {
         crate::ca::csr::public_key_from_csr(&params.csr)
             .map_err(|e| Status::invalid_argument(format!("bad CSR: {e}")))?;
         let mut challenger = StreamChallenger { tx, inbound };
-        let attestation = attestor
-            .attest(&params.evidence, &mut challenger)
-            .await
-            .map_err(|e| {
+        let attestation = match attestor.attest(&params.evidence, &mut challenger).await {
+            Ok(a) => a,
+            Err(e) => {
                 warn!(attestor = attestor.name(), %remote, error = %e, "node attestation failed");
-                match e {
+                // Refused attempts (a used or unknown join token, a bad
+                // chain) are audited too, with the attestor's reason.
+                self.audit
+                    .record(
+                        &remote.to_string(),
+                        "agent.attest",
+                        attestor.name(),
+                        &e.to_string(),
+                    )
+                    .await;
+                return Err(match e {
                     AttestError::Internal(_) => {
                         Status::unavailable("attestation could not be completed")
                     }
                     AttestError::Malformed(_) => Status::invalid_argument(e.to_string()),
                     _ => Status::permission_denied("attestation failed"),
-                }
-            })?;
+                });
+            }
+        };
         let id = attestation.agent_id.clone();
         let existing = self.registry.agent(&id);
         if let Some(existing) = &existing {
