@@ -131,3 +131,76 @@ async fn refused_attempts_and_alias_entries_are_audited_and_logged_at_any_level(
         "no audit lines at log level error:\n{log}"
     );
 }
+
+/// Waits (at most 30 s) until the server log contains `needle`.
+async fn wait_for_log(s: &TestServer, needle: &str) {
+    for _ in 0..300 {
+        if s.log().contains(needle) {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("no {needle:?} in the server log:\n{}", s.log());
+}
+
+/// Item 12: old entry changes and long-expired agents are pruned by the
+/// server's background loop; the newest changes and banned agents stay.
+#[tokio::test]
+async fn old_entry_changes_and_expired_agents_are_pruned() {
+    use sigil_proto::admin;
+    use sigil_server::datastore::Datastore;
+
+    let mut s = TestServer::start(
+        "[agents]\nsvid_ttl = \"1s\"\n[retention]\nentry_changes = 2\nexpired_agents = \"1s\"\ninterval = \"1s\"\n",
+    )
+    .await;
+    let parent = sigil_identity::SpiffeId::parse("spiffe://example.org/sigil/server").unwrap();
+    for i in 0..5 {
+        s.entry(
+            &format!("spiffe://example.org/w{i}"),
+            &parent,
+            &[&format!("unix:uid:{i}")],
+        )
+        .await;
+    }
+    let expired = common::server::TestAgent::join(&s, &s.token().await)
+        .await
+        .unwrap();
+    let banned = common::server::TestAgent::join(&s, &s.token().await)
+        .await
+        .unwrap();
+    s.admin()
+        .await
+        .ban_agent(admin::AgentRequest {
+            id: banned.id.to_string(),
+        })
+        .await
+        .unwrap();
+    wait_for_log(&s, "old entry changes removed").await;
+    wait_for_log(&s, "long-expired agents removed").await;
+    s.stop().await;
+
+    let store =
+        sigil_server::datastore::SledDatastore::open(s.dir.path().join("data/datastore")).unwrap();
+    let revisions: Vec<u64> = store
+        .entry_changes(0, 100)
+        .await
+        .unwrap()
+        .iter()
+        .map(|c| c.revision)
+        .collect();
+    assert_eq!(revisions, [4, 5], "the two newest changes stay");
+    assert_eq!(store.count_entries().await.unwrap(), 5, "entries stay");
+    assert!(store.fetch_agent(&expired.id).await.unwrap().is_none());
+    assert!(
+        store.fetch_agent(&banned.id).await.unwrap().unwrap().banned,
+        "a banned agent stays until evicted"
+    );
+    let events = store.list_audit(0, 1000).await.unwrap();
+    assert!(
+        events
+            .iter()
+            .any(|(_, e)| e.action == "agent.prune" && e.target == expired.id.as_str()),
+        "{events:#?}"
+    );
+}

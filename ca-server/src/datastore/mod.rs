@@ -213,6 +213,9 @@ pub trait Datastore: Send + Sync + fmt::Debug {
     async fn entry_changes(&self, after: u64, limit: usize) -> Result<Vec<EntryChange>>;
     /// The revision of the latest entry change (0 when none).
     async fn current_revision(&self) -> Result<u64>;
+    /// Removes the changes with revision up to `through`, returning how
+    /// many went.
+    async fn prune_entry_changes(&self, through: u64) -> Result<usize>;
 
     /// Stores a newly attested agent; `AlreadyExists` if present.
     async fn create_agent(&self, agent: AgentRecord) -> Result<AgentRecord>;
@@ -226,6 +229,10 @@ pub trait Datastore: Send + Sync + fmt::Debug {
     async fn list_agents(&self) -> Result<Vec<AgentRecord>>;
     /// Removes an agent (evict) and returns it.
     async fn delete_agent(&self, id: &SpiffeId) -> Result<AgentRecord>;
+    /// Removes agents that are not banned and whose SVID expired before
+    /// `expired_before`, returning their ids. An agent renewed meanwhile
+    /// is kept.
+    async fn prune_agents(&self, expired_before: SystemTime) -> Result<Vec<SpiffeId>>;
 
     /// Stores a join token hash.
     async fn create_join_token(&self, token: JoinTokenRecord) -> Result<()>;
@@ -264,4 +271,8 @@ pub trait Datastore: Send + Sync + fmt::Debug {
     async fn sync(&self) -> Result<()>;
     /// Audit events with sequence greater than `after`, oldest first.
     async fn list_audit(&self, after: u64, limit: usize) -> Result<Vec<(u64, AuditEvent)>>;
+    /// Removes the oldest audit events, stopping at the first record (a
+    /// written batch) holding an event at or after `before`; returns how
+    /// many events went.
+    async fn prune_audit(&self, before: SystemTime) -> Result<usize>;
 }

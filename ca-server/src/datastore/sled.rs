@@ -376,6 +376,20 @@ impl Datastore for SledDatastore {
         Ok(read_u64(self.meta.get(REVISION_KEY).map_err(backend)?))
     }
 
+    async fn prune_entry_changes(&self, through: u64) -> Result<usize> {
+        let mut removed = 0;
+        for key in self.changes.range(..=through.to_be_bytes()).keys() {
+            self.changes
+                .remove(key.map_err(backend)?)
+                .map_err(backend)?;
+            removed += 1;
+        }
+        if removed > 0 {
+            self.durable().await?;
+        }
+        Ok(removed)
+    }
+
     async fn create_agent(&self, agent: AgentRecord) -> Result<AgentRecord> {
         let value = encode(&agent)?;
         let swapped = self
@@ -421,6 +435,29 @@ impl Datastore for SledDatastore {
         let old = old.ok_or_else(|| DatastoreError::NotFound(format!("agent {id}")))?;
         self.durable().await?;
         decode(&old)
+    }
+
+    async fn prune_agents(&self, expired_before: SystemTime) -> Result<Vec<SpiffeId>> {
+        let mut removed = Vec::new();
+        for item in self.agents.iter() {
+            let (k, v) = item.map_err(backend)?;
+            let agent: AgentRecord = decode(&v)?;
+            // Compare-and-swap: a renewal since the read keeps the agent.
+            if !agent.banned
+                && agent.expires_at < expired_before
+                && self
+                    .agents
+                    .compare_and_swap(&k, Some(&v), None as Option<&[u8]>)
+                    .map_err(backend)?
+                    .is_ok()
+            {
+                removed.push(agent.id);
+            }
+        }
+        if !removed.is_empty() {
+            self.durable().await?;
+        }
+        Ok(removed)
     }
 
     async fn create_join_token(&self, token: JoinTokenRecord) -> Result<()> {
@@ -532,6 +569,14 @@ impl Datastore for SledDatastore {
         self.durable().await
     }
 
+    async fn prune_audit(&self, before: SystemTime) -> Result<usize> {
+        let removed = self.prune_audit_records(before)?;
+        if removed > 0 {
+            self.durable().await?;
+        }
+        Ok(removed)
+    }
+
     async fn list_audit(&self, after: u64, limit: usize) -> Result<Vec<(u64, AuditEvent)>> {
         let wanted = after.saturating_add(1);
         // The record holding `wanted` starts at or before it.
@@ -555,6 +600,23 @@ impl Datastore for SledDatastore {
             }
         }
         Ok(out)
+    }
+}
+
+impl SledDatastore {
+    /// See [`Datastore::prune_audit`].
+    fn prune_audit_records(&self, before: SystemTime) -> Result<usize> {
+        let mut removed = 0;
+        for item in self.audit.iter() {
+            let (k, v) = item.map_err(backend)?;
+            let events = decode_audit_record(&v)?;
+            if events.iter().any(|e| e.time >= before) {
+                break;
+            }
+            self.audit.remove(k).map_err(backend)?;
+            removed += events.len();
+        }
+        Ok(removed)
     }
 }
 
@@ -839,6 +901,28 @@ mod tests {
             .await
             .unwrap();
         store.sync().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn audit_pruning_removes_whole_old_records_and_keeps_recent_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledDatastore::open(dir.path()).unwrap();
+        let e = conformance::audit_event;
+        for batch in [vec![e(0), e(1)], vec![e(2)], vec![e(3), e(4)], vec![e(5)]] {
+            store.append_audit(batch).await.unwrap();
+        }
+        // Cut-off at event 4's time: the record holding 3 and 4 stays whole.
+        let removed = store.prune_audit(e(4).time).await.unwrap();
+        assert_eq!(removed, 3);
+        let left: Vec<_> = store
+            .list_audit(0, 100)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(_, ev)| ev.target)
+            .collect();
+        assert_eq!(left, ["entry-3", "entry-4", "entry-5"]);
+        assert_eq!(store.prune_audit(e(0).time).await.unwrap(), 0);
     }
 
     #[tokio::test]
