@@ -168,7 +168,8 @@ impl AdminService {
                 return Err(status);
             }
         };
-        let result = async {
+        let ok = self.audit.event(caller, action, id.as_str(), "ok");
+        let result: Result<AgentRecord, Status> = async {
             if ban {
                 let mut a = self
                     .store
@@ -179,29 +180,35 @@ impl AdminService {
                 a.banned = true;
                 let a = self
                     .store
-                    .update_agent(a)
+                    .update_agent_audited(a, Some(ok.clone()))
                     .await
                     .map_err(|e| store_status(&e))?;
                 self.registry.put_agent(a.clone());
                 Ok(a)
             } else {
-                let a = self.store.delete_agent(&id).await.map_err(|e| match e {
-                    DatastoreError::NotFound(_) => {
-                        Status::not_found(format!("agent {id} not found"))
-                    }
-                    e => store_status(&e),
-                })?;
+                let a = self
+                    .store
+                    .delete_agent_audited(&id, Some(ok.clone()))
+                    .await
+                    .map_err(|e| match e {
+                        DatastoreError::NotFound(_) => {
+                            Status::not_found(format!("agent {id} not found"))
+                        }
+                        e => store_status(&e),
+                    })?;
                 self.registry.remove_agent(&id);
                 Ok(a)
             }
         }
         .await;
-        let outcome = result
-            .as_ref()
-            .map_or_else(|s: &Status| s.message().to_owned(), |_| "ok".into());
-        self.audit
-            .record(caller, action, id.as_str(), &outcome)
-            .await;
+        match &result {
+            Ok(_) => self.audit.log_written(&[ok]),
+            Err(s) => {
+                self.audit
+                    .record(caller, action, id.as_str(), s.message())
+                    .await;
+            }
+        }
         result
     }
 
@@ -236,11 +243,16 @@ impl AdminService {
             expires_at,
             alias: alias.clone(),
         };
+        let target = format!(
+            "join_token:{}",
+            sigil_attestors::join_token::token_id(&token)
+        );
+        let generated = self.audit.event(caller, "token.generate", &target, "ok");
         self.store
-            .create_join_token(record)
+            .create_join_token_audited(record, Some(generated.clone()))
             .await
             .map_err(|e| store_status(&e))?;
-        let mut events = Vec::new();
+        self.audit.log_written(&[generated]);
         if let Some(alias) = &alias {
             // The alias is a node entry selecting exactly the agent that
             // will attest with this token.
@@ -252,23 +264,20 @@ impl AdminService {
                 SpiffeId::server(&self.trust_domain),
                 selectors,
             );
-            let entry = self
+            let created = self
+                .audit
+                .event(caller, "entry.create", entry.id.as_str(), "ok");
+            let stored = self
                 .store
-                .create_entry(entry)
+                .create_entries_audited(vec![(entry, Some(created.clone()))])
                 .await
                 .map_err(|e| store_status(&e))?;
-            events.push(
-                self.audit
-                    .event(caller, "entry.create", entry.id.as_str(), "ok"),
-            );
+            for outcome in stored {
+                outcome.map_err(|e| store_status(&e))?;
+            }
+            self.audit.log_written(&[created]);
             self.after_entry_change().await;
         }
-        let target = format!(
-            "join_token:{}",
-            sigil_attestors::join_token::token_id(&token)
-        );
-        events.insert(0, self.audit.event(caller, "token.generate", &target, "ok"));
-        self.audit.record_all(events).await;
         Ok(pb::CreateJoinTokenResponse {
             token,
             expires_at: unix_i64(expires_at),
@@ -312,7 +321,10 @@ impl Admin for AdminApi {
             match parsed {
                 Ok(e) => {
                     slots.push(i);
-                    valid.push(e);
+                    let ok = self
+                        .audit
+                        .event(&caller, "entry.create", e.id.as_str(), "ok");
+                    valid.push((e, Some(ok)));
                 }
                 Err(s) => {
                     // Refused entries are audited, named by their SPIFFE ID.
@@ -324,18 +336,17 @@ impl Admin for AdminApi {
                 }
             }
         }
+        let ok_events: Vec<_> = valid.iter().filter_map(|(_, ok)| ok.clone()).collect();
         let stored = self
             .store
-            .create_entries(valid)
+            .create_entries_audited(valid)
             .await
             .map_err(|e| store_status(&e))?;
-        for (slot, outcome) in slots.into_iter().zip(stored) {
+        for ((slot, outcome), ok) in slots.into_iter().zip(stored).zip(ok_events) {
             match outcome {
                 Ok(e) => {
-                    audit.push(
-                        self.audit
-                            .event(&caller, "entry.create", e.id.as_str(), "ok"),
-                    );
+                    // Written with the entry.
+                    self.audit.log_written(&[ok]);
                     results[slot] = pb::CreateEntryResult {
                         status: ok_status(),
                         entry: Some((&e).into()),
@@ -435,17 +446,20 @@ impl Admin for AdminApi {
             }
         };
         let id = e.id.clone();
+        let ok = self.audit.event(&caller, "entry.update", id.as_str(), "ok");
         let result = self
             .store
-            .update_entry(e)
+            .update_entry_audited(e, Some(ok.clone()))
             .await
             .map_err(|e| store_status(&e));
-        let outcome = result
-            .as_ref()
-            .map_or_else(|s| s.message().to_owned(), |_| "ok".into());
-        self.audit
-            .record(&caller, "entry.update", id.as_str(), &outcome)
-            .await;
+        match &result {
+            Ok(_) => self.audit.log_written(&[ok]),
+            Err(s) => {
+                self.audit
+                    .record(&caller, "entry.update", id.as_str(), s.message())
+                    .await;
+            }
+        }
         self.after_entry_change().await;
         Ok(Response::new((&result?).into()))
     }
@@ -464,25 +478,21 @@ impl Admin for AdminApi {
         let mut results = Vec::with_capacity(ids.len());
         let mut audit = Vec::new();
         for raw in ids {
+            let ok = self.audit.event(&caller, "entry.delete", &raw, "ok");
             let outcome = match EntryId::new(&raw) {
                 Err(e) => Err(Status::invalid_argument(format!("invalid id {raw:?}: {e}"))),
                 Ok(id) => self
                     .store
-                    .delete_entry(&id)
+                    .delete_entry_audited(&id, Some(ok.clone()))
                     .await
                     .map(|_| ())
                     .map_err(|e| store_status(&e)),
             };
-            audit.push(
-                self.audit.event(
-                    &caller,
-                    "entry.delete",
-                    &raw,
-                    &outcome
-                        .as_ref()
-                        .map_or_else(|s| s.message().to_owned(), |()| "ok".into()),
-                ),
-            );
+            match &outcome {
+                // Written with the deletion.
+                Ok(()) => self.audit.log_written(&[ok]),
+                Err(s) => audit.push(self.audit.event(&caller, "entry.delete", &raw, s.message())),
+            }
             results.push(match outcome {
                 Ok(()) => pb::ItemStatus {
                     code: 0,

@@ -106,6 +106,12 @@ impl Audit {
         }
     }
 
+    /// Logs events that the datastore wrote in the same write as the
+    /// mutation they describe (the `*_audited` datastore calls).
+    pub fn log_written(&self, events: &[AuditEvent]) {
+        events.iter().for_each(log);
+    }
+
     /// Logs issuance events now and queues them for the datastore (see the
     /// module documentation). Waits only when the queue is full.
     pub async fn record_issued(&self, events: Vec<AuditEvent>) {

@@ -200,18 +200,31 @@ impl SledDatastore {
         let Some(n) = u64::try_from(events.len()).ok().filter(|&n| n > 0) else {
             return Ok(0);
         };
-        let first = {
-            let _ids = self.audit_ids.lock().unwrap_or_else(|p| p.into_inner());
-            let first = self.db.generate_id().map_err(backend)? + 1;
-            for _ in 1..n {
-                self.db.generate_id().map_err(backend)?;
-            }
-            first
-        };
+        let first = self.take_audit_ids(n)?;
         self.audit
             .insert(first.to_be_bytes(), encode(&events)?)
             .map_err(backend)?;
         Ok(first + n - 1)
+    }
+
+    /// Takes `n` consecutive audit sequence numbers, returning the first.
+    fn take_audit_ids(&self, n: u64) -> Result<u64> {
+        let _ids = self.audit_ids.lock().unwrap_or_else(|p| p.into_inner());
+        let first = self.db.generate_id().map_err(backend)? + 1;
+        for _ in 1..n {
+            self.db.generate_id().map_err(backend)?;
+        }
+        Ok(first)
+    }
+
+    /// The audit record (key, value) of a mutation's event, to insert in
+    /// the mutation's transaction. A number taken for a mutation that
+    /// then fails is skipped, as [`Self::insert_audit`] allows.
+    fn audit_record(&self, audit: &AuditWith) -> Result<Option<([u8; 8], Vec<u8>)>> {
+        audit
+            .as_ref()
+            .map(|event| Ok((self.take_audit_ids(1)?.to_be_bytes(), encode(&[event])?)))
+            .transpose()
     }
 
     fn get<T: DeserializeOwned>(&self, tree: &::sled::Tree, key: &[u8]) -> Result<Option<T>> {
@@ -229,32 +242,51 @@ impl SledDatastore {
     }
 
     /// One entry creation as a single transaction (no sync).
-    fn insert_entry(&self, entry: RegistrationEntry) -> Result<RegistrationEntry> {
+    fn insert_entry(
+        &self,
+        entry: RegistrationEntry,
+        audit: &AuditWith,
+    ) -> Result<RegistrationEntry> {
         let key = entry_key(&entry);
-        tx(
-            (&self.entries, &self.entry_keys, &self.changes, &self.meta).transaction(
-                |(entries, keys, changes, meta)| {
-                    if entries.get(entry.id.as_str())?.is_some() {
-                        return abort(DatastoreError::AlreadyExists(format!("entry {}", entry.id)));
-                    }
-                    if keys.get(&key)?.is_some() {
-                        return abort(DatastoreError::AlreadyExists(format!(
-                            "an entry for {} under parent {} with the same selectors",
-                            entry.spiffe_id, entry.parent_id
-                        )));
-                    }
-                    let entry = RegistrationEntry {
-                        revision: bump_revision(meta)?,
-                        ..entry.clone()
-                    };
-                    entries.insert(entry.id.as_str(), tx_encode(&entry)?)?;
-                    keys.insert(key.as_slice(), entry.id.as_str())?;
-                    record_change(changes, ChangeKind::Created, &entry)?;
-                    Ok(entry)
-                },
-            ),
+        let record = self.audit_record(audit)?;
+        tx((
+            &self.entries,
+            &self.entry_keys,
+            &self.changes,
+            &self.meta,
+            &self.audit,
         )
+            .transaction(|(entries, keys, changes, meta, audit_t)| {
+                if entries.get(entry.id.as_str())?.is_some() {
+                    return abort(DatastoreError::AlreadyExists(format!("entry {}", entry.id)));
+                }
+                if keys.get(&key)?.is_some() {
+                    return abort(DatastoreError::AlreadyExists(format!(
+                        "an entry for {} under parent {} with the same selectors",
+                        entry.spiffe_id, entry.parent_id
+                    )));
+                }
+                let entry = RegistrationEntry {
+                    revision: bump_revision(meta)?,
+                    ..entry.clone()
+                };
+                entries.insert(entry.id.as_str(), tx_encode(&entry)?)?;
+                keys.insert(key.as_slice(), entry.id.as_str())?;
+                record_change(changes, ChangeKind::Created, &entry)?;
+                put_audit(audit_t, &record)?;
+                Ok(entry)
+            }))
     }
+}
+
+fn put_audit(
+    audit: &TransactionalTree,
+    record: &Option<([u8; 8], Vec<u8>)>,
+) -> std::result::Result<(), ConflictableTransactionError<DatastoreError>> {
+    if let Some((key, value)) = record {
+        audit.insert(&key[..], value.as_slice())?;
+    }
+    Ok(())
 }
 
 fn bump_revision(
@@ -281,25 +313,33 @@ fn record_change(
 
 #[async_trait]
 impl Datastore for SledDatastore {
-    async fn create_entry(&self, entry: RegistrationEntry) -> Result<RegistrationEntry> {
-        let e = self.insert_entry(entry)?;
-        self.durable().await?;
-        Ok(e)
-    }
-
-    async fn create_entries(
+    async fn create_entries_audited(
         &self,
-        entries: Vec<RegistrationEntry>,
+        entries: Vec<(RegistrationEntry, AuditWith)>,
     ) -> Result<Vec<Result<RegistrationEntry>>> {
-        let results: Vec<_> = entries.into_iter().map(|e| self.insert_entry(e)).collect();
+        let results: Vec<_> = entries
+            .into_iter()
+            .map(|(e, audit)| self.insert_entry(e, &audit))
+            .collect();
         self.durable().await?;
         Ok(results)
     }
 
-    async fn update_entry(&self, entry: RegistrationEntry) -> Result<RegistrationEntry> {
+    async fn update_entry_audited(
+        &self,
+        entry: RegistrationEntry,
+        audit: AuditWith,
+    ) -> Result<RegistrationEntry> {
         let new_key = entry_key(&entry);
-        let updated = tx((&self.entries, &self.entry_keys, &self.changes, &self.meta)
-            .transaction(|(entries, keys, changes, meta)| {
+        let record = self.audit_record(&audit)?;
+        let updated = tx((
+            &self.entries,
+            &self.entry_keys,
+            &self.changes,
+            &self.meta,
+            &self.audit,
+        )
+            .transaction(|(entries, keys, changes, meta, audit_t)| {
                 let Some(old) = entries.get(entry.id.as_str())? else {
                     return abort(DatastoreError::NotFound(format!("entry {}", entry.id)));
                 };
@@ -321,15 +361,27 @@ impl Datastore for SledDatastore {
                 };
                 entries.insert(entry.id.as_str(), tx_encode(&entry)?)?;
                 record_change(changes, ChangeKind::Updated, &entry)?;
+                put_audit(audit_t, &record)?;
                 Ok(entry)
             }))?;
         self.durable().await?;
         Ok(updated)
     }
 
-    async fn delete_entry(&self, id: &EntryId) -> Result<RegistrationEntry> {
-        let deleted = tx((&self.entries, &self.entry_keys, &self.changes, &self.meta)
-            .transaction(|(entries, keys, changes, meta)| {
+    async fn delete_entry_audited(
+        &self,
+        id: &EntryId,
+        audit: AuditWith,
+    ) -> Result<RegistrationEntry> {
+        let record = self.audit_record(&audit)?;
+        let deleted = tx((
+            &self.entries,
+            &self.entry_keys,
+            &self.changes,
+            &self.meta,
+            &self.audit,
+        )
+            .transaction(|(entries, keys, changes, meta, audit_t)| {
                 let Some(old) = entries.remove(id.as_str())? else {
                     return abort(DatastoreError::NotFound(format!("entry {id}")));
                 };
@@ -337,6 +389,7 @@ impl Datastore for SledDatastore {
                 keys.remove(entry_key(&old))?;
                 old.revision = bump_revision(meta)?;
                 record_change(changes, ChangeKind::Deleted, &old)?;
+                put_audit(audit_t, &record)?;
                 Ok(old)
             }))?;
         self.durable().await?;
@@ -403,20 +456,26 @@ impl Datastore for SledDatastore {
         Ok(agent)
     }
 
-    async fn update_agent(&self, agent: AgentRecord) -> Result<AgentRecord> {
+    async fn update_agent_audited(
+        &self,
+        agent: AgentRecord,
+        audit: AuditWith,
+    ) -> Result<AgentRecord> {
         let key = agent.id.as_str();
-        let stored = tx(self.agents.transaction(|t| {
+        let record = self.audit_record(&audit)?;
+        let stored = tx((&self.agents, &self.audit).transaction(|(t, audit_t)| {
             let Some(old) = t.get(key)? else {
                 return abort(DatastoreError::NotFound(format!("agent {key}")));
             };
             let old: AgentRecord = tx_decode(&old)?;
             // A ban is sticky: only deleting the record (evict) lifts it.
-            let record = AgentRecord {
+            let stored = AgentRecord {
                 banned: agent.banned || old.banned,
                 ..agent.clone()
             };
-            t.insert(key, tx_encode(&record)?)?;
-            Ok(record)
+            t.insert(key, tx_encode(&stored)?)?;
+            put_audit(audit_t, &record)?;
+            Ok(stored)
         }))?;
         self.durable().await?;
         Ok(stored)
@@ -430,9 +489,15 @@ impl Datastore for SledDatastore {
         self.all(&self.agents)
     }
 
-    async fn delete_agent(&self, id: &SpiffeId) -> Result<AgentRecord> {
-        let old = self.agents.remove(id.as_str()).map_err(backend)?;
-        let old = old.ok_or_else(|| DatastoreError::NotFound(format!("agent {id}")))?;
+    async fn delete_agent_audited(&self, id: &SpiffeId, audit: AuditWith) -> Result<AgentRecord> {
+        let record = self.audit_record(&audit)?;
+        let old = tx((&self.agents, &self.audit).transaction(|(t, audit_t)| {
+            let Some(old) = t.remove(id.as_str())? else {
+                return abort(DatastoreError::NotFound(format!("agent {id}")));
+            };
+            put_audit(audit_t, &record)?;
+            Ok(old)
+        }))?;
         self.durable().await?;
         decode(&old)
     }
@@ -460,15 +525,21 @@ impl Datastore for SledDatastore {
         Ok(removed)
     }
 
-    async fn create_join_token(&self, token: JoinTokenRecord) -> Result<()> {
+    async fn create_join_token_audited(
+        &self,
+        token: JoinTokenRecord,
+        audit: AuditWith,
+    ) -> Result<()> {
         let value = encode(&token)?;
-        let swapped = self
-            .tokens
-            .compare_and_swap(token.hash.as_str(), None as Option<&[u8]>, Some(value))
-            .map_err(backend)?;
-        if swapped.is_err() {
-            return Err(DatastoreError::AlreadyExists("join token".into()));
-        }
+        let record = self.audit_record(&audit)?;
+        tx((&self.tokens, &self.audit).transaction(|(t, audit_t)| {
+            if t.get(token.hash.as_str())?.is_some() {
+                return abort(DatastoreError::AlreadyExists("join token".into()));
+            }
+            t.insert(token.hash.as_str(), value.as_slice())?;
+            put_audit(audit_t, &record)?;
+            Ok(())
+        }))?;
         self.durable().await
     }
 
