@@ -252,7 +252,15 @@ pub trait Datastore: Send + Sync + fmt::Debug {
     async fn prune_entry_changes(&self, through: u64) -> Result<usize>;
 
     /// Stores a newly attested agent; `AlreadyExists` if present.
-    async fn create_agent(&self, agent: AgentRecord) -> Result<AgentRecord>;
+    async fn create_agent(&self, agent: AgentRecord) -> Result<AgentRecord> {
+        self.create_agent_audited(agent, None).await
+    }
+    /// [`Datastore::create_agent`] with its audit event.
+    async fn create_agent_audited(
+        &self,
+        agent: AgentRecord,
+        audit: AuditWith,
+    ) -> Result<AgentRecord>;
     /// Replaces an agent record; `NotFound` if absent. A ban is sticky: an
     /// update never clears `banned` (only `delete_agent` does), so a ban
     /// racing with a renewal cannot be lost. Returns the stored record.

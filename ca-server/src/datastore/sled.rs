@@ -443,15 +443,22 @@ impl Datastore for SledDatastore {
         Ok(removed)
     }
 
-    async fn create_agent(&self, agent: AgentRecord) -> Result<AgentRecord> {
+    async fn create_agent_audited(
+        &self,
+        agent: AgentRecord,
+        audit: AuditWith,
+    ) -> Result<AgentRecord> {
         let value = encode(&agent)?;
-        let swapped = self
-            .agents
-            .compare_and_swap(agent.id.as_str(), None as Option<&[u8]>, Some(value))
-            .map_err(backend)?;
-        if swapped.is_err() {
-            return Err(DatastoreError::AlreadyExists(format!("agent {}", agent.id)));
-        }
+        let key = agent.id.as_str();
+        let record = self.audit_record(&audit)?;
+        tx((&self.agents, &self.audit).transaction(|(t, audit_t)| {
+            if t.get(key)?.is_some() {
+                return abort(DatastoreError::AlreadyExists(format!("agent {key}")));
+            }
+            t.insert(key, value.as_slice())?;
+            put_audit(audit_t, &record)?;
+            Ok(())
+        }))?;
         self.durable().await?;
         Ok(agent)
     }
