@@ -2,7 +2,9 @@
 //! datastore and logged with caller, action, target and outcome. Never the
 //! token, key or CSR.
 //!
-//! Mutations are written durably before the call returns. Issuance events
+//! An admin mutation's event is written in the same datastore write as the
+//! mutation (the `*_audited` datastore calls), and refused attempts are
+//! written durably before the call returns. Issuance events
 //! are logged before the credential is returned and written to the
 //! datastore by a background writer, as one record per batch, made durable
 //! at most [`SYNC_INTERVAL`] later: waiting for a disk sync per credential

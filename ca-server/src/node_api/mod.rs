@@ -300,15 +300,47 @@ impl NodeService {
             created_at: existing.as_ref().map_or(self.now(), |e| e.created_at),
         };
         let was_known = existing.is_some();
+        // Written with the agent record, in one write.
+        let event = self.audit.issued(
+            &id.to_string(),
+            "agent.attest",
+            &id.to_string(),
+            issued.expires_at,
+        );
         let stored = match existing {
-            Some(_) => self.store.update_agent(record).await,
-            None => self.store.create_agent(record).await,
-        }
-        .map_err(|e| match e {
-            DatastoreError::AlreadyExists(_) => Status::permission_denied("agent already attested"),
-            e => store_status(&e),
-        })?;
+            Some(_) => {
+                self.store
+                    .update_agent_audited(record, Some(event.clone()))
+                    .await
+            }
+            None => {
+                self.store
+                    .create_agent_audited(record, Some(event.clone()))
+                    .await
+            }
+        };
+        let stored = match stored {
+            Ok(stored) => stored,
+            Err(e) => {
+                let status = match e {
+                    DatastoreError::AlreadyExists(_) => {
+                        Status::permission_denied("agent already attested")
+                    }
+                    e => store_status(&e),
+                };
+                self.audit
+                    .record(id.as_str(), "agent.attest", id.as_str(), status.message())
+                    .await;
+                return Err(status);
+            }
+        };
+        self.audit.log_written(&[event]);
         if stored.banned {
+            // Banned while attesting: the record was updated (and audited),
+            // the agent is still refused.
+            self.audit
+                .record(id.as_str(), "agent.attest", id.as_str(), "agent is banned")
+                .await;
             return Err(Status::permission_denied(
                 "agent is banned; an operator must evict it before it can attest again",
             ));
@@ -319,13 +351,6 @@ impl NodeService {
             self.registry.supersede(&id);
         }
         info!(agent_id = %id, attestor = attestor.name(), %remote, serial = %issued.serial, "agent attested");
-        let event = self.audit.issued(
-            &id.to_string(),
-            "agent.attest",
-            &id.to_string(),
-            issued.expires_at,
-        );
-        self.audit.record_all(vec![event]).await;
         Ok(pb::AttestResult {
             svid: Some(svid_message(&id, &issued)),
             bundle: Some(self.bundle_message()),
@@ -457,21 +482,21 @@ impl Node for NodeApi {
             .agent(&ctx.id)
             .ok_or_else(|| Status::permission_denied("unknown agent"))?;
         record.pending_serial = Some(issued.serial.clone());
+        // Written with the agent record, in one write.
+        let event = self.audit.issued(
+            ctx.id.as_str(),
+            "agent.renew",
+            ctx.id.as_str(),
+            issued.expires_at,
+        );
         let record = self
             .store
-            .update_agent(record)
+            .update_agent_audited(record, Some(event.clone()))
             .await
             .map_err(|e| store_status(&e))?;
+        self.audit.log_written(&[event]);
         self.registry.put_agent(record);
         info!(agent_id = %ctx.id, serial = %issued.serial, "agent SVID renewed");
-        self.audit
-            .record_all(vec![self.audit.issued(
-                ctx.id.as_str(),
-                "agent.renew",
-                ctx.id.as_str(),
-                issued.expires_at,
-            )])
-            .await;
         Ok(Response::new(pb::RenewAgentResponse {
             svid: Some(svid_message(&ctx.id, &issued)),
         }))
