@@ -635,7 +635,7 @@ pub async fn entry_changes_and_expired_agents_are_pruned<D: Datastore, F: Future
         ds.create_agent(a.clone()).await.unwrap();
     }
     let gone = ds.prune_agents(from_unix_seconds(2_000)).await.unwrap();
-    assert_eq!(gone, [old.id.clone()]);
+    assert_eq!(gone, std::slice::from_ref(&old.id));
     drop(ds);
     let ds = open(dir).await;
     assert!(ds.fetch_agent(&old.id).await.unwrap().is_none());
