@@ -59,6 +59,53 @@ fn split_chain(evidence: &[u8]) -> Result<Vec<&[u8]>, AttestError> {
     Ok(out)
 }
 
+/// The leaf signs the challenge and authenticates a client: a KeyUsage
+/// extension, if present, must allow digitalSignature, and an
+/// ExtendedKeyUsage extension, if present, clientAuth (or any).
+fn check_leaf_usage(leaf: &X509Certificate<'_>) -> Result<(), AttestError> {
+    let ku = leaf
+        .key_usage()
+        .map_err(|_| AttestError::Malformed("node certificate key usage"))?;
+    if ku.is_some_and(|ku| !ku.value.digital_signature()) {
+        return Err(AttestError::Rejected(
+            "node certificate key usage does not allow digitalSignature",
+        ));
+    }
+    let eku = leaf
+        .extended_key_usage()
+        .map_err(|_| AttestError::Malformed("node certificate extended key usage"))?;
+    if eku.is_some_and(|eku| !(eku.value.client_auth || eku.value.any)) {
+        return Err(AttestError::Rejected(
+            "node certificate extended key usage does not allow clientAuth",
+        ));
+    }
+    Ok(())
+}
+
+/// A CA certificate that signed the next one down: its KeyUsage, if
+/// present, must allow keyCertSign, and its pathLen constraint, if any,
+/// must allow the `intermediates_below` CA certificates under it.
+fn check_issuer(ca: &X509Certificate<'_>, intermediates_below: usize) -> Result<(), AttestError> {
+    let ku = ca
+        .key_usage()
+        .map_err(|_| AttestError::Malformed("CA certificate key usage"))?;
+    if ku.is_some_and(|ku| !ku.value.key_cert_sign()) {
+        return Err(AttestError::Rejected(
+            "CA certificate key usage does not allow keyCertSign",
+        ));
+    }
+    let path_len = ca
+        .basic_constraints()
+        .map_err(|_| AttestError::Malformed("CA certificate basic constraints"))?
+        .and_then(|bc| bc.value.path_len_constraint);
+    if path_len.is_some_and(|n| usize::try_from(n).is_ok_and(|n| n < intermediates_below)) {
+        return Err(AttestError::Rejected(
+            "certificate chain exceeds a CA's path length constraint",
+        ));
+    }
+    Ok(())
+}
+
 /// Server half.
 #[derive(Debug)]
 pub struct X509PopAttestor {
@@ -143,13 +190,19 @@ impl X509PopAttestor {
                     "certificate outside its validity period",
                 ));
             }
-            if i == 0 && is_ca(cert) {
-                return Err(AttestError::Rejected(
-                    "node certificate is a CA certificate",
-                ));
-            }
-            if i > 0 && !is_ca(cert) {
-                return Err(AttestError::Rejected("intermediate is not a CA"));
+            if i == 0 {
+                if is_ca(cert) {
+                    return Err(AttestError::Rejected(
+                        "node certificate is a CA certificate",
+                    ));
+                }
+                check_leaf_usage(cert)?;
+            } else {
+                if !is_ca(cert) {
+                    return Err(AttestError::Rejected("intermediate is not a CA"));
+                }
+                // chain[1..i] are the intermediates it vouches for.
+                check_issuer(cert, i - 1)?;
             }
             if let Some(root) = roots.iter().position(|r| signed_by(cert, r)) {
                 if !in_time(&roots[root]) {
@@ -157,6 +210,7 @@ impl X509PopAttestor {
                         "trusted CA outside its validity period",
                     ));
                 }
+                check_issuer(&roots[root], i)?;
                 return Ok(root);
             }
             match chain.get(i + 1) {

@@ -159,8 +159,17 @@ impl AdminService {
         id: &str,
         ban: bool,
     ) -> Result<AgentRecord, Status> {
-        let id = spiffe_id("id", id)?;
-        let result = async {
+        let id = match spiffe_id("id", id).map_err(Status::from) {
+            Ok(id) => id,
+            Err(status) => {
+                self.audit
+                    .record(caller, action, id, status.message())
+                    .await;
+                return Err(status);
+            }
+        };
+        let ok = self.audit.event(caller, action, id.as_str(), "ok");
+        let result: Result<AgentRecord, Status> = async {
             if ban {
                 let mut a = self
                     .store
@@ -171,7 +180,7 @@ impl AdminService {
                 a.banned = true;
                 let a = self
                     .store
-                    .update_agent(a)
+                    .update_agent_audited(a, Some(ok.clone()))
                     .await
                     .map_err(|e| store_status(&e))?;
                 // What the store holds now (an eviction may have won).
@@ -181,12 +190,16 @@ impl AdminService {
                     .map_err(|e| store_status(&e))?;
                 Ok(a)
             } else {
-                let a = self.store.delete_agent(&id).await.map_err(|e| match e {
-                    DatastoreError::NotFound(_) => {
-                        Status::not_found(format!("agent {id} not found"))
-                    }
-                    e => store_status(&e),
-                })?;
+                let a = self
+                    .store
+                    .delete_agent_audited(&id, Some(ok.clone()))
+                    .await
+                    .map_err(|e| match e {
+                        DatastoreError::NotFound(_) => {
+                            Status::not_found(format!("agent {id} not found"))
+                        }
+                        e => store_status(&e),
+                    })?;
                 self.registry
                     .reload_agent(&id)
                     .await
@@ -195,13 +208,87 @@ impl AdminService {
             }
         }
         .await;
-        let outcome = result
-            .as_ref()
-            .map_or_else(|s: &Status| s.message().to_owned(), |_| "ok".into());
-        self.audit
-            .record(caller, action, id.as_str(), &outcome)
-            .await;
+        match &result {
+            Ok(_) => self.audit.log_written(&[ok]),
+            Err(s) => {
+                self.audit
+                    .record(caller, action, id.as_str(), s.message())
+                    .await;
+            }
+        }
         result
+    }
+
+    /// Creates a join token (and its alias entry) for `create_join_token`.
+    async fn join_token(
+        &self,
+        caller: &str,
+        r: pb::CreateJoinTokenRequest,
+    ) -> Result<pb::CreateJoinTokenResponse, Status> {
+        let ttl = ttl(r.ttl)?.unwrap_or(self.token_ttl);
+        let alias = (!r.alias.is_empty())
+            .then(|| spiffe_id("alias", &r.alias))
+            .transpose()?;
+        if let Some(alias) = alias
+            .as_ref()
+            .filter(|a| !a.is_member_of(&self.trust_domain) || a.check_workload_id().is_err())
+        {
+            return Err(Status::invalid_argument(format!(
+                "alias {alias} must be in {} and outside the reserved /sigil/ path",
+                self.trust_domain
+            )));
+        }
+        let token = sigil_attestors::join_token::generate_token();
+        let expires_at = self
+            .clock
+            .now()
+            .checked_add(ttl)
+            .filter(|_| ttl <= Duration::from_secs(366 * 86400))
+            .ok_or_else(|| Status::invalid_argument("token ttl must be at most 366 days"))?;
+        let record = JoinTokenRecord {
+            hash: TokenHash::of(&token),
+            expires_at,
+            alias: alias.clone(),
+        };
+        let target = format!(
+            "join_token:{}",
+            sigil_attestors::join_token::token_id(&token)
+        );
+        let generated = self.audit.event(caller, "token.generate", &target, "ok");
+        self.store
+            .create_join_token_audited(record, Some(generated.clone()))
+            .await
+            .map_err(|e| store_status(&e))?;
+        self.audit.log_written(&[generated]);
+        if let Some(alias) = &alias {
+            // The alias is a node entry selecting exactly the agent that
+            // will attest with this token.
+            let selectors = [sigil_attestors::join_token::selector_for(&token)]
+                .into_iter()
+                .collect();
+            let entry = RegistrationEntry::new(
+                alias.clone(),
+                SpiffeId::server(&self.trust_domain),
+                selectors,
+            );
+            let created = self
+                .audit
+                .event(caller, "entry.create", entry.id.as_str(), "ok");
+            let stored = self
+                .store
+                .create_entries_audited(vec![(entry, Some(created.clone()))])
+                .await
+                .map_err(|e| store_status(&e))?;
+            for outcome in stored {
+                outcome.map_err(|e| store_status(&e))?;
+            }
+            self.audit.log_written(&[created]);
+            self.after_entry_change().await;
+        }
+        Ok(pb::CreateJoinTokenResponse {
+            token,
+            expires_at: unix_i64(expires_at),
+        })
     }
 }
 
@@ -232,31 +319,41 @@ impl Admin for AdminApi {
         let mut results = vec![pb::CreateEntryResult::default(); wire.len()];
         let mut valid = Vec::new();
         let mut slots = Vec::new();
+        let mut audit = Vec::new();
         for (i, w) in wire.into_iter().enumerate() {
+            let target = w.spiffe_id.clone();
             let parsed = RegistrationEntry::try_from(w)
                 .map_err(Status::from)
                 .and_then(|e| self.check_entry(&e).map(|()| e));
             match parsed {
                 Ok(e) => {
                     slots.push(i);
-                    valid.push(e);
+                    let ok = self
+                        .audit
+                        .event(&caller, "entry.create", e.id.as_str(), "ok");
+                    valid.push((e, Some(ok)));
                 }
-                Err(s) => results[i].status = item_status(&s),
-            }
-        }
-        let stored = self
-            .store
-            .create_entries(valid)
-            .await
-            .map_err(|e| store_status(&e))?;
-        let mut audit = Vec::new();
-        for (slot, outcome) in slots.into_iter().zip(stored) {
-            match outcome {
-                Ok(e) => {
+                Err(s) => {
+                    // Refused entries are audited, named by their SPIFFE ID.
                     audit.push(
                         self.audit
-                            .event(&caller, "entry.create", e.id.as_str(), "ok"),
+                            .event(&caller, "entry.create", &target, s.message()),
                     );
+                    results[i].status = item_status(&s);
+                }
+            }
+        }
+        let ok_events: Vec<_> = valid.iter().filter_map(|(_, ok)| ok.clone()).collect();
+        let stored = self
+            .store
+            .create_entries_audited(valid)
+            .await
+            .map_err(|e| store_status(&e))?;
+        for ((slot, outcome), ok) in slots.into_iter().zip(stored).zip(ok_events) {
+            match outcome {
+                Ok(e) => {
+                    // Written with the entry.
+                    self.audit.log_written(&[ok]);
                     results[slot] = pb::CreateEntryResult {
                         status: ok_status(),
                         entry: Some((&e).into()),
@@ -333,29 +430,44 @@ impl Admin for AdminApi {
         req: Request<pb::UpdateEntryRequest>,
     ) -> Result<Response<node_pb::Entry>, Status> {
         let caller = self.caller(&req)?;
-        let wire = req
-            .into_inner()
-            .entry
-            .ok_or_else(|| Status::invalid_argument("entry is required"))?;
-        if wire.id.is_empty() {
-            return Err(Status::invalid_argument(
-                "entry id is required for an update",
-            ));
-        }
-        let e = RegistrationEntry::try_from(wire)?;
-        self.check_entry(&e)?;
+        let wire = req.into_inner().entry;
+        let raw_id = wire.as_ref().map(|w| w.id.clone()).unwrap_or_default();
+        let checked = wire
+            .ok_or_else(|| Status::invalid_argument("entry is required"))
+            .and_then(|wire| {
+                if wire.id.is_empty() {
+                    return Err(Status::invalid_argument(
+                        "entry id is required for an update",
+                    ));
+                }
+                let e = RegistrationEntry::try_from(wire)?;
+                self.check_entry(&e)?;
+                Ok(e)
+            });
+        let e = match checked {
+            Ok(e) => e,
+            Err(status) => {
+                self.audit
+                    .record(&caller, "entry.update", &raw_id, status.message())
+                    .await;
+                return Err(status);
+            }
+        };
         let id = e.id.clone();
+        let ok = self.audit.event(&caller, "entry.update", id.as_str(), "ok");
         let result = self
             .store
-            .update_entry(e)
+            .update_entry_audited(e, Some(ok.clone()))
             .await
             .map_err(|e| store_status(&e));
-        let outcome = result
-            .as_ref()
-            .map_or_else(|s| s.message().to_owned(), |_| "ok".into());
-        self.audit
-            .record(&caller, "entry.update", id.as_str(), &outcome)
-            .await;
+        match &result {
+            Ok(_) => self.audit.log_written(&[ok]),
+            Err(s) => {
+                self.audit
+                    .record(&caller, "entry.update", id.as_str(), s.message())
+                    .await;
+            }
+        }
         self.after_entry_change().await;
         Ok(Response::new((&result?).into()))
     }
@@ -374,25 +486,21 @@ impl Admin for AdminApi {
         let mut results = Vec::with_capacity(ids.len());
         let mut audit = Vec::new();
         for raw in ids {
+            let ok = self.audit.event(&caller, "entry.delete", &raw, "ok");
             let outcome = match EntryId::new(&raw) {
                 Err(e) => Err(Status::invalid_argument(format!("invalid id {raw:?}: {e}"))),
                 Ok(id) => self
                     .store
-                    .delete_entry(&id)
+                    .delete_entry_audited(&id, Some(ok.clone()))
                     .await
                     .map(|_| ())
                     .map_err(|e| store_status(&e)),
             };
-            audit.push(
-                self.audit.event(
-                    &caller,
-                    "entry.delete",
-                    &raw,
-                    &outcome
-                        .as_ref()
-                        .map_or_else(|s| s.message().to_owned(), |()| "ok".into()),
-                ),
-            );
+            match &outcome {
+                // Written with the deletion.
+                Ok(()) => self.audit.log_written(&[ok]),
+                Err(s) => audit.push(self.audit.event(&caller, "entry.delete", &raw, s.message())),
+            }
             results.push(match outcome {
                 Ok(()) => pb::ItemStatus {
                     code: 0,
@@ -489,64 +597,13 @@ impl Admin for AdminApi {
         req: Request<pb::CreateJoinTokenRequest>,
     ) -> Result<Response<pb::CreateJoinTokenResponse>, Status> {
         let caller = self.caller(&req)?;
-        let r = req.into_inner();
-        let ttl = ttl(r.ttl)?.unwrap_or(self.token_ttl);
-        let alias = (!r.alias.is_empty())
-            .then(|| spiffe_id("alias", &r.alias))
-            .transpose()?;
-        if let Some(alias) = alias
-            .as_ref()
-            .filter(|a| !a.is_member_of(&self.trust_domain) || a.check_workload_id().is_err())
-        {
-            return Err(Status::invalid_argument(format!(
-                "alias {alias} must be in {} and outside the reserved /sigil/ path",
-                self.trust_domain
-            )));
+        let result = self.join_token(&caller, req.into_inner()).await;
+        if let Err(status) = &result {
+            self.audit
+                .record(&caller, "token.generate", "", status.message())
+                .await;
         }
-        let token = sigil_attestors::join_token::generate_token();
-        let expires_at = self
-            .clock
-            .now()
-            .checked_add(ttl)
-            .filter(|_| ttl <= Duration::from_secs(366 * 86400))
-            .ok_or_else(|| Status::invalid_argument("token ttl must be at most 366 days"))?;
-        let record = JoinTokenRecord {
-            hash: TokenHash::of(&token),
-            expires_at,
-            alias: alias.clone(),
-        };
-        self.store
-            .create_join_token(record)
-            .await
-            .map_err(|e| store_status(&e))?;
-        if let Some(alias) = &alias {
-            // The alias is a node entry selecting exactly the agent that
-            // will attest with this token.
-            let selectors = [sigil_attestors::join_token::selector_for(&token)]
-                .into_iter()
-                .collect();
-            let entry = RegistrationEntry::new(
-                alias.clone(),
-                SpiffeId::server(&self.trust_domain),
-                selectors,
-            );
-            self.store
-                .create_entry(entry)
-                .await
-                .map_err(|e| store_status(&e))?;
-            self.after_entry_change().await;
-        }
-        let target = format!(
-            "join_token:{}",
-            sigil_attestors::join_token::token_id(&token)
-        );
-        self.audit
-            .record(&caller, "token.generate", &target, "ok")
-            .await;
-        Ok(Response::new(pb::CreateJoinTokenResponse {
-            token,
-            expires_at: unix_i64(expires_at),
-        }))
+        result.map(Response::new)
     }
 
     async fn get_bundle(

@@ -2,7 +2,9 @@
 //! datastore and logged with caller, action, target and outcome. Never the
 //! token, key or CSR.
 //!
-//! Mutations are written durably before the call returns. Issuance events
+//! An admin mutation's event is written in the same datastore write as the
+//! mutation (the `*_audited` datastore calls), and refused attempts are
+//! written durably before the call returns. Issuance events
 //! are logged before the credential is returned and written to the
 //! datastore by a background writer, as one record per batch, made durable
 //! at most [`SYNC_INTERVAL`] later: waiting for a disk sync per credential
@@ -25,6 +27,10 @@ const QUEUE: usize = 65_536;
 
 /// Most events in one write.
 const MAX_BATCH: usize = 4_096;
+
+/// The tracing target of audit log lines; the server's log filter always
+/// enables it at `info`, whatever `log.level` says.
+pub const LOG_TARGET: &str = "sigil::audit";
 
 /// Longest time a written issuance event waits for a disk sync.
 pub const SYNC_INTERVAL: Duration = Duration::from_millis(100);
@@ -102,6 +108,12 @@ impl Audit {
         }
     }
 
+    /// Logs events that the datastore wrote in the same write as the
+    /// mutation they describe (the `*_audited` datastore calls).
+    pub fn log_written(&self, events: &[AuditEvent]) {
+        events.iter().for_each(log);
+    }
+
     /// Logs issuance events now and queues them for the datastore (see the
     /// module documentation). Waits only when the queue is full.
     pub async fn record_issued(&self, events: Vec<AuditEvent>) {
@@ -130,7 +142,7 @@ impl Audit {
 
 fn log(e: &AuditEvent) {
     info!(
-        target: "sigil::audit",
+        target: LOG_TARGET,
         caller = %e.caller,
         action = %e.action,
         target_id = %e.target,

@@ -53,6 +53,8 @@ pub struct ServerConfig {
     pub rate_limits: RateLimitSection,
     #[serde(default)]
     pub log: LogSection,
+    #[serde(default)]
+    pub retention: RetentionSection,
 }
 
 fn default_data_dir() -> PathBuf {
@@ -299,6 +301,36 @@ impl Default for RateLimitSection {
     }
 }
 
+/// How long the server keeps history; pruning runs every `interval`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionSection {
+    /// Entry changes kept in the change feed (the newest ones); the
+    /// registry reloads from the entries themselves at start.
+    pub entry_changes: u64,
+    /// Age after which audit records are removed.
+    #[serde(with = "serde_human")]
+    pub audit: Duration,
+    /// How long an agent whose SVID has expired is kept (banned agents are
+    /// kept until evicted).
+    #[serde(with = "serde_human")]
+    pub expired_agents: Duration,
+    /// How often pruning runs.
+    #[serde(with = "serde_human")]
+    pub interval: Duration,
+}
+
+impl Default for RetentionSection {
+    fn default() -> Self {
+        Self {
+            entry_changes: 100_000,
+            audit: Duration::from_secs(90 * 86400),
+            expired_agents: Duration::from_secs(7 * 86400),
+            interval: Duration::from_secs(3600),
+        }
+    }
+}
+
 /// Logging.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -426,6 +458,11 @@ impl ServerConfig {
                     )));
                 }
             }
+        }
+        if self.retention.interval < Duration::from_secs(1) {
+            return Err(ConfigError::Invalid(
+                "retention.interval must be at least 1s".into(),
+            ));
         }
         if !(self.rate_limits.attest_per_second > 0.0 && self.rate_limits.signing_per_second > 0.0)
         {

@@ -16,7 +16,7 @@ use sigil_proto::admin as pb;
 use tonic::Status;
 
 use crate::admin_api::{AdminService, MAX_BATCH};
-use crate::datastore::{ChangeKind, DatastoreError, EntryBatch, EntryFilter, entry_key};
+use crate::datastore::{DatastoreError, EntryBatch, EntryFilter, entry_key};
 use crate::node_api::store_status;
 use crate::registration_file::diff;
 
@@ -191,13 +191,28 @@ pub(crate) async fn apply(
     }
     let mut batch = EntryBatch::default();
     for p in &planned {
-        match p.kind {
-            "create" => batch.create.push(p.entry.clone()),
-            "update" | "adopt" => batch.update.push(p.entry.clone()),
-            "delete" => batch.delete.push((p.entry.id.clone(), p.entry.revision)),
-            _ => {}
-        }
+        let action = match p.kind {
+            "create" => {
+                batch.create.push(p.entry.clone());
+                "entry.create"
+            }
+            "update" | "adopt" => {
+                batch.update.push(p.entry.clone());
+                "entry.update"
+            }
+            "delete" => {
+                batch.delete.push((p.entry.id.clone(), p.entry.revision));
+                "entry.delete"
+            }
+            _ => continue,
+        };
+        let target = format!("{} owner={} name={}", p.entry.id, owner, p.entry.name);
+        batch
+            .audit
+            .push(svc.audit.event(caller, action, &target, "ok"));
     }
+    // Written with the changes, in one write.
+    let audit = batch.audit.clone();
     let made = match svc.store.apply_entries(batch).await {
         Ok(made) => made,
         Err(err) => {
@@ -221,19 +236,7 @@ pub(crate) async fn apply(
             p.entry.revision = *rev;
         }
     }
-    let audit = made
-        .iter()
-        .map(|c| {
-            let action = match c.kind {
-                ChangeKind::Created => "entry.create",
-                ChangeKind::Updated => "entry.update",
-                ChangeKind::Deleted => "entry.delete",
-            };
-            let target = format!("{} owner={} name={}", c.entry.id, owner, c.entry.name);
-            svc.audit.event(caller, action, &target, "ok")
-        })
-        .collect();
-    svc.audit.record_all(audit).await;
+    svc.audit.log_written(&audit);
     if !made.is_empty() {
         svc.after_entry_change().await;
     }

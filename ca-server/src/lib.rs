@@ -12,6 +12,7 @@
 //! - [`node_api`]: the agent-facing gRPC API over TLS 1.3.
 //! - [`admin_api`]: the operator-facing gRPC API on a Unix socket.
 //! - [`audit`], [`rate_limit`]: audit trail and token buckets.
+//! - [`retention`]: pruning of old changes, audit records and agents.
 //! - [`config`]: TOML config merged with flags.
 //! - [`server`]: wiring and `run(config, listeners, shutdown)`.
 //! - [`registration_file`], [`entry_apply`]: registration entries kept as
@@ -31,4 +32,5 @@ pub mod node_api;
 pub mod rate_limit;
 pub mod registration_file;
 pub mod registry;
+pub mod retention;
 pub mod server;

@@ -10,8 +10,14 @@ use sigil_server::server::{self, Listeners};
 use tracing_subscriber::EnvFilter;
 
 fn install_logging(level: &str, format: LogFormat) -> anyhow::Result<()> {
-    let filter =
-        EnvFilter::try_new(level).with_context(|| format!("invalid log level {level:?}"))?;
+    // Audit lines are always written, whatever the configured level.
+    let filter = EnvFilter::try_new(level)
+        .with_context(|| format!("invalid log level {level:?}"))?
+        .add_directive(
+            format!("{}=info", sigil_server::audit::LOG_TARGET)
+                .parse()
+                .context("audit log directive")?,
+        );
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

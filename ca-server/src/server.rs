@@ -250,6 +250,14 @@ pub async fn run(
     // Background work: CA rotation, following the change feed (for changes
     // made by other replicas), pruning expired join tokens.
     let rotation = tokio::spawn(ca.clone().run(wait_for_stop(stop_rx.clone())));
+    let pruner = crate::retention::Pruner {
+        store: store.clone(),
+        registry: registry.clone(),
+        audit: audit.clone(),
+        clock: clock.clone(),
+        retention: config.retention.clone(),
+    };
+    let pruning = tokio::spawn(pruner.run(stop_rx.clone()));
     let follower = {
         let registry = registry.clone();
         let store = store.clone();
@@ -322,7 +330,7 @@ pub async fn run(
             (Ok(()), Ok(()))
         }
     };
-    let _ = tokio::join!(rotation, follower);
+    let _ = tokio::join!(rotation, follower, pruning);
     // Issuance events still queued reach the datastore before it closes.
     audit.flush().await;
     node_result?;

@@ -296,3 +296,157 @@ async fn refuses_rsa_keys_over_8192_bits_before_path_building() {
         .unwrap_err();
     assert_eq!(err, AttestError::Rejected("proof of possession failed"));
 }
+
+/// A CA certificate signed by `issuer` (CN `cn`), with `key_usages` and a
+/// path length constraint.
+fn sub_ca(
+    issuer: &Issuer<'_, &KeyPair>,
+    cn: &str,
+    key_usages: Vec<KeyUsagePurpose>,
+    path_len: Option<u8>,
+) -> (Vec<u8>, CertificateParams, KeyPair) {
+    let key = KeyPair::generate().unwrap();
+    let mut p = CertificateParams::default();
+    p.is_ca = IsCa::Ca(path_len.map_or(BasicConstraints::Unconstrained, |n| {
+        BasicConstraints::Constrained(n)
+    }));
+    p.key_usages = key_usages;
+    p.distinguished_name.push(DnType::CommonName, cn);
+    let der = p.signed_by(&key, issuer).unwrap().der().to_vec();
+    (der, p, key)
+}
+
+/// Attests with `chain` (leaf first, `leaf_key` its key) against `roots`.
+async fn attest_chain(
+    roots: Vec<Vec<u8>>,
+    chain: Vec<Vec<u8>>,
+    leaf_key: &KeyPair,
+) -> Result<Attestation, AttestError> {
+    let a = X509PopAttestor::new(
+        TrustDomain::new("example.org").unwrap(),
+        roots,
+        Arc::new(SystemClock),
+    )
+    .unwrap();
+    let agent = X509PopAgent::new(chain, &leaf_key.serialize_der()).unwrap();
+    a.attest(&agent.evidence().unwrap(), &mut AgentSide(&agent))
+        .await
+}
+
+/// A leaf signed by `issuer`, shaped by `shape`.
+fn leaf_with(
+    issuer: &Issuer<'_, &KeyPair>,
+    shape: impl FnOnce(&mut CertificateParams),
+) -> (Vec<u8>, KeyPair) {
+    let key = KeyPair::generate().unwrap();
+    let mut p = CertificateParams::default();
+    p.distinguished_name.push(DnType::CommonName, "node");
+    shape(&mut p);
+    (p.signed_by(&key, issuer).unwrap().der().to_vec(), key)
+}
+
+#[tokio::test]
+async fn refuses_a_leaf_whose_key_usage_forbids_signing() {
+    let pki = new_pki();
+    let root = Issuer::from_params(&pki.root_params, &pki.root_key);
+    let (leaf, key) = leaf_with(&root, |p| {
+        p.key_usages = vec![KeyUsagePurpose::KeyEncipherment];
+    });
+    let err = attest_chain(vec![pki.root_der.clone()], vec![leaf], &key)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err,
+        AttestError::Rejected("node certificate key usage does not allow digitalSignature")
+    );
+    // digitalSignature present: accepted.
+    let (leaf, key) = leaf_with(&root, |p| {
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    });
+    attest_chain(vec![pki.root_der.clone()], vec![leaf], &key)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn refuses_a_leaf_whose_extended_key_usage_excludes_client_auth() {
+    let pki = new_pki();
+    let root = Issuer::from_params(&pki.root_params, &pki.root_key);
+    let (leaf, key) = leaf_with(&root, |p| {
+        p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+    });
+    let err = attest_chain(vec![pki.root_der.clone()], vec![leaf], &key)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err,
+        AttestError::Rejected("node certificate extended key usage does not allow clientAuth")
+    );
+}
+
+#[tokio::test]
+async fn refuses_an_intermediate_without_key_cert_sign() {
+    let pki = new_pki();
+    let root = Issuer::from_params(&pki.root_params, &pki.root_key);
+    let (inter, ip, ikey) = sub_ca(
+        &root,
+        "Inter",
+        vec![KeyUsagePurpose::DigitalSignature],
+        None,
+    );
+    let (leaf, key) = leaf_with(&Issuer::from_params(&ip, &ikey), |_| {});
+    let err = attest_chain(vec![pki.root_der.clone()], vec![leaf, inter], &key)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err,
+        AttestError::Rejected("CA certificate key usage does not allow keyCertSign")
+    );
+}
+
+#[tokio::test]
+async fn refuses_chains_longer_than_a_path_length_constraint() {
+    // Root with pathLen 0: it may sign only end-entity certificates.
+    let root_key = KeyPair::generate().unwrap();
+    let mut rp = CertificateParams::default();
+    rp.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    rp.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+    rp.distinguished_name
+        .push(DnType::CommonName, "Root pathLen 0");
+    let root_der = rp.self_signed(&root_key).unwrap().der().to_vec();
+    let root = Issuer::from_params(&rp, &root_key);
+    let (inter, ip, ikey) = sub_ca(&root, "Inter", vec![KeyUsagePurpose::KeyCertSign], None);
+    let (leaf, key) = leaf_with(&Issuer::from_params(&ip, &ikey), |_| {});
+    let err = attest_chain(vec![root_der.clone()], vec![leaf, inter], &key)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err,
+        AttestError::Rejected("certificate chain exceeds a CA's path length constraint")
+    );
+    // Directly under that root: accepted.
+    let (leaf, key) = leaf_with(&root, |_| {});
+    attest_chain(vec![root_der], vec![leaf], &key)
+        .await
+        .unwrap();
+
+    // Intermediate with pathLen 0 above another intermediate.
+    let pki = new_pki();
+    let root = Issuer::from_params(&pki.root_params, &pki.root_key);
+    let (upper, up, ukey) = sub_ca(&root, "Upper", vec![KeyUsagePurpose::KeyCertSign], Some(0));
+    let (lower, lp, lkey) = sub_ca(
+        &Issuer::from_params(&up, &ukey),
+        "Lower",
+        vec![KeyUsagePurpose::KeyCertSign],
+        None,
+    );
+    let (leaf, key) = leaf_with(&Issuer::from_params(&lp, &lkey), |_| {});
+    let err = attest_chain(vec![pki.root_der.clone()], vec![leaf, lower, upper], &key)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err,
+        AttestError::Rejected("certificate chain exceeds a CA's path length constraint")
+    );
+}

@@ -511,9 +511,14 @@ impl CaManager {
     ) -> Result<JwtSvid, CaError> {
         self.check_member(spiffe_id)?;
         let ttl = ttl.unwrap_or(self.config.jwt_svid_ttl);
-        Ok(self
-            .active_jwt()?
-            .mint(spiffe_id, audience, ttl, self.clock.now())?)
+        let now = self.clock.now();
+        let svid = self.active_jwt()?.mint(spiffe_id, audience, ttl, now)?;
+        // SPEC: every minted credential passes Sigil's own validator before
+        // it leaves the CA (this catches, e.g., a token too long to validate).
+        let expected: Vec<&str> = audience.iter().map(String::as_str).collect();
+        sigil_identity::jwt::validate(&svid.token, &expected, &*self.bundle(), now)
+            .map_err(CaError::JwtSelfCheck)?;
+        Ok(svid)
     }
 }
 

@@ -37,6 +37,8 @@ pub enum CaError {
     Build(String),
     #[error("issued credential failed Sigil's own validation ({0}); it was not handed out")]
     SelfCheck(SvidError),
+    #[error("minted JWT-SVID failed Sigil's own validation ({0}); it was not handed out")]
+    JwtSelfCheck(JwtError),
     #[error("JWT-SVID: {0}")]
     Jwt(#[from] JwtError),
     #[error("upstream CA: {0}")]

@@ -40,6 +40,8 @@ macro_rules! datastore_conformance {
             bundle_sequence_never_goes_back,
             ca_journal_round_trips,
             audit_events_append_in_order,
+            audited_mutations_write_their_event_only_when_made,
+            entry_changes_and_expired_agents_are_pruned,
         );
     };
     (@tests $open:expr; $($name:ident),* $(,)?) => {
@@ -263,6 +265,7 @@ pub async fn entry_apply_is_all_or_nothing<D: Datastore, F: Future<Output = D>>(
         create: vec![entry("new", 3), entry("keep", 1)],
         update: vec![changed.clone()],
         delete: vec![(gone.id.clone(), gone.revision)],
+        audit: vec![audit_event(1)],
     };
     assert!(matches!(
         ds.apply_entries(bad).await,
@@ -298,6 +301,7 @@ pub async fn entry_apply_is_all_or_nothing<D: Datastore, F: Future<Output = D>>(
             create: vec![entry("new", 3), reborn],
             update: vec![changed],
             delete: vec![(gone.id.clone(), gone.revision)],
+            audit: vec![audit_event(2)],
         })
         .await
         .unwrap();
@@ -599,4 +603,116 @@ pub async fn audit_events_append_in_order<D: Datastore, F: Future<Output = D>>(
     let first_four = ds.list_audit(0, 4).await.unwrap();
     assert_eq!(first_four, all[..4]);
     assert_eq!(ds.list_audit(seqs[3], 100).await.unwrap(), vec![]);
+}
+
+pub async fn audited_mutations_write_their_event_only_when_made<
+    D: Datastore,
+    F: Future<Output = D>,
+>(
+    open: &impl Fn(&Path) -> F,
+    dir: &Path,
+) {
+    let ds = open(dir).await;
+    let ev = |action: &str, i: u32| AuditEvent {
+        action: action.into(),
+        ..audit_event(i)
+    };
+    let e = entry("web", 1);
+    let made = ds
+        .create_entries_audited(vec![
+            (e.clone(), Some(ev("entry.create", 1))),
+            // The same id again: refused, so its event is not written.
+            (e.clone(), Some(ev("entry.create", 2))),
+        ])
+        .await
+        .unwrap();
+    assert!(made[0].is_ok() && made[1].is_err());
+    ds.update_entry_audited(e.clone(), Some(ev("entry.update", 3)))
+        .await
+        .unwrap();
+    ds.delete_entry_audited(&e.id, Some(ev("entry.delete", 4)))
+        .await
+        .unwrap();
+    ds.delete_entry_audited(&e.id, Some(ev("entry.delete", 5)))
+        .await
+        .unwrap_err();
+    let a = agent("a1");
+    ds.create_agent_audited(a.clone(), Some(ev("agent.attest", 6)))
+        .await
+        .unwrap();
+    ds.create_agent_audited(a.clone(), Some(ev("agent.attest", 7)))
+        .await
+        .unwrap_err();
+    ds.update_agent_audited(a.clone(), Some(ev("agent.ban", 8)))
+        .await
+        .unwrap();
+    ds.delete_agent_audited(&a.id, Some(ev("agent.evict", 9)))
+        .await
+        .unwrap();
+    let t = token("t1", from_unix_seconds(2_000_000_000));
+    ds.create_join_token_audited(t.clone(), Some(ev("token.generate", 10)))
+        .await
+        .unwrap();
+    ds.create_join_token_audited(t, Some(ev("token.generate", 11)))
+        .await
+        .unwrap_err();
+    drop(ds);
+    let ds = open(dir).await;
+    let written: Vec<String> = ds
+        .list_audit(0, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(_, e)| e.target)
+        .collect();
+    assert_eq!(
+        written,
+        [1, 3, 4, 6, 8, 9, 10].map(|i| format!("entry-{i}")),
+        "exactly the events of the mutations made, in order"
+    );
+}
+
+pub async fn entry_changes_and_expired_agents_are_pruned<D: Datastore, F: Future<Output = D>>(
+    open: &impl Fn(&Path) -> F,
+    dir: &Path,
+) {
+    let ds = open(dir).await;
+    for i in 0..5 {
+        ds.create_entry(entry(&format!("w{i}"), i)).await.unwrap();
+    }
+    assert_eq!(ds.prune_entry_changes(3).await.unwrap(), 3);
+    let left: Vec<u64> = ds
+        .entry_changes(0, 100)
+        .await
+        .unwrap()
+        .iter()
+        .map(|c| c.revision)
+        .collect();
+    assert_eq!(left, [4, 5]);
+    assert_eq!(ds.count_entries().await.unwrap(), 5);
+    assert_eq!(ds.current_revision().await.unwrap(), 5);
+
+    let old = AgentRecord {
+        expires_at: from_unix_seconds(1_000),
+        ..agent("old")
+    };
+    let banned = AgentRecord {
+        banned: true,
+        ..agent("banned")
+    };
+    let banned = AgentRecord {
+        expires_at: from_unix_seconds(1_000),
+        ..banned
+    };
+    let current = agent("current");
+    for a in [&old, &banned, &current] {
+        ds.create_agent(a.clone()).await.unwrap();
+    }
+    let gone = ds.prune_agents(from_unix_seconds(2_000)).await.unwrap();
+    assert_eq!(gone, std::slice::from_ref(&old.id));
+    drop(ds);
+    let ds = open(dir).await;
+    assert!(ds.fetch_agent(&old.id).await.unwrap().is_none());
+    assert!(ds.fetch_agent(&banned.id).await.unwrap().is_some());
+    assert!(ds.fetch_agent(&current.id).await.unwrap().is_some());
 }

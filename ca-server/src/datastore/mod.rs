@@ -110,6 +110,8 @@ pub struct EntryBatch {
     pub update: Vec<RegistrationEntry>,
     /// Deletions: id and the stored revision expected.
     pub delete: Vec<(EntryId, u64)>,
+    /// The audit events of these changes, written in the same step.
+    pub audit: Vec<AuditEvent>,
 }
 
 impl EntryBatch {
@@ -226,22 +228,56 @@ pub struct AuditEvent {
     pub expires_at: Option<SystemTime>,
 }
 
+/// The audit event of a mutation, written in the same atomic write as the
+/// mutation and only if it is made: a crash never leaves one without the
+/// other. `None` for mutations that are not audited.
+pub type AuditWith = Option<AuditEvent>;
+
 /// The storage interface of the server.
 #[async_trait]
 pub trait Datastore: Send + Sync + fmt::Debug {
     /// Stores a new entry, assigning its revision. Fails with
     /// `AlreadyExists` if the id, or the same (SPIFFE ID, parent,
     /// selectors), is taken.
-    async fn create_entry(&self, entry: RegistrationEntry) -> Result<RegistrationEntry>;
+    async fn create_entry(&self, entry: RegistrationEntry) -> Result<RegistrationEntry> {
+        self.create_entries_audited(vec![(entry, None)])
+            .await?
+            .pop()
+            .unwrap_or_else(|| Err(DatastoreError::Backend("no result for the entry".into())))
+    }
     /// Creates several entries with one durable sync; one result per item.
     async fn create_entries(
         &self,
         entries: Vec<RegistrationEntry>,
+    ) -> Result<Vec<Result<RegistrationEntry>>> {
+        self.create_entries_audited(entries.into_iter().map(|e| (e, None)).collect())
+            .await
+    }
+    /// [`Datastore::create_entries`], each entry with its audit event.
+    async fn create_entries_audited(
+        &self,
+        entries: Vec<(RegistrationEntry, AuditWith)>,
     ) -> Result<Vec<Result<RegistrationEntry>>>;
     /// Replaces an existing entry (same id), assigning a new revision.
-    async fn update_entry(&self, entry: RegistrationEntry) -> Result<RegistrationEntry>;
+    async fn update_entry(&self, entry: RegistrationEntry) -> Result<RegistrationEntry> {
+        self.update_entry_audited(entry, None).await
+    }
+    /// [`Datastore::update_entry`] with its audit event.
+    async fn update_entry_audited(
+        &self,
+        entry: RegistrationEntry,
+        audit: AuditWith,
+    ) -> Result<RegistrationEntry>;
     /// Deletes an entry and returns it.
-    async fn delete_entry(&self, id: &EntryId) -> Result<RegistrationEntry>;
+    async fn delete_entry(&self, id: &EntryId) -> Result<RegistrationEntry> {
+        self.delete_entry_audited(id, None).await
+    }
+    /// [`Datastore::delete_entry`] with its audit event.
+    async fn delete_entry_audited(
+        &self,
+        id: &EntryId,
+        audit: AuditWith,
+    ) -> Result<RegistrationEntry>;
     /// Makes every change of `batch` (deletions first, then updates, then
     /// creations), each with its own revision and change-feed record, in
     /// one atomic, durable step; on any error nothing is changed. Returns
@@ -257,22 +293,57 @@ pub trait Datastore: Send + Sync + fmt::Debug {
     async fn entry_changes(&self, after: u64, limit: usize) -> Result<Vec<EntryChange>>;
     /// The revision of the latest entry change (0 when none).
     async fn current_revision(&self) -> Result<u64>;
+    /// Removes the changes with revision up to `through`, returning how
+    /// many went.
+    async fn prune_entry_changes(&self, through: u64) -> Result<usize>;
 
     /// Stores a newly attested agent; `AlreadyExists` if present.
-    async fn create_agent(&self, agent: AgentRecord) -> Result<AgentRecord>;
+    async fn create_agent(&self, agent: AgentRecord) -> Result<AgentRecord> {
+        self.create_agent_audited(agent, None).await
+    }
+    /// [`Datastore::create_agent`] with its audit event.
+    async fn create_agent_audited(
+        &self,
+        agent: AgentRecord,
+        audit: AuditWith,
+    ) -> Result<AgentRecord>;
     /// Replaces an agent record; `NotFound` if absent. A ban is sticky: an
     /// update never clears `banned` (only `delete_agent` does), so a ban
     /// racing with a renewal cannot be lost. Returns the stored record.
-    async fn update_agent(&self, agent: AgentRecord) -> Result<AgentRecord>;
+    async fn update_agent(&self, agent: AgentRecord) -> Result<AgentRecord> {
+        self.update_agent_audited(agent, None).await
+    }
+    /// [`Datastore::update_agent`] with its audit event.
+    async fn update_agent_audited(
+        &self,
+        agent: AgentRecord,
+        audit: AuditWith,
+    ) -> Result<AgentRecord>;
     /// One agent.
     async fn fetch_agent(&self, id: &SpiffeId) -> Result<Option<AgentRecord>>;
     /// All agents, ordered by id.
     async fn list_agents(&self) -> Result<Vec<AgentRecord>>;
     /// Removes an agent (evict) and returns it.
-    async fn delete_agent(&self, id: &SpiffeId) -> Result<AgentRecord>;
+    async fn delete_agent(&self, id: &SpiffeId) -> Result<AgentRecord> {
+        self.delete_agent_audited(id, None).await
+    }
+    /// [`Datastore::delete_agent`] with its audit event.
+    async fn delete_agent_audited(&self, id: &SpiffeId, audit: AuditWith) -> Result<AgentRecord>;
+    /// Removes agents that are not banned and whose SVID expired before
+    /// `expired_before`, returning their ids. An agent renewed meanwhile
+    /// is kept.
+    async fn prune_agents(&self, expired_before: SystemTime) -> Result<Vec<SpiffeId>>;
 
     /// Stores a join token hash.
-    async fn create_join_token(&self, token: JoinTokenRecord) -> Result<()>;
+    async fn create_join_token(&self, token: JoinTokenRecord) -> Result<()> {
+        self.create_join_token_audited(token, None).await
+    }
+    /// [`Datastore::create_join_token`] with its audit event.
+    async fn create_join_token_audited(
+        &self,
+        token: JoinTokenRecord,
+        audit: AuditWith,
+    ) -> Result<()>;
     /// Atomically takes a token: exactly one caller ever gets it. An
     /// expired token is removed and refused with `TokenExpired`.
     async fn consume_join_token(
@@ -308,4 +379,8 @@ pub trait Datastore: Send + Sync + fmt::Debug {
     async fn sync(&self) -> Result<()>;
     /// Audit events with sequence greater than `after`, oldest first.
     async fn list_audit(&self, after: u64, limit: usize) -> Result<Vec<(u64, AuditEvent)>>;
+    /// Removes the oldest audit events, stopping at the first record (a
+    /// written batch) holding an event at or after `before`; returns how
+    /// many events went.
+    async fn prune_audit(&self, before: SystemTime) -> Result<usize>;
 }

@@ -16,8 +16,8 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
-use ::sled::Transactional;
 use ::sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
+use ::sled::{Transactional, Tree};
 use async_trait::async_trait;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -140,6 +140,12 @@ impl SledDatastore {
     /// waiting [`LOCK_WAIT`] for the lock), which is why the CLI always
     /// goes through the server's admin API.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        Self::open_with(path, Arc::new(|f: &File| f.sync_data()))
+    }
+
+    /// [`SledDatastore::open`] with the call that makes a file durable
+    /// (tests inject failures and observe which files are synced).
+    pub(crate) fn open_with(path: impl AsRef<Path>, sync_file: Arc<SyncFile>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
         std::fs::create_dir_all(&path).map_err(|e| {
             DatastoreError::Backend(format!(
@@ -162,7 +168,7 @@ impl SledDatastore {
             bundles: tree("bundles")?,
             audit: tree("audit")?,
             audit_ids: std::sync::Mutex::new(()),
-            sync: GroupSync::start(db.clone(), data_file),
+            sync: GroupSync::start(db.clone(), &path, data_file, sync_file),
             db,
             path,
         })
@@ -194,18 +200,31 @@ impl SledDatastore {
         let Some(n) = u64::try_from(events.len()).ok().filter(|&n| n > 0) else {
             return Ok(0);
         };
-        let first = {
-            let _ids = self.audit_ids.lock().unwrap_or_else(|p| p.into_inner());
-            let first = self.db.generate_id().map_err(backend)? + 1;
-            for _ in 1..n {
-                self.db.generate_id().map_err(backend)?;
-            }
-            first
-        };
+        let first = self.take_audit_ids(n)?;
         self.audit
             .insert(first.to_be_bytes(), encode(&events)?)
             .map_err(backend)?;
         Ok(first + n - 1)
+    }
+
+    /// Takes `n` consecutive audit sequence numbers, returning the first.
+    fn take_audit_ids(&self, n: u64) -> Result<u64> {
+        let _ids = self.audit_ids.lock().unwrap_or_else(|p| p.into_inner());
+        let first = self.db.generate_id().map_err(backend)? + 1;
+        for _ in 1..n {
+            self.db.generate_id().map_err(backend)?;
+        }
+        Ok(first)
+    }
+
+    /// The audit record (key, value) of a mutation's event, to insert in
+    /// the mutation's transaction. A number taken for a mutation that
+    /// then fails is skipped, as [`Self::insert_audit`] allows.
+    fn audit_record(&self, audit: &AuditWith) -> Result<Option<([u8; 8], Vec<u8>)>> {
+        audit
+            .as_ref()
+            .map(|event| Ok((self.take_audit_ids(1)?.to_be_bytes(), encode(&[event])?)))
+            .transpose()
     }
 
     fn get<T: DeserializeOwned>(&self, tree: &::sled::Tree, key: &[u8]) -> Result<Option<T>> {
@@ -223,15 +242,35 @@ impl SledDatastore {
     }
 
     /// One entry creation as a single transaction (no sync).
-    fn insert_entry(&self, entry: RegistrationEntry) -> Result<RegistrationEntry> {
-        tx((&self.entries, &self.entry_keys, &self.changes, &self.meta)
-            .transaction(|trees| tx_create(trees, &entry)))
+    fn insert_entry(
+        &self,
+        entry: RegistrationEntry,
+        audit: &AuditWith,
+    ) -> Result<RegistrationEntry> {
+        let record = self.audit_record(audit)?;
+        tx(self.entry_trees().transaction(|trees| {
+            let entry = tx_create(trees, &entry)?;
+            put_audit(&trees.4, &record)?;
+            Ok(entry)
+        }))
+    }
+
+    /// The trees an entry mutation writes, in [`EntryTrees`] order.
+    fn entry_trees(&self) -> (&Tree, &Tree, &Tree, &Tree, &Tree) {
+        (
+            &self.entries,
+            &self.entry_keys,
+            &self.changes,
+            &self.meta,
+            &self.audit,
+        )
     }
 }
 
 /// The entry trees inside a transaction: entries, uniqueness keys, change
-/// feed, meta (revision counter).
+/// feed, meta (revision counter), audit (for the mutation's own record).
 type EntryTrees = (
+    TransactionalTree,
     TransactionalTree,
     TransactionalTree,
     TransactionalTree,
@@ -249,7 +288,7 @@ fn duplicate(entry: &RegistrationEntry) -> DatastoreError {
 
 /// Stores a new entry with the next revision.
 fn tx_create(
-    (entries, keys, changes, meta): &EntryTrees,
+    (entries, keys, changes, meta, _): &EntryTrees,
     entry: &RegistrationEntry,
 ) -> TxResult<RegistrationEntry> {
     let key = entry_key(entry);
@@ -271,7 +310,7 @@ fn tx_create(
 
 /// Replaces a stored entry; with `expected`, only if its revision is that.
 fn tx_update(
-    (entries, keys, changes, meta): &EntryTrees,
+    (entries, keys, changes, meta, _): &EntryTrees,
     entry: &RegistrationEntry,
     expected: Option<u64>,
 ) -> TxResult<RegistrationEntry> {
@@ -302,7 +341,7 @@ fn tx_update(
 
 /// Deletes a stored entry; with `expected`, only if its revision is that.
 fn tx_delete(
-    (entries, keys, changes, meta): &EntryTrees,
+    (entries, keys, changes, meta, _): &EntryTrees,
     id: &EntryId,
     expected: Option<u64>,
 ) -> TxResult<RegistrationEntry> {
@@ -317,6 +356,17 @@ fn tx_delete(
     old.revision = bump_revision(meta)?;
     record_change(changes, ChangeKind::Deleted, &old)?;
     Ok(old)
+}
+
+/// Adds the mutation's audit record, if any, in the same transaction.
+fn put_audit(
+    audit: &TransactionalTree,
+    record: &Option<([u8; 8], Vec<u8>)>,
+) -> std::result::Result<(), ConflictableTransactionError<DatastoreError>> {
+    if let Some((key, value)) = record {
+        audit.insert(&key[..], value.as_slice())?;
+    }
+    Ok(())
 }
 
 fn bump_revision(
@@ -343,31 +393,44 @@ fn record_change(
 
 #[async_trait]
 impl Datastore for SledDatastore {
-    async fn create_entry(&self, entry: RegistrationEntry) -> Result<RegistrationEntry> {
-        let e = self.insert_entry(entry)?;
-        self.durable().await?;
-        Ok(e)
-    }
-
-    async fn create_entries(
+    async fn create_entries_audited(
         &self,
-        entries: Vec<RegistrationEntry>,
+        entries: Vec<(RegistrationEntry, AuditWith)>,
     ) -> Result<Vec<Result<RegistrationEntry>>> {
-        let results: Vec<_> = entries.into_iter().map(|e| self.insert_entry(e)).collect();
+        let results: Vec<_> = entries
+            .into_iter()
+            .map(|(e, audit)| self.insert_entry(e, &audit))
+            .collect();
         self.durable().await?;
         Ok(results)
     }
 
-    async fn update_entry(&self, entry: RegistrationEntry) -> Result<RegistrationEntry> {
-        let updated = tx((&self.entries, &self.entry_keys, &self.changes, &self.meta)
-            .transaction(|trees| tx_update(trees, &entry, None)))?;
+    async fn update_entry_audited(
+        &self,
+        entry: RegistrationEntry,
+        audit: AuditWith,
+    ) -> Result<RegistrationEntry> {
+        let record = self.audit_record(&audit)?;
+        let updated = tx(self.entry_trees().transaction(|trees| {
+            let entry = tx_update(trees, &entry, None)?;
+            put_audit(&trees.4, &record)?;
+            Ok(entry)
+        }))?;
         self.durable().await?;
         Ok(updated)
     }
 
-    async fn delete_entry(&self, id: &EntryId) -> Result<RegistrationEntry> {
-        let deleted = tx((&self.entries, &self.entry_keys, &self.changes, &self.meta)
-            .transaction(|trees| tx_delete(trees, id, None)))?;
+    async fn delete_entry_audited(
+        &self,
+        id: &EntryId,
+        audit: AuditWith,
+    ) -> Result<RegistrationEntry> {
+        let record = self.audit_record(&audit)?;
+        let deleted = tx(self.entry_trees().transaction(|trees| {
+            let entry = tx_delete(trees, id, None)?;
+            put_audit(&trees.4, &record)?;
+            Ok(entry)
+        }))?;
         self.durable().await?;
         Ok(deleted)
     }
@@ -376,28 +439,32 @@ impl Datastore for SledDatastore {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
-        let made = tx(
-            (&self.entries, &self.entry_keys, &self.changes, &self.meta).transaction(|trees| {
-                let mut made = Vec::new();
-                let mut push = |kind, entry: RegistrationEntry| {
-                    made.push(EntryChange {
-                        revision: entry.revision,
-                        kind,
-                        entry,
-                    })
-                };
-                for (id, rev) in &batch.delete {
-                    push(ChangeKind::Deleted, tx_delete(trees, id, Some(*rev))?);
-                }
-                for e in &batch.update {
-                    push(ChangeKind::Updated, tx_update(trees, e, Some(e.revision))?);
-                }
-                for e in &batch.create {
-                    push(ChangeKind::Created, tx_create(trees, e)?);
-                }
-                Ok(made)
-            }),
-        )?;
+        let record = if batch.audit.is_empty() {
+            None
+        } else {
+            Some((self.take_audit_ids(1)?.to_be_bytes(), encode(&batch.audit)?))
+        };
+        let made = tx(self.entry_trees().transaction(|trees| {
+            let mut made = Vec::new();
+            let mut push = |kind, entry: RegistrationEntry| {
+                made.push(EntryChange {
+                    revision: entry.revision,
+                    kind,
+                    entry,
+                })
+            };
+            for (id, rev) in &batch.delete {
+                push(ChangeKind::Deleted, tx_delete(trees, id, Some(*rev))?);
+            }
+            for e in &batch.update {
+                push(ChangeKind::Updated, tx_update(trees, e, Some(e.revision))?);
+            }
+            for e in &batch.create {
+                push(ChangeKind::Created, tx_create(trees, e)?);
+            }
+            put_audit(&trees.4, &record)?;
+            Ok(made)
+        }))?;
         self.durable().await?;
         Ok(made)
     }
@@ -435,33 +502,60 @@ impl Datastore for SledDatastore {
         Ok(read_u64(self.meta.get(REVISION_KEY).map_err(backend)?))
     }
 
-    async fn create_agent(&self, agent: AgentRecord) -> Result<AgentRecord> {
-        let value = encode(&agent)?;
-        let swapped = self
-            .agents
-            .compare_and_swap(agent.id.as_str(), None as Option<&[u8]>, Some(value))
-            .map_err(backend)?;
-        if swapped.is_err() {
-            return Err(DatastoreError::AlreadyExists(format!("agent {}", agent.id)));
+    async fn prune_entry_changes(&self, through: u64) -> Result<usize> {
+        let mut removed = 0;
+        for key in self.changes.range(..=through.to_be_bytes()).keys() {
+            self.changes
+                .remove(key.map_err(backend)?)
+                .map_err(backend)?;
+            removed += 1;
         }
+        if removed > 0 {
+            self.durable().await?;
+        }
+        Ok(removed)
+    }
+
+    async fn create_agent_audited(
+        &self,
+        agent: AgentRecord,
+        audit: AuditWith,
+    ) -> Result<AgentRecord> {
+        let value = encode(&agent)?;
+        let key = agent.id.as_str();
+        let record = self.audit_record(&audit)?;
+        tx((&self.agents, &self.audit).transaction(|(t, audit_t)| {
+            if t.get(key)?.is_some() {
+                return abort(DatastoreError::AlreadyExists(format!("agent {key}")));
+            }
+            t.insert(key, value.as_slice())?;
+            put_audit(audit_t, &record)?;
+            Ok(())
+        }))?;
         self.durable().await?;
         Ok(agent)
     }
 
-    async fn update_agent(&self, agent: AgentRecord) -> Result<AgentRecord> {
+    async fn update_agent_audited(
+        &self,
+        agent: AgentRecord,
+        audit: AuditWith,
+    ) -> Result<AgentRecord> {
         let key = agent.id.as_str();
-        let stored = tx(self.agents.transaction(|t| {
+        let record = self.audit_record(&audit)?;
+        let stored = tx((&self.agents, &self.audit).transaction(|(t, audit_t)| {
             let Some(old) = t.get(key)? else {
                 return abort(DatastoreError::NotFound(format!("agent {key}")));
             };
             let old: AgentRecord = tx_decode(&old)?;
             // A ban is sticky: only deleting the record (evict) lifts it.
-            let record = AgentRecord {
+            let stored = AgentRecord {
                 banned: agent.banned || old.banned,
                 ..agent.clone()
             };
-            t.insert(key, tx_encode(&record)?)?;
-            Ok(record)
+            t.insert(key, tx_encode(&stored)?)?;
+            put_audit(audit_t, &record)?;
+            Ok(stored)
         }))?;
         self.durable().await?;
         Ok(stored)
@@ -475,22 +569,57 @@ impl Datastore for SledDatastore {
         self.all(&self.agents)
     }
 
-    async fn delete_agent(&self, id: &SpiffeId) -> Result<AgentRecord> {
-        let old = self.agents.remove(id.as_str()).map_err(backend)?;
-        let old = old.ok_or_else(|| DatastoreError::NotFound(format!("agent {id}")))?;
+    async fn delete_agent_audited(&self, id: &SpiffeId, audit: AuditWith) -> Result<AgentRecord> {
+        let record = self.audit_record(&audit)?;
+        let old = tx((&self.agents, &self.audit).transaction(|(t, audit_t)| {
+            let Some(old) = t.remove(id.as_str())? else {
+                return abort(DatastoreError::NotFound(format!("agent {id}")));
+            };
+            put_audit(audit_t, &record)?;
+            Ok(old)
+        }))?;
         self.durable().await?;
         decode(&old)
     }
 
-    async fn create_join_token(&self, token: JoinTokenRecord) -> Result<()> {
-        let value = encode(&token)?;
-        let swapped = self
-            .tokens
-            .compare_and_swap(token.hash.as_str(), None as Option<&[u8]>, Some(value))
-            .map_err(backend)?;
-        if swapped.is_err() {
-            return Err(DatastoreError::AlreadyExists("join token".into()));
+    async fn prune_agents(&self, expired_before: SystemTime) -> Result<Vec<SpiffeId>> {
+        let mut removed = Vec::new();
+        for item in self.agents.iter() {
+            let (k, v) = item.map_err(backend)?;
+            let agent: AgentRecord = decode(&v)?;
+            // Compare-and-swap: a renewal since the read keeps the agent.
+            if !agent.banned
+                && agent.expires_at < expired_before
+                && self
+                    .agents
+                    .compare_and_swap(&k, Some(&v), None as Option<&[u8]>)
+                    .map_err(backend)?
+                    .is_ok()
+            {
+                removed.push(agent.id);
+            }
         }
+        if !removed.is_empty() {
+            self.durable().await?;
+        }
+        Ok(removed)
+    }
+
+    async fn create_join_token_audited(
+        &self,
+        token: JoinTokenRecord,
+        audit: AuditWith,
+    ) -> Result<()> {
+        let value = encode(&token)?;
+        let record = self.audit_record(&audit)?;
+        tx((&self.tokens, &self.audit).transaction(|(t, audit_t)| {
+            if t.get(token.hash.as_str())?.is_some() {
+                return abort(DatastoreError::AlreadyExists("join token".into()));
+            }
+            t.insert(token.hash.as_str(), value.as_slice())?;
+            put_audit(audit_t, &record)?;
+            Ok(())
+        }))?;
         self.durable().await
     }
 
@@ -591,6 +720,14 @@ impl Datastore for SledDatastore {
         self.durable().await
     }
 
+    async fn prune_audit(&self, before: SystemTime) -> Result<usize> {
+        let removed = self.prune_audit_records(before)?;
+        if removed > 0 {
+            self.durable().await?;
+        }
+        Ok(removed)
+    }
+
     async fn list_audit(&self, after: u64, limit: usize) -> Result<Vec<(u64, AuditEvent)>> {
         let wanted = after.saturating_add(1);
         // The record holding `wanted` starts at or before it.
@@ -617,6 +754,23 @@ impl Datastore for SledDatastore {
     }
 }
 
+impl SledDatastore {
+    /// See [`Datastore::prune_audit`].
+    fn prune_audit_records(&self, before: SystemTime) -> Result<usize> {
+        let mut removed = 0;
+        for item in self.audit.iter() {
+            let (k, v) = item.map_err(backend)?;
+            let events = decode_audit_record(&v)?;
+            if events.iter().any(|e| e.time >= before) {
+                break;
+            }
+            self.audit.remove(k).map_err(backend)?;
+            removed += events.len();
+        }
+        Ok(removed)
+    }
+}
+
 /// An audit record: a list of events, or (written before batching) one.
 fn decode_audit_record(bytes: &[u8]) -> Result<Vec<AuditEvent>> {
     if bytes.first() == Some(&b'[') {
@@ -625,6 +779,10 @@ fn decode_audit_record(bytes: &[u8]) -> Result<Vec<AuditEvent>> {
         decode(bytes).map(|one| vec![one])
     }
 }
+
+/// Makes one open file's data durable: `File::sync_data`, or a test's
+/// stand-in.
+pub(crate) type SyncFile = dyn Fn(&File) -> std::io::Result<()> + Send + Sync;
 
 /// Group commit: batches `flush + fdatasync` rounds across writers.
 struct GroupSync {
@@ -637,8 +795,10 @@ struct GroupSync {
 struct SyncProgress {
     /// Every ticket up to this one is durable.
     durable: u64,
-    /// Set once a sync failed; the store refuses further acknowledgements.
-    failed: Option<String>,
+    /// The latest failed round: tickets up to `.0` that were not durable
+    /// by then get its error. A failure is not sticky: the next round
+    /// tries again, so writes succeed once the cause (a full disk) is gone.
+    failed: Option<(u64, String)>,
 }
 
 struct SyncShared {
@@ -653,17 +813,74 @@ struct SyncState {
     stop: bool,
 }
 
+/// What a sync round writes out: sled's data file and its blob files.
+struct SyncFiles {
+    db: ::sled::Db,
+    data_file: File,
+    /// sled writes a record larger than about 128 KiB (a segment, 512 KiB,
+    /// over 4, less headers: `Log::reserve` in sled 0.34.7) to its own
+    /// file here and never fsyncs it; the data file only points to it.
+    /// Whole pages are serialized too, so a leaf of a few large records
+    /// can go there as well: bounding record sizes would not avoid it.
+    blobs: PathBuf,
+    /// Blob files already made durable (sled never rewrites one in place).
+    synced_blobs: std::collections::HashSet<std::ffi::OsString>,
+    sync_file: Arc<SyncFile>,
+}
+
+impl SyncFiles {
+    /// One round: sled's buffers to the files, new blob files and their
+    /// directory entries to disk, then the data file that points to them.
+    fn sync(&mut self) -> std::io::Result<()> {
+        self.db.flush().map_err(std::io::Error::other)?;
+        let mut new = Vec::new();
+        match std::fs::read_dir(&self.blobs) {
+            Ok(dir) => {
+                for item in dir {
+                    let name = item?.file_name();
+                    if !self.synced_blobs.contains(&name) {
+                        new.push(name);
+                    }
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        if !new.is_empty() {
+            for name in &new {
+                match File::open(self.blobs.join(name)) {
+                    Ok(f) => (self.sync_file)(&f)?,
+                    // sled removed a blob it no longer needs.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            (self.sync_file)(&File::open(&self.blobs)?)?;
+        }
+        (self.sync_file)(&self.data_file)?;
+        self.synced_blobs.extend(new);
+        Ok(())
+    }
+}
+
 impl GroupSync {
-    fn start(db: ::sled::Db, data_file: File) -> Self {
+    fn start(db: ::sled::Db, dir: &Path, data_file: File, sync_file: Arc<SyncFile>) -> Self {
         let shared = Arc::new(SyncShared {
             state: Mutex::new(SyncState::default()),
             wake: Condvar::new(),
         });
         let (tx, done) = watch::channel(SyncProgress::default());
         let worker = Arc::clone(&shared);
+        let mut files = SyncFiles {
+            db,
+            data_file,
+            blobs: dir.join("blobs"),
+            synced_blobs: Default::default(),
+            sync_file,
+        };
         let thread = std::thread::Builder::new()
             .name("sigil-sled-sync".into())
-            .spawn(move || sync_loop(&worker, &db, &data_file, &tx))
+            .spawn(move || sync_loop(&worker, &mut files, &tx))
             .ok();
         Self {
             shared,
@@ -686,49 +903,41 @@ impl GroupSync {
         self.shared.wake.notify_one();
         let mut rx = self.done.clone();
         let progress = rx
-            .wait_for(|p| p.durable >= ticket || p.failed.is_some())
+            .wait_for(|p| p.durable >= ticket || p.failed.as_ref().is_some_and(|f| f.0 >= ticket))
             .await
             .map_err(|_| DatastoreError::Durability("the sync thread stopped".into()))?;
-        match &progress.failed {
-            Some(e) => Err(DatastoreError::Durability(e.clone())),
-            None => Ok(()),
+        if progress.durable >= ticket {
+            return Ok(());
         }
+        let error = progress.failed.as_ref().map_or("", |f| f.1.as_str());
+        Err(DatastoreError::Durability(error.to_owned()))
     }
 }
 
-fn sync_loop(
-    shared: &SyncShared,
-    db: &::sled::Db,
-    data_file: &File,
-    tx: &watch::Sender<SyncProgress>,
-) {
-    let mut durable = 0;
+fn sync_loop(shared: &SyncShared, files: &mut SyncFiles, tx: &watch::Sender<SyncProgress>) {
+    let mut handled = 0;
     loop {
         let target = {
             let mut s = shared.state.lock().unwrap_or_else(|p| p.into_inner());
-            while s.requested == durable && !s.stop {
+            while s.requested == handled && !s.stop {
                 s = shared.wake.wait(s).unwrap_or_else(|p| p.into_inner());
             }
-            if s.requested == durable && s.stop {
+            if s.requested == handled && s.stop {
                 return;
             }
             s.requested
         };
         // Every ticket up to `target` was taken after its write finished,
-        // so this flush covers all of them.
-        let result = db
-            .flush()
-            .map_err(|e| e.to_string())
-            .and_then(|_| data_file.sync_data().map_err(|e| e.to_string()));
-        match result {
-            Ok(()) => {
-                durable = target;
-                tx.send_modify(|p| p.durable = target);
-            }
+        // so this round covers all of them.
+        handled = target;
+        match files.sync() {
+            Ok(()) => tx.send_modify(|p| p.durable = target),
             Err(e) => {
-                tracing::error!(error = %e, "datastore sync failed; refusing further writes");
-                tx.send_modify(|p| p.failed = Some(e));
-                return;
+                tracing::error!(
+                    error = %e,
+                    "datastore sync failed; the writes waiting for it are refused, the next write tries again"
+                );
+                tx.send_modify(|p| p.failed = Some((target, e.to_string())));
             }
         }
     }
@@ -779,6 +988,92 @@ mod tests {
         assert_eq!(targets, ["entry-7", "entry-8", "entry-9"]);
         assert_eq!(all[0].0, 1);
         assert_eq!(all[2].0, seq);
+    }
+
+    /// A sync stand-in that records the inode of every file it syncs and
+    /// fails while `fail` is set.
+    fn observed_sync(
+        synced: Arc<Mutex<Vec<u64>>>,
+        fail: Arc<std::sync::atomic::AtomicBool>,
+    ) -> Arc<SyncFile> {
+        use std::os::unix::fs::MetadataExt;
+        Arc::new(move |f: &File| {
+            if fail.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(std::io::Error::from_raw_os_error(28)); // ENOSPC
+            }
+            synced.lock().unwrap().push(f.metadata()?.ino());
+            f.sync_data()
+        })
+    }
+
+    #[tokio::test]
+    async fn large_records_sled_writes_to_blob_files_are_synced_before_the_ack() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let synced = Arc::new(Mutex::new(Vec::new()));
+        let sync = observed_sync(synced.clone(), Arc::default());
+        let store = SledDatastore::open_with(dir.path(), sync).unwrap();
+        // One audit record of ~400 KiB: well over sled's blob threshold.
+        let events: Vec<_> = (0..3_000).map(conformance::audit_event).collect();
+        store.append_audit(events).await.unwrap();
+        let blobs: Vec<u64> = std::fs::read_dir(dir.path().join("blobs"))
+            .unwrap()
+            .map(|e| e.unwrap().metadata().unwrap().ino())
+            .collect();
+        assert!(!blobs.is_empty(), "sled wrote no blob file; test is void");
+        let synced = synced.lock().unwrap();
+        for ino in blobs {
+            assert!(synced.contains(&ino), "blob file {ino} not synced");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_sync_refuses_the_writes_waiting_for_it_and_later_writes_succeed() {
+        use std::sync::atomic::Ordering;
+        let dir = tempfile::tempdir().unwrap();
+        let fail = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sync = observed_sync(Arc::default(), fail.clone());
+        let store = SledDatastore::open_with(dir.path(), sync).unwrap();
+        store
+            .append_audit(vec![conformance::audit_event(1)])
+            .await
+            .unwrap();
+        // The disk fills up: the write is not acknowledged.
+        fail.store(true, Ordering::SeqCst);
+        let err = store
+            .append_audit(vec![conformance::audit_event(2)])
+            .await
+            .unwrap_err();
+        assert!(matches!(err, DatastoreError::Durability(_)), "{err}");
+        // Space is back: writes are acknowledged again, without a restart.
+        fail.store(false, Ordering::SeqCst);
+        store
+            .append_audit(vec![conformance::audit_event(3)])
+            .await
+            .unwrap();
+        store.sync().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn audit_pruning_removes_whole_old_records_and_keeps_recent_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledDatastore::open(dir.path()).unwrap();
+        let e = conformance::audit_event;
+        for batch in [vec![e(0), e(1)], vec![e(2)], vec![e(3), e(4)], vec![e(5)]] {
+            store.append_audit(batch).await.unwrap();
+        }
+        // Cut-off at event 4's time: the record holding 3 and 4 stays whole.
+        let removed = store.prune_audit(e(4).time).await.unwrap();
+        assert_eq!(removed, 3);
+        let left: Vec<_> = store
+            .list_audit(0, 100)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(_, ev)| ev.target)
+            .collect();
+        assert_eq!(left, ["entry-3", "entry-4", "entry-5"]);
+        assert_eq!(store.prune_audit(e(0).time).await.unwrap(), 0);
     }
 
     #[tokio::test]

@@ -57,6 +57,10 @@ pub fn ca_status(e: &CaError) -> Status {
     match e {
         CaError::Csr(e) => Status::invalid_argument(format!("bad CSR: {e}")),
         CaError::Jwt(e) => Status::invalid_argument(e.to_string()),
+        // Too long to validate: the request's audiences are the cause.
+        CaError::JwtSelfCheck(sigil_identity::jwt::JwtError::TooLong) => {
+            Status::invalid_argument(e.to_string())
+        }
         CaError::ForeignId(..) => Status::invalid_argument(e.to_string()),
         CaError::NotReady => Status::unavailable(e.to_string()),
         _ => Status::internal("the CA could not sign; see the server log"),
@@ -315,19 +319,29 @@ impl NodeService {
         crate::ca::csr::public_key_from_csr(&params.csr)
             .map_err(|e| Status::invalid_argument(format!("bad CSR: {e}")))?;
         let mut challenger = StreamChallenger { tx, inbound };
-        let attestation = attestor
-            .attest(&params.evidence, &mut challenger)
-            .await
-            .map_err(|e| {
+        let attestation = match attestor.attest(&params.evidence, &mut challenger).await {
+            Ok(a) => a,
+            Err(e) => {
                 warn!(attestor = attestor.name(), %remote, error = %e, "node attestation failed");
-                match e {
+                // Refused attempts (a used or unknown join token, a bad
+                // chain) are audited too, with the attestor's reason.
+                self.audit
+                    .record(
+                        &remote.to_string(),
+                        "agent.attest",
+                        attestor.name(),
+                        &e.to_string(),
+                    )
+                    .await;
+                return Err(match e {
                     AttestError::Internal(_) => {
                         Status::unavailable("attestation could not be completed")
                     }
                     AttestError::Malformed(_) => Status::invalid_argument(e.to_string()),
                     _ => Status::permission_denied("attestation failed"),
-                }
-            })?;
+                });
+            }
+        };
         let id = attestation.agent_id.clone();
         let existing = self.registry.agent(&id);
         if let Some(existing) = &existing {
@@ -360,15 +374,47 @@ impl NodeService {
             created_at: existing.as_ref().map_or(self.now(), |e| e.created_at),
         };
         let was_known = existing.is_some();
+        // Written with the agent record, in one write.
+        let event = self.audit.issued(
+            &id.to_string(),
+            "agent.attest",
+            &id.to_string(),
+            issued.expires_at,
+        );
         let stored = match existing {
-            Some(_) => self.store.update_agent(record).await,
-            None => self.store.create_agent(record).await,
-        }
-        .map_err(|e| match e {
-            DatastoreError::AlreadyExists(_) => Status::permission_denied("agent already attested"),
-            e => store_status(&e),
-        })?;
+            Some(_) => {
+                self.store
+                    .update_agent_audited(record, Some(event.clone()))
+                    .await
+            }
+            None => {
+                self.store
+                    .create_agent_audited(record, Some(event.clone()))
+                    .await
+            }
+        };
+        let stored = match stored {
+            Ok(stored) => stored,
+            Err(e) => {
+                let status = match e {
+                    DatastoreError::AlreadyExists(_) => {
+                        Status::permission_denied("agent already attested")
+                    }
+                    e => store_status(&e),
+                };
+                self.audit
+                    .record(id.as_str(), "agent.attest", id.as_str(), status.message())
+                    .await;
+                return Err(status);
+            }
+        };
+        self.audit.log_written(&[event]);
         if stored.banned {
+            // Banned while attesting: the record was updated (and audited),
+            // the agent is still refused.
+            self.audit
+                .record(id.as_str(), "agent.attest", id.as_str(), "agent is banned")
+                .await;
             return Err(Status::permission_denied(
                 "agent is banned; an operator must evict it before it can attest again",
             ));
@@ -396,13 +442,6 @@ impl NodeService {
             self.registry.supersede(&id);
         }
         info!(agent_id = %id, attestor = attestor.name(), %remote, serial = %issued.serial, "agent attested");
-        let event = self.audit.issued(
-            &id.to_string(),
-            "agent.attest",
-            &id.to_string(),
-            issued.expires_at,
-        );
-        self.audit.record_all(vec![event]).await;
         Ok(pb::AttestResult {
             svid: Some(svid_message(&id, &issued)),
             bundle: Some(self.bundle_message()),
@@ -539,11 +578,23 @@ impl Node for NodeApi {
                 "unknown agent; it may have been evicted",
             ))
         };
-        match self.store.update_agent(record).await {
+        // Written with the agent record, in one write.
+        let event = self.audit.issued(
+            ctx.id.as_str(),
+            "agent.renew",
+            ctx.id.as_str(),
+            issued.expires_at,
+        );
+        match self
+            .store
+            .update_agent_audited(record, Some(event.clone()))
+            .await
+        {
             Ok(_) => {}
             Err(DatastoreError::NotFound(_)) => return Err(evicted()),
             Err(e) => return Err(store_status(&e)),
         }
+        self.audit.log_written(&[event]);
         if self
             .registry
             .reload_agent(&ctx.id)
@@ -554,14 +605,6 @@ impl Node for NodeApi {
             return Err(evicted());
         }
         info!(agent_id = %ctx.id, serial = %issued.serial, "agent SVID renewed");
-        self.audit
-            .record_all(vec![self.audit.issued(
-                ctx.id.as_str(),
-                "agent.renew",
-                ctx.id.as_str(),
-                issued.expires_at,
-            )])
-            .await;
         Ok(Response::new(pb::RenewAgentResponse {
             svid: Some(svid_message(&ctx.id, &issued)),
         }))

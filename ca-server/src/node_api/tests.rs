@@ -14,7 +14,8 @@ use crate::ca::CaConfig;
 use crate::ca::journal::CaJournal;
 use crate::ca::keys::MemoryKeyManager;
 use crate::datastore::{
-    AuditEvent, EntryChange, EntryFilter, JoinTokenRecord, SledDatastore, TokenHash,
+    AuditEvent, AuditWith, EntryBatch, EntryChange, EntryFilter, JoinTokenRecord, SledDatastore,
+    TokenHash,
 };
 
 type Gate = (oneshot::Sender<()>, oneshot::Receiver<()>);
@@ -41,8 +42,8 @@ type R<T> = crate::datastore::Result<T>;
 
 #[async_trait]
 impl Datastore for PausingStore {
-    async fn update_agent(&self, agent: AgentRecord) -> R<AgentRecord> {
-        let result = self.inner.update_agent(agent).await;
+    async fn update_agent_audited(&self, agent: AgentRecord, audit: AuditWith) -> R<AgentRecord> {
+        let result = self.inner.update_agent_audited(agent, audit).await;
         let gate = self.gate.lock().unwrap().take();
         if let Some((written, go)) = gate {
             let _ = written.send(());
@@ -50,17 +51,24 @@ impl Datastore for PausingStore {
         }
         result
     }
-    async fn create_entry(&self, e: RegistrationEntry) -> R<RegistrationEntry> {
-        self.inner.create_entry(e).await
+    async fn create_entries_audited(
+        &self,
+        e: Vec<(RegistrationEntry, AuditWith)>,
+    ) -> R<Vec<R<RegistrationEntry>>> {
+        self.inner.create_entries_audited(e).await
     }
-    async fn create_entries(&self, e: Vec<RegistrationEntry>) -> R<Vec<R<RegistrationEntry>>> {
-        self.inner.create_entries(e).await
+    async fn update_entry_audited(
+        &self,
+        e: RegistrationEntry,
+        a: AuditWith,
+    ) -> R<RegistrationEntry> {
+        self.inner.update_entry_audited(e, a).await
     }
-    async fn update_entry(&self, e: RegistrationEntry) -> R<RegistrationEntry> {
-        self.inner.update_entry(e).await
+    async fn delete_entry_audited(&self, id: &EntryId, a: AuditWith) -> R<RegistrationEntry> {
+        self.inner.delete_entry_audited(id, a).await
     }
-    async fn delete_entry(&self, id: &EntryId) -> R<RegistrationEntry> {
-        self.inner.delete_entry(id).await
+    async fn apply_entries(&self, b: EntryBatch) -> R<Vec<EntryChange>> {
+        self.inner.apply_entries(b).await
     }
     async fn fetch_entry(&self, id: &EntryId) -> R<Option<RegistrationEntry>> {
         self.inner.fetch_entry(id).await
@@ -77,8 +85,11 @@ impl Datastore for PausingStore {
     async fn current_revision(&self) -> R<u64> {
         self.inner.current_revision().await
     }
-    async fn create_agent(&self, a: AgentRecord) -> R<AgentRecord> {
-        self.inner.create_agent(a).await
+    async fn prune_entry_changes(&self, through: u64) -> R<usize> {
+        self.inner.prune_entry_changes(through).await
+    }
+    async fn create_agent_audited(&self, a: AgentRecord, e: AuditWith) -> R<AgentRecord> {
+        self.inner.create_agent_audited(a, e).await
     }
     async fn fetch_agent(&self, id: &SpiffeId) -> R<Option<AgentRecord>> {
         self.inner.fetch_agent(id).await
@@ -86,11 +97,14 @@ impl Datastore for PausingStore {
     async fn list_agents(&self) -> R<Vec<AgentRecord>> {
         self.inner.list_agents().await
     }
-    async fn delete_agent(&self, id: &SpiffeId) -> R<AgentRecord> {
-        self.inner.delete_agent(id).await
+    async fn delete_agent_audited(&self, id: &SpiffeId, a: AuditWith) -> R<AgentRecord> {
+        self.inner.delete_agent_audited(id, a).await
     }
-    async fn create_join_token(&self, t: JoinTokenRecord) -> R<()> {
-        self.inner.create_join_token(t).await
+    async fn prune_agents(&self, before: SystemTime) -> R<Vec<SpiffeId>> {
+        self.inner.prune_agents(before).await
+    }
+    async fn create_join_token_audited(&self, t: JoinTokenRecord, a: AuditWith) -> R<()> {
+        self.inner.create_join_token_audited(t, a).await
     }
     async fn consume_join_token(&self, h: &TokenHash, now: SystemTime) -> R<JoinTokenRecord> {
         self.inner.consume_join_token(h, now).await
@@ -127,6 +141,9 @@ impl Datastore for PausingStore {
     }
     async fn list_audit(&self, after: u64, limit: usize) -> R<Vec<(u64, AuditEvent)>> {
         self.inner.list_audit(after, limit).await
+    }
+    async fn prune_audit(&self, before: SystemTime) -> R<usize> {
+        self.inner.prune_audit(before).await
     }
 }
 

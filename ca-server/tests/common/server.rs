@@ -131,6 +131,13 @@ impl TestServer {
         );
     }
 
+    /// Kills the server with SIGKILL (a crash) and reaps it.
+    pub fn kill(&mut self) {
+        let mut child = self.child.take().expect("server running");
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
     /// Starts the server again on the same data.
     pub async fn restart(&mut self) {
         if self.child.is_some() {
