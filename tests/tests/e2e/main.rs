@@ -11,6 +11,7 @@ mod common;
 
 mod crash;
 mod mtls;
+mod node_connection;
 mod outage;
 mod quickstart;
 mod register;
