@@ -190,6 +190,26 @@ impl Agent {
         self.cache.clone()
     }
 
+    /// The cache key for `entry` and `audience`. The revision is part of
+    /// it: after an entry change a token for the old entry is never served.
+    fn jwt_key(entry: &RegistrationEntry, audience: &[String]) -> JwtKey {
+        let mut aud = audience.to_vec();
+        aud.sort();
+        aud.dedup();
+        (entry.id.clone(), entry.revision, aud)
+    }
+
+    /// Whether [`Agent::jwt_svid`] would answer from the cache without
+    /// asking the server.
+    pub fn has_fresh_jwt(&self, entry: &RegistrationEntry, audience: &[String]) -> bool {
+        let key = Self::jwt_key(entry, audience);
+        self.jwts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+            .is_some_and(|c| SystemTime::now() < c.refresh_at)
+    }
+
     /// A JWT-SVID for `entry` and `audience`: from the cache until half its
     /// life has passed, then from the server; if the server does not answer
     /// within a second, the cached token is served while it is valid.
@@ -198,12 +218,7 @@ impl Agent {
         entry: &RegistrationEntry,
         audience: &[String],
     ) -> Result<String, NodeError> {
-        let mut aud = audience.to_vec();
-        aud.sort();
-        aud.dedup();
-        // The revision is part of the key: after an entry change a token for
-        // the old entry is never served.
-        let key = (entry.id.clone(), entry.revision, aud);
+        let key = Self::jwt_key(entry, audience);
         let now = SystemTime::now();
         let cached = self
             .jwts

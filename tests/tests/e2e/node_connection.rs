@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use sigil_tests::process::{ServerOptions, ServerProcess};
+use sigil_tests::process::{AgentProcess, NodeAttestation, ServerOptions, ServerProcess};
 
 use crate::common::{Deployment, retry};
 
@@ -24,7 +24,7 @@ fn counts(server: &ServerProcess) -> (usize, usize) {
 /// connections the server accepted meanwhile and how many agent SVID
 /// renewals happened.
 async fn misses(d: &Deployment, round: &str, n: usize) -> (usize, usize) {
-    let mut client = d.client().await;
+    let client = d.client().await;
     let (accepted, renewed) = counts(&d.server);
     for i in 0..n {
         let aud = format!("{round}-{i}");
@@ -46,7 +46,7 @@ async fn jwt_cache_misses_share_one_connection_across_agent_svid_rotation() {
         ..Default::default()
     });
     d.register_me("jwt-conn", &[]);
-    let mut client = d.client().await;
+    let client = d.client().await;
     retry(Duration::from_secs(10), || {
         client.fetch_jwt_token(["warm-up"], None)
     })
@@ -83,4 +83,53 @@ async fn jwt_cache_misses_share_one_connection_across_agent_svid_rotation() {
         "after rotation, {N} JWT-SVID cache misses opened {accepted} node API connections \
          ({renewed} agent SVID renewals meanwhile)"
     );
+}
+
+/// A uid asking for new JWT-SVIDs (each a call to the server) past
+/// `jwt_fetches_per_uid_per_second` is refused; tokens the agent has
+/// cached are still served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwt_fetches_from_the_server_are_limited_per_uid() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(&dir.path().join("server"), &Default::default()).unwrap();
+    let token = server.join_token().unwrap();
+    // One fetch in a burst (ten seconds' worth), then one every 10 s.
+    let agent = AgentProcess::start_with(
+        &dir.path().join("agent"),
+        &server,
+        &NodeAttestation::JoinToken(token),
+        "jwt_fetches_per_uid_per_second = 0.1",
+    )
+    .unwrap();
+    let agent_id = server.agent_ids().unwrap().remove(0);
+    let selector = format!("unix:uid:{}", sigil_tests::process::current_uid().unwrap());
+    server
+        .create_entry(
+            "spiffe://example.org/limited",
+            &agent_id,
+            &["--selector", &selector],
+        )
+        .unwrap();
+    let client = spiffe::WorkloadApiClient::connect_to(agent.endpoint())
+        .await
+        .unwrap();
+    // Refused for want of an identity (not counted) until the entry arrives.
+    let first = retry(Duration::from_secs(10), || {
+        client.fetch_jwt_token(["a"], None)
+    })
+    .await
+    .expect("the entry reaches the agent");
+    let refused = client
+        .fetch_jwt_token(["b"], None)
+        .await
+        .expect_err("a second new token within 10 s is over the limit");
+    assert!(
+        refused.to_string().contains("too many new JWT-SVIDs"),
+        "refused for the limit: {refused}"
+    );
+    let again = client
+        .fetch_jwt_token(["a"], None)
+        .await
+        .expect("a cached token is served whatever the limit");
+    assert_eq!(again, first, "from the cache");
 }
