@@ -10,6 +10,7 @@
 mod common;
 
 mod crash;
+mod file_hygiene;
 mod mtls;
 mod node_connection;
 mod outage;
