@@ -299,7 +299,7 @@ impl Cache {
     }
 
     /// Stores a freshly issued SVID for `entry`, if the entry is still
-    /// there.
+    /// there at the same revision.
     pub fn store(
         &self,
         entry: Arc<RegistrationEntry>,
@@ -312,7 +312,7 @@ impl Cache {
     }
 
     /// Stores freshly issued SVIDs (entry, key, chain) whose entries are
-    /// still there, as one change: readers are woken once for the whole
+    /// still there at the same revision, as one change: readers are woken once for the whole
     /// batch, not once per SVID. One result per item, in order.
     pub fn store_all(&self, items: Vec<Issued>) -> Vec<Result<(), String>> {
         let mut results = Vec::with_capacity(items.len());
@@ -352,7 +352,15 @@ impl Cache {
         let mut st = self.lock();
         let mut changed = false;
         for svid in ready {
-            if st.entries.contains_key(&svid.entry.id) {
+            // Issued for the entry as it was when the request left: if a
+            // Sync update changed it meanwhile (other selectors, say), the
+            // SVID is for an identity the entry no longer has. Dropped; the
+            // entry stays due and gets one for its current revision.
+            if st
+                .entries
+                .get(&svid.entry.id)
+                .is_some_and(|now| now.revision == svid.entry.revision)
+            {
                 st.svids.insert(svid.entry.id.clone(), Arc::new(svid));
                 changed = true;
             }
@@ -433,6 +441,60 @@ mod tests {
             "due {wait:?} after arrival; half of the 10 s left is about 5 s"
         );
         assert!(cache.due(SystemTime::now()).is_empty());
+    }
+
+    /// An SVID for `e` from a throwaway self-signed certificate.
+    fn issued_for(e: &RegistrationEntry) -> Issued {
+        let now = time::OffsetDateTime::now_utc();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params.not_before = now - time::Duration::seconds(10);
+        params.not_after = now + time::Duration::seconds(600);
+        let cert = params.self_signed(&key).unwrap();
+        (
+            Arc::new(e.clone()),
+            Zeroizing::new(key.serialize_der()),
+            vec![cert.der().to_vec()],
+        )
+    }
+
+    // At the cache level because the race is between an issuance in flight
+    // and a Sync update landing before it is stored; against the real
+    // binaries that window is a few milliseconds and cannot be hit on
+    // demand.
+    #[test]
+    fn an_svid_issued_for_an_older_revision_is_not_stored() {
+        let cache = Cache::default();
+        let old = entry("db", 1);
+        cache.apply(upsert(&old)).unwrap();
+        // The issue loop takes the entry at revision 1 and asks for an SVID...
+        let in_flight = issued_for(&cache.due(SystemTime::now()).remove(0));
+        // ...meanwhile the entry moves to other selectors.
+        let mut moved = old.clone();
+        moved.selectors = [Selector::parse("unix:uid:1000").unwrap()]
+            .into_iter()
+            .collect();
+        moved.revision = 2;
+        cache.apply(upsert(&moved)).unwrap();
+        let (entry, key, chain) = in_flight;
+        cache.store(entry, key, chain).unwrap();
+        assert!(
+            cache.svids().is_empty(),
+            "the SVID for revision 1 was stored after the entry changed"
+        );
+        let (entries, svids) = cache.matching(&moved.selectors, SystemTime::now());
+        assert_eq!(entries.len(), 1, "the new selectors match the entry");
+        assert!(svids.is_empty(), "but get no SVID issued for the old one");
+        // The entry is still due, so one for revision 2 is issued and kept.
+        let due = cache.due(SystemTime::now());
+        assert_eq!(due.len(), 1);
+        assert_eq!(due[0].revision, 2);
+        let (entry, key, chain) = issued_for(&due[0]);
+        cache.store(entry, key, chain).unwrap();
+        assert_eq!(
+            cache.matching(&moved.selectors, SystemTime::now()).1.len(),
+            1
+        );
     }
 
     #[test]

@@ -2,7 +2,6 @@
 //! `healthcheck` talk to a running agent's Workload API as a workload would.
 
 use std::io::Write;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -79,7 +78,7 @@ pub enum ApiCmd {
 
 #[derive(Debug, Subcommand)]
 pub enum FetchCmd {
-    /// X.509-SVIDs; with --write, svid.pem, svid.key (0600) and bundle.pem.
+    /// X.509-SVIDs; with --write, svid.pem, svid.key (both 0600) and bundle.pem.
     X509 {
         #[arg(long, value_name = "DIR")]
         write: Option<PathBuf>,
@@ -188,23 +187,19 @@ fn write_files(dir: &Path, svid: &X509svid) -> Result<()> {
             .map(|d| sigil_identity::pem::encode("CERTIFICATE", d))
             .collect::<String>()
     };
+    // Created with their final mode, never through a symlink, replaced
+    // atomically.
     let put = |name: &str, text: &str, mode: u32| -> Result<()> {
         let path = dir.join(name);
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)?;
-        f.set_permissions(std::fs::Permissions::from_mode(mode))?;
-        f.write_all(text.as_bytes())?;
-        Ok(())
+        sigil_identity::secret_file::write(&path, text.as_bytes(), mode)
+            .with_context(|| format!("writing {}", path.display()))
     };
     put(
         "svid.key",
         &sigil_identity::pem::encode("PRIVATE KEY", &svid.x509_svid_key),
         0o600,
     )?;
-    put("svid.pem", &pem(split_der(&svid.x509_svid)?), 0o644)?;
+    put("svid.pem", &pem(split_der(&svid.x509_svid)?), 0o600)?;
     put("bundle.pem", &pem(split_der(&svid.bundle)?), 0o644)
 }
 

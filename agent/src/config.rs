@@ -61,6 +61,16 @@ pub struct AgentConfig {
     /// refused so that one user cannot starve the others.
     #[serde(default = "default_max_streams_per_uid")]
     pub max_streams_per_uid: usize,
+    /// JWT-SVIDs one uid may have the agent fetch from the server per
+    /// second, with bursts of ten seconds' worth; tokens served from the
+    /// agent's cache are not counted. Past it, FetchJWTSVID is refused
+    /// (ResourceExhausted).
+    #[serde(default = "default_jwt_fetches_per_uid")]
+    pub jwt_fetches_per_uid_per_second: f64,
+}
+
+fn default_jwt_fetches_per_uid() -> f64 {
+    crate::workload_api::DEFAULT_JWT_FETCHES_PER_UID_PER_SECOND
 }
 
 fn default_max_streams_per_uid() -> usize {
@@ -200,6 +210,12 @@ impl AgentConfig {
                 "max_streams_per_uid must be at least 1".into(),
             ));
         }
+        let rate = self.jwt_fetches_per_uid_per_second;
+        if !rate.is_finite() || rate <= 0.0 {
+            return Err(ConfigError::Invalid(
+                "jwt_fetches_per_uid_per_second must be a number more than 0".into(),
+            ));
+        }
         let a = &self.node_attestor;
         let configured = [
             a.join_token.is_some(),
@@ -239,6 +255,9 @@ mod tests {
         assert_eq!(cfg.data_dir, PathBuf::from(DEFAULT_DATA_DIR));
         assert_eq!(cfg.max_streams_per_uid, 256);
         let zero = format!("max_streams_per_uid = 0\n{ok}");
+        assert!(AgentConfig::parse(&zero).is_err());
+        assert_eq!(cfg.jwt_fetches_per_uid_per_second, 50.0);
+        let zero = format!("jwt_fetches_per_uid_per_second = 0.0\n{ok}");
         assert!(AgentConfig::parse(&zero).is_err());
         let no_trust = "trust_domain = \"example.org\"\nserver_address = \"x:1\"\n[node_attestor]\njoin_token = \"abc\"\n";
         assert!(

@@ -43,6 +43,7 @@ async fn run(args: cli::RunArgs) -> anyhow::Result<()> {
 
     let socket = config.socket_path.clone();
     let max_streams_per_uid = config.max_streams_per_uid;
+    let jwt_fetches_per_uid = config.jwt_fetches_per_uid_per_second;
     let attestor = Arc::new(UnixAttestor::new(config.max_hash_bytes));
     let workload_attestors = sigil_agent::workload_attestors::from_config(&config)?;
     let agent = Agent::start(config).await?;
@@ -54,7 +55,8 @@ async fn run(args: cli::RunArgs) -> anyhow::Result<()> {
     let api = tokio::spawn(workload_api::serve(
         WorkloadApi::new(agent.clone(), attestor)
             .with_workload_attestors(workload_attestors)
-            .with_max_streams_per_uid(max_streams_per_uid),
+            .with_max_streams_per_uid(max_streams_per_uid)
+            .with_jwt_fetches_per_uid(jwt_fetches_per_uid),
         listener,
         wait(stop_rx.clone()),
     ));

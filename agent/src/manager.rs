@@ -104,6 +104,9 @@ pub struct Agent {
     validity: Arc<std::sync::Mutex<(SystemTime, SystemTime)>>,
     /// Moves when the agent SVID changes: connections must be reopened.
     reconnect: watch::Sender<u64>,
+    /// The one node API connection every call shares, and the value of
+    /// `reconnect` it was opened at (it presents the agent SVID of then).
+    node: Arc<tokio::sync::Mutex<Option<(u64, Connection)>>>,
     /// JWT-SVIDs by (entry, audience).
     jwts: Arc<std::sync::Mutex<HashMap<JwtKey, CachedJwt>>>,
 }
@@ -167,6 +170,7 @@ impl Agent {
             validity: Arc::new(std::sync::Mutex::new(validity)),
             cache: Arc::new(Cache::default()),
             reconnect: watch::channel(0).0,
+            node: Arc::default(),
             jwts: Arc::default(),
             config,
             store,
@@ -186,6 +190,26 @@ impl Agent {
         self.cache.clone()
     }
 
+    /// The cache key for `entry` and `audience`. The revision is part of
+    /// it: after an entry change a token for the old entry is never served.
+    fn jwt_key(entry: &RegistrationEntry, audience: &[String]) -> JwtKey {
+        let mut aud = audience.to_vec();
+        aud.sort();
+        aud.dedup();
+        (entry.id.clone(), entry.revision, aud)
+    }
+
+    /// Whether [`Agent::jwt_svid`] would answer from the cache without
+    /// asking the server.
+    pub fn has_fresh_jwt(&self, entry: &RegistrationEntry, audience: &[String]) -> bool {
+        let key = Self::jwt_key(entry, audience);
+        self.jwts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+            .is_some_and(|c| SystemTime::now() < c.refresh_at)
+    }
+
     /// A JWT-SVID for `entry` and `audience`: from the cache until half its
     /// life has passed, then from the server; if the server does not answer
     /// within a second, the cached token is served while it is valid.
@@ -194,12 +218,7 @@ impl Agent {
         entry: &RegistrationEntry,
         audience: &[String],
     ) -> Result<String, NodeError> {
-        let mut aud = audience.to_vec();
-        aud.sort();
-        aud.dedup();
-        // The revision is part of the key: after an entry change a token for
-        // the old entry is never served.
-        let key = (entry.id.clone(), entry.revision, aud);
+        let key = Self::jwt_key(entry, audience);
         let now = SystemTime::now();
         let cached = self
             .jwts
@@ -213,12 +232,23 @@ impl Agent {
             return Ok(c.token.clone());
         }
         let fetch = async {
-            let mut conn = self.connect().await?;
             let req = pb::NewJwtSvidRequest {
                 entry_id: entry.id.to_string(),
                 audience: audience.to_vec(),
             };
-            Ok::<_, NodeError>(conn.client.new_jwt_svid(req).await?.into_inner())
+            let generation = *self.reconnect.borrow();
+            let mut conn = self.connect().await?;
+            match conn.client.new_jwt_svid(req.clone()).await {
+                Ok(r) => Ok(r.into_inner()),
+                // The agent SVID was renewed while the call was under way,
+                // and the server may have retired the one this connection
+                // presents: once more, on the new connection.
+                Err(_) if generation != *self.reconnect.borrow() => {
+                    let mut conn = self.connect().await?;
+                    Ok(conn.client.new_jwt_svid(req).await?.into_inner())
+                }
+                Err(s) => Err(NodeError::from(s)),
+            }
         };
         let fresh = match &cached {
             Some(c) if now < c.expires_at => {
@@ -248,14 +278,28 @@ impl Agent {
         Ok(fresh.token)
     }
 
+    /// The shared node API connection: one TLS connection carries every
+    /// call (HTTP/2 multiplexes them), opened again only after the agent
+    /// SVID changed, because the server retires the old SVID's serial once
+    /// the new one is used. Concurrent callers wait for one opening rather
+    /// than each opening their own.
     async fn connect(&self) -> Result<Connection, NodeError> {
-        Connection::open(
+        let mut held = self.node.lock().await;
+        let generation = *self.reconnect.borrow();
+        if let Some((opened_at, conn)) = &*held
+            && *opened_at == generation
+        {
+            return Ok(conn.clone());
+        }
+        let conn = Connection::open(
             &self.config.server_address,
             &self.config.trust_domain,
             self.bundle.clone(),
             self.resolver.clone(),
         )
-        .await
+        .await?;
+        *held = Some((generation, conn.clone()));
+        Ok(conn)
     }
 
     /// Runs until `shutdown` resolves.
@@ -367,6 +411,8 @@ impl Agent {
                     }
                     self.bundle.set(Arc::new(state.bundle.clone()));
                     self.cache.reinstate();
+                    // The shared connection presents the revoked SVID.
+                    self.reconnect.send_modify(|n| *n += 1);
                     info!(
                         attestor = attestor.name(),
                         "node attested again after revocation"
@@ -597,8 +643,8 @@ impl Agent {
         if let Some(v) = fresh_validity(&state) {
             *self.validity.lock().unwrap_or_else(|p| p.into_inner()) = v;
         }
-        // New connections present the new SVID; the first use makes the
-        // server retire the old serial.
+        // The shared connection is opened again with the new SVID; its
+        // first use makes the server retire the old serial.
         self.reconnect.send_modify(|n| *n += 1);
         Ok(())
     }

@@ -1,9 +1,10 @@
-//! The agent's own state on disk: its key (0600), its SVID and the trust
-//! bundle, so a restart needs no re-attestation.
+//! The agent's own state on disk: its key and SVID (0600) and the trust
+//! bundle, in a 0700 directory, so a restart needs no re-attestation.
 
 use std::path::{Path, PathBuf};
 
 use sigil_identity::{Bundle, TrustDomain, pem, secret_file};
+use tracing::warn;
 use zeroize::Zeroizing;
 
 /// Why agent state could not be read or written.
@@ -41,14 +42,19 @@ pub struct Store {
 }
 
 impl Store {
-    /// Uses `dir`, creating it (0700) if needed.
+    /// Uses `dir`, creating it (0700) if needed. An existing one open to
+    /// group or others is set to 0700 (with a warning) if this user owns
+    /// it, and refused otherwise.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        use std::os::unix::fs::DirBuilderExt;
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(|e| StoreError::Io(dir.to_path_buf(), e))?;
+        match secret_file::private_dir(dir).map_err(|e| StoreError::Io(dir.to_path_buf(), e))? {
+            secret_file::DirState::Private => {}
+            secret_file::DirState::Tightened { was } => warn!(
+                dir = %dir.display(),
+                mode = format_args!("{was:o}"),
+                "the agent data directory was open to group or others; now 0700 (what it \
+                 held may have been read: consider evicting this agent so it attests afresh)"
+            ),
+        }
         Ok(Self {
             dir: dir.to_path_buf(),
         })
@@ -76,7 +82,7 @@ impl Store {
             pem::encode("PRIVATE KEY", &state.key).as_bytes(),
             0o600,
         )?;
-        write("agent.pem", chain.as_bytes(), 0o644)
+        write("agent.pem", chain.as_bytes(), 0o600)
     }
 
     /// Deletes the agent's key and SVID (after the server revoked it), so

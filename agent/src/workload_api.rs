@@ -12,10 +12,11 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use sigil_attestors::unix::UnixAttestor;
 use sigil_attestors::workload::WorkloadAttestor;
+use sigil_identity::rate_limit::RateLimiter;
 use sigil_identity::{Bundle, RegistrationEntry, SelectorSet, SpiffeId, jwt};
 use sigil_proto::workload::spiffe_workload_api_server::{
     SpiffeWorkloadApi, SpiffeWorkloadApiServer,
@@ -39,6 +40,13 @@ pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 /// (`max_streams_per_uid`); more are refused so that one user cannot starve
 /// the others.
 pub const DEFAULT_MAX_STREAMS_PER_UID: usize = 256;
+/// JWT-SVIDs one uid may have the agent fetch from the server per second
+/// unless configured otherwise (`jwt_fetches_per_uid_per_second`); tokens
+/// served from the agent's cache are not counted.
+pub const DEFAULT_JWT_FETCHES_PER_UID_PER_SECOND: f64 = 50.0;
+/// How many seconds' worth of JWT-SVID fetches one uid may make at once
+/// (a workload starting with many audiences).
+const JWT_FETCH_BURST_SECONDS: f64 = 10.0;
 /// How long attestation of a caller may take.
 const ATTESTATION_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a new workload waits for SVIDs of entries that match it but are
@@ -65,6 +73,13 @@ pub struct WorkloadApi {
     others: Vec<Arc<dyn WorkloadAttestor>>,
     streams: Arc<std::sync::Mutex<HashMap<u32, usize>>>,
     max_streams_per_uid: usize,
+    /// JWT-SVID fetches from the server, per uid: one user cannot make the
+    /// agent (and the server's signer) mint without end.
+    jwt_fetches: Arc<RateLimiter<u32>>,
+}
+
+fn jwt_fetch_limiter(per_second: f64) -> RateLimiter<u32> {
+    RateLimiter::new(per_second, per_second * JWT_FETCH_BURST_SECONDS)
 }
 
 /// One open stream counted against its uid; released on drop.
@@ -199,6 +214,7 @@ impl WorkloadApi {
             others: Vec::new(),
             streams: Arc::default(),
             max_streams_per_uid: DEFAULT_MAX_STREAMS_PER_UID,
+            jwt_fetches: Arc::new(jwt_fetch_limiter(DEFAULT_JWT_FETCHES_PER_UID_PER_SECOND)),
         }
     }
 
@@ -214,6 +230,13 @@ impl WorkloadApi {
     /// Sets the most streams one uid may hold open at once (at least 1).
     pub fn with_max_streams_per_uid(mut self, limit: usize) -> Self {
         self.max_streams_per_uid = limit.max(1);
+        self
+    }
+
+    /// Sets how many JWT-SVIDs one uid may have the agent fetch from the
+    /// server per second (cache hits are free).
+    pub fn with_jwt_fetches_per_uid(mut self, per_second: f64) -> Self {
+        self.jwt_fetches = Arc::new(jwt_fetch_limiter(per_second));
         self
     }
 
@@ -489,7 +512,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         req: Request<JwtsvidRequest>,
     ) -> Result<Response<JwtsvidResponse>, Status> {
-        let Caller { selectors, .. } = self.caller(&req).await?;
+        let Caller { uid, selectors, .. } = self.caller(&req).await?;
         let r = req.into_inner();
         if r.audience.is_empty() || r.audience.iter().any(String::is_empty) {
             return Err(Status::invalid_argument("audience is required"));
@@ -512,6 +535,15 @@ impl SpiffeWorkloadApi for WorkloadApi {
         }
         let mut svids = Vec::with_capacity(wanted.len());
         for e in wanted {
+            if !self.agent.has_fresh_jwt(&e, &r.audience)
+                && !self.jwt_fetches.try_take(&uid, 1.0, Instant::now())
+            {
+                warn!(uid, "JWT-SVID fetch limit reached for this uid");
+                return Err(Status::resource_exhausted(
+                    "this user has asked for too many new JWT-SVIDs (audiences); retry in a few \
+                     seconds or reuse the tokens already fetched",
+                ));
+            }
             let token = self.agent.jwt_svid(&e, &r.audience).await.map_err(|e| {
                 warn!(error = %e, "JWT-SVID unavailable");
                 Status::unavailable("JWT-SVID could not be obtained from the server; retry")

@@ -1,8 +1,6 @@
 //! The `sigil-server` command line: `run` starts the server; every other
 //! subcommand talks to a running server over the admin socket.
 
-use std::io::Write;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -270,7 +268,7 @@ pub enum X509Cmd {
         ttl: Option<Duration>,
         #[arg(long = "dns", value_name = "NAME")]
         dns_names: Vec<DnsName>,
-        /// Write svid.pem, svid.key (0600) and bundle.pem into DIR instead of stdout.
+        /// Write svid.pem, svid.key (both 0600) and bundle.pem into DIR instead of stdout.
         #[arg(long, value_name = "DIR")]
         write: Option<PathBuf>,
     },
@@ -654,21 +652,15 @@ pub async fn run_client(command: Command, socket: &Path, output: Output) -> Resu
 
 fn write_svid_files(dir: &Path, chain: &str, key: &str, bundle: &str) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    // Created with their final mode, never through a symlink, replaced
+    // atomically.
     let put = |name: &str, text: &str, mode: u32| -> Result<()> {
         let path = dir.join(name);
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .with_context(|| format!("writing {}", path.display()))?;
-        f.set_permissions(std::fs::Permissions::from_mode(mode))?;
-        f.write_all(text.as_bytes())?;
-        f.sync_all()?;
-        Ok(())
+        sigil_identity::secret_file::write(&path, text.as_bytes(), mode)
+            .with_context(|| format!("writing {}", path.display()))
     };
     put("svid.key", key, 0o600)?;
-    put("svid.pem", chain, 0o644)?;
+    put("svid.pem", chain, 0o600)?;
     put("bundle.pem", bundle, 0o644)
 }
 

@@ -52,6 +52,8 @@ pub enum ServerError {
     Attestor(#[from] AttestError),
     #[error("serving: {0}")]
     Serve(#[from] tonic::transport::Error),
+    #[error("data directory {0}: {1}")]
+    DataDir(std::path::PathBuf, std::io::Error),
 }
 
 /// Builds the `k8s_psat` attestor from its configuration section.
@@ -167,6 +169,18 @@ pub async fn run(
 ) -> Result<(), ServerError> {
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let td = config.trust_domain.clone();
+    // It holds the datastore and the CA keys: this user's alone.
+    let data_dir = &config.data_dir;
+    if let sigil_identity::secret_file::DirState::Tightened { was } =
+        sigil_identity::secret_file::private_dir(data_dir)
+            .map_err(|e| ServerError::DataDir(data_dir.clone(), e))?
+    {
+        warn!(
+            dir = %data_dir.display(),
+            mode = format_args!("{was:o}"),
+            "the data directory was open to group or others; now 0700"
+        );
+    }
     let store: Arc<dyn Datastore> =
         Arc::new(SledDatastore::open(config.data_dir.join("datastore"))?);
     let keys: Arc<dyn KeyManager> = match config.ca.key_manager {

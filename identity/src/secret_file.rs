@@ -1,14 +1,20 @@
 //! Writing secrets to disk so that a crash never leaves a partial or
 //! zero-length file: a temporary file with the final mode, fsync, rename,
-//! fsync of the directory.
+//! fsync of the directory. And the directories that hold them: private to
+//! their owner.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 /// Writes `bytes` to `path` atomically, the file created with `mode`
 /// (0600 for keys).
+///
+/// Never follows a symlink: the temporary file is created exclusively
+/// (`O_EXCL` refuses an existing name, symlink or not) with its final mode,
+/// and the rename replaces whatever is at `path`, a symlink included,
+/// rather than writing through it.
 pub fn write(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
     let dir = path
         .parent()
@@ -36,6 +42,60 @@ pub fn write(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
     result
 }
 
+/// What [`private_dir`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DirState {
+    /// Created, or already accessible to its owner alone.
+    Private,
+    /// It was ours but open to group or others (`was`, the old mode); it is
+    /// 0700 now. Worth a warning: what it held may have been read.
+    Tightened { was: u32 },
+}
+
+/// The uid this process runs as (the owner of `/proc/self`), without libc.
+fn current_uid() -> io::Result<u32> {
+    Ok(fs::metadata("/proc/self")?.uid())
+}
+
+/// Makes sure `dir`, which will hold keys or other secrets, is accessible
+/// to this process's user alone: created 0700 if missing; if it exists
+/// with group or other permissions, set to 0700 when this user owns it,
+/// refused (`PermissionDenied`) when someone else does, since that owner
+/// could open it again at any time. A symlink to a directory is followed:
+/// it is the configured location, and the target is what gets checked.
+pub fn private_dir(dir: &Path) -> io::Result<DirState> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let meta = fs::metadata(dir)?;
+    if !meta.is_dir() {
+        return Err(io::Error::new(
+            io::ErrorKind::NotADirectory,
+            format!("{} is not a directory", dir.display()),
+        ));
+    }
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o077 == 0 {
+        return Ok(DirState::Private);
+    }
+    let me = current_uid()?;
+    if meta.uid() != me {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "{} has mode {mode:o} (open to group or others) and belongs to uid {}, not to \
+                 uid {me} this process runs as; give it to uid {me} with mode 0700, or choose \
+                 another directory",
+                dir.display(),
+                meta.uid()
+            ),
+        ));
+    }
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
+    Ok(DirState::Tightened { was: mode })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -59,5 +119,54 @@ mod tests {
             "no temporary files left"
         );
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn temp_dir() -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("sigil-secret-{}", crate::random::hex_id()));
+        fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn a_symlink_at_the_path_is_replaced_not_followed() {
+        let dir = temp_dir();
+        let victim = dir.join("victim");
+        fs::write(&victim, b"untouched").unwrap();
+        fs::set_permissions(&victim, fs::Permissions::from_mode(0o644)).unwrap();
+        let p = dir.join("k");
+        std::os::unix::fs::symlink(&victim, &p).unwrap();
+        write(&p, b"secret", 0o600).unwrap();
+        assert_eq!(fs::read(&victim).unwrap(), b"untouched");
+        let meta = fs::symlink_metadata(&p).unwrap();
+        assert!(meta.is_file(), "the symlink itself was replaced");
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        assert_eq!(fs::read(&p).unwrap(), b"secret");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn private_dir_creates_0700_and_tightens_our_own_open_dirs() {
+        let base = temp_dir();
+        let new = base.join("a/b");
+        assert_eq!(private_dir(&new).unwrap(), DirState::Private);
+        assert_eq!(
+            fs::metadata(&new).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
+        for open in [0o755, 0o777, 0o710] {
+            fs::set_permissions(&new, fs::Permissions::from_mode(open)).unwrap();
+            assert_eq!(
+                private_dir(&new).unwrap(),
+                DirState::Tightened { was: open }
+            );
+            assert_eq!(
+                fs::metadata(&new).unwrap().permissions().mode() & 0o777,
+                0o700
+            );
+        }
+        let file = base.join("f");
+        fs::write(&file, b"").unwrap();
+        assert!(private_dir(&file).is_err(), "a file is not a directory");
+        fs::remove_dir_all(&base).unwrap();
     }
 }

@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::fs::{self, File};
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -243,14 +243,20 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> KeyManagerError + '_ {
 }
 
 impl DiskKeyManager {
-    /// Uses `dir`, creating it with mode 0700 if needed.
+    /// Uses `dir`, creating it with mode 0700 if needed. An existing one
+    /// open to group or others is set to 0700 (with a warning) if this user
+    /// owns it, and refused otherwise.
     pub fn open(dir: impl Into<PathBuf>) -> Result<Self, KeyManagerError> {
+        use sigil_identity::secret_file::{DirState, private_dir};
         let dir = dir.into();
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&dir)
-            .map_err(io(&dir))?;
+        if let DirState::Tightened { was } = private_dir(&dir).map_err(io(&dir))? {
+            tracing::warn!(
+                dir = %dir.display(),
+                mode = format_args!("{was:o}"),
+                "the CA key directory was open to group or others; now 0700 (the keys it held \
+                 may have been read: consider rotating the CA)"
+            );
+        }
         Ok(Self { dir })
     }
 

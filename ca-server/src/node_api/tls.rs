@@ -228,6 +228,7 @@ pub fn incoming(
             tokio::spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(stream)) => {
+                        debug!(%remote, "node API connection accepted");
                         let peer = Arc::new(PeerSvid::read(stream.get_ref().1.peer_certificates()));
                         if matches!(*peer, PeerSvid::Svid { .. }) {
                             slot.authenticated();

@@ -10,7 +10,9 @@
 mod common;
 
 mod crash;
+mod file_hygiene;
 mod mtls;
+mod node_connection;
 mod outage;
 mod quickstart;
 mod regcode;
