@@ -25,6 +25,6 @@ pub mod cli;
 pub mod config;
 pub mod datastore;
 pub mod node_api;
-pub mod rate_limit;
+pub use sigil_identity::rate_limit;
 pub mod registry;
 pub mod server;

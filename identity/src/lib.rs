@@ -20,6 +20,7 @@
 //! - [`attestation`]: node attestor plugin traits (server and agent halves).
 //! - [`der`], [`pem`], [`random`]: minimal DER, PEM and randomness helpers.
 //! - [`secret_file`]: crash-safe writes of keys to disk (0600).
+//! - [`rate_limit`]: token buckets keyed by caller (server and agent).
 
 #![forbid(unsafe_code)]
 
@@ -33,6 +34,7 @@ pub mod jwt;
 pub mod keys;
 pub mod pem;
 pub mod random;
+pub mod rate_limit;
 pub mod rotation;
 pub mod secret_file;
 pub mod selector;
