@@ -34,8 +34,8 @@ use sigil_proto::workload::spiffe_workload_api_server::{
 use sigil_proto::workload::*;
 use tokio::net::UnixListener;
 use tokio::sync::{Semaphore, mpsc};
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status};
 use tracing::{debug, warn};

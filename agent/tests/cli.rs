@@ -414,7 +414,12 @@ async fn partial_frames_do_not_grow_the_agent() {
     let rss = || -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
         let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-        line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
+        line.split_whitespace()
+            .nth(1)
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+            * 1024
     };
     let before = rss();
     let partial = tokio::task::spawn_blocking({
@@ -456,11 +461,19 @@ async fn running_out_of_descriptors_backs_off_and_recovers() {
     let r = Running::start(&[("cli", uid_selector())]).await;
     let pid = r.pid();
     // Leave the agent a few spare descriptors, then take them.
-    let open_fds = || std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count();
+    let open_fds = || {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .count()
+    };
     let limit = open_fds() + 4;
     let prlimit = |soft: &str, hard: &str| {
         let status = Command::new("prlimit")
-            .args(["--pid", &pid.to_string(), &format!("--nofile={soft}:{hard}")])
+            .args([
+                "--pid",
+                &pid.to_string(),
+                &format!("--nofile={soft}:{hard}"),
+            ])
             .status()
             .unwrap();
         assert!(status.success(), "prlimit");
