@@ -36,8 +36,15 @@ const FLAG_PADDED: u8 = 0x8;
 const FLAG_PRIORITY: u8 = 0x20;
 /// Largest frame payload we emit (the HTTP/2 minimum every peer accepts).
 const MAX_OUT_FRAME: usize = 16_384;
-/// Largest frame or header block accepted from the client.
-const MAX_IN: usize = 1 << 20;
+/// Largest frame payload accepted from the client: the server advertises
+/// this SETTINGS_MAX_FRAME_SIZE (the HTTP/2 default, which it must not
+/// raise, see [`crate::workload_api::serve`]), so a client may not send
+/// more, and a frame is refused as soon as its header announces more
+/// instead of being buffered.
+pub const MAX_FRAME_SIZE: usize = 16_384;
+/// Largest header block (HEADERS plus CONTINUATIONs, still compressed)
+/// accepted from the client; the decoded block has the same limit.
+const MAX_BLOCK: usize = MAX_DECODED;
 /// Largest decoded header block accepted (the server's own limit is 16 KiB
 /// by default).
 const MAX_DECODED: usize = 64 * 1024;
@@ -239,8 +246,10 @@ impl<S> AuthorityFix<S> {
                     let len = usize::from(self.input[0]) << 16
                         | usize::from(self.input[1]) << 8
                         | usize::from(self.input[2]);
-                    if len > MAX_IN {
-                        return Err(protocol_error("frame too large"));
+                    if len > MAX_FRAME_SIZE {
+                        return Err(protocol_error(
+                            "frame larger than the advertised SETTINGS_MAX_FRAME_SIZE",
+                        ));
                     }
                     if self.input.len() < FRAME_HEADER_LEN + len {
                         return Ok(());
@@ -287,7 +296,7 @@ impl<S> AuthorityFix<S> {
                 Ok(())
             }
             (TYPE_CONTINUATION, Some(block)) if block.stream_id == stream_id => {
-                if block.fragment.len() + payload.len() > MAX_IN {
+                if block.fragment.len() + payload.len() > MAX_BLOCK {
                     return Err(protocol_error("header block too large"));
                 }
                 block.fragment.extend_from_slice(payload);

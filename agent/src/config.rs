@@ -67,6 +67,16 @@ pub struct AgentConfig {
     /// (ResourceExhausted).
     #[serde(default = "default_jwt_fetches_per_uid")]
     pub jwt_fetches_per_uid_per_second: f64,
+    /// Most Workload API connections open at once; more are closed at once.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Most Workload API connections one uid may hold open at once.
+    #[serde(default = "default_max_connections_per_uid")]
+    pub max_connections_per_uid: usize,
+    /// Unary Workload API calls (FetchJWTSVID, ValidateJWTSVID) one uid may
+    /// make a second, and in a burst; more are refused (ResourceExhausted).
+    #[serde(default = "default_unary_calls_per_uid_per_second")]
+    pub unary_calls_per_uid_per_second: u32,
 }
 
 fn default_jwt_fetches_per_uid() -> f64 {
@@ -75,6 +85,18 @@ fn default_jwt_fetches_per_uid() -> f64 {
 
 fn default_max_streams_per_uid() -> usize {
     crate::workload_api::DEFAULT_MAX_STREAMS_PER_UID
+}
+
+fn default_max_connections() -> usize {
+    crate::workload_api::DEFAULT_MAX_CONNECTIONS
+}
+
+fn default_max_connections_per_uid() -> usize {
+    crate::workload_api::DEFAULT_MAX_CONNECTIONS_PER_UID
+}
+
+fn default_unary_calls_per_uid_per_second() -> u32 {
+    crate::workload_api::DEFAULT_UNARY_CALLS_PER_UID_PER_SECOND
 }
 
 fn default_socket() -> PathBuf {
@@ -205,10 +227,18 @@ impl AgentConfig {
                 "set trust_bundle (the server's CA, e.g. from `sigil-server bundle show`) or insecure_bootstrap = true".into(),
             ));
         }
-        if self.max_streams_per_uid == 0 {
-            return Err(ConfigError::Invalid(
-                "max_streams_per_uid must be at least 1".into(),
-            ));
+        for (name, value) in [
+            ("max_streams_per_uid", self.max_streams_per_uid),
+            ("max_connections", self.max_connections),
+            ("max_connections_per_uid", self.max_connections_per_uid),
+            (
+                "unary_calls_per_uid_per_second",
+                self.unary_calls_per_uid_per_second as usize,
+            ),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::Invalid(format!("{name} must be at least 1")));
+            }
         }
         let rate = self.jwt_fetches_per_uid_per_second;
         if !rate.is_finite() || rate <= 0.0 {
@@ -253,9 +283,24 @@ mod tests {
         let ok = "trust_domain = \"example.org\"\nserver_address = \"127.0.0.1:8081\"\ninsecure_bootstrap = true\n[node_attestor]\njoin_token = \"abc\"\n";
         let cfg = AgentConfig::parse(ok).unwrap();
         assert_eq!(cfg.data_dir, PathBuf::from(DEFAULT_DATA_DIR));
-        assert_eq!(cfg.max_streams_per_uid, 256);
-        let zero = format!("max_streams_per_uid = 0\n{ok}");
-        assert!(AgentConfig::parse(&zero).is_err());
+        assert_eq!(cfg.max_streams_per_uid, 8192);
+        assert_eq!(cfg.max_connections, 16_384);
+        assert_eq!(cfg.max_connections_per_uid, 8192);
+        assert_eq!(cfg.unary_calls_per_uid_per_second, 1000);
+        for key in [
+            "max_streams_per_uid",
+            "max_connections",
+            "max_connections_per_uid",
+            "unary_calls_per_uid_per_second",
+        ] {
+            let zero = format!("{key} = 0\n{ok}");
+            assert!(
+                AgentConfig::parse(&zero)
+                    .unwrap_err()
+                    .to_string()
+                    .contains(key)
+            );
+        }
         assert_eq!(cfg.jwt_fetches_per_uid_per_second, 50.0);
         let zero = format!("jwt_fetches_per_uid_per_second = 0.0\n{ok}");
         assert!(AgentConfig::parse(&zero).is_err());

@@ -13,10 +13,12 @@
 //! - [`workload_api`]: the SPIFFE Workload API on a Unix socket.
 //! - [`workload_attestors`]: the workload attestors run besides `unix`
 //!   (`k8s`), from the configuration.
+//! - [`peer_pidfd`]: the connecting process of a socket, by `SO_PEERPIDFD`.
 //! - [`authority`]: rewrites `:authority` values h2 would refuse, for gRPC
 //!   C-core and grpc-java clients on Unix sockets.
 
-#![forbid(unsafe_code)]
+// Denied, not forbidden: `peer_pidfd` allows it for one getsockopt call.
+#![deny(unsafe_code)]
 
 pub mod authority;
 pub mod cache;
@@ -24,6 +26,7 @@ pub mod cli;
 pub mod config;
 pub mod manager;
 pub mod node;
+pub mod peer_pidfd;
 pub mod store;
 pub mod workload_api;
 pub mod workload_attestors;

@@ -1,5 +1,7 @@
 //! `sigil-agent`: parse flags, load config, install logging, run.
 
+#![forbid(unsafe_code)]
+
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -10,7 +12,7 @@ use sigil_agent::config::AgentConfig;
 use sigil_agent::manager::Agent;
 use sigil_agent::workload_api::{self, WorkloadApi};
 use sigil_attestors::unix::UnixAttestor;
-use tracing::info;
+use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
 
 async fn shutdown_signal() {
@@ -28,6 +30,28 @@ async fn shutdown_signal() {
     }
 }
 
+/// Raises the soft limit on open files to the hard limit: every Workload
+/// API connection takes a descriptor, and the usual soft limit (1024) is
+/// below what a busy node needs.
+fn raise_open_files_limit() {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    let (Some(soft), Some(hard)) = (limit.current, limit.maximum) else {
+        return;
+    };
+    if soft >= hard {
+        return;
+    }
+    let raised = Rlimit {
+        current: Some(hard),
+        maximum: Some(hard),
+    };
+    match setrlimit(Resource::Nofile, raised) {
+        Ok(()) => info!(from = soft, to = hard, "raised the open files limit"),
+        Err(e) => warn!(limit = soft, error = %e, "cannot raise the open files limit"),
+    }
+}
+
 async fn run(args: cli::RunArgs) -> anyhow::Result<()> {
     let mut config = AgentConfig::load(&args.config)?;
     if let Some(level) = args.log_level {
@@ -41,9 +65,13 @@ async fn run(args: cli::RunArgs) -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 
+    raise_open_files_limit();
     let socket = config.socket_path.clone();
     let max_streams_per_uid = config.max_streams_per_uid;
     let jwt_fetches_per_uid = config.jwt_fetches_per_uid_per_second;
+    let (max_connections, max_connections_per_uid) =
+        (config.max_connections, config.max_connections_per_uid);
+    let unary_rate = config.unary_calls_per_uid_per_second;
     let attestor = Arc::new(UnixAttestor::new(config.max_hash_bytes));
     let workload_attestors = sigil_agent::workload_attestors::from_config(&config)?;
     let agent = Agent::start(config).await?;
@@ -56,7 +84,9 @@ async fn run(args: cli::RunArgs) -> anyhow::Result<()> {
         WorkloadApi::new(agent.clone(), attestor)
             .with_workload_attestors(workload_attestors)
             .with_max_streams_per_uid(max_streams_per_uid)
-            .with_jwt_fetches_per_uid(jwt_fetches_per_uid),
+            .with_jwt_fetches_per_uid(jwt_fetches_per_uid)
+            .with_max_connections(max_connections, max_connections_per_uid)
+            .with_unary_calls_per_uid_per_second(unary_rate),
         listener,
         wait(stop_rx.clone()),
     ));

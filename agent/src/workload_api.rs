@@ -7,11 +7,21 @@
 //! are all among its own. Streams send full state at once and again on
 //! every change; each stream has its own task, so a slow reader only delays
 //! itself and, when it catches up, gets the latest state.
+//!
+//! Limits protect the agent from one process or connection, not from a busy
+//! node (many containers often share one uid): connections are counted per
+//! uid and in total, streams per uid and per connection, unary calls are
+//! rate-limited per uid, and a frame larger than the server advertises is
+//! refused before it is buffered. Attestation reads `/proc` and hashes
+//! executables on a bounded pool of blocking threads, shared fairly between
+//! uids, so a hung file system stalls only the callers it concerns; the
+//! accept loop does no file system work and backs off when `accept` fails
+//! (out of file descriptors) instead of spinning.
 
 use std::collections::HashMap;
 use std::path::Path;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use sigil_attestors::unix::UnixAttestor;
@@ -23,9 +33,9 @@ use sigil_proto::workload::spiffe_workload_api_server::{
 };
 use sigil_proto::workload::*;
 use tokio::net::UnixListener;
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc};
+use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
-use tokio_stream::{Stream, StreamExt};
 use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status};
 use tracing::{debug, warn};
@@ -38,8 +48,25 @@ use crate::manager::Agent;
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 /// Most streams one uid may hold open at once unless configured otherwise
 /// (`max_streams_per_uid`); more are refused so that one user cannot starve
-/// the others.
-pub const DEFAULT_MAX_STREAMS_PER_UID: usize = 256;
+/// the others. High, because on a busy node many workloads share a uid.
+pub const DEFAULT_MAX_STREAMS_PER_UID: usize = 8192;
+/// Most connections one uid may hold open at once (`max_connections_per_uid`).
+pub const DEFAULT_MAX_CONNECTIONS_PER_UID: usize = 8192;
+/// Most connections open at once (`max_connections`).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 16_384;
+/// Unary calls (FetchJWTSVID, ValidateJWTSVID) one uid may make per second,
+/// and in a burst (`unary_calls_per_uid_per_second`).
+pub const DEFAULT_UNARY_CALLS_PER_UID_PER_SECOND: u32 = 1000;
+/// Most streams open at once on one connection (an HTTP/2 setting): one
+/// connection cannot take a whole uid's share.
+const MAX_STREAMS_PER_CONNECTION: u32 = 256;
+/// Threads that may read `/proc` and hash executables at once, and how many
+/// of them one uid may hold (its callers queue behind those).
+const ATTESTATION_THREADS: usize = 64;
+const ATTESTATION_THREADS_PER_UID: usize = 16;
+/// Wait after a failed `accept`, doubling up to the maximum while it fails.
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// JWT-SVIDs one uid may have the agent fetch from the server per second
 /// unless configured otherwise (`jwt_fetches_per_uid_per_second`); tokens
 /// served from the agent's cache are not counted.
@@ -71,33 +98,120 @@ pub struct WorkloadApi {
     attestor: Arc<UnixAttestor>,
     /// Attestors run after `unix`; their selectors are added to its.
     others: Vec<Arc<dyn WorkloadAttestor>>,
-    streams: Arc<std::sync::Mutex<HashMap<u32, usize>>>,
+    streams: Arc<Mutex<Counts>>,
     max_streams_per_uid: usize,
     /// JWT-SVID fetches from the server, per uid: one user cannot make the
     /// agent (and the server's signer) mint without end.
     jwt_fetches: Arc<RateLimiter<u32>>,
+    connections: Arc<Mutex<Counts>>,
+    max_connections: usize,
+    max_connections_per_uid: usize,
+    unary: Arc<RateLimiter<u32>>,
+    pool: Arc<AttestationPool>,
+    /// At most one warning a second per uid about refused connections.
+    refusal_log: Arc<RateLimiter<u32>>,
 }
 
 fn jwt_fetch_limiter(per_second: f64) -> RateLimiter<u32> {
     RateLimiter::new(per_second, per_second * JWT_FETCH_BURST_SECONDS)
 }
 
-/// One open stream counted against its uid; released on drop.
+/// Open streams or connections, per uid and in all.
+#[derive(Debug, Default)]
+struct Counts {
+    per_uid: HashMap<u32, usize>,
+    total: usize,
+}
+
+/// One open stream or connection counted against its uid; released on drop.
 #[derive(Debug)]
-struct StreamSlot {
-    counts: Arc<std::sync::Mutex<HashMap<u32, usize>>>,
+struct Slot {
+    counts: Arc<Mutex<Counts>>,
     uid: u32,
 }
 
-impl Drop for StreamSlot {
+impl Slot {
+    /// Counts one more for `uid`, unless that would pass `per_uid` for it
+    /// or `total` in all.
+    fn take(counts: &Arc<Mutex<Counts>>, uid: u32, per_uid: usize, total: usize) -> Option<Self> {
+        let mut c = counts.lock().unwrap_or_else(|p| p.into_inner());
+        let n = c.per_uid.get(&uid).copied().unwrap_or(0);
+        if n >= per_uid || c.total >= total {
+            return None;
+        }
+        c.per_uid.insert(uid, n + 1);
+        c.total += 1;
+        Some(Self {
+            counts: counts.clone(),
+            uid,
+        })
+    }
+}
+
+impl Drop for Slot {
     fn drop(&mut self) {
-        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = counts.get_mut(&self.uid) {
+        let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        c.total = c.total.saturating_sub(1);
+        if let Some(n) = c.per_uid.get_mut(&self.uid) {
             *n -= 1;
             if *n == 0 {
-                counts.remove(&self.uid);
+                c.per_uid.remove(&self.uid);
             }
         }
+    }
+}
+
+/// Runs attestation's file system work (`/proc`, `stat`, hashing) off the
+/// runtime, on at most [`ATTESTATION_THREADS`] blocking threads, of which
+/// one uid holds at most [`ATTESTATION_THREADS_PER_UID`]. A thread stuck on
+/// a hung file system keeps its permits, so the stuck work stays bounded
+/// and callers of other uids still find threads.
+#[derive(Debug)]
+struct AttestationPool {
+    all: Arc<Semaphore>,
+    per_uid: Mutex<HashMap<u32, Arc<Semaphore>>>,
+}
+
+impl AttestationPool {
+    fn new() -> Self {
+        Self {
+            all: Arc::new(Semaphore::new(ATTESTATION_THREADS)),
+            per_uid: Mutex::default(),
+        }
+    }
+
+    /// Runs `f` for a caller of `uid` once a thread is free for it; `None`
+    /// if `f` panicked.
+    async fn run<T: Send + 'static>(
+        &self,
+        uid: u32,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Option<T> {
+        let mine = self
+            .per_uid
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(uid)
+            .or_insert_with(|| Arc::new(Semaphore::new(ATTESTATION_THREADS_PER_UID)))
+            .clone();
+        // Neither semaphore is ever closed, so acquiring fails never.
+        let uid_permit = mine.clone().acquire_owned().await.ok()?;
+        let permit = self.all.clone().acquire_owned().await.ok()?;
+        // The permits go with the work: released when it ends, even if the
+        // caller stopped waiting.
+        let out = tokio::task::spawn_blocking(move || {
+            let _held = (uid_permit, permit);
+            f()
+        })
+        .await
+        .ok();
+        drop(mine);
+        // Forget an idle uid's semaphore (only the map still holds it).
+        let mut map = self.per_uid.lock().unwrap_or_else(|p| p.into_inner());
+        if map.get(&uid).is_some_and(|s| Arc::strong_count(s) == 1) {
+            map.remove(&uid);
+        }
+        out
     }
 }
 
@@ -110,24 +224,72 @@ pub struct WorkloadConnInfo {
 }
 
 /// A Workload API connection: the `:authority` fix around the socket, plus
-/// [`WorkloadConnInfo`].
+/// [`WorkloadConnInfo`], counted against its uid while open.
 #[derive(Debug)]
 pub struct WorkloadConn {
     inner: AuthorityFix<tokio::net::UnixStream>,
     info: WorkloadConnInfo,
+    _slot: Slot,
 }
 
 impl WorkloadConn {
-    fn accept(stream: tokio::net::UnixStream, attestor: &UnixAttestor) -> Self {
+    /// Takes the identity of the connecting process (on the attestation
+    /// pool, not in the accept loop).
+    async fn accept(stream: tokio::net::UnixStream, slot: Slot, api: &WorkloadApi) -> Self {
         use tonic::transport::server::Connected;
         let uds = stream.connect_info();
-        let origin = uds
-            .peer_cred
-            .and_then(|c| c.pid())
-            .and_then(|pid| attestor.identity(pid).ok());
+        let pidfd = crate::peer_pidfd::peer_pidfd(&stream);
+        let origin = match uds.peer_cred.and_then(|c| c.pid()) {
+            Some(pid) => {
+                let attestor = api.attestor.clone();
+                let work = api
+                    .pool
+                    .run(slot.uid, move || connecting_process(&attestor, pid, pidfd));
+                tokio::time::timeout(ATTESTATION_TIMEOUT, work)
+                    .await
+                    .ok()
+                    .flatten()
+                    .flatten()
+            }
+            None => None,
+        };
         Self {
             inner: AuthorityFix::new(stream),
             info: WorkloadConnInfo { uds, origin },
+            _slot: slot,
+        }
+    }
+}
+
+/// The identity of the process that connected as `pid` (SO_PEERCRED),
+/// `None` if it is gone. With a pidfd for it (SO_PEERPIDFD), the process
+/// must not have been reaped by the time `/proc/<pid>` was read, so the pid
+/// was not reused meanwhile; without (kernels before 6.5), whatever runs
+/// as `pid` now is taken to be it.
+fn connecting_process(
+    attestor: &UnixAttestor,
+    pid: i32,
+    pidfd: std::io::Result<std::os::fd::OwnedFd>,
+) -> Option<sigil_attestors::unix::ProcessIdentity> {
+    match pidfd {
+        Ok(pidfd) => {
+            let identity = attestor.identity(pid).ok()?;
+            let still = crate::peer_pidfd::pid_of(&pidfd).ok()?;
+            (still == Some(pid)).then_some(identity)
+        }
+        Err(e) if e.raw_os_error() == Some(libc::ENOPROTOOPT) => {
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            WARNED.call_once(|| {
+                warn!(
+                    "the kernel lacks SO_PEERPIDFD (Linux 6.5): a caller's pid could be reused \
+                     between connect and accept"
+                )
+            });
+            attestor.identity(pid).ok()
+        }
+        Err(e) => {
+            debug!(pid, error = %e, "no pidfd for the connecting process");
+            None
         }
     }
 }
@@ -179,6 +341,22 @@ struct Caller {
     origin: sigil_attestors::unix::ProcessIdentity,
 }
 
+/// The process a stream's updates go to, attested again before each.
+#[derive(Debug, Clone)]
+struct Recheck {
+    uid: u32,
+    pid: i32,
+    origin: sigil_attestors::unix::ProcessIdentity,
+}
+
+/// The kernel's credentials of the caller's connection.
+fn peer_cred<T>(req: &Request<T>) -> Result<tokio::net::unix::UCred, Status> {
+    req.extensions()
+        .get::<WorkloadConnInfo>()
+        .and_then(|c| c.uds.peer_cred)
+        .ok_or_else(|| Status::unauthenticated("caller credentials unavailable"))
+}
+
 /// Checks the `workload.spiffe.io` metadata: exactly one value, `true`.
 fn check_header<T>(req: &Request<T>) -> Result<(), Status> {
     let values: Vec<_> = req
@@ -215,7 +393,19 @@ impl WorkloadApi {
             streams: Arc::default(),
             max_streams_per_uid: DEFAULT_MAX_STREAMS_PER_UID,
             jwt_fetches: Arc::new(jwt_fetch_limiter(DEFAULT_JWT_FETCHES_PER_UID_PER_SECOND)),
+            connections: Arc::default(),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_uid: DEFAULT_MAX_CONNECTIONS_PER_UID,
+            unary: Arc::new(Self::unary_limiter(DEFAULT_UNARY_CALLS_PER_UID_PER_SECOND)),
+            pool: Arc::new(AttestationPool::new()),
+            refusal_log: Arc::new(RateLimiter::new(1.0, 1.0)),
         }
+    }
+
+    /// `rate` calls a second, the same in a burst.
+    fn unary_limiter(rate: u32) -> RateLimiter<u32> {
+        let rate = f64::from(rate.max(1));
+        RateLimiter::new(rate, rate)
     }
 
     /// Also runs `attestors` on every caller and adds their selectors. One
@@ -240,48 +430,102 @@ impl WorkloadApi {
         self
     }
 
+    /// Sets the most connections open at once, in all and for one uid
+    /// (each at least 1).
+    pub fn with_max_connections(mut self, total: usize, per_uid: usize) -> Self {
+        self.max_connections = total.max(1);
+        self.max_connections_per_uid = per_uid.max(1);
+        self
+    }
+
+    /// Sets how many unary calls one uid may make a second (and in a burst).
+    pub fn with_unary_calls_per_uid_per_second(mut self, rate: u32) -> Self {
+        self.unary = Arc::new(Self::unary_limiter(rate));
+        self
+    }
+
     /// Counts a new stream for `uid`, refusing it past the limit.
-    fn open_stream(&self, uid: u32) -> Result<StreamSlot, Status> {
-        let mut counts = self.streams.lock().unwrap_or_else(|p| p.into_inner());
-        let n = counts.entry(uid).or_insert(0);
-        if *n >= self.max_streams_per_uid {
-            return Err(Status::resource_exhausted(format!(
+    fn open_stream(&self, uid: u32) -> Result<Slot, Status> {
+        Slot::take(&self.streams, uid, self.max_streams_per_uid, usize::MAX).ok_or_else(|| {
+            Status::resource_exhausted(format!(
                 "this user already holds {} Workload API streams; close some first",
                 self.max_streams_per_uid
-            )));
-        }
-        *n += 1;
-        Ok(StreamSlot {
-            counts: self.streams.clone(),
-            uid,
+            ))
         })
+    }
+
+    /// Counts a new connection for `uid`; `None` past a limit.
+    fn admit_connection(&self, uid: u32) -> Option<Slot> {
+        let slot = Slot::take(
+            &self.connections,
+            uid,
+            self.max_connections_per_uid,
+            self.max_connections,
+        );
+        if slot.is_none() && self.refusal_log.try_take(&uid, 1.0, Instant::now()) {
+            warn!(
+                uid,
+                max_connections = self.max_connections,
+                max_connections_per_uid = self.max_connections_per_uid,
+                "Workload API connection refused: too many open (see max_connections)"
+            );
+        }
+        slot
+    }
+
+    /// Refuses a unary call past the caller's uid's rate.
+    fn unary_allowed<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        let uid = peer_cred(req)?.uid();
+        if self.unary.try_take(&uid, 1.0, Instant::now()) {
+            Ok(())
+        } else {
+            Err(Status::resource_exhausted(
+                "this user makes too many Workload API calls; retry later",
+            ))
+        }
+    }
+
+    /// Runs `f` on the attestation pool for a caller of `uid`, within the
+    /// attestation timeout.
+    async fn on_pool<T: Send + 'static>(
+        &self,
+        uid: u32,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, Status> {
+        tokio::time::timeout(ATTESTATION_TIMEOUT, self.pool.run(uid, f))
+            .await
+            .map_err(|_| Status::unavailable("workload attestation timed out; retry"))?
+            .ok_or_else(|| Status::internal("workload attestation failed"))
+    }
+
+    /// Attests the process a stream's update goes to again: still the one
+    /// that opened the stream.
+    async fn recheck(&self, r: &Recheck) -> Result<(), Status> {
+        let (attestor, pid, origin) = (self.attestor.clone(), r.pid, r.origin.clone());
+        self.on_pool(r.uid, move || attestor.attest_as(pid, Some(&origin)))
+            .await?
+            .map(|_| ())
+            .map_err(|_| Status::unauthenticated("the calling process changed or is gone"))
     }
 
     /// Checks the header and attests the caller.
     async fn caller<T>(&self, req: &Request<T>) -> Result<Caller, Status> {
         check_header(req)?;
+        let cred = peer_cred(req)?;
         let conn = req.extensions().get::<WorkloadConnInfo>().cloned();
-        let cred = conn
-            .as_ref()
-            .and_then(|c| c.uds.peer_cred)
-            .ok_or_else(|| Status::unauthenticated("caller credentials unavailable"))?;
         let pid = cred
             .pid()
             .ok_or_else(|| Status::unauthenticated("caller credentials unavailable"))?;
         // The process must still be the one that connected: not gone, not
         // a reused pid, not another program after an exec.
-        let origin = conn
-            .and_then(|c| c.origin)
-            .ok_or_else(|| Status::unauthenticated("the calling process is gone"))?;
+        let origin = conn.and_then(|c| c.origin).ok_or_else(|| {
+            Status::unauthenticated("the calling process is gone or could not be inspected")
+        })?;
         let origin_for_later = origin.clone();
         let attestor = self.attestor.clone();
-        let attested = tokio::time::timeout(
-            ATTESTATION_TIMEOUT,
-            tokio::task::spawn_blocking(move || attestor.attest_as(pid, Some(&origin))),
-        )
-        .await
-        .map_err(|_| Status::unauthenticated("workload attestation timed out"))?
-        .map_err(|_| Status::internal("workload attestation failed"))?;
+        let attested = self
+            .on_pool(cred.uid(), move || attestor.attest_as(pid, Some(&origin)))
+            .await?;
         let mut selectors = attested.map_err(|e| {
             debug!(pid, error = %e, "workload attestation failed");
             Status::unauthenticated("the calling process could not be attested")
@@ -317,7 +561,11 @@ impl WorkloadApi {
             }
             // The slower attestors ran after the unix checks: the process
             // must still be the one that connected.
-            if self.attestor.identity(pid).ok().as_ref() != Some(&origin_for_later) {
+            let attestor = self.attestor.clone();
+            let now = self
+                .on_pool(cred.uid(), move || attestor.identity(pid))
+                .await?;
+            if now.ok().as_ref() != Some(&origin_for_later) {
                 return Err(Status::unauthenticated(
                     "the calling process changed or is gone",
                 ));
@@ -388,15 +636,20 @@ impl WorkloadApi {
     }
 
     /// Streams `make()` now and whenever the cache changes and the value
-    /// differs; ends with the error `make` returns. `check` runs before
-    /// each update is sent (not when nothing is sent: an unchanged value,
-    /// or an error ending the stream, discloses nothing) and ends the
-    /// stream with its error instead.
-    fn watch_stream<T, F, C>(&self, slot: StreamSlot, first: T, make: F, check: C) -> BoxStream<T>
+    /// differs; ends with the error `make` returns. With `recheck`, the
+    /// caller is attested again before each update is sent (not when
+    /// nothing is sent: an unchanged value, or an error ending the stream,
+    /// discloses nothing), and the stream ends if it is not the same.
+    fn watch_stream<T, F>(
+        &self,
+        slot: Slot,
+        first: T,
+        make: F,
+        recheck: Option<Recheck>,
+    ) -> BoxStream<T>
     where
         T: PartialEq + Clone + Send + 'static,
         F: Fn(&WorkloadApi) -> Result<Option<T>, Status> + Send + 'static,
-        C: Fn(&WorkloadApi) -> Result<(), Status> + Send + 'static,
     {
         let (tx, rx) = mpsc::channel(1);
         let this = self.clone();
@@ -416,7 +669,9 @@ impl WorkloadApi {
                     Ok(None) => {}
                     Ok(Some(next)) if next == last => {}
                     Ok(Some(next)) => {
-                        if let Err(status) = check(&this) {
+                        if let Some(r) = &recheck
+                            && let Err(status) = this.recheck(r).await
+                        {
                             let _ = tx.send(Err(status)).await;
                             return;
                         }
@@ -434,6 +689,12 @@ impl WorkloadApi {
         });
         Box::pin(ReceiverStream::new(rx))
     }
+}
+
+/// The key of a bundle in the Workload API's bundle maps: the SPIFFE ID of
+/// its trust domain (`spiffe://example.org`), as the specification says.
+fn bundle_key(b: &Bundle) -> String {
+    b.trust_domain.id().to_string()
 }
 
 fn x509_response(svids: &[Arc<CachedSvid>], bundle: &Bundle) -> X509svidResponse {
@@ -476,13 +737,13 @@ impl SpiffeWorkloadApi for WorkloadApi {
         // Each update goes only to the process that opened the stream: it
         // is attested again before anything is sent (and only then, so a
         // change that sends nothing, or a revocation, costs no /proc reads).
-        let check = move |api: &WorkloadApi| {
-            api.attestor
-                .attest_as(pid, Some(&origin))
-                .map(|_| ())
-                .map_err(|_| Status::unauthenticated("the calling process changed or is gone"))
-        };
-        Ok(Response::new(self.watch_stream(slot, first, make, check)))
+        let recheck = Recheck { uid, pid, origin };
+        Ok(Response::new(self.watch_stream(
+            slot,
+            first,
+            make,
+            Some(recheck),
+        )))
     }
 
     async fn fetch_x509_bundles(
@@ -496,7 +757,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
             let b = api.bundle()?;
             Ok(X509BundlesResponse {
                 crl: vec![],
-                bundles: [(b.trust_domain.to_string(), b.x509_authorities.concat())].into(),
+                bundles: [(bundle_key(&b), b.x509_authorities.concat())].into(),
             })
         };
         let first = make(self)?;
@@ -504,7 +765,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
             slot,
             first,
             move |api| make(api).map(Some),
-            |_| Ok(()),
+            None,
         )))
     }
 
@@ -512,6 +773,8 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         req: Request<JwtsvidRequest>,
     ) -> Result<Response<JwtsvidResponse>, Status> {
+        check_header(&req)?;
+        self.unary_allowed(&req)?;
         let Caller { uid, selectors, .. } = self.caller(&req).await?;
         let r = req.into_inner();
         if r.audience.is_empty() || r.audience.iter().any(String::is_empty) {
@@ -526,8 +789,9 @@ impl SpiffeWorkloadApi for WorkloadApi {
         let wanted: Vec<_> = if r.spiffe_id.is_empty() {
             entries
         } else {
-            let id = SpiffeId::parse(&r.spiffe_id)
-                .map_err(|_| Status::permission_denied("not entitled to that SPIFFE ID"))?;
+            let id = SpiffeId::parse(&r.spiffe_id).map_err(|e| {
+                Status::invalid_argument(format!("spiffe_id is not a valid SPIFFE ID: {e}"))
+            })?;
             entries.into_iter().filter(|e| e.spiffe_id == id).collect()
         };
         if wanted.is_empty() {
@@ -573,7 +837,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
                 ..(*b).clone()
             };
             Ok(JwtBundlesResponse {
-                bundles: [(b.trust_domain.to_string(), jwt_only.to_jwks_bytes())].into(),
+                bundles: [(bundle_key(&b), jwt_only.to_jwks_bytes())].into(),
             })
         };
         let first = make(self)?;
@@ -581,7 +845,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
             slot,
             first,
             move |api| make(api).map(Some),
-            |_| Ok(()),
+            None,
         )))
     }
 
@@ -590,6 +854,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         req: Request<ValidateJwtsvidRequest>,
     ) -> Result<Response<ValidateJwtsvidResponse>, Status> {
         check_header(&req)?;
+        self.unary_allowed(&req)?;
         let r = req.into_inner();
         if r.audience.is_empty() {
             return Err(Status::invalid_argument("audience is required"));
@@ -719,15 +984,70 @@ pub async fn serve(
     listener: UnixListener,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
-    let attestor = api.attestor.clone();
-    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener)
-        .map(move |s| s.map(|s| WorkloadConn::accept(s, &attestor)));
+    let (tx, rx) = mpsc::channel(64);
+    tokio::spawn(accept_loop(listener, api.clone(), tx));
+    let incoming = ReceiverStream::new(rx);
     let health = Health {
         agent: api.agent.clone(),
     };
     tonic::transport::Server::builder()
+        // The `:authority` shim buffers at most one frame of this size.
+        .max_frame_size(Some(crate::authority::MAX_FRAME_SIZE as u32))
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
         .add_service(sigil_proto::grpc::health::v1::health_server::HealthServer::new(health))
         .add_service(SpiffeWorkloadApiServer::new(api).max_decoding_message_size(MAX_REQUEST_BYTES))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
+}
+
+/// Accepts connections until the server stops taking them (`tx` closed):
+/// counts each against its uid, refusing (closing) it past a limit, and
+/// hands it to the server once the connecting process's identity is taken,
+/// in a task of its own so that a slow `/proc` never holds up the loop.
+async fn accept_loop(
+    listener: UnixListener,
+    api: WorkloadApi,
+    tx: mpsc::Sender<Result<WorkloadConn, std::io::Error>>,
+) {
+    let mut backoff = ACCEPT_BACKOFF_MIN;
+    loop {
+        let accepted = tokio::select! {
+            () = tx.closed() => return,
+            r = listener.accept() => r,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => {
+                backoff = ACCEPT_BACKOFF_MIN;
+                stream
+            }
+            Err(e) => {
+                // Out of file descriptors (EMFILE, ENFILE) persists until
+                // some are closed: retrying at once would spin.
+                warn!(
+                    error = %e,
+                    retry_in_ms = backoff.as_millis() as u64,
+                    "cannot accept Workload API connections (raise the open files limit if \
+                     this persists); retrying"
+                );
+                tokio::select! {
+                    () = tx.closed() => return,
+                    () = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+                continue;
+            }
+        };
+        let Ok(cred) = stream.peer_cred() else {
+            debug!("Workload API connection without peer credentials closed");
+            continue;
+        };
+        let Some(slot) = api.admit_connection(cred.uid()) else {
+            continue;
+        };
+        let (api, tx) = (api.clone(), tx.clone());
+        tokio::spawn(async move {
+            let conn = WorkloadConn::accept(stream, slot, &api).await;
+            let _ = tx.send(Ok(conn)).await;
+        });
+    }
 }

@@ -28,12 +28,20 @@ struct Setup {
 }
 
 async fn setup() -> Setup {
+    setup_with(Arc::new(UnixAttestor::default()), |api| api).await
+}
+
+/// Like [`setup`], with another attestor and settings.
+async fn setup_with(
+    attestor: Arc<UnixAttestor>,
+    configure: impl FnOnce(WorkloadApi) -> WorkloadApi,
+) -> Setup {
     let server = Server::start().await;
     let agent = server.start_agent().await;
     let agent_id = server.agent_id().await;
     let socket = server.dir.path().join("workload/api.sock");
     let listener = workload_api::bind(&socket).unwrap();
-    let api = WorkloadApi::new(agent.clone(), Arc::new(UnixAttestor::default()));
+    let api = configure(WorkloadApi::new(agent.clone(), attestor));
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let (stop_a, stop_b) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
@@ -233,72 +241,94 @@ async fn the_socket_directory_is_not_writable_by_workloads() {
     ));
 }
 
+/// Issue 13 item 16: on a busy node many containers share one uid. With
+/// default settings 1,000 concurrent streams from this uid, each on its own
+/// connection as separate workloads would hold them, are all served, and a
+/// new client (of this uid, and of another through the real CLI) still gets
+/// its SVID within a second.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_streams_from_one_uid_do_not_starve_another_uid() {
-    use std::os::unix::fs::PermissionsExt;
+    const STREAMS: usize = 1000;
+    // Both ends of every connection live in this process.
+    common::raise_open_file_limit(4 * STREAMS as u64);
     let s = setup().await;
     register(&s, "mine", &format!("unix:uid:{}", my_uid())).await;
     register(&s, "nobody", "unix:uid:65534").await;
 
-    // 1,000 stream attempts from this uid over 8 connections.
-    let mut held = Vec::new();
-    let (mut opened, mut refused) = (0, 0);
-    for _ in 0..8 {
+    let mut held = Vec::with_capacity(STREAMS);
+    for i in 0..STREAMS {
         let channel = sigil_proto::channel::unix_channel(&s.socket).await.unwrap();
         let mut raw = SpiffeWorkloadApiClient::new(channel);
-        for _ in 0..125 {
-            match raw.fetch_x509svid(with_header(X509svidRequest {})).await {
-                Ok(stream) => {
-                    opened += 1;
-                    held.push(stream.into_inner());
-                }
-                Err(e) => {
-                    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
-                    refused += 1;
-                }
-            }
-        }
+        let mut stream = match raw.fetch_x509svid(with_header(X509svidRequest {})).await {
+            Ok(stream) => stream.into_inner(),
+            Err(e) => panic!("stream {i} of {STREAMS} refused: {e:?}"),
+        };
+        let first = stream.message().await.unwrap().unwrap();
+        assert_eq!(first.svids[0].spiffe_id, "spiffe://example.org/mine");
+        held.push((raw, stream));
     }
-    assert_eq!(opened, workload_api::DEFAULT_MAX_STREAMS_PER_UID);
-    assert_eq!(refused, 1000 - workload_api::DEFAULT_MAX_STREAMS_PER_UID);
 
-    // Another user is still served, through the real CLI, as uid 65534.
-    let mut dir = s.socket.parent();
-    while let Some(d) = dir {
-        if d == std::path::Path::new("/tmp") || d == std::path::Path::new("/") {
-            break;
-        }
-        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
-        dir = d.parent();
-    }
-    let out = tokio::task::spawn_blocking({
-        let socket = s.socket.clone();
-        move || {
-            use std::os::unix::process::CommandExt;
-            std::process::Command::new(env!("CARGO_BIN_EXE_sigil-agent"))
-                .arg("--socket")
-                .arg(&socket)
-                .args(["api", "fetch", "x509"])
-                .uid(65534)
-                .gid(65534)
-                .output()
-                .unwrap()
-        }
+    // A new client of the same uid, while all of them are open.
+    let fresh = tokio::time::timeout(Duration::from_secs(1), async {
+        let channel = sigil_proto::channel::unix_channel(&s.socket).await.unwrap();
+        let mut raw = SpiffeWorkloadApiClient::new(channel);
+        let mut stream = raw
+            .fetch_x509svid(with_header(X509svidRequest {}))
+            .await
+            .unwrap()
+            .into_inner();
+        stream.message().await.unwrap().unwrap()
     })
     .await
-    .unwrap();
+    .expect("a new client waited more than a second");
+    assert_eq!(fresh.svids[0].spiffe_id, "spiffe://example.org/mine");
+
+    // Another user, through the real CLI, as uid 65534 (the time includes
+    // starting the CLI).
+    open_socket_dirs(&s.socket);
+    let out = tokio::time::timeout(
+        Duration::from_secs(1),
+        cli_as_nobody(&s.socket, &["api", "fetch", "x509"]),
+    )
+    .await
+    .expect("a client of another uid waited more than a second");
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("spiffe://example.org/nobody"));
+    assert_eq!(held.len(), STREAMS, "all streams were still held");
+}
 
-    // Closing streams frees the slots.
-    held.clear();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+/// The per-uid stream limit still applies when configured low, and closing
+/// streams frees their slots.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configured_stream_limit_refuses_more_and_frees_slots_on_close() {
+    let s = setup_with(Arc::new(UnixAttestor::default()), |api| {
+        api.with_max_streams_per_uid(3)
+    })
+    .await;
+    register(&s, "mine", &format!("unix:uid:{}", my_uid())).await;
     let channel = sigil_proto::channel::unix_channel(&s.socket).await.unwrap();
     let mut raw = SpiffeWorkloadApiClient::new(channel);
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(
+            raw.fetch_x509svid(with_header(X509svidRequest {}))
+                .await
+                .unwrap()
+                .into_inner(),
+        );
+    }
+    let err = raw
+        .fetch_x509svid(with_header(X509svidRequest {}))
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    held.clear();
+    tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(
         raw.fetch_x509svid(with_header(X509svidRequest {}))
             .await
@@ -542,5 +572,391 @@ async fn a_caller_that_exited_before_attestation_gets_no_svid() {
         run("after-exit").await.unwrap(),
         "none",
         "a gone process gets no SVID"
+    );
+}
+
+/// Issue 13 item 15: the bundle maps are keyed by the trust domain's SPIFFE
+/// ID, as the Workload API specification says (and SPIRE sends); a
+/// malformed `spiffe_id` in FetchJWTSVID is InvalidArgument.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bundle_maps_are_keyed_by_spiffe_id_and_a_malformed_id_is_invalid() {
+    use sigil_proto::workload::{JwtBundlesRequest, X509BundlesRequest};
+    let s = setup().await;
+    register(&s, "web", &format!("unix:uid:{}", my_uid())).await;
+    let channel = sigil_proto::channel::unix_channel(&s.socket).await.unwrap();
+    let mut raw = SpiffeWorkloadApiClient::new(channel);
+
+    let x509 = raw
+        .fetch_x509_bundles(with_header(X509BundlesRequest {}))
+        .await
+        .unwrap()
+        .into_inner()
+        .message()
+        .await
+        .unwrap()
+        .unwrap();
+    let keys: Vec<_> = x509.bundles.keys().cloned().collect();
+    assert_eq!(keys, ["spiffe://example.org"]);
+    let jwt = raw
+        .fetch_jwt_bundles(with_header(JwtBundlesRequest {}))
+        .await
+        .unwrap()
+        .into_inner()
+        .message()
+        .await
+        .unwrap()
+        .unwrap();
+    let keys: Vec<_> = jwt.bundles.keys().cloned().collect();
+    assert_eq!(keys, ["spiffe://example.org"]);
+    let svid = raw
+        .fetch_x509svid(with_header(X509svidRequest {}))
+        .await
+        .unwrap()
+        .into_inner()
+        .message()
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        svid.federated_bundles
+            .keys()
+            .all(|k| k.starts_with("spiffe://")),
+        "{:?}",
+        svid.federated_bundles.keys()
+    );
+
+    for bad in ["not a spiffe id", "spiffe://", "http://example.org/web"] {
+        let err = raw
+            .fetch_jwtsvid(with_header(JwtsvidRequest {
+                audience: vec!["db".into()],
+                spiffe_id: bad.into(),
+            }))
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(err.code(), Code::InvalidArgument, "{bad:?}: {err:?}");
+    }
+    // A well-formed ID the caller is not entitled to stays PermissionDenied.
+    let err = raw
+        .fetch_jwtsvid(with_header(JwtsvidRequest {
+            audience: vec!["db".into()],
+            spiffe_id: "spiffe://example.org/someone-else".into(),
+        }))
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+}
+
+/// Issue 13 item 3: the `:authority` shim buffers at most one frame of the
+/// size the server advertises (16 KiB). A connection announcing a 1 MiB
+/// frame is closed when the frame header arrives, instead of being kept
+/// open while up to 1 MiB is buffered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_larger_than_advertised_is_refused_at_its_header() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = setup().await;
+    let mut conn = tokio::net::UnixStream::connect(&s.socket).await.unwrap();
+    conn.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    // An empty SETTINGS frame, then the header of a 1 MiB DATA frame and a
+    // little of its payload.
+    conn.write_all(&[0, 0, 0, 0x4, 0, 0, 0, 0, 0])
+        .await
+        .unwrap();
+    conn.write_all(&[0x10, 0, 0, 0x0, 0, 0, 0, 0, 1])
+        .await
+        .unwrap();
+    conn.write_all(&[0u8; 100]).await.unwrap();
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match conn.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {} // the server's SETTINGS and GOAWAY
+            }
+        }
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "the connection with a 1 MiB frame in flight was kept open"
+    );
+}
+
+/// Issue 13 item 7: attestation reads /proc; when that blocks (a hung file
+/// system, here a FIFO nobody writes standing in for `/proc/<pid>/stat`),
+/// only the callers it concerns wait: the accept loop and the runtime keep
+/// serving others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_proc_read_does_not_stall_other_callers() {
+    use std::os::unix::process::CommandExt;
+
+    /// Lets the blocked reads finish (even when the test fails) so that
+    /// the runtime can shut down: each opening of the FIFO for writing
+    /// releases the readers waiting on it.
+    struct Release(std::path::PathBuf);
+    impl Drop for Release {
+        fn drop(&mut self) {
+            let fifo = self.0.clone();
+            std::thread::spawn(move || {
+                while std::fs::OpenOptions::new().write(true).open(&fifo).is_ok() {}
+            });
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    let root = tempfile::tempdir().unwrap();
+    let proc_root = root.path().join("proc");
+    std::fs::create_dir_all(&proc_root).unwrap();
+    // This process (the stuck caller): its stat is a FIFO, so reading it
+    // blocks in open().
+    let me = proc_root.join(std::process::id().to_string());
+    std::fs::create_dir(&me).unwrap();
+    let fifo = me.join("stat");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let _release = Release(fifo.clone());
+    let attestor = Arc::new(UnixAttestor::with_roots(
+        &proc_root,
+        "/etc",
+        sigil_attestors::unix::DEFAULT_MAX_HASH_BYTES,
+    ));
+    let s = setup_with(attestor, |api| api).await;
+    register(&s, "nobody", "unix:uid:65534").await;
+    open_socket_dirs(&s.socket);
+
+    // Many stuck callers: each connection's attestation blocks.
+    let mut stuck = Vec::new();
+    for _ in 0..40 {
+        let socket = s.socket.clone();
+        stuck.push(tokio::spawn(async move {
+            let channel = sigil_proto::channel::unix_channel(&socket).await?;
+            let mut raw = SpiffeWorkloadApiClient::new(channel);
+            let _ = raw.fetch_x509svid(with_header(X509svidRequest {})).await;
+            Ok::<_, sigil_proto::channel::ChannelError>(())
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // Another workload (uid 65534), started stopped so that its /proc
+    // entry can be mapped to the real one before it connects.
+    let child = std::process::Command::new("sh")
+        .uid(65534)
+        .gid(65534)
+        .arg("-c")
+        .arg("kill -STOP $$; exec \"$0\" --socket \"$1\" api fetch x509")
+        .arg(env!("CARGO_BIN_EXE_sigil-agent"))
+        .arg(&s.socket)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    for _ in 0..200 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        if stat
+            .rsplit_once(')')
+            .is_some_and(|(_, r)| r.trim_start().starts_with('T'))
+        {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::os::unix::fs::symlink(format!("/proc/{pid}"), proc_root.join(pid.to_string())).unwrap();
+    std::process::Command::new("kill")
+        .args(["-CONT", &pid.to_string()])
+        .status()
+        .unwrap();
+    let out = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::task::spawn_blocking(move || child.wait_with_output().unwrap()),
+    )
+    .await
+    .expect("another workload was not served while attestation of others hung")
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("spiffe://example.org/nobody"));
+
+    for t in stuck {
+        t.abort();
+    }
+}
+
+/// Makes the directories above the socket enterable by other users.
+fn open_socket_dirs(socket: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let mut dir = socket.parent();
+    while let Some(d) = dir {
+        if d == std::path::Path::new("/tmp") || d == std::path::Path::new("/") {
+            break;
+        }
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
+        dir = d.parent();
+    }
+}
+
+/// Runs the real CLI as uid 65534 with `args`.
+async fn cli_as_nobody(socket: &std::path::Path, args: &[&str]) -> std::process::Output {
+    let socket = socket.to_path_buf();
+    let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+    tokio::task::spawn_blocking(move || {
+        use std::os::unix::process::CommandExt;
+        std::process::Command::new(env!("CARGO_BIN_EXE_sigil-agent"))
+            .arg("--socket")
+            .arg(&socket)
+            .args(&args)
+            .uid(65534)
+            .gid(65534)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap()
+}
+
+/// Whether the agent closes `conn` within five seconds.
+async fn closed_by_agent(conn: &mut tokio::net::UnixStream) -> bool {
+    use tokio::io::AsyncReadExt;
+    tokio::time::timeout(Duration::from_secs(5), async {
+        let mut buf = [0u8; 1024];
+        loop {
+            match conn.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
+
+/// Issue 13 item 3: connections are counted per uid and in total; past a
+/// limit a new connection is closed at once, other uids are still served
+/// under the per-uid limit, and closing connections frees their slots.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_the_limits_are_closed() {
+    use tokio::io::AsyncWriteExt;
+    let s = setup_with(Arc::new(UnixAttestor::default()), |api| {
+        api.with_max_connections(100, 3)
+    })
+    .await;
+    register(&s, "mine", &format!("unix:uid:{}", my_uid())).await;
+    register(&s, "nobody", "unix:uid:65534").await;
+    open_socket_dirs(&s.socket);
+    let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0";
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut c = tokio::net::UnixStream::connect(&s.socket).await.unwrap();
+        c.write_all(preface).await.unwrap();
+        held.push(c);
+    }
+    let mut fourth = tokio::net::UnixStream::connect(&s.socket).await.unwrap();
+    let _ = fourth.write_all(preface).await;
+    assert!(
+        closed_by_agent(&mut fourth).await,
+        "a fourth connection of this uid was kept"
+    );
+    let out = cli_as_nobody(&s.socket, &["api", "fetch", "x509"]).await;
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("spiffe://example.org/nobody"),
+        "another uid is served: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    held.pop();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let channel = sigil_proto::channel::unix_channel(&s.socket).await.unwrap();
+    let mut raw = SpiffeWorkloadApiClient::new(channel);
+    assert!(
+        raw.fetch_x509svid(with_header(X509svidRequest {}))
+            .await
+            .is_ok(),
+        "a freed slot is used again"
+    );
+
+    // The limit in all applies across uids.
+    let s = setup_with(Arc::new(UnixAttestor::default()), |api| {
+        api.with_max_connections(2, 100)
+    })
+    .await;
+    register(&s, "nobody", "unix:uid:65534").await;
+    open_socket_dirs(&s.socket);
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut c = tokio::net::UnixStream::connect(&s.socket).await.unwrap();
+        c.write_all(preface).await.unwrap();
+        held.push(c);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let out = cli_as_nobody(&s.socket, &["api", "fetch", "x509"]).await;
+    assert!(
+        !out.status.success(),
+        "a third connection in all was served"
+    );
+    drop(held);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let out = cli_as_nobody(&s.socket, &["api", "fetch", "x509"]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Issue 13 item 7: unary calls are rate-limited per uid; another uid has
+/// its own budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unary_calls_are_rate_limited_per_uid() {
+    let s = setup_with(Arc::new(UnixAttestor::default()), |api| {
+        api.with_unary_calls_per_uid_per_second(5)
+    })
+    .await;
+    register(&s, "mine", &format!("unix:uid:{}", my_uid())).await;
+    register(&s, "nobody", "unix:uid:65534").await;
+    open_socket_dirs(&s.socket);
+    let channel = sigil_proto::channel::unix_channel(&s.socket).await.unwrap();
+    let mut raw = SpiffeWorkloadApiClient::new(channel);
+    let mut codes = Vec::new();
+    for _ in 0..8 {
+        let req = sigil_proto::workload::ValidateJwtsvidRequest {
+            audience: "db".into(),
+            svid: "not.a.jwt".into(),
+        };
+        codes.push(
+            raw.validate_jwtsvid(with_header(req))
+                .await
+                .unwrap_err()
+                .code(),
+        );
+    }
+    assert!(
+        codes
+            .iter()
+            .filter(|c| **c == Code::ResourceExhausted)
+            .count()
+            >= 2,
+        "{codes:?}"
+    );
+    assert_eq!(codes[0], Code::InvalidArgument);
+    let err = raw
+        .fetch_jwtsvid(with_header(JwtsvidRequest {
+            audience: vec!["db".into()],
+            spiffe_id: String::new(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    let out = cli_as_nobody(&s.socket, &["api", "fetch", "jwt", "--audience", "db"]).await;
+    assert!(
+        out.status.success(),
+        "another uid has its own budget: {}",
+        String::from_utf8_lossy(&out.stderr)
     );
 }

@@ -8,7 +8,7 @@
 //! process that `exec`ed, while selectors were gathered yields an error
 //! instead of someone else's identity. `cmdline` is never used.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::Read;
 use std::os::unix::fs::MetadataExt;
@@ -21,6 +21,8 @@ use sigil_identity::{Selector, SelectorSet};
 pub const NAME: &str = "unix";
 /// Default largest executable hashed for `unix:sha256`.
 pub const DEFAULT_MAX_HASH_BYTES: u64 = 256 * 1024 * 1024;
+/// Executables whose hash is remembered.
+const HASH_CACHE_ENTRIES: usize = 10_000;
 
 /// Why a process could not be attested.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -57,6 +59,63 @@ impl FileKey {
             ctime_nsec: m.ctime_nsec(),
             size: m.size(),
         }
+    }
+}
+
+/// Hashes of executables by [`FileKey`]; when full, the least recently
+/// used is dropped (not all of them: a node running more distinct
+/// executables than fit would otherwise hash every one again and again).
+#[derive(Debug)]
+struct HashCache {
+    capacity: usize,
+    /// Counts uses; each entry remembers its last.
+    tick: u64,
+    entries: HashMap<FileKey, (String, u64)>,
+    /// Last use → key, oldest first.
+    by_use: BTreeMap<u64, FileKey>,
+}
+
+impl HashCache {
+    fn new(capacity: usize) -> Self {
+        Self {
+            capacity: capacity.max(1),
+            tick: 0,
+            entries: HashMap::new(),
+            by_use: BTreeMap::new(),
+        }
+    }
+
+    fn touch(&mut self, key: FileKey, last: u64) -> u64 {
+        self.tick += 1;
+        self.by_use.remove(&last);
+        self.by_use.insert(self.tick, key);
+        self.tick
+    }
+
+    fn get(&mut self, key: &FileKey) -> Option<String> {
+        let (hash, last) = self.entries.get(key).cloned()?;
+        let now = self.touch(*key, last);
+        if let Some(e) = self.entries.get_mut(key) {
+            e.1 = now;
+        }
+        Some(hash)
+    }
+
+    fn insert(&mut self, key: FileKey, hash: String) {
+        let last = match self.entries.get(&key) {
+            Some(&(_, last)) => last,
+            None => {
+                if self.entries.len() >= self.capacity
+                    && let Some((_, oldest)) = self.by_use.pop_first()
+                {
+                    self.entries.remove(&oldest);
+                }
+                // Not in `by_use`: removing tick 0 removes nothing.
+                0
+            }
+        };
+        let now = self.touch(key, last);
+        self.entries.insert(key, (hash, now));
     }
 }
 
@@ -100,7 +159,7 @@ pub struct UnixAttestor {
     proc_root: PathBuf,
     etc_root: PathBuf,
     max_hash_bytes: u64,
-    hashes: Mutex<HashMap<FileKey, String>>,
+    hashes: Mutex<HashCache>,
     users: NamesCache,
     groups: NamesCache,
 }
@@ -150,7 +209,7 @@ impl UnixAttestor {
             proc_root: proc_root.into(),
             etc_root: etc_root.into(),
             max_hash_bytes,
-            hashes: Mutex::new(HashMap::new()),
+            hashes: Mutex::new(HashCache::new(HASH_CACHE_ENTRIES)),
             users: NamesCache::default(),
             groups: NamesCache::default(),
         }
@@ -219,7 +278,7 @@ impl UnixAttestor {
             .unwrap_or_else(|p| p.into_inner())
             .get(&key)
         {
-            return Some(h.clone());
+            return Some(h);
         }
         if key.size > self.max_hash_bytes {
             return None;
@@ -242,11 +301,10 @@ impl UnixAttestor {
             ctx.update(&buf[..n]);
         }
         let hex = sigil_identity::random::hex(ctx.finish().as_ref());
-        let mut cache = self.hashes.lock().unwrap_or_else(|p| p.into_inner());
-        if cache.len() > 10_000 {
-            cache.clear();
-        }
-        cache.insert(key, hex.clone());
+        self.hashes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key, hex.clone());
         Some(hex)
     }
 
@@ -506,6 +564,37 @@ mod tests {
             has(&got, "unix:group:team") && !has(&got, "unix:group:staff"),
             "{got:?}"
         );
+    }
+
+    /// Issue 13 item 7: a full hash cache drops its least recently used
+    /// entry, not everything (it used to be cleared).
+    #[test]
+    fn a_full_hash_cache_drops_the_least_recently_used() {
+        let key = |ino| FileKey {
+            dev: 1,
+            ino,
+            mtime: 0,
+            mtime_nsec: 0,
+            ctime: 0,
+            ctime_nsec: 0,
+            size: 1,
+        };
+        let mut c = HashCache::new(3);
+        for ino in 1..=3 {
+            c.insert(key(ino), format!("h{ino}"));
+        }
+        assert_eq!(c.get(&key(1)).as_deref(), Some("h1"));
+        c.insert(key(4), "h4".into());
+        assert_eq!(c.get(&key(2)), None, "the least recently used went");
+        for ino in [1, 3, 4] {
+            assert_eq!(c.get(&key(ino)), Some(format!("h{ino}")), "{ino} kept");
+        }
+        // Inserting a key again refreshes it without evicting anything.
+        c.insert(key(1), "h1".into());
+        c.insert(key(5), "h5".into());
+        assert_eq!(c.get(&key(3)), None);
+        assert_eq!(c.entries.len(), 3);
+        assert_eq!(c.by_use.len(), 3);
     }
 
     fn tempfile_dir() -> PathBuf {

@@ -11,7 +11,7 @@
 //! - [`registry`]: in-memory authorization index and change fan-out.
 //! - [`node_api`]: the agent-facing gRPC API over TLS 1.3.
 //! - [`admin_api`]: the operator-facing gRPC API on a Unix socket.
-//! - [`audit`], [`rate_limit`]: audit trail and token buckets.
+//! - [`audit`]: the audit trail (token buckets are `sigil_identity::rate_limit`).
 //! - [`retention`]: pruning of old changes, audit records and agents.
 //! - [`config`]: TOML config merged with flags.
 //! - [`server`]: wiring and `run(config, listeners, shutdown)`.
@@ -29,7 +29,6 @@ pub mod config;
 pub mod datastore;
 pub mod entry_apply;
 pub mod node_api;
-pub mod rate_limit;
 pub mod registration_file;
 pub mod registry;
 pub mod retention;

@@ -27,8 +27,8 @@ use crate::ca::{CaConfig, CaManager};
 use crate::config::{K8sPsatSection, KeyManagerKind, ServerConfig};
 use crate::datastore::{Datastore, DatastoreError, SledDatastore, TokenHash};
 use crate::node_api::{NodeApi, NodeService, limits, tls};
-use crate::rate_limit::RateLimiter;
 use crate::registry::Registry;
+use sigil_identity::rate_limit::RateLimiter;
 
 /// How long shutdown waits for open connections to finish.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);

@@ -227,7 +227,16 @@ async fn padded_prioritised_and_continued_blocks_are_reassembled() {
         1,
         &payload,
     ));
-    bytes.extend(frame(TYPE_CONTINUATION, FLAG_END_HEADERS, 1, tail));
+    // CONTINUATIONs of at most the advertised frame size, as a client must.
+    let chunks: Vec<&[u8]> = tail.chunks(MAX_FRAME_SIZE).collect();
+    for (i, chunk) in chunks.iter().enumerate() {
+        let flags = if i + 1 == chunks.len() {
+            FLAG_END_HEADERS
+        } else {
+            0
+        };
+        bytes.extend(frame(TYPE_CONTINUATION, flags, 1, chunk));
+    }
     run_client(client, bytes).await;
     assert_eq!(requests_seen(&seen, 1).await, vec!["localhost"]);
 }
@@ -287,4 +296,24 @@ fn a_header_block_that_expands_too_far_is_refused() {
     fix.input
         .extend(frame(TYPE_HEADERS, FLAG_END_HEADERS, 1, &block));
     assert!(fix.process().unwrap_err().to_string().contains("too large"));
+}
+
+/// Issue 13 item 3: a frame over the advertised size is refused when its
+/// header arrives, before its payload is buffered.
+#[test]
+fn a_frame_over_the_advertised_size_is_refused_at_its_header() {
+    let mut fix = AuthorityFix::new(());
+    fix.input.extend_from_slice(PREFACE);
+    fix.input.extend(frame(0x0, 0, 1, &vec![0; MAX_FRAME_SIZE]));
+    fix.process().unwrap();
+    let mut header = frame(0x0, 0, 1, &[]);
+    let len = MAX_FRAME_SIZE + 1;
+    header[..3].copy_from_slice(&[(len >> 16) as u8, (len >> 8) as u8, len as u8]);
+    fix.input.extend(header);
+    assert!(
+        fix.process()
+            .unwrap_err()
+            .to_string()
+            .contains("SETTINGS_MAX_FRAME_SIZE")
+    );
 }

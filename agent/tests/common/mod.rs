@@ -161,3 +161,36 @@ pub async fn wait_for(mut f: impl FnMut() -> bool) -> bool {
     }
     false
 }
+
+/// Raises this process's soft limit on open files to at least `want` (up
+/// to the hard limit), with util-linux `prlimit`.
+pub fn raise_open_file_limit(want: u64) {
+    let limits = || {
+        let text = std::fs::read_to_string("/proc/self/limits").unwrap();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("Max open files"))
+            .unwrap()
+            .to_owned();
+        let v: Vec<u64> = line
+            .split_whitespace()
+            .filter_map(|w| w.parse().ok())
+            .collect();
+        (v[0], v[1])
+    };
+    let (soft, hard) = limits();
+    if soft < want {
+        let status = std::process::Command::new("prlimit")
+            .arg("--pid")
+            .arg(std::process::id().to_string())
+            .arg(format!("--nofile={}:{hard}", want.min(hard)))
+            .status()
+            .unwrap();
+        assert!(status.success(), "prlimit failed");
+    }
+    let (soft, _) = limits();
+    assert!(
+        soft >= want,
+        "this test needs {want} open files; the hard limit is {hard}"
+    );
+}

@@ -1,7 +1,8 @@
 """Asks the Workload API for an X.509-SVID over a raw HTTP/2 connection,
 either from the process that connected ("direct") or from a forked child
 after the connecting process has exited ("after-exit"): the kernel's
-SO_PEERCRED then names a process that is gone. Prints "svid" if an SVID
+SO_PEERCRED then names a process that is gone. "reuse" is "after-exit"
+where the child waits for a go file (third argument) before sending. Prints "svid" if an SVID
 came back, "none" otherwise."""
 
 import os
@@ -48,6 +49,17 @@ def main():
         if os.fork() != 0:
             os._exit(0)  # the process the kernel recorded as the peer is gone
         time.sleep(0.5)
+    elif mode == "reuse":
+        # As after-exit, but the child sends only once the file named by
+        # the third argument exists: by then the caller has given the
+        # connecting process's pid to another program.
+        if os.fork() != 0:
+            os._exit(0)
+        go = sys.argv[3]
+        for _ in range(600):
+            if os.path.exists(go):
+                break
+            time.sleep(0.05)
     s.sendall(request)
     s.settimeout(5)
     buf = b""

@@ -32,8 +32,8 @@ use crate::audit::Audit;
 use crate::ca::x509::IssuedSvid;
 use crate::ca::{CaError, CaManager};
 use crate::datastore::{AgentRecord, Datastore, DatastoreError};
-use crate::rate_limit::RateLimiter;
 use crate::registry::{AgentEvent, Registry, SyncStart};
+use sigil_identity::rate_limit::RateLimiter;
 
 /// Marks `status` as revoking the calling agent (see
 /// [`sigil_proto::REVOKED_METADATA`]).
