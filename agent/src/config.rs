@@ -285,7 +285,7 @@ mod tests {
         assert_eq!(cfg.data_dir, PathBuf::from(DEFAULT_DATA_DIR));
         assert_eq!(cfg.max_streams_per_uid, 8192);
         assert_eq!(cfg.max_connections, 16_384);
-        assert_eq!(cfg.max_connections_per_uid, 8192);
+        assert_eq!(cfg.max_connections_per_uid, 4096);
         assert_eq!(cfg.unary_calls_per_uid_per_second, 1000);
         for key in [
             "max_streams_per_uid",

@@ -51,7 +51,7 @@ pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 /// the others. High, because on a busy node many workloads share a uid.
 pub const DEFAULT_MAX_STREAMS_PER_UID: usize = 8192;
 /// Most connections one uid may hold open at once (`max_connections_per_uid`).
-pub const DEFAULT_MAX_CONNECTIONS_PER_UID: usize = 8192;
+pub const DEFAULT_MAX_CONNECTIONS_PER_UID: usize = 4096;
 /// Most connections open at once (`max_connections`).
 pub const DEFAULT_MAX_CONNECTIONS: usize = 16_384;
 /// Unary calls (FetchJWTSVID, ValidateJWTSVID) one uid may make per second,
@@ -234,8 +234,11 @@ pub struct WorkloadConn {
 
 impl WorkloadConn {
     /// Takes the identity of the connecting process (on the attestation
-    /// pool, not in the accept loop).
-    async fn accept(stream: tokio::net::UnixStream, slot: Slot, api: &WorkloadApi) -> Self {
+    /// pool, not in the accept loop). `None` when that took too long: the
+    /// connection is closed rather than served with no identity for good,
+    /// so a client that keeps its connection reconnects and is looked at
+    /// again.
+    async fn accept(stream: tokio::net::UnixStream, slot: Slot, api: &WorkloadApi) -> Option<Self> {
         use tonic::transport::server::Connected;
         let uds = stream.connect_info();
         let pidfd = crate::peer_pidfd::peer_pidfd(&stream);
@@ -245,19 +248,24 @@ impl WorkloadConn {
                 let work = api
                     .pool
                     .run(slot.uid, move || connecting_process(&attestor, pid, pidfd));
-                tokio::time::timeout(ATTESTATION_TIMEOUT, work)
-                    .await
-                    .ok()
-                    .flatten()
-                    .flatten()
+                match tokio::time::timeout(ATTESTATION_TIMEOUT, work).await {
+                    Ok(origin) => origin.flatten(),
+                    Err(_) => {
+                        warn!(
+                            uid = slot.uid,
+                            pid, "looking at a connecting process took too long; connection closed"
+                        );
+                        return None;
+                    }
+                }
             }
             None => None,
         };
-        Self {
+        Some(Self {
             inner: AuthorityFix::new(stream),
             info: WorkloadConnInfo { uds, origin },
             _slot: slot,
-        }
+        })
     }
 }
 
@@ -1046,8 +1054,9 @@ async fn accept_loop(
         };
         let (api, tx) = (api.clone(), tx.clone());
         tokio::spawn(async move {
-            let conn = WorkloadConn::accept(stream, slot, &api).await;
-            let _ = tx.send(Ok(conn)).await;
+            if let Some(conn) = WorkloadConn::accept(stream, slot, &api).await {
+                let _ = tx.send(Ok(conn)).await;
+            }
         });
     }
 }

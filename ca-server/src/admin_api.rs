@@ -208,6 +208,14 @@ impl AdminService {
             }
         }
         .await;
+        if result.is_err() {
+            // A write whose sync failed is applied all the same (the next
+            // sync round makes it durable): the registry follows the store
+            // whatever the outcome, or an evicted agent could keep working.
+            if let Err(e) = self.registry.reload_agent(&id).await {
+                warn!(agent_id = %id, error = %e, "could not reload the agent record");
+            }
+        }
         match &result {
             Ok(_) => self.audit.log_written(&[ok]),
             Err(s) => {
@@ -277,13 +285,14 @@ impl AdminService {
             let stored = self
                 .store
                 .create_entries_audited(vec![(entry, Some(created.clone()))])
-                .await
-                .map_err(|e| store_status(&e))?;
-            for outcome in stored {
+                .await;
+            // Even a failed call may have written (see
+            // `DatastoreError::Durability`): catch up with the store first.
+            self.after_entry_change().await;
+            for outcome in stored.map_err(|e| store_status(&e))? {
                 outcome.map_err(|e| store_status(&e))?;
             }
             self.audit.log_written(&[created]);
-            self.after_entry_change().await;
         }
         Ok(pb::CreateJoinTokenResponse {
             token,

@@ -216,6 +216,11 @@ pub(crate) async fn apply(
     let made = match svc.store.apply_entries(batch).await {
         Ok(made) => made,
         Err(err) => {
+            // A failed sync leaves the changes applied (see
+            // `DatastoreError::Durability`): agents follow the store.
+            if matches!(err, DatastoreError::Durability(_)) {
+                svc.after_entry_change().await;
+            }
             let target = format!("owner={owner}");
             svc.audit
                 .record(caller, "entry.apply", &target, &err.to_string())

@@ -57,7 +57,9 @@ impl Pruner {
                 Ok(ids) => {
                     let mut events = Vec::with_capacity(ids.len());
                     for id in &ids {
-                        self.registry.remove_agent(id);
+                        if let Err(e) = self.registry.reload_agent(id).await {
+                            warn!(agent_id = %id, error = %e, "could not reload a pruned agent");
+                        }
                         events.push(self.audit.event("server", "agent.prune", id.as_str(), "ok"));
                     }
                     self.audit.record_all(events).await;

@@ -58,10 +58,11 @@ fn current_uid() -> io::Result<u32> {
 }
 
 /// Makes sure `dir`, which will hold keys or other secrets, is accessible
-/// to this process's user alone: created 0700 if missing; if it exists
-/// with group or other permissions, set to 0700 when this user owns it,
-/// refused (`PermissionDenied`) when someone else does, since that owner
-/// could open it again at any time. A symlink to a directory is followed:
+/// to this process's user alone: created 0700 if missing; refused
+/// (`PermissionDenied`) when someone else owns it, whatever its mode, since
+/// that owner could read it or open it again at any time; set to 0700 with
+/// [`DirState::Tightened`] when this user owns it with group or other
+/// permissions. A symlink to a directory is followed:
 /// it is the configured location, and the target is what gets checked.
 pub fn private_dir(dir: &Path) -> io::Result<DirState> {
     fs::DirBuilder::new()
@@ -76,21 +77,22 @@ pub fn private_dir(dir: &Path) -> io::Result<DirState> {
         ));
     }
     let mode = meta.permissions().mode() & 0o7777;
-    if mode & 0o077 == 0 {
-        return Ok(DirState::Private);
-    }
+    // Another owner could read the secrets, or open the directory up
+    // again at any time, whatever its mode is now.
     let me = current_uid()?;
     if meta.uid() != me {
         return Err(io::Error::new(
             io::ErrorKind::PermissionDenied,
             format!(
-                "{} has mode {mode:o} (open to group or others) and belongs to uid {}, not to \
-                 uid {me} this process runs as; give it to uid {me} with mode 0700, or choose \
-                 another directory",
+                "{} (mode {mode:o}) belongs to uid {}, not to uid {me} this process runs as; \
+                 give it to uid {me} with mode 0700, or choose another directory",
                 dir.display(),
                 meta.uid()
             ),
         ));
+    }
+    if mode & 0o077 == 0 {
+        return Ok(DirState::Private);
     }
     fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
     Ok(DirState::Tightened { was: mode })

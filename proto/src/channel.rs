@@ -16,6 +16,9 @@ pub enum ChannelError {
     Connect(String, tonic::transport::Error),
 }
 
+/// How long connecting to the node API (TCP and TLS handshake) may take.
+pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Connects to the node API at `addr` (`host:port`) with `tls`, which must
 /// verify the server by SPIFFE ID (see `sigil_identity::tls`). The TLS
 /// server name is not used for verification.
@@ -32,13 +35,25 @@ pub async fn node_channel(
     endpoint
         .connect_with_connector(tower::service_fn(move |_: Uri| {
             let (target, connector) = (target.clone(), connector.clone());
-            async move {
+            let connect = async move {
                 let tcp = tokio::net::TcpStream::connect(&target).await?;
                 let _ = tcp.set_nodelay(true);
                 let name = rustls::pki_types::ServerName::try_from("sigil-server")
                     .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
                 let tls = connector.connect(name, tcp).await?;
                 Ok::<_, std::io::Error>(TokioIo::new(tls))
+            };
+            // A server address that does not answer fails in seconds, not
+            // after the kernel's TCP connect timeout (minutes).
+            async move {
+                tokio::time::timeout(CONNECT_TIMEOUT, connect)
+                    .await
+                    .map_err(|_| {
+                        std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            format!("no TCP and TLS connection within {CONNECT_TIMEOUT:?}"),
+                        )
+                    })?
             }
         }))
         .await

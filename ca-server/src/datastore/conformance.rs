@@ -301,7 +301,7 @@ pub async fn entry_apply_is_all_or_nothing<D: Datastore, F: Future<Output = D>>(
             create: vec![entry("new", 3), reborn],
             update: vec![changed],
             delete: vec![(gone.id.clone(), gone.revision)],
-            audit: vec![audit_event(2)],
+            audit: (2..6).map(audit_event).collect(),
         })
         .await
         .unwrap();
@@ -320,6 +320,26 @@ pub async fn entry_apply_is_all_or_nothing<D: Datastore, F: Future<Output = D>>(
     assert_eq!(feed, made, "each change is in the feed with its revision");
     assert_eq!(ds.fetch_entry(&keep.id).await.unwrap().unwrap().hint, "new");
     assert_eq!(ds.fetch_entry(&gone.id).await.unwrap(), None);
+
+    // The batch's audit events each have their own sequence number: an
+    // event appended next follows all of them, and a reader paging from
+    // any of them misses none.
+    ds.append_audit(vec![audit_event(6)]).await.unwrap();
+    let all = ds.list_audit(0, 100).await.unwrap();
+    let seqs: Vec<u64> = all.iter().map(|(n, _)| *n).collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+    let tail: Vec<AuditEvent> = all
+        .iter()
+        .rev()
+        .take(5)
+        .rev()
+        .map(|(_, e)| e.clone())
+        .collect();
+    assert_eq!(tail, (2..7).map(audit_event).collect::<Vec<_>>());
+    for (i, (n, _)) in all.iter().enumerate() {
+        let rest = ds.list_audit(*n, 100).await.unwrap();
+        assert_eq!(rest, all[i + 1..].to_vec(), "paging after {n}");
+    }
 }
 
 pub async fn entry_change_feed_resumes_from_revision<D: Datastore, F: Future<Output = D>>(

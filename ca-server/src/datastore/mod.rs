@@ -44,8 +44,10 @@ pub enum DatastoreError {
     Corrupt(String),
     #[error("storage backend failed: {0}")]
     Backend(String),
+    /// The write was made (readers see it) but could not be synced to disk,
+    /// so it may not survive a crash: its outcome is unknown to the caller.
     #[error(
-        "write could not be made durable: {0}; the data directory's disk may be full or failing"
+        "write applied but not confirmed on disk ({0}): it may be lost in a crash; the data directory's disk may be full or failing"
     )]
     Durability(String),
 }

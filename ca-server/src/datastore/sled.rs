@@ -442,7 +442,10 @@ impl Datastore for SledDatastore {
         let record = if batch.audit.is_empty() {
             None
         } else {
-            Some((self.take_audit_ids(1)?.to_be_bytes(), encode(&batch.audit)?))
+            Some((
+                self.take_audit_ids(batch.audit.len() as u64)?.to_be_bytes(),
+                encode(&batch.audit)?,
+            ))
         };
         let made = tx(self.entry_trees().transaction(|trees| {
             let mut made = Vec::new();
@@ -932,15 +935,36 @@ fn sync_loop(shared: &SyncShared, files: &mut SyncFiles, tx: &watch::Sender<Sync
         handled = target;
         match files.sync() {
             Ok(()) => tx.send_modify(|p| p.durable = target),
-            Err(e) => {
+            // A full disk or quota loses nothing already written: the next
+            // round, once there is space, makes those pages durable.
+            Err(e) if is_out_of_space(&e) => {
                 tracing::error!(
                     error = %e,
-                    "datastore sync failed; the writes waiting for it are refused, the next write tries again"
+                    "datastore sync failed for lack of space; the writes waiting for it are refused, the next write tries again"
                 );
                 tx.send_modify(|p| p.failed = Some((target, e.to_string())));
             }
+            // After an I/O error the kernel may have dropped the dirty pages
+            // and marked them clean, so a later successful sync would not
+            // prove them on disk: refuse every write until a restart.
+            Err(e) => {
+                tracing::error!(
+                    error = %e,
+                    "datastore sync failed; every write is refused until the server restarts (check the disk)"
+                );
+                tx.send_modify(|p| p.failed = Some((u64::MAX, e.to_string())));
+                return;
+            }
         }
     }
+}
+
+/// Whether a sync failed only for lack of space (retried by the next round).
+fn is_out_of_space(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+    )
 }
 
 impl Drop for GroupSync {

@@ -83,6 +83,17 @@ fn an_open_data_directory_of_another_user_is_refused() {
         .to_string();
     assert!(err.contains("belongs to uid 65534"), "{err}");
 
+    // Private to that user is no better: it can read what is written there.
+    std::fs::set_permissions(
+        server_dir.join("data"),
+        std::fs::Permissions::from_mode(0o700),
+    )
+    .unwrap();
+    let err = ServerProcess::start(&server_dir, &ServerOptions::default())
+        .expect_err("the server starts on another user's private data directory")
+        .to_string();
+    assert!(err.contains("belongs to uid 65534"), "{err}");
+
     // A server on a directory of its own, for the agent to attest to.
     let server =
         ServerProcess::start(&dir.path().join("server2"), &ServerOptions::default()).unwrap();
