@@ -100,9 +100,7 @@ fn write_failed(io: &std::io::Error) -> String {
     if io.kind() == std::io::ErrorKind::StorageFull {
         format!("datastore write failed: no space left on device ({io}); {RESUME_HINT}")
     } else {
-        format!(
-            "datastore write failed: {io}; check the data directory's disk, writes resume by themselves once it works"
-        )
+        format!("datastore I/O failed: {io}; check the data directory's disk")
     }
 }
 
