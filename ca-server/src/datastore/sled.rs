@@ -77,6 +77,14 @@ struct Backoff {
 const REOPEN_MIN_DELAY: Duration = Duration::from_millis(100);
 const REOPEN_MAX_DELAY: Duration = Duration::from_secs(5);
 
+impl Backoff {
+    /// A reopen could not be made: wait longer before the next one.
+    fn failed(&mut self) {
+        self.delay = (self.delay * 2).clamp(REOPEN_MIN_DELAY, REOPEN_MAX_DELAY);
+        self.next_try = Some(Instant::now() + self.delay);
+    }
+}
+
 impl fmt::Debug for SledDatastore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SledDatastore")
@@ -228,14 +236,28 @@ impl SledDatastore {
     }
 
     /// Reopens the database after sled latched an error (see [`Self::store`]).
+    ///
+    /// One call reopens; calls meanwhile do not wait for it (blocking
+    /// more runtime threads could hold up calls still using the old
+    /// database, whose release the reopen waits for).
     fn reopen(&self) -> Result<Arc<Store>> {
-        let mut backoff = self.reopen.lock().unwrap_or_else(|p| p.into_inner());
-        let mut slot = self.store.write().unwrap_or_else(|p| p.into_inner());
-        let latched = match slot.as_ref() {
+        let current = || self.store.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut backoff = match self.reopen.try_lock() {
+            Ok(b) => b,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => {
+                return current().ok_or_else(|| {
+                    DatastoreError::Backend(format!(
+                        "datastore is being reopened after a write failure; retry; {RESUME_HINT}"
+                    ))
+                });
+            }
+        };
+        let latched = match current() {
             // Another caller reopened it meanwhile.
             Some(s) => match s.config.global_error() {
-                Ok(()) => return Ok(Arc::clone(s)),
-                Err(e) => Some((Arc::clone(s), e)),
+                Ok(()) => return Ok(s),
+                Err(e) => Some((s, e)),
             },
             None => None,
         };
@@ -251,8 +273,7 @@ impl SledDatastore {
             // sled cannot open on a full disk: keep the latched database,
             // which still serves reads, until there is room again.
             if let Err(probe) = room_to_reopen(&self.path) {
-                backoff.delay = (backoff.delay * 2).clamp(REOPEN_MIN_DELAY, REOPEN_MAX_DELAY);
-                backoff.next_try = Some(Instant::now() + backoff.delay);
+                backoff.failed();
                 tracing::debug!(error = %probe, "no room yet to reopen the datastore");
                 return Ok(Arc::clone(s));
             }
@@ -264,19 +285,18 @@ impl SledDatastore {
         }
         // Dropping every handle of the old database releases its
         // directory lock; `Store::open` waits for calls still using it.
-        *slot = None;
+        *self.store.write().unwrap_or_else(|p| p.into_inner()) = None;
         drop(latched);
         match Store::open(&self.path, Arc::clone(&self.sync_file)) {
             Ok(store) => {
                 *backoff = Backoff::default();
                 let store = Arc::new(store);
-                *slot = Some(Arc::clone(&store));
+                *self.store.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::clone(&store));
                 tracing::info!(path = %self.path.display(), "datastore reopened; writes resume");
                 Ok(store)
             }
             Err(e) => {
-                backoff.delay = (backoff.delay * 2).clamp(REOPEN_MIN_DELAY, REOPEN_MAX_DELAY);
-                backoff.next_try = Some(Instant::now() + backoff.delay);
+                backoff.failed();
                 tracing::error!(
                     error = %e,
                     retry_in_ms = backoff.delay.as_millis() as u64,
