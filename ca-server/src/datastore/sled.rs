@@ -12,6 +12,7 @@
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
@@ -65,6 +66,9 @@ struct Store {
     /// numbers are consecutive.
     audit_ids: std::sync::Mutex<()>,
     sync: GroupSync,
+    /// Every entry change up to this revision is on disk; later ones are
+    /// lost if sled has to be reopened.
+    synced_revision: Arc<AtomicU64>,
 }
 
 /// Back-off between reopen attempts, so a still-full disk is not hammered.
@@ -283,12 +287,21 @@ impl SledDatastore {
                 "sled refused writes after an I/O error; reopening the datastore"
             );
         }
+        let unsynced = latched.as_ref().map(|(s, _)| s.unsynced_changes());
         // Dropping every handle of the old database releases its
         // directory lock; `Store::open` waits for calls still using it.
         *self.store.write().unwrap_or_else(|p| p.into_inner()) = None;
         drop(latched);
         match Store::open(&self.path, Arc::clone(&self.sync_file)) {
             Ok(store) => {
+                if let Some((lost, seen)) = unsynced
+                    && let Err(e) = store.reconcile(&lost, seen)
+                {
+                    tracing::error!(
+                        error = %e,
+                        "entry changes lost in the reopen could not be corrected; restart the server to rebuild its registry"
+                    );
+                }
                 *backoff = Backoff::default();
                 let store = Arc::new(store);
                 *self.store.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::clone(&store));
@@ -350,20 +363,89 @@ impl Store {
         let data_file = File::open(path.join("db")).map_err(|e| {
             DatastoreError::Backend(format!("cannot open sled data file for syncing: {e}"))
         })?;
+        let meta = tree("meta")?;
+        // Everything sled recovered is on disk.
+        let synced_revision = Arc::new(AtomicU64::new(read_u64(
+            meta.get(REVISION_KEY).map_err(backend)?,
+        )));
         Ok(Self {
             entries: tree("entries")?,
             entry_keys: tree("entry_keys")?,
             changes: tree("entry_changes")?,
-            meta: tree("meta")?,
             agents: tree("agents")?,
             tokens: tree("join_tokens")?,
             bundles: tree("bundles")?,
             audit: tree("audit")?,
             audit_ids: std::sync::Mutex::new(()),
-            sync: GroupSync::start(db.clone(), path, data_file, sync_file),
+            sync: GroupSync::start(
+                db.clone(),
+                meta.clone(),
+                Arc::clone(&synced_revision),
+                path,
+                data_file,
+                sync_file,
+            ),
+            meta,
+            synced_revision,
             config,
             db,
         })
+    }
+
+    /// The entry changes made in memory but not yet synced, and the
+    /// latest revision readers may have seen (read from a latched
+    /// database before it is dropped: sled still serves reads).
+    fn unsynced_changes(&self) -> (Vec<EntryChange>, u64) {
+        let synced = self.synced_revision.load(Ordering::SeqCst);
+        let seen = read_u64(self.meta.get(REVISION_KEY).ok().flatten());
+        let changes = self
+            .changes
+            .range(synced.saturating_add(1).to_be_bytes()..)
+            .values()
+            .filter_map(|v| decode(&v.ok()?).ok())
+            .collect();
+        (changes, seen)
+    }
+
+    /// After a reopen: readers (the registry's change feed) may have seen
+    /// revisions up to `seen` that were never synced and are now gone.
+    /// Revisions must not be handed out twice, and what was seen must be
+    /// corrected: each entry a lost change touched gets a new change
+    /// record, after `seen`, with its state as stored now (deleted if it
+    /// is not stored).
+    fn reconcile(&self, lost: &[EntryChange], seen: u64) -> Result<()> {
+        let now = read_u64(self.meta.get(REVISION_KEY).map_err(backend)?);
+        if now >= seen {
+            return Ok(());
+        }
+        let touched: std::collections::BTreeMap<&str, &RegistrationEntry> = lost
+            .iter()
+            .filter(|c| c.revision > now)
+            .map(|c| (c.entry.id.as_str(), &c.entry))
+            .collect();
+        tx(self
+            .entry_trees()
+            .transaction(|(entries, _, changes, meta, _)| {
+                meta.insert(REVISION_KEY, &seen.to_be_bytes())?;
+                for (id, lost) in &touched {
+                    match entries.get(*id)? {
+                        Some(v) => {
+                            let mut e: RegistrationEntry = tx_decode(&v)?;
+                            e.revision = bump_revision(meta)?;
+                            entries.insert(*id, tx_encode(&e)?)?;
+                            record_change(changes, ChangeKind::Updated, &e)?;
+                        }
+                        None => {
+                            let e = RegistrationEntry {
+                                revision: bump_revision(meta)?,
+                                ..(*lost).clone()
+                            };
+                            record_change(changes, ChangeKind::Deleted, &e)?;
+                        }
+                    }
+                }
+                Ok(())
+            }))
     }
 
     /// Waits until every change made before this call is on stable storage.
@@ -1023,6 +1105,10 @@ struct SyncState {
 /// What a sync round writes out: sled's data file and its blob files.
 struct SyncFiles {
     db: ::sled::Db,
+    /// Read for the revision each round makes durable.
+    meta: ::sled::Tree,
+    /// Every entry change up to this revision is on disk.
+    synced_revision: Arc<AtomicU64>,
     data_file: File,
     /// sled writes a record larger than about 128 KiB (a segment, 512 KiB,
     /// over 4, less headers: `Log::reserve` in sled 0.34.7) to its own
@@ -1039,6 +1125,8 @@ impl SyncFiles {
     /// One round: sled's buffers to the files, new blob files and their
     /// directory entries to disk, then the data file that points to them.
     fn sync(&mut self) -> std::io::Result<()> {
+        // Changes up to this revision were made before the flush below.
+        let revision = read_u64(self.meta.get(REVISION_KEY).ok().flatten());
         self.db.flush().map_err(|e| match e {
             ::sled::Error::Io(io) => io,
             other => std::io::Error::other(other),
@@ -1069,12 +1157,20 @@ impl SyncFiles {
         }
         (self.sync_file)(&self.data_file)?;
         self.synced_blobs.extend(new);
+        self.synced_revision.fetch_max(revision, Ordering::SeqCst);
         Ok(())
     }
 }
 
 impl GroupSync {
-    fn start(db: ::sled::Db, dir: &Path, data_file: File, sync_file: Arc<SyncFile>) -> Self {
+    fn start(
+        db: ::sled::Db,
+        meta: ::sled::Tree,
+        synced_revision: Arc<AtomicU64>,
+        dir: &Path,
+        data_file: File,
+        sync_file: Arc<SyncFile>,
+    ) -> Self {
         let shared = Arc::new(SyncShared {
             state: Mutex::new(SyncState::default()),
             wake: Condvar::new(),
@@ -1083,6 +1179,8 @@ impl GroupSync {
         let worker = Arc::clone(&shared);
         let mut files = SyncFiles {
             db,
+            meta,
+            synced_revision,
             data_file,
             blobs: dir.join("blobs"),
             synced_blobs: Default::default(),
@@ -1262,6 +1360,71 @@ mod tests {
             .await
             .unwrap();
         store.sync().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn entry_changes_lost_in_a_reopen_are_corrected_after_the_revisions_seen() {
+        // Changes readers saw in the latched database's memory and the
+        // reopened database lost: revisions must not be handed out again,
+        // and each touched entry gets a change to its stored state.
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledDatastore::open(dir.path()).unwrap();
+        let a = conformance::entry("a", 1);
+        let b = conformance::entry("b", 2);
+        let made = store
+            .create_entries_audited(vec![(a.clone(), None), (b.clone(), None)])
+            .await
+            .unwrap();
+        let stored_a = made[0].clone().unwrap();
+        let s = store.store().unwrap();
+        // Not synced yet: reported as unsynced.
+        let c = s.insert_entry(conformance::entry("c", 3), &None).unwrap();
+        let (unsynced, seen) = s.unsynced_changes();
+        assert_eq!(seen, 3);
+        assert_eq!(unsynced.iter().map(|c| c.revision).collect::<Vec<_>>(), [3]);
+        // As if revision 3 and two more were lost: a created "c" (gone),
+        // an update of "a", a deletion of "b" (both still stored).
+        s.entries.remove(c.id.as_str()).unwrap();
+        s.entry_keys.clear().unwrap();
+        s.changes.remove(3u64.to_be_bytes()).unwrap();
+        s.meta.insert(REVISION_KEY, &2u64.to_be_bytes()).unwrap();
+        let change = |revision, kind, entry: &RegistrationEntry| EntryChange {
+            revision,
+            kind,
+            entry: entry.clone(),
+        };
+        let lost = [
+            change(3, ChangeKind::Created, &c),
+            change(4, ChangeKind::Updated, &stored_a),
+            change(5, ChangeKind::Deleted, &made[1].clone().unwrap()),
+        ];
+        s.reconcile(&lost, 5).unwrap();
+        let fixes = store.entry_changes(5, 100).await.unwrap();
+        let got: Vec<_> = fixes
+            .iter()
+            .map(|f| (f.revision, f.kind, f.entry.id.clone()))
+            .collect();
+        let mut ids = [a.id.clone(), b.id.clone(), c.id.clone()];
+        ids.sort_by(|x, y| x.as_str().cmp(y.as_str()));
+        let kind = |id: &EntryId| {
+            if *id == c.id {
+                ChangeKind::Deleted
+            } else {
+                ChangeKind::Updated
+            }
+        };
+        let want: Vec<_> = ids
+            .iter()
+            .zip(6..)
+            .map(|(id, rev)| (rev, kind(id), id.clone()))
+            .collect();
+        assert_eq!(got, want);
+        assert_eq!(store.current_revision().await.unwrap(), 8);
+        let a_now = store.fetch_entry(&a.id).await.unwrap().unwrap();
+        assert!(a_now.revision > 5, "{}", a_now.revision);
+        // Nothing lost: nothing changes.
+        s.reconcile(&[], 8).unwrap();
+        assert_eq!(store.current_revision().await.unwrap(), 8);
     }
 
     #[tokio::test]
