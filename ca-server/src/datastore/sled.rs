@@ -40,7 +40,8 @@ const CA_JOURNAL_KEY: &[u8] = b"ca_journal";
 /// back. Reopening recovers from what is on disk: every acknowledged write
 /// was synced, an unacknowledged one may be lost.
 pub struct SledDatastore {
-    /// The open database; `None` only after a reopen failed.
+    /// The open database; `None` while it is reopened and after a reopen
+    /// failed.
     store: std::sync::RwLock<Option<Arc<Store>>>,
     /// When the next reopen may be tried; held while reopening.
     reopen: Mutex<Backoff>,
