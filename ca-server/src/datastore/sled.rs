@@ -108,7 +108,7 @@ fn backend(e: ::sled::Error) -> DatastoreError {
     }
 }
 
-/// What to tell about a failed write of the data files.
+/// What to tell about a failed I/O of the data files.
 fn write_failed(io: &std::io::Error) -> String {
     if io.kind() == std::io::ErrorKind::StorageFull {
         format!("datastore write failed: no space left on device ({io}); {RESUME_HINT}")
