@@ -12,6 +12,7 @@
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
@@ -30,7 +31,29 @@ const REVISION_KEY: &[u8] = b"revision";
 const CA_JOURNAL_KEY: &[u8] = b"ca_journal";
 
 /// The sled-backed [`Datastore`].
+///
+/// sled latches the first I/O error of its own writes (a full disk) and
+/// refuses every later write of that `Db`. The open database therefore
+/// sits behind a swappable handle: once sled reports such an error, the
+/// next call reopens it in-process (retried with a back-off while the
+/// disk is still full), so writes resume without a restart once space is
+/// back. Reopening recovers from what is on disk: every acknowledged write
+/// was synced, an unacknowledged one may be lost.
 pub struct SledDatastore {
+    /// The open database; `None` while it is reopened and after a reopen
+    /// failed.
+    store: std::sync::RwLock<Option<Arc<Store>>>,
+    /// When the next reopen may be tried; held while reopening.
+    reopen: Mutex<Backoff>,
+    sync_file: Arc<SyncFile>,
+    path: PathBuf,
+}
+
+/// One open sled database and its trees.
+struct Store {
+    /// The configuration the database was opened with: it shares sled's
+    /// latched error, which tells when the database must be reopened.
+    config: ::sled::Config,
     db: ::sled::Db,
     entries: ::sled::Tree,
     entry_keys: ::sled::Tree,
@@ -44,7 +67,27 @@ pub struct SledDatastore {
     /// numbers are consecutive.
     audit_ids: std::sync::Mutex<()>,
     sync: GroupSync,
-    path: PathBuf,
+    /// Every entry change up to this revision is on disk; later ones are
+    /// lost if sled has to be reopened.
+    synced_revision: Arc<AtomicU64>,
+}
+
+/// Back-off between reopen attempts, so a still-full disk is not hammered.
+#[derive(Default)]
+struct Backoff {
+    next_try: Option<Instant>,
+    delay: Duration,
+}
+
+const REOPEN_MIN_DELAY: Duration = Duration::from_millis(100);
+const REOPEN_MAX_DELAY: Duration = Duration::from_secs(5);
+
+impl Backoff {
+    /// A reopen could not be made: wait longer before the next one.
+    fn failed(&mut self) {
+        self.delay = (self.delay * 2).clamp(REOPEN_MIN_DELAY, REOPEN_MAX_DELAY);
+        self.next_try = Some(Instant::now() + self.delay);
+    }
 }
 
 impl fmt::Debug for SledDatastore {
@@ -55,8 +98,23 @@ impl fmt::Debug for SledDatastore {
     }
 }
 
-fn backend(e: impl fmt::Display) -> DatastoreError {
-    DatastoreError::Backend(e.to_string())
+/// The hint for an error of sled's own writes.
+const RESUME_HINT: &str = "free space, writes resume by themselves";
+
+fn backend(e: ::sled::Error) -> DatastoreError {
+    match e {
+        ::sled::Error::Io(io) => DatastoreError::Backend(write_failed(&io)),
+        other => DatastoreError::Backend(other.to_string()),
+    }
+}
+
+/// What to tell about a failed I/O of the data files.
+fn write_failed(io: &std::io::Error) -> String {
+    if io.kind() == std::io::ErrorKind::StorageFull {
+        format!("datastore write failed: no space left on device ({io}); {RESUME_HINT}")
+    } else {
+        format!("datastore I/O failed: {io}; check the data directory's disk")
+    }
 }
 
 fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>> {
@@ -102,11 +160,12 @@ const LOCK_WAIT: Duration = Duration::from_secs(2);
 
 /// Opens the sled database in `path`, waiting up to [`LOCK_WAIT`] for its
 /// directory lock.
-fn open_db(path: &Path) -> Result<::sled::Db> {
+fn open_db(path: &Path) -> Result<(::sled::Config, ::sled::Db)> {
     let deadline = Instant::now() + LOCK_WAIT;
     loop {
-        match ::sled::Config::new().path(path).open() {
-            Ok(db) => return Ok(db),
+        let config = ::sled::Config::new().path(path);
+        match config.open() {
+            Ok(db) => return Ok((config, db)),
             // sled reports the directory lock as an I/O error mentioning it.
             Err(::sled::Error::Io(io)) if io.to_string().contains("could not acquire lock") => {
                 if Instant::now() >= deadline {
@@ -153,41 +212,246 @@ impl SledDatastore {
                 path.display()
             ))
         })?;
-        let db = open_db(&path)?;
-        let tree = |name: &str| db.open_tree(name).map_err(backend);
-        let data_file = File::open(path.join("db")).map_err(|e| {
-            DatastoreError::Backend(format!("cannot open sled data file for syncing: {e}"))
-        })?;
+        let store = Store::open(&path, Arc::clone(&sync_file))?;
         Ok(Self {
-            entries: tree("entries")?,
-            entry_keys: tree("entry_keys")?,
-            changes: tree("entry_changes")?,
-            meta: tree("meta")?,
-            agents: tree("agents")?,
-            tokens: tree("join_tokens")?,
-            bundles: tree("bundles")?,
-            audit: tree("audit")?,
-            audit_ids: std::sync::Mutex::new(()),
-            sync: GroupSync::start(db.clone(), &path, data_file, sync_file),
-            db,
+            store: std::sync::RwLock::new(Some(Arc::new(store))),
+            reopen: Mutex::default(),
+            sync_file,
             path,
         })
     }
 
-    /// Waits until every change made before this call is on stable storage.
-    async fn durable(&self) -> Result<()> {
-        self.sync.wait().await
+    /// The open database. If sled latched an I/O error, it is reopened
+    /// first (at most once per back-off delay); until that succeeds the
+    /// latched database is returned: sled still serves reads from it and
+    /// refuses writes with the error.
+    fn store(&self) -> Result<Arc<Store>> {
+        let current = self
+            .store
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .filter(|s| s.config.global_error().is_ok());
+        match current {
+            Some(s) => Ok(s),
+            // Our handle is dropped first: the old database's directory
+            // lock goes with the last one.
+            _ => self.reopen(),
+        }
+    }
+
+    /// Reopens the database after sled latched an error (see [`Self::store`]).
+    ///
+    /// One call reopens; calls meanwhile do not wait for it (blocking
+    /// more runtime threads could hold up calls still using the old
+    /// database, whose release the reopen waits for).
+    fn reopen(&self) -> Result<Arc<Store>> {
+        let current = || self.store.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut backoff = match self.reopen.try_lock() {
+            Ok(b) => b,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => {
+                return current().ok_or_else(|| {
+                    DatastoreError::Backend(format!(
+                        "datastore is being reopened after a write failure; retry; {RESUME_HINT}"
+                    ))
+                });
+            }
+        };
+        let latched = match current() {
+            // Another caller reopened it meanwhile.
+            Some(s) => match s.config.global_error() {
+                Ok(()) => return Ok(s),
+                Err(e) => Some((s, e)),
+            },
+            None => None,
+        };
+        if backoff.next_try.is_some_and(|t| Instant::now() < t) {
+            return match latched {
+                Some((s, _)) => Ok(s),
+                None => Err(DatastoreError::Backend(format!(
+                    "datastore is not open after a write failure; {RESUME_HINT}"
+                ))),
+            };
+        }
+        if let Some((s, e)) = &latched {
+            // sled cannot open on a full disk: keep the latched database,
+            // which still serves reads, until there is room again.
+            if let Err(probe) = room_to_reopen(&self.path) {
+                backoff.failed();
+                tracing::debug!(error = %probe, "no room yet to reopen the datastore");
+                return Ok(Arc::clone(s));
+            }
+            tracing::warn!(
+                error = %e,
+                path = %self.path.display(),
+                "sled refused writes after an I/O error; reopening the datastore"
+            );
+        }
+        let unsynced = latched.as_ref().map(|(s, _)| s.unsynced_changes());
+        // Dropping every handle of the old database releases its
+        // directory lock; `Store::open` waits for calls still using it.
+        *self.store.write().unwrap_or_else(|p| p.into_inner()) = None;
+        drop(latched);
+        match Store::open(&self.path, Arc::clone(&self.sync_file)) {
+            Ok(store) => {
+                if let Some((lost, seen)) = unsynced
+                    && let Err(e) = store.reconcile(&lost, seen)
+                {
+                    tracing::error!(
+                        error = %e,
+                        "entry changes lost in the reopen could not be corrected; restart the server to rebuild its registry"
+                    );
+                }
+                *backoff = Backoff::default();
+                let store = Arc::new(store);
+                *self.store.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::clone(&store));
+                tracing::info!(path = %self.path.display(), "datastore reopened; writes resume");
+                Ok(store)
+            }
+            Err(e) => {
+                backoff.failed();
+                tracing::error!(
+                    error = %e,
+                    retry_in_ms = backoff.delay.as_millis() as u64,
+                    "datastore reopen failed"
+                );
+                Err(DatastoreError::Backend(format!(
+                    "datastore reopen after a write failure failed: {e}; {RESUME_HINT}"
+                )))
+            }
+        }
     }
 
     /// How many syncs have been asked for (tests).
     #[cfg(test)]
     pub(crate) fn syncs_requested(&self) -> u64 {
-        self.sync
-            .shared
-            .state
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .requested
+        self.store()
+            .map(|s| {
+                s.sync
+                    .shared
+                    .state
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .requested
+            })
+            .unwrap_or(0)
+    }
+}
+
+/// How much free space [`room_to_reopen`] asks for: sled writes a
+/// segment (512 KiB) and its snapshot when it opens.
+const REOPEN_ROOM: usize = 1 << 20;
+
+/// Whether the data directory has room for sled to open: writes (and then
+/// removes) a file of [`REOPEN_ROOM`] bytes.
+fn room_to_reopen(dir: &Path) -> std::io::Result<()> {
+    use std::io::Write;
+    let probe = dir.join("reopen-probe");
+    let written = File::create(&probe).and_then(|mut f| {
+        f.write_all(&vec![0; REOPEN_ROOM])?;
+        f.sync_data()
+    });
+    let _ = std::fs::remove_file(&probe);
+    written
+}
+
+impl Store {
+    /// Opens the database in directory `path`, which exists.
+    fn open(path: &Path, sync_file: Arc<SyncFile>) -> Result<Self> {
+        let (config, db) = open_db(path)?;
+        let tree = |name: &str| db.open_tree(name).map_err(backend);
+        let data_file = File::open(path.join("db")).map_err(|e| {
+            DatastoreError::Backend(format!("cannot open sled data file for syncing: {e}"))
+        })?;
+        let meta = tree("meta")?;
+        // Everything sled recovered is on disk.
+        let synced_revision = Arc::new(AtomicU64::new(read_u64(
+            meta.get(REVISION_KEY).map_err(backend)?,
+        )));
+        Ok(Self {
+            entries: tree("entries")?,
+            entry_keys: tree("entry_keys")?,
+            changes: tree("entry_changes")?,
+            agents: tree("agents")?,
+            tokens: tree("join_tokens")?,
+            bundles: tree("bundles")?,
+            audit: tree("audit")?,
+            audit_ids: std::sync::Mutex::new(()),
+            sync: GroupSync::start(
+                db.clone(),
+                meta.clone(),
+                Arc::clone(&synced_revision),
+                path,
+                data_file,
+                sync_file,
+            ),
+            meta,
+            synced_revision,
+            config,
+            db,
+        })
+    }
+
+    /// The entry changes made in memory but not yet synced, and the
+    /// latest revision readers may have seen (read from a latched
+    /// database before it is dropped: sled still serves reads).
+    fn unsynced_changes(&self) -> (Vec<EntryChange>, u64) {
+        let synced = self.synced_revision.load(Ordering::SeqCst);
+        let seen = read_u64(self.meta.get(REVISION_KEY).ok().flatten());
+        let changes = self
+            .changes
+            .range(synced.saturating_add(1).to_be_bytes()..)
+            .values()
+            .filter_map(|v| decode(&v.ok()?).ok())
+            .collect();
+        (changes, seen)
+    }
+
+    /// After a reopen: readers (the registry's change feed) may have seen
+    /// revisions up to `seen` that were never synced and are now gone.
+    /// Revisions must not be handed out twice, and what was seen must be
+    /// corrected: each entry a lost change touched gets a new change
+    /// record, after `seen`, with its state as stored now (deleted if it
+    /// is not stored).
+    fn reconcile(&self, lost: &[EntryChange], seen: u64) -> Result<()> {
+        let now = read_u64(self.meta.get(REVISION_KEY).map_err(backend)?);
+        if now >= seen {
+            return Ok(());
+        }
+        let touched: std::collections::BTreeMap<&str, &RegistrationEntry> = lost
+            .iter()
+            .filter(|c| c.revision > now)
+            .map(|c| (c.entry.id.as_str(), &c.entry))
+            .collect();
+        tx(self
+            .entry_trees()
+            .transaction(|(entries, _, changes, meta, _)| {
+                meta.insert(REVISION_KEY, &seen.to_be_bytes())?;
+                for (id, lost) in &touched {
+                    match entries.get(*id)? {
+                        Some(v) => {
+                            let mut e: RegistrationEntry = tx_decode(&v)?;
+                            e.revision = bump_revision(meta)?;
+                            entries.insert(*id, tx_encode(&e)?)?;
+                            record_change(changes, ChangeKind::Updated, &e)?;
+                        }
+                        None => {
+                            let e = RegistrationEntry {
+                                revision: bump_revision(meta)?,
+                                ..(*lost).clone()
+                            };
+                            record_change(changes, ChangeKind::Deleted, &e)?;
+                        }
+                    }
+                }
+                Ok(())
+            }))
+    }
+
+    /// Waits until every change made before this call is on stable storage.
+    async fn durable(&self) -> Result<()> {
+        self.sync.wait().await
     }
 
     /// Writes `events` as one record, keyed by its first sequence number
@@ -397,11 +661,12 @@ impl Datastore for SledDatastore {
         &self,
         entries: Vec<(RegistrationEntry, AuditWith)>,
     ) -> Result<Vec<Result<RegistrationEntry>>> {
+        let s = self.store()?;
         let results: Vec<_> = entries
             .into_iter()
-            .map(|(e, audit)| self.insert_entry(e, &audit))
+            .map(|(e, audit)| s.insert_entry(e, &audit))
             .collect();
-        self.durable().await?;
+        s.durable().await?;
         Ok(results)
     }
 
@@ -410,13 +675,14 @@ impl Datastore for SledDatastore {
         entry: RegistrationEntry,
         audit: AuditWith,
     ) -> Result<RegistrationEntry> {
-        let record = self.audit_record(&audit)?;
-        let updated = tx(self.entry_trees().transaction(|trees| {
+        let s = self.store()?;
+        let record = s.audit_record(&audit)?;
+        let updated = tx(s.entry_trees().transaction(|trees| {
             let entry = tx_update(trees, &entry, None)?;
             put_audit(&trees.4, &record)?;
             Ok(entry)
         }))?;
-        self.durable().await?;
+        s.durable().await?;
         Ok(updated)
     }
 
@@ -425,17 +691,19 @@ impl Datastore for SledDatastore {
         id: &EntryId,
         audit: AuditWith,
     ) -> Result<RegistrationEntry> {
-        let record = self.audit_record(&audit)?;
-        let deleted = tx(self.entry_trees().transaction(|trees| {
+        let s = self.store()?;
+        let record = s.audit_record(&audit)?;
+        let deleted = tx(s.entry_trees().transaction(|trees| {
             let entry = tx_delete(trees, id, None)?;
             put_audit(&trees.4, &record)?;
             Ok(entry)
         }))?;
-        self.durable().await?;
+        s.durable().await?;
         Ok(deleted)
     }
 
     async fn apply_entries(&self, batch: EntryBatch) -> Result<Vec<EntryChange>> {
+        let s = self.store()?;
         if batch.is_empty() {
             return Ok(Vec::new());
         }
@@ -443,11 +711,11 @@ impl Datastore for SledDatastore {
             None
         } else {
             Some((
-                self.take_audit_ids(batch.audit.len() as u64)?.to_be_bytes(),
+                s.take_audit_ids(batch.audit.len() as u64)?.to_be_bytes(),
                 encode(&batch.audit)?,
             ))
         };
-        let made = tx(self.entry_trees().transaction(|trees| {
+        let made = tx(s.entry_trees().transaction(|trees| {
             let mut made = Vec::new();
             let mut push = |kind, entry: RegistrationEntry| {
                 made.push(EntryChange {
@@ -468,17 +736,19 @@ impl Datastore for SledDatastore {
             put_audit(&trees.4, &record)?;
             Ok(made)
         }))?;
-        self.durable().await?;
+        s.durable().await?;
         Ok(made)
     }
 
     async fn fetch_entry(&self, id: &EntryId) -> Result<Option<RegistrationEntry>> {
-        self.get(&self.entries, id.as_str().as_bytes())
+        let s = self.store()?;
+        s.get(&s.entries, id.as_str().as_bytes())
     }
 
     async fn list_entries(&self, filter: &EntryFilter) -> Result<Vec<RegistrationEntry>> {
+        let s = self.store()?;
         let mut out = Vec::new();
-        for v in self.entries.iter().values() {
+        for v in s.entries.iter().values() {
             let e: RegistrationEntry = decode(&v.map_err(backend)?)?;
             if filter.matches(&e) {
                 out.push(e);
@@ -488,12 +758,14 @@ impl Datastore for SledDatastore {
     }
 
     async fn count_entries(&self) -> Result<u64> {
-        Ok(self.entries.len() as u64)
+        let s = self.store()?;
+        Ok(s.entries.len() as u64)
     }
 
     async fn entry_changes(&self, after: u64, limit: usize) -> Result<Vec<EntryChange>> {
+        let s = self.store()?;
         let start = after.saturating_add(1).to_be_bytes();
-        self.changes
+        s.changes
             .range(start..)
             .values()
             .take(limit)
@@ -502,19 +774,19 @@ impl Datastore for SledDatastore {
     }
 
     async fn current_revision(&self) -> Result<u64> {
-        Ok(read_u64(self.meta.get(REVISION_KEY).map_err(backend)?))
+        let s = self.store()?;
+        Ok(read_u64(s.meta.get(REVISION_KEY).map_err(backend)?))
     }
 
     async fn prune_entry_changes(&self, through: u64) -> Result<usize> {
+        let s = self.store()?;
         let mut removed = 0;
-        for key in self.changes.range(..=through.to_be_bytes()).keys() {
-            self.changes
-                .remove(key.map_err(backend)?)
-                .map_err(backend)?;
+        for key in s.changes.range(..=through.to_be_bytes()).keys() {
+            s.changes.remove(key.map_err(backend)?).map_err(backend)?;
             removed += 1;
         }
         if removed > 0 {
-            self.durable().await?;
+            s.durable().await?;
         }
         Ok(removed)
     }
@@ -524,10 +796,11 @@ impl Datastore for SledDatastore {
         agent: AgentRecord,
         audit: AuditWith,
     ) -> Result<AgentRecord> {
+        let s = self.store()?;
         let value = encode(&agent)?;
         let key = agent.id.as_str();
-        let record = self.audit_record(&audit)?;
-        tx((&self.agents, &self.audit).transaction(|(t, audit_t)| {
+        let record = s.audit_record(&audit)?;
+        tx((&s.agents, &s.audit).transaction(|(t, audit_t)| {
             if t.get(key)?.is_some() {
                 return abort(DatastoreError::AlreadyExists(format!("agent {key}")));
             }
@@ -535,7 +808,7 @@ impl Datastore for SledDatastore {
             put_audit(audit_t, &record)?;
             Ok(())
         }))?;
-        self.durable().await?;
+        s.durable().await?;
         Ok(agent)
     }
 
@@ -544,9 +817,10 @@ impl Datastore for SledDatastore {
         agent: AgentRecord,
         audit: AuditWith,
     ) -> Result<AgentRecord> {
+        let s = self.store()?;
         let key = agent.id.as_str();
-        let record = self.audit_record(&audit)?;
-        let stored = tx((&self.agents, &self.audit).transaction(|(t, audit_t)| {
+        let record = s.audit_record(&audit)?;
+        let stored = tx((&s.agents, &s.audit).transaction(|(t, audit_t)| {
             let Some(old) = t.get(key)? else {
                 return abort(DatastoreError::NotFound(format!("agent {key}")));
             };
@@ -560,41 +834,44 @@ impl Datastore for SledDatastore {
             put_audit(audit_t, &record)?;
             Ok(stored)
         }))?;
-        self.durable().await?;
+        s.durable().await?;
         Ok(stored)
     }
 
     async fn fetch_agent(&self, id: &SpiffeId) -> Result<Option<AgentRecord>> {
-        self.get(&self.agents, id.as_str().as_bytes())
+        let s = self.store()?;
+        s.get(&s.agents, id.as_str().as_bytes())
     }
 
     async fn list_agents(&self) -> Result<Vec<AgentRecord>> {
-        self.all(&self.agents)
+        let s = self.store()?;
+        s.all(&s.agents)
     }
 
     async fn delete_agent_audited(&self, id: &SpiffeId, audit: AuditWith) -> Result<AgentRecord> {
-        let record = self.audit_record(&audit)?;
-        let old = tx((&self.agents, &self.audit).transaction(|(t, audit_t)| {
+        let s = self.store()?;
+        let record = s.audit_record(&audit)?;
+        let old = tx((&s.agents, &s.audit).transaction(|(t, audit_t)| {
             let Some(old) = t.remove(id.as_str())? else {
                 return abort(DatastoreError::NotFound(format!("agent {id}")));
             };
             put_audit(audit_t, &record)?;
             Ok(old)
         }))?;
-        self.durable().await?;
+        s.durable().await?;
         decode(&old)
     }
 
     async fn prune_agents(&self, expired_before: SystemTime) -> Result<Vec<SpiffeId>> {
+        let s = self.store()?;
         let mut removed = Vec::new();
-        for item in self.agents.iter() {
+        for item in s.agents.iter() {
             let (k, v) = item.map_err(backend)?;
             let agent: AgentRecord = decode(&v)?;
             // Compare-and-swap: a renewal since the read keeps the agent.
             if !agent.banned
                 && agent.expires_at < expired_before
-                && self
-                    .agents
+                && s.agents
                     .compare_and_swap(&k, Some(&v), None as Option<&[u8]>)
                     .map_err(backend)?
                     .is_ok()
@@ -603,7 +880,7 @@ impl Datastore for SledDatastore {
             }
         }
         if !removed.is_empty() {
-            self.durable().await?;
+            s.durable().await?;
         }
         Ok(removed)
     }
@@ -613,9 +890,10 @@ impl Datastore for SledDatastore {
         token: JoinTokenRecord,
         audit: AuditWith,
     ) -> Result<()> {
+        let s = self.store()?;
         let value = encode(&token)?;
-        let record = self.audit_record(&audit)?;
-        tx((&self.tokens, &self.audit).transaction(|(t, audit_t)| {
+        let record = s.audit_record(&audit)?;
+        tx((&s.tokens, &s.audit).transaction(|(t, audit_t)| {
             if t.get(token.hash.as_str())?.is_some() {
                 return abort(DatastoreError::AlreadyExists("join token".into()));
             }
@@ -623,7 +901,7 @@ impl Datastore for SledDatastore {
             put_audit(audit_t, &record)?;
             Ok(())
         }))?;
-        self.durable().await
+        s.durable().await
     }
 
     async fn consume_join_token(
@@ -631,11 +909,12 @@ impl Datastore for SledDatastore {
         hash: &TokenHash,
         now: SystemTime,
     ) -> Result<JoinTokenRecord> {
+        let s = self.store()?;
         // `remove` is atomic: of two concurrent callers exactly one sees
         // the old value.
-        let old = self.tokens.remove(hash.as_str()).map_err(backend)?;
+        let old = s.tokens.remove(hash.as_str()).map_err(backend)?;
         let old = old.ok_or_else(|| DatastoreError::NotFound("join token".into()))?;
-        self.durable().await?;
+        s.durable().await?;
         let record: JoinTokenRecord = decode(&old)?;
         if record.expires_at <= now {
             return Err(DatastoreError::TokenExpired);
@@ -644,13 +923,13 @@ impl Datastore for SledDatastore {
     }
 
     async fn prune_join_tokens(&self, now: SystemTime) -> Result<usize> {
+        let s = self.store()?;
         let mut removed = 0;
-        for item in self.tokens.iter() {
+        for item in s.tokens.iter() {
             let (k, v) = item.map_err(backend)?;
             let record: JoinTokenRecord = decode(&v)?;
             if record.expires_at <= now
-                && self
-                    .tokens
+                && s.tokens
                     .compare_and_swap(&k, Some(&v), None as Option<&[u8]>)
                     .map_err(backend)?
                     .is_ok()
@@ -658,14 +937,15 @@ impl Datastore for SledDatastore {
                 removed += 1;
             }
         }
-        self.durable().await?;
+        s.durable().await?;
         Ok(removed)
     }
 
     async fn put_bundle(&self, bundle: &Bundle) -> Result<()> {
+        let s = self.store()?;
         let value = encode(bundle)?;
         let key = bundle.trust_domain.as_str();
-        tx(self.bundles.transaction(|t| {
+        tx(s.bundles.transaction(|t| {
             if let Some(old) = t.get(key)? {
                 let old: Bundle = tx_decode(&old)?;
                 if bundle.sequence <= old.sequence {
@@ -679,67 +959,77 @@ impl Datastore for SledDatastore {
             t.insert(key, value.as_slice())?;
             Ok(())
         }))?;
-        self.durable().await
+        s.durable().await
     }
 
     async fn fetch_bundle(&self, td: &TrustDomain) -> Result<Option<Bundle>> {
-        self.get(&self.bundles, td.as_str().as_bytes())
+        let s = self.store()?;
+        s.get(&s.bundles, td.as_str().as_bytes())
     }
 
     async fn list_bundles(&self) -> Result<Vec<Bundle>> {
-        self.all(&self.bundles)
+        let s = self.store()?;
+        s.all(&s.bundles)
     }
 
     async fn delete_bundle(&self, td: &TrustDomain) -> Result<()> {
-        let old = self.bundles.remove(td.as_str()).map_err(backend)?;
+        let s = self.store()?;
+        let old = s.bundles.remove(td.as_str()).map_err(backend)?;
         old.ok_or_else(|| DatastoreError::NotFound(format!("bundle of {td}")))?;
-        self.durable().await
+        s.durable().await
     }
 
     async fn fetch_ca_journal(&self) -> Result<Option<CaJournal>> {
-        self.get(&self.meta, CA_JOURNAL_KEY)
+        let s = self.store()?;
+        s.get(&s.meta, CA_JOURNAL_KEY)
     }
 
     async fn put_ca_journal(&self, journal: &CaJournal) -> Result<()> {
-        self.meta
+        let s = self.store()?;
+        s.meta
             .insert(CA_JOURNAL_KEY, encode(journal)?)
             .map_err(backend)?;
-        self.durable().await
+        s.durable().await
     }
 
     async fn append_audit(&self, events: Vec<AuditEvent>) -> Result<u64> {
-        let last = self.insert_audit(&events)?;
+        let s = self.store()?;
+        let last = s.insert_audit(&events)?;
         if last != 0 {
-            self.durable().await?;
+            s.durable().await?;
         }
         Ok(last)
     }
 
     async fn append_audit_unsynced(&self, events: Vec<AuditEvent>) -> Result<u64> {
-        self.insert_audit(&events)
+        let s = self.store()?;
+        s.insert_audit(&events)
     }
 
     async fn sync(&self) -> Result<()> {
-        self.durable().await
+        let s = self.store()?;
+        s.durable().await
     }
 
     async fn prune_audit(&self, before: SystemTime) -> Result<usize> {
-        let removed = self.prune_audit_records(before)?;
+        let s = self.store()?;
+        let removed = s.prune_audit_records(before)?;
         if removed > 0 {
-            self.durable().await?;
+            s.durable().await?;
         }
         Ok(removed)
     }
 
     async fn list_audit(&self, after: u64, limit: usize) -> Result<Vec<(u64, AuditEvent)>> {
+        let s = self.store()?;
         let wanted = after.saturating_add(1);
         // The record holding `wanted` starts at or before it.
-        let start = match self.audit.range(..=wanted.to_be_bytes()).next_back() {
+        let start = match s.audit.range(..=wanted.to_be_bytes()).next_back() {
             Some(item) => item.map_err(backend)?.0,
             None => ::sled::IVec::from(&wanted.to_be_bytes()),
         };
         let mut out = Vec::new();
-        for item in self.audit.range(start..) {
+        for item in s.audit.range(start..) {
             let (k, v) = item.map_err(backend)?;
             let first = read_u64(Some(k));
             for (i, event) in decode_audit_record(&v)?.into_iter().enumerate() {
@@ -757,7 +1047,7 @@ impl Datastore for SledDatastore {
     }
 }
 
-impl SledDatastore {
+impl Store {
     /// See [`Datastore::prune_audit`].
     fn prune_audit_records(&self, before: SystemTime) -> Result<usize> {
         let mut removed = 0;
@@ -819,6 +1109,10 @@ struct SyncState {
 /// What a sync round writes out: sled's data file and its blob files.
 struct SyncFiles {
     db: ::sled::Db,
+    /// Read for the revision each round makes durable.
+    meta: ::sled::Tree,
+    /// Every entry change up to this revision is on disk.
+    synced_revision: Arc<AtomicU64>,
     data_file: File,
     /// sled writes a record larger than about 128 KiB (a segment, 512 KiB,
     /// over 4, less headers: `Log::reserve` in sled 0.34.7) to its own
@@ -835,7 +1129,12 @@ impl SyncFiles {
     /// One round: sled's buffers to the files, new blob files and their
     /// directory entries to disk, then the data file that points to them.
     fn sync(&mut self) -> std::io::Result<()> {
-        self.db.flush().map_err(std::io::Error::other)?;
+        // Changes up to this revision were made before the flush below.
+        let revision = read_u64(self.meta.get(REVISION_KEY).ok().flatten());
+        self.db.flush().map_err(|e| match e {
+            ::sled::Error::Io(io) => io,
+            other => std::io::Error::other(other),
+        })?;
         let mut new = Vec::new();
         match std::fs::read_dir(&self.blobs) {
             Ok(dir) => {
@@ -862,12 +1161,20 @@ impl SyncFiles {
         }
         (self.sync_file)(&self.data_file)?;
         self.synced_blobs.extend(new);
+        self.synced_revision.fetch_max(revision, Ordering::SeqCst);
         Ok(())
     }
 }
 
 impl GroupSync {
-    fn start(db: ::sled::Db, dir: &Path, data_file: File, sync_file: Arc<SyncFile>) -> Self {
+    fn start(
+        db: ::sled::Db,
+        meta: ::sled::Tree,
+        synced_revision: Arc<AtomicU64>,
+        dir: &Path,
+        data_file: File,
+        sync_file: Arc<SyncFile>,
+    ) -> Self {
         let shared = Arc::new(SyncShared {
             state: Mutex::new(SyncState::default()),
             wake: Condvar::new(),
@@ -876,6 +1183,8 @@ impl GroupSync {
         let worker = Arc::clone(&shared);
         let mut files = SyncFiles {
             db,
+            meta,
+            synced_revision,
             data_file,
             blobs: dir.join("blobs"),
             synced_blobs: Default::default(),
@@ -942,7 +1251,7 @@ fn sync_loop(shared: &SyncShared, files: &mut SyncFiles, tx: &watch::Sender<Sync
                     error = %e,
                     "datastore sync failed for lack of space; the writes waiting for it are refused, the next write tries again"
                 );
-                tx.send_modify(|p| p.failed = Some((target, e.to_string())));
+                tx.send_modify(|p| p.failed = Some((target, write_failed(&e))));
             }
             // After an I/O error the kernel may have dropped the dirty pages
             // and marked them clean, so a later successful sync would not
@@ -995,11 +1304,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = SledDatastore::open(dir.path()).unwrap();
         let old = conformance::audit_event(7);
-        store
-            .audit
+        let s = store.store().unwrap();
+        s.audit
             .insert(1u64.to_be_bytes(), encode(&old).unwrap())
             .unwrap();
-        store.db.generate_id().unwrap();
+        s.db.generate_id().unwrap();
         let seq = store
             .append_audit(vec![
                 conformance::audit_event(8),
@@ -1076,6 +1385,71 @@ mod tests {
             .await
             .unwrap();
         store.sync().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn entry_changes_lost_in_a_reopen_are_corrected_after_the_revisions_seen() {
+        // Changes readers saw in the latched database's memory and the
+        // reopened database lost: revisions must not be handed out again,
+        // and each touched entry gets a change to its stored state.
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledDatastore::open(dir.path()).unwrap();
+        let a = conformance::entry("a", 1);
+        let b = conformance::entry("b", 2);
+        let made = store
+            .create_entries_audited(vec![(a.clone(), None), (b.clone(), None)])
+            .await
+            .unwrap();
+        let stored_a = made[0].clone().unwrap();
+        let s = store.store().unwrap();
+        // Not synced yet: reported as unsynced.
+        let c = s.insert_entry(conformance::entry("c", 3), &None).unwrap();
+        let (unsynced, seen) = s.unsynced_changes();
+        assert_eq!(seen, 3);
+        assert_eq!(unsynced.iter().map(|c| c.revision).collect::<Vec<_>>(), [3]);
+        // As if revision 3 and two more were lost: a created "c" (gone),
+        // an update of "a", a deletion of "b" (both still stored).
+        s.entries.remove(c.id.as_str()).unwrap();
+        s.entry_keys.clear().unwrap();
+        s.changes.remove(3u64.to_be_bytes()).unwrap();
+        s.meta.insert(REVISION_KEY, &2u64.to_be_bytes()).unwrap();
+        let change = |revision, kind, entry: &RegistrationEntry| EntryChange {
+            revision,
+            kind,
+            entry: entry.clone(),
+        };
+        let lost = [
+            change(3, ChangeKind::Created, &c),
+            change(4, ChangeKind::Updated, &stored_a),
+            change(5, ChangeKind::Deleted, &made[1].clone().unwrap()),
+        ];
+        s.reconcile(&lost, 5).unwrap();
+        let fixes = store.entry_changes(5, 100).await.unwrap();
+        let got: Vec<_> = fixes
+            .iter()
+            .map(|f| (f.revision, f.kind, f.entry.id.clone()))
+            .collect();
+        let mut ids = [a.id.clone(), b.id.clone(), c.id.clone()];
+        ids.sort_by(|x, y| x.as_str().cmp(y.as_str()));
+        let kind = |id: &EntryId| {
+            if *id == c.id {
+                ChangeKind::Deleted
+            } else {
+                ChangeKind::Updated
+            }
+        };
+        let want: Vec<_> = ids
+            .iter()
+            .zip(6..)
+            .map(|(id, rev)| (rev, kind(id), id.clone()))
+            .collect();
+        assert_eq!(got, want);
+        assert_eq!(store.current_revision().await.unwrap(), 8);
+        let a_now = store.fetch_entry(&a.id).await.unwrap().unwrap();
+        assert!(a_now.revision > 5, "{}", a_now.revision);
+        // Nothing lost: nothing changes.
+        s.reconcile(&[], 8).unwrap();
+        assert_eq!(store.current_revision().await.unwrap(), 8);
     }
 
     #[tokio::test]

@@ -10,6 +10,7 @@
 mod common;
 
 mod crash;
+mod disk_full;
 mod file_hygiene;
 mod mtls;
 mod node_connection;
