@@ -51,3 +51,6 @@ cargo test --workspace --locked 2>&1 | tee "$log"
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed;?$/) p += $(i-1); if ($i ~ /^failed;?$/) f += $(i-1) } }
      /^[0-9]+ passed, [0-9]+ failed$/ { p += $1; f += $3 }
      END { printf "\nsummary: %d passed, %d failed\n", p, f }' "$log"
+
+echo "==> fuzzing (every target for 20 s from the committed corpus; docs/fuzzing.md)"
+./scripts/fuzz.sh all 20
