@@ -48,9 +48,12 @@ log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 cargo test --workspace --locked 2>&1 | tee "$log"
 # One closing line for the whole run, summed over every test binary.
-awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed;?$/) p += $(i-1); if ($i ~ /^failed;?$/) f += $(i-1) } }
+summary=$(awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed;?$/) p += $(i-1); if ($i ~ /^failed;?$/) f += $(i-1) } }
      /^[0-9]+ passed, [0-9]+ failed$/ { p += $1; f += $3 }
-     END { printf "\nsummary: %d passed, %d failed\n", p, f }' "$log"
+     END { printf "summary: %d passed, %d failed", p, f }' "$log")
 
 echo "==> fuzzing (every target for 20 s from the committed corpus; docs/fuzzing.md)"
 ./scripts/fuzz.sh all 20
+
+# The tests' closing line comes last.
+printf '\n%s\n' "$summary"
