@@ -132,6 +132,39 @@ async fn unauthenticated_large_declared_messages_are_refused_unread() {
     drop(conns);
 }
 
+/// One connection holds at most 64 streams: a 65th waits until one of them
+/// ends (tonic's HTTP/2 default would have let 200 through).
+#[tokio::test]
+async fn a_connection_holds_at_most_64_streams() {
+    // Attestations from one address are rate limited before streams are.
+    let server = TestServer::start("[rate_limits]\nattest_burst = 1000.0\n").await;
+    let tls = server.tls(None).await;
+    let mut send = raw_h2(&server, tls).await;
+    let mut held = Vec::new();
+    for _ in 0..64 {
+        send.ready().await.unwrap();
+        // An Attest whose first message never arrives stays open until the
+        // server's first-message timeout (10 s).
+        held.push(tokio::spawn(send.send_request(declared("Attest", 100, 0))));
+    }
+    let started = Instant::now();
+    let resp = tokio::time::timeout(Duration::from_secs(30), async {
+        send.ready().await.unwrap();
+        send.send_request(declared("FetchBundle", 100, 0))
+            .await
+            .unwrap()
+    })
+    .await
+    .expect("the 65th stream is served once the first ones end");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_secs(3),
+        "a 65th stream was served after {waited:?}, while 64 were open"
+    );
+    assert_eq!(grpc_status(resp).await, Some(Code::Unauthenticated as i32));
+    drop(held);
+}
+
 #[tokio::test]
 async fn attest_declaring_a_large_message_is_cut_off() {
     let server = TestServer::start("").await;
