@@ -79,24 +79,41 @@ pub struct AgentConfig {
     pub unary_calls_per_uid_per_second: u32,
 }
 
+// Workload API limits, defaults (see the fields above).
+/// Most streams one uid may hold open at once unless configured otherwise
+/// (`max_streams_per_uid`); more are refused so that one user cannot starve
+/// the others. High, because on a busy node many workloads share a uid.
+pub const DEFAULT_MAX_STREAMS_PER_UID: usize = 8192;
+/// Most connections one uid may hold open at once (`max_connections_per_uid`).
+pub const DEFAULT_MAX_CONNECTIONS_PER_UID: usize = 4096;
+/// Most connections open at once (`max_connections`).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 16_384;
+/// Unary calls (FetchJWTSVID, ValidateJWTSVID) one uid may make per second,
+/// and in a burst (`unary_calls_per_uid_per_second`).
+pub const DEFAULT_UNARY_CALLS_PER_UID_PER_SECOND: u32 = 1000;
+/// JWT-SVIDs one uid may have the agent fetch from the server per second
+/// unless configured otherwise (`jwt_fetches_per_uid_per_second`); tokens
+/// served from the agent's cache are not counted.
+pub const DEFAULT_JWT_FETCHES_PER_UID_PER_SECOND: f64 = 50.0;
+
 fn default_jwt_fetches_per_uid() -> f64 {
-    crate::workload_api::DEFAULT_JWT_FETCHES_PER_UID_PER_SECOND
+    DEFAULT_JWT_FETCHES_PER_UID_PER_SECOND
 }
 
 fn default_max_streams_per_uid() -> usize {
-    crate::workload_api::DEFAULT_MAX_STREAMS_PER_UID
+    DEFAULT_MAX_STREAMS_PER_UID
 }
 
 fn default_max_connections() -> usize {
-    crate::workload_api::DEFAULT_MAX_CONNECTIONS
+    DEFAULT_MAX_CONNECTIONS
 }
 
 fn default_max_connections_per_uid() -> usize {
-    crate::workload_api::DEFAULT_MAX_CONNECTIONS_PER_UID
+    DEFAULT_MAX_CONNECTIONS_PER_UID
 }
 
 fn default_unary_calls_per_uid_per_second() -> u32 {
-    crate::workload_api::DEFAULT_UNARY_CALLS_PER_UID_PER_SECOND
+    DEFAULT_UNARY_CALLS_PER_UID_PER_SECOND
 }
 
 fn default_socket() -> PathBuf {

@@ -42,21 +42,15 @@ use tracing::{debug, warn};
 
 use crate::authority::AuthorityFix;
 use crate::cache::CachedSvid;
+use crate::config::{
+    DEFAULT_JWT_FETCHES_PER_UID_PER_SECOND, DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_CONNECTIONS_PER_UID, DEFAULT_MAX_STREAMS_PER_UID,
+    DEFAULT_UNARY_CALLS_PER_UID_PER_SECOND,
+};
 use crate::manager::Agent;
 
 /// Largest request accepted (a JWT to validate is the largest field).
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
-/// Most streams one uid may hold open at once unless configured otherwise
-/// (`max_streams_per_uid`); more are refused so that one user cannot starve
-/// the others. High, because on a busy node many workloads share a uid.
-pub const DEFAULT_MAX_STREAMS_PER_UID: usize = 8192;
-/// Most connections one uid may hold open at once (`max_connections_per_uid`).
-pub const DEFAULT_MAX_CONNECTIONS_PER_UID: usize = 4096;
-/// Most connections open at once (`max_connections`).
-pub const DEFAULT_MAX_CONNECTIONS: usize = 16_384;
-/// Unary calls (FetchJWTSVID, ValidateJWTSVID) one uid may make per second,
-/// and in a burst (`unary_calls_per_uid_per_second`).
-pub const DEFAULT_UNARY_CALLS_PER_UID_PER_SECOND: u32 = 1000;
 /// Most streams open at once on one connection (an HTTP/2 setting): one
 /// connection cannot take a whole uid's share.
 const MAX_STREAMS_PER_CONNECTION: u32 = 256;
@@ -67,10 +61,6 @@ const ATTESTATION_THREADS_PER_UID: usize = 16;
 /// Wait after a failed `accept`, doubling up to the maximum while it fails.
 const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
-/// JWT-SVIDs one uid may have the agent fetch from the server per second
-/// unless configured otherwise (`jwt_fetches_per_uid_per_second`); tokens
-/// served from the agent's cache are not counted.
-pub const DEFAULT_JWT_FETCHES_PER_UID_PER_SECOND: f64 = 50.0;
 /// How many seconds' worth of JWT-SVID fetches one uid may make at once
 /// (a workload starting with many audiences).
 const JWT_FETCH_BURST_SECONDS: f64 = 10.0;

@@ -4,13 +4,14 @@
 //! checked again against the caller's kernel credentials (SO_PEERCRED):
 //! only root, the server's own uid and configured admin uids may call.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use sigil_identity::clock::Clock;
+use sigil_identity::entry::is_valid_name;
 use sigil_identity::{DnsName, EntryId, RegistrationEntry, Selector, SpiffeId, TrustDomain};
 use sigil_proto::admin::{self as pb, admin_server::Admin};
 use sigil_proto::convert::{spiffe_id, unix_i64};
@@ -23,10 +24,11 @@ use tracing::warn;
 use crate::audit::Audit;
 use crate::ca::CaManager;
 use crate::datastore::{
-    AgentRecord, Datastore, DatastoreError, EntryFilter, JoinTokenRecord, TokenHash,
+    AgentRecord, Datastore, DatastoreError, EntryBatch, EntryFilter, JoinTokenRecord, TokenHash,
 };
-use crate::node_api::{ca_status, store_status};
+use crate::entry_apply;
 use crate::registry::Registry;
+use crate::status::{ca_status, store_status};
 
 /// Most entries in one batch call.
 pub const MAX_BATCH: usize = 10_000;
@@ -299,6 +301,98 @@ impl AdminService {
             expires_at: unix_i64(expires_at),
         })
     }
+
+    /// Serves `ApplyEntries` for `caller` (planning in [`entry_apply`]).
+    async fn apply_registration(
+        &self,
+        caller: &str,
+        req: pb::ApplyEntriesRequest,
+    ) -> Result<pb::ApplyEntriesResponse, Status> {
+        let owner = req.owner;
+        if !is_valid_name(&owner) {
+            return Err(Status::invalid_argument(
+                "owner must be 1 to 128 characters of a-z, A-Z, 0-9, '-', '_', '.' or '/'",
+            ));
+        }
+        if req.entries.len() > MAX_BATCH {
+            return Err(Status::invalid_argument(format!(
+                "at most {MAX_BATCH} entries per registration file"
+            )));
+        }
+        let wanted = entry_apply::wanted(|e| self.check_entry(e), &owner, req.entries)?;
+        let stored = self
+            .store
+            .list_entries(&EntryFilter::default())
+            .await
+            .map_err(|e| store_status(&e))?;
+        let mut planned = entry_apply::plan(&owner, wanted, stored, req.prune)?;
+        if req.dry_run {
+            return Ok(pb::ApplyEntriesResponse {
+                changes: planned.iter().map(|p| p.message(false)).collect(),
+                applied: false,
+            });
+        }
+        let mut batch = EntryBatch::default();
+        for p in &planned {
+            let action = match p.kind {
+                "create" => {
+                    batch.create.push(p.entry.clone());
+                    "entry.create"
+                }
+                "update" | "adopt" => {
+                    batch.update.push(p.entry.clone());
+                    "entry.update"
+                }
+                "delete" => {
+                    batch.delete.push((p.entry.id.clone(), p.entry.revision));
+                    "entry.delete"
+                }
+                _ => continue,
+            };
+            let target = format!("{} owner={} name={}", p.entry.id, owner, p.entry.name);
+            batch
+                .audit
+                .push(self.audit.event(caller, action, &target, "ok"));
+        }
+        // Written with the changes, in one write.
+        let audit = batch.audit.clone();
+        let made = match self.store.apply_entries(batch).await {
+            Ok(made) => made,
+            Err(err) => {
+                // A failed sync leaves the changes applied (see
+                // `DatastoreError::Durability`): agents follow the store.
+                if matches!(err, DatastoreError::Durability(_)) {
+                    self.after_entry_change().await;
+                }
+                let target = format!("owner={owner}");
+                self.audit
+                    .record(caller, "entry.apply", &target, &err.to_string())
+                    .await;
+                return Err(match err {
+                    DatastoreError::AlreadyExists(what) => Status::already_exists(format!(
+                        "{what} already exists; nothing was changed"
+                    )),
+                    e => store_status(&e),
+                });
+            }
+        };
+        // Creations got their ids when the wanted entries were built; keep
+        // the stored revisions for the report.
+        let ids: HashMap<&EntryId, u64> = made.iter().map(|c| (&c.entry.id, c.revision)).collect();
+        for p in &mut planned {
+            if let Some(rev) = ids.get(&p.entry.id) {
+                p.entry.revision = *rev;
+            }
+        }
+        self.audit.log_written(&audit);
+        if !made.is_empty() {
+            self.after_entry_change().await;
+        }
+        Ok(pb::ApplyEntriesResponse {
+            changes: planned.iter().map(|p| p.message(true)).collect(),
+            applied: true,
+        })
+    }
 }
 
 /// The tonic-facing handle of [`AdminService`].
@@ -544,7 +638,7 @@ impl Admin for AdminApi {
         req: Request<pb::ApplyEntriesRequest>,
     ) -> Result<Response<pb::ApplyEntriesResponse>, Status> {
         let caller = self.caller(&req)?;
-        crate::entry_apply::apply(self, &caller, req.into_inner())
+        self.apply_registration(&caller, req.into_inner())
             .await
             .map(Response::new)
     }

@@ -6,30 +6,29 @@
 //! same SPIFFE ID, parent and selectors, so an installation can move to
 //! files; otherwise it is created. The owner's stored entries the file no
 //! longer lists are deleted with `prune` and reported as orphans without.
-//! Entries of other owners are never touched.
+//! Entries of other owners are never touched. The admin API serves the
+//! call; this module only validates and plans.
 
 use std::collections::{HashMap, HashSet};
 
+use sigil_identity::RegistrationEntry;
 use sigil_identity::entry::is_valid_name;
-use sigil_identity::{EntryId, RegistrationEntry};
 use sigil_proto::admin as pb;
 use tonic::Status;
 
-use crate::admin_api::{AdminService, MAX_BATCH};
-use crate::datastore::{DatastoreError, EntryBatch, EntryFilter, entry_key};
-use crate::node_api::store_status;
+use crate::datastore::entry_key;
 use crate::registration_file::diff;
 
 /// One planned change, before it is made.
-struct Planned {
-    kind: &'static str,
-    entry: RegistrationEntry,
-    fields: Vec<(&'static str, String, String)>,
+pub(crate) struct Planned {
+    pub(crate) kind: &'static str,
+    pub(crate) entry: RegistrationEntry,
+    pub(crate) fields: Vec<(&'static str, String, String)>,
 }
 
 impl Planned {
     /// The change on the wire; a creation not made has no id yet.
-    fn message(&self, applied: bool) -> pb::PlannedChange {
+    pub(crate) fn message(&self, applied: bool) -> pb::PlannedChange {
         let id = if self.kind == "create" && !applied {
             String::new()
         } else {
@@ -54,8 +53,8 @@ impl Planned {
 }
 
 /// The wanted entries, validated, each with the owner set.
-fn wanted(
-    svc: &AdminService,
+pub(crate) fn wanted(
+    check: impl Fn(&RegistrationEntry) -> Result<(), Status>,
     owner: &str,
     wire: Vec<sigil_proto::node::Entry>,
 ) -> Result<Vec<RegistrationEntry>, Status> {
@@ -80,8 +79,7 @@ fn wanted(
         })
         .map_err(|err| bad(err.to_string()))?;
         e.owner = owner.to_owned();
-        svc.check_entry(&e)
-            .map_err(|s| bad(s.message().to_owned()))?;
+        check(&e).map_err(|s| bad(s.message().to_owned()))?;
         if let Some(other) = keys.insert(entry_key(&e), name.clone()) {
             return Err(bad(format!(
                 "same SPIFFE ID, parent and selectors as entry {other:?}"
@@ -93,7 +91,7 @@ fn wanted(
 }
 
 /// Works out what to change to make `owner`'s entries match `wanted`.
-fn plan(
+pub(crate) fn plan(
     owner: &str,
     wanted: Vec<RegistrationEntry>,
     stored: Vec<RegistrationEntry>,
@@ -157,96 +155,4 @@ fn plan(
     }
     out.sort_by(|a, b| a.entry.name.cmp(&b.entry.name));
     Ok(out)
-}
-
-/// Serves `ApplyEntries` for `caller`.
-pub(crate) async fn apply(
-    svc: &AdminService,
-    caller: &str,
-    req: pb::ApplyEntriesRequest,
-) -> Result<pb::ApplyEntriesResponse, Status> {
-    let owner = req.owner;
-    if !is_valid_name(&owner) {
-        return Err(Status::invalid_argument(
-            "owner must be 1 to 128 characters of a-z, A-Z, 0-9, '-', '_', '.' or '/'",
-        ));
-    }
-    if req.entries.len() > MAX_BATCH {
-        return Err(Status::invalid_argument(format!(
-            "at most {MAX_BATCH} entries per registration file"
-        )));
-    }
-    let wanted = wanted(svc, &owner, req.entries)?;
-    let stored = svc
-        .store
-        .list_entries(&EntryFilter::default())
-        .await
-        .map_err(|e| store_status(&e))?;
-    let mut planned = plan(&owner, wanted, stored, req.prune)?;
-    if req.dry_run {
-        return Ok(pb::ApplyEntriesResponse {
-            changes: planned.iter().map(|p| p.message(false)).collect(),
-            applied: false,
-        });
-    }
-    let mut batch = EntryBatch::default();
-    for p in &planned {
-        let action = match p.kind {
-            "create" => {
-                batch.create.push(p.entry.clone());
-                "entry.create"
-            }
-            "update" | "adopt" => {
-                batch.update.push(p.entry.clone());
-                "entry.update"
-            }
-            "delete" => {
-                batch.delete.push((p.entry.id.clone(), p.entry.revision));
-                "entry.delete"
-            }
-            _ => continue,
-        };
-        let target = format!("{} owner={} name={}", p.entry.id, owner, p.entry.name);
-        batch
-            .audit
-            .push(svc.audit.event(caller, action, &target, "ok"));
-    }
-    // Written with the changes, in one write.
-    let audit = batch.audit.clone();
-    let made = match svc.store.apply_entries(batch).await {
-        Ok(made) => made,
-        Err(err) => {
-            // A failed sync leaves the changes applied (see
-            // `DatastoreError::Durability`): agents follow the store.
-            if matches!(err, DatastoreError::Durability(_)) {
-                svc.after_entry_change().await;
-            }
-            let target = format!("owner={owner}");
-            svc.audit
-                .record(caller, "entry.apply", &target, &err.to_string())
-                .await;
-            return Err(match err {
-                DatastoreError::AlreadyExists(what) => {
-                    Status::already_exists(format!("{what} already exists; nothing was changed"))
-                }
-                e => store_status(&e),
-            });
-        }
-    };
-    // Creations got their ids when the wanted entries were built; keep
-    // the stored revisions for the report.
-    let ids: HashMap<&EntryId, u64> = made.iter().map(|c| (&c.entry.id, c.revision)).collect();
-    for p in &mut planned {
-        if let Some(rev) = ids.get(&p.entry.id) {
-            p.entry.revision = *rev;
-        }
-    }
-    svc.audit.log_written(&audit);
-    if !made.is_empty() {
-        svc.after_entry_change().await;
-    }
-    Ok(pb::ApplyEntriesResponse {
-        changes: planned.iter().map(|p| p.message(true)).collect(),
-        applied: true,
-    })
 }

@@ -15,6 +15,8 @@
 //! - [`retention`]: pruning of old changes, audit records and agents.
 //! - [`config`]: TOML config merged with flags.
 //! - [`server`]: wiring and `run(config, listeners, shutdown)`.
+//! - [`shutdown`]: the stop signals and the wait tasks end with.
+//! - [`status`]: errors as gRPC statuses, one mapping for both APIs.
 //! - [`registration_file`], [`entry_apply`]: registration entries kept as
 //!   code (`entry plan`/`apply`/`export`).
 //! - [`cli`]: the `sigil-server` command line.
@@ -33,3 +35,5 @@ pub mod registration_file;
 pub mod registry;
 pub mod retention;
 pub mod server;
+pub mod shutdown;
+pub mod status;

@@ -73,7 +73,7 @@ impl Pruner {
     /// Runs a pass every `retention.interval` until `stop` turns true.
     pub async fn run(self, stop: tokio::sync::watch::Receiver<bool>) {
         let mut tick = tokio::time::interval(self.retention.interval);
-        let stopped = crate::server::wait_for_stop(stop);
+        let stopped = crate::shutdown::wait_for_stop(stop);
         tokio::pin!(stopped);
         loop {
             tokio::select! {

@@ -28,6 +28,8 @@ use crate::config::{K8sPsatSection, KeyManagerKind, ServerConfig};
 use crate::datastore::{Datastore, DatastoreError, SledDatastore, TokenHash};
 use crate::node_api::{NodeApi, NodeService, limits, tls};
 use crate::registry::Registry;
+pub use crate::shutdown::shutdown_signal;
+use crate::shutdown::wait_for_stop;
 use sigil_identity::rate_limit::RateLimiter;
 
 /// How long shutdown waits for open connections to finish.
@@ -128,34 +130,6 @@ impl TokenStore for DatastoreTokens {
                 Err(AttestError::Rejected("join token has expired"))
             }
             Err(e) => Err(AttestError::Internal(e.to_string())),
-        }
-    }
-}
-
-/// A future that resolves on the first SIGINT (Ctrl-C) or SIGTERM: the
-/// usual `shutdown` for [`run`]. The handlers are installed by this call,
-/// not on the first poll, so a signal arriving in between is not lost.
-/// Must be called inside the Tokio runtime.
-pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
-    use tokio::signal::unix::{SignalKind, signal};
-    let interrupt = signal(SignalKind::interrupt());
-    let terminate = signal(SignalKind::terminate());
-    async move {
-        match (interrupt, terminate) {
-            (Ok(mut i), Ok(mut t)) => {
-                tokio::select! {
-                    _ = i.recv() => {}
-                    _ = t.recv() => {}
-                }
-            }
-            (Ok(mut one), Err(e)) | (Err(e), Ok(mut one)) => {
-                warn!(error = %e, "cannot handle one of SIGINT/SIGTERM");
-                one.recv().await;
-            }
-            (Err(e), Err(_)) => {
-                warn!(error = %e, "cannot handle SIGINT or SIGTERM; stop the process with SIGKILL");
-                std::future::pending::<()>().await;
-            }
         }
     }
 }
@@ -351,8 +325,4 @@ pub async fn run(
     admin_result?;
     info!("sigil-server stopped");
     Ok(())
-}
-
-pub(crate) async fn wait_for_stop(mut rx: tokio::sync::watch::Receiver<bool>) {
-    let _ = rx.wait_for(|stop| *stop).await;
 }

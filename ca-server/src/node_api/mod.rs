@@ -33,6 +33,7 @@ use crate::ca::x509::IssuedSvid;
 use crate::ca::{CaError, CaManager};
 use crate::datastore::{AgentRecord, Datastore, DatastoreError};
 use crate::registry::{AgentEvent, Registry, SyncStart};
+use crate::status::{ca_status, store_status};
 use sigil_identity::rate_limit::RateLimiter;
 
 /// Marks `status` as revoking the calling agent (see
@@ -51,32 +52,6 @@ const CHALLENGE_TIMEOUT: Duration = Duration::from_secs(30);
 pub const MAX_BATCH: usize = 1000;
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
-
-/// Maps CA failures to gRPC status codes, in one place.
-pub fn ca_status(e: &CaError) -> Status {
-    match e {
-        CaError::Csr(e) => Status::invalid_argument(format!("bad CSR: {e}")),
-        CaError::Jwt(e) => Status::invalid_argument(e.to_string()),
-        // Too long to validate: the request's audiences are the cause.
-        CaError::JwtSelfCheck(sigil_identity::jwt::JwtError::TooLong) => {
-            Status::invalid_argument(e.to_string())
-        }
-        CaError::ForeignId(..) => Status::invalid_argument(e.to_string()),
-        CaError::NotReady => Status::unavailable(e.to_string()),
-        _ => Status::internal("the CA could not sign; see the server log"),
-    }
-}
-
-/// Maps datastore failures to gRPC status codes.
-pub fn store_status(e: &DatastoreError) -> Status {
-    match e {
-        DatastoreError::NotFound(what) => Status::not_found(format!("{what} not found")),
-        DatastoreError::AlreadyExists(what) => {
-            Status::already_exists(format!("{what} already exists"))
-        }
-        _ => Status::unavailable(format!("datastore: {e}")),
-    }
-}
 
 /// The node API service.
 pub struct NodeService {
@@ -621,7 +596,7 @@ impl Node for NodeApi {
         let this = self.0.clone();
         let mut bundles = self.ca.subscribe_bundle();
         bundles.borrow_and_update();
-        let stopped = crate::server::wait_for_stop(self.shutdown.clone());
+        let stopped = crate::shutdown::wait_for_stop(self.shutdown.clone());
         // The stream lives no longer than the SVID that opened it.
         let svid_left = ctx
             .not_after
