@@ -279,6 +279,10 @@ pub async fn run(
         total: config.server.max_connections,
         unauthenticated_per_address: config.server.max_unauthenticated_connections_per_address,
     };
+    let is_pinned: tls::IsPinned = {
+        let node = node.clone();
+        Arc::new(move |peer| node.check_peer(peer).is_ok())
+    };
     let node_server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .max_concurrent_streams(limits::MAX_STREAMS_PER_CONNECTION)
@@ -289,7 +293,7 @@ pub async fn run(
             node,
         ))
         .serve_with_incoming_shutdown(
-            tls::incoming(listeners.node, acceptor, conn_limits),
+            tls::incoming(listeners.node, acceptor, conn_limits, is_pinned),
             wait_for_stop(stop_rx.clone()),
         );
     let admin_server = tonic::transport::Server::builder()

@@ -239,6 +239,57 @@ async fn unauthenticated_connections_per_address_are_capped() {
     }
 }
 
+/// An agent's current SVID takes a connection out of its address's
+/// unauthenticated count (many agents may share an address); a banned
+/// agent's SVID does not, so a banned or leaked key cannot open
+/// connections without limit.
+#[tokio::test]
+async fn a_banned_agents_certificate_counts_as_unauthenticated() {
+    let server = TestServer::start("").await;
+    let token = server.token().await;
+    let agent = TestAgent::join(&server, &token).await.unwrap();
+    let tls = server.tls(Some(&agent)).await;
+    let handshake = || async {
+        let tcp = tokio::net::TcpStream::connect(&server.addr).await?;
+        let name = rustls::pki_types::ServerName::try_from("sigil-server").unwrap();
+        let mut stream = tokio_rustls::TlsConnector::from(tls.clone())
+            .connect(name, tcp)
+            .await?;
+        // A refused connection is closed by the server: a read tells.
+        use tokio::io::AsyncReadExt;
+        let mut byte = [0u8; 1];
+        match tokio::time::timeout(Duration::from_millis(300), stream.read(&mut byte)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => Err(std::io::Error::other("closed by the server")),
+            _ => Ok(stream),
+        }
+    };
+    // The agent in good standing: past the per-address cap of 64.
+    let mut held = Vec::new();
+    for i in 0..70 {
+        let conn = handshake().await;
+        assert!(conn.is_ok(), "connection {i} of a pinned agent was refused");
+        held.push(conn);
+    }
+    drop(held);
+
+    let out = server.cli(&["agent", "ban", "--id", agent.id.as_str()]);
+    assert!(out.status.success(), "{out:?}");
+    let mut held = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match handshake().await {
+            Ok(conn) => held.push(conn),
+            Err(_) => break,
+        }
+        assert!(
+            held.len() <= 64 && Instant::now() < deadline,
+            "a banned agent's certificate opened {} connections from one address",
+            held.len()
+        );
+    }
+    assert_eq!(held.len(), 64, "refused before the cap");
+}
+
 #[tokio::test]
 async fn agents_keep_full_batches_but_small_calls_are_capped() {
     let server = TestServer::start("").await;

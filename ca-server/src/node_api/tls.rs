@@ -194,13 +194,21 @@ impl AsyncWrite for NodeConn {
     }
 }
 
+/// Whether a client certificate is an agent's current, pinned SVID (not
+/// banned, evicted, superseded or expired).
+pub type IsPinned = Arc<dyn Fn(&PeerSvid) -> bool + Send + Sync>;
+
 /// Accepts TCP connections within `limits` (others are closed at once),
 /// completes TLS handshakes concurrently (each bounded by a timeout), and
-/// yields finished connections.
+/// yields finished connections with their [`NodeConnInfo`]. A connection
+/// counts against its address's unauthenticated cap unless `is_pinned`
+/// accepts its certificate, so a banned or leaked-but-superseded agent
+/// key cannot open connections without limit.
 pub fn incoming(
     listener: TcpListener,
     acceptor: TlsAcceptor,
     limits: ConnLimits,
+    is_pinned: IsPinned,
 ) -> ReceiverStream<std::io::Result<NodeConn>> {
     let (tx, rx) = mpsc::channel(256);
     let counts = Arc::new(Mutex::new(SlotCounts::default()));
@@ -223,14 +231,14 @@ pub fn incoming(
                 continue;
             };
             let _ = tcp.set_nodelay(true);
-            let acceptor = acceptor.clone();
+            let (acceptor, is_pinned) = (acceptor.clone(), is_pinned.clone());
             let tx = tx.clone();
             tokio::spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(stream)) => {
                         debug!(%remote, "node API connection accepted");
                         let peer = Arc::new(PeerSvid::read(stream.get_ref().1.peer_certificates()));
-                        if matches!(*peer, PeerSvid::Svid { .. }) {
+                        if is_pinned(&peer) {
                             slot.authenticated();
                         }
                         let _ = tx
