@@ -68,6 +68,21 @@ pub fn from_unix_seconds(secs: u64) -> SystemTime {
     UNIX_EPOCH + Duration::from_secs(secs.min(MAX_UNIX_SECONDS))
 }
 
+/// `t` as an RFC 3339 UTC time in whole seconds, e.g.
+/// `2027-01-01T00:00:00Z`, the form the CLIs print; the Unix seconds when
+/// the time cannot be formatted.
+pub fn rfc3339(t: SystemTime) -> String {
+    let secs = unix_seconds(t);
+    i64::try_from(secs)
+        .ok()
+        .and_then(|s| time::OffsetDateTime::from_unix_timestamp(s).ok())
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| secs.to_string())
+}
+
 /// Serde adapter: `SystemTime` as whole Unix seconds.
 pub mod serde_unix_seconds {
     use super::*;
@@ -129,6 +144,14 @@ mod tests {
     #[test]
     fn huge_times_are_clamped_not_overflowed() {
         assert_eq!(unix_seconds(from_unix_seconds(u64::MAX)), MAX_UNIX_SECONDS);
+    }
+
+    #[test]
+    fn rfc3339_prints_whole_utc_seconds() {
+        assert_eq!(rfc3339(from_unix_seconds(0)), "1970-01-01T00:00:00Z");
+        let t = from_unix_seconds(1_798_761_600) + Duration::from_millis(750);
+        assert_eq!(rfc3339(t), "2027-01-01T00:00:00Z");
+        assert_eq!(rfc3339(from_unix_seconds(u64::MAX)), "9999-12-31T23:59:59Z");
     }
 
     #[test]
