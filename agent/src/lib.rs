@@ -11,6 +11,8 @@
 //! - [`cache`]: entries from the Sync stream and the SVIDs held for them.
 //! - [`manager`]: the main loop: sync, issuance and rotation, renewal.
 //! - [`workload_api`]: the SPIFFE Workload API on a Unix socket.
+//! - [`workload_client`]: calling it as a workload does (the CLI,
+//!   quickstart).
 //! - [`workload_attestors`]: the workload attestors run besides `unix`
 //!   (`k8s`), from the configuration.
 //! - [`peer_pidfd`]: the connecting process of a socket, by `SO_PEERPIDFD`.
@@ -30,3 +32,4 @@ pub mod peer_pidfd;
 pub mod store;
 pub mod workload_api;
 pub mod workload_attestors;
+pub mod workload_client;

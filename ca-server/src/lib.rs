@@ -11,6 +11,7 @@
 //! - [`registry`]: in-memory authorization index and change fan-out.
 //! - [`node_api`]: the agent-facing gRPC API over TLS 1.3.
 //! - [`admin_api`]: the operator-facing gRPC API on a Unix socket.
+//! - [`admin_client`]: connecting to it (the CLI, quickstart, tests).
 //! - [`audit`]: the audit trail (token buckets are `sigil_identity::rate_limit`).
 //! - [`retention`]: pruning of old changes, audit records and agents.
 //! - [`config`]: TOML config merged with flags.
@@ -24,6 +25,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin_api;
+pub mod admin_client;
 pub mod audit;
 pub mod ca;
 pub mod cli;
