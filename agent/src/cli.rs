@@ -11,7 +11,7 @@ use sigil_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
 use sigil_proto::workload::*;
 use tonic::transport::Channel;
 
-use crate::config::DEFAULT_SOCKET;
+use sigil_agent::config::DEFAULT_SOCKET;
 
 /// Top-level flags and the subcommand.
 #[derive(Debug, Parser)]

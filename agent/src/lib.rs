@@ -4,7 +4,6 @@
 //!
 //! # Layout
 //! - [`config`]: the agent's TOML configuration.
-//! - [`cli`]: the `sigil-agent` command line (`run`, `api …`, `healthcheck`).
 //! - [`store`]: the agent key, SVID and bundle on disk (restart without
 //!   re-attestation).
 //! - [`node`]: attestation and authenticated node API connections.
@@ -24,7 +23,6 @@
 
 pub mod authority;
 pub mod cache;
-pub mod cli;
 pub mod config;
 pub mod manager;
 pub mod node;

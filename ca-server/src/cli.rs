@@ -13,7 +13,7 @@ use sigil_proto::admin::{self as pb, admin_client::AdminClient};
 use sigil_proto::node as node_pb;
 use tonic::transport::Channel;
 
-use crate::config::{DEFAULT_ADMIN_SOCKET, LogFormat};
+use sigil_server::config::{DEFAULT_ADMIN_SOCKET, LogFormat};
 
 /// Top-level flags and the subcommand.
 #[derive(Debug, Parser)]
@@ -818,7 +818,7 @@ async fn entry(cmd: EntryCmd, socket: &Path, json: bool) -> Result<()> {
                 .map(sigil_identity::RegistrationEntry::try_from)
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| anyhow!("server sent an invalid entry: {e}"))?;
-            print!("{}", crate::registration_file::render(&entries));
+            print!("{}", sigil_server::registration_file::render(&entries));
         }
         EntryCmd::Count => {
             let mut c = connect(socket).await?;
@@ -853,7 +853,7 @@ async fn apply_file(
     let text = std::fs::read_to_string(&args.file).with_context(|| format!("reading {shown}"))?;
     // Everything that needs no server first, so a broken file fails even
     // when the server is down.
-    crate::registration_file::parse(&shown, &text, None)?;
+    sigil_server::registration_file::parse(&shown, &text, None)?;
     let mut c = connect(socket).await?;
     let td = c
         .health(pb::HealthRequest {})
@@ -862,7 +862,7 @@ async fn apply_file(
         .into_inner()
         .trust_domain;
     let td = TrustDomain::new(&td).map_err(|e| anyhow!("server sent trust domain {td:?}: {e}"))?;
-    let declared = crate::registration_file::parse(&shown, &text, Some(&td))?;
+    let declared = sigil_server::registration_file::parse(&shown, &text, Some(&td))?;
     let req = pb::ApplyEntriesRequest {
         owner: args.owner.clone(),
         entries: declared

@@ -20,7 +20,6 @@
 //! - [`status`]: errors as gRPC statuses, one mapping for both APIs.
 //! - [`registration_file`], [`entry_apply`]: registration entries kept as
 //!   code (`entry plan`/`apply`/`export`).
-//! - [`cli`]: the `sigil-server` command line.
 
 #![forbid(unsafe_code)]
 
@@ -28,7 +27,6 @@ pub mod admin_api;
 pub mod admin_client;
 pub mod audit;
 pub mod ca;
-pub mod cli;
 pub mod config;
 pub mod datastore;
 pub mod entry_apply;
