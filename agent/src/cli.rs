@@ -31,7 +31,7 @@ pub struct Cli {
     /// Workload API socket [default: $SPIFFE_ENDPOINT_SOCKET, then /run/sigil/agent/api.sock].
     #[arg(long, global = true, value_name = "PATH")]
     pub socket: Option<String>,
-    /// Output format for data (JSON: one compact value per line).
+    /// Output format for data.
     #[arg(long, value_enum, default_value_t = Output::Text, global = true)]
     pub output: Output,
     #[command(subcommand)]

@@ -34,7 +34,7 @@ pub struct Cli {
     /// Admin socket of the server to manage [default: /run/sigil/server/admin.sock].
     #[arg(long, env = "SIGIL_ADMIN_SOCKET", global = true, value_name = "PATH")]
     pub admin_socket: Option<PathBuf>,
-    /// Output format for data (JSON: one compact value per line).
+    /// Output format for data.
     #[arg(long, value_enum, default_value_t = Output::Text, global = true)]
     pub output: Output,
     #[command(subcommand)]
