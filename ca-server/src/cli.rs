@@ -290,9 +290,7 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 fn parse_rfc3339(s: &str) -> Result<SystemTime, String> {
-    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
-        .map(SystemTime::from)
-        .map_err(|e| format!("invalid RFC 3339 time {s:?}: {e}"))
+    sigil_identity::clock::parse_rfc3339(s).map_err(|e| e.to_string())
 }
 
 /// An admin API time: Unix seconds, 0 for none.
