@@ -150,3 +150,58 @@ fn split_der(mut bytes: &[u8]) -> Result<Vec<Vec<u8>>, MalformedSvid> {
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn cert(serial: u8, not_after_unix: i64) -> Vec<u8> {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params.serial_number = Some(rcgen::SerialNumber::from(vec![serial]));
+        params.not_after = time::OffsetDateTime::from_unix_timestamp(not_after_unix).unwrap();
+        params.self_signed(&key).unwrap().der().to_vec()
+    }
+
+    #[test]
+    fn reads_the_leaf_and_splits_chain_and_bundle() {
+        let (leaf, ca) = (cert(0x2a, 1_798_761_600), cert(1, 1_900_000_000));
+        let svid = X509svid {
+            spiffe_id: "spiffe://example.org/web".into(),
+            x509_svid: [leaf.clone(), ca.clone()].concat(),
+            bundle: [ca.clone(), ca.clone()].concat(),
+            hint: "h".into(),
+            ..Default::default()
+        };
+        let info = X509SvidInfo::read(&svid).unwrap();
+        assert_eq!(info.chain, vec![leaf, ca.clone()]);
+        assert_eq!(info.bundle, vec![ca.clone(), ca]);
+        assert_eq!((info.serial.as_str(), info.hint.as_str()), ("2a", "h"));
+        assert_eq!(
+            info.to_string(),
+            "SPIFFE ID : spiffe://example.org/web\nSerial    : 2a\nExpires   : 2027-01-01T00:00:00Z"
+        );
+    }
+
+    #[test]
+    fn malformed_replies_are_errors() {
+        let svid = |x509_svid: Vec<u8>| X509svid {
+            x509_svid,
+            ..Default::default()
+        };
+        assert!(matches!(
+            X509SvidInfo::read(&svid(vec![])),
+            Err(MalformedSvid::Empty)
+        ));
+        assert!(matches!(
+            X509SvidInfo::read(&svid(vec![0x30, 0x05, 1])),
+            Err(MalformedSvid::Der)
+        ));
+        assert!(matches!(
+            X509SvidInfo::read(&svid(vec![0x30, 0x01, 0x00])),
+            Err(MalformedSvid::Leaf(_))
+        ));
+    }
+}
