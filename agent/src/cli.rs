@@ -4,14 +4,18 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, anyhow, bail};
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use anyhow::{Result, anyhow, bail};
+use clap::{Args, Parser, Subcommand};
 use serde_json::{Value, json};
+use sigil_agent::config::DEFAULT_SOCKET;
+use sigil_agent::workload_client::{self, FetchError, X509SvidInfo, request};
+use sigil_identity::clock::{rfc3339, unix_seconds};
+use sigil_identity::secret_file;
+use sigil_proto::channel::RpcError;
+use sigil_proto::output::Output;
 use sigil_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
 use sigil_proto::workload::*;
 use tonic::transport::Channel;
-
-use crate::config::DEFAULT_SOCKET;
 
 /// Top-level flags and the subcommand.
 #[derive(Debug, Parser)]
@@ -32,13 +36,6 @@ pub struct Cli {
     pub output: Output,
     #[command(subcommand)]
     pub command: Command,
-}
-
-/// Output format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Output {
-    Text,
-    Json,
 }
 
 /// Subcommands.
@@ -117,107 +114,43 @@ pub fn socket_path(flag: Option<&str>) -> PathBuf {
     PathBuf::from(path)
 }
 
-fn request<T>(msg: T) -> tonic::Request<T> {
-    let mut r = tonic::Request::new(msg);
-    r.metadata_mut().insert(
-        "workload.spiffe.io",
-        tonic::metadata::MetadataValue::from_static("true"),
-    );
-    r
-}
-
+/// Connects to the Workload API; on failure also names the flag and the
+/// variable that choose the socket.
 async fn connect(socket: &Path) -> Result<SpiffeWorkloadApiClient<Channel>> {
-    let channel = sigil_proto::channel::unix_channel(socket).await.with_context(|| {
-        format!("cannot reach the Workload API at {}; is the agent running? (set --socket or SPIFFE_ENDPOINT_SOCKET)", socket.display())
-    })?;
-    Ok(SpiffeWorkloadApiClient::new(channel))
+    workload_client::connect(socket)
+        .await
+        .map_err(with_socket_hint)
 }
 
-fn rpc(s: tonic::Status) -> anyhow::Error {
-    anyhow!("{} ({:?})", s.message(), s.code())
+fn with_socket_hint(e: impl Into<anyhow::Error>) -> anyhow::Error {
+    anyhow!("{:#} (set --socket or SPIFFE_ENDPOINT_SOCKET)", e.into())
 }
 
-/// Splits concatenated DER certificates.
-fn split_der(mut bytes: &[u8]) -> Result<Vec<Vec<u8>>> {
-    let mut out = Vec::new();
-    while !bytes.is_empty() {
-        let (tlv, rest) = sigil_identity::der::read(bytes)
-            .map_err(|_| anyhow!("the agent sent malformed DER"))?;
-        out.push(tlv.whole.to_vec());
-        bytes = rest;
-    }
-    Ok(out)
-}
-
-fn describe(svid: &X509svid) -> Result<Value> {
-    let chain = split_der(&svid.x509_svid)?;
-    let leaf = sigil_identity::x509::parse(chain.first().ok_or_else(|| anyhow!("empty SVID"))?)?;
-    let (_, na) = sigil_identity::x509::validity(&leaf);
-    Ok(json!({
+/// An X.509-SVID as JSON.
+fn svid_json(svid: &X509SvidInfo) -> Value {
+    json!({
         "spiffe_id": svid.spiffe_id,
-        "serial": sigil_identity::x509::serial_hex(&leaf),
-        "expires_at": sigil_identity::clock::unix_seconds(na),
+        "serial": svid.serial,
+        "expires_at": unix_seconds(svid.expires_at),
         "hint": svid.hint,
-    }))
-}
-
-fn print(json_out: bool, value: &Value, text: String) -> Result<()> {
-    if json_out {
-        println!("{}", serde_json::to_string(value)?);
-    } else {
-        println!("{text}");
-    }
-    Ok(())
-}
-
-fn rfc3339(unix: u64) -> String {
-    time::OffsetDateTime::from_unix_timestamp(i64::try_from(unix).unwrap_or(0))
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_else(|| unix.to_string())
-}
-
-fn write_files(dir: &Path, svid: &X509svid) -> Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let pem = |ders: Vec<Vec<u8>>| {
-        ders.iter()
-            .map(|d| sigil_identity::pem::encode("CERTIFICATE", d))
-            .collect::<String>()
-    };
-    // Created with their final mode, never through a symlink, replaced
-    // atomically.
-    let put = |name: &str, text: &str, mode: u32| -> Result<()> {
-        let path = dir.join(name);
-        sigil_identity::secret_file::write(&path, text.as_bytes(), mode)
-            .with_context(|| format!("writing {}", path.display()))
-    };
-    put(
-        "svid.key",
-        &sigil_identity::pem::encode("PRIVATE KEY", &svid.x509_svid_key),
-        0o600,
-    )?;
-    put("svid.pem", &pem(split_der(&svid.x509_svid)?), 0o600)?;
-    put("bundle.pem", &pem(split_der(&svid.bundle)?), 0o644)
+    })
 }
 
 /// Runs a client subcommand against the agent at `socket`.
 pub async fn run_client(command: Command, socket: &Path, output: Output) -> Result<()> {
-    let json_out = output == Output::Json;
-    let mut c = connect(socket).await?;
     match command {
         Command::Run(_) => unreachable!("run is handled by main"),
         Command::Healthcheck => {
             use sigil_proto::grpc::health::v1::{HealthCheckRequest, health_client::HealthClient};
-            let channel = sigil_proto::channel::unix_channel(socket).await?;
+            let channel = workload_client::channel(socket)
+                .await
+                .map_err(with_socket_hint)?;
             let r = HealthClient::new(channel)
                 .check(HealthCheckRequest {
                     service: String::new(),
                 })
                 .await
-                .map_err(rpc)?
+                .map_err(RpcError)?
                 .into_inner();
             if r.status != 1 {
                 bail!(
@@ -225,32 +158,30 @@ pub async fn run_client(command: Command, socket: &Path, output: Output) -> Resu
                      the server revoked it (see the agent's log)"
                 );
             }
-            print(json_out, &json!({"status": "serving"}), "serving".into())?;
+            output.print(&json!({"status": "serving"}), "serving\n");
         }
         Command::Api(ApiCmd::Fetch(FetchCmd::X509 { write })) => {
-            let mut stream = c
-                .fetch_x509svid(request(X509svidRequest {}))
-                .await
-                .map_err(rpc)?
-                .into_inner();
-            let msg = stream
-                .message()
-                .await
-                .map_err(rpc)?
-                .ok_or_else(|| anyhow!("the agent sent nothing"))?;
-            for svid in &msg.svids {
-                let d = describe(svid)?;
-                let text = format!(
-                    "SPIFFE ID : {}\nSerial    : {}\nExpires   : {}",
-                    svid.spiffe_id,
-                    d["serial"].as_str().unwrap_or_default(),
-                    rfc3339(d["expires_at"].as_u64().unwrap_or(0))
-                );
-                print(json_out, &d, text)?;
+            let msg = match workload_client::fetch_x509(socket).await {
+                Err(FetchError::Connect(e)) => return Err(with_socket_hint(e)),
+                r => r?,
+            };
+            let svids = msg
+                .svids
+                .iter()
+                .map(X509SvidInfo::read)
+                .collect::<Result<Vec<_>, _>>()?;
+            for svid in &svids {
+                output.print(&svid_json(svid), format!("{svid}\n"));
             }
-            if let (Some(dir), Some(first)) = (write, msg.svids.first()) {
-                write_files(&dir, first)?;
-                if !json_out {
+            if let (Some(dir), Some(first), Some(info)) = (write, msg.svids.first(), svids.first())
+            {
+                secret_file::write_svid_files(
+                    &dir,
+                    &info.chain,
+                    &first.x509_svid_key,
+                    &info.bundle,
+                )?;
+                if !output.is_json() {
                     println!(
                         "wrote {0}/svid.pem, {0}/svid.key, {0}/bundle.pem",
                         dir.display()
@@ -266,47 +197,48 @@ pub async fn run_client(command: Command, socket: &Path, output: Output) -> Resu
                 audience,
                 spiffe_id: spiffe_id.unwrap_or_default(),
             };
-            let r = c
+            let r = connect(socket)
+                .await?
                 .fetch_jwtsvid(request(req))
                 .await
-                .map_err(rpc)?
+                .map_err(RpcError)?
                 .into_inner();
             for s in r.svids {
-                print(
-                    json_out,
+                output.print(
                     &json!({"spiffe_id": s.spiffe_id, "token": s.svid}),
-                    s.svid.clone(),
-                )?;
+                    format!("{}\n", s.svid),
+                );
             }
         }
         Command::Api(ApiCmd::Validate(ValidateCmd::Jwt { audience, svid })) => {
-            let r = c
+            let r = connect(socket)
+                .await?
                 .validate_jwtsvid(request(ValidateJwtsvidRequest { audience, svid }))
                 .await
-                .map_err(rpc)?
+                .map_err(RpcError)?
                 .into_inner();
-            print(
-                json_out,
+            output.print(
                 &json!({"valid": true, "spiffe_id": r.spiffe_id}),
-                format!("valid: {}", r.spiffe_id),
-            )?;
+                format!("valid: {}\n", r.spiffe_id),
+            );
         }
         Command::Api(ApiCmd::Watch) => {
-            let mut stream = c
+            let mut stream = connect(socket)
+                .await?
                 .fetch_x509svid(request(X509svidRequest {}))
                 .await
-                .map_err(rpc)?
+                .map_err(RpcError)?
                 .into_inner();
-            while let Some(msg) = stream.message().await.map_err(rpc)? {
+            while let Some(msg) = stream.message().await.map_err(RpcError)? {
                 for svid in &msg.svids {
-                    let d = describe(svid)?;
+                    let svid = X509SvidInfo::read(svid)?;
                     let text = format!(
-                        "{} serial={} expires={}",
+                        "{} serial={} expires={}\n",
                         svid.spiffe_id,
-                        d["serial"].as_str().unwrap_or_default(),
-                        rfc3339(d["expires_at"].as_u64().unwrap_or(0))
+                        svid.serial,
+                        rfc3339(svid.expires_at)
                     );
-                    print(json_out, &d, text)?;
+                    output.print(&svid_json(&svid), text);
                 }
                 std::io::stdout().flush()?;
             }

@@ -4,13 +4,14 @@
 //!
 //! # Layout
 //! - [`config`]: the agent's TOML configuration.
-//! - [`cli`]: the `sigil-agent` command line (`run`, `api …`, `healthcheck`).
 //! - [`store`]: the agent key, SVID and bundle on disk (restart without
 //!   re-attestation).
 //! - [`node`]: attestation and authenticated node API connections.
 //! - [`cache`]: entries from the Sync stream and the SVIDs held for them.
 //! - [`manager`]: the main loop: sync, issuance and rotation, renewal.
 //! - [`workload_api`]: the SPIFFE Workload API on a Unix socket.
+//! - [`workload_client`]: calling it as a workload does (the CLI,
+//!   quickstart).
 //! - [`workload_attestors`]: the workload attestors run besides `unix`
 //!   (`k8s`), from the configuration.
 //! - [`peer_pidfd`]: the connecting process of a socket, by `SO_PEERPIDFD`.
@@ -22,7 +23,6 @@
 
 pub mod authority;
 pub mod cache;
-pub mod cli;
 pub mod config;
 pub mod manager;
 pub mod node;
@@ -30,3 +30,4 @@ pub mod peer_pidfd;
 pub mod store;
 pub mod workload_api;
 pub mod workload_attestors;
+pub mod workload_client;

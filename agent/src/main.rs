@@ -2,12 +2,14 @@
 
 #![forbid(unsafe_code)]
 
+mod cli;
+
 use std::process::ExitCode;
 use std::sync::Arc;
 
+use crate::cli::{Cli, Command};
 use anyhow::Context;
 use clap::Parser;
-use sigil_agent::cli::{self, Cli, Command};
 use sigil_agent::config::AgentConfig;
 use sigil_agent::manager::Agent;
 use sigil_agent::workload_api::{self, WorkloadApi};

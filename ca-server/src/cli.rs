@@ -7,13 +7,17 @@ use std::time::{Duration, SystemTime};
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::{Value, json};
-use sigil_identity::clock::unix_seconds;
+use sigil_identity::clock::{from_unix_seconds, rfc3339, unix_seconds};
+use sigil_identity::secret_file;
 use sigil_identity::{Bundle, DnsName, Selector, SpiffeId, TrustDomain};
 use sigil_proto::admin::{self as pb, admin_client::AdminClient};
+use sigil_proto::channel::RpcError;
 use sigil_proto::node as node_pb;
+use sigil_proto::output::{Output, print_json};
+use sigil_server::admin_client;
 use tonic::transport::Channel;
 
-use crate::config::{DEFAULT_ADMIN_SOCKET, LogFormat};
+use sigil_server::config::{DEFAULT_ADMIN_SOCKET, LogFormat};
 
 /// Top-level flags and the subcommand.
 #[derive(Debug, Parser)]
@@ -35,13 +39,6 @@ pub struct Cli {
     pub output: Output,
     #[command(subcommand)]
     pub command: Command,
-}
-
-/// Output format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Output {
-    Text,
-    Json,
 }
 
 /// Subcommands.
@@ -293,45 +290,30 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 fn parse_rfc3339(s: &str) -> Result<SystemTime, String> {
-    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
-        .map(SystemTime::from)
-        .map_err(|e| format!("invalid RFC 3339 time {s:?}: {e}"))
+    sigil_identity::clock::parse_rfc3339(s).map_err(|e| e.to_string())
 }
 
-fn rfc3339(unix: i64) -> String {
-    if unix <= 0 {
-        return "never".into();
+/// An admin API time: Unix seconds, 0 for none.
+fn expiry(unix: i64) -> String {
+    match u64::try_from(unix) {
+        Ok(secs) if secs > 0 => rfc3339(from_unix_seconds(secs)),
+        _ => "never".into(),
     }
-    time::OffsetDateTime::from_unix_timestamp(unix)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_else(|| unix.to_string())
 }
 
 fn secs(d: Option<Duration>) -> i64 {
     d.map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
-/// Connects to the admin socket.
-pub async fn connect(path: &Path) -> Result<AdminClient<Channel>> {
-    let channel = sigil_proto::channel::unix_channel(path).await.with_context(|| {
-        format!(
-            "cannot reach the server's admin socket at {}; is the server running, and may this user \
-             open the socket? (set --admin-socket or SIGIL_ADMIN_SOCKET)",
-            path.display()
+/// Connects to the admin socket; on failure also names the flag and the
+/// variable that choose it.
+async fn connect(socket: &Path) -> Result<AdminClient<Channel>> {
+    admin_client::connect(socket).await.map_err(|e| {
+        anyhow!(
+            "{:#} (set --admin-socket or SIGIL_ADMIN_SOCKET)",
+            anyhow::Error::from(e)
         )
-    })?;
-    Ok(AdminClient::new(channel)
-        .max_decoding_message_size(32 * 1024 * 1024)
-        .max_encoding_message_size(32 * 1024 * 1024))
-}
-
-/// A gRPC error as a CLI error.
-fn rpc(s: tonic::Status) -> anyhow::Error {
-    anyhow!("{} ({:?})", s.message(), s.code())
+    })
 }
 
 fn entry_json(e: &node_pb::Entry) -> Value {
@@ -380,7 +362,7 @@ fn entry_text(e: &node_pb::Entry) -> String {
         list(&e.federates_with),
         e.admin,
         if e.hint.is_empty() { "-" } else { &e.hint },
-        rfc3339(e.expires_at),
+        expiry(e.expires_at),
         e.revision
     )
 }
@@ -398,26 +380,11 @@ fn agent_text(a: &pb::Agent) -> String {
         a.id,
         a.attestor,
         a.serial,
-        rfc3339(a.expires_at),
+        expiry(a.expires_at),
         a.selectors.join(", "),
         a.banned,
         a.can_reattest
     )
-}
-
-fn print_json(v: &Value) -> Result<()> {
-    println!("{}", serde_json::to_string_pretty(v)?);
-    Ok(())
-}
-
-/// Prints `value` as JSON or `text` as it is, by the chosen output.
-fn show(json: bool, value: Value, text: impl std::fmt::Display) -> Result<()> {
-    if json {
-        print_json(&value)
-    } else {
-        print!("{text}");
-        Ok(())
-    }
 }
 
 fn fields_to_entry(f: &EntryFields, base: node_pb::Entry) -> node_pb::Entry {
@@ -457,7 +424,7 @@ fn fields_to_entry(f: &EntryFields, base: node_pb::Entry) -> node_pb::Entry {
 
 /// Runs a client subcommand against the server at `socket`.
 pub async fn run_client(command: Command, socket: &Path, output: Output) -> Result<()> {
-    let json = output == Output::Json;
+    let json = output.is_json();
     match command {
         Command::Run(_) => unreachable!("run is handled by main"),
         Command::Healthcheck => {
@@ -465,13 +432,13 @@ pub async fn run_client(command: Command, socket: &Path, output: Output) -> Resu
             let h = c
                 .health(pb::HealthRequest {})
                 .await
-                .map_err(rpc)?
+                .map_err(RpcError)?
                 .into_inner();
             if json {
                 print_json(
                     &json!({"status": "serving", "trust_domain": h.trust_domain, "version": h.version,
                     "bundle_sequence": h.bundle_sequence, "entries": h.entries, "agents": h.agents}),
-                )?;
+                );
             } else {
                 println!(
                     "serving: trust domain {}, version {}, bundle sequence {}, {} entries, {} agents",
@@ -479,7 +446,7 @@ pub async fn run_client(command: Command, socket: &Path, output: Output) -> Resu
                 );
             }
         }
-        Command::Entry(cmd) => entry(cmd, socket, json).await?,
+        Command::Entry(cmd) => entry(cmd, socket, output).await?,
         Command::Agent(cmd) => {
             let mut c = connect(socket).await?;
             match cmd {
@@ -487,11 +454,11 @@ pub async fn run_client(command: Command, socket: &Path, output: Output) -> Resu
                     let agents = c
                         .list_agents(pb::ListAgentsRequest {})
                         .await
-                        .map_err(rpc)?
+                        .map_err(RpcError)?
                         .into_inner()
                         .agents;
                     if json {
-                        print_json(&Value::Array(agents.iter().map(agent_json).collect()))?;
+                        print_json(&Value::Array(agents.iter().map(agent_json).collect()));
                     } else if agents.is_empty() {
                         println!("no agents");
                     } else {
@@ -504,41 +471,25 @@ pub async fn run_client(command: Command, socket: &Path, output: Output) -> Resu
                     let a = c
                         .get_agent(pb::AgentRequest { id })
                         .await
-                        .map_err(rpc)?
+                        .map_err(RpcError)?
                         .into_inner();
-                    show(json, agent_json(&a), agent_text(&a))?;
+                    output.print(&agent_json(&a), agent_text(&a));
                 }
                 AgentCmd::Evict { id } => {
                     let a = c
                         .evict_agent(pb::AgentRequest { id })
                         .await
-                        .map_err(rpc)?
+                        .map_err(RpcError)?
                         .into_inner();
-                    show(
-                        json,
-                        agent_json(&a),
-                        format!(
-                            "evicted {}
-",
-                            a.id
-                        ),
-                    )?;
+                    output.print(&agent_json(&a), format!("evicted {}\n", a.id));
                 }
                 AgentCmd::Ban { id } => {
                     let a = c
                         .ban_agent(pb::AgentRequest { id })
                         .await
-                        .map_err(rpc)?
+                        .map_err(RpcError)?
                         .into_inner();
-                    show(
-                        json,
-                        agent_json(&a),
-                        format!(
-                            "banned {}
-",
-                            a.id
-                        ),
-                    )?;
+                    output.print(&agent_json(&a), format!("banned {}\n", a.id));
                 }
             }
         }
@@ -548,9 +499,13 @@ pub async fn run_client(command: Command, socket: &Path, output: Output) -> Resu
                 ttl: secs(ttl),
                 alias: spiffe_id.map(|s| s.to_string()).unwrap_or_default(),
             };
-            let t = c.create_join_token(req).await.map_err(rpc)?.into_inner();
+            let t = c
+                .create_join_token(req)
+                .await
+                .map_err(RpcError)?
+                .into_inner();
             if json {
-                print_json(&json!({"token": t.token, "expires_at": t.expires_at}))?;
+                print_json(&json!({"token": t.token, "expires_at": t.expires_at}));
             } else {
                 println!("{}", t.token);
             }
@@ -560,7 +515,7 @@ pub async fn run_client(command: Command, socket: &Path, output: Output) -> Resu
             let b = c
                 .get_bundle(pb::GetBundleRequest {})
                 .await
-                .map_err(rpc)?
+                .map_err(RpcError)?
                 .into_inner();
             let bundle =
                 Bundle::try_from(&b).map_err(|e| anyhow!("server sent an invalid bundle: {e}"))?;
@@ -588,11 +543,11 @@ pub async fn run_client(command: Command, socket: &Path, output: Output) -> Resu
                 ttl: secs(ttl),
                 dns_names: dns_names.iter().map(ToString::to_string).collect(),
             };
-            let svid = c.mint_x509_svid(req).await.map_err(rpc)?.into_inner();
+            let svid = c.mint_x509_svid(req).await.map_err(RpcError)?.into_inner();
             let b = c
                 .get_bundle(pb::GetBundleRequest {})
                 .await
-                .map_err(rpc)?
+                .map_err(RpcError)?
                 .into_inner();
             let bundle =
                 Bundle::try_from(&b).map_err(|e| anyhow!("server sent an invalid bundle: {e}"))?;
@@ -601,29 +556,36 @@ pub async fn run_client(command: Command, socket: &Path, output: Output) -> Resu
                 .iter()
                 .map(|d| sigil_identity::pem::encode("CERTIFICATE", d))
                 .collect();
-            let key_pem = sigil_identity::pem::encode("PRIVATE KEY", &key.serialize_der());
+            let key_der = zeroize::Zeroizing::new(key.serialize_der());
+            let key_pem =
+                zeroize::Zeroizing::new(sigil_identity::pem::encode("PRIVATE KEY", &key_der));
             match write {
                 Some(dir) => {
-                    write_svid_files(&dir, &chain_pem, &key_pem, &bundle.x509_pem())?;
+                    secret_file::write_svid_files(
+                        &dir,
+                        &svid.cert_chain,
+                        &key_der,
+                        &bundle.x509_authorities,
+                    )?;
                     if json {
                         print_json(
                             &json!({"spiffe_id": svid.spiffe_id, "serial": svid.serial, "expires_at": svid.expires_at, "dir": dir}),
-                        )?;
+                        );
                     } else {
                         println!(
                             "wrote {0}/svid.pem, {0}/svid.key, {0}/bundle.pem for {1} (serial {2}, expires {3})",
                             dir.display(),
                             svid.spiffe_id,
                             svid.serial,
-                            rfc3339(svid.expires_at)
+                            expiry(svid.expires_at)
                         );
                     }
                 }
                 None if json => {
                     print_json(&json!({"spiffe_id": svid.spiffe_id, "serial": svid.serial,
-                    "expires_at": svid.expires_at, "svid_pem": chain_pem, "key_pem": key_pem, "bundle_pem": bundle.x509_pem()}))?
+                    "expires_at": svid.expires_at, "svid_pem": chain_pem, "key_pem": key_pem.as_str(), "bundle_pem": bundle.x509_pem()}))
                 }
-                None => print!("{chain_pem}{key_pem}"),
+                None => print!("{chain_pem}{}", key_pem.as_str()),
             }
         }
         Command::Jwt(JwtCmd::Mint {
@@ -637,11 +599,11 @@ pub async fn run_client(command: Command, socket: &Path, output: Output) -> Resu
                 audience,
                 ttl: secs(ttl),
             };
-            let t = c.mint_jwt_svid(req).await.map_err(rpc)?.into_inner();
+            let t = c.mint_jwt_svid(req).await.map_err(RpcError)?.into_inner();
             if json {
                 print_json(
                     &json!({"spiffe_id": t.spiffe_id, "token": t.token, "expires_at": t.expires_at}),
-                )?;
+                );
             } else {
                 println!("{}", t.token);
             }
@@ -650,21 +612,8 @@ pub async fn run_client(command: Command, socket: &Path, output: Output) -> Resu
     Ok(())
 }
 
-fn write_svid_files(dir: &Path, chain: &str, key: &str, bundle: &str) -> Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    // Created with their final mode, never through a symlink, replaced
-    // atomically.
-    let put = |name: &str, text: &str, mode: u32| -> Result<()> {
-        let path = dir.join(name);
-        sigil_identity::secret_file::write(&path, text.as_bytes(), mode)
-            .with_context(|| format!("writing {}", path.display()))
-    };
-    put("svid.key", key, 0o600)?;
-    put("svid.pem", chain, 0o600)?;
-    put("bundle.pem", bundle, 0o644)
-}
-
-async fn entry(cmd: EntryCmd, socket: &Path, json: bool) -> Result<()> {
+async fn entry(cmd: EntryCmd, socket: &Path, output: Output) -> Result<()> {
+    let json = output.is_json();
     match cmd {
         EntryCmd::Create { fields, node, data } => {
             let entries: Vec<node_pb::Entry> = match data {
@@ -698,7 +647,7 @@ async fn entry(cmd: EntryCmd, socket: &Path, json: bool) -> Result<()> {
             let results = c
                 .create_entries(pb::CreateEntriesRequest { entries })
                 .await
-                .map_err(rpc)?
+                .map_err(RpcError)?
                 .into_inner()
                 .results;
             let mut failed = 0;
@@ -721,7 +670,7 @@ async fn entry(cmd: EntryCmd, socket: &Path, json: bool) -> Result<()> {
                 }
             }
             if json {
-                print_json(&Value::Array(out))?;
+                print_json(&Value::Array(out));
             }
             if failed > 0 {
                 bail!("{failed} of {} entries were not created", results.len());
@@ -741,9 +690,14 @@ async fn entry(cmd: EntryCmd, socket: &Path, json: bool) -> Result<()> {
                 selectors: selectors.iter().map(ToString::to_string).collect(),
                 owner: String::new(),
             };
-            let entries = c.list_entries(req).await.map_err(rpc)?.into_inner().entries;
+            let entries = c
+                .list_entries(req)
+                .await
+                .map_err(RpcError)?
+                .into_inner()
+                .entries;
             if json {
-                print_json(&Value::Array(entries.iter().map(entry_json).collect()))?;
+                print_json(&Value::Array(entries.iter().map(entry_json).collect()));
             } else if entries.is_empty() {
                 println!("no matching entries");
             } else {
@@ -760,7 +714,7 @@ async fn entry(cmd: EntryCmd, socket: &Path, json: bool) -> Result<()> {
                     ..Default::default()
                 })
                 .await
-                .map_err(rpc)?
+                .map_err(RpcError)?
                 .into_inner()
                 .entries;
             let base = found
@@ -773,16 +727,16 @@ async fn entry(cmd: EntryCmd, socket: &Path, json: bool) -> Result<()> {
                     entry: Some(updated),
                 })
                 .await
-                .map_err(rpc)?
+                .map_err(RpcError)?
                 .into_inner();
-            show(json, entry_json(&e), entry_text(&e))?;
+            output.print(&entry_json(&e), entry_text(&e));
         }
         EntryCmd::Delete { id } => {
             let mut c = connect(socket).await?;
             let results = c
                 .delete_entries(pb::DeleteEntriesRequest { ids: id.clone() })
                 .await
-                .map_err(rpc)?
+                .map_err(RpcError)?
                 .into_inner()
                 .results;
             let mut failed = 0;
@@ -798,44 +752,42 @@ async fn entry(cmd: EntryCmd, socket: &Path, json: bool) -> Result<()> {
                 failed += usize::from(r.code != 0);
             }
             if json {
-                print_json(&Value::Array(out))?;
+                print_json(&Value::Array(out));
             }
             if failed > 0 {
                 bail!("{failed} of {} entries were not deleted", results.len());
             }
         }
-        EntryCmd::Plan { file } => apply_file(socket, json, &file, true).await?,
-        EntryCmd::Apply { file, dry_run } => apply_file(socket, json, &file, dry_run).await?,
+        EntryCmd::Plan { file } => apply_file(socket, output, &file, true).await?,
+        EntryCmd::Apply { file, dry_run } => apply_file(socket, output, &file, dry_run).await?,
         EntryCmd::Export { owner } => {
             let mut c = connect(socket).await?;
             let req = pb::ListEntriesRequest {
                 owner: owner.unwrap_or_default(),
                 ..Default::default()
             };
-            let wire = c.list_entries(req).await.map_err(rpc)?.into_inner().entries;
+            let wire = c
+                .list_entries(req)
+                .await
+                .map_err(RpcError)?
+                .into_inner()
+                .entries;
             let entries = wire
                 .into_iter()
                 .map(sigil_identity::RegistrationEntry::try_from)
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| anyhow!("server sent an invalid entry: {e}"))?;
-            print!("{}", crate::registration_file::render(&entries));
+            print!("{}", sigil_server::registration_file::render(&entries));
         }
         EntryCmd::Count => {
             let mut c = connect(socket).await?;
             let n = c
                 .count_entries(pb::CountEntriesRequest {})
                 .await
-                .map_err(rpc)?
+                .map_err(RpcError)?
                 .into_inner()
                 .count;
-            show(
-                json,
-                json!({"count": n}),
-                format!(
-                    "{n}
-"
-                ),
-            )?;
+            output.print(&json!({"count": n}), format!("{n}\n"));
         }
     }
     Ok(())
@@ -845,7 +797,7 @@ async fn entry(cmd: EntryCmd, socket: &Path, json: bool) -> Result<()> {
 /// it as one `ApplyEntries` call and prints the plan.
 async fn apply_file(
     socket: &Path,
-    json: bool,
+    output: Output,
     args: &RegistrationArgs,
     dry_run: bool,
 ) -> Result<()> {
@@ -853,16 +805,16 @@ async fn apply_file(
     let text = std::fs::read_to_string(&args.file).with_context(|| format!("reading {shown}"))?;
     // Everything that needs no server first, so a broken file fails even
     // when the server is down.
-    crate::registration_file::parse(&shown, &text, None)?;
+    sigil_server::registration_file::parse(&shown, &text, None)?;
     let mut c = connect(socket).await?;
     let td = c
         .health(pb::HealthRequest {})
         .await
-        .map_err(rpc)?
+        .map_err(RpcError)?
         .into_inner()
         .trust_domain;
     let td = TrustDomain::new(&td).map_err(|e| anyhow!("server sent trust domain {td:?}: {e}"))?;
-    let declared = crate::registration_file::parse(&shown, &text, Some(&td))?;
+    let declared = sigil_server::registration_file::parse(&shown, &text, Some(&td))?;
     let req = pb::ApplyEntriesRequest {
         owner: args.owner.clone(),
         entries: declared
@@ -872,7 +824,8 @@ async fn apply_file(
         prune: args.prune,
         dry_run,
     };
-    let r = c.apply_entries(req).await.map_err(rpc)?.into_inner();
+    let r = c.apply_entries(req).await.map_err(RpcError)?.into_inner();
+    let json = output.is_json();
     let pending = r.changes.iter().filter(|c| c.kind != "orphan").count();
     if json {
         let changes: Vec<Value> = r
@@ -887,7 +840,7 @@ async fn apply_file(
                 json!({"kind": c.kind, "name": c.name, "id": c.id, "spiffe_id": c.spiffe_id, "fields": fields})
             })
             .collect();
-        print_json(&json!({"changes": changes, "applied": r.applied}))?;
+        print_json(&json!({"changes": changes, "applied": r.applied}));
     } else {
         print!("{}", plan_text(&r.changes, r.applied));
     }

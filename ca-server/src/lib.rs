@@ -11,6 +11,7 @@
 //! - [`registry`]: in-memory authorization index and change fan-out.
 //! - [`node_api`]: the agent-facing gRPC API over TLS 1.3.
 //! - [`admin_api`]: the operator-facing gRPC API on a Unix socket.
+//! - [`admin_client`]: connecting to it (the CLI, quickstart, tests).
 //! - [`audit`]: the audit trail (token buckets are `sigil_identity::rate_limit`).
 //! - [`retention`]: pruning of old changes, audit records and agents.
 //! - [`config`]: TOML config merged with flags.
@@ -19,14 +20,13 @@
 //! - [`status`]: errors as gRPC statuses, one mapping for both APIs.
 //! - [`registration_file`], [`entry_apply`]: registration entries kept as
 //!   code (`entry plan`/`apply`/`export`).
-//! - [`cli`]: the `sigil-server` command line.
 
 #![forbid(unsafe_code)]
 
 pub mod admin_api;
+pub mod admin_client;
 pub mod audit;
 pub mod ca;
-pub mod cli;
 pub mod config;
 pub mod datastore;
 pub mod entry_apply;

@@ -1,10 +1,12 @@
 //! `sigil-server`: parse flags, load config, install logging, bind, run.
 
+mod cli;
+
 use std::process::ExitCode;
 
+use crate::cli::{Cli, Command};
 use anyhow::Context;
 use clap::Parser;
-use sigil_server::cli::{self, Cli, Command};
 use sigil_server::config::{LogFormat, Overrides, ServerConfig};
 use sigil_server::server::{self, Listeners};
 use tracing_subscriber::EnvFilter;

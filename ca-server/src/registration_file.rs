@@ -140,9 +140,9 @@ fn opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::
 
 fn opt_time<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SystemTime>, D::Error> {
     let s = String::deserialize(d)?;
-    time::OffsetDateTime::parse(&s, &time::format_description::well_known::Rfc3339)
-        .map(|t| Some(t.into()))
-        .map_err(|e| serde::de::Error::custom(format!("invalid RFC 3339 time {s:?}: {e}")))
+    sigil_identity::clock::parse_rfc3339(&s)
+        .map(Some)
+        .map_err(serde::de::Error::custom)
 }
 
 /// Maps byte offsets of one text to 1-based lines (by binary search: a

@@ -68,6 +68,43 @@ pub fn from_unix_seconds(secs: u64) -> SystemTime {
     UNIX_EPOCH + Duration::from_secs(secs.min(MAX_UNIX_SECONDS))
 }
 
+/// `t` as an RFC 3339 UTC time in whole seconds, e.g.
+/// `2027-01-01T00:00:00Z`, the form the CLIs print; the Unix seconds when
+/// the time cannot be formatted.
+pub fn rfc3339(t: SystemTime) -> String {
+    let secs = unix_seconds(t);
+    i64::try_from(secs)
+        .ok()
+        .and_then(|s| time::OffsetDateTime::from_unix_timestamp(s).ok())
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| secs.to_string())
+}
+
+/// A time that is not RFC 3339.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+#[error("invalid RFC 3339 time {input:?}: {reason}")]
+pub struct InvalidTime {
+    /// What was given.
+    pub input: String,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+/// Reads an RFC 3339 time, e.g. `2027-01-01T00:00:00Z` (the CLI's
+/// `--expires-at`, registration files' `expires_at`).
+pub fn parse_rfc3339(s: &str) -> Result<SystemTime, InvalidTime> {
+    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+        .map(SystemTime::from)
+        .map_err(|e| InvalidTime {
+            input: s.to_owned(),
+            reason: e.to_string(),
+        })
+}
+
 /// Serde adapter: `SystemTime` as whole Unix seconds.
 pub mod serde_unix_seconds {
     use super::*;
@@ -129,6 +166,26 @@ mod tests {
     #[test]
     fn huge_times_are_clamped_not_overflowed() {
         assert_eq!(unix_seconds(from_unix_seconds(u64::MAX)), MAX_UNIX_SECONDS);
+    }
+
+    #[test]
+    fn rfc3339_prints_whole_utc_seconds() {
+        assert_eq!(rfc3339(from_unix_seconds(0)), "1970-01-01T00:00:00Z");
+        let t = from_unix_seconds(1_798_761_600) + Duration::from_millis(750);
+        assert_eq!(rfc3339(t), "2027-01-01T00:00:00Z");
+        assert_eq!(rfc3339(from_unix_seconds(u64::MAX)), "9999-12-31T23:59:59Z");
+    }
+
+    #[test]
+    fn rfc3339_reads_offsets_and_refuses_other_forms() {
+        let t = parse_rfc3339("2027-01-01T02:00:00+02:00").unwrap();
+        assert_eq!(unix_seconds(t), 1_798_761_600);
+        let err = parse_rfc3339("2027-01-01").unwrap_err();
+        assert_eq!(err.input, "2027-01-01");
+        assert!(
+            err.to_string()
+                .starts_with("invalid RFC 3339 time \"2027-01-01\": ")
+        );
     }
 
     #[test]

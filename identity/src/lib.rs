@@ -19,7 +19,8 @@
 //! - [`duration`]: human-readable durations (`90s`, `1h30m`).
 //! - [`attestation`]: node attestor plugin traits (server and agent halves).
 //! - [`der`], [`pem`], [`random`]: minimal DER, PEM and randomness helpers.
-//! - [`secret_file`]: crash-safe writes of keys to disk (0600).
+//! - [`secret_file`]: crash-safe writes of keys to disk (0600), the SVID
+//!   files the CLIs write.
 //! - [`rate_limit`]: per-key token buckets (server and agent limits).
 
 #![forbid(unsafe_code)]

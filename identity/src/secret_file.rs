@@ -1,12 +1,15 @@
 //! Writing secrets to disk so that a crash never leaves a partial or
 //! zero-length file: a temporary file with the final mode, fsync, rename,
 //! fsync of the directory. And the directories that hold them: private to
-//! their owner.
+//! their owner. And the SVID files both CLIs write for workloads that read
+//! their identity from disk.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+use zeroize::Zeroizing;
 
 /// Writes `bytes` to `path` atomically, the file created with `mode`
 /// (0600 for keys).
@@ -40,6 +43,49 @@ pub fn write(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
         let _ = fs::remove_file(&tmp);
     }
     result
+}
+
+/// An SVID file, or the directory for it, that could not be written.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+#[error("cannot write {}", path.display())]
+pub struct SvidFileError {
+    /// The file or directory.
+    pub path: PathBuf,
+    /// What the system said.
+    #[source]
+    pub source: io::Error,
+}
+
+/// Writes an X.509-SVID into `dir` (created if missing) as PEM files for a
+/// workload that reads its identity from disk: `svid.key` (the PKCS#8
+/// `key`, 0600), `svid.pem` (the `chain`, leaf first, 0600) and
+/// `bundle.pem` (the `bundle`'s CA certificates, 0644). Each file goes
+/// through [`write`]: created with its mode, fsynced, renamed into place,
+/// never written through a symlink. All arguments are DER.
+pub fn write_svid_files(
+    dir: &Path,
+    chain: &[Vec<u8>],
+    key: &[u8],
+    bundle: &[Vec<u8>],
+) -> Result<(), SvidFileError> {
+    fs::create_dir_all(dir).map_err(|source| SvidFileError {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let certs = |ders: &[Vec<u8>]| -> String {
+        ders.iter()
+            .map(|der| crate::pem::encode("CERTIFICATE", der))
+            .collect()
+    };
+    let key_pem = Zeroizing::new(crate::pem::encode("PRIVATE KEY", key));
+    let put = |name: &str, text: &str, mode: u32| {
+        let path = dir.join(name);
+        write(&path, text.as_bytes(), mode).map_err(|source| SvidFileError { path, source })
+    };
+    put("svid.key", &key_pem, 0o600)?;
+    put("svid.pem", &certs(chain), 0o600)?;
+    put("bundle.pem", &certs(bundle), 0o644)
 }
 
 /// What [`private_dir`] found.
@@ -144,6 +190,42 @@ mod tests {
         assert_eq!(meta.permissions().mode() & 0o777, 0o600);
         assert_eq!(fs::read(&p).unwrap(), b"secret");
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn svid_files_are_pem_with_their_modes_and_replace_old_ones() {
+        let base = temp_dir();
+        let dir = base.join("new/svid");
+        let (chain, key, bundle) = (vec![vec![1, 2, 3], vec![4, 5]], [9u8; 40], vec![vec![6]]);
+        // Old files, open to everyone: the writer replaces them with its modes.
+        fs::create_dir_all(&dir).unwrap();
+        for name in ["svid.key", "svid.pem", "bundle.pem"] {
+            fs::write(dir.join(name), b"old").unwrap();
+            fs::set_permissions(dir.join(name), fs::Permissions::from_mode(0o666)).unwrap();
+        }
+        write_svid_files(&dir, &chain, &key, &bundle).unwrap();
+        let read = |name: &str, label: &str| {
+            let path = dir.join(name);
+            let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+            let ders = crate::pem::decode_all(label, &fs::read_to_string(&path).unwrap()).unwrap();
+            (ders, mode)
+        };
+        assert_eq!(read("svid.key", "PRIVATE KEY"), (vec![key.to_vec()], 0o600));
+        assert_eq!(read("svid.pem", "CERTIFICATE"), (chain, 0o600));
+        assert_eq!(read("bundle.pem", "CERTIFICATE"), (bundle, 0o644));
+        assert_eq!(
+            fs::read_dir(&dir).unwrap().count(),
+            3,
+            "no temporary files left"
+        );
+
+        // A missing directory is created; a file where it should be is an
+        // error that names the path.
+        let blocked = base.join("file");
+        fs::write(&blocked, b"").unwrap();
+        let err = write_svid_files(&blocked, &[], &key, &[]).unwrap_err();
+        assert_eq!(err.path, blocked);
+        fs::remove_dir_all(&base).unwrap();
     }
 
     #[test]

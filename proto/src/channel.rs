@@ -74,3 +74,15 @@ pub async fn unix_channel(path: &Path) -> Result<Channel, ChannelError> {
         .await
         .map_err(|e| ChannelError::Connect(path.display().to_string(), e))
 }
+
+/// A call the server answered with an error status, shown to people as its
+/// message and code (tonic's own `Display` adds metadata and details).
+#[derive(Debug, thiserror::Error)]
+#[error("{} ({:?})", .0.message(), .0.code())]
+pub struct RpcError(pub tonic::Status);
+
+impl From<tonic::Status> for RpcError {
+    fn from(status: tonic::Status) -> Self {
+        Self(status)
+    }
+}

@@ -11,6 +11,7 @@
 //!   between the two.
 //! - [`channel`]: client channels (node API over SPIFFE mTLS, Unix sockets).
 //! - [`socket`]: binding the Unix sockets of the local APIs safely.
+//! - [`output`]: `--output text|json` and the JSON style of both CLIs.
 
 #![forbid(unsafe_code)]
 
@@ -75,4 +76,5 @@ pub use sigil::admin::v1 as admin;
 
 pub mod channel;
 pub mod convert;
+pub mod output;
 pub mod socket;

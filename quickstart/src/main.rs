@@ -18,10 +18,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::Parser;
-use sigil_agent::cli::{ApiCmd, Command, FetchCmd, Output};
 use sigil_agent::config::AgentConfig;
 use sigil_agent::manager::{Agent, AgentError};
 use sigil_agent::workload_api::{self, WorkloadApi};
+use sigil_agent::workload_client;
 use sigil_attestors::unix::UnixAttestor;
 use sigil_identity::{Bundle, SpiffeId, TrustDomain};
 use sigil_proto::admin::{self as pb, admin_client::AdminClient};
@@ -200,7 +200,7 @@ impl Running {
 }
 
 async fn admin_client(socket: &Path) -> Result<AdminClient<Channel>> {
-    sigil_server::cli::connect(socket).await
+    Ok(sigil_server::admin_client::connect(socket).await?)
 }
 
 /// Locks `<dir>/lock` for as long as the returned file is open, so two
@@ -401,9 +401,13 @@ async fn register_user(
 async fn print_my_svid(socket: &Path) -> Result<()> {
     let deadline = Instant::now() + FIRST_SVID_WAIT;
     loop {
-        let fetch = Command::Api(ApiCmd::Fetch(FetchCmd::X509 { write: None }));
-        match sigil_agent::cli::run_client(fetch, socket, Output::Text).await {
-            Ok(()) => return Ok(()),
+        match workload_client::fetch_x509(socket).await {
+            Ok(reply) => {
+                for svid in &reply.svids {
+                    println!("{}", workload_client::X509SvidInfo::read(svid)?);
+                }
+                return Ok(());
+            }
             Err(e) if Instant::now() >= deadline => {
                 return Err(e).context("no SVID arrived through the Workload API");
             }

@@ -59,7 +59,8 @@ impl Server {
         )));
         self.stop = Some(tx);
         for _ in 0..100 {
-            if let Ok(mut c) = sigil_server::cli::connect(&self.dir.path().join("admin.sock")).await
+            if let Ok(mut c) =
+                sigil_server::admin_client::connect(&self.dir.path().join("admin.sock")).await
                 && c.health(admin::HealthRequest {}).await.is_ok()
             {
                 return;
@@ -85,7 +86,7 @@ impl Server {
     }
 
     pub async fn admin(&self) -> AdminClient<Channel> {
-        sigil_server::cli::connect(&self.dir.path().join("admin.sock"))
+        sigil_server::admin_client::connect(&self.dir.path().join("admin.sock"))
             .await
             .unwrap()
     }

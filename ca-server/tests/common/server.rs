@@ -101,7 +101,7 @@ impl TestServer {
             if let Ok(Some(status)) = self.child.as_mut().unwrap().try_wait() {
                 panic!("server exited early ({status}):\n{}", self.log());
             }
-            if let Ok(mut c) = sigil_server::cli::connect(&self.admin).await
+            if let Ok(mut c) = sigil_server::admin_client::connect(&self.admin).await
                 && c.health(sigil_proto::admin::HealthRequest {}).await.is_ok()
             {
                 return;
@@ -156,7 +156,9 @@ impl TestServer {
     }
 
     pub async fn admin(&self) -> AdminClient<Channel> {
-        sigil_server::cli::connect(&self.admin).await.unwrap()
+        sigil_server::admin_client::connect(&self.admin)
+            .await
+            .unwrap()
     }
 
     pub async fn bundle(&self) -> Bundle {

@@ -9,6 +9,7 @@
 
 mod common;
 
+mod cli_output;
 mod crash;
 mod disk_full;
 mod file_hygiene;
