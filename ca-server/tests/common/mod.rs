@@ -104,4 +104,3 @@ pub fn openssl_verify(
     args.push(leaf_path.to_str().unwrap());
     openssl(&args)
 }
-pub mod server;
