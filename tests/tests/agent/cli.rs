@@ -4,18 +4,19 @@
 // Test code: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use common::Server;
+use crate::common::AgentTestServer as _;
 use sigil_proto::admin;
 use sigil_proto::node as node_pb;
+use sigil_tests::process::ServerProcess;
 
-const BIN: &str = env!("CARGO_BIN_EXE_sigil-agent");
+fn bin() -> std::path::PathBuf {
+    sigil_tests::process::binary("sigil-agent").unwrap()
+}
 
 fn ok(out: &Output) -> String {
     assert!(
@@ -30,33 +31,31 @@ fn ok(out: &Output) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_then_every_api_subcommand() {
-    let server = Server::start().await;
-    server
-        .bundle_pem(&server.dir.path().join("bundle.pem"))
-        .await;
-    let socket = server.dir.path().join("agent-run/api.sock");
-    let config = server.dir.path().join("agent.toml");
+    let server = crate::common::start("");
+    server.bundle_pem(&server.dir().join("bundle.pem")).await;
+    let socket = server.dir().join("agent-run/api.sock");
+    let config = server.dir().join("agent.toml");
     std::fs::write(
         &config,
         format!(
             "trust_domain = \"example.org\"\nserver_address = \"{}\"\ndata_dir = \"{}\"\ntrust_bundle = \"{}\"\nsocket_path = \"{}\"\n[node_attestor]\njoin_token = \"{}\"\n",
             server.addr,
-            server.dir.path().join("agent-data").display(),
-            server.dir.path().join("bundle.pem").display(),
+            server.dir().join("agent-data").display(),
+            server.dir().join("bundle.pem").display(),
             socket.display(),
-            server.token().await
+            server.token().await.unwrap()
         ),
     )
     .unwrap();
-    let log = std::fs::File::create(server.dir.path().join("agent.log")).unwrap();
-    let mut agent = Command::new(BIN)
+    let log = std::fs::File::create(server.dir().join("agent.log")).unwrap();
+    let mut agent = Command::new(bin())
         .args(["run", "--config"])
         .arg(&config)
         .stderr(log)
         .spawn()
         .unwrap();
     let cli = |args: &[&str]| {
-        Command::new(BIN)
+        Command::new(bin())
             .arg("--socket")
             .arg(&socket)
             .args(args)
@@ -83,6 +82,7 @@ async fn run_then_every_api_subcommand() {
     let agent_id = server
         .admin()
         .await
+        .unwrap()
         .list_agents(admin::ListAgentsRequest {})
         .await
         .unwrap()
@@ -100,6 +100,7 @@ async fn run_then_every_api_subcommand() {
     server
         .admin()
         .await
+        .unwrap()
         .create_entries(admin::CreateEntriesRequest {
             entries: vec![entry],
         })
@@ -120,7 +121,7 @@ async fn run_then_every_api_subcommand() {
     .unwrap();
     assert_eq!(json["spiffe_id"], "spiffe://example.org/cli");
 
-    let dir = server.dir.path().join("written");
+    let dir = server.dir().join("written");
     ok(&cli(&[
         "api",
         "fetch",
@@ -169,7 +170,7 @@ async fn run_then_every_api_subcommand() {
     assert!(!bad.status.success());
 
     // `api watch` prints the current SVID at once.
-    let mut watch = Command::new(BIN)
+    let mut watch = Command::new(bin())
         .arg("--socket")
         .arg(&socket)
         .args(["api", "watch"])
@@ -237,14 +238,14 @@ async fn run_then_every_api_subcommand() {
     assert!(
         status.success(),
         "{}",
-        std::fs::read_to_string(server.dir.path().join("agent.log")).unwrap()
+        std::fs::read_to_string(server.dir().join("agent.log")).unwrap()
     );
 }
 
 #[test]
 fn errors_are_clear() {
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(BIN)
+    let out = Command::new(bin())
         .arg("--socket")
         .arg(dir.path().join("none.sock"))
         .arg("healthcheck")
@@ -254,18 +255,18 @@ fn errors_are_clear() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("is the agent running"));
     let cfg = dir.path().join("a.toml");
     std::fs::write(&cfg, "trust_domain = \"example.org\"\nserver_address = \"x:1\"\n[node_attestor]\njoin_token = \"t\"\n").unwrap();
-    let out = Command::new(BIN)
+    let out = Command::new(bin())
         .args(["run", "--config", cfg.to_str().unwrap()])
         .output()
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("trust_bundle"));
-    let out = Command::new(BIN)
+    let out = Command::new(bin())
         .args(["api", "fetch", "jwt"])
         .output()
         .unwrap();
     assert!(!out.status.success(), "--audience is required");
-    let help = Command::new(BIN).arg("--help").output().unwrap();
+    let help = Command::new(bin()).arg("--help").output().unwrap();
     let text = String::from_utf8(help.stdout).unwrap();
     for sub in ["run", "api", "healthcheck"] {
         assert!(text.contains(sub));
@@ -275,7 +276,7 @@ fn errors_are_clear() {
 /// A server and the real agent binary with `entries` (name under
 /// `spiffe://example.org/`, selector), once the CLI is served the first.
 struct Running {
-    server: Server,
+    server: ServerProcess,
     agent: std::process::Child,
     socket: std::path::PathBuf,
     log: std::path::PathBuf,
@@ -283,30 +284,28 @@ struct Running {
 
 impl Running {
     async fn start(entries: &[(&str, String)]) -> Self {
-        let server = Server::start().await;
-        server
-            .bundle_pem(&server.dir.path().join("bundle.pem"))
-            .await;
-        let socket = server.dir.path().join("agent-run/api.sock");
-        let config = server.dir.path().join("agent.toml");
+        let server = crate::common::start("");
+        server.bundle_pem(&server.dir().join("bundle.pem")).await;
+        let socket = server.dir().join("agent-run/api.sock");
+        let config = server.dir().join("agent.toml");
         std::fs::write(
             &config,
             format!(
                 "trust_domain = \"example.org\"\nserver_address = \"{}\"\ndata_dir = \"{}\"\ntrust_bundle = \"{}\"\nsocket_path = \"{}\"\n[node_attestor]\njoin_token = \"{}\"\n",
                 server.addr,
-                server.dir.path().join("agent-data").display(),
-                server.dir.path().join("bundle.pem").display(),
+                server.dir().join("agent-data").display(),
+                server.dir().join("bundle.pem").display(),
                 socket.display(),
-                server.token().await
+                server.token().await.unwrap()
             ),
         )
         .unwrap();
-        let log = server.dir.path().join("agent.log");
+        let log = server.dir().join("agent.log");
         // Started with the usual soft limit on open files, which the agent
         // raises to the hard limit itself (prlimit execs the agent).
         let agent = Command::new("prlimit")
             .arg(format!("--nofile=1024:{}", open_files_limit(None).1))
-            .arg(BIN)
+            .arg(bin())
             .args(["run", "--config"])
             .arg(&config)
             .stderr(std::fs::File::create(&log).unwrap())
@@ -329,6 +328,7 @@ impl Running {
             .server
             .admin()
             .await
+            .unwrap()
             .list_agents(admin::ListAgentsRequest {})
             .await
             .unwrap()
@@ -349,6 +349,7 @@ impl Running {
         r.server
             .admin()
             .await
+            .unwrap()
             .create_entries(admin::CreateEntriesRequest { entries })
             .await
             .unwrap();
@@ -362,7 +363,7 @@ impl Running {
     }
 
     fn cli(&self, args: &[&str]) -> Output {
-        Command::new(BIN)
+        Command::new(bin())
             .arg("--socket")
             .arg(&self.socket)
             .args(args)
@@ -552,12 +553,12 @@ async fn running_out_of_descriptors_backs_off_and_recovers() {
 async fn a_pid_reused_between_connect_and_accept_gets_nothing() {
     // The CLI is the trusted program: Running::start waits until it is
     // served the trusted SVID. Nothing else matches this process's child.
-    let trusted = std::fs::canonicalize(BIN).unwrap();
+    let trusted = std::fs::canonicalize(bin()).unwrap();
     let r = Running::start(&[("trusted", format!("unix:path:{}", trusted.display()))]).await;
 
-    let script =
-        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/interop/exit_race.py");
-    let go = r.server.dir.path().join("go");
+    let script = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/agent/interop/exit_race.py");
+    let go = r.server.dir().join("go");
     r.signal("-STOP");
     let mut connecting = Command::new("python3")
         .arg(&script)
@@ -573,7 +574,7 @@ async fn a_pid_reused_between_connect_and_accept_gets_nothing() {
     // The next pid is `reused` again: give it to the trusted program, which
     // waits on the (stopped) agent meanwhile.
     std::fs::write("/proc/sys/kernel/ns_last_pid", (reused - 1).to_string()).unwrap();
-    let mut trusted_run = Command::new(BIN)
+    let mut trusted_run = Command::new(bin())
         .arg("--socket")
         .arg(&r.socket)
         .args(["api", "watch"])
