@@ -103,6 +103,10 @@ fn signal(pid: u32, signal: &str) -> Result<()> {
     Ok(())
 }
 
+/// Largest gRPC message the harness's clients accept (a Workload API
+/// response with 10,000 SVIDs is ≈ 15 MiB; benchmarks go further).
+pub const MAX_MESSAGE: usize = 256 * 1024 * 1024;
+
 /// How long a process may take to become healthy.
 const LAUNCH_LIMIT: Duration = Duration::from_secs(30);
 
@@ -501,8 +505,8 @@ impl ServerProcess {
                 )
             })?;
         Ok(AdminClient::new(channel)
-            .max_decoding_message_size(32 << 20)
-            .max_encoding_message_size(32 << 20))
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE))
     }
 
     /// The trust bundle, from the admin API.

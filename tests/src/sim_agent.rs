@@ -9,6 +9,7 @@
 use std::sync::Arc;
 
 use sigil_agent::node::{self, Bootstrap, Connection, NodeError};
+use sigil_attestors::join_token::JoinTokenAgent;
 use sigil_identity::attestation::AgentNodeAttestor;
 use sigil_identity::tls::{SharedBundle, SvidResolver};
 use sigil_identity::{Bundle, SpiffeId};
@@ -61,6 +62,12 @@ impl SimAgent {
         Self::from_chain(state.key.to_vec(), state.chain, state.bundle)
     }
 
+    /// Attests to the server at `addr`, trusting `bundle`, with a join
+    /// token.
+    pub async fn join_at(addr: &str, bundle: &Bundle, token: &str) -> Result<Self, Status> {
+        Self::attest_at(addr, bundle, &JoinTokenAgent::new(token)).await
+    }
+
     /// An agent value for a chain and key obtained elsewhere (e.g. a
     /// forged certificate in a test).
     pub fn from_chain(key: Vec<u8>, chain: Vec<Vec<u8>>, bundle: Bundle) -> Result<Self, Status> {
@@ -94,11 +101,7 @@ impl SimAgent {
 
     /// Attests to `server` with a join token.
     pub async fn join(server: &ServerProcess, token: &str) -> Result<Self, Status> {
-        Self::attest(
-            server,
-            &sigil_attestors::join_token::JoinTokenAgent::new(token.to_owned()),
-        )
-        .await
+        Self::attest(server, &JoinTokenAgent::new(token)).await
     }
 
     /// A node API client at `addr` presenting this agent's SVID, on its
