@@ -170,6 +170,8 @@ fn output_ok(cmd: &mut Command, what: &str) -> Result<String> {
 #[derive(Debug)]
 struct Proc {
     binary: PathBuf,
+    /// A program (with its arguments) that execs the binary, if any.
+    launcher: Vec<String>,
     args: Vec<String>,
     log: PathBuf,
     child: Option<Child>,
@@ -243,7 +245,15 @@ impl Proc {
             .append(true)
             .open(&self.log)
             .with_context(|| format!("cannot open {}", self.log.display()))?;
-        let child = Command::new(&self.binary)
+        let mut cmd = match self.launcher.split_first() {
+            Some((program, args)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(args).arg(&self.binary);
+                cmd
+            }
+            None => Command::new(&self.binary),
+        };
+        let child = cmd
             .args(&self.args)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -452,6 +462,7 @@ impl ServerProcess {
         let mut server = Self {
             proc_: Proc {
                 binary: binary("sigil-server")?,
+                launcher: Vec::new(),
                 args: vec![
                     "run".into(),
                     "--config".into(),
@@ -680,6 +691,16 @@ pub enum NodeAttestation {
     X509Pop { certificate: PathBuf, key: PathBuf },
 }
 
+/// How to configure and start an agent beyond its node attestation.
+#[derive(Debug, Clone, Default)]
+pub struct AgentOptions {
+    /// Extra top-level TOML settings (e.g. `max_streams_per_uid = 20000`).
+    pub extra: String,
+    /// A program and its arguments that exec the agent, e.g.
+    /// `["prlimit", "--nofile=1024:4096"]`; the agent keeps the pid.
+    pub launcher: Vec<String>,
+}
+
 /// A `sigil-agent` process.
 #[derive(Debug)]
 pub struct AgentProcess {
@@ -705,6 +726,21 @@ impl AgentProcess {
         node: &NodeAttestation,
         extra: &str,
     ) -> Result<Self> {
+        let options = AgentOptions {
+            extra: extra.to_owned(),
+            ..AgentOptions::default()
+        };
+        Self::start_with_options(dir, server, node, &options)
+    }
+
+    /// As [`AgentProcess::start`], with `options`.
+    pub fn start_with_options(
+        dir: &Path,
+        server: &ServerProcess,
+        node: &NodeAttestation,
+        options: &AgentOptions,
+    ) -> Result<Self> {
+        let extra = &options.extra;
         std::fs::create_dir_all(dir)?;
         let bundle = dir.join("bootstrap-bundle.pem");
         server.write_bundle(&bundle)?;
@@ -730,6 +766,7 @@ impl AgentProcess {
         let mut agent = Self {
             proc_: Proc {
                 binary: binary("sigil-agent")?,
+                launcher: options.launcher.clone(),
                 args: vec![
                     "run".into(),
                     "--config".into(),
@@ -789,6 +826,11 @@ impl AgentProcess {
     /// SIGTERM and wait (at most 10 s).
     pub fn stop(&mut self) -> Result<ExitStatus> {
         self.proc_.stop(STOP_GRACE)
+    }
+
+    /// [`AgentProcess::stop`] for async tests.
+    pub async fn stop_async(&mut self) -> Result<ExitStatus> {
+        self.proc_.stop_async(STOP_GRACE).await
     }
 
     /// SIGKILL and reap.

@@ -9,10 +9,9 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use crate::common::AgentTestServer as _;
 use sigil_proto::admin;
 use sigil_proto::node as node_pb;
-use sigil_tests::process::ServerProcess;
+use sigil_tests::process::{AgentOptions, AgentProcess, NodeAttestation, ServerProcess};
 
 fn bin() -> std::path::PathBuf {
     sigil_tests::process::binary("sigil-agent").unwrap()
@@ -32,42 +31,15 @@ fn ok(out: &Output) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_then_every_api_subcommand() {
     let server = crate::common::start("");
-    server.bundle_pem(&server.dir().join("bundle.pem")).await;
-    let socket = server.dir().join("agent-run/api.sock");
-    let config = server.dir().join("agent.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "trust_domain = \"example.org\"\nserver_address = \"{}\"\ndata_dir = \"{}\"\ntrust_bundle = \"{}\"\nsocket_path = \"{}\"\n[node_attestor]\njoin_token = \"{}\"\n",
-            server.addr,
-            server.dir().join("agent-data").display(),
-            server.dir().join("bundle.pem").display(),
-            socket.display(),
-            server.token().await.unwrap()
-        ),
+    let token = server.token().await.unwrap();
+    let mut agent = AgentProcess::start(
+        &server.dir().join("agent-run"),
+        &server,
+        &NodeAttestation::JoinToken(token),
     )
     .unwrap();
-    let log = std::fs::File::create(server.dir().join("agent.log")).unwrap();
-    let mut agent = Command::new(bin())
-        .args(["run", "--config"])
-        .arg(&config)
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let cli = |args: &[&str]| {
-        Command::new(bin())
-            .arg("--socket")
-            .arg(&socket)
-            .args(args)
-            .output()
-            .unwrap()
-    };
-    for _ in 0..200 {
-        if cli(&["healthcheck"]).status.success() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let socket = agent.socket.clone();
+    let cli = |args: &[&str]| agent.cli(args).unwrap();
     assert!(ok(&cli(&["healthcheck"])).contains("serving"));
 
     // No identity for this process yet: a clear error.
@@ -199,7 +171,7 @@ async fn run_then_every_api_subcommand() {
             .unwrap()
             * 1024
     };
-    let before = rss(agent.id());
+    let before = rss(agent.pid().unwrap());
     let channel = sigil_proto::channel::unix_channel(&socket).await.unwrap();
     let mut raw =
         sigil_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient::new(channel)
@@ -213,7 +185,7 @@ async fn run_then_every_api_subcommand() {
             .insert("workload.spiffe.io", "true".parse().unwrap());
         assert!(raw.validate_jwtsvid(req).await.is_err());
     }
-    let after = rss(agent.id());
+    let after = rss(agent.pid().unwrap());
     println!("agent RSS before {before} B, after three 10 MB requests {after} B");
     assert!(
         after < before + 5 * 1024 * 1024,
@@ -221,25 +193,8 @@ async fn run_then_every_api_subcommand() {
     );
 
     // SIGTERM stops the agent cleanly.
-    Command::new("kill")
-        .args(["-TERM", &agent.id().to_string()])
-        .status()
-        .unwrap();
-    let status = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            if let Some(s) = agent.try_wait().unwrap() {
-                return s;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await
-    .unwrap();
-    assert!(
-        status.success(),
-        "{}",
-        std::fs::read_to_string(server.dir().join("agent.log")).unwrap()
-    );
+    let status = agent.stop_async().await.unwrap();
+    assert!(status.success(), "{}", agent.log());
 }
 
 #[test]
@@ -277,52 +232,36 @@ fn errors_are_clear() {
 /// `spiffe://example.org/`, selector), once the CLI is served the first.
 struct Running {
     server: ServerProcess,
-    agent: std::process::Child,
+    agent: AgentProcess,
     socket: std::path::PathBuf,
-    log: std::path::PathBuf,
 }
 
 impl Running {
     async fn start(entries: &[(&str, String)]) -> Self {
         let server = crate::common::start("");
-        server.bundle_pem(&server.dir().join("bundle.pem")).await;
-        let socket = server.dir().join("agent-run/api.sock");
-        let config = server.dir().join("agent.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "trust_domain = \"example.org\"\nserver_address = \"{}\"\ndata_dir = \"{}\"\ntrust_bundle = \"{}\"\nsocket_path = \"{}\"\n[node_attestor]\njoin_token = \"{}\"\n",
-                server.addr,
-                server.dir().join("agent-data").display(),
-                server.dir().join("bundle.pem").display(),
-                socket.display(),
-                server.token().await.unwrap()
-            ),
-        )
-        .unwrap();
-        let log = server.dir().join("agent.log");
+        let token = server.token().await.unwrap();
         // Started with the usual soft limit on open files, which the agent
         // raises to the hard limit itself (prlimit execs the agent).
-        let agent = Command::new("prlimit")
-            .arg(format!("--nofile=1024:{}", open_files_limit(None).1))
-            .arg(bin())
-            .args(["run", "--config"])
-            .arg(&config)
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
+        let options = AgentOptions {
+            launcher: vec![
+                "prlimit".into(),
+                format!("--nofile=1024:{}", open_files_limit(None).1),
+            ],
+            ..AgentOptions::default()
+        };
+        let agent = AgentProcess::start_with_options(
+            &server.dir().join("agent-run"),
+            &server,
+            &NodeAttestation::JoinToken(token),
+            &options,
+        )
+        .unwrap();
+        let socket = agent.socket.clone();
         let r = Running {
             server,
             agent,
             socket,
-            log,
         };
-        for _ in 0..200 {
-            if r.cli(&["healthcheck"]).status.success() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
         assert!(ok(&r.cli(&["healthcheck"])).contains("serving"));
         let agent_id = r
             .server
@@ -363,12 +302,7 @@ impl Running {
     }
 
     fn cli(&self, args: &[&str]) -> Output {
-        Command::new(bin())
-            .arg("--socket")
-            .arg(&self.socket)
-            .args(args)
-            .output()
-            .unwrap()
+        self.agent.cli(args).unwrap()
     }
 
     /// Whether `api fetch x509` gets an SVID whose ID contains `id`.
@@ -378,11 +312,11 @@ impl Running {
     }
 
     fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap()
+        self.agent.log()
     }
 
     fn pid(&self) -> u32 {
-        self.agent.id()
+        self.agent.pid().unwrap()
     }
 
     fn signal(&self, signal: &str) {
@@ -416,13 +350,6 @@ fn uid_selector() -> String {
         "unix:uid:{}",
         std::fs::metadata("/proc/self").unwrap().uid()
     )
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.agent.kill();
-        let _ = self.agent.wait();
-    }
 }
 
 /// Issue 13 item 3, against the real binary: 300 connections each sending
