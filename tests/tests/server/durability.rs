@@ -94,8 +94,7 @@ async fn refused_attempts_and_alias_entries_are_audited_and_logged_at_any_level(
     assert!(!token.is_empty());
     let refused = SimAgent::join(&s, "no-such-token")
         .await
-        .err()
-        .expect("unknown token refused");
+        .expect_err("unknown token refused");
     assert_eq!(refused.code(), tonic::Code::PermissionDenied);
     drop(a);
     s.stop_async().await.unwrap();
