@@ -6,7 +6,8 @@
 //!
 //! # Layout
 //! - [`process`]: locating the built binaries, starting, stopping and
-//!   killing server and agent processes, running their CLIs.
+//!   killing server and agent processes (from plain and async tests),
+//!   running their CLIs, and the server's admin and node API clients.
 //! - [`bench`]: the `sigil-bench` scenarios (issuance, JWT minting,
 //!   Workload API latency, revocation fan-out, mass rotation, scale) and
 //!   their report table.
