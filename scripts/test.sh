@@ -17,7 +17,7 @@ if [ ${#need_apt[@]} -gt 0 ]; then
 fi
 
 # The official Python SPIFFE client for the interop test, pinned.
-req=agent/tests/interop/requirements.txt
+req=tests/tests/agent/interop/requirements.txt
 if [ ! -x .venv/bin/python ] || ! cmp -s "$req" .venv/requirements.txt; then
   echo "==> installing the Python SPIFFE client into .venv ($req)"
   rm -rf .venv

@@ -345,12 +345,13 @@ async fn upstream_mode_chains_to_the_operator_root() {
         .unwrap();
     assert_eq!(issued.chain.len(), 2, "leaf and Sigil's intermediate");
     svid::verify_svid(&issued.chain, &bundle, std::time::SystemTime::now()).unwrap();
-    let (ok, out) = openssl_verify(
+    let (ok, out) = openssl::openssl_verify(
         dir.path(),
         &issued.chain[0],
         &issued.chain[1..],
         &bundle.x509_authorities,
-    );
+    )
+    .unwrap();
     assert!(ok, "{out}");
     spiffe::X509Svid::parse_from_der(&issued.chain.concat(), &key.serialize_der()).unwrap();
 
@@ -401,7 +402,7 @@ proptest! {
         prop_assert_eq!(&got, &id);
         let parsed = spiffe::X509Svid::parse_from_der(&issued.chain.concat(), &key.serialize_der()).unwrap();
         prop_assert_eq!(parsed.spiffe_id().to_string(), id.to_string());
-        let (ok, out) = openssl_verify(dir.path(), &issued.chain[0], &issued.chain[1..], &bundle.x509_authorities);
+        let (ok, out) = openssl::openssl_verify(dir.path(), &issued.chain[0], &issued.chain[1..], &bundle.x509_authorities).unwrap();
         prop_assert!(ok, "openssl verify failed: {}", out);
     }
 }

@@ -7,9 +7,15 @@
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
+use sigil_identity::tls::{SharedBundle, SpiffeServerVerifier, SvidResolver, authorize_id};
+use sigil_identity::{Bundle, SpiffeId, TrustDomain};
+use sigil_proto::admin::admin_client::AdminClient;
+use sigil_proto::node::node_client::NodeClient;
+use tonic::transport::Channel;
 
 /// The directory set by [`set_bin_dir`], if any.
 static BIN_DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
@@ -97,17 +103,53 @@ fn signal(pid: u32, signal: &str) -> Result<()> {
     Ok(())
 }
 
-/// Waits for `child` to exit, at most `limit`.
-fn wait_exit(child: &mut Child, limit: Duration) -> Result<Option<ExitStatus>> {
+/// Largest gRPC message the harness's clients accept (a Workload API
+/// response with 10,000 SVIDs is ≈ 15 MiB; benchmarks go further).
+pub const MAX_MESSAGE: usize = 256 * 1024 * 1024;
+
+/// How long a process may take to become healthy.
+const LAUNCH_LIMIT: Duration = Duration::from_secs(30);
+
+/// How long a process may take to exit after SIGTERM.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// How often the harness polls a process (health, exit).
+const POLL: Duration = Duration::from_millis(20);
+
+/// Polls `step` every [`POLL`] until it returns `Some`, at most `limit`;
+/// `None` when the time is up. Blocks the thread: for `#[test]`s.
+fn poll_until<T>(
+    limit: Duration,
+    mut step: impl FnMut() -> Result<Option<T>>,
+) -> Result<Option<T>> {
     let deadline = Instant::now() + limit;
     loop {
-        if let Some(status) = child.try_wait()? {
-            return Ok(Some(status));
+        if let Some(v) = step()? {
+            return Ok(Some(v));
         }
         if Instant::now() >= deadline {
             return Ok(None);
         }
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(POLL);
+    }
+}
+
+/// As [`poll_until`], sleeping on the tokio timer so that other tasks of
+/// the caller's runtime (clients, an in-process agent) keep running: for
+/// `#[tokio::test]`s.
+async fn poll_until_async<T>(
+    limit: Duration,
+    mut step: impl FnMut() -> Result<Option<T>>,
+) -> Result<Option<T>> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = step()? {
+            return Ok(Some(v));
+        }
+        if Instant::now() >= deadline {
+            return Ok(None);
+        }
+        tokio::time::sleep(POLL).await;
     }
 }
 
@@ -128,6 +170,8 @@ fn output_ok(cmd: &mut Command, what: &str) -> Result<String> {
 #[derive(Debug)]
 struct Proc {
     binary: PathBuf,
+    /// A program (with its arguments) that execs the binary, if any.
+    launcher: Vec<String>,
     args: Vec<String>,
     log: PathBuf,
     child: Option<Child>,
@@ -148,27 +192,51 @@ impl Proc {
     /// `healthcheck` command succeeds.
     fn launch(&mut self) -> Result<()> {
         self.spawn()?;
-        let name = self
-            .binary
+        let healthy = poll_until(LAUNCH_LIMIT, || self.launch_step())?;
+        self.launched(healthy)
+    }
+
+    /// [`Proc::launch`] for async callers.
+    async fn launch_async(&mut self) -> Result<()> {
+        self.spawn()?;
+        let healthy = poll_until_async(LAUNCH_LIMIT, || self.launch_step()).await?;
+        self.launched(healthy)
+    }
+
+    /// One look at a starting process: `Some` once healthy, an error if
+    /// it exited.
+    fn launch_step(&mut self) -> Result<Option<()>> {
+        if let Some(status) = self.exited() {
+            bail!(
+                "{} exited early ({status}):\n{}",
+                self.name(),
+                self.log_text()
+            );
+        }
+        let healthy = self
+            .cli_command(&["healthcheck"])
+            .output()?
+            .status
+            .success();
+        Ok(healthy.then_some(()))
+    }
+
+    fn launched(&self, healthy: Option<()>) -> Result<()> {
+        match healthy {
+            Some(()) => Ok(()),
+            None => bail!(
+                "{} did not become healthy:\n{}",
+                self.name(),
+                self.log_text()
+            ),
+        }
+    }
+
+    fn name(&self) -> String {
+        self.binary
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if let Some(status) = self.exited() {
-                bail!("{name} exited early ({status}):\n{}", self.log_text());
-            }
-            if self
-                .cli_command(&["healthcheck"])
-                .output()?
-                .status
-                .success()
-            {
-                return Ok(());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        bail!("{name} did not become healthy:\n{}", self.log_text())
+            .unwrap_or_default()
     }
 
     fn spawn(&mut self) -> Result<()> {
@@ -177,7 +245,15 @@ impl Proc {
             .append(true)
             .open(&self.log)
             .with_context(|| format!("cannot open {}", self.log.display()))?;
-        let child = Command::new(&self.binary)
+        let mut cmd = match self.launcher.split_first() {
+            Some((program, args)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(args).arg(&self.binary);
+                cmd
+            }
+            None => Command::new(&self.binary),
+        };
+        let child = cmd
             .args(&self.args)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -205,6 +281,20 @@ impl Proc {
 
     /// SIGTERM, then wait up to `grace`; SIGKILL after that (an error).
     fn stop(&mut self, grace: Duration) -> Result<ExitStatus> {
+        let mut child = self.terminate()?;
+        let status = poll_until(grace, || Ok(child.try_wait()?))?;
+        self.stopped(child, status, grace)
+    }
+
+    /// [`Proc::stop`] for async callers.
+    async fn stop_async(&mut self, grace: Duration) -> Result<ExitStatus> {
+        let mut child = self.terminate()?;
+        let status = poll_until_async(grace, || Ok(child.try_wait()?)).await?;
+        self.stopped(child, status, grace)
+    }
+
+    /// Sends SIGTERM to the running process and hands over its child.
+    fn terminate(&mut self) -> Result<Child> {
         let Some(mut child) = self.child.take() else {
             bail!("process is not running");
         };
@@ -216,7 +306,17 @@ impl Proc {
             );
         }
         signal(child.id(), "TERM")?;
-        if let Some(status) = wait_exit(&mut child, grace)? {
+        Ok(child)
+    }
+
+    /// The exit status, or SIGKILL and an error if there is none.
+    fn stopped(
+        &self,
+        mut child: Child,
+        status: Option<ExitStatus>,
+        grace: Duration,
+    ) -> Result<ExitStatus> {
+        if let Some(status) = status {
             return Ok(status);
         }
         child.kill().ok();
@@ -225,6 +325,11 @@ impl Proc {
             "{} did not stop within {grace:?} of SIGTERM",
             self.binary.display()
         )
+    }
+
+    /// Whether a process was started and has not exited.
+    fn running(&mut self) -> bool {
+        self.child.is_some() && self.exited().is_none()
     }
 
     fn kill(&mut self) -> Result<()> {
@@ -259,6 +364,16 @@ pub struct ServerOptions {
     pub log_level: String,
 }
 
+impl ServerOptions {
+    /// The defaults with `extra` TOML appended to the config file.
+    pub fn with_extra(extra: &str) -> Self {
+        Self {
+            extra: extra.to_owned(),
+            ..Self::default()
+        }
+    }
+}
+
 impl Default for ServerOptions {
     fn default() -> Self {
         Self {
@@ -279,6 +394,7 @@ fn secs(d: Duration) -> String {
 #[derive(Debug)]
 pub struct ServerProcess {
     dir: PathBuf,
+    config: PathBuf,
     proc_: Proc,
     /// Node API address (`127.0.0.1:<port>`).
     pub addr: String,
@@ -286,9 +402,21 @@ pub struct ServerProcess {
     pub admin_socket: PathBuf,
     /// The trust domain.
     pub trust_domain: String,
+    /// The temporary directory of [`ServerProcess::start_temp`], removed
+    /// on drop (after the process is killed: fields drop in order).
+    _temp: Option<tempfile::TempDir>,
 }
 
 impl ServerProcess {
+    /// Starts a server in a new temporary directory (removed when the
+    /// handle is dropped) with the default options and `extra` TOML.
+    pub fn start_temp(extra: &str) -> Result<Self> {
+        let temp = tempfile::tempdir().context("cannot create a temporary directory")?;
+        let mut server = Self::start(temp.path(), &ServerOptions::with_extra(extra))?;
+        server._temp = Some(temp);
+        Ok(server)
+    }
+
     /// Writes a config under `dir` (created if missing) and starts the
     /// server, waiting until its admin socket answers.
     pub fn start(dir: &Path, options: &ServerOptions) -> Result<Self> {
@@ -334,6 +462,7 @@ impl ServerProcess {
         let mut server = Self {
             proc_: Proc {
                 binary: binary("sigil-server")?,
+                launcher: Vec::new(),
                 args: vec![
                     "run".into(),
                     "--config".into(),
@@ -345,9 +474,11 @@ impl ServerProcess {
                 socket: admin_socket.clone(),
             },
             dir: dir.to_path_buf(),
+            config,
             addr,
             admin_socket,
             trust_domain: options.trust_domain.clone(),
+            _temp: None,
         };
         server.proc_.launch()?;
         Ok(server)
@@ -358,9 +489,91 @@ impl ServerProcess {
         &self.dir
     }
 
+    /// The server's config file.
+    pub fn config(&self) -> &Path {
+        &self.config
+    }
+
     /// The server's log so far.
     pub fn log(&self) -> String {
         self.proc_.log_text()
+    }
+
+    /// The server's trust domain.
+    pub fn td(&self) -> Result<TrustDomain> {
+        TrustDomain::new(&self.trust_domain)
+            .with_context(|| format!("bad trust domain {}", self.trust_domain))
+    }
+
+    /// An admin API client on the admin socket.
+    pub async fn admin(&self) -> Result<AdminClient<Channel>> {
+        let channel = sigil_proto::channel::unix_channel(&self.admin_socket)
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot reach the admin socket {}",
+                    self.admin_socket.display()
+                )
+            })?;
+        Ok(AdminClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE))
+    }
+
+    /// The trust bundle, from the admin API.
+    pub async fn bundle(&self) -> Result<Bundle> {
+        let b = self
+            .admin()
+            .await?
+            .get_bundle(sigil_proto::admin::GetBundleRequest {})
+            .await
+            .map_err(|s| anyhow!("GetBundle failed: {s}"))?
+            .into_inner();
+        Bundle::try_from(&b).map_err(|e| anyhow!("GetBundle returned a bad bundle: {e}"))
+    }
+
+    /// A fresh join token, from the admin API.
+    pub async fn token(&self) -> Result<String> {
+        Ok(self
+            .admin()
+            .await?
+            .create_join_token(sigil_proto::admin::CreateJoinTokenRequest::default())
+            .await
+            .map_err(|s| anyhow!("CreateJoinToken failed: {s}"))?
+            .into_inner()
+            .token)
+    }
+
+    /// A node API TLS config that verifies this server against its
+    /// current bundle and presents `client` (chain, PKCS#8 key) if given.
+    pub async fn node_tls(
+        &self,
+        client: Option<(&[Vec<u8>], &[u8])>,
+    ) -> Result<Arc<rustls::ClientConfig>> {
+        let bundle = Arc::new(SharedBundle::new(self.bundle().await?));
+        let verifier = Arc::new(SpiffeServerVerifier::new(
+            bundle,
+            authorize_id(SpiffeId::server(&self.td()?)),
+        ));
+        let resolver = match client {
+            Some((chain, key)) => Some(Arc::new(SvidResolver::new(
+                sigil_identity::tls::certified_key(chain, key)
+                    .map_err(|e| anyhow!("bad client SVID: {e}"))?,
+            ))),
+            None => None,
+        };
+        Ok(Arc::new(
+            sigil_identity::tls::client_config(verifier, resolver)
+                .map_err(|e| anyhow!("TLS config: {e}"))?,
+        ))
+    }
+
+    /// A node API client without a client certificate (as for Attest).
+    pub async fn anonymous(&self) -> Result<NodeClient<Channel>> {
+        let channel = sigil_proto::channel::node_channel(&self.addr, self.node_tls(None).await?)
+            .await
+            .context("cannot connect to the node API")?;
+        Ok(NodeClient::new(channel))
     }
 
     /// The server's pid while it runs.
@@ -437,7 +650,13 @@ impl ServerProcess {
 
     /// SIGTERM and wait (at most 10 s); the exit status.
     pub fn stop(&mut self) -> Result<ExitStatus> {
-        self.proc_.stop(Duration::from_secs(10))
+        self.proc_.stop(STOP_GRACE)
+    }
+
+    /// [`ServerProcess::stop`] for async tests: the caller's runtime keeps
+    /// running (its clients see the server go away) while it waits.
+    pub async fn stop_async(&mut self) -> Result<ExitStatus> {
+        self.proc_.stop_async(STOP_GRACE).await
     }
 
     /// SIGKILL and reap.
@@ -448,10 +667,18 @@ impl ServerProcess {
     /// Starts the server again on the same config and data (stopping it
     /// first if it runs).
     pub fn restart(&mut self) -> Result<()> {
-        if self.proc_.child.is_some() && self.proc_.exited().is_none() {
+        if self.proc_.running() {
             self.stop()?;
         }
         self.proc_.launch()
+    }
+
+    /// [`ServerProcess::restart`] for async tests.
+    pub async fn restart_async(&mut self) -> Result<()> {
+        if self.proc_.running() {
+            self.stop_async().await?;
+        }
+        self.proc_.launch_async().await
     }
 }
 
@@ -462,6 +689,16 @@ pub enum NodeAttestation {
     JoinToken(String),
     /// x509pop: certificate chain and key files (PEM).
     X509Pop { certificate: PathBuf, key: PathBuf },
+}
+
+/// How to configure and start an agent beyond its node attestation.
+#[derive(Debug, Clone, Default)]
+pub struct AgentOptions {
+    /// Extra top-level TOML settings (e.g. `max_streams_per_uid = 20000`).
+    pub extra: String,
+    /// A program and its arguments that exec the agent, e.g.
+    /// `["prlimit", "--nofile=1024:4096"]`; the agent keeps the pid.
+    pub launcher: Vec<String>,
 }
 
 /// A `sigil-agent` process.
@@ -489,6 +726,21 @@ impl AgentProcess {
         node: &NodeAttestation,
         extra: &str,
     ) -> Result<Self> {
+        let options = AgentOptions {
+            extra: extra.to_owned(),
+            ..AgentOptions::default()
+        };
+        Self::start_with_options(dir, server, node, &options)
+    }
+
+    /// As [`AgentProcess::start`], with `options`.
+    pub fn start_with_options(
+        dir: &Path,
+        server: &ServerProcess,
+        node: &NodeAttestation,
+        options: &AgentOptions,
+    ) -> Result<Self> {
+        let extra = &options.extra;
         std::fs::create_dir_all(dir)?;
         let bundle = dir.join("bootstrap-bundle.pem");
         server.write_bundle(&bundle)?;
@@ -514,6 +766,7 @@ impl AgentProcess {
         let mut agent = Self {
             proc_: Proc {
                 binary: binary("sigil-agent")?,
+                launcher: options.launcher.clone(),
                 args: vec![
                     "run".into(),
                     "--config".into(),
@@ -572,7 +825,12 @@ impl AgentProcess {
 
     /// SIGTERM and wait (at most 10 s).
     pub fn stop(&mut self) -> Result<ExitStatus> {
-        self.proc_.stop(Duration::from_secs(10))
+        self.proc_.stop(STOP_GRACE)
+    }
+
+    /// [`AgentProcess::stop`] for async tests.
+    pub async fn stop_async(&mut self) -> Result<ExitStatus> {
+        self.proc_.stop_async(STOP_GRACE).await
     }
 
     /// SIGKILL and reap.
@@ -583,7 +841,7 @@ impl AgentProcess {
     /// Starts the agent again on the same config and data (stopping it
     /// first if it runs).
     pub fn restart(&mut self) -> Result<()> {
-        if self.proc_.child.is_some() && self.proc_.exited().is_none() {
+        if self.proc_.running() {
             self.stop()?;
         }
         self.proc_.launch()

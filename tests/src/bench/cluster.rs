@@ -3,25 +3,20 @@
 //! themselves, and the admin and Workload API clients the scenarios use.
 
 use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use rcgen::{CertificateParams, KeyPair};
-use sigil_identity::tls::{
-    SharedBundle, SpiffeServerVerifier, SvidResolver, authorize_id, certified_key, client_config,
-};
-use sigil_identity::{Bundle, SpiffeId, TrustDomain};
+use sigil_identity::Bundle;
 use sigil_proto::admin::admin_client::AdminClient;
 use sigil_proto::node::{self as pb, node_client::NodeClient};
 use sigil_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
 use tonic::transport::Channel;
 
 use crate::process::{AgentProcess, NodeAttestation, ServerOptions, ServerProcess};
+use crate::sim_agent::SimAgent;
 
-/// Largest gRPC message the harness accepts (a Workload API response with
-/// 10,000 SVIDs is ≈ 15 MiB).
-pub const MAX_MESSAGE: usize = 256 * 1024 * 1024;
+pub use crate::process::MAX_MESSAGE;
 
 /// Server settings for benchmarks: rate limits out of the way (they protect
 /// a production server from a misbehaving agent; here the "misbehaving"
@@ -65,32 +60,24 @@ impl Cluster {
         self.dir.path()
     }
 
-    /// The trust domain.
-    pub fn trust_domain(&self) -> Result<TrustDomain> {
-        TrustDomain::new(&self.server.trust_domain)
-            .map_err(|e| anyhow!("bad trust domain {:?}: {e}", self.server.trust_domain))
-    }
-
     /// An admin API client.
     pub async fn admin(&self) -> Result<AdminClient<Channel>> {
-        let channel = sigil_proto::channel::unix_channel(&self.server.admin_socket)
-            .await
-            .context("cannot connect to the admin socket")?;
-        Ok(AdminClient::new(channel)
-            .max_decoding_message_size(MAX_MESSAGE)
-            .max_encoding_message_size(MAX_MESSAGE))
+        self.server.admin().await
     }
 
     /// The current trust bundle.
     pub async fn bundle(&self) -> Result<Bundle> {
-        let b = self
-            .admin()
-            .await?
-            .get_bundle(sigil_proto::admin::GetBundleRequest {})
+        self.server.bundle().await
+    }
+
+    /// A node API client presenting `agent`'s SVID, on its own connection.
+    pub async fn node_client(&self, agent: &SimAgent) -> Result<NodeClient<Channel>> {
+        Ok(agent
+            .client_at(&self.server.addr)
             .await
-            .map_err(|s| anyhow!("GetBundle failed: {s}"))?
-            .into_inner();
-        Bundle::try_from(&b).map_err(|e| anyhow!("server sent an unreadable bundle: {e}"))
+            .map_err(|s| anyhow!("cannot connect to the node API: {s}"))?
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE))
     }
 
     /// A new join token.
@@ -151,13 +138,15 @@ impl Cluster {
         let mut out = Vec::with_capacity(count);
         for i in 0..count {
             let token = self.token(&mut admin).await?;
-            let agent = SimAgent::attest(self, bundle, &token).await?;
+            let agent = SimAgent::join_at(&self.server.addr, bundle, &token)
+                .await
+                .map_err(|s| anyhow!("Attest failed: {s}"))?;
             let created = self
                 .create_entries(
                     &mut admin,
                     vec![entry(
                         format!("spiffe://example.org/bench/{scenario}/{i}"),
-                        &agent.id,
+                        agent.id.as_str(),
                         vec!["unix:uid:1".into()],
                     )],
                 )
@@ -223,28 +212,6 @@ impl Cluster {
         }
         Ok(())
     }
-
-    /// A TLS client config that trusts `bundle` and, with `svid`, presents it.
-    fn tls(
-        &self,
-        bundle: &Bundle,
-        svid: Option<(&[Vec<u8>], &[u8])>,
-    ) -> Result<Arc<rustls::ClientConfig>> {
-        let shared = Arc::new(SharedBundle::new(bundle.clone()));
-        let verifier = Arc::new(SpiffeServerVerifier::new(
-            shared,
-            authorize_id(SpiffeId::server(&self.trust_domain()?)),
-        ));
-        let resolver = match svid {
-            Some((chain, key)) => Some(Arc::new(SvidResolver::new(
-                certified_key(chain, key).map_err(|e| anyhow!("unusable agent SVID: {e}"))?,
-            ))),
-            None => None,
-        };
-        Ok(Arc::new(
-            client_config(verifier, resolver).map_err(|e| anyhow!("TLS config: {e}"))?,
-        ))
-    }
 }
 
 /// A DER PKCS#10 CSR for `key` (the server takes the SPIFFE ID from the entry).
@@ -264,72 +231,6 @@ pub fn csr_pool(n: usize) -> Result<Vec<Vec<u8>>> {
             csr(&key)
         })
         .collect()
-}
-
-/// An agent simulated by this process: it attested with a join token and
-/// calls the node API with its SVID, as `sigil-agent` does.
-#[derive(Debug)]
-pub struct SimAgent {
-    pub id: String,
-    key: Vec<u8>,
-    chain: Vec<Vec<u8>>,
-}
-
-impl SimAgent {
-    /// Attests to the cluster's server with a fresh join token.
-    pub async fn attest(cluster: &Cluster, bundle: &Bundle, token: &str) -> Result<Self> {
-        let key = KeyPair::generate().map_err(|e| anyhow!("key generation: {e}"))?;
-        let tls = cluster.tls(bundle, None)?;
-        let channel = sigil_proto::channel::node_channel(&cluster.server.addr, tls)
-            .await
-            .context("cannot connect to the node API")?;
-        let mut client = NodeClient::new(channel);
-        let params = pb::AttestParams {
-            attestor: "join_token".into(),
-            evidence: token.as_bytes().to_vec(),
-            csr: csr(&key)?,
-        };
-        let request = pb::AttestRequest {
-            step: Some(pb::attest_request::Step::Params(params)),
-        };
-        let mut inbound = client
-            .attest(tokio_stream::iter([request]))
-            .await
-            .map_err(|s| anyhow!("Attest failed: {s}"))?
-            .into_inner();
-        let msg = inbound
-            .message()
-            .await
-            .map_err(|s| anyhow!("Attest failed: {s}"))?
-            .ok_or_else(|| anyhow!("Attest stream ended without a result"))?;
-        match msg.step {
-            Some(pb::attest_response::Step::Result(r)) => {
-                let svid = r
-                    .svid
-                    .ok_or_else(|| anyhow!("attestation result without an SVID"))?;
-                Ok(Self {
-                    id: svid.spiffe_id,
-                    key: key.serialize_der(),
-                    chain: svid.cert_chain,
-                })
-            }
-            Some(pb::attest_response::Step::Challenge(_)) => {
-                bail!("join_token attestation sent a challenge")
-            }
-            None => bail!("empty attestation response"),
-        }
-    }
-
-    /// A node API client presenting this agent's SVID, on its own connection.
-    pub async fn client(&self, cluster: &Cluster, bundle: &Bundle) -> Result<NodeClient<Channel>> {
-        let tls = cluster.tls(bundle, Some((&self.chain, &self.key)))?;
-        let channel = sigil_proto::channel::node_channel(&cluster.server.addr, tls)
-            .await
-            .context("cannot connect to the node API")?;
-        Ok(NodeClient::new(channel)
-            .max_decoding_message_size(MAX_MESSAGE)
-            .max_encoding_message_size(MAX_MESSAGE))
-    }
 }
 
 /// An entry for `spiffe_id` under `parent` with `selectors`.

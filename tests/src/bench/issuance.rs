@@ -38,7 +38,7 @@ pub async fn run(options: &Options) -> Result<Report> {
     let mut workers = Vec::new();
     for (agent, entry_id) in cluster.agents_with_one_entry(NAME, agents, &bundle).await? {
         for _ in 0..in_flight {
-            workers.push((agent.client(&cluster, &bundle).await?, entry_id.clone()));
+            workers.push((cluster.node_client(&agent).await?, entry_id.clone()));
         }
     }
     // Warm-up: one batch per connection, not counted.

@@ -34,7 +34,7 @@ pub async fn run(options: &Options) -> Result<Report> {
     let bundle = cluster.bundle().await?;
     let mut clients = Vec::new();
     for (agent, entry_id) in cluster.agents_with_one_entry(NAME, agents, &bundle).await? {
-        let client = agent.client(&cluster, &bundle).await?;
+        let client = cluster.node_client(&agent).await?;
         mint(&mut client.clone(), &entry_id).await?; // warm-up
         clients.push((client, entry_id));
     }

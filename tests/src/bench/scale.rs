@@ -11,8 +11,9 @@ use serde_json::json;
 use sigil_proto::node as pb;
 use tokio::sync::mpsc;
 
-use super::cluster::{Cluster, SimAgent, entry};
+use super::cluster::{Cluster, entry};
 use super::{Options, Report, Target, memory, mib, progress, summarize};
+use crate::sim_agent::SimAgent;
 
 const NAME: &str = "scale";
 /// Agents attesting or connecting at once.
@@ -38,9 +39,11 @@ pub async fn run(options: &Options) -> Result<Report> {
     }
     let mut sims = Vec::with_capacity(agents);
     for chunk in tokens.chunks(PARALLEL) {
-        let attesting = chunk.iter().map(|t| SimAgent::attest(&cluster, &bundle, t));
+        let attesting = chunk
+            .iter()
+            .map(|t| SimAgent::join_at(&cluster.server.addr, &bundle, t));
         for r in futures_join(attesting).await {
-            sims.push(r?);
+            sims.push(r.map_err(|s| anyhow!("Attest failed: {s}"))?);
         }
     }
 
@@ -50,7 +53,7 @@ pub async fn run(options: &Options) -> Result<Report> {
         for e in 0..per_agent {
             wanted.push(entry(
                 format!("spiffe://example.org/bench/scale/{a}/{e}"),
-                &sim.id,
+                sim.id.as_str(),
                 vec!["unix:uid:1".into()],
             ));
         }
@@ -61,9 +64,7 @@ pub async fn run(options: &Options) -> Result<Report> {
     let (seen_tx, mut seen_rx) = mpsc::unbounded_channel::<(String, Instant)>();
     let mut readers = Vec::with_capacity(agents);
     for chunk in sims.chunks(PARALLEL) {
-        let opening = chunk
-            .iter()
-            .map(|sim| open_sync(&cluster, &bundle, sim, per_agent));
+        let opening = chunk.iter().map(|sim| open_sync(&cluster, sim, per_agent));
         for r in futures_join(opening).await {
             let mut stream = r?;
             let seen = seen_tx.clone();
@@ -136,11 +137,10 @@ pub async fn run(options: &Options) -> Result<Report> {
 /// `expected` entries.
 async fn open_sync(
     cluster: &Cluster,
-    bundle: &sigil_identity::Bundle,
     sim: &SimAgent,
     expected: usize,
 ) -> Result<tonic::Streaming<pb::SyncResponse>> {
-    let mut client = sim.client(cluster, bundle).await?;
+    let mut client = cluster.node_client(sim).await?;
     let mut stream = client
         .sync(pb::SyncRequest { since_revision: 0 })
         .await

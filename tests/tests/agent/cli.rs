@@ -4,18 +4,18 @@
 // Test code: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use common::Server;
 use sigil_proto::admin;
 use sigil_proto::node as node_pb;
+use sigil_tests::process::{AgentOptions, AgentProcess, NodeAttestation, ServerProcess};
 
-const BIN: &str = env!("CARGO_BIN_EXE_sigil-agent");
+fn bin() -> std::path::PathBuf {
+    sigil_tests::process::binary("sigil-agent").unwrap()
+}
 
 fn ok(out: &Output) -> String {
     assert!(
@@ -30,45 +30,16 @@ fn ok(out: &Output) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_then_every_api_subcommand() {
-    let server = Server::start().await;
-    server
-        .bundle_pem(&server.dir.path().join("bundle.pem"))
-        .await;
-    let socket = server.dir.path().join("agent-run/api.sock");
-    let config = server.dir.path().join("agent.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "trust_domain = \"example.org\"\nserver_address = \"{}\"\ndata_dir = \"{}\"\ntrust_bundle = \"{}\"\nsocket_path = \"{}\"\n[node_attestor]\njoin_token = \"{}\"\n",
-            server.addr,
-            server.dir.path().join("agent-data").display(),
-            server.dir.path().join("bundle.pem").display(),
-            socket.display(),
-            server.token().await
-        ),
+    let server = crate::common::start("");
+    let token = server.token().await.unwrap();
+    let mut agent = AgentProcess::start(
+        &server.dir().join("agent-run"),
+        &server,
+        &NodeAttestation::JoinToken(token),
     )
     .unwrap();
-    let log = std::fs::File::create(server.dir.path().join("agent.log")).unwrap();
-    let mut agent = Command::new(BIN)
-        .args(["run", "--config"])
-        .arg(&config)
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let cli = |args: &[&str]| {
-        Command::new(BIN)
-            .arg("--socket")
-            .arg(&socket)
-            .args(args)
-            .output()
-            .unwrap()
-    };
-    for _ in 0..200 {
-        if cli(&["healthcheck"]).status.success() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let socket = agent.socket.clone();
+    let cli = |args: &[&str]| agent.cli(args).unwrap();
     assert!(ok(&cli(&["healthcheck"])).contains("serving"));
 
     // No identity for this process yet: a clear error.
@@ -83,6 +54,7 @@ async fn run_then_every_api_subcommand() {
     let agent_id = server
         .admin()
         .await
+        .unwrap()
         .list_agents(admin::ListAgentsRequest {})
         .await
         .unwrap()
@@ -100,6 +72,7 @@ async fn run_then_every_api_subcommand() {
     server
         .admin()
         .await
+        .unwrap()
         .create_entries(admin::CreateEntriesRequest {
             entries: vec![entry],
         })
@@ -120,7 +93,7 @@ async fn run_then_every_api_subcommand() {
     .unwrap();
     assert_eq!(json["spiffe_id"], "spiffe://example.org/cli");
 
-    let dir = server.dir.path().join("written");
+    let dir = server.dir().join("written");
     ok(&cli(&[
         "api",
         "fetch",
@@ -169,7 +142,7 @@ async fn run_then_every_api_subcommand() {
     assert!(!bad.status.success());
 
     // `api watch` prints the current SVID at once.
-    let mut watch = Command::new(BIN)
+    let mut watch = Command::new(bin())
         .arg("--socket")
         .arg(&socket)
         .args(["api", "watch"])
@@ -198,7 +171,7 @@ async fn run_then_every_api_subcommand() {
             .unwrap()
             * 1024
     };
-    let before = rss(agent.id());
+    let before = rss(agent.pid().unwrap());
     let channel = sigil_proto::channel::unix_channel(&socket).await.unwrap();
     let mut raw =
         sigil_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient::new(channel)
@@ -212,7 +185,7 @@ async fn run_then_every_api_subcommand() {
             .insert("workload.spiffe.io", "true".parse().unwrap());
         assert!(raw.validate_jwtsvid(req).await.is_err());
     }
-    let after = rss(agent.id());
+    let after = rss(agent.pid().unwrap());
     println!("agent RSS before {before} B, after three 10 MB requests {after} B");
     assert!(
         after < before + 5 * 1024 * 1024,
@@ -220,31 +193,14 @@ async fn run_then_every_api_subcommand() {
     );
 
     // SIGTERM stops the agent cleanly.
-    Command::new("kill")
-        .args(["-TERM", &agent.id().to_string()])
-        .status()
-        .unwrap();
-    let status = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            if let Some(s) = agent.try_wait().unwrap() {
-                return s;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await
-    .unwrap();
-    assert!(
-        status.success(),
-        "{}",
-        std::fs::read_to_string(server.dir.path().join("agent.log")).unwrap()
-    );
+    let status = agent.stop_async().await.unwrap();
+    assert!(status.success(), "{}", agent.log());
 }
 
 #[test]
 fn errors_are_clear() {
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(BIN)
+    let out = Command::new(bin())
         .arg("--socket")
         .arg(dir.path().join("none.sock"))
         .arg("healthcheck")
@@ -254,18 +210,18 @@ fn errors_are_clear() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("is the agent running"));
     let cfg = dir.path().join("a.toml");
     std::fs::write(&cfg, "trust_domain = \"example.org\"\nserver_address = \"x:1\"\n[node_attestor]\njoin_token = \"t\"\n").unwrap();
-    let out = Command::new(BIN)
+    let out = Command::new(bin())
         .args(["run", "--config", cfg.to_str().unwrap()])
         .output()
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("trust_bundle"));
-    let out = Command::new(BIN)
+    let out = Command::new(bin())
         .args(["api", "fetch", "jwt"])
         .output()
         .unwrap();
     assert!(!out.status.success(), "--audience is required");
-    let help = Command::new(BIN).arg("--help").output().unwrap();
+    let help = Command::new(bin()).arg("--help").output().unwrap();
     let text = String::from_utf8(help.stdout).unwrap();
     for sub in ["run", "api", "healthcheck"] {
         assert!(text.contains(sub));
@@ -275,60 +231,43 @@ fn errors_are_clear() {
 /// A server and the real agent binary with `entries` (name under
 /// `spiffe://example.org/`, selector), once the CLI is served the first.
 struct Running {
-    server: Server,
-    agent: std::process::Child,
+    server: ServerProcess,
+    agent: AgentProcess,
     socket: std::path::PathBuf,
-    log: std::path::PathBuf,
 }
 
 impl Running {
     async fn start(entries: &[(&str, String)]) -> Self {
-        let server = Server::start().await;
-        server
-            .bundle_pem(&server.dir.path().join("bundle.pem"))
-            .await;
-        let socket = server.dir.path().join("agent-run/api.sock");
-        let config = server.dir.path().join("agent.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "trust_domain = \"example.org\"\nserver_address = \"{}\"\ndata_dir = \"{}\"\ntrust_bundle = \"{}\"\nsocket_path = \"{}\"\n[node_attestor]\njoin_token = \"{}\"\n",
-                server.addr,
-                server.dir.path().join("agent-data").display(),
-                server.dir.path().join("bundle.pem").display(),
-                socket.display(),
-                server.token().await
-            ),
-        )
-        .unwrap();
-        let log = server.dir.path().join("agent.log");
+        let server = crate::common::start("");
+        let token = server.token().await.unwrap();
         // Started with the usual soft limit on open files, which the agent
         // raises to the hard limit itself (prlimit execs the agent).
-        let agent = Command::new("prlimit")
-            .arg(format!("--nofile=1024:{}", open_files_limit(None).1))
-            .arg(BIN)
-            .args(["run", "--config"])
-            .arg(&config)
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
+        let options = AgentOptions {
+            launcher: vec![
+                "prlimit".into(),
+                format!("--nofile=1024:{}", open_files_limit(None).1),
+            ],
+            ..AgentOptions::default()
+        };
+        let agent = AgentProcess::start_with_options(
+            &server.dir().join("agent-run"),
+            &server,
+            &NodeAttestation::JoinToken(token),
+            &options,
+        )
+        .unwrap();
+        let socket = agent.socket.clone();
         let r = Running {
             server,
             agent,
             socket,
-            log,
         };
-        for _ in 0..200 {
-            if r.cli(&["healthcheck"]).status.success() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
         assert!(ok(&r.cli(&["healthcheck"])).contains("serving"));
         let agent_id = r
             .server
             .admin()
             .await
+            .unwrap()
             .list_agents(admin::ListAgentsRequest {})
             .await
             .unwrap()
@@ -349,6 +288,7 @@ impl Running {
         r.server
             .admin()
             .await
+            .unwrap()
             .create_entries(admin::CreateEntriesRequest { entries })
             .await
             .unwrap();
@@ -362,12 +302,7 @@ impl Running {
     }
 
     fn cli(&self, args: &[&str]) -> Output {
-        Command::new(BIN)
-            .arg("--socket")
-            .arg(&self.socket)
-            .args(args)
-            .output()
-            .unwrap()
+        self.agent.cli(args).unwrap()
     }
 
     /// Whether `api fetch x509` gets an SVID whose ID contains `id`.
@@ -377,11 +312,11 @@ impl Running {
     }
 
     fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap()
+        self.agent.log()
     }
 
     fn pid(&self) -> u32 {
-        self.agent.id()
+        self.agent.pid().unwrap()
     }
 
     fn signal(&self, signal: &str) {
@@ -415,13 +350,6 @@ fn uid_selector() -> String {
         "unix:uid:{}",
         std::fs::metadata("/proc/self").unwrap().uid()
     )
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.agent.kill();
-        let _ = self.agent.wait();
-    }
 }
 
 /// Issue 13 item 3, against the real binary: 300 connections each sending
@@ -552,12 +480,12 @@ async fn running_out_of_descriptors_backs_off_and_recovers() {
 async fn a_pid_reused_between_connect_and_accept_gets_nothing() {
     // The CLI is the trusted program: Running::start waits until it is
     // served the trusted SVID. Nothing else matches this process's child.
-    let trusted = std::fs::canonicalize(BIN).unwrap();
+    let trusted = std::fs::canonicalize(bin()).unwrap();
     let r = Running::start(&[("trusted", format!("unix:path:{}", trusted.display()))]).await;
 
-    let script =
-        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/interop/exit_race.py");
-    let go = r.server.dir.path().join("go");
+    let script = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/agent/interop/exit_race.py");
+    let go = r.server.dir().join("go");
     r.signal("-STOP");
     let mut connecting = Command::new("python3")
         .arg(&script)
@@ -573,7 +501,7 @@ async fn a_pid_reused_between_connect_and_accept_gets_nothing() {
     // The next pid is `reused` again: give it to the trusted program, which
     // waits on the (stopped) agent meanwhile.
     std::fs::write("/proc/sys/kernel/ns_last_pid", (reused - 1).to_string()).unwrap();
-    let mut trusted_run = Command::new(BIN)
+    let mut trusted_run = Command::new(bin())
         .arg("--socket")
         .arg(&r.socket)
         .args(["api", "watch"])

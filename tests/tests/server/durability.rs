@@ -4,22 +4,22 @@
 // Test code: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
-use common::server::TestServer;
+use crate::TestServerExt as _;
+use sigil_tests::process::ServerProcess;
+use sigil_tests::sim_agent::SimAgent;
 
 /// SPEC: every minted credential passes Sigil's own validator before it
 /// leaves the CA. 32 audiences of 600 bytes make a token longer than the
 /// validator's 16 KiB limit; the server must refuse to hand it out.
 #[tokio::test]
 async fn jwt_svid_that_fails_the_validator_is_not_handed_out() {
-    let s = TestServer::start("").await;
+    let s = crate::start("");
     let aud = "a".repeat(600);
     let mut args = vec!["jwt", "mint", "--spiffe-id", "spiffe://example.org/tool"];
     for _ in 0..32 {
         args.extend(["--audience", aud.as_str()]);
     }
-    let out = s.cli(&args);
+    let out = s.cli(&args).unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -39,17 +39,17 @@ async fn refused_attempts_and_alias_entries_are_audited_and_logged_at_any_level(
     use sigil_proto::node as pb;
     use sigil_server::datastore::Datastore;
 
-    let mut s = TestServer::start("").await;
-    let text = std::fs::read_to_string(&s.config).unwrap();
+    let mut s = crate::start("");
+    let text = std::fs::read_to_string(s.config()).unwrap();
     std::fs::write(
-        &s.config,
+        s.config(),
         text.replace("level = \"info\"", "level = \"error\""),
     )
     .unwrap();
-    s.restart().await;
+    s.restart_async().await.unwrap();
     let log_before = s.log().len();
 
-    let mut a = s.admin().await;
+    let mut a = s.admin().await.unwrap();
     let foreign = pb::Entry {
         spiffe_id: "spiffe://other.org/refused".into(),
         parent_id: "spiffe://example.org/sigil/server".into(),
@@ -92,16 +92,15 @@ async fn refused_attempts_and_alias_entries_are_audited_and_logged_at_any_level(
         .into_inner()
         .token;
     assert!(!token.is_empty());
-    let refused = common::server::TestAgent::join(&s, "no-such-token")
+    let refused = SimAgent::join(&s, "no-such-token")
         .await
-        .err()
-        .expect("unknown token refused");
+        .expect_err("unknown token refused");
     assert_eq!(refused.code(), tonic::Code::PermissionDenied);
     drop(a);
-    s.stop().await;
+    s.stop_async().await.unwrap();
 
     let store =
-        sigil_server::datastore::SledDatastore::open(s.dir.path().join("data/datastore")).unwrap();
+        sigil_server::datastore::SledDatastore::open(s.dir().join("data/datastore")).unwrap();
     let events = store.list_audit(0, 1000).await.unwrap();
     let has = |action: &str, target: &str, refused: bool| {
         events.iter().any(|(_, e)| {
@@ -133,7 +132,7 @@ async fn refused_attempts_and_alias_entries_are_audited_and_logged_at_any_level(
 }
 
 /// Waits (at most 30 s) until the server log contains `needle`.
-async fn wait_for_log(s: &TestServer, needle: &str) {
+async fn wait_for_log(s: &ServerProcess, needle: &str) {
     for _ in 0..300 {
         if s.log().contains(needle) {
             return;
@@ -150,10 +149,9 @@ async fn old_entry_changes_and_expired_agents_are_pruned() {
     use sigil_proto::admin;
     use sigil_server::datastore::Datastore;
 
-    let mut s = TestServer::start(
+    let mut s = crate::start(
         "[agents]\nsvid_ttl = \"1s\"\n[retention]\nentry_changes = 2\nexpired_agents = \"1s\"\ninterval = \"1s\"\n",
-    )
-    .await;
+    );
     let parent = sigil_identity::SpiffeId::parse("spiffe://example.org/sigil/server").unwrap();
     for i in 0..5 {
         s.entry(
@@ -163,14 +161,11 @@ async fn old_entry_changes_and_expired_agents_are_pruned() {
         )
         .await;
     }
-    let expired = common::server::TestAgent::join(&s, &s.token().await)
-        .await
-        .unwrap();
-    let banned = common::server::TestAgent::join(&s, &s.token().await)
-        .await
-        .unwrap();
+    let expired = SimAgent::join(&s, &s.token().await.unwrap()).await.unwrap();
+    let banned = SimAgent::join(&s, &s.token().await.unwrap()).await.unwrap();
     s.admin()
         .await
+        .unwrap()
         .ban_agent(admin::AgentRequest {
             id: banned.id.to_string(),
         })
@@ -178,10 +173,10 @@ async fn old_entry_changes_and_expired_agents_are_pruned() {
         .unwrap();
     wait_for_log(&s, "old entry changes removed").await;
     wait_for_log(&s, "long-expired agents removed").await;
-    s.stop().await;
+    s.stop_async().await.unwrap();
 
     let store =
-        sigil_server::datastore::SledDatastore::open(s.dir.path().join("data/datastore")).unwrap();
+        sigil_server::datastore::SledDatastore::open(s.dir().join("data/datastore")).unwrap();
     let revisions: Vec<u64> = store
         .entry_changes(0, 100)
         .await
@@ -216,12 +211,12 @@ async fn every_stored_entry_has_its_audit_record_after_sigkills() {
     use sigil_proto::node as pb;
     use sigil_server::datastore::Datastore;
 
-    let mut s = TestServer::start("").await;
+    let mut s = crate::start("");
     for round in 0..5u64 {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let mut writers = Vec::new();
         for w in 0..4 {
-            let mut a = s.admin().await;
+            let mut a = s.admin().await.unwrap();
             let stop = stop.clone();
             writers.push(tokio::spawn(async move {
                 let mut acked = 0;
@@ -246,7 +241,7 @@ async fn every_stored_entry_has_its_audit_record_after_sigkills() {
         }
         tokio::time::sleep(std::time::Duration::from_millis(300 + 97 * round)).await;
         stop.store(true, std::sync::atomic::Ordering::SeqCst);
-        s.kill();
+        s.kill().unwrap();
         let mut acked = 0;
         for w in writers {
             acked += w.await.unwrap();
@@ -255,12 +250,12 @@ async fn every_stored_entry_has_its_audit_record_after_sigkills() {
             acked > 0,
             "round {round}: no create succeeded before the kill"
         );
-        s.restart().await;
+        s.restart_async().await.unwrap();
     }
-    s.stop().await;
+    s.stop_async().await.unwrap();
 
     let store =
-        sigil_server::datastore::SledDatastore::open(s.dir.path().join("data/datastore")).unwrap();
+        sigil_server::datastore::SledDatastore::open(s.dir().join("data/datastore")).unwrap();
     let audited: std::collections::HashSet<String> = store
         .list_audit(0, usize::MAX)
         .await

@@ -5,19 +5,18 @@
 // Test code: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::os::unix::fs::MetadataExt;
 use std::sync::Arc;
 
+use crate::common::AgentTestServer as _;
 use async_trait::async_trait;
-use common::Server;
 use sigil_agent::workload_api::{self, WorkloadApi};
 use sigil_attestors::unix::UnixAttestor;
 use sigil_attestors::workload::{WorkloadAttestError, WorkloadAttestor};
 use sigil_identity::{Selector, SelectorSet};
 use sigil_proto::admin;
 use sigil_proto::node as node_pb;
+use sigil_tests::process::ServerProcess;
 
 /// Stands in for the `k8s` attestor: this process is in namespace `shop`.
 #[derive(Debug)]
@@ -51,15 +50,15 @@ impl WorkloadAttestor for FakePodAttestor {
 async fn serve(
     fail: bool,
 ) -> (
-    Server,
+    ServerProcess,
     std::path::PathBuf,
     String,
     tokio::sync::watch::Sender<bool>,
 ) {
-    let server = Server::start().await;
+    let server = crate::common::start("");
     let agent = server.start_agent().await;
     let agent_id = server.agent_id().await;
-    let socket = server.dir.path().join("workload/api.sock");
+    let socket = server.dir().join("workload/api.sock");
     let listener = workload_api::bind(&socket).unwrap();
     let api = WorkloadApi::new(agent.clone(), Arc::new(UnixAttestor::default()))
         .with_workload_attestors(vec![Arc::new(FakePodAttestor { fail })]);
@@ -75,7 +74,7 @@ async fn serve(
     (server, socket, agent_id, stop_tx)
 }
 
-async fn register(server: &Server, agent_id: &str, path: &str, selectors: &[String]) {
+async fn register(server: &ServerProcess, agent_id: &str, path: &str, selectors: &[String]) {
     let e = node_pb::Entry {
         spiffe_id: format!("spiffe://example.org/{path}"),
         parent_id: agent_id.to_owned(),
@@ -85,6 +84,7 @@ async fn register(server: &Server, agent_id: &str, path: &str, selectors: &[Stri
     let r = server
         .admin()
         .await
+        .unwrap()
         .create_entries(admin::CreateEntriesRequest { entries: vec![e] })
         .await
         .unwrap()

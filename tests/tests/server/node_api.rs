@@ -3,11 +3,9 @@
 // Test code: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::time::Duration;
 
-use common::server::{TestAgent, TestServer, assert_all, assert_revoked, csr, every_call};
+use crate::{TestServerExt as _, assert_all, assert_revoked, csr, every_call};
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
@@ -15,6 +13,8 @@ use sigil_identity::x509 as svid;
 use sigil_identity::{SpiffeId, TrustDomain};
 use sigil_proto::admin;
 use sigil_proto::node as pb;
+use sigil_tests::process::ServerProcess;
+use sigil_tests::sim_agent::SimAgent;
 use tonic::Code;
 
 fn td() -> TrustDomain {
@@ -23,9 +23,9 @@ fn td() -> TrustDomain {
 
 #[tokio::test]
 async fn attest_with_join_token_then_use_the_agent_svid() {
-    let server = TestServer::start("").await;
-    let token = server.token().await;
-    let agent = TestAgent::join(&server, &token).await.unwrap();
+    let server = crate::start("");
+    let token = server.token().await.unwrap();
+    let agent = SimAgent::join(&server, &token).await.unwrap();
     assert!(
         agent
             .id
@@ -36,12 +36,12 @@ async fn attest_with_join_token_then_use_the_agent_svid() {
         !agent.id.as_str().contains(&token),
         "the token never appears in the agent id"
     );
-    let bundle = server.bundle().await;
+    let bundle = server.bundle().await.unwrap();
     assert_eq!(
         svid::verify_svid(&agent.chain, &bundle, std::time::SystemTime::now()).unwrap(),
         agent.id
     );
-    let mut client = agent.client(&server).await;
+    let mut client = agent.client(&server).await.unwrap();
     let b = client
         .fetch_bundle(pb::FetchBundleRequest {})
         .await
@@ -53,15 +53,16 @@ async fn attest_with_join_token_then_use_the_agent_svid() {
 
 #[tokio::test]
 async fn join_token_reuse_and_expiry_are_refused() {
-    let server = TestServer::start("").await;
-    let token = server.token().await;
-    TestAgent::join(&server, &token).await.unwrap();
-    let again = TestAgent::join(&server, &token).await.err().unwrap();
+    let server = crate::start("");
+    let token = server.token().await.unwrap();
+    SimAgent::join(&server, &token).await.unwrap();
+    let again = SimAgent::join(&server, &token).await.err().unwrap();
     assert_eq!(again.code(), Code::PermissionDenied, "{again:?}");
 
     let short = server
         .admin()
         .await
+        .unwrap()
         .create_join_token(admin::CreateJoinTokenRequest {
             ttl: 1,
             alias: String::new(),
@@ -71,9 +72,9 @@ async fn join_token_reuse_and_expiry_are_refused() {
         .into_inner()
         .token;
     tokio::time::sleep(Duration::from_millis(2100)).await;
-    let expired = TestAgent::join(&server, &short).await.err().unwrap();
+    let expired = SimAgent::join(&server, &short).await.err().unwrap();
     assert_eq!(expired.code(), Code::PermissionDenied, "{expired:?}");
-    let unknown = TestAgent::join(&server, "0123456789abcdef0123456789abcdef")
+    let unknown = SimAgent::join(&server, "0123456789abcdef0123456789abcdef")
         .await
         .err()
         .unwrap();
@@ -82,11 +83,11 @@ async fn join_token_reuse_and_expiry_are_refused() {
 
 #[tokio::test]
 async fn concurrent_attestations_with_one_token_yield_exactly_one_agent() {
-    let server = TestServer::start("").await;
+    let server = crate::start("");
     for _ in 0..3 {
-        let token = server.token().await;
+        let token = server.token().await.unwrap();
         let attempts: Vec<_> = (0..8)
-            .map(|_| Box::pin(TestAgent::join(&server, &token)))
+            .map(|_| Box::pin(SimAgent::join(&server, &token)))
             .collect();
         let results = join_all(attempts).await;
         let ok = results.iter().filter(|r| r.is_ok()).count();
@@ -98,6 +99,7 @@ async fn concurrent_attestations_with_one_token_yield_exactly_one_agent() {
     let agents = server
         .admin()
         .await
+        .unwrap()
         .list_agents(admin::ListAgentsRequest {})
         .await
         .unwrap()
@@ -168,18 +170,14 @@ fn node_cert(pki: &NodePki, cn: &str) -> (Vec<u8>, KeyPair) {
 }
 
 async fn x509pop(
-    server: &TestServer,
+    server: &ServerProcess,
     leaf: &[u8],
     key: &KeyPair,
-) -> Result<TestAgent, tonic::Status> {
+) -> Result<SimAgent, tonic::Status> {
     let agent =
         sigil_attestors::x509pop::X509PopAgent::new(vec![leaf.to_vec()], &key.serialize_der())
             .unwrap();
-    use sigil_identity::attestation::AgentNodeAttestor;
-    TestAgent::attest(server, "x509pop", agent.evidence().unwrap(), |c| {
-        agent.respond(c).unwrap()
-    })
-    .await
+    SimAgent::attest(server, &agent).await
 }
 
 #[tokio::test]
@@ -190,7 +188,7 @@ async fn x509pop_attests_and_a_banned_node_cannot_reattest_until_evicted() {
         "[node_attestors.x509pop]\nca_bundle = \"{}\"\n",
         pki.pem_path.display()
     );
-    let server = TestServer::start(&extra).await;
+    let server = crate::start(&extra);
     let (leaf, key) = node_cert(&pki, "node-1");
     let agent = x509pop(&server, &leaf, &key).await.unwrap();
     assert!(
@@ -203,7 +201,7 @@ async fn x509pop_attests_and_a_banned_node_cannot_reattest_until_evicted() {
     let again = x509pop(&server, &leaf, &key).await.unwrap();
     assert_eq!(again.id, agent.id);
 
-    let mut admin = server.admin().await;
+    let mut admin = server.admin().await.unwrap();
     admin
         .ban_agent(admin::AgentRequest {
             id: agent.id.to_string(),
@@ -238,11 +236,11 @@ async fn x509pop_attests_and_a_banned_node_cannot_reattest_until_evicted() {
 
 #[tokio::test]
 async fn old_serial_after_renewal_is_refused_on_every_call() {
-    let server = TestServer::start("").await;
-    let agent = TestAgent::join(&server, &server.token().await)
+    let server = crate::start("");
+    let agent = SimAgent::join(&server, &server.token().await.unwrap())
         .await
         .unwrap();
-    let mut old_client = agent.client(&server).await;
+    let mut old_client = agent.client(&server).await.unwrap();
     let renewed = agent.renew(&mut old_client).await.unwrap();
     assert_ne!(renewed.serial, agent.serial);
     // Until the new SVID is used, the old one still works (renewal in flight).
@@ -250,13 +248,13 @@ async fn old_serial_after_renewal_is_refused_on_every_call() {
         .fetch_bundle(pb::FetchBundleRequest {})
         .await
         .unwrap();
-    let mut new_client = renewed.client(&server).await;
+    let mut new_client = renewed.client(&server).await.unwrap();
     new_client
         .fetch_bundle(pb::FetchBundleRequest {})
         .await
         .unwrap();
     // From now on the old serial is refused everywhere.
-    let mut stale = agent.client(&server).await;
+    let mut stale = agent.client(&server).await.unwrap();
     let results = every_call(&mut stale, "x").await;
     assert_all(&results, Code::PermissionDenied);
     // Superseded is not revoked: the agent just reconnects with its new SVID.
@@ -269,11 +267,11 @@ async fn old_serial_after_renewal_is_refused_on_every_call() {
 
 #[tokio::test]
 async fn banned_agent_is_refused_on_every_call() {
-    let server = TestServer::start("").await;
-    let agent = TestAgent::join(&server, &server.token().await)
+    let server = crate::start("");
+    let agent = SimAgent::join(&server, &server.token().await.unwrap())
         .await
         .unwrap();
-    let mut client = agent.client(&server).await;
+    let mut client = agent.client(&server).await.unwrap();
     client
         .fetch_bundle(pb::FetchBundleRequest {})
         .await
@@ -281,6 +279,7 @@ async fn banned_agent_is_refused_on_every_call() {
     server
         .admin()
         .await
+        .unwrap()
         .ban_agent(admin::AgentRequest {
             id: agent.id.to_string(),
         })
@@ -293,11 +292,11 @@ async fn banned_agent_is_refused_on_every_call() {
 
 #[tokio::test]
 async fn expired_agent_svid_is_refused_on_every_call() {
-    let server = TestServer::start("[agents]\nsvid_ttl = \"2s\"\n").await;
-    let agent = TestAgent::join(&server, &server.token().await)
+    let server = crate::start("[agents]\nsvid_ttl = \"2s\"\n");
+    let agent = SimAgent::join(&server, &server.token().await.unwrap())
         .await
         .unwrap();
-    let mut client = agent.client(&server).await;
+    let mut client = agent.client(&server).await.unwrap();
     client
         .fetch_bundle(pb::FetchBundleRequest {})
         .await
@@ -311,18 +310,18 @@ async fn expired_agent_svid_is_refused_on_every_call() {
 
 #[tokio::test]
 async fn calls_without_a_client_certificate_are_unauthenticated() {
-    let server = TestServer::start("").await;
-    let mut anon = server.anonymous().await;
+    let server = crate::start("");
+    let mut anon = server.anonymous().await.unwrap();
     assert_all(&every_call(&mut anon, "x").await, Code::Unauthenticated);
 }
 
 #[tokio::test]
 async fn an_agent_never_receives_or_signs_another_agents_entries() {
-    let server = TestServer::start("").await;
-    let a = TestAgent::join(&server, &server.token().await)
+    let server = crate::start("");
+    let a = SimAgent::join(&server, &server.token().await.unwrap())
         .await
         .unwrap();
-    let b = TestAgent::join(&server, &server.token().await)
+    let b = SimAgent::join(&server, &server.token().await.unwrap())
         .await
         .unwrap();
     let ea = server
@@ -332,7 +331,7 @@ async fn an_agent_never_receives_or_signs_another_agents_entries() {
         .entry("spiffe://example.org/b", &b.id, &["unix:uid:2"])
         .await;
 
-    let mut ca = a.client(&server).await;
+    let mut ca = a.client(&server).await.unwrap();
     let mut sync = ca
         .sync(pb::SyncRequest { since_revision: 0 })
         .await
@@ -409,8 +408,8 @@ async fn an_agent_never_receives_or_signs_another_agents_entries() {
 
 #[tokio::test]
 async fn a_csr_gets_only_what_the_entry_says() {
-    let server = TestServer::start("").await;
-    let agent = TestAgent::join(&server, &server.token().await)
+    let server = crate::start("");
+    let agent = SimAgent::join(&server, &server.token().await.unwrap())
         .await
         .unwrap();
     let entry = server
@@ -423,7 +422,7 @@ async fn a_csr_gets_only_what_the_entry_says() {
     ));
     greedy.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     let csr = greedy.serialize_request(&key).unwrap().der().to_vec();
-    let mut client = agent.client(&server).await;
+    let mut client = agent.client(&server).await.unwrap();
     let r = client
         .batch_new_x509_svid(pb::BatchNewX509SvidRequest {
             params: vec![pb::SvidParams {
@@ -449,8 +448,8 @@ async fn a_csr_gets_only_what_the_entry_says() {
 
 #[tokio::test]
 async fn sync_pushes_deletions_and_resumes_from_a_revision() {
-    let server = TestServer::start("").await;
-    let agent = TestAgent::join(&server, &server.token().await)
+    let server = crate::start("");
+    let agent = SimAgent::join(&server, &server.token().await.unwrap())
         .await
         .unwrap();
     let keep = server
@@ -459,7 +458,7 @@ async fn sync_pushes_deletions_and_resumes_from_a_revision() {
     let gone = server
         .entry("spiffe://example.org/gone", &agent.id, &["unix:uid:2"])
         .await;
-    let mut client = agent.client(&server).await;
+    let mut client = agent.client(&server).await.unwrap();
     let mut sync = client
         .sync(pb::SyncRequest { since_revision: 0 })
         .await
@@ -467,7 +466,7 @@ async fn sync_pushes_deletions_and_resumes_from_a_revision() {
         .into_inner();
     let first = sync.message().await.unwrap().unwrap();
     let seen = first.revision;
-    let mut admin = server.admin().await;
+    let mut admin = server.admin().await.unwrap();
     admin
         .delete_entries(admin::DeleteEntriesRequest {
             ids: vec![gone.id.clone()],
@@ -505,8 +504,8 @@ async fn sync_pushes_deletions_and_resumes_from_a_revision() {
 
 #[tokio::test]
 async fn node_alias_entries_reach_every_matching_agent() {
-    let server = TestServer::start("").await;
-    let mut admin = server.admin().await;
+    let server = crate::start("");
+    let mut admin = server.admin().await.unwrap();
     let token = admin
         .create_join_token(admin::CreateJoinTokenRequest {
             ttl: 0,
@@ -516,12 +515,12 @@ async fn node_alias_entries_reach_every_matching_agent() {
         .unwrap()
         .into_inner()
         .token;
-    let agent = TestAgent::join(&server, &token).await.unwrap();
+    let agent = SimAgent::join(&server, &token).await.unwrap();
     let alias = SpiffeId::parse("spiffe://example.org/cluster/prod").unwrap();
     let e = server
         .entry("spiffe://example.org/api", &alias, &["unix:uid:7"])
         .await;
-    let mut client = agent.client(&server).await;
+    let mut client = agent.client(&server).await.unwrap();
     let mut sync = client
         .sync(pb::SyncRequest { since_revision: 0 })
         .await
@@ -540,14 +539,13 @@ async fn node_alias_entries_reach_every_matching_agent() {
 
 #[tokio::test]
 async fn attestation_is_rate_limited_per_source() {
-    let server =
-        TestServer::start("[rate_limits]\nattest_per_second = 0.001\nattest_burst = 2.0\n").await;
+    let server = crate::start("[rate_limits]\nattest_per_second = 0.001\nattest_burst = 2.0\n");
     for _ in 0..2 {
-        TestAgent::join(&server, &server.token().await)
+        SimAgent::join(&server, &server.token().await.unwrap())
             .await
             .unwrap();
     }
-    let err = TestAgent::join(&server, &server.token().await)
+    let err = SimAgent::join(&server, &server.token().await.unwrap())
         .await
         .err()
         .unwrap();
@@ -556,15 +554,14 @@ async fn attestation_is_rate_limited_per_source() {
 
 #[tokio::test]
 async fn signing_is_rate_limited_per_agent() {
-    let server =
-        TestServer::start("[rate_limits]\nsigning_per_second = 0.001\nsigning_burst = 3.0\n").await;
-    let agent = TestAgent::join(&server, &server.token().await)
+    let server = crate::start("[rate_limits]\nsigning_per_second = 0.001\nsigning_burst = 3.0\n");
+    let agent = SimAgent::join(&server, &server.token().await.unwrap())
         .await
         .unwrap();
     let entry = server
         .entry("spiffe://example.org/web", &agent.id, &["unix:uid:1"])
         .await;
-    let mut client = agent.client(&server).await;
+    let mut client = agent.client(&server).await.unwrap();
     let key = KeyPair::generate().unwrap();
     let batch = |n: usize| pb::BatchNewX509SvidRequest {
         params: (0..n)
@@ -581,13 +578,13 @@ async fn signing_is_rate_limited_per_agent() {
 
 #[tokio::test]
 async fn admin_mutations_and_issuance_are_audited_without_secrets() {
-    let mut server = TestServer::start("").await;
-    let token = server.token().await;
-    let agent = TestAgent::join(&server, &token).await.unwrap();
+    let mut server = crate::start("");
+    let token = server.token().await.unwrap();
+    let agent = SimAgent::join(&server, &token).await.unwrap();
     let entry = server
         .entry("spiffe://example.org/web", &agent.id, &["unix:uid:1"])
         .await;
-    let mut client = agent.client(&server).await;
+    let mut client = agent.client(&server).await.unwrap();
     let key = KeyPair::generate().unwrap();
     let csr_der = csr(&key);
     client
@@ -606,7 +603,7 @@ async fn admin_mutations_and_issuance_are_audited_without_secrets() {
         })
         .await
         .unwrap();
-    let mut admin = server.admin().await;
+    let mut admin = server.admin().await.unwrap();
     admin
         .delete_entries(admin::DeleteEntriesRequest {
             ids: vec![entry.id.clone()],
@@ -621,11 +618,10 @@ async fn admin_mutations_and_issuance_are_audited_without_secrets() {
         .unwrap();
     drop(client);
     drop(admin);
-    server.stop().await;
+    server.stop_async().await.unwrap();
 
     let store =
-        sigil_server::datastore::SledDatastore::open(server.dir.path().join("data/datastore"))
-            .unwrap();
+        sigil_server::datastore::SledDatastore::open(server.dir().join("data/datastore")).unwrap();
     use sigil_server::datastore::Datastore;
     let events = store.list_audit(0, 1000).await.unwrap();
     let actions: Vec<&str> = events.iter().map(|(_, e)| e.action.as_str()).collect();

@@ -5,14 +5,12 @@
 // Test code: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Instant;
 
-use common::server::TestServer;
 use serde_json::Value;
+use sigil_tests::process::ServerProcess;
 
 const AGENT: &str = "spiffe://example.org/sigil/agent/join_token/0123456789abcdef0123456789abcdef";
 
@@ -32,8 +30,8 @@ fn exit(out: &Output, code: i32) -> String {
     text(&out.stdout)
 }
 
-fn write(s: &TestServer, name: &str, body: &str) -> PathBuf {
-    let path = s.dir.path().join(name);
+fn write(s: &ServerProcess, name: &str, body: &str) -> PathBuf {
+    let path = s.dir().join(name);
     std::fs::write(&path, body).unwrap();
     path
 }
@@ -51,7 +49,7 @@ fn node(name: &str, path: &str) -> String {
     )
 }
 
-fn plan_json(s: &TestServer, file: &Path, extra: &[&str], code: i32) -> Value {
+fn plan_json(s: &ServerProcess, file: &Path, extra: &[&str], code: i32) -> Value {
     let mut args = vec![
         "--output",
         "json",
@@ -61,12 +59,12 @@ fn plan_json(s: &TestServer, file: &Path, extra: &[&str], code: i32) -> Value {
         file.to_str().unwrap(),
     ];
     args.extend_from_slice(extra);
-    serde_json::from_str(&exit(&s.cli(&args), code)).unwrap()
+    serde_json::from_str(&exit(&s.cli(&args).unwrap(), code)).unwrap()
 }
 
 /// All entries, as `entry show --output json` prints them.
-fn entries(s: &TestServer) -> Vec<Value> {
-    let out = exit(&s.cli(&["--output", "json", "entry", "show"]), 0);
+fn entries(s: &ServerProcess) -> Vec<Value> {
+    let out = exit(&s.cli(&["--output", "json", "entry", "show"]).unwrap(), 0);
     serde_json::from_str::<Vec<Value>>(&out).unwrap()
 }
 
@@ -90,7 +88,7 @@ fn pair(kind: &str, name: &str) -> (String, String) {
 
 #[tokio::test]
 async fn plan_apply_edit_and_prune_only_the_owners_entries() {
-    let s = TestServer::start("").await;
+    let s = crate::start("");
     let v1 = format!(
         "{}{}{}",
         node("prod", "node/prod"),
@@ -114,7 +112,8 @@ async fn plan_apply_edit_and_prune_only_the_owners_entries() {
     assert!(entries(&s).is_empty(), "plan changes nothing");
 
     let applied = exit(
-        &s.cli(&["entry", "apply", "--file", f, "--owner", "team"]),
+        &s.cli(&["entry", "apply", "--file", f, "--owner", "team"])
+            .unwrap(),
         0,
     );
     assert!(applied.contains("Applied: 3 to create"), "{applied}");
@@ -128,7 +127,8 @@ async fn plan_apply_edit_and_prune_only_the_owners_entries() {
 
     // Applied: the plan is empty and exits 0.
     let out = exit(
-        &s.cli(&["entry", "plan", "--file", f, "--owner", "team"]),
+        &s.cli(&["entry", "plan", "--file", f, "--owner", "team"])
+            .unwrap(),
         0,
     );
     assert!(out.contains("No changes"), "{out}");
@@ -144,7 +144,8 @@ async fn plan_apply_edit_and_prune_only_the_owners_entries() {
             AGENT,
             "--selector",
             "unix:uid:9",
-        ]),
+        ])
+        .unwrap(),
         0,
     );
     let other = write(&s, "other.toml", &entry("api", "other-api", 7, ""));
@@ -156,12 +157,14 @@ async fn plan_apply_edit_and_prune_only_the_owners_entries() {
             other.to_str().unwrap(),
             "--owner",
             "other",
-        ]),
+        ])
+        .unwrap(),
         0,
     );
     // Neither is in team's plan.
     exit(
-        &s.cli(&["entry", "plan", "--file", f, "--owner", "team"]),
+        &s.cli(&["entry", "plan", "--file", f, "--owner", "team"])
+            .unwrap(),
         0,
     );
 
@@ -177,7 +180,8 @@ async fn plan_apply_edit_and_prune_only_the_owners_entries() {
     assert_eq!(fields[0]["new"], "green");
     let web_id = plan["changes"][0]["id"].as_str().unwrap().to_owned();
     exit(
-        &s.cli(&["entry", "apply", "--file", f, "--owner", "team"]),
+        &s.cli(&["entry", "apply", "--file", f, "--owner", "team"])
+            .unwrap(),
         0,
     );
     let web = &entries(&s)
@@ -197,7 +201,8 @@ async fn plan_apply_edit_and_prune_only_the_owners_entries() {
     let plan = plan_json(&s, &file, &["--owner", "team"], 0);
     assert_eq!(kinds(&plan), [pair("orphan", "api")]);
     exit(
-        &s.cli(&["entry", "apply", "--file", f, "--owner", "team"]),
+        &s.cli(&["entry", "apply", "--file", f, "--owner", "team"])
+            .unwrap(),
         0,
     );
     assert_eq!(entries(&s).len(), 5, "nothing deleted without --prune");
@@ -215,14 +220,16 @@ async fn plan_apply_edit_and_prune_only_the_owners_entries() {
             "team",
             "--prune",
             "--dry-run",
-        ]),
+        ])
+        .unwrap(),
         2,
     );
     assert!(dry.contains("- delete \"api\""), "{dry}");
     assert_eq!(entries(&s).len(), 5);
 
     exit(
-        &s.cli(&["entry", "apply", "--file", f, "--owner", "team", "--prune"]),
+        &s.cli(&["entry", "apply", "--file", f, "--owner", "team", "--prune"])
+            .unwrap(),
         0,
     );
     let left: Vec<String> = entries(&s)
@@ -240,7 +247,8 @@ async fn plan_apply_edit_and_prune_only_the_owners_entries() {
         "another owner's entry of the same name survives prune"
     );
     exit(
-        &s.cli(&["entry", "plan", "--file", f, "--owner", "team", "--prune"]),
+        &s.cli(&["entry", "plan", "--file", f, "--owner", "team", "--prune"])
+            .unwrap(),
         0,
     );
 
@@ -257,7 +265,7 @@ async fn plan_apply_edit_and_prune_only_the_owners_entries() {
 
 #[tokio::test]
 async fn an_invalid_file_changes_nothing_and_names_the_line() {
-    let s = TestServer::start("").await;
+    let s = crate::start("");
     // Line 17 has a key that does not exist ("selector").
     let bad = format!(
         "{}{}[[entry]]\nname = \"typo\"\nspiffe_id = \"spiffe://example.org/typo\"\nparent_id = \"{AGENT}\"\nselector = [\"unix:uid:3\"]\n",
@@ -266,7 +274,9 @@ async fn an_invalid_file_changes_nothing_and_names_the_line() {
     );
     assert_eq!(bad.lines().nth(16), Some("selector = [\"unix:uid:3\"]"));
     let file = write(&s, "bad.toml", &bad);
-    let out = s.cli(&["entry", "apply", "--file", file.to_str().unwrap()]);
+    let out = s
+        .cli(&["entry", "apply", "--file", file.to_str().unwrap()])
+        .unwrap();
     exit(&out, 1);
     let err = text(&out.stderr);
     assert!(err.contains("bad.toml:17:"), "{err}");
@@ -282,7 +292,9 @@ async fn an_invalid_file_changes_nothing_and_names_the_line() {
         entry("c", "a", 1, "")
     );
     let file = write(&s, "dup.toml", &dup);
-    let out = s.cli(&["entry", "plan", "--file", file.to_str().unwrap()]);
+    let out = s
+        .cli(&["entry", "plan", "--file", file.to_str().unwrap()])
+        .unwrap();
     exit(&out, 1);
     let err = text(&out.stderr);
     assert!(
@@ -306,7 +318,8 @@ async fn an_invalid_file_changes_nothing_and_names_the_line() {
             theirs.to_str().unwrap(),
             "--owner",
             "them",
-        ]),
+        ])
+        .unwrap(),
         0,
     );
     let mine = write(
@@ -318,7 +331,9 @@ async fn an_invalid_file_changes_nothing_and_names_the_line() {
             entry("clash", "shared", 5, "")
         ),
     );
-    let out = s.cli(&["entry", "apply", "--file", mine.to_str().unwrap()]);
+    let out = s
+        .cli(&["entry", "apply", "--file", mine.to_str().unwrap()])
+        .unwrap();
     exit(&out, 1);
     let err = text(&out.stderr);
     assert!(err.contains("entry \"clash\""), "{err}");
@@ -336,7 +351,8 @@ async fn an_invalid_file_changes_nothing_and_names_the_line() {
             write(&s, "w.toml", &entry("w", "w", 8, ""))
                 .to_str()
                 .unwrap(),
-        ]),
+        ])
+        .unwrap(),
         0,
     );
     exit(
@@ -349,7 +365,8 @@ async fn an_invalid_file_changes_nothing_and_names_the_line() {
             AGENT,
             "--selector",
             "unix:uid:9",
-        ]),
+        ])
+        .unwrap(),
         0,
     );
     let clash = write(
@@ -361,7 +378,9 @@ async fn an_invalid_file_changes_nothing_and_names_the_line() {
             entry("w", "taken", 9, "hint = \"x\"")
         ),
     );
-    let out = s.cli(&["entry", "apply", "--file", clash.to_str().unwrap()]);
+    let out = s
+        .cli(&["entry", "apply", "--file", clash.to_str().unwrap()])
+        .unwrap();
     exit(&out, 1);
     let err = text(&out.stderr);
     assert!(err.contains("spiffe://example.org/taken"), "{err}");
@@ -380,7 +399,9 @@ async fn an_invalid_file_changes_nothing_and_names_the_line() {
     // A server-side field check names entry and field.
     let reserved_parent = entry("p", "p", 6, "").replace(AGENT, "spiffe://example.org/sigil/x");
     let file = write(&s, "parent.toml", &reserved_parent);
-    let out = s.cli(&["entry", "apply", "--file", file.to_str().unwrap()]);
+    let out = s
+        .cli(&["entry", "apply", "--file", file.to_str().unwrap()])
+        .unwrap();
     exit(&out, 1);
     let err = text(&out.stderr);
     assert!(err.contains("entry \"p\": parent id"), "{err}");
@@ -401,7 +422,7 @@ fn comparable(mut list: Vec<Value>) -> Vec<Value> {
 
 #[tokio::test]
 async fn export_then_apply_reproduces_the_entries() {
-    let a = TestServer::start("").await;
+    let a = crate::start("");
     exit(
         &a.cli(&[
             "entry",
@@ -427,7 +448,8 @@ async fn export_then_apply_reproduces_the_entries() {
             "a \"quoted\" hint",
             "--expires-at",
             "2030-01-01T00:00:00Z",
-        ]),
+        ])
+        .unwrap(),
         0,
     );
     exit(
@@ -439,11 +461,12 @@ async fn export_then_apply_reproduces_the_entries() {
             "spiffe://example.org/node/prod",
             "--selector",
             "k8s_psat:cluster:prod",
-        ]),
+        ])
+        .unwrap(),
         0,
     );
     // What an installation that made its entries by hand exports.
-    let hand_made = exit(&a.cli(&["entry", "export"]), 0);
+    let hand_made = exit(&a.cli(&["entry", "export"]).unwrap(), 0);
     let file = write(&a, "team.toml", &entry("web", "web", 3, ""));
     exit(
         &a.cli(&[
@@ -453,16 +476,18 @@ async fn export_then_apply_reproduces_the_entries() {
             file.to_str().unwrap(),
             "--owner",
             "team",
-        ]),
+        ])
+        .unwrap(),
         0,
     );
 
-    let exported = exit(&a.cli(&["entry", "export"]), 0);
-    let b = TestServer::start("").await;
+    let exported = exit(&a.cli(&["entry", "export"]).unwrap(), 0);
+    let b = crate::start("");
     let path = write(&b, "exported.toml", &exported);
     let p = path.to_str().unwrap();
     exit(
-        &b.cli(&["entry", "apply", "--file", p, "--owner", "all"]),
+        &b.cli(&["entry", "apply", "--file", p, "--owner", "all"])
+            .unwrap(),
         0,
     );
     assert_eq!(
@@ -470,10 +495,14 @@ async fn export_then_apply_reproduces_the_entries() {
         comparable(entries(&a)),
         "{exported}"
     );
-    exit(&b.cli(&["entry", "plan", "--file", p, "--owner", "all"]), 0);
+    exit(
+        &b.cli(&["entry", "plan", "--file", p, "--owner", "all"])
+            .unwrap(),
+        0,
+    );
 
     // One owner's export holds only its entries, under their names.
-    let team = exit(&a.cli(&["entry", "export", "--owner", "team"]), 0);
+    let team = exit(&a.cli(&["entry", "export", "--owner", "team"]).unwrap(), 0);
     assert_eq!(team.matches("[[entry]]").count(), 1, "{team}");
     assert!(team.contains("name = \"web\""), "{team}");
 
@@ -481,20 +510,29 @@ async fn export_then_apply_reproduces_the_entries() {
     // server adopts the hand-made entries instead of colliding.
     let path = write(&a, "hand-made.toml", &hand_made);
     let p = path.to_str().unwrap();
-    let plan = exit(&a.cli(&["entry", "plan", "--file", p, "--owner", "ops"]), 2);
+    let plan = exit(
+        &a.cli(&["entry", "plan", "--file", p, "--owner", "ops"])
+            .unwrap(),
+        2,
+    );
     assert_eq!(plan.matches(" made by hand)").count(), 2, "{plan}");
     let before = comparable(entries(&a));
     exit(
-        &a.cli(&["entry", "apply", "--file", p, "--owner", "ops"]),
+        &a.cli(&["entry", "apply", "--file", p, "--owner", "ops"])
+            .unwrap(),
         0,
     );
     assert_eq!(comparable(entries(&a)), before, "adoption changes no field");
-    exit(&a.cli(&["entry", "plan", "--file", p, "--owner", "ops"]), 0);
+    exit(
+        &a.cli(&["entry", "plan", "--file", p, "--owner", "ops"])
+            .unwrap(),
+        0,
+    );
 }
 
 #[tokio::test]
 async fn apply_of_ten_thousand_entries() {
-    let s = TestServer::start("").await;
+    let s = crate::start("");
     let mut body = String::new();
     for i in 0..10_000 {
         body.push_str(&entry(&format!("e{i}"), &format!("w/{i}"), i, ""));
@@ -502,16 +540,19 @@ async fn apply_of_ten_thousand_entries() {
     let file = write(&s, "big.toml", &body);
     let f = file.to_str().unwrap();
     let started = Instant::now();
-    let out = exit(&s.cli(&["entry", "apply", "--file", f]), 0);
+    let out = exit(&s.cli(&["entry", "apply", "--file", f]).unwrap(), 0);
     eprintln!("apply of 10,000 entries took {:?}", started.elapsed());
     assert!(
         out.contains("Applied: 10000 to create"),
         "{}",
         &out[out.len() - 200..]
     );
-    assert_eq!(exit(&s.cli(&["entry", "count"]), 0).trim(), "10000");
+    assert_eq!(
+        exit(&s.cli(&["entry", "count"]).unwrap(), 0).trim(),
+        "10000"
+    );
     let started = Instant::now();
-    exit(&s.cli(&["entry", "plan", "--file", f]), 0);
+    exit(&s.cli(&["entry", "plan", "--file", f]).unwrap(), 0);
     eprintln!(
         "plan of 10,000 unchanged entries took {:?}",
         started.elapsed()

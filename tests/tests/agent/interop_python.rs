@@ -3,13 +3,11 @@
 //! fetch X.509 SVID and bundles, fetch and validate a JWT-SVID, fetch JWT
 //! bundles, and see an update arrive on an open stream.
 //!
-//! Needs the pinned client from `agent/tests/interop/requirements.txt` in
+//! Needs the pinned client from `tests/tests/agent/interop/requirements.txt` in
 //! `<workspace>/.venv` (created by `scripts/test.sh`) or at `$SIGIL_PYTHON`.
 
 // Test code: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod common;
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::MetadataExt;
@@ -18,7 +16,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::Server;
+use crate::common::AgentTestServer as _;
 use serde_json::Value;
 use sigil_agent::workload_api::{self, WorkloadApi};
 use sigil_attestors::unix::UnixAttestor;
@@ -33,17 +31,17 @@ fn python() -> PathBuf {
     assert!(
         venv.exists(),
         "the Python SPIFFE client is not installed: run ./scripts/test.sh (it creates .venv from \
-         agent/tests/interop/requirements.txt), or set SIGIL_PYTHON"
+         tests/tests/agent/interop/requirements.txt), or set SIGIL_PYTHON"
     );
     venv
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_spiffe_client_works_end_to_end() {
-    let server = Server::start().await;
+    let server = crate::common::start("");
     let agent = server.start_agent().await;
     let agent_id = server.agent_id().await;
-    let socket = server.dir.path().join("workload/api.sock");
+    let socket = server.dir().join("workload/api.sock");
     let listener = workload_api::bind(&socket).unwrap();
     tokio::spawn(workload_api::serve(
         WorkloadApi::new(agent.clone(), Arc::new(UnixAttestor::default())),
@@ -62,6 +60,7 @@ async fn python_spiffe_client_works_end_to_end() {
     let created = server
         .admin()
         .await
+        .unwrap()
         .create_entries(admin::CreateEntriesRequest {
             entries: vec![entry],
         })
@@ -69,7 +68,8 @@ async fn python_spiffe_client_works_end_to_end() {
         .unwrap();
     let mut entry = created.into_inner().results.remove(0).entry.unwrap();
 
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/interop/python_client.py");
+    let script =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/agent/interop/python_client.py");
     let mut child = Command::new(python())
         .arg(&script)
         .arg(format!("unix:{}", socket.display()))
@@ -126,6 +126,7 @@ async fn python_spiffe_client_works_end_to_end() {
     server
         .admin()
         .await
+        .unwrap()
         .update_entry(admin::UpdateEntryRequest { entry: Some(entry) })
         .await
         .unwrap();

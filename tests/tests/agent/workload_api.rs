@@ -5,23 +5,22 @@
 // Test code: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::os::unix::fs::MetadataExt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::Server;
+use crate::common::AgentTestServer as _;
 use sigil_agent::workload_api::{self, WorkloadApi};
 use sigil_attestors::unix::UnixAttestor;
 use sigil_proto::admin;
 use sigil_proto::node as node_pb;
 use sigil_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
 use sigil_proto::workload::{JwtsvidRequest, X509svidRequest};
+use sigil_tests::process::ServerProcess;
 use tonic::Code;
 
 struct Setup {
-    server: Server,
+    server: ServerProcess,
     socket: std::path::PathBuf,
     agent_id: String,
     _stop: tokio::sync::oneshot::Sender<()>,
@@ -36,10 +35,10 @@ async fn setup_with(
     attestor: Arc<UnixAttestor>,
     configure: impl FnOnce(WorkloadApi) -> WorkloadApi,
 ) -> Setup {
-    let server = Server::start().await;
+    let server = crate::common::start("");
     let agent = server.start_agent().await;
     let agent_id = server.agent_id().await;
-    let socket = server.dir.path().join("workload/api.sock");
+    let socket = server.dir().join("workload/api.sock");
     let listener = workload_api::bind(&socket).unwrap();
     let api = configure(WorkloadApi::new(agent.clone(), attestor));
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -75,6 +74,7 @@ async fn register(s: &Setup, path: &str, selector: &str) -> String {
         .server
         .admin()
         .await
+        .unwrap()
         .create_entries(admin::CreateEntriesRequest { entries: vec![e] })
         .await
         .unwrap();
@@ -165,6 +165,21 @@ async fn security_header_and_entitlement_rules() {
         .unwrap();
     assert_eq!(err.code(), Code::PermissionDenied);
     register(&s, "web", &format!("unix:uid:{}", my_uid())).await;
+    // The entry reaches the agent over Sync from the server process; wait
+    // until this process has its X.509 SVID before asking for JWTs.
+    let mut synced = false;
+    for _ in 0..200 {
+        if raw
+            .fetch_x509svid(with_header(X509svidRequest {}))
+            .await
+            .is_ok()
+        {
+            synced = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(synced, "the entry did not reach the agent");
     // Audience is required; an unentitled SPIFFE ID is refused.
     let err = raw
         .fetch_jwtsvid(with_header(JwtsvidRequest {
@@ -215,6 +230,7 @@ async fn deleting_the_entry_ends_the_stream_with_permission_denied() {
     s.server
         .admin()
         .await
+        .unwrap()
         .delete_entries(admin::DeleteEntriesRequest { ids: vec![id] })
         .await
         .unwrap();
@@ -233,7 +249,7 @@ async fn the_socket_directory_is_not_writable_by_workloads() {
     let mode = std::fs::metadata(dir).unwrap().mode() & 0o777;
     assert_eq!(mode & 0o022, 0, "directory mode {mode:o}");
     // A symlink at the socket path is refused.
-    let link = s.server.dir.path().join("link.sock");
+    let link = s.server.dir().join("link.sock");
     std::os::unix::fs::symlink(&s.socket, &link).unwrap();
     assert!(matches!(
         workload_api::bind(&link),
@@ -250,7 +266,7 @@ async fn the_socket_directory_is_not_writable_by_workloads() {
 async fn a_thousand_streams_from_one_uid_do_not_starve_another_uid() {
     const STREAMS: usize = 1000;
     // Both ends of every connection live in this process.
-    common::raise_open_file_limit(4 * STREAMS as u64);
+    crate::common::raise_open_file_limit(4 * STREAMS as u64);
     let s = setup().await;
     register(&s, "mine", &format!("unix:uid:{}", my_uid())).await;
     register(&s, "nobody", "unix:uid:65534").await;
@@ -435,6 +451,7 @@ async fn x509_source_sees_a_rotation_and_jwt_source_mints() {
         .server
         .admin()
         .await
+        .unwrap()
         .list_entries(admin::ListEntriesRequest {
             id,
             ..Default::default()
@@ -448,6 +465,7 @@ async fn x509_source_sees_a_rotation_and_jwt_source_mints() {
     s.server
         .admin()
         .await
+        .unwrap()
         .update_entry(admin::UpdateEntryRequest { entry: Some(entry) })
         .await
         .unwrap();
@@ -500,13 +518,13 @@ async fn while_the_server_is_down_cached_svids_are_served_and_sync_resumes_after
         .unwrap();
     let before = client.fetch_x509_svid().await.unwrap();
 
-    s.server.stop().await;
+    s.server.stop_async().await.unwrap();
     // The agent keeps serving what it holds.
     let during = client.fetch_x509_svid().await.unwrap();
     assert_eq!(during.spiffe_id(), before.spiffe_id());
     assert_eq!(during.leaf().as_bytes(), before.leaf().as_bytes());
 
-    s.server.restart().await;
+    s.server.restart_async().await.unwrap();
     // Back: the agent reconnects (with its stored SVID, no re-attestation)
     // and a new entry reaches the workload.
     register(&s, "after", &format!("unix:uid:{}", my_uid())).await;
@@ -527,6 +545,7 @@ async fn while_the_server_is_down_cached_svids_are_served_and_sync_resumes_after
         .server
         .admin()
         .await
+        .unwrap()
         .list_agents(admin::ListAgentsRequest {})
         .await
         .unwrap()
@@ -543,8 +562,8 @@ async fn while_the_server_is_down_cached_svids_are_served_and_sync_resumes_after
 async fn a_caller_that_exited_before_attestation_gets_no_svid() {
     let s = setup().await;
     register(&s, "race", &format!("unix:uid:{}", my_uid())).await;
-    let script =
-        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/interop/exit_race.py");
+    let script = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/agent/interop/exit_race.py");
     let run = |mode: &'static str| {
         let socket = s.socket.clone();
         let script = script.clone();
@@ -749,7 +768,7 @@ async fn a_hung_proc_read_does_not_stall_other_callers() {
         .gid(65534)
         .arg("-c")
         .arg("kill -STOP $$; exec \"$0\" --socket \"$1\" api fetch x509")
-        .arg(env!("CARGO_BIN_EXE_sigil-agent"))
+        .arg(sigil_tests::process::binary("sigil-agent").unwrap())
         .arg(&s.socket)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -809,7 +828,7 @@ async fn cli_as_nobody(socket: &std::path::Path, args: &[&str]) -> std::process:
     let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
     tokio::task::spawn_blocking(move || {
         use std::os::unix::process::CommandExt;
-        std::process::Command::new(env!("CARGO_BIN_EXE_sigil-agent"))
+        std::process::Command::new(sigil_tests::process::binary("sigil-agent").unwrap())
             .arg("--socket")
             .arg(&socket)
             .args(&args)

@@ -5,11 +5,9 @@
 // Test code: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::time::Duration;
 
-use common::{Server, agent_config, wait_for};
+use crate::common::{AgentTestServer as _, agent_config, wait_for};
 use sigil_agent::config::AgentConfig;
 use sigil_agent::manager::Agent;
 use sigil_proto::admin;
@@ -17,12 +15,10 @@ use sigil_proto::node as node_pb;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_attests_receives_svids_and_restarts_without_reattesting() {
-    let server = Server::start().await;
-    server
-        .bundle_pem(&server.dir.path().join("bundle.pem"))
-        .await;
-    let data = server.dir.path().join("agent");
-    let token = server.token().await;
+    let server = crate::common::start("");
+    server.bundle_pem(&server.dir().join("bundle.pem")).await;
+    let data = server.dir().join("agent");
+    let token = server.token().await.unwrap();
     let agent = Agent::start(agent_config(&server, &data, &token))
         .await
         .unwrap();
@@ -35,6 +31,7 @@ async fn agent_attests_receives_svids_and_restarts_without_reattesting() {
     let agents = server
         .admin()
         .await
+        .unwrap()
         .list_agents(admin::ListAgentsRequest {})
         .await
         .unwrap()
@@ -58,6 +55,7 @@ async fn agent_attests_receives_svids_and_restarts_without_reattesting() {
     let created = server
         .admin()
         .await
+        .unwrap()
         .create_entries(admin::CreateEntriesRequest {
             entries: vec![entry],
         })
@@ -81,6 +79,7 @@ async fn agent_attests_receives_svids_and_restarts_without_reattesting() {
     server
         .admin()
         .await
+        .unwrap()
         .delete_entries(admin::DeleteEntriesRequest {
             ids: vec![entry_id],
         })
@@ -111,6 +110,7 @@ async fn agent_attests_receives_svids_and_restarts_without_reattesting() {
     let agents = server
         .admin()
         .await
+        .unwrap()
         .list_agents(admin::ListAgentsRequest {})
         .await
         .unwrap()
@@ -123,7 +123,7 @@ async fn agent_attests_receives_svids_and_restarts_without_reattesting() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_banned_agent_drops_every_identity_and_its_stored_svid() {
-    let server = Server::start().await;
+    let server = crate::common::start("");
     let agent = server.start_agent().await;
     let cache = agent.cache();
     let run = tokio::spawn(agent.run(std::future::pending()));
@@ -132,6 +132,7 @@ async fn a_banned_agent_drops_every_identity_and_its_stored_svid() {
     server
         .admin()
         .await
+        .unwrap()
         .create_entries(admin::CreateEntriesRequest {
             entries: vec![node_pb::Entry {
                 spiffe_id: "spiffe://example.org/w".into(),
@@ -143,12 +144,13 @@ async fn a_banned_agent_drops_every_identity_and_its_stored_svid() {
         .await
         .unwrap();
     assert!(wait_for(|| !cache.svids().is_empty()).await, "SVID issued");
-    let stored = server.dir.path().join("agent").join("agent.pem");
+    let stored = server.dir().join("agent").join("agent.pem");
     assert!(stored.exists());
 
     server
         .admin()
         .await
+        .unwrap()
         .ban_agent(admin::AgentRequest { id })
         .await
         .unwrap();
@@ -172,11 +174,11 @@ async fn a_banned_agent_drops_every_identity_and_its_stored_svid() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_renews_its_svid_at_half_life_and_keeps_working() {
-    let server = Server::start_with("[agents]\nsvid_ttl = \"4s\"\n").await;
+    let server = crate::common::start("[agents]\nsvid_ttl = \"4s\"\n");
     let agent = server.start_agent().await;
     let cache = agent.cache();
     let run = tokio::spawn(agent.run(std::future::pending()));
-    let mut admin_client = server.admin().await;
+    let mut admin_client = server.admin().await.unwrap();
     let first = admin_client
         .list_agents(admin::ListAgentsRequest {})
         .await
@@ -251,12 +253,11 @@ async fn x509pop_agent_reattests_after_its_svid_expired() {
     std::fs::write(pki_dir.path().join("node.pem"), node_cert.pem()).unwrap();
     std::fs::write(pki_dir.path().join("node.key"), node_key.serialize_pem()).unwrap();
 
-    let server = Server::start_with(&format!(
+    let server = crate::common::start(&format!(
         "[agents]\nsvid_ttl = \"2s\"\n[node_attestors.x509pop]\nca_bundle = \"{}\"\n",
         pki_dir.path().join("ca.pem").display()
-    ))
-    .await;
-    let data = server.dir.path().join("agent");
+    ));
+    let data = server.dir().join("agent");
     let config = AgentConfig::parse(&format!(
         "trust_domain = \"example.org\"\nserver_address = \"{}\"\ndata_dir = \"{}\"\ninsecure_bootstrap = true\n\
          [node_attestor.x509pop]\ncertificate = \"{}\"\nkey = \"{}\"\n",
@@ -270,6 +271,7 @@ async fn x509pop_agent_reattests_after_its_svid_expired() {
     let first = server
         .admin()
         .await
+        .unwrap()
         .list_agents(admin::ListAgentsRequest {})
         .await
         .unwrap()
@@ -287,6 +289,7 @@ async fn x509pop_agent_reattests_after_its_svid_expired() {
     let again = server
         .admin()
         .await
+        .unwrap()
         .list_agents(admin::ListAgentsRequest {})
         .await
         .unwrap()
@@ -309,14 +312,12 @@ async fn x509pop_agent_reattests_after_its_svid_expired() {
 /// served while it is still valid.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jwt_svids_are_cached_and_outlive_a_server_outage() {
-    let mut server = Server::start_with("[ca]\njwt_svid_ttl = \"4s\"\n").await;
-    server
-        .bundle_pem(&server.dir.path().join("bundle.pem"))
-        .await;
+    let mut server = crate::common::start("[ca]\njwt_svid_ttl = \"4s\"\n");
+    server.bundle_pem(&server.dir().join("bundle.pem")).await;
     let agent = Agent::start(agent_config(
         &server,
-        &server.dir.path().join("agent"),
-        &server.token().await,
+        &server.dir().join("agent"),
+        &server.token().await.unwrap(),
     ))
     .await
     .unwrap();
@@ -326,6 +327,7 @@ async fn jwt_svids_are_cached_and_outlive_a_server_outage() {
     let agent_id = server
         .admin()
         .await
+        .unwrap()
         .list_agents(admin::ListAgentsRequest {})
         .await
         .unwrap()
@@ -342,6 +344,7 @@ async fn jwt_svids_are_cached_and_outlive_a_server_outage() {
     server
         .admin()
         .await
+        .unwrap()
         .create_entries(admin::CreateEntriesRequest { entries: vec![e] })
         .await
         .unwrap();
@@ -358,7 +361,7 @@ async fn jwt_svids_are_cached_and_outlive_a_server_outage() {
     assert_ne!(other, t1, "cached per audience");
 
     tokio::time::sleep(Duration::from_millis(2300)).await; // past half-life
-    server.stop().await;
+    server.stop_async().await.unwrap();
     let started = std::time::Instant::now();
     let t2 = handle.jwt_svid(&entry, &aud).await.unwrap();
     println!(

@@ -6,13 +6,11 @@
 // Test code: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::path::Path;
 
+use crate::common::AgentTestServer as _;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
-use common::Server;
 use ring::rand::SystemRandom;
 use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair};
 use serde_json::json;
@@ -21,6 +19,7 @@ use sigil_agent::manager::Agent;
 use sigil_identity::keys::{Curve, PublicKey};
 use sigil_proto::admin;
 use sigil_test_fakes as testserver;
+use sigil_tests::process::ServerProcess;
 
 const NODE_UID: &str = "6f1d2b8e-4c3a-4d2e-9b7a-0c5e8f9a1b2c";
 const POD_UID: &str = "3a4b5c6d-7e8f-4a0b-9c1d-2e3f4a5b6c7d";
@@ -59,12 +58,12 @@ fn pod_json(uid: &str) -> Vec<u8> {
     .unwrap()
 }
 
-fn agent_config(server: &Server, data: &Path, token: &Path) -> AgentConfig {
+fn agent_config(server: &ServerProcess, data: &Path, token: &Path) -> AgentConfig {
     AgentConfig::parse(&format!(
         "trust_domain = \"example.org\"\nserver_address = \"{}\"\ndata_dir = \"{}\"\ntrust_bundle = \"{}\"\n[node_attestor.k8s_psat]\ncluster = \"prod\"\ntoken_path = \"{}\"\n",
         server.addr,
         data.display(),
-        server.dir.path().join("bundle.pem").display(),
+        server.dir().join("bundle.pem").display(),
         token.display()
     ))
     .unwrap()
@@ -95,17 +94,14 @@ async fn an_agent_attests_with_its_projected_token_until_its_pod_is_gone() {
     let api_token = dir.path().join("api-token");
     std::fs::write(&api_token, "server-token").unwrap();
 
-    let server = Server::start_with(&format!(
+    let server = crate::common::start(&format!(
         "[node_attestors.k8s_psat.clusters.prod]\nissuer = \"{ISSUER}\"\njwks_file = \"{}\"\nallowed_service_accounts = [\"sigil:sigil-agent\"]\napi_server = \"{}\"\napi_ca_file = \"{}\"\napi_token_file = \"{}\"\n",
         jwks.display(),
         api.base_url,
         api_ca.display(),
         api_token.display()
-    ))
-    .await;
-    server
-        .bundle_pem(&server.dir.path().join("bundle.pem"))
-        .await;
+    ));
+    server.bundle_pem(&server.dir().join("bundle.pem")).await;
     let token = dir.path().join("token");
     std::fs::write(&token, projected_token(&key)).unwrap();
 
@@ -115,6 +111,7 @@ async fn an_agent_attests_with_its_projected_token_until_its_pod_is_gone() {
     let agents = server
         .admin()
         .await
+        .unwrap()
         .list_agents(admin::ListAgentsRequest {})
         .await
         .unwrap()

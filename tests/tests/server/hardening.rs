@@ -5,14 +5,12 @@
 // Test code: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::server::{TestAgent, TestServer, csr};
+use crate::{TestServerExt as _, csr};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Bytes, Frame};
@@ -23,6 +21,8 @@ use rcgen::{
     KeyUsagePurpose, SanType, SerialNumber,
 };
 use sigil_proto::node as pb;
+use sigil_tests::process::ServerProcess;
+use sigil_tests::sim_agent::SimAgent;
 use tokio_stream::{Stream, StreamExt};
 use tonic::Code;
 
@@ -39,7 +39,7 @@ fn rss_kib(pid: u32) -> u64 {
 }
 
 /// A raw HTTP/2 connection to the node API over TLS.
-async fn raw_h2(server: &TestServer, tls: Arc<rustls::ClientConfig>) -> SendRequest<RawBody> {
+async fn raw_h2(server: &ServerProcess, tls: Arc<rustls::ClientConfig>) -> SendRequest<RawBody> {
     let tcp = tokio::net::TcpStream::connect(&server.addr).await.unwrap();
     let name = rustls::pki_types::ServerName::try_from("sigil-server").unwrap();
     let stream = tokio_rustls::TlsConnector::from(tls)
@@ -91,9 +91,9 @@ async fn grpc_status(resp: hyper::Response<hyper::body::Incoming>) -> Option<i32
 
 #[tokio::test]
 async fn unauthenticated_large_declared_messages_are_refused_unread() {
-    let server = TestServer::start("").await;
+    let server = crate::start("");
     let tls = server.tls(None).await;
-    let pid = server.pid();
+    let pid = server.pid().unwrap();
     let before = rss_kib(pid);
     // The attack from the issue: no client certificate, 8 connections x 25
     // streams, each declaring a 32 MiB message and sending 1 MiB of it.
@@ -137,7 +137,7 @@ async fn unauthenticated_large_declared_messages_are_refused_unread() {
 #[tokio::test]
 async fn a_connection_holds_at_most_64_streams() {
     // Attestations from one address are rate limited before streams are.
-    let server = TestServer::start("[rate_limits]\nattest_burst = 1000.0\n").await;
+    let server = crate::start("[rate_limits]\nattest_burst = 1000.0\n");
     let tls = server.tls(None).await;
     let mut send = raw_h2(&server, tls).await;
     let mut held = Vec::new();
@@ -173,7 +173,7 @@ async fn a_connection_holds_at_most_64_streams() {
 
 #[tokio::test]
 async fn attest_declaring_a_large_message_is_cut_off() {
-    let server = TestServer::start("").await;
+    let server = crate::start("");
     let mut send = raw_h2(&server, server.tls(None).await).await;
     // 2 MiB: under the service-wide gRPC limit (a full batch), far over
     // what an attestation needs.
@@ -193,8 +193,8 @@ async fn attest_declaring_a_large_message_is_cut_off() {
 
 #[tokio::test]
 async fn attest_without_parameters_times_out() {
-    let server = TestServer::start("").await;
-    let mut client = server.anonymous().await;
+    let server = crate::start("");
+    let mut client = server.anonymous().await.unwrap();
     let started = Instant::now();
     let outcome = tokio::time::timeout(Duration::from_secs(30), async {
         let mut inbound = client
@@ -213,7 +213,7 @@ async fn attest_without_parameters_times_out() {
 #[tokio::test]
 async fn unauthenticated_connections_per_address_are_capped() {
     // The default cap is 64 connections per address without an agent SVID.
-    let server = TestServer::start("").await;
+    let server = crate::start("");
     let tls = server.tls(None).await;
     let mut held = Vec::new();
     for _ in 0..64 {
@@ -251,9 +251,9 @@ async fn unauthenticated_connections_per_address_are_capped() {
 /// connections without limit.
 #[tokio::test]
 async fn a_banned_agents_certificate_counts_as_unauthenticated() {
-    let server = TestServer::start("").await;
-    let token = server.token().await;
-    let agent = TestAgent::join(&server, &token).await.unwrap();
+    let server = crate::start("");
+    let token = server.token().await.unwrap();
+    let agent = SimAgent::join(&server, &token).await.unwrap();
     let tls = server.tls(Some(&agent)).await;
     let handshake = || async {
         let tcp = tokio::net::TcpStream::connect(&server.addr).await?;
@@ -278,7 +278,9 @@ async fn a_banned_agents_certificate_counts_as_unauthenticated() {
     }
     drop(held);
 
-    let out = server.cli(&["agent", "ban", "--id", agent.id.as_str()]);
+    let out = server
+        .cli(&["agent", "ban", "--id", agent.id.as_str()])
+        .unwrap();
     assert!(out.status.success(), "{out:?}");
     let mut held = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -298,10 +300,10 @@ async fn a_banned_agents_certificate_counts_as_unauthenticated() {
 
 #[tokio::test]
 async fn agents_keep_full_batches_but_small_calls_are_capped() {
-    let server = TestServer::start("").await;
-    let token = server.token().await;
-    let agent = TestAgent::join(&server, &token).await.unwrap();
-    let mut client = agent.client(&server).await;
+    let server = crate::start("");
+    let token = server.token().await.unwrap();
+    let agent = SimAgent::join(&server, &token).await.unwrap();
+    let mut client = agent.client(&server).await.unwrap();
     let key = KeyPair::generate().unwrap();
     let one = csr(&key);
     // A full batch (1000 CSRs, far over the small-call limit) is read.
@@ -351,14 +353,13 @@ async fn an_agent_is_pinned_to_its_certificate_not_its_serial() {
     let (cert, key) = (dir.path().join("up.crt"), dir.path().join("up.key"));
     std::fs::write(&cert, root.pem()).unwrap();
     std::fs::write(&key, root_key.serialize_pem()).unwrap();
-    let server = TestServer::start(&format!(
+    let server = crate::start(&format!(
         "[ca]\nupstream_cert = \"{}\"\nupstream_key = \"{}\"\n",
         cert.display(),
         key.display()
-    ))
-    .await;
-    let token = server.token().await;
-    let agent = TestAgent::join(&server, &token).await.unwrap();
+    ));
+    let token = server.token().await.unwrap();
+    let agent = SimAgent::join(&server, &token).await.unwrap();
 
     // A certificate for the agent's ID with the agent's serial, minted by
     // another CA under the same root.
@@ -380,15 +381,17 @@ async fn an_agent_is_pinned_to_its_certificate_not_its_serial() {
         .unwrap();
     let leaf = sigil_identity::x509::parse(forged.der()).unwrap();
     assert_eq!(sigil_identity::x509::serial_hex(&leaf), agent.serial);
-    let impostor = TestAgent {
-        id: agent.id.clone(),
-        key: forged_key,
-        chain: vec![forged.der().to_vec()],
-        serial: agent.serial.clone(),
-    };
+    let impostor = SimAgent::from_chain(
+        forged_key.serialize_der(),
+        vec![forged.der().to_vec()],
+        agent.bundle.clone(),
+    )
+    .unwrap();
+    assert_eq!((&impostor.id, &impostor.serial), (&agent.id, &agent.serial));
     let outcome = impostor
         .client(&server)
         .await
+        .unwrap()
         .fetch_bundle(pb::FetchBundleRequest {})
         .await;
     let Err(err) = outcome else {
@@ -397,7 +400,7 @@ async fn an_agent_is_pinned_to_its_certificate_not_its_serial() {
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
 
     // The real agent, and its renewal, still work.
-    let mut client = agent.client(&server).await;
+    let mut client = agent.client(&server).await.unwrap();
     client
         .fetch_bundle(pb::FetchBundleRequest {})
         .await
@@ -406,6 +409,7 @@ async fn an_agent_is_pinned_to_its_certificate_not_its_serial() {
     renewed
         .client(&server)
         .await
+        .unwrap()
         .fetch_bundle(pb::FetchBundleRequest {})
         .await
         .unwrap();
@@ -420,10 +424,10 @@ fn hex(s: &str) -> Vec<u8> {
 
 #[tokio::test]
 async fn an_agent_holds_at_most_two_sync_streams() {
-    let server = TestServer::start("").await;
-    let token = server.token().await;
-    let agent = TestAgent::join(&server, &token).await.unwrap();
-    let mut client = agent.client(&server).await;
+    let server = crate::start("");
+    let token = server.token().await.unwrap();
+    let agent = SimAgent::join(&server, &token).await.unwrap();
+    let mut client = agent.client(&server).await.unwrap();
     let mut streams = Vec::new();
     for _ in 0..3 {
         let mut s = client
