@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
+use sigil_identity::clock::{Clock, SystemClock};
 use sigil_identity::{Bundle, EntryId, RegistrationEntry, SelectorSet, rotation};
 use sigil_proto::node as pb;
 use tokio::sync::watch;
@@ -70,14 +71,14 @@ struct State {
 pub struct Cache {
     state: Mutex<State>,
     generation: watch::Sender<u64>,
+    /// When an SVID arrived, for its renewal time.
+    clock: Arc<dyn Clock>,
 }
 
 impl Default for Cache {
+    /// A cache on the system clock.
     fn default() -> Self {
-        Self {
-            state: Mutex::new(State::default()),
-            generation: watch::channel(0).0,
-        }
+        Self::new(Arc::new(SystemClock))
     }
 }
 
@@ -94,6 +95,15 @@ impl std::fmt::Debug for State {
 pub type Issued = (Arc<RegistrationEntry>, Zeroizing<Vec<u8>>, Vec<Vec<u8>>);
 
 impl Cache {
+    /// An empty cache that reads `clock` when SVIDs arrive.
+    pub fn new(clock: Arc<dyn Clock>) -> Self {
+        Self {
+            state: Mutex::new(State::default()),
+            generation: watch::channel(0).0,
+            clock,
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -332,7 +342,7 @@ impl Cache {
                     // half-life is counted from when the SVID arrived, or a
                     // 10 s SVID backdated 10 s would be due on arrival.
                     let renew_at = rotation::renewal_time(
-                        not_before.max(SystemTime::now()),
+                        not_before.max(self.clock.now()),
                         not_after,
                         sigil_identity::random::jitter_unit(),
                     );

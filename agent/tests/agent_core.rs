@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use common::{Server, agent_config, wait_for};
 use sigil_agent::config::AgentConfig;
-use sigil_agent::manager::Agent;
+use sigil_agent::session::Session;
 use sigil_proto::admin;
 use sigil_proto::node as node_pb;
 
@@ -23,7 +23,7 @@ async fn agent_attests_receives_svids_and_restarts_without_reattesting() {
         .await;
     let data = server.dir.path().join("agent");
     let token = server.token().await;
-    let agent = Agent::start(agent_config(&server, &data, &token))
+    let agent = Session::start(agent_config(&server, &data, &token))
         .await
         .unwrap();
     let cache = agent.cache();
@@ -96,7 +96,7 @@ async fn agent_attests_receives_svids_and_restarts_without_reattesting() {
 
     // The token is spent: starting again works only because the agent
     // uses its stored SVID instead of attesting.
-    let again = Agent::start(agent_config(&server, &data, &token))
+    let again = Session::start(agent_config(&server, &data, &token))
         .await
         .unwrap();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -266,7 +266,7 @@ async fn x509pop_agent_reattests_after_its_svid_expired() {
         pki_dir.path().join("node.key").display()
     ))
     .unwrap();
-    Agent::start(config.clone()).await.unwrap();
+    Session::start(config.clone()).await.unwrap();
     let first = server
         .admin()
         .await
@@ -283,7 +283,9 @@ async fn x509pop_agent_reattests_after_its_svid_expired() {
     );
 
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    let agent = Agent::start(config).await.expect("re-attests with x509pop");
+    let agent = Session::start(config)
+        .await
+        .expect("re-attests with x509pop");
     let again = server
         .admin()
         .await
@@ -313,7 +315,7 @@ async fn jwt_svids_are_cached_and_outlive_a_server_outage() {
     server
         .bundle_pem(&server.dir.path().join("bundle.pem"))
         .await;
-    let agent = Agent::start(agent_config(
+    let agent = Session::start(agent_config(
         &server,
         &server.dir.path().join("agent"),
         &server.token().await,

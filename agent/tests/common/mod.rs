@@ -104,10 +104,10 @@ impl Server {
 
     /// Writes the bundle file and starts an agent (data in `<dir>/agent`)
     /// with a fresh join token.
-    pub async fn start_agent(&self) -> sigil_agent::manager::Agent {
+    pub async fn start_agent(&self) -> sigil_agent::session::Session {
         self.bundle_pem(&self.dir.path().join("bundle.pem")).await;
         let config = agent_config(self, &self.dir.path().join("agent"), &self.token().await);
-        sigil_agent::manager::Agent::start(config).await.unwrap()
+        sigil_agent::session::Session::start(config).await.unwrap()
     }
 
     /// The ID of the only attested agent.
