@@ -12,6 +12,7 @@ use sigil_identity::tls::{SharedBundle, SvidResolver};
 use std::collections::HashMap;
 
 use sigil_identity::{Bundle, EntryId, RegistrationEntry, rotation};
+use sigil_proto::convert::{SyncEvent, SyncUpdate};
 use sigil_proto::node as pb;
 use tokio::sync::watch;
 use tracing::{error, info, warn};
@@ -450,26 +451,23 @@ impl Session {
                     let Some(msg) = stream.message().await? else {
                         return Ok::<_, NodeError>(());
                     };
-                    let bundle_changed = matches!(
-                        msg.event,
-                        Some(
-                            pb::sync_response::Event::Bundle(_)
-                                | pb::sync_response::Event::Snapshot(_)
-                        )
-                    );
-                    match self.cache.apply(msg) {
-                        Ok(Applied::Ok) => {}
-                        Ok(Applied::Revoked(why)) => {
-                            let _ = revoked.send(Some(why));
-                            return Ok(());
-                        }
+                    let update = match SyncUpdate::try_from(msg) {
+                        Ok(update) => update,
                         Err(e) => {
                             // Something was not applied: start over from a
                             // full snapshot rather than build on a gap.
                             warn!(error = %e, "invalid sync message; resynchronising");
                             self.cache.reset_revision();
-                            return Err(NodeError::BadReply(e));
+                            return Err(NodeError::BadReply(e.to_string()));
                         }
+                    };
+                    let bundle_changed = matches!(
+                        update.event,
+                        SyncEvent::Bundle(_) | SyncEvent::Snapshot { .. }
+                    );
+                    if let Applied::Revoked(why) = self.cache.apply(update) {
+                        let _ = revoked.send(Some(why));
+                        return Ok(());
                     }
                     if bundle_changed {
                         self.adopt_bundle();

@@ -7,11 +7,13 @@
 
 mod common;
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use common::{Server, agent_config, wait_for};
 use sigil_agent::config::AgentConfig;
 use sigil_agent::session::Session;
+use sigil_identity::clock::FakeClock;
 use sigil_proto::admin;
 use sigil_proto::node as node_pb;
 
@@ -266,6 +268,10 @@ async fn x509pop_agent_reattests_after_its_svid_expired() {
         pki_dir.path().join("node.key").display()
     ))
     .unwrap();
+    // The agent's clock, moved past its SVID's expiry instead of sleeping.
+    let clock = Arc::new(FakeClock::new(SystemTime::now()));
+    let mut config = config;
+    config.clock = clock.clone();
     Session::start(config.clone()).await.unwrap();
     let first = server
         .admin()
@@ -282,7 +288,7 @@ async fn x509pop_agent_reattests_after_its_svid_expired() {
             .starts_with("spiffe://example.org/sigil/agent/x509pop/")
     );
 
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    clock.advance(Duration::from_millis(2500));
     let agent = Session::start(config)
         .await
         .expect("re-attests with x509pop");
@@ -315,13 +321,15 @@ async fn jwt_svids_are_cached_and_outlive_a_server_outage() {
     server
         .bundle_pem(&server.dir.path().join("bundle.pem"))
         .await;
-    let agent = Session::start(agent_config(
+    // The agent's clock: moved past half-life and expiry instead of sleeping.
+    let clock = Arc::new(FakeClock::new(SystemTime::now()));
+    let mut config = agent_config(
         &server,
         &server.dir.path().join("agent"),
         &server.token().await,
-    ))
-    .await
-    .unwrap();
+    );
+    config.clock = clock.clone();
+    let agent = Session::start(config).await.unwrap();
     let cache = agent.cache();
     let handle = agent.clone();
     let run = tokio::spawn(agent.run(std::future::pending()));
@@ -359,7 +367,7 @@ async fn jwt_svids_are_cached_and_outlive_a_server_outage() {
         .unwrap();
     assert_ne!(other, t1, "cached per audience");
 
-    tokio::time::sleep(Duration::from_millis(2300)).await; // past half-life
+    clock.advance(Duration::from_millis(2300)); // past half-life
     server.stop().await;
     let started = std::time::Instant::now();
     let t2 = handle.jwt_svid(&entry, &aud).await.unwrap();
@@ -372,7 +380,7 @@ async fn jwt_svids_are_cached_and_outlive_a_server_outage() {
         "the still-valid cached token is served while the server is down"
     );
 
-    tokio::time::sleep(Duration::from_millis(2000)).await; // past expiry
+    clock.advance(Duration::from_millis(2000)); // past expiry
     assert!(
         handle.jwt_svid(&entry, &aud).await.is_err(),
         "an expired token is never served"
