@@ -446,9 +446,7 @@ mod shape_tests {
             "{BASE}insecure_bootstrap = true\n[node_attestor.x509pop]\ncertificate = \"c\"\nkey = \"k\"\n"
         );
         let cfg = AgentConfig::parse(&x509).unwrap();
-        assert!(
-            matches!(&cfg.node_attestor, NodeAttestor::X509Pop(x) if x.key == PathBuf::from("k"))
-        );
+        assert!(matches!(&cfg.node_attestor, NodeAttestor::X509Pop(x) if x.key == Path::new("k")));
         for none in [
             format!("{BASE}insecure_bootstrap = true\n"),
             format!("{BASE}insecure_bootstrap = true\n[node_attestor]\n"),

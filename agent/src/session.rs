@@ -604,13 +604,9 @@ impl Session {
             // after each: the agent's clock may be moved (a test's fake
             // clock, or the system's stepped) while it waits.
             tokio::time::sleep(Duration::from_millis(100)).await;
-            loop {
-                let Ok(wait) = at.duration_since(self.now()) else {
-                    break;
-                };
-                if wait.is_zero() {
-                    break;
-                }
+            while let Ok(wait) = at.duration_since(self.now())
+                && !wait.is_zero()
+            {
                 tokio::time::sleep(wait.min(CLOCK_CHECK)).await;
             }
             let mut backoff = Duration::from_secs(1);
