@@ -1,15 +1,17 @@
 //! The agent's view of its entries and the SVIDs it holds for them.
 //!
 //! Fed by the Sync stream (full snapshots, changes since a revision, single
-//! upserts and removals, bundle updates) and by issuance. Readers subscribe
+//! upserts and removals, bundle updates), as domain events converted at the
+//! edge ([`SyncUpdate`]), and by issuance. Readers subscribe
 //! to a generation counter that moves on every change.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
+use sigil_identity::clock::{Clock, SystemClock};
 use sigil_identity::{Bundle, EntryId, RegistrationEntry, SelectorSet, rotation};
-use sigil_proto::node as pb;
+use sigil_proto::convert::{SyncEvent, SyncUpdate};
 use tokio::sync::watch;
 use zeroize::Zeroizing;
 
@@ -70,14 +72,14 @@ struct State {
 pub struct Cache {
     state: Mutex<State>,
     generation: watch::Sender<u64>,
+    /// When an SVID arrived, for its renewal time.
+    clock: Arc<dyn Clock>,
 }
 
 impl Default for Cache {
+    /// A cache on the system clock.
     fn default() -> Self {
-        Self {
-            state: Mutex::new(State::default()),
-            generation: watch::channel(0).0,
-        }
+        Self::new(Arc::new(SystemClock))
     }
 }
 
@@ -94,6 +96,15 @@ impl std::fmt::Debug for State {
 pub type Issued = (Arc<RegistrationEntry>, Zeroizing<Vec<u8>>, Vec<Vec<u8>>);
 
 impl Cache {
+    /// An empty cache that reads `clock` when SVIDs arrive.
+    pub fn new(clock: Arc<dyn Clock>) -> Self {
+        Self {
+            state: Mutex::new(State::default()),
+            generation: watch::channel(0).0,
+            clock,
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -155,52 +166,12 @@ impl Cache {
         (entries, svids)
     }
 
-    /// Applies one Sync message. Invalid entries from the wire are skipped
-    /// (and reported), never half-applied.
-    pub fn apply(&self, msg: pb::SyncResponse) -> Result<Applied, String> {
-        use pb::sync_response::Event;
-        // Parse everything first: a message is applied whole or not at all.
-        enum Change {
-            Snapshot {
-                full: bool,
-                entries: Vec<RegistrationEntry>,
-                removed: Vec<EntryId>,
-                bundle: Option<Bundle>,
-            },
-            Upsert(RegistrationEntry),
-            Remove(Option<EntryId>),
-            Bundle(Bundle),
-            Revoked(String),
-            Nothing,
-        }
-        let bundle = |b: &pb::Bundle| Bundle::try_from(b).map_err(|e| e.to_string());
-        let change = match msg.event {
-            Some(Event::Snapshot(s)) => Change::Snapshot {
-                full: s.full,
-                entries: s
-                    .entries
-                    .into_iter()
-                    .map(RegistrationEntry::try_from)
-                    .collect::<Result<_, _>>()
-                    .map_err(|e| e.to_string())?,
-                removed: s
-                    .removed
-                    .iter()
-                    .filter_map(|id| EntryId::new(id).ok())
-                    .collect(),
-                bundle: s.bundle.as_ref().map(bundle).transpose()?,
-            },
-            Some(Event::EntryUpsert(e)) => {
-                Change::Upsert(RegistrationEntry::try_from(e).map_err(|e| e.to_string())?)
-            }
-            Some(Event::EntryRemoved(id)) => Change::Remove(EntryId::new(&id).ok()),
-            Some(Event::Bundle(b)) => Change::Bundle(bundle(&b)?),
-            Some(Event::Revoked(why)) => Change::Revoked(why),
-            None => Change::Nothing,
-        };
+    /// Applies one Sync message, converted from the wire (and validated)
+    /// by [`SyncUpdate`]'s `TryFrom`.
+    pub fn apply(&self, update: SyncUpdate) -> Applied {
         let mut st = self.lock();
-        let outcome = match change {
-            Change::Snapshot {
+        let outcome = match update.event {
+            SyncEvent::Snapshot {
                 full,
                 entries,
                 removed,
@@ -220,30 +191,28 @@ impl Cache {
                 }
                 Applied::Ok
             }
-            Change::Upsert(e) => {
+            SyncEvent::EntryUpsert(e) => {
                 st.entries.insert(e.id.clone(), Arc::new(e));
                 Applied::Ok
             }
-            Change::Remove(id) => {
-                if let Some(id) = id {
-                    st.entries.remove(&id);
-                }
+            SyncEvent::EntryRemoved(id) => {
+                st.entries.remove(&id);
                 Applied::Ok
             }
-            Change::Bundle(b) => {
+            SyncEvent::Bundle(b) => {
                 st.bundle = Some(Arc::new(b));
                 Applied::Ok
             }
-            Change::Revoked(why) => {
+            SyncEvent::Revoked(why) => {
                 // Nothing more is served from the moment the message lands.
                 st.entries.clear();
                 st.svids.clear();
                 st.revoked = Some(why.clone());
                 Applied::Revoked(why)
             }
-            Change::Nothing => Applied::Ok,
+            SyncEvent::Nothing => Applied::Ok,
         };
-        st.revision = st.revision.max(msg.revision);
+        st.revision = st.revision.max(update.revision);
         // An SVID leaves with its entry, and is never served for an entry
         // whose identity-bearing fields changed (SPIFFE ID, selectors, DNS
         // names): a new one is issued for those.
@@ -251,7 +220,7 @@ impl Cache {
         svids.retain(|id, s| entries.get(id).is_some_and(|e| same_identity(e, &s.entry)));
         drop(st);
         self.bump();
-        Ok(outcome)
+        outcome
     }
 
     /// Drops every entry and SVID because the server revoked this agent
@@ -332,7 +301,7 @@ impl Cache {
                     // half-life is counted from when the SVID arrived, or a
                     // 10 s SVID backdated 10 s would be due on arrival.
                     let renew_at = rotation::renewal_time(
-                        not_before.max(SystemTime::now()),
+                        not_before.max(self.clock.now()),
                         not_after,
                         sigil_identity::random::jitter_unit(),
                     );
@@ -390,9 +359,9 @@ mod tests {
         e
     }
 
-    fn upsert(e: &RegistrationEntry) -> pb::SyncResponse {
-        pb::SyncResponse {
-            event: Some(pb::sync_response::Event::EntryUpsert(e.into())),
+    fn upsert(e: &RegistrationEntry) -> SyncUpdate {
+        SyncUpdate {
+            event: SyncEvent::EntryUpsert(e.clone()),
             revision: e.revision,
         }
     }
@@ -417,7 +386,7 @@ mod tests {
     fn half_life_counts_from_arrival_not_from_a_backdated_not_before() {
         let cache = Cache::default();
         let e = entry("short", 1);
-        cache.apply(upsert(&e)).unwrap();
+        cache.apply(upsert(&e));
         let now = time::OffsetDateTime::now_utc();
         let key = rcgen::KeyPair::generate().unwrap();
         let mut params = rcgen::CertificateParams::default();
@@ -443,6 +412,43 @@ mod tests {
         assert!(cache.due(SystemTime::now()).is_empty());
     }
 
+    #[test]
+    fn renewal_is_timed_on_the_injected_clock() {
+        use sigil_identity::clock::FakeClock;
+        use std::time::Duration;
+        // The agent's clock is an hour behind the system's: the half-life
+        // of an SVID valid for two more hours on its clock is an hour away.
+        let agent_now = SystemTime::now() - Duration::from_secs(3600);
+        let clock = Arc::new(FakeClock::new(agent_now));
+        let cache = Cache::new(clock.clone());
+        let e = entry("clocked", 1);
+        cache.apply(upsert(&e));
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params.not_before = time::OffsetDateTime::from(agent_now - Duration::from_secs(7200));
+        params.not_after = time::OffsetDateTime::from(agent_now + Duration::from_secs(7200));
+        let cert = params.self_signed(&key).unwrap();
+        cache
+            .store(
+                Arc::new(e.clone()),
+                Zeroizing::new(key.serialize_der()),
+                vec![cert.der().to_vec()],
+            )
+            .unwrap();
+        let after_arrival = cache.svids()[0].renew_at.duration_since(agent_now).unwrap();
+        assert!(
+            after_arrival > Duration::from_secs(3000) && after_arrival < Duration::from_secs(4300),
+            "renewal {after_arrival:?} after arrival on the agent's clock; about an hour expected"
+        );
+        assert!(cache.due(clock.now()).is_empty());
+        clock.advance(Duration::from_secs(4400));
+        assert_eq!(
+            cache.due(clock.now()).len(),
+            1,
+            "due once the clock passes half-life"
+        );
+    }
+
     /// An SVID for `e` from a throwaway self-signed certificate.
     fn issued_for(e: &RegistrationEntry) -> Issued {
         let now = time::OffsetDateTime::now_utc();
@@ -466,7 +472,7 @@ mod tests {
     fn an_svid_issued_for_an_older_revision_is_not_stored() {
         let cache = Cache::default();
         let old = entry("db", 1);
-        cache.apply(upsert(&old)).unwrap();
+        cache.apply(upsert(&old));
         // The issue loop takes the entry at revision 1 and asks for an SVID...
         let in_flight = issued_for(&cache.due(SystemTime::now()).remove(0));
         // ...meanwhile the entry moves to other selectors.
@@ -475,7 +481,7 @@ mod tests {
             .into_iter()
             .collect();
         moved.revision = 2;
-        cache.apply(upsert(&moved)).unwrap();
+        cache.apply(upsert(&moved));
         let (entry, key, chain) = in_flight;
         cache.store(entry, key, chain).unwrap();
         assert!(
@@ -501,46 +507,39 @@ mod tests {
     fn an_svid_is_never_served_for_a_changed_identity() {
         let cache = Cache::default();
         let e = entry("db-admin", 1);
-        cache.apply(upsert(&e)).unwrap();
+        cache.apply(upsert(&e));
         put_svid(&cache, &e);
         // A hint change keeps the SVID until a new one is issued.
         let mut hinted = e.clone();
         hinted.hint = "x".into();
         hinted.revision = 2;
-        cache.apply(upsert(&hinted)).unwrap();
+        cache.apply(upsert(&hinted));
         assert_eq!(cache.svids().len(), 1);
         // A new SPIFFE ID drops it at once.
         let mut renamed = hinted.clone();
         renamed.spiffe_id = SpiffeId::parse("spiffe://example.org/web").unwrap();
         renamed.revision = 3;
-        cache.apply(upsert(&renamed)).unwrap();
+        cache.apply(upsert(&renamed));
         assert!(cache.svids().is_empty());
     }
 
     #[test]
-    fn a_message_that_does_not_parse_changes_nothing() {
+    fn a_full_snapshot_replaces_the_entries() {
         let cache = Cache::default();
-        let e = entry("web", 1);
-        cache.apply(upsert(&e)).unwrap();
-        let mut bad = pb::Snapshot {
-            full: true,
-            ..Default::default()
-        };
-        bad.bundle = Some(pb::Bundle {
-            trust_domain: "example.org".into(),
-            jwks: b"not json".to_vec(),
-            sequence: 1,
+        cache.apply(upsert(&entry("web", 1)));
+        cache.apply(upsert(&entry("db", 2)));
+        let kept = entry("api", 3);
+        cache.apply(SyncUpdate {
+            revision: 3,
+            event: SyncEvent::Snapshot {
+                full: true,
+                entries: vec![kept.clone()],
+                removed: vec![],
+                bundle: None,
+            },
         });
-        let msg = pb::SyncResponse {
-            event: Some(pb::sync_response::Event::Snapshot(bad)),
-            revision: 9,
-        };
-        assert!(cache.apply(msg).is_err());
-        assert_eq!(
-            cache.entries().len(),
-            1,
-            "the full snapshot was not half-applied"
-        );
-        assert_eq!(cache.revision(), 1);
+        let ids: Vec<_> = cache.entries().iter().map(|e| e.id.clone()).collect();
+        assert_eq!(ids, vec![kept.id]);
+        assert_eq!(cache.revision(), 3);
     }
 }

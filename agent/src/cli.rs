@@ -59,6 +59,9 @@ pub struct RunArgs {
     /// Log level or filter, overriding the file.
     #[arg(long)]
     pub log_level: Option<String>,
+    /// Log format, overriding the file.
+    #[arg(long, value_enum)]
+    pub log_format: Option<crate::config::LogFormat>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -2,9 +2,11 @@
 //! unknown keys are an error.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::Deserialize;
 use sigil_identity::TrustDomain;
+use sigil_identity::clock::{Clock, SystemClock};
 
 /// Default data directory (agent key, SVID, bundle).
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/sigil/agent";
@@ -34,26 +36,29 @@ pub struct AgentConfig {
     #[serde(default = "default_data_dir")]
     pub data_dir: PathBuf,
     /// PEM file with the server's CA certificates, used to trust the
-    /// server on first contact.
+    /// server on first contact. Read through [`AgentConfig::bootstrap_trust`].
     #[serde(default)]
-    pub trust_bundle: Option<PathBuf>,
+    trust_bundle: Option<PathBuf>,
     /// Trust whatever server answers on first contact. Only for trying
     /// Sigil out: anyone who can intercept that connection can impersonate
-    /// the server.
+    /// the server. Read through [`AgentConfig::bootstrap_trust`].
     #[serde(default)]
-    pub insecure_bootstrap: bool,
+    insecure_bootstrap: bool,
     /// How the agent proves its node.
-    #[serde(default)]
-    pub node_attestor: NodeAttestorConfig,
+    pub node_attestor: NodeAttestor,
     /// The Workload API socket.
     #[serde(default = "default_socket")]
     pub socket_path: PathBuf,
     /// Largest executable hashed for `unix:sha256`, in bytes.
     #[serde(default = "default_max_hash")]
     pub max_hash_bytes: u64,
-    /// Logging: `error` … `trace` or an env-filter string.
-    #[serde(default = "default_log_level")]
-    pub log_level: String,
+    /// Logging: `[log]` `level` and `format`, as on the server.
+    #[serde(default)]
+    pub log: LogSection,
+    /// The older spelling of `[log] level`, still accepted; moved into
+    /// [`AgentConfig::log`] when the file is read.
+    #[serde(default)]
+    log_level: Option<String>,
     /// Workload attestors run besides `unix` (which always runs).
     #[serde(default)]
     pub workload_attestors: WorkloadAttestorsConfig,
@@ -77,6 +82,52 @@ pub struct AgentConfig {
     /// make a second, and in a burst; more are refused (ResourceExhausted).
     #[serde(default = "default_unary_calls_per_uid_per_second")]
     pub unary_calls_per_uid_per_second: u32,
+    /// The clock rotation and expiry decisions read: the system's, unless
+    /// a test drives time with a [`sigil_identity::clock::FakeClock`].
+    #[serde(skip, default = "system_clock")]
+    pub clock: Arc<dyn Clock>,
+}
+
+fn system_clock() -> Arc<dyn Clock> {
+    Arc::new(SystemClock)
+}
+
+/// How the agent trusts the server on first contact (and when it attests
+/// again): `trust_bundle = "<file>"` or `insecure_bootstrap = true` in the
+/// file. With both set, the bundle is used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BootstrapTrust {
+    /// PEM file with the server's CA certificates.
+    Bundle(PathBuf),
+    /// Trust whatever server answers. Only for trying Sigil out.
+    Insecure,
+}
+
+/// `[log]`: the same keys, defaults and meaning as the server's.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSection {
+    /// `error`, `warn`, `info`, `debug` or `trace` (or an env-filter string).
+    pub level: String,
+    /// `text` or `json`.
+    pub format: LogFormat,
+}
+
+impl Default for LogSection {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 // Workload API limits, defaults (see the fields above).
@@ -124,24 +175,46 @@ fn default_max_hash() -> u64 {
     sigil_attestors::unix::DEFAULT_MAX_HASH_BYTES
 }
 
-fn default_log_level() -> String {
-    "info".into()
-}
-
 fn default_data_dir() -> PathBuf {
     PathBuf::from(DEFAULT_DATA_DIR)
 }
 
-/// Node attestor settings; exactly one must be set.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NodeAttestorConfig {
+/// How the agent proves its node: `[node_attestor]` in the file, with
+/// exactly one of `join_token = "…"`, `[node_attestor.x509pop]` and
+/// `[node_attestor.k8s_psat]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(try_from = "NodeAttestorToml")]
+pub enum NodeAttestor {
     /// A join token from `sigil-server token generate`.
-    pub join_token: Option<String>,
+    JoinToken(String),
     /// Node certificate and key for x509pop.
-    pub x509pop: Option<X509PopConfig>,
+    X509Pop(X509PopConfig),
     /// Kubernetes projected service-account token.
-    pub k8s_psat: Option<K8sPsatConfig>,
+    K8sPsat(K8sPsatConfig),
+}
+
+/// The `[node_attestor]` table as written: one key per attestor.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NodeAttestorToml {
+    join_token: Option<String>,
+    x509pop: Option<X509PopConfig>,
+    k8s_psat: Option<K8sPsatConfig>,
+}
+
+const ONE_NODE_ATTESTOR: &str = "configure exactly one of node_attestor.join_token, node_attestor.x509pop and node_attestor.k8s_psat";
+
+impl TryFrom<NodeAttestorToml> for NodeAttestor {
+    type Error = &'static str;
+
+    fn try_from(t: NodeAttestorToml) -> Result<Self, Self::Error> {
+        match (t.join_token, t.x509pop, t.k8s_psat) {
+            (Some(token), None, None) => Ok(Self::JoinToken(token)),
+            (None, Some(x), None) => Ok(Self::X509Pop(x)),
+            (None, None, Some(k)) => Ok(Self::K8sPsat(k)),
+            _ => Err(ONE_NODE_ATTESTOR),
+        }
+    }
 }
 
 /// k8s_psat: the agent's cluster and projected token.
@@ -232,10 +305,32 @@ impl AgentConfig {
 
     /// Parses TOML text and checks it.
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
-        let cfg: AgentConfig = toml::from_str(text)
-            .map_err(|e| ConfigError::Parse(PathBuf::from("<text>"), e.to_string()))?;
+        let parse_error =
+            |e: toml::de::Error| ConfigError::Parse(PathBuf::from("<text>"), e.to_string());
+        let table: toml::Table = text.parse().map_err(parse_error)?;
+        if !table.contains_key("node_attestor") {
+            return Err(ConfigError::Invalid(ONE_NODE_ATTESTOR.into()));
+        }
+        let in_log_section = table.get("log").and_then(|log| log.get("level")).is_some();
+        let mut cfg: AgentConfig = table.try_into().map_err(parse_error)?;
+        if let Some(level) = cfg.log_level.take() {
+            if in_log_section {
+                return Err(ConfigError::Invalid(
+                    "log_level and [log] level are both set; keep only [log] level".into(),
+                ));
+            }
+            cfg.log.level = level;
+        }
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// How to trust the server on first contact.
+    pub fn bootstrap_trust(&self) -> BootstrapTrust {
+        match &self.trust_bundle {
+            Some(path) => BootstrapTrust::Bundle(path.clone()),
+            None => BootstrapTrust::Insecure,
+        }
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
@@ -261,18 +356,6 @@ impl AgentConfig {
         if !rate.is_finite() || rate <= 0.0 {
             return Err(ConfigError::Invalid(
                 "jwt_fetches_per_uid_per_second must be a number more than 0".into(),
-            ));
-        }
-        let a = &self.node_attestor;
-        let configured = [
-            a.join_token.is_some(),
-            a.x509pop.is_some(),
-            a.k8s_psat.is_some(),
-        ];
-        if configured.iter().filter(|c| **c).count() != 1 {
-            return Err(ConfigError::Invalid(
-                "configure exactly one of node_attestor.join_token, node_attestor.x509pop and node_attestor.k8s_psat"
-                    .into(),
             ));
         }
         if let Some(k) = &self.workload_attestors.k8s {
@@ -348,6 +431,82 @@ mod tests {
 }
 
 #[cfg(test)]
+mod shape_tests {
+    use super::*;
+
+    const BASE: &str = "trust_domain = \"example.org\"\nserver_address = \"x:1\"\n";
+
+    #[test]
+    fn the_node_attestor_table_becomes_one_variant() {
+        let token =
+            format!("{BASE}insecure_bootstrap = true\n[node_attestor]\njoin_token = \"abc\"\n");
+        let cfg = AgentConfig::parse(&token).unwrap();
+        assert!(matches!(&cfg.node_attestor, NodeAttestor::JoinToken(t) if t == "abc"));
+        let x509 = format!(
+            "{BASE}insecure_bootstrap = true\n[node_attestor.x509pop]\ncertificate = \"c\"\nkey = \"k\"\n"
+        );
+        let cfg = AgentConfig::parse(&x509).unwrap();
+        assert!(matches!(&cfg.node_attestor, NodeAttestor::X509Pop(x) if x.key == Path::new("k")));
+        for none in [
+            format!("{BASE}insecure_bootstrap = true\n"),
+            format!("{BASE}insecure_bootstrap = true\n[node_attestor]\n"),
+        ] {
+            let err = AgentConfig::parse(&none).unwrap_err().to_string();
+            assert!(
+                err.contains("exactly one of node_attestor.join_token"),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn bootstrap_trust_is_the_bundle_or_explicitly_insecure() {
+        let attestor = "[node_attestor]\njoin_token = \"abc\"\n";
+        let bundle = format!("{BASE}trust_bundle = \"/b.pem\"\n{attestor}");
+        assert_eq!(
+            AgentConfig::parse(&bundle).unwrap().bootstrap_trust(),
+            BootstrapTrust::Bundle("/b.pem".into())
+        );
+        let insecure = format!("{BASE}insecure_bootstrap = true\n{attestor}");
+        assert_eq!(
+            AgentConfig::parse(&insecure).unwrap().bootstrap_trust(),
+            BootstrapTrust::Insecure
+        );
+        // Both: the bundle wins, as before the enum.
+        let both =
+            format!("{BASE}insecure_bootstrap = true\ntrust_bundle = \"/b.pem\"\n{attestor}");
+        assert_eq!(
+            AgentConfig::parse(&both).unwrap().bootstrap_trust(),
+            BootstrapTrust::Bundle("/b.pem".into())
+        );
+    }
+
+    #[test]
+    fn log_section_like_the_servers_and_the_old_key_still_read() {
+        let ok = format!("{BASE}insecure_bootstrap = true\n");
+        let attestor = "[node_attestor]\njoin_token = \"abc\"\n";
+        let cfg = AgentConfig::parse(&format!("{ok}{attestor}")).unwrap();
+        assert_eq!(
+            (cfg.log.level.as_str(), cfg.log.format),
+            ("info", LogFormat::Text)
+        );
+        let section = format!("{ok}{attestor}[log]\nlevel = \"debug\"\nformat = \"json\"\n");
+        let cfg = AgentConfig::parse(&section).unwrap();
+        assert_eq!(
+            (cfg.log.level.as_str(), cfg.log.format),
+            ("debug", LogFormat::Json)
+        );
+        let old = format!("log_level = \"warn\"\n{ok}{attestor}");
+        assert_eq!(AgentConfig::parse(&old).unwrap().log.level, "warn");
+        let both = format!("log_level = \"warn\"\n{ok}{attestor}[log]\nlevel = \"info\"\n");
+        let err = AgentConfig::parse(&both).unwrap_err().to_string();
+        assert!(err.contains("keep only [log] level"), "{err}");
+        let bad = format!("{ok}{attestor}[log]\nformat = \"xml\"\n");
+        assert!(AgentConfig::parse(&bad).is_err());
+    }
+}
+
+#[cfg(test)]
 mod k8s_tests {
     use super::*;
 
@@ -357,7 +516,9 @@ mod k8s_tests {
     fn k8s_psat_and_the_k8s_workload_attestor_parse_with_defaults() {
         let text = format!("{BASE}[workload_attestors.k8s]\nkubelet_ca_path = \"/ca.crt\"\n");
         let cfg = AgentConfig::parse(&text).unwrap();
-        let psat = cfg.node_attestor.k8s_psat.unwrap();
+        let NodeAttestor::K8sPsat(psat) = cfg.node_attestor else {
+            panic!("k8s_psat expected: {:?}", cfg.node_attestor)
+        };
         assert_eq!(psat.cluster, "prod");
         assert_eq!(
             psat.token_path,

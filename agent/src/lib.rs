@@ -3,31 +3,37 @@
 //! socket.
 //!
 //! # Layout
+//! - [`run()`]: builds every part from an [`config::AgentConfig`] and runs
+//!   the agent until shutdown (what `sigil-agent run` and the quickstart
+//!   call).
 //! - [`config`]: the agent's TOML configuration.
 //! - [`store`]: the agent key, SVID and bundle on disk (restart without
 //!   re-attestation).
 //! - [`node`]: attestation and authenticated node API connections.
 //! - [`cache`]: entries from the Sync stream and the SVIDs held for them.
-//! - [`manager`]: the main loop: sync, issuance and rotation, renewal.
-//! - [`workload_api`]: the SPIFFE Workload API on a Unix socket.
+//! - [`session`]: the agent's session with the server: its own SVID, the
+//!   Sync stream, issuance and rotation, renewal.
+//! - [`workload_api`]: the SPIFFE Workload API on a Unix socket
+//!   (connections, callers, streams, health, and the HTTP/2 `:authority`
+//!   rewriter for gRPC C-core and grpc-java clients).
 //! - [`workload_client`]: calling it as a workload does (the CLI,
 //!   quickstart).
 //! - [`workload_attestors`]: the workload attestors run besides `unix`
 //!   (`k8s`), from the configuration.
 //! - [`peer_pidfd`]: the connecting process of a socket, by `SO_PEERPIDFD`.
-//! - [`authority`]: rewrites `:authority` values h2 would refuse, for gRPC
-//!   C-core and grpc-java clients on Unix sockets.
 
 // Denied, not forbidden: `peer_pidfd` allows it for one getsockopt call.
 #![deny(unsafe_code)]
 
-pub mod authority;
 pub mod cache;
 pub mod config;
-pub mod manager;
 pub mod node;
 pub mod peer_pidfd;
+mod run;
+pub mod session;
 pub mod store;
 pub mod workload_api;
 pub mod workload_attestors;
 pub mod workload_client;
+
+pub use run::{run, shutdown_signal};

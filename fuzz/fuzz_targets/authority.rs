@@ -6,7 +6,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 
 use libfuzzer_sys::fuzz_target;
-use sigil_agent::authority::AuthorityFix;
+use sigil_agent::workload_api::h2_authority::AuthorityFix;
 use tokio::io::{AsyncRead, ReadBuf};
 
 /// Hands out `data` in chunks whose sizes cycle through `sizes`.

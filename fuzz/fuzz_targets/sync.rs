@@ -1,6 +1,7 @@
 #![no_main]
 //! The agent cache's application of Sync messages: length-delimited
-//! `sigil.node.v1.SyncResponse`s decoded from the input, applied in order,
+//! `sigil.node.v1.SyncResponse`s decoded from the input, converted to
+//! domain events as the agent does and applied in order,
 //! with an SVID stored for every entry after each message so the
 //! invalidation rules have something to drop.
 use std::sync::Arc;
@@ -8,6 +9,7 @@ use std::sync::Arc;
 use libfuzzer_sys::fuzz_target;
 use prost::Message;
 use sigil_agent::cache::{Applied, Cache};
+use sigil_proto::convert::SyncUpdate;
 use sigil_proto::node as pb;
 use zeroize::Zeroizing;
 
@@ -20,14 +22,13 @@ fuzz_target!(|data: &[u8]| {
             break;
         };
         let msg_revision = msg.revision;
-        let r = cache.apply(msg);
-        match r {
-            Ok(Applied::Ok) => revision = revision.max(msg_revision),
-            Ok(Applied::Revoked(_)) => {
-                revision = revision.max(msg_revision);
+        // Converted at the edge, as the agent does; a message that does not
+        // convert never reaches the cache.
+        if let Ok(update) = SyncUpdate::try_from(msg) {
+            revision = revision.max(msg_revision);
+            if let Applied::Revoked(_) = cache.apply(update) {
                 assert!(cache.entries().is_empty() && cache.svids().is_empty());
             }
-            Err(_) => {}
         }
         assert_eq!(
             cache.revision(),

@@ -11,6 +11,9 @@ use sigil_identity::{
 
 use crate::node;
 
+mod sync;
+pub use sync::{SyncEvent, SyncUpdate};
+
 /// A wire message that does not convert to a valid domain value.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid {field}: {reason}")]

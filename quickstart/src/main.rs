@@ -13,16 +13,15 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::Parser;
 use sigil_agent::config::AgentConfig;
-use sigil_agent::manager::{Agent, AgentError};
-use sigil_agent::workload_api::{self, WorkloadApi};
+use sigil_agent::session::AgentError;
+use sigil_agent::workload_api;
 use sigil_agent::workload_client;
-use sigil_attestors::unix::UnixAttestor;
 use sigil_identity::{Bundle, SpiffeId, TrustDomain};
 use sigil_proto::admin::{self as pb, admin_client::AdminClient};
 use sigil_proto::node as node_pb;
@@ -175,11 +174,11 @@ struct Running {
     stop: watch::Sender<bool>,
     server: JoinHandle<Result<(), ServerError>>,
     agent: Option<JoinHandle<Result<(), AgentError>>>,
-    api: Option<JoinHandle<Result<(), tonic::transport::Error>>>,
 }
 
 impl Running {
-    /// Stops the agent, then the server (which drains for up to 5 s).
+    /// Stops the agent (whose Workload API drains for up to 5 s), then the
+    /// server (which drains for up to 5 s).
     async fn stop(self) -> Result<()> {
         let _ = self.stop.send(true);
         if let Some(agent) = self.agent {
@@ -188,9 +187,6 @@ impl Running {
                 Ok(Err(e)) => eprintln!("agent: {e}"),
                 Err(e) => eprintln!("agent task: {e}"),
             }
-        }
-        if let Some(api) = self.api {
-            let _ = tokio::time::timeout(Duration::from_secs(5), api).await;
         }
         match self.server.await {
             Ok(r) => r.context("server"),
@@ -277,14 +273,19 @@ fn agent_config(
     AgentConfig::parse(&text).context("building the agent configuration")
 }
 
-/// Starts the agent: on its stored SVID if it has a valid one, else
-/// attesting with a fresh join token.
+/// The agent running in its task.
+type AgentTask = JoinHandle<Result<(), AgentError>>;
+
+/// Starts the agent with `sigil_agent::run`: on its stored SVID if it has a
+/// valid one, else attesting with a fresh join token. Returns it once its
+/// Workload API reports SERVING, with its ID and whether it attested.
 async fn start_agent(
     admin: &mut AdminClient<Channel>,
     paths: &Paths,
     td: &TrustDomain,
     server: SocketAddr,
-) -> Result<(Agent, bool)> {
+    stop_rx: &watch::Receiver<bool>,
+) -> Result<(AgentTask, SpiffeId, bool)> {
     let bundle = admin
         .get_bundle(pb::GetBundleRequest {})
         .await
@@ -294,16 +295,17 @@ async fn start_agent(
     std::fs::write(&paths.bootstrap_bundle, bundle.x509_pem())
         .with_context(|| format!("cannot write {}", paths.bootstrap_bundle.display()))?;
 
+    let store = sigil_agent::store::Store::open(&paths.agent_data)?;
     if paths.agent_data.join("agent.pem").exists() {
         // Never sent: a valid stored SVID needs no attestation, and an
         // expired one is refused before any token would be used.
         let unused = "none-the-agent-has-a-stored-svid";
-        match Agent::start(agent_config(paths, td, server, unused)?).await {
-            Ok(agent) => return Ok((agent, false)),
+        let config = agent_config(paths, td, server, unused)?;
+        match launch_agent(config, paths, stop_rx).await? {
+            Ok(task) => return attested_or_resumed(task, &store, td, false),
             Err(AgentError::CannotReattest(_)) => {
                 // Its SVID expired while the quickstart was stopped: the
                 // old agent is removed and a new one joins.
-                let store = sigil_agent::store::Store::open(&paths.agent_data)?;
                 if let Some(old) = stored_agent_id(&store, td) {
                     let _ = admin
                         .evict_agent(pb::AgentRequest {
@@ -322,10 +324,78 @@ async fn start_agent(
         }
     }
     let token = join_token(admin).await?;
-    let agent = Agent::start(agent_config(paths, td, server, &token)?)
-        .await
+    let task = launch_agent(agent_config(paths, td, server, &token)?, paths, stop_rx)
+        .await?
         .context("starting the agent")?;
-    Ok((agent, true))
+    attested_or_resumed(task, &store, td, true)
+}
+
+/// The started agent with the ID in its stored SVID.
+fn attested_or_resumed(
+    task: AgentTask,
+    store: &sigil_agent::store::Store,
+    td: &TrustDomain,
+    attested: bool,
+) -> Result<(AgentTask, SpiffeId, bool)> {
+    match stored_agent_id(store, td) {
+        Some(id) => Ok((task, id, attested)),
+        None => {
+            task.abort();
+            bail!("the agent started without an SVID")
+        }
+    }
+}
+
+/// Binds the Workload API socket and runs the agent in a task until the
+/// quickstart stops. `Ok(Err(e))`: the agent stopped while starting.
+async fn launch_agent(
+    config: AgentConfig,
+    paths: &Paths,
+    stop_rx: &watch::Receiver<bool>,
+) -> Result<Result<AgentTask, AgentError>> {
+    let listener = workload_api::bind(&paths.agent_socket)?;
+    let mut task = tokio::spawn(sigil_agent::run(config, listener, stopped(stop_rx.clone())));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if task.is_finished() {
+            return match (&mut task).await {
+                Ok(Err(e)) => Ok(Err(e)),
+                Ok(Ok(())) => bail!("the agent stopped while starting"),
+                Err(e) => bail!("agent task: {e}"),
+            };
+        }
+        if agent_serving(&paths.agent_socket).await {
+            return Ok(Ok(task));
+        }
+        if Instant::now() >= deadline {
+            task.abort();
+            bail!(
+                "the agent did not report serving on {} within 30 s; see the log",
+                paths.agent_socket.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Whether the agent's health service answers SERVING (it holds the
+/// server's trust bundle).
+async fn agent_serving(socket: &Path) -> bool {
+    use sigil_proto::grpc::health::v1::{HealthCheckRequest, health_client::HealthClient};
+    let wait = Duration::from_secs(1);
+    let Ok(Ok(channel)) =
+        tokio::time::timeout(wait, sigil_proto::channel::unix_channel(socket)).await
+    else {
+        return false;
+    };
+    let mut client = HealthClient::new(channel);
+    let check = client.check(HealthCheckRequest {
+        service: String::new(),
+    });
+    matches!(
+        tokio::time::timeout(wait, check).await,
+        Ok(Ok(r)) if r.get_ref().status == 1
+    )
 }
 
 /// The agent ID in a stored agent SVID.
@@ -457,7 +527,6 @@ async fn run(args: Args) -> Result<()> {
         stop: stop_tx,
         server,
         agent: None,
-        api: None,
     };
     let started = tokio::select! {
         r = start_all(&paths, &td, node_addr, &stop_rx, &mut running) => r,
@@ -518,10 +587,9 @@ async fn start_all(
     let mut admin = wait_for_server(&paths.admin_socket, &running.server).await?;
     println!("  server   node API on {node_addr} (TLS), admin socket ready");
 
-    let (agent, attested) = start_agent(&mut admin, paths, td, node_addr).await?;
-    let agent_id = agent
-        .id()
-        .ok_or_else(|| anyhow!("the agent started without an SVID"))?;
+    let (agent, agent_id, attested) =
+        start_agent(&mut admin, paths, td, node_addr, stop_rx).await?;
+    running.agent = Some(agent);
     println!(
         "  agent    {agent_id} ({})",
         if attested {
@@ -530,16 +598,6 @@ async fn start_all(
             "resumed its stored identity"
         }
     );
-    let listener = workload_api::bind(&paths.agent_socket)?;
-    let attestor = Arc::new(UnixAttestor::new(
-        sigil_attestors::unix::DEFAULT_MAX_HASH_BYTES,
-    ));
-    running.api = Some(tokio::spawn(workload_api::serve(
-        WorkloadApi::new(agent.clone(), attestor),
-        listener,
-        stopped(stop_rx.clone()),
-    )));
-    running.agent = Some(tokio::spawn(agent.run(stopped(stop_rx.clone()))));
 
     let uid = current_uid()?;
     let (spiffe_id, registered) = register_user(&mut admin, td, &agent_id, uid).await?;

@@ -5,11 +5,13 @@
 // Test code: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use crate::common::{AgentTestServer as _, agent_config, wait_for};
 use sigil_agent::config::AgentConfig;
-use sigil_agent::manager::Agent;
+use sigil_agent::session::Session;
+use sigil_identity::clock::FakeClock;
 use sigil_proto::admin;
 use sigil_proto::node as node_pb;
 
@@ -19,7 +21,7 @@ async fn agent_attests_receives_svids_and_restarts_without_reattesting() {
     server.bundle_pem(&server.dir().join("bundle.pem")).await;
     let data = server.dir().join("agent");
     let token = server.token().await.unwrap();
-    let agent = Agent::start(agent_config(&server, &data, &token))
+    let agent = Session::start(agent_config(&server, &data, &token))
         .await
         .unwrap();
     let cache = agent.cache();
@@ -95,7 +97,7 @@ async fn agent_attests_receives_svids_and_restarts_without_reattesting() {
 
     // The token is spent: starting again works only because the agent
     // uses its stored SVID instead of attesting.
-    let again = Agent::start(agent_config(&server, &data, &token))
+    let again = Session::start(agent_config(&server, &data, &token))
         .await
         .unwrap();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -267,7 +269,11 @@ async fn x509pop_agent_reattests_after_its_svid_expired() {
         pki_dir.path().join("node.key").display()
     ))
     .unwrap();
-    Agent::start(config.clone()).await.unwrap();
+    // The agent's clock, moved past its SVID's expiry instead of sleeping.
+    let clock = Arc::new(FakeClock::new(SystemTime::now()));
+    let mut config = config;
+    config.clock = clock.clone();
+    Session::start(config.clone()).await.unwrap();
     let first = server
         .admin()
         .await
@@ -284,8 +290,10 @@ async fn x509pop_agent_reattests_after_its_svid_expired() {
             .starts_with("spiffe://example.org/sigil/agent/x509pop/")
     );
 
-    tokio::time::sleep(Duration::from_millis(2500)).await;
-    let agent = Agent::start(config).await.expect("re-attests with x509pop");
+    clock.advance(Duration::from_millis(2500));
+    let agent = Session::start(config)
+        .await
+        .expect("re-attests with x509pop");
     let again = server
         .admin()
         .await
@@ -314,13 +322,15 @@ async fn x509pop_agent_reattests_after_its_svid_expired() {
 async fn jwt_svids_are_cached_and_outlive_a_server_outage() {
     let mut server = crate::common::start("[ca]\njwt_svid_ttl = \"4s\"\n");
     server.bundle_pem(&server.dir().join("bundle.pem")).await;
-    let agent = Agent::start(agent_config(
+    // The agent's clock: moved past half-life and expiry instead of sleeping.
+    let clock = Arc::new(FakeClock::new(SystemTime::now()));
+    let mut config = agent_config(
         &server,
         &server.dir().join("agent"),
         &server.token().await.unwrap(),
-    ))
-    .await
-    .unwrap();
+    );
+    config.clock = clock.clone();
+    let agent = Session::start(config).await.unwrap();
     let cache = agent.cache();
     let handle = agent.clone();
     let run = tokio::spawn(agent.run(std::future::pending()));
@@ -360,7 +370,7 @@ async fn jwt_svids_are_cached_and_outlive_a_server_outage() {
         .unwrap();
     assert_ne!(other, t1, "cached per audience");
 
-    tokio::time::sleep(Duration::from_millis(2300)).await; // past half-life
+    clock.advance(Duration::from_millis(2300)); // past half-life
     server.stop_async().await.unwrap();
     let started = std::time::Instant::now();
     let t2 = handle.jwt_svid(&entry, &aud).await.unwrap();
@@ -373,7 +383,7 @@ async fn jwt_svids_are_cached_and_outlive_a_server_outage() {
         "the still-valid cached token is served while the server is down"
     );
 
-    tokio::time::sleep(Duration::from_millis(2000)).await; // past expiry
+    clock.advance(Duration::from_millis(2000)); // past expiry
     assert!(
         handle.jwt_svid(&entry, &aud).await.is_err(),
         "an expired token is never served"

@@ -20,7 +20,7 @@ pub trait AgentTestServer {
     async fn bundle_pem(&self, path: &Path);
     /// Writes the bundle file and starts an in-process agent (data in
     /// `<dir>/agent`) with a fresh join token.
-    async fn start_agent(&self) -> sigil_agent::manager::Agent;
+    async fn start_agent(&self) -> sigil_agent::session::Session;
     /// The ID of the only attested agent.
     async fn agent_id(&self) -> String;
 }
@@ -30,14 +30,14 @@ impl AgentTestServer for ServerProcess {
         std::fs::write(path, self.bundle().await.unwrap().x509_pem()).unwrap();
     }
 
-    async fn start_agent(&self) -> sigil_agent::manager::Agent {
+    async fn start_agent(&self) -> sigil_agent::session::Session {
         self.bundle_pem(&self.dir().join("bundle.pem")).await;
         let config = agent_config(
             self,
             &self.dir().join("agent"),
             &self.token().await.unwrap(),
         );
-        sigil_agent::manager::Agent::start(config).await.unwrap()
+        sigil_agent::session::Session::start(config).await.unwrap()
     }
 
     async fn agent_id(&self) -> String {

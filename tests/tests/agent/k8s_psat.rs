@@ -15,7 +15,7 @@ use ring::rand::SystemRandom;
 use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair};
 use serde_json::json;
 use sigil_agent::config::AgentConfig;
-use sigil_agent::manager::Agent;
+use sigil_agent::session::Session;
 use sigil_identity::keys::{Curve, PublicKey};
 use sigil_proto::admin;
 use sigil_test_fakes as testserver;
@@ -105,7 +105,7 @@ async fn an_agent_attests_with_its_projected_token_until_its_pod_is_gone() {
     let token = dir.path().join("token");
     std::fs::write(&token, projected_token(&key)).unwrap();
 
-    Agent::start(agent_config(&server, &dir.path().join("a1"), &token))
+    Session::start(agent_config(&server, &dir.path().join("a1"), &token))
         .await
         .unwrap();
     let agents = server
@@ -137,7 +137,7 @@ async fn an_agent_attests_with_its_projected_token_until_its_pod_is_gone() {
     assert!(agents[0].can_reattest);
 
     // The same node attests again (a restarted agent without its data).
-    Agent::start(agent_config(&server, &dir.path().join("a2"), &token))
+    Session::start(agent_config(&server, &dir.path().join("a2"), &token))
         .await
         .unwrap();
 
@@ -147,7 +147,7 @@ async fn an_agent_attests_with_its_projected_token_until_its_pod_is_gone() {
         200,
         pod_json("00000000-1111-4222-8333-444444444444"),
     );
-    let err = Agent::start(agent_config(&server, &dir.path().join("a3"), &token))
+    let err = Session::start(agent_config(&server, &dir.path().join("a3"), &token))
         .await
         .unwrap_err();
     assert!(err.to_string().contains("attestation failed"), "{err}");

@@ -12,17 +12,22 @@ use sigil_identity::tls::{SharedBundle, SvidResolver};
 use std::collections::HashMap;
 
 use sigil_identity::{Bundle, EntryId, RegistrationEntry, rotation};
+use sigil_proto::convert::{SyncEvent, SyncUpdate};
 use sigil_proto::node as pb;
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
 use crate::cache::{Applied, Cache};
-use crate::config::AgentConfig;
+use crate::config::{AgentConfig, BootstrapTrust, NodeAttestor};
 use crate::node::{self, Bootstrap, Connection, NodeError};
 use crate::store::{AgentState, Store, StoreError};
 
 /// Most CSRs sent in one call.
 const BATCH: usize = 500;
+
+/// Longest sleep before the agent looks at its clock again while waiting
+/// for a renewal.
+const CLOCK_CHECK: Duration = Duration::from_secs(1);
 
 /// Why the agent stopped.
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +36,8 @@ pub enum AgentError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Node(#[from] NodeError),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
     #[error("trust bundle {0}: {1}")]
     Bundle(std::path::PathBuf, String),
     #[error(
@@ -40,30 +47,21 @@ pub enum AgentError {
 }
 
 fn attestor(config: &AgentConfig) -> Result<Box<dyn AgentNodeAttestor>, AgentError> {
-    let a = &config.node_attestor;
-    if let Some(t) = &a.join_token {
-        return Ok(Box::new(JoinTokenAgent::new(t.clone())));
-    }
-    if let Some(x) = &a.x509pop {
-        return Ok(Box::new(
-            X509PopAgent::from_pem_files(&x.certificate, &x.key).map_err(NodeError::from)?,
-        ));
-    }
-    if let Some(k) = &a.k8s_psat {
-        return Ok(Box::new(K8sPsatAgent::new(
-            k.cluster.clone(),
-            k.token_path.clone(),
-        )));
-    }
-    Err(AgentError::Node(NodeError::Key(
-        "no node attestor configured".into(),
-    )))
+    Ok(match &config.node_attestor {
+        NodeAttestor::JoinToken(t) => Box::new(JoinTokenAgent::new(t.clone())),
+        NodeAttestor::X509Pop(x) => {
+            Box::new(X509PopAgent::from_pem_files(&x.certificate, &x.key).map_err(NodeError::from)?)
+        }
+        NodeAttestor::K8sPsat(k) => {
+            Box::new(K8sPsatAgent::new(k.cluster.clone(), k.token_path.clone()))
+        }
+    })
 }
 
 fn bootstrap(config: &AgentConfig) -> Result<Bootstrap, AgentError> {
-    match &config.trust_bundle {
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
+    match config.bootstrap_trust() {
+        BootstrapTrust::Bundle(path) => {
+            let text = std::fs::read_to_string(&path)
                 .map_err(|e| AgentError::Bundle(path.clone(), e.to_string()))?;
             let certs = sigil_identity::pem::decode_all("CERTIFICATE", &text)
                 .map_err(|e| AgentError::Bundle(path.clone(), e.to_string()))?;
@@ -71,7 +69,7 @@ fn bootstrap(config: &AgentConfig) -> Result<Bootstrap, AgentError> {
             b.x509_authorities = certs;
             Ok(Bootstrap::Bundle(b))
         }
-        None => {
+        BootstrapTrust::Insecure => {
             warn!(
                 "insecure_bootstrap: trusting the server this agent first reaches without verification"
             );
@@ -88,13 +86,16 @@ fn svid_expiry(state: &AgentState) -> Option<(SystemTime, SystemTime)> {
 /// The validity used to time the renewal of an agent SVID that has just
 /// arrived: from now rather than the backdated NotBefore, so a short SVID
 /// is not due on arrival.
-fn fresh_validity(state: &AgentState) -> Option<(SystemTime, SystemTime)> {
-    svid_expiry(state).map(|(nb, na)| (nb.max(SystemTime::now()), na))
+fn fresh_validity(state: &AgentState, now: SystemTime) -> Option<(SystemTime, SystemTime)> {
+    svid_expiry(state).map(|(nb, na)| (nb.max(now), na))
 }
 
-/// A running agent.
+/// The agent's session with the server: its own SVID and key, the trust
+/// bundle, the shared node API connection, and what it obtains over it (the
+/// entries and X509-SVIDs in the [`Cache`], the JWT-SVIDs it caches). Its
+/// loops keep the Sync stream open, issue and rotate SVIDs and renew its own.
 #[derive(Debug, Clone)]
-pub struct Agent {
+pub struct Session {
     config: AgentConfig,
     store: Store,
     cache: Arc<Cache>,
@@ -129,11 +130,11 @@ struct CachedJwt {
 /// still be served.
 const JWT_UPSTREAM_WAIT: Duration = Duration::from_secs(1);
 
-impl Agent {
+impl Session {
     /// Loads the stored state or attests, and prepares the agent.
     pub async fn start(config: AgentConfig) -> Result<Self, AgentError> {
         let store = Store::open(&config.data_dir)?;
-        let now = SystemTime::now();
+        let now = config.clock.now();
         let (state, fresh) = match store.load(&config.trust_domain)? {
             Some(s) if svid_expiry(&s).is_some_and(|(_, na)| na > now) => {
                 info!("using the stored agent SVID; no attestation needed");
@@ -159,7 +160,7 @@ impl Agent {
             }
         };
         let validity = if fresh {
-            fresh_validity(&state)
+            fresh_validity(&state, now)
         } else {
             svid_expiry(&state)
         }
@@ -168,7 +169,7 @@ impl Agent {
             resolver: Arc::new(SvidResolver::new(node::agent_key(&state)?)),
             bundle: Arc::new(SharedBundle::new(state.bundle.clone())),
             validity: Arc::new(std::sync::Mutex::new(validity)),
-            cache: Arc::new(Cache::default()),
+            cache: Arc::new(Cache::new(config.clock.clone())),
             reconnect: watch::channel(0).0,
             node: Arc::default(),
             jwts: Arc::default(),
@@ -190,6 +191,11 @@ impl Agent {
         self.cache.clone()
     }
 
+    /// The current time on the agent's clock (see [`AgentConfig::clock`]).
+    pub fn now(&self) -> SystemTime {
+        self.config.clock.now()
+    }
+
     /// The cache key for `entry` and `audience`. The revision is part of
     /// it: after an entry change a token for the old entry is never served.
     fn jwt_key(entry: &RegistrationEntry, audience: &[String]) -> JwtKey {
@@ -199,7 +205,7 @@ impl Agent {
         (entry.id.clone(), entry.revision, aud)
     }
 
-    /// Whether [`Agent::jwt_svid`] would answer from the cache without
+    /// Whether [`Session::jwt_svid`] would answer from the cache without
     /// asking the server.
     pub fn has_fresh_jwt(&self, entry: &RegistrationEntry, audience: &[String]) -> bool {
         let key = Self::jwt_key(entry, audience);
@@ -207,7 +213,7 @@ impl Agent {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(&key)
-            .is_some_and(|c| SystemTime::now() < c.refresh_at)
+            .is_some_and(|c| self.now() < c.refresh_at)
     }
 
     /// A JWT-SVID for `entry` and `audience`: from the cache until half its
@@ -219,7 +225,7 @@ impl Agent {
         audience: &[String],
     ) -> Result<String, NodeError> {
         let key = Self::jwt_key(entry, audience);
-        let now = SystemTime::now();
+        let now = self.now();
         let cached = self
             .jwts
             .lock()
@@ -406,7 +412,7 @@ impl Agent {
                 Ok(state) => {
                     self.store.save(&state)?;
                     self.resolver.set(node::agent_key(&state)?);
-                    if let Some(v) = fresh_validity(&state) {
+                    if let Some(v) = fresh_validity(&state, self.now()) {
                         *self.validity.lock().unwrap_or_else(|p| p.into_inner()) = v;
                     }
                     self.bundle.set(Arc::new(state.bundle.clone()));
@@ -445,26 +451,23 @@ impl Agent {
                     let Some(msg) = stream.message().await? else {
                         return Ok::<_, NodeError>(());
                     };
-                    let bundle_changed = matches!(
-                        msg.event,
-                        Some(
-                            pb::sync_response::Event::Bundle(_)
-                                | pb::sync_response::Event::Snapshot(_)
-                        )
-                    );
-                    match self.cache.apply(msg) {
-                        Ok(Applied::Ok) => {}
-                        Ok(Applied::Revoked(why)) => {
-                            let _ = revoked.send(Some(why));
-                            return Ok(());
-                        }
+                    let update = match SyncUpdate::try_from(msg) {
+                        Ok(update) => update,
                         Err(e) => {
                             // Something was not applied: start over from a
                             // full snapshot rather than build on a gap.
                             warn!(error = %e, "invalid sync message; resynchronising");
                             self.cache.reset_revision();
-                            return Err(NodeError::BadReply(e));
+                            return Err(NodeError::BadReply(e.to_string()));
                         }
+                    };
+                    let bundle_changed = matches!(
+                        update.event,
+                        SyncEvent::Bundle(_) | SyncEvent::Snapshot { .. }
+                    );
+                    if let Applied::Revoked(why) = self.cache.apply(update) {
+                        let _ = revoked.send(Some(why));
+                        return Ok(());
                     }
                     if bundle_changed {
                         self.adopt_bundle();
@@ -522,7 +525,7 @@ impl Agent {
     async fn issue_loop(self) {
         let mut changes = self.cache.subscribe();
         loop {
-            let due = self.cache.due(SystemTime::now());
+            let due = self.cache.due(self.now());
             if !due.is_empty()
                 && let Err(e) = self.issue(due).await
             {
@@ -597,10 +600,15 @@ impl Agent {
         loop {
             let (nb, na) = *self.validity.lock().unwrap_or_else(|p| p.into_inner());
             let at = rotation::renewal_time(nb, na, sigil_identity::random::jitter_unit());
-            let wait = at
-                .duration_since(SystemTime::now())
-                .unwrap_or(Duration::ZERO);
-            tokio::time::sleep(wait.max(Duration::from_millis(100))).await;
+            // Waits in steps of at most CLOCK_CHECK, looking at the clock
+            // after each: the agent's clock may be moved (a test's fake
+            // clock, or the system's stepped) while it waits.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            while let Ok(wait) = at.duration_since(self.now())
+                && !wait.is_zero()
+            {
+                tokio::time::sleep(wait.min(CLOCK_CHECK)).await;
+            }
             let mut backoff = Duration::from_secs(1);
             loop {
                 match self.renew().await {
@@ -640,7 +648,7 @@ impl Agent {
             .save(&state)
             .map_err(|e| NodeError::Key(e.to_string()))?;
         self.resolver.set(node::agent_key(&state)?);
-        if let Some(v) = fresh_validity(&state) {
+        if let Some(v) = fresh_validity(&state, self.now()) {
             *self.validity.lock().unwrap_or_else(|p| p.into_inner()) = v;
         }
         // The shared connection is opened again with the new SVID; its
