@@ -61,7 +61,7 @@ pub struct RunArgs {
     pub log_level: Option<String>,
     /// Log format, overriding the file.
     #[arg(long, value_enum)]
-    pub log_format: Option<crate::config::LogFormat>,
+    pub log_format: Option<sigil_agent::config::LogFormat>,
 }
 
 #[derive(Debug, Subcommand)]
