@@ -36,11 +36,21 @@ pub struct Cli {
     /// Reach the admin API over mTLS at HOST:PORT (the server's
     /// `admin_bind_address`) instead of the admin socket; the caller's
     /// X509-SVID comes from --svid-dir or --workload-api.
-    #[arg(long, env = "SIGIL_ADMIN_ADDRESS", global = true, value_name = "HOST:PORT")]
+    #[arg(
+        long,
+        env = "SIGIL_ADMIN_ADDRESS",
+        global = true,
+        value_name = "HOST:PORT"
+    )]
     pub admin_address: Option<String>,
     /// With --admin-address: directory with svid.pem, svid.key and bundle.pem
     /// (as `sigil-agent api fetch x509 --write DIR` writes them).
-    #[arg(long, global = true, value_name = "DIR", conflicts_with = "workload_api")]
+    #[arg(
+        long,
+        global = true,
+        value_name = "DIR",
+        conflicts_with = "workload_api"
+    )]
     pub svid_dir: Option<PathBuf>,
     /// With --admin-address: take this process's X509-SVID from the local
     /// agent [default socket: $SPIFFE_ENDPOINT_SOCKET, then /run/sigil/agent/api.sock].

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
-use sigil_identity::{AdminRole, SpiffeId, TrustDomain};
 use sigil_identity::duration::serde_human;
+use sigil_identity::{AdminRole, SpiffeId, TrustDomain};
 
 use crate::ca::keys::KeyAlgorithm;
 

@@ -93,6 +93,7 @@ fn read_pem(path: &Path, label: &'static str) -> Result<Vec<Vec<u8>>, RemoteAdmi
         std::fs::read_to_string(path).map_err(|e| RemoteAdminError::Read(path.to_owned(), e))?;
     let blocks = sigil_identity::pem::decode_all(label, &text)
         .map_err(|e| RemoteAdminError::Pem(path.to_owned(), e))?;
+    // `decode_all` refuses an empty result already; callers index [0].
     if blocks.is_empty() {
         return Err(RemoteAdminError::Empty(path.to_owned(), label));
     }
@@ -197,6 +198,6 @@ mod tests {
         assert!(err.contains(KEY_FILE), "{err}");
         std::fs::write(dir.path().join(KEY_FILE), "not pem").unwrap();
         let err = from_dir(dir.path()).err().unwrap().to_string();
-        assert!(err.contains("holds no PRIVATE KEY"), "{err}");
+        assert!(err.contains("no PEM block labelled PRIVATE KEY"), "{err}");
     }
 }

@@ -504,11 +504,19 @@ mod tests {
         e.admin_role = None;
         assert_eq!(e.admin_access(), Some(AdminRole::Admin));
         // Stored records without a role read and write as before.
-        assert!(serde_json::to_value(&e).unwrap().get("admin_role").is_none());
+        assert!(
+            serde_json::to_value(&e)
+                .unwrap()
+                .get("admin_role")
+                .is_none()
+        );
         e.admin_role = Some(AdminRole::Revoke);
         let json = serde_json::to_value(&e).unwrap();
         assert_eq!(json["admin_role"], "revoke");
-        assert_eq!(serde_json::from_value::<RegistrationEntry>(json).unwrap(), e);
+        assert_eq!(
+            serde_json::from_value::<RegistrationEntry>(json).unwrap(),
+            e
+        );
         assert!(AdminRole::Read < AdminRole::Revoke && AdminRole::Revoke < AdminRole::Admin);
         assert_eq!("revoke".parse::<AdminRole>(), Ok(AdminRole::Revoke));
         assert!("Admin".parse::<AdminRole>().is_err());

@@ -161,7 +161,9 @@ impl RemoteAuth {
         let action = found.map_or("admin.call", |m| m.action);
         if *not_after <= self.clock.now() {
             let outcome = "unauthenticated: the client SVID has expired";
-            self.audit.record(id.as_str(), action, method, outcome).await;
+            self.audit
+                .record(id.as_str(), action, method, outcome)
+                .await;
             return Err(Status::unauthenticated(
                 "the client SVID has expired; fetch a fresh one and reconnect",
             ));
@@ -184,7 +186,9 @@ impl RemoteAuth {
         if let Some(why) = refused {
             warn!(spiffe_id = %id, method, reason = %why, "admin API call over mTLS refused");
             let outcome = format!("permission denied: {why}");
-            self.audit.record(id.as_str(), action, method, &outcome).await;
+            self.audit
+                .record(id.as_str(), action, method, &outcome)
+                .await;
             return Err(Status::permission_denied(why));
         }
         Ok(id.clone())
@@ -241,7 +245,10 @@ where
                 .next()
                 .unwrap_or_default()
                 .to_owned();
-            let peer = req.extensions().get::<NodeConnInfo>().map(|i| i.peer.clone());
+            let peer = req
+                .extensions()
+                .get::<NodeConnInfo>()
+                .map(|i| i.peer.clone());
             let authorized = match peer {
                 Some(peer) => auth.authorize(&peer, &method).await,
                 None => Err(Status::internal("no connection info")),
@@ -322,13 +329,24 @@ mod tests {
     #[test]
     fn roles_follow_the_issue() {
         let role = |n: &str| lookup(n).unwrap().role;
-        for read in ["ListEntries", "CountEntries", "ListAgents", "GetAgent", "GetBundle"] {
+        for read in [
+            "ListEntries",
+            "CountEntries",
+            "ListAgents",
+            "GetAgent",
+            "GetBundle",
+        ] {
             assert_eq!(role(read), AdminRole::Read, "{read}");
         }
         for revoke in ["DeleteEntries", "EvictAgent", "BanAgent"] {
             assert_eq!(role(revoke), AdminRole::Revoke, "{revoke}");
         }
-        for admin in ["CreateEntries", "UpdateEntry", "ApplyEntries", "MintX509Svid"] {
+        for admin in [
+            "CreateEntries",
+            "UpdateEntry",
+            "ApplyEntries",
+            "MintX509Svid",
+        ] {
             assert_eq!(role(admin), AdminRole::Admin, "{admin}");
         }
         assert!(lookup("Unknown").is_none());

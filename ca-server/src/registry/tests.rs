@@ -364,7 +364,11 @@ async fn admin_role_follows_admin_entries() {
         .await
         .unwrap();
     reg.catch_up().await.unwrap();
-    assert_eq!(reg.admin_role(&id, now()), None, "admin = false grants nothing");
+    assert_eq!(
+        reg.admin_role(&id, now()),
+        None,
+        "admin = false grants nothing"
+    );
 
     let mut reader = entry("ops", &agent_id("a2"), &["unix:uid:2"]);
     reader.admin = true;
@@ -392,5 +396,9 @@ async fn admin_role_follows_admin_entries() {
     expired.expires_at = Some(now() - Duration::from_secs(1));
     store.update_entry(expired).await.unwrap();
     reg.catch_up().await.unwrap();
-    assert_eq!(reg.admin_role(&id, now()), None, "an expired entry grants nothing");
+    assert_eq!(
+        reg.admin_role(&id, now()),
+        None,
+        "an expired entry grants nothing"
+    );
 }

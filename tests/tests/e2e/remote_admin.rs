@@ -98,7 +98,11 @@ async fn client(
 ) -> Result<AdminClient<Channel>, String> {
     let pem = |f: &str| {
         let text = std::fs::read_to_string(dir.join(f)).unwrap();
-        let label = if f == "svid.key" { "PRIVATE KEY" } else { "CERTIFICATE" };
+        let label = if f == "svid.key" {
+            "PRIVATE KEY"
+        } else {
+            "CERTIFICATE"
+        };
         sigil_identity::pem::decode_all(label, &text).unwrap()
     };
     let td = TrustDomain::new(&server.trust_domain).unwrap();
@@ -202,10 +206,20 @@ async fn roles_scope_what_each_caller_may_do() {
         dir.path().join("plain"),
     );
     admin_identity(&server, "reader", &["--admin-role", "read"], &reader, None);
-    admin_identity(&server, "revoker", &["--admin-role", "revoke"], &revoker, None);
+    admin_identity(
+        &server,
+        "revoker",
+        &["--admin-role", "revoke"],
+        &revoker,
+        None,
+    );
     admin_identity(&server, "plain", &[], &plain, None);
     let target = server
-        .create_entry("spiffe://example.org/web", PARENT, &["--selector", "unix:uid:7"])
+        .create_entry(
+            "spiffe://example.org/web",
+            PARENT,
+            &["--selector", "unix:uid:7"],
+        )
         .unwrap();
 
     // Read: the same output as over the socket; no deletion.
@@ -236,14 +250,26 @@ async fn roles_scope_what_each_caller_may_do() {
     .unwrap_err();
     assert!(err.contains("PermissionDenied"), "{err}");
     let listed = server
-        .cli_json(&["entry", "show", "--spiffe-id", "spiffe://example.org/sneaky"])
+        .cli_json(&[
+            "entry",
+            "show",
+            "--spiffe-id",
+            "spiffe://example.org/sneaky",
+        ])
         .unwrap();
     assert_eq!(listed.as_array().map(Vec::len), Some(0), "{listed}");
     let out = remote(&server, &revoker, &["entry", "delete", "--id", &target]).unwrap();
     assert_eq!(out.trim(), format!("deleted {target}"));
     let gone = server.cli(&["entry", "show", "--id", &target]).unwrap();
     assert!(!gone.status.success(), "{}", text(&gone));
-    assert!(audited(&server, "spiffe://example.org/revoker", "action=entry.delete").await);
+    assert!(
+        audited(
+            &server,
+            "spiffe://example.org/revoker",
+            "action=entry.delete"
+        )
+        .await
+    );
 
     // An SVID whose entry is not an admin: nothing, and the refusal is
     // audited under its SPIFFE ID.
