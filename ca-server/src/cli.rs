@@ -374,19 +374,37 @@ fn secs(d: Option<Duration>) -> i64 {
     d.map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
-/// Connects to the admin API: the socket, or over mTLS.
-pub async fn connect(target: &AdminTarget) -> Result<AdminClient<Channel>> {
-    let path = match target {
+impl From<&Path> for AdminTarget {
+    fn from(socket: &Path) -> Self {
+        Self::Socket(socket.to_path_buf())
+    }
+}
+
+impl From<&PathBuf> for AdminTarget {
+    fn from(socket: &PathBuf) -> Self {
+        Self::Socket(socket.clone())
+    }
+}
+
+impl From<&AdminTarget> for AdminTarget {
+    fn from(target: &AdminTarget) -> Self {
+        target.clone()
+    }
+}
+
+/// Connects to the admin API: a socket path, or an [`AdminTarget`].
+pub async fn connect(target: impl Into<AdminTarget>) -> Result<AdminClient<Channel>> {
+    let path = match target.into() {
         AdminTarget::Socket(path) => path,
         AdminTarget::Remote { address, svid } => {
-            return crate::remote_admin::connect(address, svid)
+            return crate::remote_admin::connect(&address, &svid)
                 .await
                 .with_context(|| {
                     format!("cannot reach the server's admin API over mTLS at {address}")
                 });
         }
     };
-    let channel = sigil_proto::channel::unix_channel(path).await.with_context(|| {
+    let channel = sigil_proto::channel::unix_channel(&path).await.with_context(|| {
         format!(
             "cannot reach the server's admin socket at {}; is the server running, and may this user \
              open the socket? (set --admin-socket or SIGIL_ADMIN_SOCKET)",
