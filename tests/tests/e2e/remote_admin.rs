@@ -382,3 +382,40 @@ async fn an_open_connection_loses_access_when_the_entry_goes_or_the_svid_expires
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_are_rate_limited_per_caller_and_bodies_capped_per_method() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = ServerOptions {
+        extra: "[rate_limits]\nadmin_per_second = 0.01\nadmin_burst = 3\n".into(),
+        ..mtls_options()
+    };
+    let server = ServerProcess::start(&dir.path().join("server"), &options).unwrap();
+    let (ops, other) = (dir.path().join("ops"), dir.path().join("other"));
+    admin_identity(&server, "ops", &["--admin"], &ops, None);
+    admin_identity(&server, "other", &["--admin"], &other, None);
+    let mut c = client(&server, &ops, true).await.unwrap();
+
+    // An update larger than the 64 KiB cap of UpdateEntry is refused
+    // before it is read (and counts as a call).
+    let entry = pb::ListEntriesRequest::default();
+    let mut listed = c.list_entries(entry).await.unwrap().into_inner().entries;
+    let mut big = listed.remove(0);
+    big.hint = "x".repeat(100 * 1024);
+    let err = c
+        .update_entry(pb::UpdateEntryRequest { entry: Some(big) })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("limit"), "{err:?}");
+
+    c.count_entries(pb::CountEntriesRequest {}).await.unwrap();
+    let err = c
+        .count_entries(pb::CountEntriesRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+    // Another caller has its own bucket.
+    let mut c = client(&server, &other, true).await.unwrap();
+    c.count_entries(pb::CountEntriesRequest {}).await.unwrap();
+}
