@@ -157,6 +157,13 @@ impl RemoteAuth {
                 "the admin API over mTLS needs an X509-SVID as client certificate",
             ));
         };
+        // First, so that refusals (each an audit write) are limited too.
+        if !self.limit.try_take(id, 1.0, Instant::now()) {
+            debug!(spiffe_id = %id, method, "admin API call over mTLS rate limited");
+            return Err(Status::resource_exhausted(
+                "too many admin API calls from this SPIFFE ID; retry later",
+            ));
+        }
         let found = lookup(method);
         let action = found.map_or("admin.call", |m| m.action);
         if *not_after <= self.clock.now() {
@@ -166,12 +173,6 @@ impl RemoteAuth {
                 .await;
             return Err(Status::unauthenticated(
                 "the client SVID has expired; fetch a fresh one and reconnect",
-            ));
-        }
-        if !self.limit.try_take(id, 1.0, Instant::now()) {
-            debug!(spiffe_id = %id, method, "admin API call over mTLS rate limited");
-            return Err(Status::resource_exhausted(
-                "too many admin API calls from this SPIFFE ID; retry later",
             ));
         }
         let role = self.role(id);
