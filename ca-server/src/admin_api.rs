@@ -1,8 +1,12 @@
-//! The admin API (`sigil.admin.v1`) on a local Unix socket.
+//! The admin API (`sigil.admin.v1`) on a local Unix socket, and over mTLS
+//! on TCP when configured ([`mtls`]).
 //!
 //! Default deny: the socket is created with mode 0770, and each call is
 //! checked again against the caller's kernel credentials (SO_PEERCRED):
 //! only root, the server's own uid and configured admin uids may call.
+//! Over mTLS, [`mtls::Guarded`] authorizes each call by the caller's SVID.
+
+pub mod mtls;
 
 use std::collections::{BTreeSet, HashMap};
 use std::os::unix::fs::MetadataExt;
@@ -106,6 +110,10 @@ fn ttl(v: i64) -> Result<Option<Duration>, Status> {
 impl AdminService {
     /// Who is calling, or PermissionDenied for anyone not allowed.
     fn caller<T>(&self, req: &Request<T>) -> Result<String, Status> {
+        // Over mTLS the guard has authorized this call for this SPIFFE ID.
+        if let Some(remote) = req.extensions().get::<mtls::RemoteCaller>() {
+            return Ok(remote.0.to_string());
+        }
         let cred = req
             .extensions()
             .get::<UdsConnectInfo>()

@@ -37,8 +37,63 @@ pub struct Cli {
     /// Output format for data.
     #[arg(long, value_enum, default_value_t = Output::Text, global = true)]
     pub output: Output,
+    /// Reach the admin API over mTLS at HOST:PORT (the server's
+    /// `admin_bind_address`) instead of the admin socket; the caller's
+    /// X509-SVID comes from --svid-dir or --workload-api.
+    #[arg(
+        long,
+        env = "SIGIL_ADMIN_ADDRESS",
+        global = true,
+        value_name = "HOST:PORT"
+    )]
+    pub admin_address: Option<String>,
+    /// With --admin-address: directory with svid.pem, svid.key and bundle.pem
+    /// (as `sigil-agent api fetch x509 --write DIR` writes them).
+    #[arg(
+        long,
+        global = true,
+        value_name = "DIR",
+        conflicts_with = "workload_api"
+    )]
+    pub svid_dir: Option<PathBuf>,
+    /// With --admin-address: take this process's X509-SVID from the local
+    /// agent [default socket: $SPIFFE_ENDPOINT_SOCKET, then /run/sigil/agent/api.sock].
+    #[arg(long, global = true, value_name = "SOCKET", num_args = 0..=1, default_missing_value = "")]
+    pub workload_api: Option<String>,
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// Where the client subcommands reach the admin API.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AdminTarget {
+    /// The local admin socket.
+    Socket(PathBuf),
+    /// The admin API over mTLS.
+    Remote {
+        address: String,
+        svid: sigil_server::remote_admin::SvidSource,
+    },
+}
+
+/// The admin API the flags point at: `--admin-address` with its SVID
+/// source, else the admin socket.
+pub fn admin_target(cli: &Cli) -> Result<AdminTarget> {
+    use sigil_server::remote_admin::{SvidSource, workload_api_socket};
+    let Some(address) = cli.admin_address.clone() else {
+        if cli.svid_dir.is_some() || cli.workload_api.is_some() {
+            bail!("--svid-dir and --workload-api only apply with --admin-address HOST:PORT");
+        }
+        return Ok(AdminTarget::Socket(admin_socket(cli)));
+    };
+    let svid = match (&cli.svid_dir, &cli.workload_api) {
+        (Some(dir), _) => SvidSource::Dir(dir.clone()),
+        (None, Some(socket)) => SvidSource::WorkloadApi(workload_api_socket(Some(socket))),
+        (None, None) => bail!(
+            "--admin-address needs the caller's X509-SVID: --svid-dir DIR or --workload-api [SOCKET]"
+        ),
+    };
+    Ok(AdminTarget::Remote { address, svid })
 }
 
 /// Subcommands.
@@ -117,6 +172,10 @@ pub struct EntryFields {
     /// The identity may call the admin API.
     #[arg(long)]
     pub admin: bool,
+    /// What the identity may do on the admin API over mTLS: read, revoke
+    /// or admin (the default with --admin); implies --admin.
+    #[arg(long, value_name = "ROLE")]
+    pub admin_role: Option<sigil_identity::AdminRole>,
     /// Hint passed to workloads to tell SVIDs apart.
     #[arg(long)]
     pub hint: Option<String>,
@@ -305,15 +364,25 @@ fn secs(d: Option<Duration>) -> i64 {
     d.map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
-/// Connects to the admin socket; on failure also names the flag and the
-/// variable that choose it.
-async fn connect(socket: &Path) -> Result<AdminClient<Channel>> {
-    admin_client::connect(socket).await.map_err(|e| {
-        anyhow!(
-            "{:#} (set --admin-socket or SIGIL_ADMIN_SOCKET)",
-            anyhow::Error::from(e)
-        )
-    })
+/// Connects to the admin API the flags chose; on failure also names the
+/// flags that choose it.
+async fn connect(target: &AdminTarget) -> Result<AdminClient<Channel>> {
+    match target {
+        AdminTarget::Socket(socket) => admin_client::connect(socket).await.map_err(|e| {
+            anyhow!(
+                "{:#} (set --admin-socket or SIGIL_ADMIN_SOCKET)",
+                anyhow::Error::from(e)
+            )
+        }),
+        AdminTarget::Remote { address, svid } => sigil_server::remote_admin::connect(address, svid)
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot reach the server's admin API over mTLS at {address} \
+                     (set --admin-address, and --svid-dir or --workload-api)"
+                )
+            }),
+    }
 }
 
 fn entry_json(e: &node_pb::Entry) -> Value {
@@ -327,6 +396,7 @@ fn entry_json(e: &node_pb::Entry) -> Value {
         "dns_names": e.dns_names,
         "federates_with": e.federates_with,
         "admin": e.admin,
+        "admin_role": e.admin_role,
         "hint": e.hint,
         "expires_at": e.expires_at,
         "revision": e.revision,
@@ -351,7 +421,7 @@ fn entry_text(e: &node_pb::Entry) -> String {
         }
     };
     format!(
-        "Entry ID       : {}\nSPIFFE ID      : {}\nParent ID      : {}\nSelectors      : {}\nX509-SVID TTL  : {}\nJWT-SVID TTL   : {}\nDNS names      : {}\nFederates with : {}\nAdmin          : {}\nHint           : {}\nExpires at     : {}\nRevision       : {}\n",
+        "Entry ID       : {}\nSPIFFE ID      : {}\nParent ID      : {}\nSelectors      : {}\nX509-SVID TTL  : {}\nJWT-SVID TTL   : {}\nDNS names      : {}\nFederates with : {}\nAdmin          : {}{}\nHint           : {}\nExpires at     : {}\nRevision       : {}\n",
         e.id,
         e.spiffe_id,
         e.parent_id,
@@ -361,6 +431,11 @@ fn entry_text(e: &node_pb::Entry) -> String {
         list(&e.dns_names),
         list(&e.federates_with),
         e.admin,
+        if e.admin_role.is_empty() {
+            String::new()
+        } else {
+            format!(" (role {})", e.admin_role)
+        },
         if e.hint.is_empty() { "-" } else { &e.hint },
         expiry(e.expires_at),
         e.revision
@@ -413,6 +488,10 @@ fn fields_to_entry(f: &EntryFields, base: node_pb::Entry) -> node_pb::Entry {
     if f.admin {
         e.admin = true;
     }
+    if let Some(role) = f.admin_role {
+        e.admin = true;
+        e.admin_role = role.to_string();
+    }
     if let Some(h) = &f.hint {
         e.hint = h.clone();
     }
@@ -423,7 +502,7 @@ fn fields_to_entry(f: &EntryFields, base: node_pb::Entry) -> node_pb::Entry {
 }
 
 /// Runs a client subcommand against the server at `socket`.
-pub async fn run_client(command: Command, socket: &Path, output: Output) -> Result<()> {
+pub async fn run_client(command: Command, socket: &AdminTarget, output: Output) -> Result<()> {
     let json = output.is_json();
     match command {
         Command::Run(_) => unreachable!("run is handled by main"),
@@ -612,7 +691,7 @@ pub async fn run_client(command: Command, socket: &Path, output: Output) -> Resu
     Ok(())
 }
 
-async fn entry(cmd: EntryCmd, socket: &Path, output: Output) -> Result<()> {
+async fn entry(cmd: EntryCmd, socket: &AdminTarget, output: Output) -> Result<()> {
     let json = output.is_json();
     match cmd {
         EntryCmd::Create { fields, node, data } => {
@@ -796,7 +875,7 @@ async fn entry(cmd: EntryCmd, socket: &Path, output: Output) -> Result<()> {
 /// `entry plan` (`dry_run`) and `entry apply`: checks the file, then sends
 /// it as one `ApplyEntries` call and prints the plan.
 async fn apply_file(
-    socket: &Path,
+    socket: &AdminTarget,
     output: Output,
     args: &RegistrationArgs,
     dry_run: bool,
@@ -934,6 +1013,7 @@ fn read_batch(path: &Path) -> Result<Vec<node_pb::Entry>> {
                 dns_names: strings("dns_names"),
                 federates_with: strings("federates_with"),
                 admin: v.get("admin").and_then(Value::as_bool).unwrap_or(false),
+                admin_role: s("admin_role"),
                 hint: s("hint"),
                 expires_at: int("expires_at"),
                 revision: 0,

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
-use sigil_identity::TrustDomain;
 use sigil_identity::duration::serde_human;
+use sigil_identity::{AdminRole, SpiffeId, TrustDomain};
 
 use crate::ca::keys::KeyAlgorithm;
 
@@ -77,6 +77,20 @@ pub struct ServerSection {
     /// presented an agent SVID: in TLS handshake, or attesting. Agents
     /// behind one NAT that attest at once may need more.
     pub max_unauthenticated_connections_per_address: usize,
+    /// TCP address of the admin API over mTLS (TLS 1.3, an X509-SVID of
+    /// this trust domain required); off when unset.
+    pub admin_bind_address: Option<SocketAddr>,
+    /// SPIFFE IDs given an admin role by configuration, besides entries
+    /// with `admin = true` (`[[server.admin_ids]]`).
+    pub admin_ids: Vec<AdminIdSection>,
+}
+
+/// `[[server.admin_ids]]`: one SPIFFE ID and the admin role it holds.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminIdSection {
+    pub id: SpiffeId,
+    pub role: AdminRole,
 }
 
 impl Default for ServerSection {
@@ -89,6 +103,8 @@ impl Default for ServerSection {
             admin_uids: Vec::new(),
             max_connections: 16_384,
             max_unauthenticated_connections_per_address: 64,
+            admin_bind_address: None,
+            admin_ids: Vec::new(),
         }
     }
 }
@@ -288,6 +304,10 @@ pub struct RateLimitSection {
     pub signing_per_second: f64,
     /// Burst of SVIDs signed for one agent.
     pub signing_burst: f64,
+    /// Admin API calls per second from one caller SPIFFE ID over mTLS.
+    pub admin_per_second: f64,
+    /// Burst of admin API calls from one caller SPIFFE ID over mTLS.
+    pub admin_burst: f64,
 }
 
 impl Default for RateLimitSection {
@@ -297,6 +317,8 @@ impl Default for RateLimitSection {
             attest_burst: 50.0,
             signing_per_second: 2000.0,
             signing_burst: 20000.0,
+            admin_per_second: 20.0,
+            admin_burst: 100.0,
         }
     }
 }
@@ -464,7 +486,9 @@ impl ServerConfig {
                 "retention.interval must be at least 1s".into(),
             ));
         }
-        if !(self.rate_limits.attest_per_second > 0.0 && self.rate_limits.signing_per_second > 0.0)
+        if !(self.rate_limits.attest_per_second > 0.0
+            && self.rate_limits.signing_per_second > 0.0
+            && self.rate_limits.admin_per_second > 0.0)
         {
             return Err(ConfigError::Invalid("rate limits must be positive".into()));
         }
@@ -474,6 +498,17 @@ impl ServerConfig {
             return Err(ConfigError::Invalid(
                 "server.max_connections and server.max_unauthenticated_connections_per_address must be at least 1 (0 would refuse every agent)".into(),
             ));
+        }
+        if let Some(a) = self
+            .server
+            .admin_ids
+            .iter()
+            .find(|a| !a.id.is_member_of(&self.trust_domain))
+        {
+            return Err(ConfigError::Invalid(format!(
+                "server.admin_ids: {} is not in trust domain {}; only SVIDs of this trust domain are accepted",
+                a.id, self.trust_domain
+            )));
         }
         Ok(())
     }
@@ -534,6 +569,32 @@ mod tests {
         );
         let err = ServerConfig::load(Some(&path), Overrides::default()).unwrap_err();
         assert!(err.to_string().contains("at least 1"), "{err}");
+    }
+
+    #[test]
+    fn remote_admin_is_off_by_default_and_admin_ids_parse() {
+        let (_d, path) = write("trust_domain = \"example.org\"\n");
+        let cfg = ServerConfig::load(Some(&path), Overrides::default()).unwrap();
+        assert_eq!(cfg.server.admin_bind_address, None);
+        assert!(cfg.server.admin_ids.is_empty());
+        let (_d, path) = write(
+            "trust_domain = \"example.org\"\n[server]\nadmin_bind_address = \"127.0.0.1:8082\"\n[[server.admin_ids]]\nid = \"spiffe://example.org/soar\"\nrole = \"revoke\"\n",
+        );
+        let cfg = ServerConfig::load(Some(&path), Overrides::default()).unwrap();
+        assert_eq!(
+            cfg.server.admin_bind_address.unwrap().to_string(),
+            "127.0.0.1:8082"
+        );
+        assert_eq!(cfg.server.admin_ids[0].role, AdminRole::Revoke);
+        let (_d, path) = write(
+            "trust_domain = \"example.org\"\n[[server.admin_ids]]\nid = \"spiffe://example.org/soar\"\nrole = \"root\"\n",
+        );
+        assert!(ServerConfig::load(Some(&path), Overrides::default()).is_err());
+        let (_d, path) = write(
+            "trust_domain = \"example.org\"\n[[server.admin_ids]]\nid = \"spiffe://other.org/soar\"\nrole = \"read\"\n",
+        );
+        let err = ServerConfig::load(Some(&path), Overrides::default()).unwrap_err();
+        assert!(err.to_string().contains("not in trust domain"), "{err}");
     }
 
     #[test]

@@ -10,8 +10,11 @@
 //!   conformance suite every implementation passes.
 //! - [`registry`]: in-memory authorization index and change fan-out.
 //! - [`node_api`]: the agent-facing gRPC API over TLS 1.3.
-//! - [`admin_api`]: the operator-facing gRPC API on a Unix socket.
-//! - [`admin_client`]: connecting to it (the CLI, quickstart, tests).
+//! - [`admin_api`]: the operator-facing gRPC API on a Unix socket, and
+//!   over mTLS for admin SVIDs ([`admin_api::mtls`]).
+//! - [`admin_client`]: connecting to it on the Unix socket (the CLI,
+//!   quickstart, tests).
+//! - [`remote_admin`]: the client side of the admin API over mTLS.
 //! - [`audit`]: the audit trail (token buckets are `sigil_identity::rate_limit`).
 //! - [`retention`]: pruning of old changes, audit records and agents.
 //! - [`config`]: TOML config merged with flags.
@@ -33,6 +36,7 @@ pub mod entry_apply;
 pub mod node_api;
 pub mod registration_file;
 pub mod registry;
+pub mod remote_admin;
 pub mod retention;
 pub mod server;
 pub mod shutdown;

@@ -67,11 +67,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let socket = cli::admin_socket(&cli);
+    let target = cli::admin_target(&cli);
     let result = runtime.block_on(async {
         match cli.command {
             Command::Run(args) => run(args, cli.admin_socket).await,
-            command => cli::run_client(command, &socket, cli.output).await,
+            command => cli::run_client(command, &target?, cli.output).await,
         }
     });
     match result {

@@ -22,6 +22,7 @@
 //! dns_names = ["web.example.org"]
 //! federates_with = ["partner.org"]
 //! admin = false
+//! admin_role = "read"                             # with admin = true: read, revoke or admin
 //! hint = "blue"
 //! expires_at = "2027-01-01T00:00:00Z"
 //! ```
@@ -39,7 +40,7 @@ use std::time::{Duration, SystemTime};
 use serde::{Deserialize, Deserializer};
 use sigil_identity::clock::unix_seconds;
 use sigil_identity::entry::is_valid_name;
-use sigil_identity::{DnsName, RegistrationEntry, Selector, SpiffeId, TrustDomain};
+use sigil_identity::{AdminRole, DnsName, RegistrationEntry, Selector, SpiffeId, TrustDomain};
 use toml::Spanned;
 
 use crate::datastore::entry_key;
@@ -128,6 +129,8 @@ struct FileEntry {
     federates_with: Vec<TrustDomain>,
     #[serde(default)]
     admin: bool,
+    #[serde(default)]
+    admin_role: Option<AdminRole>,
     #[serde(default)]
     hint: String,
     #[serde(default, deserialize_with = "opt_time")]
@@ -230,6 +233,7 @@ pub fn parse(
         e.dns_names = f.dns_names;
         e.federates_with = f.federates_with.into_iter().collect();
         e.admin = f.admin;
+        e.admin_role = f.admin_role;
         e.hint = f.hint;
         e.expires_at = f.expires_at;
         e.name = f.name;
@@ -301,6 +305,10 @@ pub fn fields(e: &RegistrationEntry) -> Vec<(&'static str, String)> {
         ("dns_names", list(&e.dns_names)),
         ("federates_with", list(&e.federates_with)),
         ("admin", e.admin.to_string()),
+        (
+            "admin_role",
+            e.admin_role.map(|r| r.to_string()).unwrap_or_default(),
+        ),
         ("hint", e.hint.clone()),
         ("expires_at", e.expires_at.map_or("never".into(), rfc3339)),
     ]
@@ -384,6 +392,9 @@ pub fn render(entries: &[RegistrationEntry]) -> String {
             if e.admin {
                 out.push_str("admin = true\n");
             }
+            if let Some(role) = e.admin_role {
+                out.push_str(&format!("admin_role = {}\n", quote(role.as_str())));
+            }
             if !e.hint.is_empty() {
                 out.push_str(&format!("hint = {}\n", quote(&e.hint)));
             }
@@ -421,6 +432,7 @@ jwt_svid_ttl = "5m"
 dns_names = ["web.example.org"]
 federates_with = ["partner.org"]
 admin = true
+admin_role = "revoke"
 hint = "say \"hi\"\\"
 expires_at = "2030-01-01T00:00:00Z"
 "#;
@@ -435,6 +447,7 @@ expires_at = "2030-01-01T00:00:00Z"
         assert_eq!(web.jwt_svid_ttl, Some(Duration::from_secs(300)));
         assert_eq!(web.hint, "say \"hi\"\\");
         assert!(web.admin);
+        assert_eq!(web.admin_role, Some(AdminRole::Revoke));
         assert_eq!(
             web.expires_at,
             Some(sigil_identity::clock::from_unix_seconds(1_893_456_000))

@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
-use sigil_identity::{EntryId, RegistrationEntry, SpiffeId, TrustDomain};
+use sigil_identity::{AdminRole, EntryId, RegistrationEntry, SpiffeId, TrustDomain};
 use tokio::sync::mpsc;
 use tracing::debug;
 
@@ -121,6 +121,8 @@ struct State {
     by_parent: HashMap<SpiffeId, Arc<Siblings>>,
     /// Node alias entries (parented to the server).
     aliases: HashMap<EntryId, Arc<RegistrationEntry>>,
+    /// Entries with `admin = true`: few, looked up on every remote admin call.
+    admins: HashMap<EntryId, Arc<RegistrationEntry>>,
     agents: HashMap<SpiffeId, AgentRecord>,
     agent_aliases: HashMap<SpiffeId, BTreeSet<SpiffeId>>,
     alias_members: HashMap<SpiffeId, BTreeSet<SpiffeId>>,
@@ -245,6 +247,9 @@ impl State {
         if self.is_alias(e, server_id) {
             self.aliases.insert(e.id.clone(), e.clone());
         }
+        if e.admin {
+            self.admins.insert(e.id.clone(), e.clone());
+        }
         Arc::make_mut(self.by_parent.entry(e.parent_id.clone()).or_default())
             .insert(e.id.clone(), e.clone());
         self.entries.insert(e.id.clone(), e.clone());
@@ -252,6 +257,7 @@ impl State {
 
     fn unindex(&mut self, e: &RegistrationEntry) {
         self.aliases.remove(&e.id);
+        self.admins.remove(&e.id);
         if let Some(set) = self.by_parent.get_mut(&e.parent_id) {
             Arc::make_mut(set).remove(&e.id);
             if set.is_empty() {
@@ -502,6 +508,17 @@ impl Registry {
             .get(id)
             .filter(|e| state.is_authorized(agent, e, now))
             .cloned()
+    }
+
+    /// The strongest admin role that entries with `admin = true` for `id`
+    /// grant at `now` (expired entries grant nothing).
+    pub fn admin_role(&self, id: &SpiffeId, now: SystemTime) -> Option<AdminRole> {
+        self.lock()
+            .admins
+            .values()
+            .filter(|e| e.spiffe_id == *id && !e.is_expired(now))
+            .filter_map(|e| e.admin_access())
+            .max()
     }
 
     /// One agent's record.

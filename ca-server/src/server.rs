@@ -19,7 +19,7 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio_stream::wrappers::UnixListenerStream;
 use tracing::{info, warn};
 
-use crate::admin_api::{AdminApi, AdminService, own_uid};
+use crate::admin_api::{AdminApi, AdminService, mtls, own_uid};
 use crate::audit::Audit;
 use crate::ca::keys::{DiskKeyManager, KeyManager, MemoryKeyManager};
 use crate::ca::x509::UpstreamCa;
@@ -56,6 +56,8 @@ pub enum ServerError {
     Serve(#[from] tonic::transport::Error),
     #[error("data directory {0}: {1}")]
     DataDir(std::path::PathBuf, std::io::Error),
+    #[error("cannot listen on {0} for the admin API over mTLS (server.admin_bind_address): {1}")]
+    AdminBind(std::net::SocketAddr, std::io::Error),
 }
 
 /// Builds the `k8s_psat` attestor from its configuration section.
@@ -185,7 +187,7 @@ pub async fn run(
     });
     let server_svid = tls::ServerSvid::start(ca.clone(), clock.clone(), stop_rx.clone())?;
     let bundle = tls::follow_bundle(&ca, stop_rx.clone());
-    let acceptor = tls::acceptor(&server_svid, bundle)?;
+    let acceptor = tls::acceptor(&server_svid, bundle.clone())?;
 
     let mut attestors: HashMap<&'static str, Arc<dyn ServerNodeAttestor>> = HashMap::new();
     if config.node_attestors.join_token.enabled {
@@ -224,6 +226,16 @@ pub async fn run(
     let mut allowed_uids: BTreeSet<u32> = config.server.admin_uids.iter().copied().collect();
     allowed_uids.insert(0);
     allowed_uids.insert(own_uid());
+    // The admin API over mTLS, when configured; bound before anything
+    // is served so a taken port fails the start.
+    let admin_tcp = match config.server.admin_bind_address {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|e| ServerError::AdminBind(addr, e))?,
+        ),
+        None => None,
+    };
     let admin = Arc::new(AdminService {
         trust_domain: td.clone(),
         ca: ca.clone(),
@@ -296,6 +308,7 @@ pub async fn run(
             tls::incoming(listeners.node, acceptor, conn_limits, is_pinned),
             wait_for_stop(stop_rx.clone()),
         );
+    let admin_for_tcp = admin.clone();
     let admin_server = tonic::transport::Server::builder()
         .add_service(
             AdminServer::new(AdminApi(admin))
@@ -306,11 +319,58 @@ pub async fn run(
             UnixListenerStream::new(listeners.admin),
             wait_for_stop(stop_rx.clone()),
         );
-    info!(trust_domain = %td, node_api = ?node_addr, bundle_sequence = ca.bundle().sequence, "sigil-server serving");
+    let admin_tcp_addr = admin_tcp.as_ref().and_then(|l| l.local_addr().ok());
+    let remote_admin_server = {
+        let auth = Arc::new(mtls::RemoteAuth::new(
+            registry.clone(),
+            config
+                .server
+                .admin_ids
+                .iter()
+                .map(|a| (a.id.clone(), a.role)),
+            clock.clone(),
+            audit.clone(),
+            RateLimiter::new(rates.admin_per_second, rates.admin_burst),
+        ));
+        let acceptor = mtls::acceptor(&server_svid, bundle.clone(), td.clone())?;
+        let stop = stop_rx.clone();
+        // A connection counts as unauthenticated (per address) unless its
+        // SVID holds an admin role.
+        let is_admin: tls::IsPinned = {
+            let auth = auth.clone();
+            Arc::new(move |peer| match peer {
+                tls::PeerSvid::Svid { id, .. } => auth.role(id).is_some(),
+                _ => false,
+            })
+        };
+        async move {
+            let Some(listener) = admin_tcp else {
+                return Ok(());
+            };
+            tonic::transport::Server::builder()
+                .http2_keepalive_interval(Some(Duration::from_secs(30)))
+                .max_concurrent_streams(limits::MAX_STREAMS_PER_CONNECTION)
+                .add_service(mtls::Guarded::new(
+                    AdminServer::new(AdminApi(admin_for_tcp))
+                        .max_decoding_message_size(mtls::BATCH_BODY)
+                        .max_encoding_message_size(MAX_MESSAGE),
+                    auth,
+                ))
+                .serve_with_incoming_shutdown(
+                    tls::incoming(listener, acceptor, conn_limits, is_admin),
+                    wait_for_stop(stop),
+                )
+                .await
+        }
+    };
+    info!(trust_domain = %td, node_api = ?node_addr, admin_api_mtls = ?admin_tcp_addr, bundle_sequence = ca.bundle().sequence, "sigil-server serving");
 
     // Graceful: stop accepting, let calls in flight finish, but do not wait
     // more than SHUTDOWN_GRACE for clients that keep connections open.
-    let serve = async { tokio::join!(node_server, admin_server) };
+    let serve = async {
+        let (node, admin, remote) = tokio::join!(node_server, admin_server, remote_admin_server);
+        (node, admin.and(remote))
+    };
     let deadline = async {
         wait_for_stop(stop_rx.clone()).await;
         tokio::time::sleep(SHUTDOWN_GRACE).await;

@@ -55,6 +55,57 @@ pub enum EntryError {
     BadName(&'static str),
     #[error("an entry has a name only together with an owner, and the other way round")]
     NameWithoutOwner,
+    #[error("admin_role is only meaningful with admin = true")]
+    AdminRoleWithoutAdmin,
+}
+
+/// What an admin identity may do over the admin API's mTLS listener. Each
+/// role includes the ones before it: `revoke` may also read, `admin` may
+/// do everything.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AdminRole {
+    /// Show, list and count entries and agents; the bundle; health.
+    Read,
+    /// Read, and take access away: delete entries, evict and ban agents.
+    Revoke,
+    /// Everything the admin API offers.
+    Admin,
+}
+
+impl AdminRole {
+    /// Every role, weakest first.
+    pub const ALL: [AdminRole; 3] = [Self::Read, Self::Revoke, Self::Admin];
+
+    /// The role's name in config files, on the wire and in the CLI.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Read => "read",
+            Self::Revoke => "revoke",
+            Self::Admin => "admin",
+        }
+    }
+}
+
+impl fmt::Display for AdminRole {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A role name that is not `read`, `revoke` or `admin`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown admin role {0:?}: expected read, revoke or admin")]
+pub struct UnknownAdminRole(pub String);
+
+impl std::str::FromStr for AdminRole {
+    type Err = UnknownAdminRole;
+    fn from_str(s: &str) -> Result<Self, UnknownAdminRole> {
+        Self::ALL
+            .into_iter()
+            .find(|r| r.as_str() == s)
+            .ok_or_else(|| UnknownAdminRole(s.to_owned()))
+    }
 }
 
 /// Whether `s` is a valid entry name or owner: 1 to [`MAX_NAME_LEN`]
@@ -220,6 +271,10 @@ pub struct RegistrationEntry {
     /// Whether the identity may call the admin API.
     #[serde(default)]
     pub admin: bool,
+    /// With `admin`, what the identity may do; `None` is the full
+    /// [`AdminRole::Admin`]. Left out of the stored record when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin_role: Option<AdminRole>,
     /// Free-form hint passed to workloads to tell SVIDs apart.
     #[serde(default)]
     pub hint: String,
@@ -253,6 +308,7 @@ impl RegistrationEntry {
             dns_names: Vec::new(),
             federates_with: BTreeSet::new(),
             admin: false,
+            admin_role: None,
             hint: String::new(),
             expires_at: None,
             revision: 0,
@@ -264,6 +320,12 @@ impl RegistrationEntry {
     /// Whether this is a node alias entry (parented to the server).
     pub fn is_node_alias(&self) -> bool {
         self.parent_id == SpiffeId::server(&self.spiffe_id.trust_domain())
+    }
+
+    /// The role the entry's identity holds on the admin API, if any.
+    pub fn admin_access(&self) -> Option<AdminRole> {
+        self.admin
+            .then(|| self.admin_role.unwrap_or(AdminRole::Admin))
     }
 
     /// Whether the entry has expired at `now`.
@@ -325,6 +387,9 @@ impl RegistrationEntry {
                 }
             }
             _ => return Err(EntryError::NameWithoutOwner),
+        }
+        if self.admin_role.is_some() && !self.admin {
+            return Err(EntryError::AdminRoleWithoutAdmin);
         }
         Ok(())
     }
@@ -424,6 +489,37 @@ mod tests {
         let back: RegistrationEntry =
             serde_json::from_str(&serde_json::to_string(&e).unwrap()).unwrap();
         assert_eq!(back, e);
+    }
+
+    #[test]
+    fn admin_role_defaults_to_admin_and_needs_the_admin_flag() {
+        let mut e = entry();
+        assert_eq!(e.admin_access(), None);
+        e.admin_role = Some(AdminRole::Read);
+        assert_eq!(e.check(&td()), Err(EntryError::AdminRoleWithoutAdmin));
+        assert_eq!(e.admin_access(), None, "the role alone grants nothing");
+        e.admin = true;
+        assert_eq!(e.check(&td()), Ok(()));
+        assert_eq!(e.admin_access(), Some(AdminRole::Read));
+        e.admin_role = None;
+        assert_eq!(e.admin_access(), Some(AdminRole::Admin));
+        // Stored records without a role read and write as before.
+        assert!(
+            serde_json::to_value(&e)
+                .unwrap()
+                .get("admin_role")
+                .is_none()
+        );
+        e.admin_role = Some(AdminRole::Revoke);
+        let json = serde_json::to_value(&e).unwrap();
+        assert_eq!(json["admin_role"], "revoke");
+        assert_eq!(
+            serde_json::from_value::<RegistrationEntry>(json).unwrap(),
+            e
+        );
+        assert!(AdminRole::Read < AdminRole::Revoke && AdminRole::Revoke < AdminRole::Admin);
+        assert_eq!("revoke".parse::<AdminRole>(), Ok(AdminRole::Revoke));
+        assert!("Admin".parse::<AdminRole>().is_err());
     }
 
     #[test]

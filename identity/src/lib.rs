@@ -47,6 +47,6 @@ pub mod x509;
 mod testutil;
 
 pub use bundle::{Bundle, JwtAuthority};
-pub use entry::{DnsName, EntryId, RegistrationEntry};
+pub use entry::{AdminRole, DnsName, EntryId, RegistrationEntry};
 pub use selector::{Selector, SelectorSet};
 pub use spiffe_id::{SpiffeId, TrustDomain};

@@ -76,6 +76,7 @@ impl From<&RegistrationEntry> for node::Entry {
             dns_names: e.dns_names.iter().map(ToString::to_string).collect(),
             federates_with: e.federates_with.iter().map(ToString::to_string).collect(),
             admin: e.admin,
+            admin_role: e.admin_role.map(|r| r.to_string()).unwrap_or_default(),
             hint: e.hint.clone(),
             expires_at: unix(e.expires_at),
             revision: e.revision,
@@ -127,6 +128,10 @@ impl TryFrom<node::Entry> for RegistrationEntry {
             dns_names,
             federates_with,
             admin: e.admin,
+            admin_role: (!e.admin_role.is_empty())
+                .then(|| e.admin_role.parse())
+                .transpose()
+                .map_err(|err| WireError::new("admin_role", err))?,
             hint: e.hint,
             expires_at,
             revision: e.revision,
@@ -176,6 +181,8 @@ mod tests {
         e.revision = 7;
         e.owner = "team".into();
         e.name = "web".into();
+        e.admin = true;
+        e.admin_role = Some(sigil_identity::AdminRole::Revoke);
         e
     }
 
@@ -188,6 +195,12 @@ mod tests {
 
     #[test]
     fn bad_wire_fields_are_named() {
+        let mut wire = node::Entry::from(&entry());
+        wire.admin_role = "root".into();
+        assert_eq!(
+            RegistrationEntry::try_from(wire).unwrap_err().field,
+            "admin_role"
+        );
         let mut wire = node::Entry::from(&entry());
         wire.selectors = vec!["nocolon".into()];
         assert_eq!(

@@ -362,6 +362,9 @@ pub struct ServerOptions {
     pub extra: String,
     /// Log filter.
     pub log_level: String,
+    /// Also serve the admin API over mTLS on a free port
+    /// (`server.admin_bind_address`, see [`ServerProcess::admin_address`]).
+    pub admin_mtls: bool,
 }
 
 impl ServerOptions {
@@ -382,6 +385,7 @@ impl Default for ServerOptions {
             agent_svid_ttl: None,
             extra: String::new(),
             log_level: "info".into(),
+            admin_mtls: false,
         }
     }
 }
@@ -405,6 +409,9 @@ pub struct ServerProcess {
     /// The temporary directory of [`ServerProcess::start_temp`], removed
     /// on drop (after the process is killed: fields drop in order).
     _temp: Option<tempfile::TempDir>,
+    /// The admin API over mTLS (`127.0.0.1:<port>`), when
+    /// [`ServerOptions::admin_mtls`] asked for it.
+    pub admin_address: Option<String>,
 }
 
 impl ServerProcess {
@@ -444,6 +451,16 @@ impl ServerProcess {
             admin_socket.display(),
             options.log_level,
         );
+        let admin_address = if options.admin_mtls {
+            let a = format!("127.0.0.1:{}", free_port()?);
+            toml = toml.replace(
+                "[server]\n",
+                &format!("[server]\nadmin_bind_address = \"{a}\"\n"),
+            );
+            Some(a)
+        } else {
+            None
+        };
         if let Some(ttl) = options.ca_ttl {
             let svid = secs(ttl / 6);
             let _ = write!(
@@ -479,6 +496,7 @@ impl ServerProcess {
             admin_socket,
             trust_domain: options.trust_domain.clone(),
             _temp: None,
+            admin_address,
         };
         server.proc_.launch()?;
         Ok(server)
@@ -603,6 +621,21 @@ impl ServerProcess {
         all.extend_from_slice(args);
         let text = self.cli_ok(&all)?;
         serde_json::from_str(&text).with_context(|| format!("not JSON: {text}"))
+    }
+
+    /// Runs `sigil-server --admin-address <admin_address> <args>`: the CLI
+    /// over mTLS (`args` start with the SVID flags, e.g. `--svid-dir DIR`).
+    pub fn cli_remote(&self, args: &[&str]) -> Result<Output> {
+        let address = self
+            .admin_address
+            .as_deref()
+            .context("the server was started without ServerOptions::admin_mtls")?;
+        Command::new(&self.proc_.binary)
+            .arg("--admin-address")
+            .arg(address)
+            .args(args)
+            .output()
+            .context("cannot run sigil-server")
     }
 
     /// A fresh join token.

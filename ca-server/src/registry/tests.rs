@@ -353,3 +353,52 @@ async fn resume_reads_changes_across_log_chunks() {
     assert_eq!(start.removed, vec![gone.id.clone()]);
     assert_eq!(start.revision, reg.revision());
 }
+
+#[tokio::test]
+async fn admin_role_follows_admin_entries() {
+    let (_d, store, reg) = setup().await;
+    let id = td().id_from_segments(&["ops"]).unwrap();
+    assert_eq!(reg.admin_role(&id, now()), None);
+    let plain = store
+        .create_entry(entry("ops", &agent_id("a1"), &["unix:uid:1"]))
+        .await
+        .unwrap();
+    reg.catch_up().await.unwrap();
+    assert_eq!(
+        reg.admin_role(&id, now()),
+        None,
+        "admin = false grants nothing"
+    );
+
+    let mut reader = entry("ops", &agent_id("a2"), &["unix:uid:2"]);
+    reader.admin = true;
+    reader.admin_role = Some(AdminRole::Read);
+    let reader = store.create_entry(reader).await.unwrap();
+    reg.catch_up().await.unwrap();
+    assert_eq!(reg.admin_role(&id, now()), Some(AdminRole::Read));
+
+    // The strongest of the ID's admin entries counts.
+    let mut full = plain.clone();
+    full.admin = true;
+    let full = store.update_entry(full).await.unwrap();
+    reg.catch_up().await.unwrap();
+    assert_eq!(reg.admin_role(&id, now()), Some(AdminRole::Admin));
+    assert_eq!(
+        reg.admin_role(&td().id_from_segments(&["other"]).unwrap(), now()),
+        None
+    );
+
+    store.delete_entry(&full.id).await.unwrap();
+    reg.catch_up().await.unwrap();
+    assert_eq!(reg.admin_role(&id, now()), Some(AdminRole::Read));
+
+    let mut expired = reader.clone();
+    expired.expires_at = Some(now() - Duration::from_secs(1));
+    store.update_entry(expired).await.unwrap();
+    reg.catch_up().await.unwrap();
+    assert_eq!(
+        reg.admin_role(&id, now()),
+        None,
+        "an expired entry grants nothing"
+    );
+}

@@ -19,5 +19,6 @@ mod outage;
 mod quickstart;
 mod regcode;
 mod register;
+mod remote_admin;
 mod revocation;
 mod rotation;
