@@ -12,6 +12,10 @@
 //! - [`keys`]: the public key types Sigil accepts and signature checks.
 //! - [`bundle`]: trust bundles and their SPIFFE JWK Set encoding.
 //! - [`x509`]: the X509-SVID profile and chain verification.
+//! - [`jws`]: the one compact-JWS verifier (header rules, duplicate
+//!   members, algorithms, signature, time claims) under JWT-SVIDs and
+//!   Kubernetes tokens.
+//! - [`jwks`]: the one JWK Set reader (bundles and OIDC issuer key sets).
 //! - [`jwt`]: JWT-SVID minting (cached ring signer) and validation.
 //! - [`rotation`]: SVID renewal and CA rotation schedules.
 //! - [`tls`]: rustls verifiers and resolvers for SPIFFE mTLS.
@@ -30,6 +34,8 @@ pub mod clock;
 pub mod der;
 pub mod duration;
 pub mod entry;
+pub mod jwks;
+pub mod jws;
 pub mod jwt;
 pub mod keys;
 pub mod pem;
