@@ -12,6 +12,7 @@
 //! - [`keys`]: the public key types Sigil accepts and signature checks.
 //! - [`bundle`]: trust bundles and their SPIFFE JWK Set encoding.
 //! - [`x509`]: the X509-SVID profile and chain verification.
+//! - [`csr`]: the PKCS#10 reader that takes a CSR's verified public key.
 //! - [`jws`]: the one compact-JWS verifier (header rules, duplicate
 //!   members, algorithms, signature, time claims) under JWT-SVIDs and
 //!   Kubernetes tokens.
@@ -31,6 +32,7 @@
 pub mod attestation;
 pub mod bundle;
 pub mod clock;
+pub mod csr;
 pub mod der;
 pub mod duration;
 pub mod entry;
