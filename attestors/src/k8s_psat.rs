@@ -41,7 +41,7 @@ use serde_json::Value;
 use sigil_identity::attestation::{AttestError, Attestation, Challenger, ServerNodeAttestor};
 use sigil_identity::clock::Clock;
 use sigil_identity::jws::{self, Alg, JwsError};
-use sigil_identity::{Selector, SelectorSet, TrustDomain};
+use sigil_identity::{AgentId, Selector, SelectorSet, TrustDomain};
 use tracing::warn;
 
 mod agent;
@@ -372,9 +372,7 @@ impl K8sPsatAttestor {
     }
 
     fn attestation(&self, p: &PodIdentity) -> Result<Attestation, PsatError> {
-        let agent_id = self
-            .trust_domain
-            .id_from_segments(&["sigil", "agent", NAME, &p.cluster, &p.node_uid])
+        let agent_id = AgentId::from_segments(&self.trust_domain, &[NAME, &p.cluster, &p.node_uid])
             .map_err(|_| PsatError::BadName("node uid"))?;
         let mut selectors = SelectorSet::new();
         for (key, value, what) in [

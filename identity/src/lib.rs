@@ -56,4 +56,4 @@ mod testutil;
 pub use bundle::{Bundle, JwtAuthority};
 pub use entry::{DnsName, EntryId, RegistrationEntry};
 pub use selector::{Selector, SelectorSet};
-pub use spiffe_id::{SpiffeId, TrustDomain};
+pub use spiffe_id::{AgentId, SpiffeId, TrustDomain};
