@@ -28,8 +28,8 @@
 //! Names taken from the token that are not valid in a SPIFFE ID are refused,
 //! never cleaned. Tokens are never logged.
 //!
-//! Modules: [`keys`] (issuer keys: sources and cache), [`pods`] (the pod
-//! lookup), [`agent`] (the agent half); the server half is here.
+//! Modules: `keys` (issuer keys: sources and cache), `pods` (the pod
+//! lookup), `agent` (the agent half); the server half is here.
 
 use std::collections::HashMap;
 use std::sync::Arc;

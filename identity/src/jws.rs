@@ -213,11 +213,9 @@ pub fn parse<'a>(token: &'a str, algs: &[Alg]) -> Result<Jws<'a>, JwsError> {
     for (name, value) in &header {
         match name.as_str() {
             "alg" => {
-                alg = Some(
-                    value
-                        .as_str()
-                        .ok_or_else(|| JwsError::UnsupportedAlg(value.to_string()))?,
-                )
+                alg = Some(value.as_str().ok_or_else(|| {
+                    JwsError::UnsupportedAlg(value.to_string().chars().take(32).collect())
+                })?)
             }
             "kid" => kid = value.as_str().filter(|k| !k.is_empty()),
             "typ" => match value.as_str() {

@@ -252,9 +252,6 @@ pub fn validate(
     bundles: &(impl BundleSource + ?Sized),
     now: SystemTime,
 ) -> Result<JwtSvid, JwtError> {
-    if token.len() > MAX_TOKEN_LEN {
-        return Err(JwsError::TooLong.into());
-    }
     if expected_audience.is_empty() {
         return Err(JwtError::NoExpectedAudience);
     }

@@ -226,7 +226,10 @@ fn parts_and_serde_round_trip() {
 fn agent_ids_are_only_ids_under_sigil_agent() {
     let td = TrustDomain::new("example.org").unwrap();
     let a = AgentId::from_segments(&td, &["join_token", "abc"]).unwrap();
-    assert_eq!(a.as_str(), "spiffe://example.org/sigil/agent/join_token/abc");
+    assert_eq!(
+        a.as_str(),
+        "spiffe://example.org/sigil/agent/join_token/abc"
+    );
     assert_eq!(a.trust_domain(), td);
     assert_eq!(
         AgentId::from_segments::<&str>(&td, &[]).unwrap_err(),
