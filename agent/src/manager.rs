@@ -26,6 +26,7 @@ const BATCH: usize = 500;
 
 /// Why the agent stopped.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum AgentError {
     #[error(transparent)]
     Store(#[from] StoreError),

@@ -27,6 +27,7 @@ pub use manager::CaManager;
 
 /// Why the CA could not do what was asked.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum CaError {
     #[error("bad CSR: {0}")]
     Csr(#[from] csr::CsrError),
