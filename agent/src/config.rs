@@ -15,6 +15,7 @@ pub const DEFAULT_SOCKET: &str = "/run/sigil/agent/api.sock";
 
 /// Why the configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ConfigError {
     #[error("cannot read config file {0}: {1}")]
     Read(PathBuf, std::io::Error),

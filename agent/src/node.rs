@@ -20,6 +20,7 @@ use crate::store::AgentState;
 
 /// Why talking to the server failed.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum NodeError {
     #[error("cannot reach the server: {0}")]
     Connect(String),

@@ -31,6 +31,7 @@ const CLOCK_CHECK: Duration = Duration::from_secs(1);
 
 /// Why the agent stopped.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum AgentError {
     #[error(transparent)]
     Store(#[from] StoreError),

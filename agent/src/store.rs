@@ -9,6 +9,7 @@ use zeroize::Zeroizing;
 
 /// Why agent state could not be read or written.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum StoreError {
     #[error("agent state {0}: {1}")]
     Io(PathBuf, std::io::Error),

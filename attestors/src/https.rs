@@ -25,6 +25,7 @@ pub const DEFAULT_MAX_BODY: usize = 8 * 1024 * 1024;
 
 /// Why a request failed.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum HttpsError {
     #[error("bad URL {url:?}: {reason}")]
     Url { url: String, reason: &'static str },

@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use sigil_identity::attestation::{
     AgentNodeAttestor, AttestError, Attestation, Challenger, ServerNodeAttestor,
 };
-use sigil_identity::{Selector, SelectorSet, TrustDomain};
+use sigil_identity::{AgentId, Selector, SelectorSet, TrustDomain};
 
 /// The attestor name on the wire.
 pub const NAME: &str = "join_token";
@@ -84,9 +84,7 @@ impl ServerNodeAttestor for JoinTokenAttestor {
         }
         self.store.consume(token).await?;
         let id = token_id(token);
-        let agent_id = self
-            .trust_domain
-            .id_from_segments(&["sigil", "agent", NAME, &id])
+        let agent_id = AgentId::from_segments(&self.trust_domain, &[NAME, &id])
             .map_err(|e| AttestError::Internal(e.to_string()))?;
         let selectors: SelectorSet = [selector_for(token)].into_iter().collect();
         Ok(Attestation {

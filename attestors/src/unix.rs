@@ -26,6 +26,7 @@ const HASH_CACHE_ENTRIES: usize = 10_000;
 
 /// Why a process could not be attested.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum UnixError {
     #[error("process {0} is gone")]
     Gone(i32),

@@ -11,6 +11,7 @@ use sigil_identity::SelectorSet;
 
 /// Why a workload attestor could not decide.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum WorkloadAttestError {
     /// The process is gone.
     #[error("process {0} is gone")]

@@ -17,7 +17,7 @@ use sigil_identity::attestation::{
 use sigil_identity::clock::Clock;
 use sigil_identity::keys::{Curve, PublicKey, Verifier};
 use sigil_identity::x509 as certs;
-use sigil_identity::{Selector, SelectorSet, TrustDomain};
+use sigil_identity::{AgentId, Selector, SelectorSet, TrustDomain};
 use tracing::info;
 use x509_parser::certificate::X509Certificate;
 use x509_parser::prelude::FromDer;
@@ -271,9 +271,7 @@ impl ServerNodeAttestor for X509PopAttestor {
 
         let leaf = &chain[0];
         let fingerprint = crate::sha256_hex(ders[0]);
-        let agent_id = self
-            .trust_domain
-            .id_from_segments(&["sigil", "agent", NAME, &fingerprint])
+        let agent_id = AgentId::from_segments(&self.trust_domain, &[NAME, &fingerprint])
             .map_err(|e| AttestError::Internal(e.to_string()))?;
         let mut selectors = SelectorSet::new();
         let mut add = |v: String| {

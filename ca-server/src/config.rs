@@ -21,6 +21,7 @@ pub const DEFAULT_DATA_DIR: &str = "/var/lib/sigil/server";
 
 /// Why the configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ConfigError {
     #[error("cannot read config file {0}: {1}")]
     Read(PathBuf, std::io::Error),

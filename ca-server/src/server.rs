@@ -41,6 +41,7 @@ const MAX_MESSAGE: usize = 32 * 1024 * 1024;
 
 /// Why the server stopped with an error.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ServerError {
     #[error("datastore: {0}")]
     Datastore(#[from] DatastoreError),

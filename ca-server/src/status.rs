@@ -12,9 +12,9 @@ pub fn ca_status(e: &CaError) -> Status {
         CaError::Csr(e) => Status::invalid_argument(format!("bad CSR: {e}")),
         CaError::Jwt(e) => Status::invalid_argument(e.to_string()),
         // Too long to validate: the request's audiences are the cause.
-        CaError::JwtSelfCheck(sigil_identity::jwt::JwtError::TooLong) => {
-            Status::invalid_argument(e.to_string())
-        }
+        CaError::JwtSelfCheck(sigil_identity::jwt::JwtError::Jws(
+            sigil_identity::jws::JwsError::TooLong,
+        )) => Status::invalid_argument(e.to_string()),
         CaError::ForeignId(..) => Status::invalid_argument(e.to_string()),
         CaError::NotReady => Status::unavailable(e.to_string()),
         _ => Status::internal("the CA could not sign; see the server log"),

@@ -2,5 +2,5 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let _ = sigil_server::ca::csr::public_key_from_csr(data);
+    let _ = sigil_identity::csr::public_key_from_csr(data);
 });

@@ -11,11 +11,12 @@ use std::fmt;
 use async_trait::async_trait;
 
 use crate::selector::SelectorSet;
-use crate::spiffe_id::SpiffeId;
+use crate::spiffe_id::AgentId;
 
 /// Why attestation failed. The `Display` text goes to the agent; keep it
 /// short. The detail is logged by the attestor.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum AttestError {
     /// The evidence was not acceptable.
     #[error("attestation failed: {0}")]
@@ -35,7 +36,7 @@ pub enum AttestError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Attestation {
     /// `spiffe://<td>/sigil/agent/<attestor>/...`.
-    pub agent_id: SpiffeId,
+    pub agent_id: AgentId,
     /// Facts about the node, used to match node alias entries.
     pub selectors: SelectorSet,
     /// Whether the same node may attest again later (and so replace its

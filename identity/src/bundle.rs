@@ -13,18 +13,20 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
+use crate::jwks::{self, JwksError};
 use crate::keys::{KeyError, PublicKey};
 use crate::spiffe_id::TrustDomain;
 
+pub use crate::jwks::MAX_KID_LEN;
+
 /// Largest JWK Set accepted when decoding, in bytes.
-pub const MAX_BUNDLE_BYTES: usize = 1 << 20;
+pub const MAX_BUNDLE_BYTES: usize = crate::jwks::MAX_JWKS_BYTES;
 /// Most keys accepted in one bundle.
 pub const MAX_BUNDLE_KEYS: usize = 1000;
-/// Longest key id accepted, in bytes.
-pub const MAX_KID_LEN: usize = 128;
 
 /// Why a JWK Set is not an acceptable SPIFFE bundle.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum BundleError {
     #[error("bundle is larger than {MAX_BUNDLE_BYTES} bytes")]
     TooLarge,
@@ -145,18 +147,13 @@ impl Bundle {
     /// Keys whose `use` is neither `x509-svid` nor `jwt-svid` are ignored,
     /// as the SPIFFE bundle format asks.
     pub fn from_jwks(trust_domain: TrustDomain, bytes: &[u8]) -> Result<Self, BundleError> {
-        if bytes.len() > MAX_BUNDLE_BYTES {
-            return Err(BundleError::TooLarge);
-        }
-        let doc: Map<String, Value> =
-            serde_json::from_slice(bytes).map_err(|e| BundleError::Json(e.to_string()))?;
-        let keys = doc
-            .get("keys")
-            .and_then(Value::as_array)
-            .ok_or(BundleError::MissingKeys)?;
-        if keys.len() > MAX_BUNDLE_KEYS {
-            return Err(BundleError::TooManyKeys);
-        }
+        let set = jwks::parse(bytes, MAX_BUNDLE_KEYS).map_err(|e| match e {
+            JwksError::TooLarge => BundleError::TooLarge,
+            JwksError::MissingKeys => BundleError::MissingKeys,
+            JwksError::TooManyKeys(_) => BundleError::TooManyKeys,
+            other => BundleError::Json(other.to_string()),
+        })?;
+        let doc = &set.members;
         let sequence = match doc.get("spiffe_sequence") {
             None => 0,
             Some(v) => v.as_u64().ok_or(BundleError::BadSequence)?,
@@ -172,10 +169,7 @@ impl Bundle {
             refresh_hint,
             ..Bundle::new(trust_domain)
         };
-        for (index, key) in keys.iter().enumerate() {
-            let m = key
-                .as_object()
-                .ok_or(BundleError::Json(format!("key {index} is not an object")))?;
+        for (index, m) in set.keys.iter().enumerate() {
             match m.get("use").and_then(Value::as_str) {
                 Some("x509-svid") => bundle.x509_authorities.push(decode_x509_key(index, m)?),
                 Some("jwt-svid") => {
@@ -236,11 +230,7 @@ fn decode_x509_key(index: usize, m: &Map<String, Value>) -> Result<Vec<u8>, Bund
 }
 
 fn decode_jwt_key(index: usize, m: &Map<String, Value>) -> Result<JwtAuthority, BundleError> {
-    let kid = m
-        .get("kid")
-        .and_then(Value::as_str)
-        .filter(|k| !k.is_empty() && k.len() <= MAX_KID_LEN)
-        .ok_or(BundleError::MissingKid { index })?;
+    let kid = jwks::kid(m).ok_or(BundleError::MissingKid { index })?;
     let public_key = PublicKey::from_jwk(m).map_err(|source| BundleError::Key { index, source })?;
     Ok(JwtAuthority {
         kid: kid.to_owned(),

@@ -26,6 +26,7 @@ pub const MAX_NAME_LEN: usize = 128;
 
 /// Why an entry (or one of its fields) is not acceptable.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum EntryError {
     #[error("entry id must be 1 to {MAX_ENTRY_ID_LEN} characters of a-z, A-Z, 0-9, '-' or '_'")]
     BadId,

@@ -1,13 +1,13 @@
 //! JWT-SVIDs: minting with a cached ring signer, and validation per
 //! SPEC.md "JWT-SVIDs".
 //!
-//! Compact JWS is small enough to implement directly on ring, which lets the
-//! validator enforce Sigil's rules exactly: only `alg`, `kid` and `typ` in
-//! the header, no embedded keys, no `crit`, no duplicate members, and the
-//! key looked up in the bundle of the trust domain of `sub` and nowhere
-//! else.
+//! Validation is the claim checks of SPEC.md on top of the shared
+//! compact-JWS core in [`crate::jws`] (structure, header rules, duplicate
+//! members, algorithms, signature, time claims): `sub` is a SPIFFE ID,
+//! `aud` is non-empty and holds every expected audience, `exp` is required,
+//! and the key is looked up in the bundle of the trust domain of `sub` and
+//! nowhere else.
 
-use std::collections::BTreeMap;
 use std::fmt;
 use std::time::{Duration, SystemTime};
 
@@ -15,18 +15,16 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
 use ring::rand::SystemRandom;
 use ring::signature::{self as sig, EcdsaKeyPair, KeyPair as _};
-use serde::Deserialize;
 use serde_json::Value;
 
 use crate::bundle::Bundle;
 use crate::clock::{from_unix_seconds, unix_seconds};
-use crate::keys::{Curve, KeyError, PublicKey, Verifier};
+use crate::jws::{self, Alg, JwsError};
+use crate::keys::{Curve, KeyError, PublicKey};
 use crate::spiffe_id::{SpiffeId, TrustDomain};
 
-/// Longest token accepted for validation, in bytes.
-pub const MAX_TOKEN_LEN: usize = 16 * 1024;
-/// Clock skew tolerated on `exp`, `nbf` and `iat`.
-pub const LEEWAY: Duration = Duration::from_secs(30);
+pub use crate::jws::{LEEWAY, MAX_TOKEN_LEN};
+
 /// Default JWT-SVID lifetime.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(300);
 /// Most audiences one token may name.
@@ -34,31 +32,14 @@ pub const MAX_AUDIENCES: usize = 32;
 
 /// Why a JWT-SVID was refused (or could not be minted).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum JwtError {
-    #[error("token is longer than {MAX_TOKEN_LEN} bytes")]
-    TooLong,
-    #[error("token is not a compact JWS (three base64url parts)")]
-    Malformed,
-    #[error("token header or claims are not a JSON object: {0}")]
+    /// The compact-JWS rules (structure, header, algorithm, signature,
+    /// time claims) refused the token.
+    #[error(transparent)]
+    Jws(#[from] JwsError),
+    #[error("token claims could not be encoded: {0}")]
     Json(String),
-    #[error("duplicate member {0:?} in token header or claims")]
-    DuplicateMember(String),
-    #[error("alg \"none\" is refused")]
-    AlgNone,
-    #[error("HMAC algorithms are refused")]
-    AlgHmac,
-    #[error("unsupported alg {0:?}")]
-    UnsupportedAlg(String),
-    #[error("header is missing kid")]
-    MissingKid,
-    #[error("header carries an embedded key or key reference ({0}), which is refused")]
-    EmbeddedKey(&'static str),
-    #[error("header carries crit, which is refused")]
-    Crit,
-    #[error("header carries unexpected member {0:?}")]
-    UnexpectedHeader(String),
-    #[error("header typ must be JWT or JOSE")]
-    BadTyp,
     #[error("claims lack sub")]
     MissingSub,
     #[error("sub is not a valid SPIFFE ID")]
@@ -67,14 +48,8 @@ pub enum JwtError {
     BadAudience,
     #[error("token is not for audience {0:?}")]
     WrongAudience(String),
-    #[error("claims lack exp or exp is not a number")]
+    #[error("claims lack exp or exp is not an integer NumericDate")]
     BadExp,
-    #[error("{0} is not a number")]
-    BadNumericClaim(&'static str),
-    #[error("token has expired")]
-    Expired,
-    #[error("token is not valid yet")]
-    NotYetValid,
     #[error("no bundle for trust domain {0}")]
     NoBundle(TrustDomain),
     #[error("kid {kid:?} is not in the bundle of trust domain {trust_domain}")]
@@ -82,88 +57,12 @@ pub enum JwtError {
         kid: String,
         trust_domain: TrustDomain,
     },
-    #[error("alg {0} does not match the key's type")]
-    AlgKeyMismatch(&'static str),
-    #[error("signature does not verify")]
-    BadSignature,
     #[error("no expected audience given")]
     NoExpectedAudience,
     #[error("signing key: {0}")]
     SigningKey(String),
     #[error("the signing key has expired")]
     SigningKeyExpired,
-}
-
-/// The JWS algorithms Sigil accepts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum JwtAlg {
-    ES256,
-    ES384,
-    RS256,
-    RS384,
-    RS512,
-    PS256,
-    PS384,
-    PS512,
-}
-
-impl JwtAlg {
-    /// Parses an `alg` header value.
-    pub fn from_name(name: &str) -> Result<Self, JwtError> {
-        Ok(match name {
-            "ES256" => Self::ES256,
-            "ES384" => Self::ES384,
-            "RS256" => Self::RS256,
-            "RS384" => Self::RS384,
-            "RS512" => Self::RS512,
-            "PS256" => Self::PS256,
-            "PS384" => Self::PS384,
-            "PS512" => Self::PS512,
-            n if n.eq_ignore_ascii_case("none") => return Err(JwtError::AlgNone),
-            n if n.starts_with("HS") => return Err(JwtError::AlgHmac),
-            other => return Err(JwtError::UnsupportedAlg(other.chars().take(32).collect())),
-        })
-    }
-
-    /// The `alg` header value.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::ES256 => "ES256",
-            Self::ES384 => "ES384",
-            Self::RS256 => "RS256",
-            Self::RS384 => "RS384",
-            Self::RS512 => "RS512",
-            Self::PS256 => "PS256",
-            Self::PS384 => "PS384",
-            Self::PS512 => "PS512",
-        }
-    }
-
-    /// The ring verifier for this algorithm, if `key` is of the right type.
-    fn verifier(self, key: &PublicKey) -> Result<Verifier, JwtError> {
-        let mismatch = JwtError::AlgKeyMismatch(self.name());
-        Ok(match (self, key) {
-            (
-                Self::ES256,
-                PublicKey::Ec {
-                    curve: Curve::P256, ..
-                },
-            ) => Verifier::Ecdsa(&sig::ECDSA_P256_SHA256_FIXED),
-            (
-                Self::ES384,
-                PublicKey::Ec {
-                    curve: Curve::P384, ..
-                },
-            ) => Verifier::Ecdsa(&sig::ECDSA_P384_SHA384_FIXED),
-            (Self::RS256, PublicKey::Rsa { .. }) => Verifier::Rsa(&sig::RSA_PKCS1_2048_8192_SHA256),
-            (Self::RS384, PublicKey::Rsa { .. }) => Verifier::Rsa(&sig::RSA_PKCS1_2048_8192_SHA384),
-            (Self::RS512, PublicKey::Rsa { .. }) => Verifier::Rsa(&sig::RSA_PKCS1_2048_8192_SHA512),
-            (Self::PS256, PublicKey::Rsa { .. }) => Verifier::Rsa(&sig::RSA_PSS_2048_8192_SHA256),
-            (Self::PS384, PublicKey::Rsa { .. }) => Verifier::Rsa(&sig::RSA_PSS_2048_8192_SHA384),
-            (Self::PS512, PublicKey::Rsa { .. }) => Verifier::Rsa(&sig::RSA_PSS_2048_8192_SHA512),
-            _ => return Err(mismatch),
-        })
-    }
 }
 
 /// A minted or validated JWT-SVID.
@@ -206,7 +105,7 @@ pub fn check_audience(audience: &[String]) -> Result<(), JwtError> {
 /// one signature and a little JSON.
 pub struct JwtSigner {
     kid: String,
-    alg: JwtAlg,
+    alg: Alg,
     key: EcdsaKeyPair,
     public_key: PublicKey,
     not_after: SystemTime,
@@ -240,8 +139,8 @@ impl JwtSigner {
         not_after: SystemTime,
     ) -> Result<Self, JwtError> {
         let (alg, ring_alg) = match curve {
-            Curve::P256 => (JwtAlg::ES256, &sig::ECDSA_P256_SHA256_FIXED_SIGNING),
-            Curve::P384 => (JwtAlg::ES384, &sig::ECDSA_P384_SHA384_FIXED_SIGNING),
+            Curve::P256 => (Alg::ES256, &sig::ECDSA_P256_SHA256_FIXED_SIGNING),
+            Curve::P384 => (Alg::ES384, &sig::ECDSA_P384_SHA384_FIXED_SIGNING),
         };
         let rng = SystemRandom::new();
         let key = EcdsaKeyPair::from_pkcs8(ring_alg, pkcs8, &rng)
@@ -344,71 +243,6 @@ impl BundleSource for [Bundle] {
     }
 }
 
-/// A JSON object that refuses duplicate member names.
-struct UniqueObject(BTreeMap<String, Value>);
-
-impl<'de> Deserialize<'de> for UniqueObject {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> serde::de::Visitor<'de> for V {
-            type Value = UniqueObject;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a JSON object")
-            }
-            fn visit_map<A: serde::de::MapAccess<'de>>(
-                self,
-                mut map: A,
-            ) -> Result<UniqueObject, A::Error> {
-                let mut out = BTreeMap::new();
-                while let Some((k, v)) = map.next_entry::<String, Value>()? {
-                    if out.contains_key(&k) {
-                        return Err(serde::de::Error::custom(format_args!(
-                            "duplicate member:{k}"
-                        )));
-                    }
-                    out.insert(k, v);
-                }
-                Ok(UniqueObject(out))
-            }
-        }
-        d.deserialize_map(V)
-    }
-}
-
-fn decode_object(part: &str) -> Result<BTreeMap<String, Value>, JwtError> {
-    let bytes = B64URL.decode(part).map_err(|_| JwtError::Malformed)?;
-    match serde_json::from_slice::<UniqueObject>(&bytes) {
-        Ok(o) => Ok(o.0),
-        Err(e) => {
-            let msg = e.to_string();
-            match msg.strip_prefix("duplicate member:") {
-                Some(rest) => Err(JwtError::DuplicateMember(
-                    rest.split(" at line").next().unwrap_or("").to_owned(),
-                )),
-                None => Err(JwtError::Json(msg)),
-            }
-        }
-    }
-}
-
-fn numeric(
-    claims: &BTreeMap<String, Value>,
-    name: &'static str,
-) -> Result<Option<SystemTime>, JwtError> {
-    match claims.get(name) {
-        None => Ok(None),
-        Some(v) => {
-            let secs = v
-                .as_f64()
-                .filter(|s| {
-                    s.is_finite() && *s >= 0.0 && *s <= crate::clock::MAX_UNIX_SECONDS as f64
-                })
-                .ok_or(JwtError::BadNumericClaim(name))?;
-            Ok(Some(from_unix_seconds(secs as u64)))
-        }
-    }
-}
-
 /// Validates a JWT-SVID: structure, header rules, signature against the
 /// bundle of the trust domain of `sub`, time claims (30 s leeway) and that
 /// every audience in `expected_audience` is present.
@@ -418,48 +252,13 @@ pub fn validate(
     bundles: &(impl BundleSource + ?Sized),
     now: SystemTime,
 ) -> Result<JwtSvid, JwtError> {
-    if token.len() > MAX_TOKEN_LEN {
-        return Err(JwtError::TooLong);
-    }
     if expected_audience.is_empty() {
         return Err(JwtError::NoExpectedAudience);
     }
-    let mut parts = token.split('.');
-    let (Some(h), Some(c), Some(s), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return Err(JwtError::Malformed);
-    };
-    let header = decode_object(h)?;
-    let mut alg = None;
-    let mut kid = None;
-    for (name, value) in &header {
-        match name.as_str() {
-            "alg" => {
-                alg = Some(
-                    value
-                        .as_str()
-                        .ok_or(JwtError::UnsupportedAlg(value.to_string()))?,
-                )
-            }
-            "kid" => kid = value.as_str().filter(|k| !k.is_empty()),
-            "typ" => {
-                if !matches!(value.as_str(), Some("JWT" | "JOSE")) {
-                    return Err(JwtError::BadTyp);
-                }
-            }
-            "jwk" => return Err(JwtError::EmbeddedKey("jwk")),
-            "jku" => return Err(JwtError::EmbeddedKey("jku")),
-            "x5u" => return Err(JwtError::EmbeddedKey("x5u")),
-            "x5c" => return Err(JwtError::EmbeddedKey("x5c")),
-            "crit" => return Err(JwtError::Crit),
-            other => return Err(JwtError::UnexpectedHeader(other.chars().take(32).collect())),
-        }
-    }
-    let alg = JwtAlg::from_name(alg.ok_or(JwtError::UnsupportedAlg(String::new()))?)?;
-    let kid = kid.ok_or(JwtError::MissingKid)?;
-
-    let claims = decode_object(c)?;
+    let jws = jws::parse(token, Alg::ALL)?;
+    // `sub` chooses the bundle, so the claims are read before the signature
+    // is checked; nothing else in them is trusted until it is.
+    let claims = jws.unverified_claims()?;
     let sub = claims.get("sub").ok_or(JwtError::MissingSub)?;
     let spiffe_id = sub
         .as_str()
@@ -475,40 +274,26 @@ pub fn validate(
         _ => return Err(JwtError::BadAudience),
     };
     check_audience(&audience)?;
-    let expiry = numeric(&claims, "exp")
+    let expiry = claims
+        .time("exp")
         .map_err(|_| JwtError::BadExp)?
         .ok_or(JwtError::BadExp)?;
-    let issued_at = numeric(&claims, "iat")?;
-    let not_before = numeric(&claims, "nbf")?;
+    let times = claims.times()?;
 
     // The key comes only from the bundle of the subject's own trust domain.
     let td = spiffe_id.trust_domain();
     let bundle = bundles
         .bundle_for(&td)
         .ok_or_else(|| JwtError::NoBundle(td.clone()))?;
+    let kid = jws.kid();
     let authority = bundle
         .jwt_authority(kid)
         .ok_or_else(|| JwtError::UnknownKid {
             kid: kid.chars().take(64).collect(),
             trust_domain: td.clone(),
         })?;
-    let verifier = alg.verifier(&authority.public_key)?;
-    let signature = B64URL.decode(s).map_err(|_| JwtError::Malformed)?;
-    let signed_len = h.len() + 1 + c.len();
-    authority
-        .public_key
-        .verify_with(verifier, &token.as_bytes()[..signed_len], &signature)
-        .map_err(|_| JwtError::BadSignature)?;
-
-    if now > expiry.checked_add(LEEWAY).unwrap_or(expiry) {
-        return Err(JwtError::Expired);
-    }
-    let now_plus_leeway = now.checked_add(LEEWAY).unwrap_or(now);
-    if not_before.is_some_and(|nbf| nbf > now_plus_leeway)
-        || issued_at.is_some_and(|iat| iat > now_plus_leeway)
-    {
-        return Err(JwtError::NotYetValid);
-    }
+    jws.verify_signature(&authority.public_key)?;
+    times.check(now)?;
     for want in expected_audience {
         if !audience.iter().any(|a| a == want) {
             return Err(JwtError::WrongAudience(want.chars().take(64).collect()));
@@ -518,7 +303,7 @@ pub fn validate(
         spiffe_id,
         audience,
         expiry,
-        issued_at,
+        issued_at: times.iat,
         token: token.to_owned(),
     })
 }

@@ -30,6 +30,7 @@ pub const MAX_RSA_BITS: usize = 8192;
 
 /// Why a key or signature was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum KeyError {
     #[error("public key is not valid DER SubjectPublicKeyInfo")]
     Malformed,

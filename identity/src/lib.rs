@@ -12,6 +12,11 @@
 //! - [`keys`]: the public key types Sigil accepts and signature checks.
 //! - [`bundle`]: trust bundles and their SPIFFE JWK Set encoding.
 //! - [`x509`]: the X509-SVID profile and chain verification.
+//! - [`csr`]: the PKCS#10 reader that takes a CSR's verified public key.
+//! - [`jws`]: the one compact-JWS verifier (header rules, duplicate
+//!   members, algorithms, signature, time claims) under JWT-SVIDs and
+//!   Kubernetes tokens.
+//! - [`jwks`]: the one JWK Set reader (bundles and OIDC issuer key sets).
 //! - [`jwt`]: JWT-SVID minting (cached ring signer) and validation.
 //! - [`rotation`]: SVID renewal and CA rotation schedules.
 //! - [`tls`]: rustls verifiers and resolvers for SPIFFE mTLS.
@@ -28,9 +33,12 @@
 pub mod attestation;
 pub mod bundle;
 pub mod clock;
+pub mod csr;
 pub mod der;
 pub mod duration;
 pub mod entry;
+pub mod jwks;
+pub mod jws;
 pub mod jwt;
 pub mod keys;
 pub mod pem;
@@ -49,4 +57,4 @@ mod testutil;
 pub use bundle::{Bundle, JwtAuthority};
 pub use entry::{AdminRole, DnsName, EntryId, RegistrationEntry};
 pub use selector::{Selector, SelectorSet};
-pub use spiffe_id::{SpiffeId, TrustDomain};
+pub use spiffe_id::{AgentId, SpiffeId, TrustDomain};

@@ -23,6 +23,7 @@ pub fn encode(label: &str, der: &[u8]) -> String {
 
 /// Why a PEM document could not be read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum PemError {
     #[error("no PEM block labelled {0} found")]
     NoBlock(String),

@@ -10,6 +10,7 @@ pub const MAX_SELECTOR_LEN: usize = 1024;
 
 /// Why a string is not a selector.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum SelectorError {
     #[error(
         "selector {0:?} has no ':' between type and value (expected TYPE:VALUE, e.g. unix:uid:1000)"

@@ -20,6 +20,7 @@ pub const RESERVED_PATH_PREFIX: &str = "/sigil/";
 
 /// Why a string is not a valid SPIFFE ID or trust domain.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum IdError {
     #[error("spiffe id must start with the lowercase scheme \"spiffe://\"")]
     WrongScheme,
@@ -267,8 +268,99 @@ impl SpiffeId {
     }
 }
 
+/// The SPIFFE ID of an agent, `spiffe://<td>/sigil/agent/<attestor>/...`.
+/// Only such an ID can become one, so code that takes an `AgentId` cannot be
+/// handed a workload's ID by mistake. It reads as the [`SpiffeId`] it is.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(transparent)]
+pub struct AgentId(SpiffeId);
+
+/// An ID given as an agent's is not under `/sigil/agent/`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0} is not an agent ID (spiffe://<trust domain>/sigil/agent/...)")]
+pub struct NotAgentId(pub SpiffeId);
+
+impl AgentId {
+    /// `spiffe://<td>/sigil/agent/<segments...>`; each segment is checked as
+    /// in [`TrustDomain::id_from_segments`] and there must be at least one.
+    pub fn from_segments<S: AsRef<str>>(td: &TrustDomain, segments: &[S]) -> Result<Self, IdError> {
+        if segments.is_empty() {
+            return Err(IdError::EmptySegment);
+        }
+        let mut all: Vec<&str> = Vec::with_capacity(segments.len() + 2);
+        all.extend(["sigil", "agent"]);
+        all.extend(segments.iter().map(AsRef::as_ref));
+        td.id_from_segments(&all).map(Self)
+    }
+
+    /// The ID as a plain SPIFFE ID.
+    pub fn as_spiffe_id(&self) -> &SpiffeId {
+        &self.0
+    }
+
+    /// The plain SPIFFE ID.
+    pub fn into_spiffe_id(self) -> SpiffeId {
+        self.0
+    }
+}
+
+impl TryFrom<SpiffeId> for AgentId {
+    type Error = NotAgentId;
+    fn try_from(id: SpiffeId) -> Result<Self, NotAgentId> {
+        if id.is_agent() {
+            Ok(Self(id))
+        } else {
+            Err(NotAgentId(id))
+        }
+    }
+}
+
+impl From<AgentId> for SpiffeId {
+    fn from(id: AgentId) -> SpiffeId {
+        id.0
+    }
+}
+
+impl std::ops::Deref for AgentId {
+    type Target = SpiffeId;
+    fn deref(&self) -> &SpiffeId {
+        &self.0
+    }
+}
+
+impl AsRef<SpiffeId> for AgentId {
+    fn as_ref(&self) -> &SpiffeId {
+        &self.0
+    }
+}
+
+impl std::borrow::Borrow<SpiffeId> for AgentId {
+    fn borrow(&self) -> &SpiffeId {
+        &self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for AgentId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        AgentId::try_from(SpiffeId::deserialize(d)?).map_err(serde::de::Error::custom)
+    }
+}
+
+impl fmt::Display for AgentId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.0, f)
+    }
+}
+
+impl fmt::Debug for AgentId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "AgentId({})", self.0.as_str())
+    }
+}
+
 /// Why an otherwise valid ID may not be given to a workload.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum ReservedIdError {
     #[error("a workload id must have a path; the bare trust domain id is reserved")]
     BareTrustDomain,

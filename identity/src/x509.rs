@@ -24,6 +24,7 @@ pub const MAX_SERIAL_LEN: usize = 20;
 
 /// Which rule a certificate broke.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum SvidError {
     #[error("certificate is not valid DER X.509")]
     Malformed,

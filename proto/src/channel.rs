@@ -9,6 +9,7 @@ use tonic::transport::{Channel, Endpoint, Uri};
 
 /// Why a channel could not be set up.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ChannelError {
     #[error("invalid server address {0:?}")]
     Address(String),

@@ -9,6 +9,7 @@ use tokio::net::UnixListener;
 
 /// Why a socket could not be bound.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum SocketError {
     #[error("{0} is a symlink; refusing to bind a socket through it")]
     Symlink(PathBuf),

@@ -3,12 +3,19 @@
 //! API server (HTTPS, real Pod JSON) standing in for the Kubernetes API
 //! server's pod lookup.
 
+use std::time::SystemTime;
+
+use super::keys::{MAX_STALENESS_FACTOR, origin, parse_jwks};
 use super::*;
 use crate::https::{HttpsClient, Trust};
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
 use ring::rand::SystemRandom;
 use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair, RsaKeyPair};
 use serde_json::json;
+use sigil_identity::attestation::AgentNodeAttestor;
 use sigil_identity::clock::{SystemClock, unix_seconds};
+use sigil_identity::keys::{Curve, PublicKey};
 use sigil_test_fakes::{self as testserver, FakeServer};
 
 const NODE_UID: &str = "6f1d2b8e-4c3a-4d2e-9b7a-0c5e8f9a1b2c";
@@ -111,6 +118,14 @@ impl FakeIssuer {
         let h = B64URL.encode(serde_json::to_vec(header).unwrap());
         let c = B64URL.encode(serde_json::to_vec(claims).unwrap());
         let signing_input = format!("{h}.{c}");
+        let s = B64URL.encode(self.sign(signing_input.as_bytes()));
+        format!("{signing_input}.{s}")
+    }
+
+    /// A token from header and claims JSON text as given (so it can say
+    /// things a `Value` cannot, such as a member twice).
+    fn mint_text(&self, header: &str, claims: &str) -> String {
+        let signing_input = format!("{}.{}", B64URL.encode(header), B64URL.encode(claims));
         let s = B64URL.encode(self.sign(signing_input.as_bytes()));
         format!("{signing_input}.{s}")
     }
@@ -419,12 +434,114 @@ async fn expired_and_future_tokens_are_refused() {
         c["nbf"] = json!(now - 7200);
         c["exp"] = json!(now - 3600);
     });
-    assert_eq!(refused(&s, &t).await, PsatError::Expired);
+    assert_eq!(refused(&s, &t).await, PsatError::Jws(JwsError::Expired));
     let t = s.issuer.mint_with(|c| c["nbf"] = json!(now + 600));
-    assert_eq!(refused(&s, &t).await, PsatError::NotYetValid);
+    assert_eq!(refused(&s, &t).await, PsatError::Jws(JwsError::NotYetValid));
     // Within the leeway: still fine.
     let t = s.issuer.mint_with(|c| c["exp"] = json!(now - 5));
     assert!(s.attestor.verify(&evidence("prod", &t)).await.is_ok());
+}
+
+// The rules of the shared JWS core (sigil_identity::jws), as this attestor
+// applies them; they were looser here before the core was shared.
+
+#[tokio::test]
+async fn duplicate_members_are_refused_even_nested() {
+    let s = setup(&["sigil:sigil-agent"]).await;
+    let header = s.issuer.header().to_string();
+    let claims = s.issuer.claims().to_string();
+    assert!(
+        s.attestor
+            .verify(&evidence("prod", &s.issuer.mint_text(&header, &claims)))
+            .await
+            .is_ok()
+    );
+    // A second `iss` after the real one: a last-wins parser reads the other.
+    let top = claims.replacen('{', r#"{"iss":"https://evil.example","#, 1);
+    assert_eq!(
+        refused(&s, &s.issuer.mint_text(&header, &top)).await,
+        PsatError::Jws(JwsError::DuplicateMember("iss".into()))
+    );
+    // A second pod inside the kubernetes.io claim.
+    let nested = claims.replacen(
+        r#""namespace":"sigil","#,
+        r#""namespace":"sigil","pod":{"name":"other","uid":"x"},"#,
+        1,
+    );
+    assert_ne!(nested, claims);
+    assert_eq!(
+        refused(&s, &s.issuer.mint_text(&header, &nested)).await,
+        PsatError::Jws(JwsError::DuplicateMember("pod".into()))
+    );
+    let dup_header = r#"{"alg":"ES256","kid":"key-1","alg":"ES256"}"#;
+    assert_eq!(
+        refused(&s, &s.issuer.mint_text(dup_header, &claims)).await,
+        PsatError::Jws(JwsError::DuplicateMember("alg".into()))
+    );
+}
+
+#[tokio::test]
+async fn typ_may_be_absent_or_jwt_and_nothing_else() {
+    let s = setup(&["sigil:sigil-agent"]).await;
+    let claims = s.issuer.claims();
+    for typ in ["JWT", "JOSE"] {
+        let h = json!({"alg": "ES256", "kid": "key-1", "typ": typ});
+        assert!(
+            s.attestor
+                .verify(&evidence("prod", &s.issuer.mint_raw(&h, &claims)))
+                .await
+                .is_ok(),
+            "{typ}"
+        );
+    }
+    for typ in [json!("at+jwt"), json!("application/jwt"), json!(1)] {
+        let h = json!({"alg": "ES256", "kid": "key-1", "typ": typ});
+        assert_eq!(
+            refused(&s, &s.issuer.mint_raw(&h, &claims)).await,
+            PsatError::Jws(JwsError::BadTyp),
+            "{typ}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn pss_is_not_an_issuer_algorithm() {
+    // Kubernetes signs RS256 (RSA keys) or ES256/ES384: PS* is refused
+    // before any key is looked up, though JWT-SVID validation accepts it.
+    let s = setup(&["sigil:sigil-agent"]).await;
+    for alg in ["PS256", "PS384", "PS512"] {
+        let h = json!({"alg": alg, "kid": "key-1"});
+        assert_eq!(
+            refused(&s, &s.issuer.mint_raw(&h, &s.issuer.claims())).await,
+            PsatError::Jws(JwsError::UnsupportedAlg(alg.into())),
+        );
+    }
+}
+
+#[tokio::test]
+async fn time_claims_must_be_integers_and_iat_not_in_the_future() {
+    let s = setup(&["sigil:sigil-agent"]).await;
+    let now = unix_seconds(SystemTime::now());
+    for (claim, value) in [
+        ("exp", json!((now + 600) as f64 + 0.5)),
+        ("nbf", json!(now as f64 - 0.5)),
+        ("iat", json!(now as f64 + 0.25)),
+        ("exp", json!(format!("{}", now + 600))),
+    ] {
+        let t = s.issuer.mint_with(|c| c[claim] = value.clone());
+        let name = match claim {
+            "exp" => "exp",
+            "nbf" => "nbf",
+            _ => "iat",
+        };
+        assert_eq!(
+            refused(&s, &t).await,
+            PsatError::Jws(JwsError::BadNumericClaim(name)),
+            "{claim} = {value}"
+        );
+    }
+    let t = s.issuer.mint_with(|c| c["iat"] = json!(now + 600));
+    assert_eq!(refused(&s, &t).await, PsatError::Jws(JwsError::NotYetValid));
 }
 
 #[tokio::test]
@@ -527,12 +644,12 @@ async fn another_clusters_key_does_not_verify() {
     let forged = b_key.mint_with(|c| c["iss"] = json!("https://a.example"));
     assert_eq!(
         att.verify(&evidence("a", &forged)).await.unwrap_err(),
-        PsatError::BadSignature
+        PsatError::Jws(JwsError::BadSignature)
     );
     // And a's issuer claim is required for cluster a.
     assert!(matches!(
         att.verify(&evidence("a", &b_key.mint())).await.unwrap_err(),
-        PsatError::BadSignature | PsatError::WrongIssuer(_)
+        PsatError::Jws(JwsError::BadSignature) | PsatError::WrongIssuer(_)
     ));
     assert!(matches!(
         att.verify(&evidence("c", &b_key.mint())).await.unwrap_err(),
@@ -548,7 +665,7 @@ async fn alg_none_and_hmac_are_refused() {
         let h = B64URL.encode(serde_json::to_vec(&json!({"alg": alg, "kid": "key-1"})).unwrap());
         assert_eq!(
             refused(&s, &format!("{h}.{claims}.")).await,
-            PsatError::AlgNone
+            PsatError::Jws(JwsError::AlgNone)
         );
     }
     // HS256 keyed with the issuer's public key: the classic confusion.
@@ -558,22 +675,25 @@ async fn alg_none_and_hmac_are_refused() {
     let tag = B64URL.encode(ring::hmac::sign(&mac_key, input.as_bytes()).as_ref());
     assert_eq!(
         refused(&s, &format!("{input}.{tag}")).await,
-        PsatError::AlgHmac
+        PsatError::Jws(JwsError::AlgHmac)
     );
     // ES256 header with the right kid but the signature of another key.
     let other = FakeIssuer::ec("key-1", &s.issuer.issuer);
-    assert_eq!(refused(&s, &other.mint()).await, PsatError::BadSignature);
+    assert_eq!(
+        refused(&s, &other.mint()).await,
+        PsatError::Jws(JwsError::BadSignature)
+    );
     // An embedded key is never used.
     let with_jwk = json!({"alg": "ES256", "kid": "key-1", "jwk": s.issuer.jwk()});
     assert_eq!(
         refused(&s, &s.issuer.mint_raw(&with_jwk, &s.issuer.claims())).await,
-        PsatError::ForbiddenHeader("jwk".into())
+        PsatError::Jws(JwsError::EmbeddedKey("jwk"))
     );
     // An RS256 header over an EC key.
     let rs = json!({"alg": "RS256", "kid": "key-1"});
     assert!(matches!(
         refused(&s, &s.issuer.mint_raw(&rs, &s.issuer.claims())).await,
-        PsatError::AlgKeyMismatch(_)
+        PsatError::Jws(JwsError::AlgKeyMismatch(_))
     ));
 }
 

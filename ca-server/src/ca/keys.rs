@@ -51,6 +51,7 @@ impl KeyAlgorithm {
 
 /// What went wrong with a CA key.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum KeyManagerError {
     #[error("key id {0:?} may only hold a-z, 0-9 and '-'")]
     BadKeyId(String),

@@ -2,13 +2,14 @@
 //! rotation.
 //!
 //! - [`keys`]: the `KeyManager` trait and its disk and memory versions.
-//! - [`csr`]: taking only the public key from a verified CSR.
+//! - [`csr`]: taking only the public key from a verified CSR (the reader
+//!   lives in `sigil_identity::csr`, below the server; re-exported here).
 //! - [`x509`]: CA certificates (self-signed or upstream) and X509-SVIDs.
 //! - [`journal`]: the persisted record of every CA key and its state.
 //! - [`manager`]: `CaManager`, which rotates keys on schedule, publishes the
 //!   bundle and signs X.509 and JWT SVIDs with the active keys.
 
-pub mod csr;
+pub use sigil_identity::csr;
 pub mod journal;
 pub mod keys;
 pub mod manager;
@@ -26,6 +27,7 @@ pub use manager::CaManager;
 
 /// Why the CA could not do what was asked.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum CaError {
     #[error("bad CSR: {0}")]
     Csr(#[from] csr::CsrError),

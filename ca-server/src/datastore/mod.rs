@@ -25,6 +25,7 @@ pub use self::sled::SledDatastore;
 
 /// What went wrong in the datastore.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum DatastoreError {
     #[error("{0} not found")]
     NotFound(String),

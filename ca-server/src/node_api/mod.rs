@@ -317,7 +317,7 @@ impl NodeService {
                 });
             }
         };
-        let id = attestation.agent_id.clone();
+        let id = attestation.agent_id.as_spiffe_id().clone();
         let existing = self.registry.agent(&id);
         if let Some(existing) = &existing {
             if existing.banned {

@@ -102,6 +102,13 @@ fn decode_rejection_table() {
             BundleError::Json(String::new()),
         ),
         (
+            // The JWK Set reader's duplicate rule (identity::jwks): a second
+            // spiffe_sequence must not silently win.
+            "duplicate member",
+            br#"{"keys":[],"spiffe_sequence":1,"spiffe_sequence":9}"#.to_vec(),
+            BundleError::Json(String::new()),
+        ),
+        (
             "negative sequence",
             mutated(|v| v["spiffe_sequence"] = (-1).into()),
             BundleError::BadSequence,

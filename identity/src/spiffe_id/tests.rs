@@ -221,3 +221,47 @@ fn parts_and_serde_round_trip() {
     );
     assert!(TrustDomain::from_name_or_id("spiffe://example.org/x").is_err());
 }
+
+#[test]
+fn agent_ids_are_only_ids_under_sigil_agent() {
+    let td = TrustDomain::new("example.org").unwrap();
+    let a = AgentId::from_segments(&td, &["join_token", "abc"]).unwrap();
+    assert_eq!(
+        a.as_str(),
+        "spiffe://example.org/sigil/agent/join_token/abc"
+    );
+    assert_eq!(a.trust_domain(), td);
+    assert_eq!(
+        AgentId::from_segments::<&str>(&td, &[]).unwrap_err(),
+        IdError::EmptySegment
+    );
+    assert!(AgentId::from_segments(&td, &["a/b"]).is_err());
+
+    let workload = SpiffeId::parse("spiffe://example.org/web").unwrap();
+    assert_eq!(
+        AgentId::try_from(workload.clone()),
+        Err(NotAgentId(workload))
+    );
+    for not_agent in [
+        "spiffe://example.org/sigil/server",
+        "spiffe://example.org/sigil/agent",
+        "spiffe://example.org/sigil/agentx/y",
+    ] {
+        assert!(
+            AgentId::try_from(SpiffeId::parse(not_agent).unwrap()).is_err(),
+            "{not_agent}"
+        );
+    }
+    let back: SpiffeId = a.clone().into();
+    assert_eq!(AgentId::try_from(back).unwrap(), a);
+
+    // Serde: the same string as a SpiffeId, and only agent IDs read back.
+    let json = serde_json::to_string(&a).unwrap();
+    assert_eq!(json, "\"spiffe://example.org/sigil/agent/join_token/abc\"");
+    assert_eq!(serde_json::from_str::<AgentId>(&json).unwrap(), a);
+    assert!(serde_json::from_str::<AgentId>("\"spiffe://example.org/web\"").is_err());
+
+    // Maps keyed by AgentId answer lookups by the plain SpiffeId.
+    let map: std::collections::HashMap<AgentId, u8> = [(a.clone(), 1)].into();
+    assert_eq!(map.get(a.as_spiffe_id()), Some(&1));
+}

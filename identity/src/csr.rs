@@ -1,13 +1,14 @@
-//! Reading a PKCS#10 CSR for exactly one thing: its public key.
+//! Reading a PKCS#10 CSR for exactly one thing: its public key. It sits
+//! next to [`crate::x509`], below the server, because it parses untrusted
+//! bytes (the `csr` fuzz target depends on this crate only).
 //!
 //! The CSR's signature is verified (proof that the caller holds the private
 //! key), the key type is checked against the accepted set, and everything
 //! else the CSR asks for (subject, SANs, extensions, CA bits, lifetimes) is
 //! ignored. Oversized input is refused before any parsing or crypto.
 
-use sigil_identity::keys::{KeyError, PublicKey, X509SigAlg};
-
-use sigil_identity::der;
+use crate::der;
+use crate::keys::{KeyError, PublicKey, X509SigAlg};
 
 /// Largest CSR accepted, in bytes.
 pub const MAX_CSR_LEN: usize = 16 * 1024;
@@ -16,6 +17,7 @@ pub const MAX_CSR_RSA_BITS: usize = 4096;
 
 /// Why a CSR was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum CsrError {
     #[error("CSR is larger than {MAX_CSR_LEN} bytes")]
     TooLarge,
