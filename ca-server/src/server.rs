@@ -56,6 +56,8 @@ pub enum ServerError {
     Serve(#[from] tonic::transport::Error),
     #[error("data directory {0}: {1}")]
     DataDir(std::path::PathBuf, std::io::Error),
+    #[error("audit checkpoints: {0}")]
+    AuditKey(#[from] crate::audit::checkpoint::CheckpointError),
 }
 
 /// Builds the `k8s_psat` attestor from its configuration section.
@@ -246,6 +248,18 @@ pub async fn run(
         retention: config.retention.clone(),
     };
     let pruning = tokio::spawn(pruner.run(stop_rx.clone()));
+    let checkpointer = Arc::new(crate::audit::checkpoint::Checkpointer {
+        store: store.clone(),
+        key: crate::audit::checkpoint::AuditKey::load_or_create(
+            &config.data_dir,
+            crate::audit::checkpoint::origin(&td),
+        )?,
+        origin: crate::audit::checkpoint::origin(&td),
+        data_dir: config.data_dir.clone(),
+        every_records: config.audit.checkpoint_records,
+        every: config.audit.checkpoint_interval,
+    });
+    let checkpointing = tokio::spawn(checkpointer.clone().run(stop_rx.clone()));
     let follower = {
         let registry = registry.clone();
         let store = store.clone();
@@ -322,9 +336,13 @@ pub async fn run(
             (Ok(()), Ok(()))
         }
     };
-    let _ = tokio::join!(rotation, follower, pruning);
-    // Issuance events still queued reach the datastore before it closes.
+    let _ = tokio::join!(rotation, follower, pruning, checkpointing);
+    // Issuance events still queued reach the datastore before it closes,
+    // and the last checkpoint covers them.
     audit.flush().await;
+    if let Err(e) = checkpointer.checkpoint().await {
+        warn!(error = %e, "could not store the final audit checkpoint");
+    }
     node_result?;
     admin_result?;
     info!("sigil-server stopped");
