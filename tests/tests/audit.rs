@@ -23,7 +23,7 @@ impl Log {
             extra: extra.into(),
             ..ServerOptions::default()
         };
-        let mut server = ServerProcess::start(tmp.path(), &options).unwrap();
+        let server = ServerProcess::start(tmp.path(), &options).unwrap();
         for i in 0..n {
             server
                 .create_entry(
