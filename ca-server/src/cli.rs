@@ -1124,7 +1124,10 @@ async fn run_audit(cmd: AuditCmd, json: bool) -> Result<()> {
                     r.head.seq,
                     r.checkpoints,
                     if r.legacy > 0 {
-                        format!(", {} records written before the chain not covered", r.legacy)
+                        format!(
+                            ", {} records written before the chain not covered",
+                            r.legacy
+                        )
                     } else {
                         String::new()
                     },
@@ -1136,7 +1139,9 @@ async fn run_audit(cmd: AuditCmd, json: bool) -> Result<()> {
                 ),
                 Err(e) => {
                     if json {
-                        print_json(&json!({"verified": false, "record": e.seq(), "error": e.to_string()}))?;
+                        print_json(
+                            &json!({"verified": false, "record": e.seq(), "error": e.to_string()}),
+                        )?;
                     }
                     return Err(e.into());
                 }

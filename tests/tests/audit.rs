@@ -123,21 +123,38 @@ fn verify_passes_on_an_untouched_log_and_names_each_tampered_record() {
     let data = log.data();
     let cp = log.server.dir().join("exported.checkpoint");
     let cp_arg = cp.display().to_string();
-    let ok = log.audit(&["checkpoint", "--data-dir", &data.display().to_string(), "--write", &cp_arg]);
+    let ok = log.audit(&[
+        "checkpoint",
+        "--data-dir",
+        &data.display().to_string(),
+        "--write",
+        &cp_arg,
+    ]);
     assert!(ok.status.success(), "{}", text(&ok));
     // The public key, kept elsewhere along with the checkpoint.
     let key = log.server.dir().join("exported.pub");
     std::fs::copy(data.join("audit-key.pub"), &key).unwrap();
     let key_arg = key.display().to_string();
-    let external = ["--checkpoint", cp_arg.as_str(), "--public-key", key_arg.as_str()];
+    let external = [
+        "--checkpoint",
+        cp_arg.as_str(),
+        "--public-key",
+        key_arg.as_str(),
+    ];
 
     let untouched = verify(&log, &data, &external);
     assert!(untouched.status.success(), "{}", text(&untouched));
-    assert!(text(&untouched).contains("verified"), "{}", text(&untouched));
+    assert!(
+        text(&untouched).contains("verified"),
+        "{}",
+        text(&untouched)
+    );
     let last = {
         let db = open(&data);
         let all = records(&db);
-        all.last().unwrap().1.last().unwrap()["seq"].as_u64().unwrap()
+        all.last().unwrap().1.last().unwrap()["seq"]
+            .as_u64()
+            .unwrap()
     };
     assert!(last >= 6, "one record per entry creation, got {last}");
 
@@ -190,7 +207,10 @@ fn verify_passes_on_an_untouched_log_and_names_each_tampered_record() {
         for i in 0..32 {
             head.push(u8::from_str_radix(&prev[2 * i..2 * i + 2], 16).unwrap());
         }
-        db.open_tree("meta").unwrap().insert("audit_head", head).unwrap();
+        db.open_tree("meta")
+            .unwrap()
+            .insert("audit_head", head)
+            .unwrap();
         let cps = db.open_tree("audit_checkpoints").unwrap();
         for k in cps.range((last - 1).to_be_bytes()..).keys() {
             cps.remove(k.unwrap()).unwrap();
@@ -205,7 +225,11 @@ fn verify_passes_on_an_untouched_log_and_names_each_tampered_record() {
     );
     assert_fails_naming(
         &verify(&log, &truncated, &external),
-        &["truncated", &format!("up to {last}"), &format!("ends at record {}", last - 2)],
+        &[
+            "truncated",
+            &format!("up to {last}"),
+            &format!("ends at record {}", last - 2),
+        ],
     );
 }
 
@@ -216,7 +240,11 @@ fn checkpoints_are_signed_while_the_server_runs_and_exported_from_it() {
     let file = data.join("audit-checkpoint");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while !std::fs::read_to_string(&file).is_ok_and(|t| t.lines().nth(1) == Some("3")) {
-        assert!(std::time::Instant::now() < deadline, "no checkpoint of size 3 in {}", file.display());
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no checkpoint of size 3 in {}",
+            file.display()
+        );
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     // The running server holds the datastore: export reads its file.
@@ -231,7 +259,10 @@ fn checkpoints_are_signed_while_the_server_runs_and_exported_from_it() {
     assert!(o.status.success(), "{}", text(&o));
     let note = std::fs::read_to_string(&out).unwrap();
     assert!(note.starts_with("sigil/example.org/audit\n3\n"), "{note}");
-    assert!(note.contains("\n\n\u{2014} sigil/example.org/audit "), "{note}");
+    assert!(
+        note.contains("\n\n\u{2014} sigil/example.org/audit "),
+        "{note}"
+    );
     // Offline commands refuse to run beside the server, and say why.
     let busy = verify(&log, &data, &[]);
     assert!(!busy.status.success());
@@ -254,11 +285,20 @@ fn show_lists_records_filtered_by_action_and_actor() {
         serde_json::from_slice(&o.stdout).unwrap()
     };
     let all = all.as_array().unwrap();
-    let creates = all.iter().filter(|r| r["event"]["action"] == "entry.create").count();
+    let creates = all
+        .iter()
+        .filter(|r| r["event"]["action"] == "entry.create")
+        .count();
     assert_eq!(creates, 2, "{all:?}");
     assert!(all.iter().any(|r| r["event"]["action"] == "token.generate"));
     assert_eq!(String::from_utf8_lossy(&o.stdout).lines().count(), 2);
-    let nobody = log.audit(&["show", "--data-dir", &dir, "--actor", "spiffe://example.org/nobody"]);
+    let nobody = log.audit(&[
+        "show",
+        "--data-dir",
+        &dir,
+        "--actor",
+        "spiffe://example.org/nobody",
+    ]);
     assert!(nobody.status.success());
     assert!(nobody.stdout.is_empty());
 }

@@ -75,7 +75,12 @@ impl Checkpoint {
 
     /// The note body that is signed.
     fn body(&self) -> String {
-        format!("{}\n{}\n{}\n", self.origin, self.size, B64.encode(self.root))
+        format!(
+            "{}\n{}\n{}\n",
+            self.origin,
+            self.size,
+            B64.encode(self.root)
+        )
     }
 }
 
@@ -87,7 +92,9 @@ pub struct AuditKey {
 
 impl std::fmt::Debug for AuditKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AuditKey").field("name", &self.name).finish()
+        f.debug_struct("AuditKey")
+            .field("name", &self.name)
+            .finish()
     }
 }
 
@@ -112,12 +119,19 @@ impl AuditKey {
             }
             Err(e) => return Err(err(format!("cannot read it: {e}"))),
         };
-        let pair = Ed25519KeyPair::from_pkcs8_maybe_unchecked(&pkcs8)
-            .map_err(|e| err(format!("not an Ed25519 PKCS#8 key ({e}); restore it from a backup")))?;
+        let pair = Ed25519KeyPair::from_pkcs8_maybe_unchecked(&pkcs8).map_err(|e| {
+            err(format!(
+                "not an Ed25519 PKCS#8 key ({e}); restore it from a backup"
+            ))
+        })?;
         let key = Self { pair, name };
         let public = format!("{}\n", key.verifier_key());
-        sigil_identity::secret_file::write(&data_dir.join(PUBLIC_KEY_FILE), public.as_bytes(), 0o644)
-            .map_err(|e| err(format!("cannot write its public key: {e}")))?;
+        sigil_identity::secret_file::write(
+            &data_dir.join(PUBLIC_KEY_FILE),
+            public.as_bytes(),
+            0o644,
+        )
+        .map_err(|e| err(format!("cannot write its public key: {e}")))?;
         Ok(key)
     }
 
@@ -183,10 +197,9 @@ impl std::str::FromStr for VerifierKey {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let bad = |why: &str| CheckpointError::Format(format!("verifier key: {why}"));
-        let mut parts = s.trim().split('+');
-        let (Some(name), Some(id), Some(key), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
+        // Name and key id hold no '+'; the base64 key may.
+        let mut parts = s.trim().splitn(3, '+');
+        let (Some(name), Some(id), Some(key)) = (parts.next(), parts.next(), parts.next()) else {
             return Err(bad("expected name+keyid+key"));
         };
         let key = B64.decode(key).map_err(|_| bad("the key is not base64"))?;
@@ -276,7 +289,9 @@ impl Checkpointer {
             return Ok(None);
         }
         let note = self.key.sign(&Checkpoint::of(self.origin.clone(), head));
-        self.store.put_audit_checkpoint(head.seq, note.clone()).await?;
+        self.store
+            .put_audit_checkpoint(head.seq, note.clone())
+            .await?;
         let file = self.data_dir.join(CHECKPOINT_FILE);
         if let Err(e) = sigil_identity::secret_file::write(&file, note.as_bytes(), 0o644) {
             warn!(file = %file.display(), error = %e, "could not write the latest audit checkpoint file");
@@ -285,7 +300,11 @@ impl Checkpointer {
     }
 
     async fn latest_size(&self) -> Result<u64, DatastoreError> {
-        Ok(self.store.latest_audit_checkpoint().await?.map_or(0, |(size, _)| size))
+        Ok(self
+            .store
+            .latest_audit_checkpoint()
+            .await?
+            .map_or(0, |(size, _)| size))
     }
 
     /// Checkpoints every `every_records` records or `every` until `stop`
@@ -353,16 +372,35 @@ mod tests {
             .unwrap();
         assert_eq!(vk.open(&note).unwrap(), cp);
         let forged = note.replacen("\n42\n", "\n41\n", 1);
-        assert!(matches!(vk.open(&forged), Err(CheckpointError::Signature(_))));
+        assert!(matches!(
+            vk.open(&forged),
+            Err(CheckpointError::Signature(_))
+        ));
         // The same key is loaded again, with mode 0600.
         let again = AuditKey::load_or_create(dir.path(), cp.origin.clone()).unwrap();
         assert_eq!(again.verifier_key(), vk.to_string());
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(dir.path().join(KEY_FILE)).unwrap().permissions().mode();
+        let mode = std::fs::metadata(dir.path().join(KEY_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
         // Another key's signature is not accepted.
         let other = tempfile::tempdir().unwrap();
         let other = AuditKey::load_or_create(other.path(), cp.origin.clone()).unwrap();
         assert!(vk.open(&other.sign(&cp)).is_err());
+    }
+
+    #[test]
+    fn verifier_keys_round_trip_whatever_base64_characters_they_hold() {
+        // A base64 key often holds '+', the field separator.
+        for _ in 0..64 {
+            let dir = tempfile::tempdir().unwrap();
+            let key =
+                AuditKey::load_or_create(dir.path(), "sigil/example.org/audit".into()).unwrap();
+            let text = key.verifier_key();
+            let vk: VerifierKey = text.parse().unwrap();
+            assert_eq!(vk.to_string(), text);
+        }
     }
 }

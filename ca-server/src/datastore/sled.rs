@@ -631,7 +631,11 @@ fn tx_delete(
 /// keyed by its first sequence number, and the new head. Returns the last
 /// sequence number (0 for no events). Concurrent writers conflict on the
 /// head, so sled runs one of them again: the chain stays a line.
-fn put_audit(audit: &TransactionalTree, meta: &TransactionalTree, events: &[AuditEvent]) -> TxResult<u64> {
+fn put_audit(
+    audit: &TransactionalTree,
+    meta: &TransactionalTree,
+    events: &[AuditEvent],
+) -> TxResult<u64> {
     if events.is_empty() {
         return Ok(0);
     }
@@ -805,14 +809,16 @@ impl Datastore for SledDatastore {
         let s = self.store()?;
         let value = encode(&agent)?;
         let key = agent.id.as_str();
-        tx((&s.agents, &s.audit, &s.meta).transaction(|(t, audit_t, meta)| {
-            if t.get(key)?.is_some() {
-                return abort(DatastoreError::AlreadyExists(format!("agent {key}")));
-            }
-            t.insert(key, value.as_slice())?;
-            put_audit(audit_t, meta, audit.as_slice())?;
-            Ok(())
-        }))?;
+        tx(
+            (&s.agents, &s.audit, &s.meta).transaction(|(t, audit_t, meta)| {
+                if t.get(key)?.is_some() {
+                    return abort(DatastoreError::AlreadyExists(format!("agent {key}")));
+                }
+                t.insert(key, value.as_slice())?;
+                put_audit(audit_t, meta, audit.as_slice())?;
+                Ok(())
+            }),
+        )?;
         s.durable().await?;
         Ok(agent)
     }
@@ -824,20 +830,22 @@ impl Datastore for SledDatastore {
     ) -> Result<AgentRecord> {
         let s = self.store()?;
         let key = agent.id.as_str();
-        let stored = tx((&s.agents, &s.audit, &s.meta).transaction(|(t, audit_t, meta)| {
-            let Some(old) = t.get(key)? else {
-                return abort(DatastoreError::NotFound(format!("agent {key}")));
-            };
-            let old: AgentRecord = tx_decode(&old)?;
-            // A ban is sticky: only deleting the record (evict) lifts it.
-            let stored = AgentRecord {
-                banned: agent.banned || old.banned,
-                ..agent.clone()
-            };
-            t.insert(key, tx_encode(&stored)?)?;
-            put_audit(audit_t, meta, audit.as_slice())?;
-            Ok(stored)
-        }))?;
+        let stored = tx(
+            (&s.agents, &s.audit, &s.meta).transaction(|(t, audit_t, meta)| {
+                let Some(old) = t.get(key)? else {
+                    return abort(DatastoreError::NotFound(format!("agent {key}")));
+                };
+                let old: AgentRecord = tx_decode(&old)?;
+                // A ban is sticky: only deleting the record (evict) lifts it.
+                let stored = AgentRecord {
+                    banned: agent.banned || old.banned,
+                    ..agent.clone()
+                };
+                t.insert(key, tx_encode(&stored)?)?;
+                put_audit(audit_t, meta, audit.as_slice())?;
+                Ok(stored)
+            }),
+        )?;
         s.durable().await?;
         Ok(stored)
     }
@@ -854,13 +862,15 @@ impl Datastore for SledDatastore {
 
     async fn delete_agent_audited(&self, id: &SpiffeId, audit: AuditWith) -> Result<AgentRecord> {
         let s = self.store()?;
-        let old = tx((&s.agents, &s.audit, &s.meta).transaction(|(t, audit_t, meta)| {
-            let Some(old) = t.remove(id.as_str())? else {
-                return abort(DatastoreError::NotFound(format!("agent {id}")));
-            };
-            put_audit(audit_t, meta, audit.as_slice())?;
-            Ok(old)
-        }))?;
+        let old = tx(
+            (&s.agents, &s.audit, &s.meta).transaction(|(t, audit_t, meta)| {
+                let Some(old) = t.remove(id.as_str())? else {
+                    return abort(DatastoreError::NotFound(format!("agent {id}")));
+                };
+                put_audit(audit_t, meta, audit.as_slice())?;
+                Ok(old)
+            }),
+        )?;
         s.durable().await?;
         decode(&old)
     }
@@ -895,14 +905,16 @@ impl Datastore for SledDatastore {
     ) -> Result<()> {
         let s = self.store()?;
         let value = encode(&token)?;
-        tx((&s.tokens, &s.audit, &s.meta).transaction(|(t, audit_t, meta)| {
-            if t.get(token.hash.as_str())?.is_some() {
-                return abort(DatastoreError::AlreadyExists("join token".into()));
-            }
-            t.insert(token.hash.as_str(), value.as_slice())?;
-            put_audit(audit_t, meta, audit.as_slice())?;
-            Ok(())
-        }))?;
+        tx(
+            (&s.tokens, &s.audit, &s.meta).transaction(|(t, audit_t, meta)| {
+                if t.get(token.hash.as_str())?.is_some() {
+                    return abort(DatastoreError::AlreadyExists("join token".into()));
+                }
+                t.insert(token.hash.as_str(), value.as_slice())?;
+                put_audit(audit_t, meta, audit.as_slice())?;
+                Ok(())
+            }),
+        )?;
         s.durable().await
     }
 
@@ -1144,7 +1156,9 @@ impl Store {
             Ok(())
         }))?;
         for k in self.checkpoints.range(..anchor.seq.to_be_bytes()).keys() {
-            self.checkpoints.remove(k.map_err(backend)?).map_err(backend)?;
+            self.checkpoints
+                .remove(k.map_err(backend)?)
+                .map_err(backend)?;
         }
         Ok(removed)
     }

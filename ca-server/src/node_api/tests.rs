@@ -16,8 +16,7 @@ use crate::ca::journal::CaJournal;
 use crate::ca::keys::MemoryKeyManager;
 use crate::datastore::{
     AuditChainState, AuditEvent, AuditWith, EntryBatch, EntryChange, EntryFilter, JoinTokenRecord,
-    SledDatastore,
-    TokenHash,
+    SledDatastore, TokenHash,
 };
 
 type Gate = (oneshot::Sender<()>, oneshot::Receiver<()>);
