@@ -202,14 +202,14 @@ pub async fn verify(
         }
     }
     let head = v.head();
-    if let Some((&size, (_, source_name))) = checks.last_key_value() {
-        if size > head.seq {
-            return Err(VerifyError::Truncated {
-                size,
-                last: head.seq,
-                source_name: source_name.clone(),
-            });
-        }
+    if let Some((&size, (_, source_name))) = checks.last_key_value()
+        && size > head.seq
+    {
+        return Err(VerifyError::Truncated {
+            size,
+            last: head.seq,
+            source_name: source_name.clone(),
+        });
     }
     if head != state.head {
         return Err(VerifyError::Head {
