@@ -1131,10 +1131,12 @@ async fn run_audit(cmd: AuditCmd, json: bool) -> Result<()> {
                     } else {
                         String::new()
                     },
-                    if opts.key.is_none() {
-                        "; no public key, so checkpoints were not checked"
-                    } else {
-                        ""
+                    match (&opts.key, &public_key) {
+                        (None, _) => "; no public key, so checkpoints were not checked",
+                        (Some(_), None) => {
+                            "; the public key came from the data directory: pass --public-key with a copy kept elsewhere"
+                        }
+                        (Some(_), Some(_)) => "",
                     }
                 ),
                 Err(e) => {

@@ -178,7 +178,10 @@ fn verify_passes_on_an_untouched_log_and_names_each_tampered_record() {
         db.open_tree("audit").unwrap().remove(&k).unwrap();
         db.flush().unwrap();
     }
-    assert_fails_naming(&verify(&log, &deleted, &[]), &["record 3 is missing"]);
+    assert_fails_naming(
+        &verify(&log, &deleted, &[]),
+        &["record 3 is missing", "the next record found is 4"],
+    );
 
     // Swapping records 2 and 3.
     let swapped = log.copy("swapped");
@@ -189,7 +192,10 @@ fn verify_passes_on_an_untouched_log_and_names_each_tampered_record() {
         put(&db, &k2, &r3);
         put(&db, &k3, &r2);
     }
-    assert_fails_naming(&verify(&log, &swapped, &[]), &["record 2 "]);
+    assert_fails_naming(
+        &verify(&log, &swapped, &[]),
+        &["record 2 is missing or out of place", "found is 3"],
+    );
 
     // Truncating the last two records, covering the tracks: the chain head
     // and the stored checkpoints are rewritten to match the shorter log.

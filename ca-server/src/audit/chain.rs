@@ -143,7 +143,7 @@ fn field(out: &mut Vec<u8>, name: &str, value: &[u8]) {
 /// Where and why the chain is broken: the first record that does not fit.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ChainBreak {
-    #[error("record {expected} is missing: the next record found is {found}")]
+    #[error("record {expected} is missing or out of place: the next record found is {found}")]
     Missing { expected: u64, found: u64 },
     #[error("record {found} is out of order: found after record {after}")]
     OutOfOrder { found: u64, after: u64 },
