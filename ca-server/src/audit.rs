@@ -13,6 +13,10 @@
 //! of the last interval (their log lines were written); [`Audit::flush`] at
 //! shutdown loses none.
 
+pub mod chain;
+pub mod checkpoint;
+pub mod review;
+
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 

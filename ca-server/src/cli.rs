@@ -121,6 +121,9 @@ pub enum Command {
     Jwt(JwtCmd),
     /// Exit 0 when the server answers on its admin socket.
     Healthcheck,
+    /// Read and verify the audit log (offline, from the data directory).
+    #[command(subcommand)]
+    Audit(AuditCmd),
 }
 
 /// `run` flags; each overrides the config file.
@@ -506,6 +509,7 @@ pub async fn run_client(command: Command, socket: &AdminTarget, output: Output) 
     let json = output.is_json();
     match command {
         Command::Run(_) => unreachable!("run is handled by main"),
+        Command::Audit(cmd) => run_audit(cmd, json).await?,
         Command::Healthcheck => {
             let mut c = connect(socket).await?;
             let h = c
@@ -1028,4 +1032,166 @@ pub fn admin_socket(cli: &Cli) -> PathBuf {
     cli.admin_socket
         .clone()
         .unwrap_or_else(|| PathBuf::from(DEFAULT_ADMIN_SOCKET))
+}
+
+// ---- `audit`: the logic is in sigil_server::audit::review. ----
+
+/// Where an offline audit command finds the server's data.
+#[derive(Debug, Args)]
+pub struct AuditDataDir {
+    /// The server's data directory [default: /var/lib/sigil/server].
+    #[arg(long, value_name = "DIR", default_value = sigil_server::config::DEFAULT_DATA_DIR)]
+    pub data_dir: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCmd {
+    /// List audit records, oldest first (stop the server first).
+    Show {
+        #[command(flatten)]
+        dir: AuditDataDir,
+        /// Only records at or after this time, RFC 3339.
+        #[arg(long, value_parser = parse_rfc3339)]
+        since: Option<SystemTime>,
+        /// Only this action, e.g. entry.create.
+        #[arg(long)]
+        action: Option<String>,
+        /// Only this caller, e.g. uid:0 or a SPIFFE ID.
+        #[arg(long)]
+        actor: Option<String>,
+    },
+    /// Check the hash chain and the signed checkpoints; exit non-zero at
+    /// the first record that breaks them (stop the server first).
+    Verify {
+        #[command(flatten)]
+        dir: AuditDataDir,
+        /// A checkpoint kept elsewhere (from `audit checkpoint --write`).
+        #[arg(long, value_name = "FILE")]
+        checkpoint: Option<PathBuf>,
+        /// The audit public key kept elsewhere [default: audit-key.pub in the data directory].
+        #[arg(long, value_name = "FILE")]
+        public_key: Option<PathBuf>,
+    },
+    /// Export the latest signed checkpoint, to keep off this machine.
+    Checkpoint {
+        #[command(flatten)]
+        dir: AuditDataDir,
+        /// Where to write it.
+        #[arg(long, value_name = "FILE")]
+        write: PathBuf,
+    },
+}
+
+async fn run_audit(cmd: AuditCmd, json: bool) -> Result<()> {
+    use sigil_server::audit::{checkpoint, review};
+    match cmd {
+        AuditCmd::Show {
+            dir,
+            since,
+            action,
+            actor,
+        } => {
+            let store = review::open_datastore(&dir.data_dir)?;
+            let filter = review::ShowFilter {
+                since,
+                action,
+                actor,
+            };
+            let mut rows = Vec::new();
+            review::show(&store, &filter, |r| {
+                if json {
+                    rows.push(json!(r));
+                } else {
+                    let e = &r.event;
+                    println!(
+                        "{}\t{}\t{}\t{}\t{}\t{}",
+                        r.seq,
+                        rfc3339(e.time),
+                        e.caller,
+                        e.action,
+                        e.target,
+                        e.outcome
+                    );
+                }
+            })
+            .await?;
+            if json {
+                print_json(&Value::Array(rows));
+            }
+        }
+        AuditCmd::Verify {
+            dir,
+            checkpoint: cp_file,
+            public_key,
+        } => {
+            let key_file = public_key
+                .clone()
+                .unwrap_or_else(|| dir.data_dir.join(checkpoint::PUBLIC_KEY_FILE));
+            let key = if public_key.is_some() || key_file.exists() {
+                Some(review::read_public_key(&key_file)?)
+            } else {
+                None
+            };
+            let note = cp_file
+                .as_ref()
+                .map(|f| {
+                    std::fs::read_to_string(f)
+                        .with_context(|| format!("cannot read checkpoint {}", f.display()))
+                })
+                .transpose()?;
+            let store = review::open_datastore(&dir.data_dir)?;
+            let opts = review::VerifyOptions {
+                key,
+                checkpoint: note,
+            };
+            match review::verify(&store, &opts).await {
+                Ok(r) if json => print_json(&json!({
+                    "verified": true, "records": r.records, "legacy_records": r.legacy,
+                    "from": r.anchor.map_or(0, |a| a.seq), "to": r.head.seq,
+                    "checkpoints": r.checkpoints, "pruned_checkpoints": r.pruned_checkpoints,
+                })),
+                Ok(r) => println!(
+                    "audit log verified: {} chained records after record {} up to record {}, {} checkpoints matched{}{}",
+                    r.records,
+                    r.anchor.map_or(0, |a| a.seq),
+                    r.head.seq,
+                    r.checkpoints,
+                    if r.legacy > 0 {
+                        format!(
+                            ", {} records written before the chain not covered",
+                            r.legacy
+                        )
+                    } else {
+                        String::new()
+                    },
+                    match (&opts.key, &public_key) {
+                        (None, _) => "; no public key, so checkpoints were not checked",
+                        (Some(_), None) => {
+                            "; the public key came from the data directory: pass --public-key with a copy kept elsewhere"
+                        }
+                        (Some(_), Some(_)) => "",
+                    }
+                ),
+                Err(e) => {
+                    if json {
+                        print_json(
+                            &json!({"verified": false, "record": e.seq(), "error": e.to_string()}),
+                        );
+                    }
+                    return Err(e.into());
+                }
+            }
+        }
+        AuditCmd::Checkpoint { dir, write } => {
+            let note = review::latest_checkpoint(&dir.data_dir).await?;
+            std::fs::write(&write, &note)
+                .with_context(|| format!("cannot write {}", write.display()))?;
+            if json {
+                print_json(&json!({"written": write}));
+            } else {
+                println!("checkpoint written to {}", write.display());
+            }
+        }
+    }
+    Ok(())
 }

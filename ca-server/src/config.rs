@@ -56,6 +56,8 @@ pub struct ServerConfig {
     pub log: LogSection,
     #[serde(default)]
     pub retention: RetentionSection,
+    #[serde(default)]
+    pub audit: AuditSection,
 }
 
 fn default_data_dir() -> PathBuf {
@@ -354,6 +356,26 @@ impl Default for RetentionSection {
     }
 }
 
+/// Signed checkpoints of the audit log: one after every
+/// `checkpoint_records` records, or `checkpoint_interval` after the last
+/// one when records were written since.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditSection {
+    pub checkpoint_records: u64,
+    #[serde(with = "serde_human")]
+    pub checkpoint_interval: Duration,
+}
+
+impl Default for AuditSection {
+    fn default() -> Self {
+        Self {
+            checkpoint_records: 1000,
+            checkpoint_interval: Duration::from_secs(60),
+        }
+    }
+}
+
 /// Logging.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -481,6 +503,13 @@ impl ServerConfig {
                     )));
                 }
             }
+        }
+        if self.audit.checkpoint_records == 0
+            || self.audit.checkpoint_interval < Duration::from_secs(1)
+        {
+            return Err(ConfigError::Invalid(
+                "audit.checkpoint_records must be at least 1 and audit.checkpoint_interval at least 1s".into(),
+            ));
         }
         if self.retention.interval < Duration::from_secs(1) {
             return Err(ConfigError::Invalid(

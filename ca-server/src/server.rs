@@ -59,6 +59,8 @@ pub enum ServerError {
     DataDir(std::path::PathBuf, std::io::Error),
     #[error("cannot listen on {0} for the admin API over mTLS (server.admin_bind_address): {1}")]
     AdminBind(std::net::SocketAddr, std::io::Error),
+    #[error("audit checkpoints: {0}")]
+    AuditKey(#[from] crate::audit::checkpoint::CheckpointError),
 }
 
 /// Builds the `k8s_psat` attestor from its configuration section.
@@ -259,6 +261,18 @@ pub async fn run(
         retention: config.retention.clone(),
     };
     let pruning = tokio::spawn(pruner.run(stop_rx.clone()));
+    let checkpointer = Arc::new(crate::audit::checkpoint::Checkpointer {
+        store: store.clone(),
+        key: crate::audit::checkpoint::AuditKey::load_or_create(
+            &config.data_dir,
+            crate::audit::checkpoint::origin(&td),
+        )?,
+        origin: crate::audit::checkpoint::origin(&td),
+        data_dir: config.data_dir.clone(),
+        every_records: config.audit.checkpoint_records,
+        every: config.audit.checkpoint_interval,
+    });
+    let checkpointing = tokio::spawn(checkpointer.clone().run(stop_rx.clone()));
     let follower = {
         let registry = registry.clone();
         let store = store.clone();
@@ -383,9 +397,13 @@ pub async fn run(
             (Ok(()), Ok(()))
         }
     };
-    let _ = tokio::join!(rotation, follower, pruning);
-    // Issuance events still queued reach the datastore before it closes.
+    let _ = tokio::join!(rotation, follower, pruning, checkpointing);
+    // Issuance events still queued reach the datastore before it closes,
+    // and the last checkpoint covers them.
     audit.flush().await;
+    if let Err(e) = checkpointer.checkpoint().await {
+        warn!(error = %e, "could not store the final audit checkpoint");
+    }
     node_result?;
     admin_result?;
     info!("sigil-server stopped");

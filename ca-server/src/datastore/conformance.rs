@@ -42,6 +42,7 @@ macro_rules! datastore_conformance {
             audit_events_append_in_order,
             audited_mutations_write_their_event_only_when_made,
             entry_changes_and_expired_agents_are_pruned,
+            audit_chain_holds_across_writers_pruning_and_reopen,
         );
     };
     (@tests $open:expr; $($name:ident),* $(,)?) => {
@@ -735,4 +736,70 @@ pub async fn entry_changes_and_expired_agents_are_pruned<D: Datastore, F: Future
     assert!(ds.fetch_agent(&old.id).await.unwrap().is_none());
     assert!(ds.fetch_agent(&banned.id).await.unwrap().is_some());
     assert!(ds.fetch_agent(&current.id).await.unwrap().is_some());
+}
+
+/// Every audit write path chains its records (concurrent writers
+/// included), the chain verifies, pruning leaves an anchor verification
+/// starts from, and a reopened store continues the same chain.
+pub async fn audit_chain_holds_across_writers_pruning_and_reopen<
+    D: Datastore + 'static,
+    F: Future<Output = D>,
+>(
+    open: &impl Fn(&Path) -> F,
+    dir: &Path,
+) {
+    use crate::audit::review::{VerifyOptions, verify};
+    let ds = Arc::new(open(dir).await);
+    let e = entry("chained", 1);
+    ds.create_entries_audited(vec![(e.clone(), Some(audit_event(1)))])
+        .await
+        .unwrap();
+    ds.update_entry_audited(e.clone(), Some(audit_event(2)))
+        .await
+        .unwrap();
+    ds.apply_entries(EntryBatch {
+        delete: vec![(e.id.clone(), 2)],
+        audit: vec![audit_event(3), audit_event(4)],
+        ..EntryBatch::default()
+    })
+    .await
+    .unwrap();
+    ds.create_agent_audited(agent("chained"), Some(audit_event(5)))
+        .await
+        .unwrap();
+    // Writers racing for the head: the chain stays one line.
+    let writers: Vec<_> = (0..8)
+        .map(|i| {
+            let ds = ds.clone();
+            tokio::spawn(async move {
+                for j in 0..10 {
+                    ds.append_audit_unsynced(vec![audit_event(10 + i * 10 + j); 3])
+                        .await
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.await.unwrap();
+    }
+    ds.sync().await.unwrap();
+    let opts = VerifyOptions::default();
+    let report = verify(ds.as_ref(), &opts).await.unwrap();
+    assert_eq!(report.records, 5 + 8 * 10 * 3);
+    assert_eq!(report.head, ds.audit_chain().await.unwrap().head);
+
+    // Events 1-5 are older than event 6: pruning them leaves an anchor.
+    assert_eq!(ds.prune_audit(audit_event(6).time).await.unwrap(), 5);
+    let state = ds.audit_chain().await.unwrap();
+    assert_eq!(state.anchor.map(|a| a.seq), Some(5));
+    let report = verify(ds.as_ref(), &opts).await.unwrap();
+    assert_eq!(report.records, 8 * 10 * 3);
+    assert_eq!(report.anchor, state.anchor);
+
+    drop(ds);
+    let ds = open(dir).await;
+    ds.append_audit(vec![audit_event(99)]).await.unwrap();
+    let report = verify(&ds, &opts).await.unwrap();
+    assert_eq!(report.head.seq, 5 + 240 + 1);
 }

@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use sigil_identity::clock::{serde_opt_unix_seconds, serde_unix_seconds};
 use sigil_identity::{Bundle, EntryId, RegistrationEntry, SelectorSet, SpiffeId, TrustDomain};
 
+use crate::audit::chain::{AuditRecord, ChainHead};
 use crate::ca::journal::CaJournal;
 
 pub use self::sled::SledDatastore;
@@ -231,6 +232,15 @@ pub struct AuditEvent {
     pub expires_at: Option<SystemTime>,
 }
 
+/// Where the audit chain stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct AuditChainState {
+    /// The last record written (sequence 0 before the first).
+    pub head: ChainHead,
+    /// The last record removed by retention, where verification starts.
+    pub anchor: Option<ChainHead>,
+}
+
 /// The audit event of a mutation, written in the same atomic write as the
 /// mutation and only if it is made: a crash never leaves one without the
 /// other. `None` for mutations that are not audited.
@@ -372,7 +382,9 @@ pub trait Datastore: Send + Sync + fmt::Debug {
     async fn put_ca_journal(&self, journal: &CaJournal) -> Result<()>;
 
     /// Appends audit events in order with one durable sync, returning the
-    /// sequence number of the last one (0 if `events` is empty).
+    /// sequence number of the last one (0 if `events` is empty). Like every
+    /// audit write, chains them with [`crate::audit::chain::chain`] after
+    /// the head read in the same transaction, and stores the new head.
     async fn append_audit(&self, events: Vec<AuditEvent>) -> Result<u64>;
     /// Like [`Datastore::append_audit`], without waiting until the events
     /// are durable: [`Datastore::sync`], or any later durable write, makes
@@ -384,6 +396,18 @@ pub trait Datastore: Send + Sync + fmt::Debug {
     async fn list_audit(&self, after: u64, limit: usize) -> Result<Vec<(u64, AuditEvent)>>;
     /// Removes the oldest audit events, stopping at the first record (a
     /// written batch) holding an event at or after `before`; returns how
-    /// many events went.
+    /// many events went. Keeps the last removed record's sequence number
+    /// and hash as the chain's anchor, in the same transaction.
     async fn prune_audit(&self, before: SystemTime) -> Result<usize>;
+    /// Stored audit records with sequence greater than `after`, in stored
+    /// order (tampering may have put them out of sequence), at most `limit`.
+    async fn audit_records(&self, after: u64, limit: usize) -> Result<Vec<AuditRecord>>;
+    /// The chain's head and anchor.
+    async fn audit_chain(&self) -> Result<AuditChainState>;
+    /// Stores a signed checkpoint (a note) of the first `size` records.
+    async fn put_audit_checkpoint(&self, size: u64, note: String) -> Result<()>;
+    /// Every stored checkpoint, by size.
+    async fn audit_checkpoints(&self) -> Result<Vec<(u64, String)>>;
+    /// The checkpoint of the largest size.
+    async fn latest_audit_checkpoint(&self) -> Result<Option<(u64, String)>>;
 }

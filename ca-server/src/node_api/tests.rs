@@ -10,12 +10,13 @@ use sigil_proto::node::node_server::Node;
 use tokio::sync::oneshot;
 
 use super::*;
+use crate::audit::chain::AuditRecord;
 use crate::ca::CaConfig;
 use crate::ca::journal::CaJournal;
 use crate::ca::keys::MemoryKeyManager;
 use crate::datastore::{
-    AuditEvent, AuditWith, EntryBatch, EntryChange, EntryFilter, JoinTokenRecord, SledDatastore,
-    TokenHash,
+    AuditChainState, AuditEvent, AuditWith, EntryBatch, EntryChange, EntryFilter, JoinTokenRecord,
+    SledDatastore, TokenHash,
 };
 
 type Gate = (oneshot::Sender<()>, oneshot::Receiver<()>);
@@ -144,6 +145,21 @@ impl Datastore for PausingStore {
     }
     async fn prune_audit(&self, before: SystemTime) -> R<usize> {
         self.inner.prune_audit(before).await
+    }
+    async fn audit_records(&self, after: u64, limit: usize) -> R<Vec<AuditRecord>> {
+        self.inner.audit_records(after, limit).await
+    }
+    async fn audit_chain(&self) -> R<AuditChainState> {
+        self.inner.audit_chain().await
+    }
+    async fn put_audit_checkpoint(&self, size: u64, note: String) -> R<()> {
+        self.inner.put_audit_checkpoint(size, note).await
+    }
+    async fn audit_checkpoints(&self) -> R<Vec<(u64, String)>> {
+        self.inner.audit_checkpoints().await
+    }
+    async fn latest_audit_checkpoint(&self) -> R<Option<(u64, String)>> {
+        self.inner.latest_audit_checkpoint().await
     }
 }
 
