@@ -11,6 +11,8 @@
 //!   between the two.
 //! - [`channel`]: client channels (node API over SPIFFE mTLS, Unix sockets).
 //! - [`socket`]: binding the Unix sockets of the local APIs safely.
+//! - [`telemetry`]: the `/metrics` `/live` `/ready` listener and the RPC
+//!   layer (request ids, spans, durations) shared by server and agent.
 
 #![forbid(unsafe_code)]
 
@@ -76,3 +78,4 @@ pub use sigil::admin::v1 as admin;
 pub mod channel;
 pub mod convert;
 pub mod socket;
+pub mod telemetry;
