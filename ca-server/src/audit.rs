@@ -88,6 +88,8 @@ impl Audit {
             target: target.to_owned(),
             outcome: outcome.to_owned(),
             expires_at: None,
+            // The call being served, if any (set by the RPC layer).
+            request_id: sigil_proto::telemetry::request_id(),
         }
     }
 
@@ -148,6 +150,7 @@ fn log(e: &AuditEvent) {
         target_id = %e.target,
         outcome = %e.outcome,
         expires_at = e.expires_at.map(sigil_identity::clock::unix_seconds),
+        request_id = e.request_id.as_deref(),
         "audit"
     );
 }
