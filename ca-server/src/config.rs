@@ -55,6 +55,16 @@ pub struct ServerConfig {
     pub log: LogSection,
     #[serde(default)]
     pub retention: RetentionSection,
+    #[serde(default)]
+    pub telemetry: TelemetrySection,
+}
+
+/// The metrics and health listener (`/metrics`, `/live`, `/ready`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetrySection {
+    /// Plain HTTP, e.g. `127.0.0.1:9988`; off when unset.
+    pub bind: Option<std::net::SocketAddr>,
 }
 
 fn default_data_dir() -> PathBuf {
