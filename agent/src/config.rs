@@ -77,6 +77,17 @@ pub struct AgentConfig {
     /// make a second, and in a burst; more are refused (ResourceExhausted).
     #[serde(default = "default_unary_calls_per_uid_per_second")]
     pub unary_calls_per_uid_per_second: u32,
+    /// The metrics and health listener (`[telemetry] bind`); off if unset.
+    #[serde(default)]
+    pub telemetry: TelemetryConfig,
+}
+
+/// The metrics and health listener (`/metrics`, `/live`, `/ready`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// Plain HTTP, e.g. `127.0.0.1:9988`; off when unset.
+    pub bind: Option<std::net::SocketAddr>,
 }
 
 // Workload API limits, defaults (see the fields above).

@@ -14,6 +14,7 @@
 //! - [`workload_attestors`]: the workload attestors run besides `unix`
 //!   (`k8s`), from the configuration.
 //! - [`peer_pidfd`]: the connecting process of a socket, by `SO_PEERPIDFD`.
+//! - [`telemetry`]: metrics and readiness for the `[telemetry]` listener.
 //! - [`authority`]: rewrites `:authority` values h2 would refuse, for gRPC
 //!   C-core and grpc-java clients on Unix sockets.
 
@@ -28,5 +29,6 @@ pub mod manager;
 pub mod node;
 pub mod peer_pidfd;
 pub mod store;
+pub mod telemetry;
 pub mod workload_api;
 pub mod workload_attestors;

@@ -72,6 +72,7 @@ async fn run(args: cli::RunArgs) -> anyhow::Result<()> {
     let (max_connections, max_connections_per_uid) =
         (config.max_connections, config.max_connections_per_uid);
     let unary_rate = config.unary_calls_per_uid_per_second;
+    let telemetry_bind = config.telemetry.bind;
     let attestor = Arc::new(UnixAttestor::new(config.max_hash_bytes));
     let workload_attestors = sigil_agent::workload_attestors::from_config(&config)?;
     let agent = Agent::start(config).await?;
@@ -80,15 +81,24 @@ async fn run(args: cli::RunArgs) -> anyhow::Result<()> {
     let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let api = tokio::spawn(workload_api::serve(
-        WorkloadApi::new(agent.clone(), attestor)
-            .with_workload_attestors(workload_attestors)
-            .with_max_streams_per_uid(max_streams_per_uid)
-            .with_jwt_fetches_per_uid(jwt_fetches_per_uid)
-            .with_max_connections(max_connections, max_connections_per_uid)
-            .with_unary_calls_per_uid_per_second(unary_rate),
+    let workload_api = WorkloadApi::new(agent.clone(), attestor)
+        .with_workload_attestors(workload_attestors)
+        .with_max_streams_per_uid(max_streams_per_uid)
+        .with_jwt_fetches_per_uid(jwt_fetches_per_uid)
+        .with_max_connections(max_connections, max_connections_per_uid)
+        .with_unary_calls_per_uid_per_second(unary_rate);
+    let rpc_metrics = match telemetry_bind {
+        Some(addr) => Some(
+            sigil_agent::telemetry::spawn(addr, &agent, &workload_api, wait(stop_rx.clone()))
+                .await?,
+        ),
+        None => None,
+    };
+    let api = tokio::spawn(workload_api::serve_with_metrics(
+        workload_api,
         listener,
         wait(stop_rx.clone()),
+        rpc_metrics,
     ));
     info!(socket = %socket.display(), "Workload API serving");
     let result = agent

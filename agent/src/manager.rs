@@ -14,12 +14,13 @@ use std::collections::HashMap;
 use sigil_identity::{Bundle, EntryId, RegistrationEntry, rotation};
 use sigil_proto::node as pb;
 use tokio::sync::watch;
-use tracing::{error, info, warn};
+use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::cache::{Applied, Cache};
 use crate::config::AgentConfig;
 use crate::node::{self, Bootstrap, Connection, NodeError};
 use crate::store::{AgentState, Store, StoreError};
+use crate::telemetry::{AgentMetrics, Rotated};
 
 /// Most CSRs sent in one call.
 const BATCH: usize = 500;
@@ -109,6 +110,7 @@ pub struct Agent {
     node: Arc<tokio::sync::Mutex<Option<(u64, Connection)>>>,
     /// JWT-SVIDs by (entry, audience).
     jwts: Arc<std::sync::Mutex<HashMap<JwtKey, CachedJwt>>>,
+    metrics: Arc<AgentMetrics>,
 }
 
 /// JWT-SVIDs are cached per entry and (sorted) audience.
@@ -133,6 +135,7 @@ impl Agent {
     /// Loads the stored state or attests, and prepares the agent.
     pub async fn start(config: AgentConfig) -> Result<Self, AgentError> {
         let store = Store::open(&config.data_dir)?;
+        let metrics = Arc::new(AgentMetrics::default());
         let now = SystemTime::now();
         let (state, fresh) = match store.load(&config.trust_domain)? {
             Some(s) if svid_expiry(&s).is_some_and(|(_, na)| na > now) => {
@@ -146,13 +149,15 @@ impl Agent {
                         sigil_attestors::join_token::NAME,
                     ));
                 }
+                let started = std::time::Instant::now();
                 let s = node::attest(
                     &config.server_address,
                     &config.trust_domain,
                     &bootstrap(&config)?,
                     attestor.as_ref(),
                 )
-                .await?;
+                .await;
+                let s = metrics.attested(started.elapsed(), s)?;
                 store.save(&s)?;
                 info!(attestor = attestor.name(), "node attested");
                 (s, true)
@@ -172,9 +177,20 @@ impl Agent {
             reconnect: watch::channel(0).0,
             node: Arc::default(),
             jwts: Arc::default(),
+            metrics,
             config,
             store,
         })
+    }
+
+    /// The agent's metrics.
+    pub fn metrics(&self) -> &AgentMetrics {
+        &self.metrics
+    }
+
+    /// When the agent's own SVID expires.
+    pub fn svid_not_after(&self) -> SystemTime {
+        self.validity.lock().unwrap_or_else(|p| p.into_inner()).1
     }
 
     /// The agent's own SPIFFE ID, read from its stored SVID (`None` while
@@ -318,9 +334,17 @@ impl Agent {
         tokio::pin!(shutdown);
         loop {
             let (revoked_tx, mut revoked_rx) = watch::channel(None::<String>);
-            let sync = tokio::spawn(self.clone().sync_loop(revoked_tx));
-            let issue = tokio::spawn(self.clone().issue_loop());
-            let renew = tokio::spawn(self.clone().renew_loop());
+            let sync = tokio::spawn(
+                self.clone()
+                    .sync_loop(revoked_tx)
+                    .instrument(info_span!("sync")),
+            );
+            let issue = tokio::spawn(self.clone().issue_loop().instrument(info_span!("issuance")));
+            let renew = tokio::spawn(
+                self.clone()
+                    .renew_loop()
+                    .instrument(info_span!("agent_renewal")),
+            );
             let revoked = tokio::select! {
                 () = &mut shutdown => None,
                 why = async {
@@ -395,14 +419,15 @@ impl Agent {
             tokio::time::sleep(backoff.mul_f64(1.0 + 0.2 * sigil_identity::random::jitter_unit()))
                 .await;
             let bootstrap = self.reattestation_trust()?;
-            match node::attest(
+            let started = std::time::Instant::now();
+            let attested = node::attest(
                 &self.config.server_address,
                 &self.config.trust_domain,
                 &bootstrap,
                 attestor.as_ref(),
             )
-            .await
-            {
+            .await;
+            match self.metrics.attested(started.elapsed(), attested) {
                 Ok(state) => {
                     self.store.save(&state)?;
                     self.resolver.set(node::agent_key(&state)?);
@@ -441,6 +466,7 @@ impl Agent {
                     })
                     .await?
                     .into_inner();
+                self.metrics.server_connected(true);
                 loop {
                     let Some(msg) = stream.message().await? else {
                         return Ok::<_, NodeError>(());
@@ -473,6 +499,7 @@ impl Agent {
             };
             tokio::select! {
                 r = attempt => {
+                    self.metrics.server_connected(false);
                     match r {
                         Ok(()) => backoff = Duration::from_millis(200),
                         // The server revoked this agent (banned, or evicted).
@@ -491,6 +518,7 @@ impl Agent {
                     }
                 }
                 _ = reconnect.changed() => {
+                    self.metrics.server_connected(false);
                     backoff = Duration::from_millis(50);
                 }
             }
@@ -583,11 +611,14 @@ impl Agent {
             // One cache change per batch: every open stream rebuilds its
             // state on a change, so per-SVID changes cost streams × SVIDs.
             let ids: Vec<_> = issued.iter().map(|(e, _, _)| e.id.clone()).collect();
+            let mut rotated = 0;
             for (id, stored) in ids.iter().zip(self.cache.store_all(issued)) {
-                if let Err(e) = stored {
-                    warn!(entry_id = %id, error = %e, "server sent an unreadable SVID");
+                match stored {
+                    Ok(()) => rotated += 1,
+                    Err(e) => warn!(entry_id = %id, error = %e, "server sent an unreadable SVID"),
                 }
             }
+            self.metrics.rotated(Rotated::Workload, rotated);
         }
         Ok(())
     }
@@ -605,6 +636,7 @@ impl Agent {
             loop {
                 match self.renew().await {
                     Ok(()) => {
+                        self.metrics.rotated(Rotated::Agent, 1);
                         info!("agent SVID renewed");
                         break;
                     }
