@@ -50,6 +50,7 @@ pub struct AgentMetrics {
     cached: Gauge,
     expiry: Family<Labels, Gauge<f64, AtomicU64>>,
     revision: Gauge,
+    ready: Gauge,
 }
 
 impl Default for AgentMetrics {
@@ -64,6 +65,7 @@ impl Default for AgentMetrics {
             cached: Gauge::default(),
             expiry: Family::default(),
             revision: Gauge::default(),
+            ready: Gauge::default(),
         }
     }
 }
@@ -115,6 +117,11 @@ impl AgentMetrics {
              sigil_server_change_feed_revision for its lag)",
             self.revision.clone(),
         );
+        r.register(
+            "ready",
+            "1 when /ready answers 200 (attested, bundle held, not revoked), else 0",
+            self.ready.clone(),
+        );
         r
     }
 
@@ -162,6 +169,7 @@ impl Health for AgentHealth {
     fn refresh(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
         Box::pin(async move {
             let m = self.agent.metrics();
+            m.ready.set(i64::from(self.ready().await.is_ok()));
             let (connections, streams) = self.api.open_counts();
             m.connections.set(connections as i64);
             m.streams.set(streams as i64);

@@ -150,7 +150,7 @@ fn log(e: &AuditEvent) {
         target_id = %e.target,
         outcome = %e.outcome,
         expires_at = e.expires_at.map(sigil_identity::clock::unix_seconds),
-        request_id = e.request_id.as_deref(),
+        request_id = e.request_id.as_deref().map(tracing::field::display),
         "audit"
     );
 }

@@ -57,6 +57,7 @@ pub struct ServerMetrics {
     ca_expiry: Family<[(&'static str, String); 3], Gauge<f64, AtomicU64>>,
     feed_revision: Gauge,
     feed_lag: Gauge,
+    ready: Gauge,
 }
 
 impl Default for ServerMetrics {
@@ -70,6 +71,7 @@ impl Default for ServerMetrics {
             ca_expiry: Family::default(),
             feed_revision: Gauge::default(),
             feed_lag: Gauge::default(),
+            ready: Gauge::default(),
         }
     }
 }
@@ -117,6 +119,11 @@ impl ServerMetrics {
             "Revisions of the change feed this server has not applied to its in-memory \
              registry yet (changes written by other replicas, or not caught up)",
             self.feed_lag.clone(),
+        );
+        r.register(
+            "ready",
+            "1 when /ready answers 200 (datastore reachable, an active CA), else 0",
+            self.ready.clone(),
         );
         r
     }
@@ -187,6 +194,7 @@ impl Health for ServerHealth {
     fn refresh(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
         Box::pin(async move {
             let m = &self.metrics;
+            m.ready.set(i64::from(self.ready().await.is_ok()));
             m.agents.set(self.registry.agent_count() as i64);
             if let Ok(n) = self.store.count_entries().await {
                 m.entries.set(n as i64);
