@@ -46,7 +46,7 @@ pub enum Outcome {
 
 /// The server's metrics. Cheap to count into whether or not telemetry is
 /// served.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct ServerMetrics {
     issued: Family<[(&'static str, &'static str); 2], Counter>,
     /// RPC durations, recorded by the layer around the gRPC services.
@@ -58,22 +58,6 @@ pub struct ServerMetrics {
     feed_revision: Gauge,
     feed_lag: Gauge,
     ready: Gauge,
-}
-
-impl Default for ServerMetrics {
-    fn default() -> Self {
-        Self {
-            issued: Family::default(),
-            rpc: RpcMetrics::default(),
-            sync_streams: Gauge::default(),
-            agents: Gauge::default(),
-            entries: Gauge::default(),
-            ca_expiry: Family::default(),
-            feed_revision: Gauge::default(),
-            feed_lag: Gauge::default(),
-            ready: Gauge::default(),
-        }
-    }
 }
 
 /// An open Sync stream, counted until dropped.
