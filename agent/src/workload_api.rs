@@ -38,7 +38,7 @@ use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status};
-use tracing::{debug, warn};
+use tracing::{Instrument, debug, warn};
 
 use crate::authority::AuthorityFix;
 use crate::cache::CachedSvid;
@@ -999,7 +999,10 @@ pub async fn serve_with_metrics(
     rpc: Option<sigil_proto::telemetry::RpcMetrics>,
 ) -> Result<(), tonic::transport::Error> {
     let (tx, rx) = mpsc::channel(64);
-    tokio::spawn(accept_loop(listener, api.clone(), tx));
+    tokio::spawn(
+        accept_loop(listener, api.clone(), tx)
+            .instrument(tracing::info_span!("workload_api_accept")),
+    );
     let incoming = ReceiverStream::new(rx);
     let health = Health {
         agent: api.agent.clone(),

@@ -18,7 +18,7 @@ use std::time::{Duration, SystemTime};
 
 use sigil_identity::clock::Clock;
 use tokio::sync::{mpsc, oneshot};
-use tracing::{info, warn};
+use tracing::{Instrument, info, warn};
 
 use crate::datastore::{AuditEvent, Datastore};
 
@@ -63,7 +63,9 @@ impl Audit {
     /// writer (so it must be called inside the Tokio runtime).
     pub fn new(store: Arc<dyn Datastore>, clock: Arc<dyn Clock>) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(write_issued(store.clone(), rx));
+        tokio::spawn(
+            write_issued(store.clone(), rx).instrument(tracing::info_span!("audit_writer")),
+        );
         Self {
             store,
             clock,

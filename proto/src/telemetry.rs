@@ -54,6 +54,11 @@ pub fn in_current_request<F: Future>(fut: F) -> impl Future<Output = F::Output> 
     }
 }
 
+/// `fut` in `span`: for background tasks, `tokio::spawn(in_span(span, async { … }))`.
+pub fn in_span<F: Future>(span: tracing::Span, fut: F) -> tracing::instrument::Instrumented<F> {
+    fut.instrument(span)
+}
+
 /// The caller's request id if it is short and plain (letters, digits,
 /// `-`, `_`, `.`), so it cannot forge log fields; else a new random one.
 fn request_id_of(headers: &http::HeaderMap) -> Arc<str> {
