@@ -15,6 +15,7 @@ use sigil_identity::attestation::{AttestError, ServerNodeAttestor};
 use sigil_identity::clock::{Clock, SystemClock};
 use sigil_proto::admin::admin_server::AdminServer;
 use sigil_proto::node::node_server::NodeServer;
+use sigil_proto::telemetry::in_span;
 use tokio::net::{TcpListener, UnixListener};
 use tokio_stream::wrappers::UnixListenerStream;
 use tracing::{Instrument, info, info_span, warn};
@@ -263,30 +264,27 @@ pub async fn run(
         let store = store.clone();
         let clock = clock.clone();
         let mut stop = stop_rx.clone();
-        tokio::spawn(
-            async move {
-                let mut tick = tokio::time::interval(Duration::from_secs(1));
-                let mut n: u64 = 0;
-                loop {
-                    tokio::select! {
-                        _ = stop.changed() => return,
-                        _ = tick.tick() => {}
-                    }
-                    if let Err(e) = registry.catch_up().await {
-                        warn!(error = %e, "registry catch-up failed");
-                    }
-                    n += 1;
-                    if n.is_multiple_of(3600) {
-                        match store.prune_join_tokens(clock.now()).await {
-                            Ok(k) if k > 0 => info!(pruned = k, "expired join tokens removed"),
-                            Ok(_) => {}
-                            Err(e) => warn!(error = %e, "join token pruning failed"),
-                        }
+        tokio::spawn(in_span(info_span!("change_feed_follower"), async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            let mut n: u64 = 0;
+            loop {
+                tokio::select! {
+                    _ = stop.changed() => return,
+                    _ = tick.tick() => {}
+                }
+                if let Err(e) = registry.catch_up().await {
+                    warn!(error = %e, "registry catch-up failed");
+                }
+                n += 1;
+                if n.is_multiple_of(3600) {
+                    match store.prune_join_tokens(clock.now()).await {
+                        Ok(k) if k > 0 => info!(pruned = k, "expired join tokens removed"),
+                        Ok(_) => {}
+                        Err(e) => warn!(error = %e, "join token pruning failed"),
                     }
                 }
             }
-            .instrument(info_span!("change_feed_follower")),
-        )
+        }))
     };
 
     // Metrics and health, on their own plain-HTTP listener if configured.
