@@ -7,8 +7,11 @@ cd "$(dirname "$0")/.."
 need_apt=()
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 python3 -m venv --help >/dev/null 2>&1 || need_apt+=(python3 python3-venv)
+# Prometheus and promtool: the telemetry test scrapes with a real server,
+# and the alert rules are checked (tests/tests/telemetry.rs, deploy/monitoring).
+command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
 if [ ${#need_apt[@]} -gt 0 ]; then
-  echo "==> installing ${need_apt[*]} (used by the interop tests)"
+  echo "==> installing ${need_apt[*]} (used by the interop and telemetry tests)"
   if [ "$(id -u)" -eq 0 ]; then
     apt-get update -qq && apt-get install -y -qq "${need_apt[@]}"
   else
@@ -39,6 +42,14 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 
 echo "==> deployment files (kubernetes-validate, kustomization lists, checkov)"
 deploy/k8s/check.sh
+
+echo "==> monitoring files (promtool check rules, the Grafana dashboard is JSON)"
+promtool check rules deploy/monitoring/alerts.yml
+python3 -m json.tool deploy/monitoring/grafana-dashboard.json >/dev/null
+# The telemetry test must not skip here.
+export SIGIL_REQUIRE_PROMETHEUS=1
+SIGIL_PROMETHEUS="$(command -v prometheus)"
+export SIGIL_PROMETHEUS
 
 echo "==> cargo build (the end-to-end suites run the built binaries)"
 cargo build --workspace --bins --locked

@@ -87,6 +87,9 @@ pub struct AgentConfig {
     /// a test drives time with a [`sigil_identity::clock::FakeClock`].
     #[serde(skip, default = "system_clock")]
     pub clock: Arc<dyn Clock>,
+    /// The metrics and health listener (`[telemetry] bind`); off if unset.
+    #[serde(default)]
+    pub telemetry: TelemetryConfig,
 }
 
 fn system_clock() -> Arc<dyn Clock> {
@@ -121,6 +124,14 @@ impl Default for LogSection {
             format: LogFormat::Text,
         }
     }
+}
+
+/// The metrics and health listener (`/metrics`, `/live`, `/ready`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// Plain HTTP, e.g. `127.0.0.1:9988`; off when unset.
+    pub bind: Option<std::net::SocketAddr>,
 }
 
 /// Log line format.

@@ -21,6 +21,7 @@
 //! - [`workload_attestors`]: the workload attestors run besides `unix`
 //!   (`k8s`), from the configuration.
 //! - [`peer_pidfd`]: the connecting process of a socket, by `SO_PEERPIDFD`.
+//! - [`telemetry`]: metrics and readiness for the `[telemetry]` listener.
 
 // Denied, not forbidden: `peer_pidfd` allows it for one getsockopt call.
 #![deny(unsafe_code)]
@@ -32,6 +33,7 @@ pub mod peer_pidfd;
 mod run;
 pub mod session;
 pub mod store;
+pub mod telemetry;
 pub mod workload_api;
 pub mod workload_attestors;
 pub mod workload_client;

@@ -34,6 +34,7 @@ pub async fn run(
     let (max_connections, max_connections_per_uid) =
         (config.max_connections, config.max_connections_per_uid);
     let unary_rate = config.unary_calls_per_uid_per_second;
+    let telemetry_bind = config.telemetry.bind;
     let session = Session::start(config).await?;
     let api = WorkloadApi::new(session.clone(), attestor)
         .with_workload_attestors(workload_attestors)
@@ -46,8 +47,21 @@ pub async fn run(
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
+    let rpc_metrics = match telemetry_bind {
+        Some(addr) => Some(
+            crate::telemetry::spawn(addr, &session, &api, stopped(stop_rx.clone()))
+                .await
+                .map_err(|e| AgentError::Telemetry(addr, e))?,
+        ),
+        None => None,
+    };
     let socket = listener.local_addr().ok();
-    let serving = tokio::spawn(workload_api::serve(api, listener, stopped(stop_rx)));
+    let serving = tokio::spawn(workload_api::serve_with_metrics(
+        api,
+        listener,
+        stopped(stop_rx),
+        rpc_metrics,
+    ));
     info!(socket = ?socket.as_ref().and_then(|s| s.as_pathname()), "Workload API serving");
     let result = session
         .run(async {

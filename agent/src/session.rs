@@ -15,12 +15,13 @@ use sigil_identity::{Bundle, EntryId, RegistrationEntry, rotation};
 use sigil_proto::convert::{SyncEvent, SyncUpdate};
 use sigil_proto::node as pb;
 use tokio::sync::watch;
-use tracing::{error, info, warn};
+use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::cache::{Applied, Cache};
 use crate::config::{AgentConfig, BootstrapTrust, NodeAttestor};
 use crate::node::{self, Bootstrap, Connection, NodeError};
 use crate::store::{AgentState, Store, StoreError};
+use crate::telemetry::{AgentMetrics, Rotated};
 
 /// Most CSRs sent in one call.
 const BATCH: usize = 500;
@@ -45,6 +46,8 @@ pub enum AgentError {
         "the agent SVID has expired and the {0} attestor cannot attest again; give the agent a new join token"
     )]
     CannotReattest(&'static str),
+    #[error("cannot serve telemetry on {0} ([telemetry] bind): {1}")]
+    Telemetry(std::net::SocketAddr, std::io::Error),
 }
 
 fn attestor(config: &AgentConfig) -> Result<Box<dyn AgentNodeAttestor>, AgentError> {
@@ -111,6 +114,7 @@ pub struct Session {
     node: Arc<tokio::sync::Mutex<Option<(u64, Connection)>>>,
     /// JWT-SVIDs by (entry, audience).
     jwts: Arc<std::sync::Mutex<HashMap<JwtKey, CachedJwt>>>,
+    metrics: Arc<AgentMetrics>,
 }
 
 /// JWT-SVIDs are cached per entry and (sorted) audience.
@@ -135,6 +139,7 @@ impl Session {
     /// Loads the stored state or attests, and prepares the agent.
     pub async fn start(config: AgentConfig) -> Result<Self, AgentError> {
         let store = Store::open(&config.data_dir)?;
+        let metrics = Arc::new(AgentMetrics::default());
         let now = config.clock.now();
         let (state, fresh) = match store.load(&config.trust_domain)? {
             Some(s) if svid_expiry(&s).is_some_and(|(_, na)| na > now) => {
@@ -148,13 +153,15 @@ impl Session {
                         sigil_attestors::join_token::NAME,
                     ));
                 }
+                let started = std::time::Instant::now();
                 let s = node::attest(
                     &config.server_address,
                     &config.trust_domain,
                     &bootstrap(&config)?,
                     attestor.as_ref(),
                 )
-                .await?;
+                .await;
+                let s = metrics.attested(started.elapsed(), s)?;
                 store.save(&s)?;
                 info!(attestor = attestor.name(), "node attested");
                 (s, true)
@@ -174,9 +181,20 @@ impl Session {
             reconnect: watch::channel(0).0,
             node: Arc::default(),
             jwts: Arc::default(),
+            metrics,
             config,
             store,
         })
+    }
+
+    /// The agent's metrics.
+    pub fn metrics(&self) -> &AgentMetrics {
+        &self.metrics
+    }
+
+    /// When the agent's own SVID expires.
+    pub fn svid_not_after(&self) -> SystemTime {
+        self.validity.lock().unwrap_or_else(|p| p.into_inner()).1
     }
 
     /// The agent's own SPIFFE ID, read from its stored SVID (`None` while
@@ -325,9 +343,17 @@ impl Session {
         tokio::pin!(shutdown);
         loop {
             let (revoked_tx, mut revoked_rx) = watch::channel(None::<String>);
-            let sync = tokio::spawn(self.clone().sync_loop(revoked_tx));
-            let issue = tokio::spawn(self.clone().issue_loop());
-            let renew = tokio::spawn(self.clone().renew_loop());
+            let sync = tokio::spawn(
+                self.clone()
+                    .sync_loop(revoked_tx)
+                    .instrument(info_span!("sync")),
+            );
+            let issue = tokio::spawn(self.clone().issue_loop().instrument(info_span!("issuance")));
+            let renew = tokio::spawn(
+                self.clone()
+                    .renew_loop()
+                    .instrument(info_span!("agent_renewal")),
+            );
             let revoked = tokio::select! {
                 () = &mut shutdown => None,
                 why = async {
@@ -402,14 +428,15 @@ impl Session {
             tokio::time::sleep(backoff.mul_f64(1.0 + 0.2 * sigil_identity::random::jitter_unit()))
                 .await;
             let bootstrap = self.reattestation_trust()?;
-            match node::attest(
+            let started = std::time::Instant::now();
+            let attested = node::attest(
                 &self.config.server_address,
                 &self.config.trust_domain,
                 &bootstrap,
                 attestor.as_ref(),
             )
-            .await
-            {
+            .await;
+            match self.metrics.attested(started.elapsed(), attested) {
                 Ok(state) => {
                     self.store.save(&state)?;
                     self.resolver.set(node::agent_key(&state)?);
@@ -448,6 +475,7 @@ impl Session {
                     })
                     .await?
                     .into_inner();
+                self.metrics.server_connected(true);
                 loop {
                     let Some(msg) = stream.message().await? else {
                         return Ok::<_, NodeError>(());
@@ -477,6 +505,7 @@ impl Session {
             };
             tokio::select! {
                 r = attempt => {
+                    self.metrics.server_connected(false);
                     match r {
                         Ok(()) => backoff = Duration::from_millis(200),
                         // The server revoked this agent (banned, or evicted).
@@ -495,6 +524,7 @@ impl Session {
                     }
                 }
                 _ = reconnect.changed() => {
+                    self.metrics.server_connected(false);
                     backoff = Duration::from_millis(50);
                 }
             }
@@ -587,11 +617,14 @@ impl Session {
             // One cache change per batch: every open stream rebuilds its
             // state on a change, so per-SVID changes cost streams × SVIDs.
             let ids: Vec<_> = issued.iter().map(|(e, _, _)| e.id.clone()).collect();
+            let mut rotated = 0;
             for (id, stored) in ids.iter().zip(self.cache.store_all(issued)) {
-                if let Err(e) = stored {
-                    warn!(entry_id = %id, error = %e, "server sent an unreadable SVID");
+                match stored {
+                    Ok(()) => rotated += 1,
+                    Err(e) => warn!(entry_id = %id, error = %e, "server sent an unreadable SVID"),
                 }
             }
+            self.metrics.rotated(Rotated::Workload, rotated);
         }
         Ok(())
     }
@@ -614,6 +647,7 @@ impl Session {
             loop {
                 match self.renew().await {
                     Ok(()) => {
+                        self.metrics.rotated(Rotated::Agent, 1);
                         info!("agent SVID renewed");
                         break;
                     }

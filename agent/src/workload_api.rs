@@ -42,6 +42,7 @@ use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
+use tracing::Instrument;
 
 use crate::cache::CachedSvid;
 use crate::config::{
@@ -117,6 +118,12 @@ fn jwt_fetch_limiter(per_second: f64) -> RateLimiter<u32> {
 }
 
 impl WorkloadApi {
+    /// Open connections and streams, for metrics.
+    pub fn open_counts(&self) -> (usize, usize) {
+        let total = |c: &Mutex<Counts>| c.lock().unwrap_or_else(|p| p.into_inner()).total;
+        (total(&self.connections), total(&self.streams))
+    }
+
     /// Serves identities from `session`, attesting callers with `attestor`,
     /// with the default per-uid stream limit.
     pub fn new(session: Session, attestor: Arc<UnixAttestor>) -> Self {
@@ -205,8 +212,21 @@ pub async fn serve(
     listener: UnixListener,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
+    serve_with_metrics(api, listener, shutdown, None).await
+}
+
+/// As [`serve`], recording call durations in `rpc` if given (telemetry on).
+pub async fn serve_with_metrics(
+    api: WorkloadApi,
+    listener: UnixListener,
+    shutdown: impl std::future::Future<Output = ()>,
+    rpc: Option<sigil_proto::telemetry::RpcMetrics>,
+) -> Result<(), tonic::transport::Error> {
     let (tx, rx) = mpsc::channel(64);
-    tokio::spawn(connection::accept_loop(listener, api.clone(), tx));
+    tokio::spawn(
+        connection::accept_loop(listener, api.clone(), tx)
+            .instrument(tracing::info_span!("workload_api_accept")),
+    );
     let incoming = ReceiverStream::new(rx);
     let health = Health {
         session: api.session.clone(),
@@ -215,6 +235,7 @@ pub async fn serve(
         // The `:authority` shim buffers at most one frame of this size.
         .max_frame_size(Some(h2_authority::MAX_FRAME_SIZE as u32))
         .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+        .layer(sigil_proto::telemetry::RpcLayer::new(rpc))
         .add_service(sigil_proto::grpc::health::v1::health_server::HealthServer::new(health))
         .add_service(SpiffeWorkloadApiServer::new(api).max_decoding_message_size(MAX_REQUEST_BYTES))
         .serve_with_incoming_shutdown(incoming, shutdown)

@@ -41,6 +41,7 @@ fn main() {
                     target: format!("spiffe://example.org/workload/{}", i % 1000),
                     outcome: "ok".into(),
                     expires_at: Some(UNIX_EPOCH + Duration::from_secs(1_800_003_600)),
+                    request_id: None,
                 })
                 .collect();
             written += batch.len() as u64;

@@ -22,7 +22,7 @@ use std::time::{Duration, SystemTime};
 
 use sigil_identity::clock::Clock;
 use tokio::sync::{mpsc, oneshot};
-use tracing::{info, warn};
+use tracing::{Instrument, info, warn};
 
 use crate::datastore::{AuditEvent, Datastore};
 
@@ -67,7 +67,9 @@ impl Audit {
     /// writer (so it must be called inside the Tokio runtime).
     pub fn new(store: Arc<dyn Datastore>, clock: Arc<dyn Clock>) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(write_issued(store.clone(), rx));
+        tokio::spawn(
+            write_issued(store.clone(), rx).instrument(tracing::info_span!("audit_writer")),
+        );
         Self {
             store,
             clock,
@@ -92,6 +94,8 @@ impl Audit {
             target: target.to_owned(),
             outcome: outcome.to_owned(),
             expires_at: None,
+            // The call being served, if any (set by the RPC layer).
+            request_id: sigil_proto::telemetry::request_id(),
         }
     }
 
@@ -152,6 +156,7 @@ fn log(e: &AuditEvent) {
         target_id = %e.target,
         outcome = %e.outcome,
         expires_at = e.expires_at.map(sigil_identity::clock::unix_seconds),
+        request_id = e.request_id.as_deref().map(tracing::field::display),
         "audit"
     );
 }

@@ -58,6 +58,15 @@ pub struct ServerConfig {
     pub retention: RetentionSection,
     #[serde(default)]
     pub audit: AuditSection,
+    pub telemetry: TelemetrySection,
+}
+
+/// The metrics and health listener (`/metrics`, `/live`, `/ready`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetrySection {
+    /// Plain HTTP, e.g. `127.0.0.1:9988`; off when unset.
+    pub bind: Option<std::net::SocketAddr>,
 }
 
 fn default_data_dir() -> PathBuf {

@@ -21,6 +21,7 @@
 //! - [`server`]: wiring and `run(config, listeners, shutdown)`.
 //! - [`shutdown`]: the stop signals and the wait tasks end with.
 //! - [`status`]: errors as gRPC statuses, one mapping for both APIs.
+//! - [`telemetry`]: metrics and readiness for the `[telemetry]` listener.
 //! - [`registration_file`], [`entry_apply`]: registration entries kept as
 //!   code (`entry plan`/`apply`/`export`).
 
@@ -41,3 +42,4 @@ pub mod retention;
 pub mod server;
 pub mod shutdown;
 pub mod status;
+pub mod telemetry;

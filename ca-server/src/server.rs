@@ -15,9 +15,10 @@ use sigil_identity::attestation::{AttestError, ServerNodeAttestor};
 use sigil_identity::clock::{Clock, SystemClock};
 use sigil_proto::admin::admin_server::AdminServer;
 use sigil_proto::node::node_server::NodeServer;
+use sigil_proto::telemetry::in_span;
 use tokio::net::{TcpListener, UnixListener};
 use tokio_stream::wrappers::UnixListenerStream;
-use tracing::{info, warn};
+use tracing::{Instrument, info, info_span, warn};
 
 use crate::admin_api::{AdminApi, AdminService, mtls, own_uid};
 use crate::audit::Audit;
@@ -61,6 +62,8 @@ pub enum ServerError {
     AdminBind(std::net::SocketAddr, std::io::Error),
     #[error("audit checkpoints: {0}")]
     AuditKey(#[from] crate::audit::checkpoint::CheckpointError),
+    #[error("{0}")]
+    Telemetry(std::io::Error),
 }
 
 /// Builds the `k8s_psat` attestor from its configuration section.
@@ -181,6 +184,7 @@ pub async fn run(
     let ca = CaManager::start(ca_config, store.clone(), keys, clock.clone(), upstream).await?;
     let registry = Registry::load(store.clone(), &td).await?;
     let audit = Audit::new(store.clone(), clock.clone());
+    let metrics = Arc::new(crate::telemetry::ServerMetrics::default());
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
@@ -225,6 +229,7 @@ pub async fn run(
         sign_limit: RateLimiter::new(rates.signing_per_second, rates.signing_burst),
         shutdown: stop_rx.clone(),
         wire_bundle: std::sync::Mutex::default(),
+        metrics: metrics.clone(),
     });
     let mut allowed_uids: BTreeSet<u32> = config.server.admin_uids.iter().copied().collect();
     allowed_uids.insert(0);
@@ -252,7 +257,11 @@ pub async fn run(
 
     // Background work: CA rotation, following the change feed (for changes
     // made by other replicas), pruning expired join tokens.
-    let rotation = tokio::spawn(ca.clone().run(wait_for_stop(stop_rx.clone())));
+    let rotation = tokio::spawn(
+        ca.clone()
+            .run(wait_for_stop(stop_rx.clone()))
+            .instrument(info_span!("ca_rotation")),
+    );
     let pruner = crate::retention::Pruner {
         store: store.clone(),
         registry: registry.clone(),
@@ -260,7 +269,11 @@ pub async fn run(
         clock: clock.clone(),
         retention: config.retention.clone(),
     };
-    let pruning = tokio::spawn(pruner.run(stop_rx.clone()));
+    let pruning = tokio::spawn(
+        pruner
+            .run(stop_rx.clone())
+            .instrument(info_span!("pruning")),
+    );
     let checkpointer = Arc::new(crate::audit::checkpoint::Checkpointer {
         store: store.clone(),
         key: crate::audit::checkpoint::AuditKey::load_or_create(
@@ -272,13 +285,18 @@ pub async fn run(
         every_records: config.audit.checkpoint_records,
         every: config.audit.checkpoint_interval,
     });
-    let checkpointing = tokio::spawn(checkpointer.clone().run(stop_rx.clone()));
+    let checkpointing = tokio::spawn(
+        checkpointer
+            .clone()
+            .run(stop_rx.clone())
+            .instrument(info_span!("audit_checkpoints")),
+    );
     let follower = {
         let registry = registry.clone();
         let store = store.clone();
         let clock = clock.clone();
         let mut stop = stop_rx.clone();
-        tokio::spawn(async move {
+        tokio::spawn(in_span(info_span!("change_feed_follower"), async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             let mut n: u64 = 0;
             loop {
@@ -298,8 +316,37 @@ pub async fn run(
                     }
                 }
             }
-        })
+        }))
     };
+
+    // Metrics and health, on their own plain-HTTP listener if configured.
+    let telemetry = match config.telemetry.bind {
+        Some(addr) => {
+            let listener = sigil_proto::telemetry::bind(addr)
+                .await
+                .map_err(ServerError::Telemetry)?;
+            let health = crate::telemetry::ServerHealth {
+                metrics: metrics.clone(),
+                store: store.clone(),
+                registry: registry.clone(),
+                ca: ca.clone(),
+            };
+            info!(address = %addr, "telemetry serving /metrics, /live, /ready");
+            Some(tokio::spawn(
+                sigil_proto::telemetry::serve(
+                    listener,
+                    Arc::new(metrics.registry()),
+                    Arc::new(health),
+                    wait_for_stop(stop_rx.clone()),
+                )
+                .instrument(info_span!("telemetry")),
+            ))
+        }
+        None => None,
+    };
+    // Every call gets a request id and a span; durations only when served.
+    let rpc_layer =
+        sigil_proto::telemetry::RpcLayer::new(telemetry.is_some().then(|| metrics.rpc.clone()));
 
     let node_addr = listeners.node.local_addr().ok();
     let conn_limits = tls::ConnLimits {
@@ -313,6 +360,7 @@ pub async fn run(
     let node_server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .max_concurrent_streams(limits::MAX_STREAMS_PER_CONNECTION)
+        .layer(rpc_layer.clone())
         .add_service(limits::Guarded::new(
             NodeServer::new(NodeApi(node.clone()))
                 .max_decoding_message_size(limits::BATCH_BODY)
@@ -325,6 +373,7 @@ pub async fn run(
         );
     let admin_for_tcp = admin.clone();
     let admin_server = tonic::transport::Server::builder()
+        .layer(rpc_layer)
         .add_service(
             AdminServer::new(AdminApi(admin))
                 .max_decoding_message_size(MAX_MESSAGE)
@@ -398,6 +447,9 @@ pub async fn run(
         }
     };
     let _ = tokio::join!(rotation, follower, pruning, checkpointing);
+    if let Some(t) = telemetry {
+        let _ = t.await;
+    }
     // Issuance events still queued reach the datastore before it closes,
     // and the last checkpoint covers them.
     audit.flush().await;

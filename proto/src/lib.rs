@@ -12,6 +12,8 @@
 //! - [`channel`]: client channels (node API over SPIFFE mTLS, Unix sockets).
 //! - [`socket`]: binding the Unix sockets of the local APIs safely.
 //! - [`output`]: `--output text|json` and the JSON style of both CLIs.
+//! - [`telemetry`]: the `/metrics` `/live` `/ready` listener and the RPC
+//!   layer (request ids, spans, durations) shared by server and agent.
 
 #![forbid(unsafe_code)]
 
@@ -78,3 +80,4 @@ pub mod channel;
 pub mod convert;
 pub mod output;
 pub mod socket;
+pub mod telemetry;

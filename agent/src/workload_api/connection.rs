@@ -25,7 +25,7 @@ const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 #[derive(Debug, Default)]
 pub(super) struct Counts {
     per_uid: HashMap<u32, usize>,
-    total: usize,
+    pub(super) total: usize,
 }
 
 /// One open stream or connection counted against its uid; released on drop.

@@ -110,8 +110,9 @@ pub fn record_hash(r: &AuditRecord) -> Hash {
 /// The canonical encoding of a record: [`DOMAIN`], then each field as
 /// name length (u16), name, value length (u32), value, all big-endian, in
 /// this order: seq, prev, time (unix seconds, as stored), caller, action,
-/// target, outcome, expires_at (left out when absent). New fields go at the
-/// end and are left out when empty.
+/// target, outcome, expires_at (left out when absent), request_id (left
+/// out when absent). New fields go at the end and are left out when empty,
+/// so records written before a field existed keep their hash.
 pub fn canonical(r: &AuditRecord) -> Vec<u8> {
     let e = &r.event;
     let mut out = Vec::with_capacity(
@@ -127,6 +128,9 @@ pub fn canonical(r: &AuditRecord) -> Vec<u8> {
     field(&mut out, "outcome", e.outcome.as_bytes());
     if let Some(t) = e.expires_at {
         field(&mut out, "expires_at", &unix_seconds(t).to_be_bytes());
+    }
+    if let Some(id) = &e.request_id {
+        field(&mut out, "request_id", id.as_bytes());
     }
     out
 }
@@ -371,6 +375,19 @@ mod tests {
         let has_expiry = |r: &AuditRecord| canonical(r).windows(10).any(|w| w == b"expires_at");
         assert!(has_expiry(&with));
         assert!(!has_expiry(&a[0]));
+    }
+
+    #[test]
+    fn the_request_id_is_covered_by_the_hash() {
+        let mut event = audit_event(1);
+        event.request_id = Some("req-1".into());
+        let (records, head) = chain(ChainHead::default(), &[event]);
+        let mut edited = records[0].clone();
+        edited.event.request_id = Some("req-2".into());
+        assert_ne!(record_hash(&edited), head.hash);
+        let mut removed = records[0].clone();
+        removed.event.request_id = None;
+        assert_ne!(record_hash(&removed), head.hash);
     }
 
     #[test]

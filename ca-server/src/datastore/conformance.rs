@@ -82,6 +82,7 @@ pub fn audit_event(i: u32) -> AuditEvent {
         target: format!("entry-{i}"),
         outcome: "ok".into(),
         expires_at: None,
+        request_id: None,
     }
 }
 

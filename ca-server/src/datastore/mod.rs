@@ -230,6 +230,11 @@ pub struct AuditEvent {
     /// Optional expiry of what was issued.
     #[serde(with = "serde_opt_unix_seconds", default)]
     pub expires_at: Option<SystemTime>,
+    /// The request id of the gRPC call that made the event (also in that
+    /// call's log lines); `None` for events of background work and for
+    /// records written before request ids existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
 }
 
 /// Where the audit chain stands.

@@ -34,6 +34,7 @@ use crate::ca::{CaError, CaManager};
 use crate::datastore::{AgentRecord, Datastore, DatastoreError};
 use crate::registry::{AgentEvent, Registry, SyncStart};
 use crate::status::{ca_status, store_status};
+use crate::telemetry::{Outcome, ServerMetrics, SvidType};
 use sigil_identity::rate_limit::RateLimiter;
 
 /// Marks `status` as revoking the calling agent (see
@@ -69,6 +70,7 @@ pub struct NodeService {
     /// The current bundle and its wire form, encoded once per bundle (the
     /// JWKS serialisation costs more than the rest of a FetchBundle call).
     pub(crate) wire_bundle: std::sync::Mutex<Option<(Arc<sigil_identity::Bundle>, pb::Bundle)>>,
+    pub(crate) metrics: Arc<ServerMetrics>,
 }
 
 impl std::fmt::Debug for NodeService {
@@ -333,8 +335,12 @@ impl NodeService {
             }
         }
         let issued = self
-            .ca
-            .issue_x509_svid(&id, &[], Some(self.agent_svid_ttl), &params.csr)
+            .metrics
+            .counted(
+                SvidType::Agent,
+                self.ca
+                    .issue_x509_svid(&id, &[], Some(self.agent_svid_ttl), &params.csr),
+            )
             .map_err(|e| ca_status(&e))?;
         let record = AgentRecord {
             id: id.clone(),
@@ -519,13 +525,13 @@ impl Node for NodeApi {
         let mut inbound = req.into_inner();
         let (tx, rx) = mpsc::channel(4);
         let this = self.0.clone();
-        tokio::spawn(async move {
+        tokio::spawn(sigil_proto::telemetry::in_current_request(async move {
             let result = this.attest_flow(remote, &mut inbound, tx.clone()).await;
             let msg = result.map(|r| pb::AttestResponse {
                 step: Some(pb::attest_response::Step::Result(r)),
             });
             let _ = tx.send(msg).await;
-        });
+        }));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
@@ -540,8 +546,16 @@ impl Node for NodeApi {
             ));
         }
         let issued = self
-            .ca
-            .issue_x509_svid(&ctx.id, &[], Some(self.agent_svid_ttl), &req.get_ref().csr)
+            .metrics
+            .counted(
+                SvidType::Agent,
+                self.ca.issue_x509_svid(
+                    &ctx.id,
+                    &[],
+                    Some(self.agent_svid_ttl),
+                    &req.get_ref().csr,
+                ),
+            )
             .map_err(|e| ca_status(&e))?;
         let mut record = self
             .registry
@@ -606,6 +620,7 @@ impl Node for NodeApi {
         info!(agent_id = %ctx.id, since, full = start.full, entries = start.entries.len(), "sync stream opened");
         tokio::spawn(async move {
             let _subscription = subscription;
+            let _counted = this.metrics.sync_stream();
             tokio::pin!(stopped);
             tokio::pin!(expired);
             let mut revision = start.revision;
@@ -712,6 +727,7 @@ impl Node for NodeApi {
                     });
                 }
                 None => {
+                    self.metrics.issued(SvidType::X509, Outcome::Denied);
                     warn!(agent_id = %ctx.id, entry_id = %p.entry_id, "SVID requested for an entry the agent is not authorized for");
                     results.push(pb::SvidResult {
                         entry_id: p.entry_id,
@@ -736,6 +752,7 @@ impl Node for NodeApi {
         for ((slot, entry), outcome) in slots.into_iter().zip(entries).zip(issued) {
             match outcome {
                 Ok(svid) => {
+                    self.metrics.issued(SvidType::X509, Outcome::Ok);
                     audit.push(self.audit.issued(
                         ctx.id.as_str(),
                         "svid.x509.issue",
@@ -745,6 +762,7 @@ impl Node for NodeApi {
                     results[slot].svid = Some(svid_message(&entry.spiffe_id, &svid));
                 }
                 Err(e) => {
+                    self.metrics.issued(SvidType::X509, Outcome::Error);
                     let status = ca_status(&e);
                     results[slot].code = status.code() as i32;
                     results[slot].message = status.message().to_owned();
@@ -770,11 +788,16 @@ impl Node for NodeApi {
             .ok()
             .and_then(|id| self.registry.authorized_entry(&ctx.id, &id, self.now()))
             .ok_or_else(|| {
+                self.metrics.issued(SvidType::Jwt, Outcome::Denied);
                 Status::permission_denied("entry not found or not authorized for this agent")
             })?;
         let svid = self
-            .ca
-            .mint_jwt_svid(&entry.spiffe_id, &req.audience, entry.jwt_svid_ttl)
+            .metrics
+            .counted(
+                SvidType::Jwt,
+                self.ca
+                    .mint_jwt_svid(&entry.spiffe_id, &req.audience, entry.jwt_svid_ttl),
+            )
             .map_err(|e| ca_status(&e))?;
         self.audit
             .record_issued(vec![self.audit.issued(

@@ -202,6 +202,7 @@ async fn service(store: Arc<PausingStore>) -> Arc<NodeService> {
         sign_limit: RateLimiter::new(100.0, 100.0),
         shutdown,
         wire_bundle: std::sync::Mutex::default(),
+        metrics: Arc::default(),
     })
 }
 

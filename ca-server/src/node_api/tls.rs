@@ -13,13 +13,14 @@ use rcgen::{CertificateParams, KeyPair};
 use sigil_identity::clock::Clock;
 use sigil_identity::tls::{SharedBundle, SpiffeClientVerifier, SvidResolver, certified_key};
 use sigil_identity::{SpiffeId, rotation};
+use sigil_proto::telemetry::in_span;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
-use tracing::{debug, info, warn};
+use tracing::{debug, info, info_span, warn};
 
 use crate::ca::{CaError, CaManager};
 
@@ -212,7 +213,7 @@ pub fn incoming(
 ) -> ReceiverStream<std::io::Result<NodeConn>> {
     let (tx, rx) = mpsc::channel(256);
     let counts = Arc::new(Mutex::new(SlotCounts::default()));
-    tokio::spawn(async move {
+    tokio::spawn(in_span(info_span!("node_api_accept"), async move {
         loop {
             let accepted = tokio::select! {
                 () = tx.closed() => return,
@@ -254,7 +255,7 @@ pub fn incoming(
                 }
             });
         }
-    });
+    }));
     ReceiverStream::new(rx)
 }
 
@@ -298,7 +299,7 @@ impl ServerSvid {
         let resolver = Arc::new(SvidResolver::new(ck));
         let r = resolver.clone();
         let mut shutdown = shutdown;
-        tokio::spawn(async move {
+        tokio::spawn(in_span(info_span!("server_svid_renewal"), async move {
             loop {
                 let at = rotation::renewal_time(nb, na, sigil_identity::random::jitter_unit());
                 let wait = at
@@ -318,7 +319,7 @@ impl ServerSvid {
                     Err(e) => warn!(error = %e, "server SVID renewal failed; retrying"),
                 }
             }
-        });
+        }));
         Ok(Self { resolver })
     }
 
@@ -336,7 +337,7 @@ pub fn follow_bundle(
     let shared = Arc::new(SharedBundle::new((*ca.bundle()).clone()));
     let mut rx = ca.subscribe_bundle();
     let s = shared.clone();
-    tokio::spawn(async move {
+    tokio::spawn(in_span(info_span!("bundle_follower"), async move {
         loop {
             tokio::select! {
                 _ = shutdown.changed() => return,
@@ -347,7 +348,7 @@ pub fn follow_bundle(
                 }
             }
         }
-    });
+    }));
     shared
 }
 

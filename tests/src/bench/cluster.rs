@@ -27,6 +27,25 @@ const SERVER_EXTRA: &str = "[rate_limits]\nattest_per_second = 1000000.0\nattest
 /// so one uid holds all the streams.
 pub const AGENT_EXTRA: &str = "max_streams_per_uid = 100000\n";
 
+/// Whether servers and agents started by [`Cluster`] serve telemetry
+/// (`sigil-bench --telemetry`), to compare hot paths with metrics on.
+static TELEMETRY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Makes every later [`Cluster`] (and its agents) serve `/metrics` on a
+/// free port, so its counters and histograms are recorded.
+pub fn set_telemetry(on: bool) {
+    TELEMETRY.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// A `[telemetry]` section on a free port, if telemetry is on.
+fn telemetry_section() -> Result<String> {
+    if !TELEMETRY.load(std::sync::atomic::Ordering::Relaxed) {
+        return Ok(String::new());
+    }
+    let port = crate::process::free_port()?;
+    Ok(format!("\n[telemetry]\nbind = \"127.0.0.1:{port}\"\n"))
+}
+
 /// A server in a temporary directory.
 #[derive(Debug)]
 pub struct Cluster {
@@ -44,7 +63,7 @@ impl Cluster {
             .tempdir()
             .context("cannot create a temporary directory")?;
         let options = ServerOptions {
-            extra: SERVER_EXTRA.into(),
+            extra: format!("{SERVER_EXTRA}{}", telemetry_section()?),
             log_level: "warn".into(),
             ..ServerOptions::default()
         };
@@ -100,7 +119,7 @@ impl Cluster {
             &self.dir().join(name),
             &self.server,
             &NodeAttestation::JoinToken(token),
-            AGENT_EXTRA,
+            &format!("{AGENT_EXTRA}{}", telemetry_section()?),
         )?;
         if let Some(pid) = agent.pid() {
             eprintln!("sigil-agent pid {pid}");

@@ -31,6 +31,10 @@ struct Cli {
     /// this executable, or $SIGIL_BIN_DIR].
     #[arg(long, value_name = "DIR")]
     bin_dir: Option<PathBuf>,
+    /// Start servers and agents with their telemetry listener on (metrics
+    /// recorded), to compare with a run without it.
+    #[arg(long)]
+    telemetry: bool,
     /// Internal: run as the probe workload of the rotation scenario.
     #[arg(long, hide = true, value_name = "SOCKET")]
     probe_socket: Option<PathBuf>,
@@ -74,6 +78,10 @@ fn run() -> Result<()> {
         }
     }
     let options = Options { quick: cli.quick };
+    sigil_tests::bench::cluster::set_telemetry(cli.telemetry);
+    if cli.telemetry {
+        eprintln!("sigil-bench: telemetry on (servers and agents serve /metrics)");
+    }
     eprintln!(
         "sigil-bench: {} run of {}; binaries from {}",
         if cli.quick { "quick" } else { "full" },
