@@ -7,9 +7,9 @@ use std::process::ExitCode;
 use crate::cli::{Cli, Command};
 use anyhow::Context;
 use clap::Parser;
+use sigil_proto::process::install_logging;
 use sigil_server::config::{Overrides, ServerConfig};
 use sigil_server::server::{self, Listeners};
-use sigil_proto::process::install_logging;
 
 async fn run(args: cli::RunArgs, admin_socket: Option<std::path::PathBuf>) -> anyhow::Result<()> {
     let overrides = Overrides {

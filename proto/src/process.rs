@@ -67,7 +67,9 @@ pub enum LogFormat {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum LogError {
-    #[error("invalid log level {level:?} (use error, warn, info, debug, trace or an env-filter string): {reason}")]
+    #[error(
+        "invalid log level {level:?} (use error, warn, info, debug, trace or an env-filter string): {reason}"
+    )]
     Level { level: String, reason: String },
     #[error("invalid log target {target:?}: {reason}")]
     Target { target: String, reason: String },
@@ -85,12 +87,12 @@ pub fn install_logging(log: &LogSection, always_info: &[&str]) -> Result<(), Log
         reason: e.to_string(),
     })?;
     for target in always_info {
-        let directive = format!("{target}=info")
-            .parse()
-            .map_err(|e: tracing_subscriber::filter::ParseError| LogError::Target {
+        let directive = format!("{target}=info").parse().map_err(
+            |e: tracing_subscriber::filter::ParseError| LogError::Target {
                 target: (*target).to_owned(),
                 reason: e.to_string(),
-            })?;
+            },
+        )?;
         filter = filter.add_directive(directive);
     }
     let builder = tracing_subscriber::fmt()
@@ -123,7 +125,10 @@ mod tests {
     #[test]
     fn log_section_keys_defaults_and_errors() {
         let default = parse("").unwrap();
-        assert_eq!((default.level.as_str(), default.format), ("info", LogFormat::Text));
+        assert_eq!(
+            (default.level.as_str(), default.format),
+            ("info", LogFormat::Text)
+        );
         let set = parse("[log]\nlevel = \"debug\"\nformat = \"json\"\n").unwrap();
         assert_eq!((set.level.as_str(), set.format), ("debug", LogFormat::Json));
         let only_format = parse("[log]\nformat = \"json\"\n").unwrap();
