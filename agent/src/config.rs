@@ -107,25 +107,6 @@ pub enum BootstrapTrust {
     Insecure,
 }
 
-/// `[log]`: the same keys, defaults and meaning as the server's.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LogSection {
-    /// `error`, `warn`, `info`, `debug` or `trace` (or an env-filter string).
-    pub level: String,
-    /// `text` or `json`.
-    pub format: LogFormat,
-}
-
-impl Default for LogSection {
-    fn default() -> Self {
-        Self {
-            level: "info".into(),
-            format: LogFormat::Text,
-        }
-    }
-}
-
 /// The metrics and health listener (`/metrics`, `/live`, `/ready`).
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -134,13 +115,8 @@ pub struct TelemetryConfig {
     pub bind: Option<std::net::SocketAddr>,
 }
 
-/// Log line format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "snake_case")]
-pub enum LogFormat {
-    Text,
-    Json,
-}
+/// `[log]` and its format, shared with the server (and kept at this path).
+pub use sigil_proto::process::{LogFormat, LogSection};
 
 // Workload API limits, defaults (see the fields above).
 /// Most streams one uid may hold open at once unless configured otherwise

@@ -7,25 +7,10 @@ mod cli;
 use std::process::ExitCode;
 
 use crate::cli::{Cli, Command};
-use anyhow::Context;
 use clap::Parser;
-use sigil_agent::config::{AgentConfig, LogFormat};
+use sigil_agent::config::AgentConfig;
 use sigil_agent::workload_api;
-use tracing_subscriber::EnvFilter;
-
-fn install_logging(level: &str, format: LogFormat) -> anyhow::Result<()> {
-    let filter =
-        EnvFilter::try_new(level).with_context(|| format!("invalid log level {level:?}"))?;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
-    Ok(())
-}
+use sigil_proto::process::install_logging;
 
 async fn run(args: cli::RunArgs) -> anyhow::Result<()> {
     let mut config = AgentConfig::load(&args.config)?;
@@ -35,7 +20,7 @@ async fn run(args: cli::RunArgs) -> anyhow::Result<()> {
     if let Some(format) = args.log_format {
         config.log.format = format;
     }
-    install_logging(&config.log.level, config.log.format)?;
+    install_logging(&config.log, &[])?;
     let listener = workload_api::bind(&config.socket_path)?;
     sigil_agent::run(config, listener, sigil_agent::shutdown_signal()).await?;
     Ok(())

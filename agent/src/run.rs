@@ -103,30 +103,5 @@ fn raise_open_files_limit() {
     }
 }
 
-/// A future that resolves on the first SIGINT (Ctrl-C) or SIGTERM: the
-/// usual `shutdown` for [`run`]. The handlers are installed by this call,
-/// not on the first poll, so a signal arriving in between is not lost.
-/// Must be called inside the Tokio runtime.
-pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
-    use tokio::signal::unix::{SignalKind, signal};
-    let interrupt = signal(SignalKind::interrupt());
-    let terminate = signal(SignalKind::terminate());
-    async move {
-        match (interrupt, terminate) {
-            (Ok(mut i), Ok(mut t)) => {
-                tokio::select! {
-                    _ = i.recv() => {}
-                    _ = t.recv() => {}
-                }
-            }
-            (Ok(mut one), Err(e)) | (Err(e), Ok(mut one)) => {
-                warn!(error = %e, "cannot handle one of SIGINT/SIGTERM");
-                one.recv().await;
-            }
-            (Err(e), Err(_)) => {
-                warn!(error = %e, "cannot handle SIGINT or SIGTERM; stop the process with SIGKILL");
-                std::future::pending::<()>().await;
-            }
-        }
-    }
-}
+/// The shared SIGINT/SIGTERM future, kept at its old path.
+pub use sigil_proto::process::shutdown_signal;

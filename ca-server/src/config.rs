@@ -385,32 +385,8 @@ impl Default for AuditSection {
     }
 }
 
-/// Logging.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LogSection {
-    /// `error`, `warn`, `info`, `debug` or `trace` (or an env-filter string).
-    pub level: String,
-    /// `text` or `json`.
-    pub format: LogFormat,
-}
-
-impl Default for LogSection {
-    fn default() -> Self {
-        Self {
-            level: "info".into(),
-            format: LogFormat::Text,
-        }
-    }
-}
-
-/// Log line format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "snake_case")]
-pub enum LogFormat {
-    Text,
-    Json,
-}
+/// `[log]` and its format, shared with the agent (and kept at this path).
+pub use sigil_proto::process::{LogFormat, LogSection};
 
 mod opt_human {
     use serde::{Deserialize, Deserializer};

@@ -7,29 +7,9 @@ use std::process::ExitCode;
 use crate::cli::{Cli, Command};
 use anyhow::Context;
 use clap::Parser;
-use sigil_server::config::{LogFormat, Overrides, ServerConfig};
+use sigil_proto::process::install_logging;
+use sigil_server::config::{Overrides, ServerConfig};
 use sigil_server::server::{self, Listeners};
-use tracing_subscriber::EnvFilter;
-
-fn install_logging(level: &str, format: LogFormat) -> anyhow::Result<()> {
-    // Audit lines are always written, whatever the configured level.
-    let filter = EnvFilter::try_new(level)
-        .with_context(|| format!("invalid log level {level:?}"))?
-        .add_directive(
-            format!("{}=info", sigil_server::audit::LOG_TARGET)
-                .parse()
-                .context("audit log directive")?,
-        );
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
-    Ok(())
-}
 
 async fn run(args: cli::RunArgs, admin_socket: Option<std::path::PathBuf>) -> anyhow::Result<()> {
     let overrides = Overrides {
@@ -41,7 +21,8 @@ async fn run(args: cli::RunArgs, admin_socket: Option<std::path::PathBuf>) -> an
         log_format: args.log_format,
     };
     let config = ServerConfig::load(args.config.as_deref(), overrides)?;
-    install_logging(&config.log.level, config.log.format)?;
+    // Audit lines are always written, whatever the configured level.
+    install_logging(&config.log, &[sigil_server::audit::LOG_TARGET])?;
     let node = tokio::net::TcpListener::bind(config.server.bind_address)
         .await
         .with_context(|| {

@@ -1,5 +1,7 @@
 //! Sigil's wire protocols: generated protobuf/gRPC code and the
-//! conversions between wire messages and `sigil-identity` domain types.
+//! conversions between wire messages and `sigil-identity` domain types;
+//! and what the server and the agent share beyond the wire (channels,
+//! sockets, CLI output, process edges).
 //!
 //! # Layout
 //! - [`workload`]: the SPIFFE Workload API, wire-exact (no `package`, so
@@ -14,6 +16,8 @@
 //! - [`output`]: `--output text|json` and the JSON style of both CLIs.
 //! - [`telemetry`]: the `/metrics` `/live` `/ready` listener and the RPC
 //!   layer (request ids, spans, durations) shared by server and agent.
+//! - [`process`]: what a Sigil process does at its edges: stop signals,
+//!   the `[log]` section and installing logging.
 
 #![forbid(unsafe_code)]
 
@@ -79,5 +83,6 @@ pub use sigil::admin::v1 as admin;
 pub mod channel;
 pub mod convert;
 pub mod output;
+pub mod process;
 pub mod socket;
 pub mod telemetry;

@@ -1,5 +1,8 @@
 //! A one-route-table HTTPS server on 127.0.0.1 for the fakes in Sigil's
 //! tests (issuer, API server, kubelet). Certificates come from rcgen.
+//! Also [`openssl`]: openssl(1) as a second, independent X.509 verifier,
+//! here so that any crate's tests can use it without depending on the
+//! end-to-end crate (which depends on the server and the agent).
 //!
 //! Test code only: crates take it as a dev-dependency, so no published
 //! build contains it. It panics on any setup failure, which fails the test.
@@ -14,6 +17,8 @@ use std::time::Duration;
 use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
+
+pub mod openssl;
 
 /// A route's answer: status and body.
 pub type Routes = Arc<Mutex<HashMap<String, (u16, Vec<u8>)>>>;

@@ -11,11 +11,9 @@
 //! - [`bench`]: the `sigil-bench` scenarios (issuance, JWT minting,
 //!   Workload API latency, revocation fan-out, mass rotation, scale) and
 //!   their report table.
-//! - [`openssl`]: openssl(1) as an independent verifier.
 //! - [`sim_agent`]: a node agent simulated in this process with the
 //!   agent's own node API client (node API tests, benchmarks).
 
 pub mod bench;
-pub mod openssl;
 pub mod process;
 pub mod sim_agent;

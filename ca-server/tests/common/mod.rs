@@ -10,7 +10,7 @@ use sigil_server::ca::keys::{KeyManager, MemoryKeyManager};
 use sigil_server::ca::x509::UpstreamCa;
 use sigil_server::ca::{CaConfig, CaManager};
 use sigil_server::datastore::SledDatastore;
-pub use sigil_tests::openssl;
+pub use sigil_test_fakes::openssl;
 
 pub fn td() -> TrustDomain {
     TrustDomain::new("example.org").unwrap()

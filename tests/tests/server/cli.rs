@@ -499,7 +499,7 @@ async fn agents_tokens_bundles_and_minting() {
         .mode()
         & 0o777;
     assert_eq!(mode, 0o600, "the key is written 0600");
-    let (verify_ok, verify_out) = sigil_tests::openssl::openssl_verify(
+    let (verify_ok, verify_out) = sigil_test_fakes::openssl::openssl_verify(
         s.dir(),
         &sigil_identity::pem::decode_all(
             "CERTIFICATE",
