@@ -1468,7 +1468,10 @@ mod tests {
         assert_eq!(got.id, id);
         assert!(got.banned);
         assert_eq!(got.selectors.len(), 1);
-        assert_eq!(store.list_agents().await.unwrap(), [got.clone()]);
+        assert_eq!(
+            store.list_agents().await.unwrap(),
+            std::slice::from_ref(&got)
+        );
         // Written back, the id keeps its stored form.
         let again: serde_json::Value = serde_json::from_slice(&encode(&got).unwrap()).unwrap();
         assert_eq!(again["id"], raw);
