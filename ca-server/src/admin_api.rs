@@ -16,7 +16,9 @@ use std::time::Duration;
 
 use sigil_identity::clock::Clock;
 use sigil_identity::entry::is_valid_name;
-use sigil_identity::{DnsName, EntryId, RegistrationEntry, Selector, SpiffeId, TrustDomain};
+use sigil_identity::{
+    AgentId, DnsName, EntryId, RegistrationEntry, Selector, SpiffeId, TrustDomain,
+};
 use sigil_proto::admin::{self as pb, admin_server::Admin};
 use sigil_proto::convert::{spiffe_id, unix_i64};
 use sigil_proto::node as node_pb;
@@ -83,6 +85,12 @@ fn agent_message(a: &AgentRecord) -> pb::Agent {
         can_reattest: a.can_reattest,
         created_at: unix_i64(a.created_at),
     }
+}
+
+/// An admin request's agent id: a SPIFFE ID under `/sigil/agent/`.
+fn agent_id(raw: &str) -> Result<AgentId, Status> {
+    AgentId::try_from(spiffe_id("id", raw)?)
+        .map_err(|e| Status::invalid_argument(format!("id: {e}")))
 }
 
 fn ok_status() -> Option<pb::ItemStatus> {
@@ -169,7 +177,7 @@ impl AdminService {
         id: &str,
         ban: bool,
     ) -> Result<AgentRecord, Status> {
-        let id = match spiffe_id("id", id).map_err(Status::from) {
+        let id = match agent_id(id) {
             Ok(id) => id,
             Err(status) => {
                 self.audit
@@ -671,7 +679,7 @@ impl Admin for AdminApi {
         req: Request<pb::AgentRequest>,
     ) -> Result<Response<pb::Agent>, Status> {
         self.caller(&req)?;
-        let id = spiffe_id("id", &req.get_ref().id)?;
+        let id = agent_id(&req.get_ref().id)?;
         let a = self
             .store
             .fetch_agent(&id)

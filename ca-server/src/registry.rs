@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
-use sigil_identity::{AdminRole, EntryId, RegistrationEntry, SpiffeId, TrustDomain};
+use sigil_identity::{AdminRole, AgentId, EntryId, RegistrationEntry, SpiffeId, TrustDomain};
 use tokio::sync::mpsc;
 use tracing::debug;
 
@@ -123,17 +123,17 @@ struct State {
     aliases: HashMap<EntryId, Arc<RegistrationEntry>>,
     /// Entries with `admin = true`: few, looked up on every remote admin call.
     admins: HashMap<EntryId, Arc<RegistrationEntry>>,
-    agents: HashMap<SpiffeId, AgentRecord>,
-    agent_aliases: HashMap<SpiffeId, BTreeSet<SpiffeId>>,
-    alias_members: HashMap<SpiffeId, BTreeSet<SpiffeId>>,
-    subscribers: HashMap<SpiffeId, Vec<Subscriber>>,
+    agents: HashMap<AgentId, AgentRecord>,
+    agent_aliases: HashMap<AgentId, BTreeSet<SpiffeId>>,
+    alias_members: HashMap<SpiffeId, BTreeSet<AgentId>>,
+    subscribers: HashMap<AgentId, Vec<Subscriber>>,
     next_subscriber: u64,
     /// Recent changes, oldest first, in chunks of at most [`LOG_CHUNK`].
     log: VecDeque<Arc<Vec<LoggedChange>>>,
     /// How many changes `log` holds.
     log_len: usize,
     /// Revision at which each agent's alias membership last changed.
-    membership_changed: HashMap<SpiffeId, u64>,
+    membership_changed: HashMap<AgentId, u64>,
     /// Revision before the oldest change in `log`.
     log_floor: u64,
 }
@@ -162,10 +162,10 @@ impl State {
     }
 
     /// Agents whose authorization depends on entries under `parent`.
-    fn agents_under(&self, parent: &SpiffeId) -> BTreeSet<SpiffeId> {
+    fn agents_under(&self, parent: &SpiffeId) -> BTreeSet<AgentId> {
         let mut out = self.alias_members.get(parent).cloned().unwrap_or_default();
-        if parent.is_agent() {
-            out.insert(parent.clone());
+        if let Ok(agent) = AgentId::try_from(parent.clone()) {
+            out.insert(agent);
         }
         out
     }
@@ -179,7 +179,7 @@ impl State {
     }
 
     /// Recomputes one agent's alias set; returns whether it changed.
-    fn refresh_agent_aliases(&mut self, id: &SpiffeId) -> bool {
+    fn refresh_agent_aliases(&mut self, id: &AgentId) -> bool {
         let new = self
             .agents
             .get(id)
@@ -224,14 +224,14 @@ impl State {
     }
 
     /// Forgets agent `id` and ends its streams.
-    fn drop_agent(&mut self, id: &SpiffeId) {
+    fn drop_agent(&mut self, id: &AgentId) {
         self.agents.remove(id);
         self.refresh_agent_aliases(id);
         self.send(id, &AgentEvent::Revoked("agent evicted"));
         self.subscribers.remove(id);
     }
 
-    fn send(&mut self, agent: &SpiffeId, event: &AgentEvent) {
+    fn send(&mut self, agent: &AgentId, event: &AgentEvent) {
         let Some(subs) = self.subscribers.get_mut(agent) else {
             return;
         };
@@ -310,7 +310,7 @@ impl State {
         let alias_touched = old.as_ref().is_some_and(|e| self.is_alias(e, server_id))
             || new.as_ref().is_some_and(|e| self.is_alias(e, server_id));
         if alias_touched {
-            let agents: Vec<SpiffeId> = self.agents.keys().cloned().collect();
+            let agents: Vec<AgentId> = self.agents.keys().cloned().collect();
             for agent in agents {
                 if self.refresh_agent_aliases(&agent) {
                     self.send(&agent, &AgentEvent::Resync);
@@ -332,8 +332,8 @@ impl State {
     }
 
     /// The agent and its node aliases.
-    fn relevant(&self, agent: &SpiffeId) -> BTreeSet<SpiffeId> {
-        std::iter::once(agent)
+    fn relevant(&self, agent: &AgentId) -> BTreeSet<SpiffeId> {
+        std::iter::once(agent.as_spiffe_id())
             .chain(self.agent_aliases.get(agent).into_iter().flatten())
             .cloned()
             .collect()
@@ -349,7 +349,7 @@ impl State {
     }
 
     /// What a Sync stream of `agent` resuming after `since` starts from.
-    fn view(&self, agent: &SpiffeId, since: u64) -> AgentView {
+    fn view(&self, agent: &AgentId, since: u64) -> AgentView {
         let relevant = self.relevant(agent);
         let changes = if since > 0 && since >= self.log_floor {
             // Chunks are in revision order: skip those wholly at or before
@@ -371,9 +371,9 @@ impl State {
         }
     }
 
-    fn is_authorized(&self, agent: &SpiffeId, e: &RegistrationEntry, now: SystemTime) -> bool {
+    fn is_authorized(&self, agent: &AgentId, e: &RegistrationEntry, now: SystemTime) -> bool {
         !e.is_expired(now)
-            && (e.parent_id == *agent
+            && (e.parent_id == *agent.as_spiffe_id()
                 || self
                     .agent_aliases
                     .get(agent)
@@ -384,7 +384,7 @@ impl State {
 /// Removes its subscriber from the registry when the Sync stream ends.
 pub struct Subscription {
     registry: Arc<Registry>,
-    agent: SpiffeId,
+    agent: AgentId,
     id: u64,
 }
 
@@ -474,7 +474,7 @@ impl Registry {
     /// Entries `agent` is authorized for at `now`.
     pub fn authorized_entries(
         &self,
-        agent: &SpiffeId,
+        agent: &AgentId,
         now: SystemTime,
     ) -> Vec<Arc<RegistrationEntry>> {
         self.full_set(agent, now).entries
@@ -482,7 +482,7 @@ impl Registry {
 
     /// The full set of entries `agent` is authorized for at `now`, and the
     /// revision it is as of (built after the lock is released).
-    pub fn full_set(&self, agent: &SpiffeId, now: SystemTime) -> SyncStart {
+    pub fn full_set(&self, agent: &AgentId, now: SystemTime) -> SyncStart {
         let (parents, revision) = {
             let state = self.lock();
             (state.parents_of(&state.relevant(agent)), state.revision)
@@ -498,7 +498,7 @@ impl Registry {
     /// The entry `id`, if `agent` is authorized for it at `now`.
     pub fn authorized_entry(
         &self,
-        agent: &SpiffeId,
+        agent: &AgentId,
         id: &EntryId,
         now: SystemTime,
     ) -> Option<Arc<RegistrationEntry>> {
@@ -522,7 +522,7 @@ impl Registry {
     }
 
     /// One agent's record.
-    pub fn agent(&self, id: &SpiffeId) -> Option<AgentRecord> {
+    pub fn agent(&self, id: &AgentId) -> Option<AgentRecord> {
         self.lock().agents.get(id).cloned()
     }
 
@@ -549,7 +549,7 @@ impl Registry {
     /// renewal's copy after the eviction would bring the evicted agent back.
     /// Reloads run one at a time, each after its own write, so the last one
     /// sees every write before it.
-    pub async fn reload_agent(&self, id: &SpiffeId) -> Result<Option<AgentRecord>, DatastoreError> {
+    pub async fn reload_agent(&self, id: &AgentId) -> Result<Option<AgentRecord>, DatastoreError> {
         let _one_at_a_time = self.agent_reload.lock().await;
         let stored = self.store.fetch_agent(id).await?;
         let mut state = self.lock();
@@ -561,14 +561,14 @@ impl Registry {
     }
 
     /// Ends every open stream of `agent`: its SVID was replaced.
-    pub fn supersede(&self, agent: &SpiffeId) {
+    pub fn supersede(&self, agent: &AgentId) {
         let mut state = self.lock();
         state.send(agent, &AgentEvent::Superseded);
         state.subscribers.remove(agent);
     }
 
     /// Forgets an evicted agent (already removed from the datastore).
-    pub fn remove_agent(&self, id: &SpiffeId) {
+    pub fn remove_agent(&self, id: &AgentId) {
         self.lock().drop_agent(id);
     }
 
@@ -578,7 +578,7 @@ impl Registry {
     /// server no longer remembers that far back the full set is sent.
     pub fn subscribe(
         self: &Arc<Self>,
-        agent: &SpiffeId,
+        agent: &AgentId,
         since: u64,
         now: SystemTime,
     ) -> (SyncStart, mpsc::Receiver<AgentEvent>, Subscription) {

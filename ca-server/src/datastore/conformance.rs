@@ -12,7 +12,7 @@ use std::time::SystemTime;
 
 use sigil_identity::clock::from_unix_seconds;
 use sigil_identity::{
-    Bundle, EntryId, JwtAuthority, RegistrationEntry, Selector, SpiffeId, TrustDomain,
+    AgentId, Bundle, EntryId, JwtAuthority, RegistrationEntry, Selector, SpiffeId, TrustDomain,
 };
 
 use super::*;
@@ -88,9 +88,7 @@ pub fn audit_event(i: u32) -> AuditEvent {
 
 fn agent(name: &str) -> AgentRecord {
     AgentRecord {
-        id: td()
-            .id_from_segments(&["sigil", "agent", "join_token", name])
-            .unwrap(),
+        id: AgentId::from_segments(&td(), &["join_token", name]).unwrap(),
         attestor: "join_token".into(),
         serial: "01".into(),
         cert_sha256: "ab".into(),

@@ -17,7 +17,9 @@ use std::time::SystemTime;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use sigil_identity::clock::{serde_opt_unix_seconds, serde_unix_seconds};
-use sigil_identity::{Bundle, EntryId, RegistrationEntry, SelectorSet, SpiffeId, TrustDomain};
+use sigil_identity::{
+    AgentId, Bundle, EntryId, RegistrationEntry, SelectorSet, SpiffeId, TrustDomain,
+};
 
 use crate::audit::chain::{AuditRecord, ChainHead};
 use crate::ca::journal::CaJournal;
@@ -142,8 +144,8 @@ pub fn entry_key(e: &RegistrationEntry) -> Vec<u8> {
 /// An attested agent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AgentRecord {
-    /// The agent's SPIFFE ID.
-    pub id: SpiffeId,
+    /// The agent's SPIFFE ID (stored as the plain ID string).
+    pub id: AgentId,
     /// Which node attestor admitted it.
     pub attestor: String,
     /// Serial (hex) of the agent's current SVID (shown to operators).
@@ -338,19 +340,19 @@ pub trait Datastore: Send + Sync + fmt::Debug {
         audit: AuditWith,
     ) -> Result<AgentRecord>;
     /// One agent.
-    async fn fetch_agent(&self, id: &SpiffeId) -> Result<Option<AgentRecord>>;
+    async fn fetch_agent(&self, id: &AgentId) -> Result<Option<AgentRecord>>;
     /// All agents, ordered by id.
     async fn list_agents(&self) -> Result<Vec<AgentRecord>>;
     /// Removes an agent (evict) and returns it.
-    async fn delete_agent(&self, id: &SpiffeId) -> Result<AgentRecord> {
+    async fn delete_agent(&self, id: &AgentId) -> Result<AgentRecord> {
         self.delete_agent_audited(id, None).await
     }
     /// [`Datastore::delete_agent`] with its audit event.
-    async fn delete_agent_audited(&self, id: &SpiffeId, audit: AuditWith) -> Result<AgentRecord>;
+    async fn delete_agent_audited(&self, id: &AgentId, audit: AuditWith) -> Result<AgentRecord>;
     /// Removes agents that are not banned and whose SVID expired before
     /// `expired_before`, returning their ids. An agent renewed meanwhile
     /// is kept.
-    async fn prune_agents(&self, expired_before: SystemTime) -> Result<Vec<SpiffeId>>;
+    async fn prune_agents(&self, expired_before: SystemTime) -> Result<Vec<AgentId>>;
 
     /// Stores a join token hash.
     async fn create_join_token(&self, token: JoinTokenRecord) -> Result<()> {

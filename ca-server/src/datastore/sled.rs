@@ -22,7 +22,7 @@ use ::sled::{Transactional, Tree};
 use async_trait::async_trait;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use sigil_identity::{Bundle, EntryId, RegistrationEntry, SpiffeId, TrustDomain};
+use sigil_identity::{AgentId, Bundle, EntryId, RegistrationEntry, TrustDomain};
 use tokio::sync::watch;
 
 use super::*;
@@ -850,7 +850,7 @@ impl Datastore for SledDatastore {
         Ok(stored)
     }
 
-    async fn fetch_agent(&self, id: &SpiffeId) -> Result<Option<AgentRecord>> {
+    async fn fetch_agent(&self, id: &AgentId) -> Result<Option<AgentRecord>> {
         let s = self.store()?;
         s.get(&s.agents, id.as_str().as_bytes())
     }
@@ -860,7 +860,7 @@ impl Datastore for SledDatastore {
         s.all(&s.agents)
     }
 
-    async fn delete_agent_audited(&self, id: &SpiffeId, audit: AuditWith) -> Result<AgentRecord> {
+    async fn delete_agent_audited(&self, id: &AgentId, audit: AuditWith) -> Result<AgentRecord> {
         let s = self.store()?;
         let old = tx(
             (&s.agents, &s.audit, &s.meta).transaction(|(t, audit_t, meta)| {
@@ -875,7 +875,7 @@ impl Datastore for SledDatastore {
         decode(&old)
     }
 
-    async fn prune_agents(&self, expired_before: SystemTime) -> Result<Vec<SpiffeId>> {
+    async fn prune_agents(&self, expired_before: SystemTime) -> Result<Vec<AgentId>> {
         let s = self.store()?;
         let mut removed = Vec::new();
         for item in s.agents.iter() {
@@ -1443,6 +1443,38 @@ mod tests {
             .await
             .unwrap();
         assert_eq!((report.legacy, report.records), (1, 2));
+    }
+
+    #[tokio::test]
+    async fn agent_records_stored_with_a_plain_spiffe_id_still_load() {
+        // As every version before `AgentId` wrote it (and before pinning
+        // by hash): the id is the plain SPIFFE ID string.
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledDatastore::open(dir.path()).unwrap();
+        let raw = "spiffe://example.org/sigil/agent/join_token/old";
+        let stored = format!(
+            r#"{{"id":"{raw}","attestor":"join_token","serial":"01","expires_at":2000000000,"selectors":["k8s:cluster:prod"],"banned":true,"can_reattest":false,"created_at":1}}"#
+        );
+        let s = store.store().unwrap();
+        s.agents.insert(raw, stored.as_bytes()).unwrap();
+        drop(s);
+
+        let id = AgentId::try_from(sigil_identity::SpiffeId::parse(raw).unwrap()).unwrap();
+        let got = store
+            .fetch_agent(&id)
+            .await
+            .unwrap()
+            .expect("the old record");
+        assert_eq!(got.id, id);
+        assert!(got.banned);
+        assert_eq!(got.selectors.len(), 1);
+        assert_eq!(
+            store.list_agents().await.unwrap(),
+            std::slice::from_ref(&got)
+        );
+        // Written back, the id keeps its stored form.
+        let again: serde_json::Value = serde_json::from_slice(&encode(&got).unwrap()).unwrap();
+        assert_eq!(again["id"], raw);
     }
 
     /// A sync stand-in that records the inode of every file it syncs and

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant, SystemTime};
 use async_trait::async_trait;
 use sigil_identity::attestation::{AttestError, Challenger, ServerNodeAttestor};
 use sigil_identity::clock::Clock;
-use sigil_identity::{EntryId, RegistrationEntry, SpiffeId};
+use sigil_identity::{AgentId, EntryId, RegistrationEntry, SpiffeId};
 use sigil_proto::convert::unix_i64;
 use sigil_proto::node::{self as pb, node_server::Node};
 use tokio::sync::mpsc;
@@ -64,7 +64,7 @@ pub struct NodeService {
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) agent_svid_ttl: Duration,
     pub(crate) attest_limit: RateLimiter<std::net::IpAddr>,
-    pub(crate) sign_limit: RateLimiter<SpiffeId>,
+    pub(crate) sign_limit: RateLimiter<AgentId>,
     /// Becomes true when the server shuts down; open streams then end.
     pub(crate) shutdown: tokio::sync::watch::Receiver<bool>,
     /// The current bundle and its wire form, encoded once per bundle (the
@@ -132,7 +132,7 @@ pub(crate) struct Pinned {
 
 /// An authenticated agent.
 struct AgentCtx {
-    id: SpiffeId,
+    id: AgentId,
     /// When the SVID it presented expires.
     not_after: SystemTime,
 }
@@ -182,10 +182,14 @@ impl NodeService {
             Status::permission_denied(why)
         };
         let revoke = |why: &'static str| revoked(deny(why));
+        // The TLS verifier admits only agent IDs; this is the typed check.
+        let Ok(id) = AgentId::try_from(id.clone()) else {
+            return Err(deny("the client certificate is not an agent SVID"));
+        };
         if self.now() > not_after {
             return Err(deny("agent SVID has expired; the agent must attest again"));
         }
-        let Some(record) = self.registry.agent(id) else {
+        let Some(record) = self.registry.agent(&id) else {
             return Err(revoke("unknown agent; it may have been evicted"));
         };
         if record.banned {
@@ -203,10 +207,7 @@ impl NodeService {
             return Err(deny("agent SVID was superseded by a renewal"));
         }
         Ok(Pinned {
-            ctx: AgentCtx {
-                id: id.clone(),
-                not_after,
-            },
+            ctx: AgentCtx { id, not_after },
             record: pending.then_some(record),
         })
     }
@@ -319,7 +320,7 @@ impl NodeService {
                 });
             }
         };
-        let id = attestation.agent_id.as_spiffe_id().clone();
+        let id = attestation.agent_id.clone();
         let existing = self.registry.agent(&id);
         if let Some(existing) = &existing {
             if existing.banned {

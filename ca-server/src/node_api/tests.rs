@@ -92,16 +92,16 @@ impl Datastore for PausingStore {
     async fn create_agent_audited(&self, a: AgentRecord, e: AuditWith) -> R<AgentRecord> {
         self.inner.create_agent_audited(a, e).await
     }
-    async fn fetch_agent(&self, id: &SpiffeId) -> R<Option<AgentRecord>> {
+    async fn fetch_agent(&self, id: &AgentId) -> R<Option<AgentRecord>> {
         self.inner.fetch_agent(id).await
     }
     async fn list_agents(&self) -> R<Vec<AgentRecord>> {
         self.inner.list_agents().await
     }
-    async fn delete_agent_audited(&self, id: &SpiffeId, a: AuditWith) -> R<AgentRecord> {
+    async fn delete_agent_audited(&self, id: &AgentId, a: AuditWith) -> R<AgentRecord> {
         self.inner.delete_agent_audited(id, a).await
     }
-    async fn prune_agents(&self, before: SystemTime) -> R<Vec<SpiffeId>> {
+    async fn prune_agents(&self, before: SystemTime) -> R<Vec<AgentId>> {
         self.inner.prune_agents(before).await
     }
     async fn create_join_token_audited(&self, t: JoinTokenRecord, a: AuditWith) -> R<()> {
@@ -224,9 +224,7 @@ async fn an_eviction_during_a_renewal_is_not_undone() {
         gate: Mutex::new(None),
     });
     let svc = service(store.clone()).await;
-    let id = td()
-        .id_from_segments(&["sigil", "agent", "join_token", "a1"])
-        .unwrap();
+    let id = AgentId::from_segments(&td(), &["join_token", "a1"]).unwrap();
     let not_after = SystemTime::now() + Duration::from_secs(3600);
     store
         .create_agent(AgentRecord {
@@ -245,7 +243,7 @@ async fn an_eviction_during_a_renewal_is_not_undone() {
         .unwrap();
     svc.registry.reload_agent(&id).await.unwrap();
     let peer = PeerSvid::Svid {
-        id: id.clone(),
+        id: id.clone().into(),
         serial: "01".into(),
         cert_sha256: "ab".repeat(32),
         not_after,

@@ -12,9 +12,8 @@ fn td() -> TrustDomain {
     TrustDomain::new("example.org").unwrap()
 }
 
-fn agent_id(n: &str) -> SpiffeId {
-    td().id_from_segments(&["sigil", "agent", "join_token", n])
-        .unwrap()
+fn agent_id(n: &str) -> AgentId {
+    AgentId::from_segments(&td(), &["join_token", n]).unwrap()
 }
 
 fn sels(v: &[&str]) -> SelectorSet {
@@ -138,7 +137,7 @@ async fn changes_reach_exactly_the_affected_agents() {
 
     // Moving the entry to a2 removes it from a1 and adds it to a2.
     let mut moved = e.clone();
-    moved.parent_id = agent_id("a2");
+    moved.parent_id = agent_id("a2").into();
     store.update_entry(moved).await.unwrap();
     reg.catch_up().await.unwrap();
     assert!(matches!(rx1.try_recv(), Ok(AgentEvent::Removed(id, _)) if id == e.id));

@@ -186,9 +186,21 @@ async fn old_entry_changes_and_expired_agents_are_pruned() {
         .collect();
     assert_eq!(revisions, [4, 5], "the two newest changes stay");
     assert_eq!(store.count_entries().await.unwrap(), 5, "entries stay");
-    assert!(store.fetch_agent(&expired.id).await.unwrap().is_none());
+    let agent_id = |a: &SimAgent| sigil_identity::AgentId::try_from(a.id.clone()).unwrap();
     assert!(
-        store.fetch_agent(&banned.id).await.unwrap().unwrap().banned,
+        store
+            .fetch_agent(&agent_id(&expired))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        store
+            .fetch_agent(&agent_id(&banned))
+            .await
+            .unwrap()
+            .unwrap()
+            .banned,
         "a banned agent stays until evicted"
     );
     let events = store.list_audit(0, 1000).await.unwrap();

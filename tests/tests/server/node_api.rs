@@ -290,6 +290,26 @@ async fn banned_agent_is_refused_on_every_call() {
     assert_revoked(&results, true);
 }
 
+/// Issue 17 item 5: the admin agent calls take only agent IDs; a workload's
+/// ID is refused as malformed (naming the expected form), not looked up.
+#[tokio::test]
+async fn admin_agent_calls_refuse_ids_that_are_not_agent_ids() {
+    let server = crate::start("");
+    let mut admin = server.admin().await.unwrap();
+    let req = || admin::AgentRequest {
+        id: "spiffe://example.org/web".into(),
+    };
+    let refusals = [
+        admin.get_agent(req()).await.unwrap_err(),
+        admin.ban_agent(req()).await.unwrap_err(),
+        admin.evict_agent(req()).await.unwrap_err(),
+    ];
+    for err in refusals {
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+        assert!(err.message().contains("/sigil/agent/"), "{err:?}");
+    }
+}
+
 #[tokio::test]
 async fn expired_agent_svid_is_refused_on_every_call() {
     let server = crate::start("[agents]\nsvid_ttl = \"2s\"\n");
