@@ -6,6 +6,11 @@
 //!
 //! Test code only: crates take it as a dev-dependency, so no published
 //! build contains it. It panics on any setup failure, which fails the test.
+//!
+//! # Layout
+//! - this file: [`FakeServer`], the one-route-table HTTPS fake ([`Routes`],
+//!   [`Hits`]).
+//! - [`openssl`]: openssl(1) as a second, independent X.509 verifier.
 #![forbid(unsafe_code)]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
