@@ -419,3 +419,37 @@ async fn calls_are_rate_limited_per_caller_and_bodies_capped_per_method() {
     let mut c = client(&server, &other, true).await.unwrap();
     c.count_entries(pb::CountEntriesRequest {}).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lifting_a_ban_by_eviction_needs_the_admin_role() {
+    let d = Deployment::start(&mtls_options());
+    let server = &d.server;
+    let dir = d._dir.path();
+    let (revoker, admin) = (dir.join("revoker"), dir.join("admin"));
+    admin_identity(
+        server,
+        "revoker",
+        &["--admin-role", "revoke"],
+        &revoker,
+        None,
+    );
+    admin_identity(server, "boss", &["--admin-role", "admin"], &admin, None);
+    server
+        .cli_ok(&["agent", "ban", "--id", &d.agent_id])
+        .unwrap();
+
+    // Evicting deletes the record, and with it the ban: revoke may not.
+    let refused = remote(server, &revoker, &["agent", "evict", "--id", &d.agent_id]);
+    let err = refused.expect_err("a revoke caller lifted a ban by evicting");
+    assert!(err.contains("needs admin"), "{err}");
+    assert!(
+        audited(server, "spiffe://example.org/revoker", "permission denied").await,
+        "no audit record of the refusal:\n{}",
+        server.log()
+    );
+    let agents = server.agent_ids().unwrap();
+    assert!(agents.contains(&d.agent_id), "the banned agent was removed");
+
+    let out = remote(server, &admin, &["agent", "evict", "--id", &d.agent_id]).unwrap();
+    assert!(out.contains(&d.agent_id), "{out}");
+}
