@@ -17,8 +17,10 @@ use tonic::transport::Channel;
 
 use crate::common::{Deployment, retry};
 
-/// A parent for entries whose SVIDs the tests mint directly.
-const PARENT: &str = "spiffe://example.org/sigil/agent/join_token/nowhere";
+/// The parent of entries whose SVIDs the tests mint directly: the server
+/// (an admin entry under an agent grants only while that agent is present
+/// and not banned).
+const PARENT: &str = "spiffe://example.org/sigil/server";
 
 fn mtls_options() -> ServerOptions {
     ServerOptions {
