@@ -436,7 +436,10 @@ async fn admin_role_needs_a_parent_in_good_standing() {
     reg.catch_up().await.unwrap();
     assert_eq!(reg.admin_role(&id("on-a1"), now()), Some(AdminRole::Admin));
     assert_eq!(reg.admin_role(&id("minted"), now()), Some(AdminRole::Admin));
-    assert_eq!(reg.admin_role(&id("on-alias"), now()), Some(AdminRole::Admin));
+    assert_eq!(
+        reg.admin_role(&id("on-alias"), now()),
+        Some(AdminRole::Admin)
+    );
     assert_eq!(
         reg.admin_role(&id("on-nowhere"), now()),
         None,

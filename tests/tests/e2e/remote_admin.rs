@@ -455,3 +455,23 @@ async fn lifting_a_ban_by_eviction_needs_the_admin_role() {
     let out = remote(server, &admin, &["agent", "evict", "--id", &d.agent_id]).unwrap();
     assert!(out.contains(&d.agent_id), "{out}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_svid_of_a_banned_node_is_refused() {
+    let d = Deployment::start(&mtls_options());
+    let server = &d.server;
+    let dir = d._dir.path().join("on-node");
+    let id = "spiffe://example.org/node-ops";
+    server
+        .create_entry(id, &d.agent_id, &["--selector", "unix:uid:4242", "--admin"])
+        .unwrap();
+    mint(server, id, &dir, None);
+    remote(server, &dir, &["entry", "count"]).expect("the admin SVID works first");
+
+    server
+        .cli_ok(&["agent", "ban", "--id", &d.agent_id])
+        .unwrap();
+    let err = remote(server, &dir, &["entry", "count"])
+        .expect_err("the admin SVID of a banned node still works");
+    assert!(err.contains("holds no admin role"), "{err}");
+}
