@@ -17,7 +17,7 @@ use std::time::Duration;
 use sigil_identity::clock::Clock;
 use sigil_identity::entry::is_valid_name;
 use sigil_identity::{
-    AgentId, DnsName, EntryId, RegistrationEntry, Selector, SpiffeId, TrustDomain,
+    AdminRole, AgentId, DnsName, EntryId, RegistrationEntry, Selector, SpiffeId, TrustDomain,
 };
 use sigil_proto::admin::{self as pb, admin_server::Admin};
 use sigil_proto::convert::{spiffe_id, unix_i64};
@@ -694,6 +694,23 @@ impl Admin for AdminApi {
         req: Request<pb::AgentRequest>,
     ) -> Result<Response<pb::Agent>, Status> {
         let caller = self.caller(&req)?;
+        // Evicting is the only way to lift a ban: over mTLS a banned agent
+        // needs the admin role, not just revoke.
+        if let Some(mtls::RemoteCaller(_, role)) = req.extensions().get::<mtls::RemoteCaller>()
+            && *role < AdminRole::Admin
+            && agent_id(&req.get_ref().id)
+                .ok()
+                .and_then(|id| self.registry.agent(&id))
+                .is_some_and(|a| a.banned)
+        {
+            let why =
+                format!("role {role} may not evict a banned agent (lifts the ban; needs admin)");
+            let outcome = format!("permission denied: {why}");
+            self.audit
+                .record(&caller, "agent.evict", &req.get_ref().id, &outcome)
+                .await;
+            return Err(Status::permission_denied(why));
+        }
         let a = self
             .agent_op(&caller, "agent.evict", &req.get_ref().id, false)
             .await?;

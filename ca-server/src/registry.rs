@@ -161,6 +161,20 @@ impl State {
         e.parent_id == *server_id
     }
 
+    /// Whether entries under `parent` may grant an admin role: `parent` is
+    /// the server, an agent that is present and not banned, or a node alias
+    /// with at least one such agent. An admin SVID thus stops working when
+    /// the node it was issued for is banned or evicted.
+    fn parent_may_grant_admin(&self, parent: &SpiffeId, server_id: &SpiffeId) -> bool {
+        let good = |id: &AgentId| self.agents.get(id).is_some_and(|a| !a.banned);
+        parent == server_id
+            || AgentId::try_from(parent.clone()).is_ok_and(|a| good(&a))
+            || self
+                .alias_members
+                .get(parent)
+                .is_some_and(|members| members.iter().any(good))
+    }
+
     /// Agents whose authorization depends on entries under `parent`.
     fn agents_under(&self, parent: &SpiffeId) -> BTreeSet<AgentId> {
         let mut out = self.alias_members.get(parent).cloned().unwrap_or_default();
@@ -513,10 +527,12 @@ impl Registry {
     /// The strongest admin role that entries with `admin = true` for `id`
     /// grant at `now` (expired entries grant nothing).
     pub fn admin_role(&self, id: &SpiffeId, now: SystemTime) -> Option<AdminRole> {
-        self.lock()
+        let state = self.lock();
+        state
             .admins
             .values()
             .filter(|e| e.spiffe_id == *id && !e.is_expired(now))
+            .filter(|e| state.parent_may_grant_admin(&e.parent_id, &self.server_id))
             .filter_map(|e| e.admin_access())
             .max()
     }

@@ -97,7 +97,23 @@ pub fn lookup(name: &str) -> Option<&'static Method> {
 /// The caller of a call over mTLS, put in the request's extensions once
 /// the call is authorized; the handlers audit under its SPIFFE ID.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RemoteCaller(pub SpiffeId);
+pub struct RemoteCaller(pub SpiffeId, pub AdminRole);
+
+/// Longest method name written to logs and the audit log: the name comes
+/// from the request path, which the caller chooses.
+const SHOWN_METHOD: usize = 128;
+
+/// `method` as logged: cut to [`SHOWN_METHOD`] bytes on a char boundary.
+fn shown_method(method: &str) -> &str {
+    if method.len() <= SHOWN_METHOD {
+        return method;
+    }
+    let mut end = SHOWN_METHOD;
+    while !method.is_char_boundary(end) {
+        end -= 1;
+    }
+    &method[..end]
+}
 
 /// Decides who may call what over mTLS.
 pub struct RemoteAuth {
@@ -150,7 +166,13 @@ impl RemoteAuth {
     /// Authorizes one call of `method` on a connection whose client
     /// certificate is `peer`: the caller's SPIFFE ID, or the status to
     /// answer with. Refusals of a known caller are audited.
-    pub async fn authorize(&self, peer: &PeerSvid, method: &str) -> Result<SpiffeId, Status> {
+    pub async fn authorize(
+        &self,
+        peer: &PeerSvid,
+        method: &str,
+    ) -> Result<(SpiffeId, AdminRole), Status> {
+        // Known names are short: cutting never changes the lookup below.
+        let method = shown_method(method);
         let PeerSvid::Svid { id, not_after, .. } = peer else {
             // The handshake requires an SVID; nothing else gets here.
             return Err(Status::unauthenticated(
@@ -184,15 +206,19 @@ impl RemoteAuth {
             }
             (Some(_), Some(_)) => None,
         };
-        if let Some(why) = refused {
-            warn!(spiffe_id = %id, method, reason = %why, "admin API call over mTLS refused");
-            let outcome = format!("permission denied: {why}");
-            self.audit
-                .record(id.as_str(), action, method, &outcome)
-                .await;
-            return Err(Status::permission_denied(why));
-        }
-        Ok(id.clone())
+        let role = match (refused, role) {
+            (None, Some(role)) => role,
+            (refused, _) => {
+                let why = refused.unwrap_or_else(|| format!("{id} holds no admin role"));
+                warn!(spiffe_id = %id, method, reason = %why, "admin API call over mTLS refused");
+                let outcome = format!("permission denied: {why}");
+                self.audit
+                    .record(id.as_str(), action, method, &outcome)
+                    .await;
+                return Err(Status::permission_denied(why));
+            }
+        };
+        Ok((id.clone(), role))
     }
 }
 
@@ -254,11 +280,11 @@ where
                 Some(peer) => auth.authorize(&peer, &method).await,
                 None => Err(Status::internal("no connection info")),
             };
-            let id = match authorized {
-                Ok(id) => id,
+            let (id, role) = match authorized {
+                Ok(ok) => ok,
                 Err(status) => return Ok(status.into_http()),
             };
-            req.extensions_mut().insert(RemoteCaller(id));
+            req.extensions_mut().insert(RemoteCaller(id, role));
             // Unknown methods were refused above.
             let limit = lookup(&method).map_or(0, |m| m.body);
             let req = req.map(|body| {
@@ -306,6 +332,16 @@ mod tests {
             .filter_map(|l| l.trim().strip_prefix("rpc "))
             .map(|l| l.split(['(', ' ']).next().unwrap_or_default().to_owned())
             .collect()
+    }
+
+    #[test]
+    fn long_method_names_are_cut_for_logs() {
+        assert_eq!(shown_method("ListEntries"), "ListEntries");
+        let long = "x".repeat(10_000);
+        assert_eq!(shown_method(&long).len(), SHOWN_METHOD);
+        // A multi-byte char across the limit is dropped whole.
+        let wide = format!("{}é{}", "a".repeat(SHOWN_METHOD - 1), "b".repeat(50));
+        assert_eq!(shown_method(&wide), "a".repeat(SHOWN_METHOD - 1));
     }
 
     #[test]

@@ -401,3 +401,63 @@ async fn admin_role_follows_admin_entries() {
         "an expired entry grants nothing"
     );
 }
+
+#[tokio::test]
+async fn admin_role_needs_a_parent_in_good_standing() {
+    let (_d, store, reg) = setup().await;
+    let admin_under = |path: &str, parent: &SpiffeId| {
+        let mut e = entry(path, parent, &["unix:uid:1"]);
+        e.admin = true;
+        e
+    };
+    let server = SpiffeId::server(&td());
+    let id = |p: &str| td().id_from_segments(&[p]).unwrap();
+    store
+        .create_entry(admin_under("on-a1", &agent_id("a1")))
+        .await
+        .unwrap();
+    store
+        .create_entry(admin_under("on-nowhere", &agent_id("gone")))
+        .await
+        .unwrap();
+    store
+        .create_entry(admin_under("minted", &server))
+        .await
+        .unwrap();
+    // A node alias of a1's cluster, and an admin entry under it.
+    let alias = store
+        .create_entry(entry("prod-nodes", &server, &["k8s:cluster:prod"]))
+        .await
+        .unwrap();
+    store
+        .create_entry(admin_under("on-alias", &alias.spiffe_id))
+        .await
+        .unwrap();
+    reg.catch_up().await.unwrap();
+    assert_eq!(reg.admin_role(&id("on-a1"), now()), Some(AdminRole::Admin));
+    assert_eq!(reg.admin_role(&id("minted"), now()), Some(AdminRole::Admin));
+    assert_eq!(
+        reg.admin_role(&id("on-alias"), now()),
+        Some(AdminRole::Admin)
+    );
+    assert_eq!(
+        reg.admin_role(&id("on-nowhere"), now()),
+        None,
+        "an entry under an unknown agent grants nothing"
+    );
+
+    let mut banned = reg.agent(&agent_id("a1")).unwrap();
+    banned.banned = true;
+    reg.put_agent(banned);
+    assert_eq!(
+        reg.admin_role(&id("on-a1"), now()),
+        None,
+        "the admin SVID of a banned node still works"
+    );
+    assert_eq!(
+        reg.admin_role(&id("on-alias"), now()),
+        None,
+        "an alias whose only agent is banned still grants"
+    );
+    assert_eq!(reg.admin_role(&id("minted"), now()), Some(AdminRole::Admin));
+}

@@ -17,8 +17,10 @@ use tonic::transport::Channel;
 
 use crate::common::{Deployment, retry};
 
-/// A parent for entries whose SVIDs the tests mint directly.
-const PARENT: &str = "spiffe://example.org/sigil/agent/join_token/nowhere";
+/// The parent of entries whose SVIDs the tests mint directly: the server
+/// (an admin entry under an agent grants only while that agent is present
+/// and not banned).
+const PARENT: &str = "spiffe://example.org/sigil/server";
 
 fn mtls_options() -> ServerOptions {
     ServerOptions {
@@ -418,4 +420,58 @@ async fn calls_are_rate_limited_per_caller_and_bodies_capped_per_method() {
     // Another caller has its own bucket.
     let mut c = client(&server, &other, true).await.unwrap();
     c.count_entries(pb::CountEntriesRequest {}).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lifting_a_ban_by_eviction_needs_the_admin_role() {
+    let d = Deployment::start(&mtls_options());
+    let server = &d.server;
+    let dir = d._dir.path();
+    let (revoker, admin) = (dir.join("revoker"), dir.join("admin"));
+    admin_identity(
+        server,
+        "revoker",
+        &["--admin-role", "revoke"],
+        &revoker,
+        None,
+    );
+    admin_identity(server, "boss", &["--admin-role", "admin"], &admin, None);
+    server
+        .cli_ok(&["agent", "ban", "--id", &d.agent_id])
+        .unwrap();
+
+    // Evicting deletes the record, and with it the ban: revoke may not.
+    let refused = remote(server, &revoker, &["agent", "evict", "--id", &d.agent_id]);
+    let err = refused.expect_err("a revoke caller lifted a ban by evicting");
+    assert!(err.contains("needs admin"), "{err}");
+    assert!(
+        audited(server, "spiffe://example.org/revoker", "permission denied").await,
+        "no audit record of the refusal:\n{}",
+        server.log()
+    );
+    let agents = server.agent_ids().unwrap();
+    assert!(agents.contains(&d.agent_id), "the banned agent was removed");
+
+    let out = remote(server, &admin, &["agent", "evict", "--id", &d.agent_id]).unwrap();
+    assert!(out.contains(&d.agent_id), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_svid_of_a_banned_node_is_refused() {
+    let d = Deployment::start(&mtls_options());
+    let server = &d.server;
+    let dir = d._dir.path().join("on-node");
+    let id = "spiffe://example.org/node-ops";
+    server
+        .create_entry(id, &d.agent_id, &["--selector", "unix:uid:4242", "--admin"])
+        .unwrap();
+    mint(server, id, &dir, None);
+    remote(server, &dir, &["entry", "count"]).expect("the admin SVID works first");
+
+    server
+        .cli_ok(&["agent", "ban", "--id", &d.agent_id])
+        .unwrap();
+    let err = remote(server, &dir, &["entry", "count"])
+        .expect_err("the admin SVID of a banned node still works");
+    assert!(err.contains("holds no admin role"), "{err}");
 }
