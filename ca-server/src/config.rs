@@ -58,6 +58,7 @@ pub struct ServerConfig {
     pub retention: RetentionSection,
     #[serde(default)]
     pub audit: AuditSection,
+    #[serde(default)]
     pub telemetry: TelemetrySection,
 }
 
