@@ -368,7 +368,14 @@ fn verify_reports_where_the_public_key_came_from() {
     let key_arg = key.display().to_string();
     let json = |extra: &[&str]| -> Value {
         let dir = data.display().to_string();
-        let mut args = vec!["--output", "json", "audit", "verify", "--data-dir", dir.as_str()];
+        let mut args = vec![
+            "--output",
+            "json",
+            "audit",
+            "verify",
+            "--data-dir",
+            dir.as_str(),
+        ];
         args.extend_from_slice(extra);
         let o = log.server.cli(&args).unwrap();
         assert!(o.status.success(), "{}", text(&o));
