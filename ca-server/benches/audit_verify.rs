@@ -63,6 +63,7 @@ fn main() {
         let opts = VerifyOptions {
             key: Some(vk),
             checkpoint: None,
+            allow_pruned: false,
         };
         for round in 1..=3 {
             let t = Instant::now();

@@ -1071,6 +1071,10 @@ pub enum AuditCmd {
         /// The audit public key kept elsewhere [default: audit-key.pub in the data directory].
         #[arg(long, value_name = "FILE")]
         public_key: Option<PathBuf>,
+        /// Accept a --checkpoint at or behind the oldest kept record (its
+        /// records were removed by retention) instead of failing.
+        #[arg(long)]
+        allow_pruned: bool,
     },
     /// Export the latest signed checkpoint, to keep off this machine.
     Checkpoint {
@@ -1123,6 +1127,7 @@ async fn run_audit(cmd: AuditCmd, json: bool) -> Result<()> {
             dir,
             checkpoint: cp_file,
             public_key,
+            allow_pruned,
         } => {
             let key_file = public_key
                 .clone()
@@ -1143,19 +1148,35 @@ async fn run_audit(cmd: AuditCmd, json: bool) -> Result<()> {
             let opts = review::VerifyOptions {
                 key,
                 checkpoint: note,
+                allow_pruned,
+            };
+            // Where the key came from: one in the data directory is not
+            // independent of the data it checks.
+            let key_source = match (&opts.key, &public_key) {
+                (None, _) => "none",
+                (Some(_), None) => "data_dir",
+                (Some(_), Some(_)) => "given",
             };
             match review::verify(&store, &opts).await {
                 Ok(r) if json => print_json(&json!({
                     "verified": true, "records": r.records, "legacy_records": r.legacy,
                     "from": r.anchor.map_or(0, |a| a.seq), "to": r.head.seq,
                     "checkpoints": r.checkpoints, "pruned_checkpoints": r.pruned_checkpoints,
+                    "anchor": r.anchor.map(|a| a.seq), "public_key": key_source,
                 })),
                 Ok(r) => println!(
-                    "audit log verified: {} chained records after record {} up to record {}, {} checkpoints matched{}{}",
+                    "audit log verified: {} chained records after record {} up to record {}, {} checkpoints matched{}{}{}\npublic key: {key_source}",
                     r.records,
                     r.anchor.map_or(0, |a| a.seq),
                     r.head.seq,
                     r.checkpoints,
+                    match r.anchor {
+                        Some(a) => format!(
+                            "; records up to the anchor (record {}) were pruned, {} checkpoints of them not checked",
+                            a.seq, r.pruned_checkpoints
+                        ),
+                        None => String::new(),
+                    },
                     if r.legacy > 0 {
                         format!(
                             ", {} records written before the chain not covered",

@@ -308,3 +308,83 @@ fn show_lists_records_filtered_by_action_and_actor() {
     assert!(nobody.status.success());
     assert!(nobody.stdout.is_empty());
 }
+
+#[test]
+fn a_wiped_log_posing_as_pruned_fails_against_a_checkpoint_kept_elsewhere() {
+    let mut log = Log::new(3, "");
+    log.server.stop().unwrap();
+    let data = log.data();
+    let cp = log.server.dir().join("exported.checkpoint");
+    let cp_arg = cp.display().to_string();
+    let ok = log.audit(&[
+        "checkpoint",
+        "--data-dir",
+        &data.display().to_string(),
+        "--write",
+        &cp_arg,
+    ]);
+    assert!(ok.status.success(), "{}", text(&ok));
+    let key = log.server.dir().join("exported.pub");
+    std::fs::copy(data.join("audit-key.pub"), &key).unwrap();
+    let key_arg = key.display().to_string();
+
+    // The intruder deletes every record and fakes retention pruning: the
+    // anchor is set to the head, which the exported checkpoint also covers.
+    let wiped = log.copy("wiped");
+    {
+        let db = open(&wiped);
+        db.open_tree("audit").unwrap().clear().unwrap();
+        let meta = db.open_tree("meta").unwrap();
+        let head = meta.get("audit_head").unwrap().unwrap();
+        meta.insert("audit_anchor", head).unwrap();
+        db.flush().unwrap();
+    }
+    let external = [
+        "--checkpoint",
+        cp_arg.as_str(),
+        "--public-key",
+        key_arg.as_str(),
+    ];
+    assert_fails_naming(
+        &verify(&log, &wiped, &external),
+        &["pruned", "--allow-pruned"],
+    );
+    // Accepting pruning is an explicit choice, and the output names the
+    // anchor the records were checked from and the key's source.
+    let mut allowed = external.to_vec();
+    allowed.push("--allow-pruned");
+    let o = verify(&log, &wiped, &allowed);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("anchor"), "{}", text(&o));
+}
+
+#[test]
+fn verify_reports_where_the_public_key_came_from() {
+    let mut log = Log::new(1, "");
+    log.server.stop().unwrap();
+    let data = log.data();
+    let key = log.server.dir().join("exported.pub");
+    std::fs::copy(data.join("audit-key.pub"), &key).unwrap();
+    let key_arg = key.display().to_string();
+    let json = |extra: &[&str]| -> Value {
+        let dir = data.display().to_string();
+        let mut args = vec![
+            "--output",
+            "json",
+            "audit",
+            "verify",
+            "--data-dir",
+            dir.as_str(),
+        ];
+        args.extend_from_slice(extra);
+        let o = log.server.cli(&args).unwrap();
+        assert!(o.status.success(), "{}", text(&o));
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    assert_eq!(json(&[])["public_key"], "data_dir");
+    assert_eq!(json(&["--public-key", &key_arg])["public_key"], "given");
+    std::fs::remove_file(data.join("audit-key.pub")).unwrap();
+    assert_eq!(json(&[])["public_key"], "none");
+    let text_out = text(&verify(&log, &data, &[]));
+    assert!(text_out.contains("public key: none"), "{text_out}");
+}

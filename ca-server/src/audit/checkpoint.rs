@@ -108,7 +108,23 @@ impl AuditKey {
             reason,
         };
         let pkcs8 = match std::fs::read(&path) {
-            Ok(b) => b,
+            Ok(b) => {
+                // A key others can read may have been copied: refuse it.
+                use std::os::unix::fs::PermissionsExt;
+                let mode = std::fs::metadata(&path)
+                    .map_err(|e| err(format!("cannot read its mode: {e}")))?
+                    .permissions()
+                    .mode();
+                if mode & 0o077 != 0 {
+                    return Err(err(format!(
+                        "group or others can access it (mode {:o}); run `chmod 600 {}` \
+                         and consider the key exposed",
+                        mode & 0o777,
+                        path.display()
+                    )));
+                }
+                b
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let rng = ring::rand::SystemRandom::new();
                 let doc = Ed25519KeyPair::generate_pkcs8(&rng)
@@ -252,6 +268,14 @@ impl VerifierKey {
         else {
             return Err(bad("expected origin, size and root lines"));
         };
+        // The key is named for its log's origin: a note of another log
+        // (another trust domain) is not a checkpoint of this one.
+        if origin != self.name {
+            return Err(CheckpointError::Format(format!(
+                "the checkpoint's origin {origin:?} is not {:?}",
+                self.name
+            )));
+        }
         let size = size.parse().map_err(|_| bad("the size is not a number"))?;
         let root = B64
             .decode(root)
@@ -389,6 +413,34 @@ mod tests {
         let other = tempfile::tempdir().unwrap();
         let other = AuditKey::load_or_create(other.path(), cp.origin.clone()).unwrap();
         assert!(vk.open(&other.sign(&cp)).is_err());
+    }
+
+    #[test]
+    fn a_key_file_readable_by_group_or_other_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        AuditKey::load_or_create(dir.path(), "sigil/example.org/audit".into()).unwrap();
+        let path = dir.path().join(KEY_FILE);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = AuditKey::load_or_create(dir.path(), "sigil/example.org/audit".into())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("chmod 600"), "{err}");
+        assert!(err.contains(&path.display().to_string()), "{err}");
+    }
+
+    #[test]
+    fn a_note_whose_origin_is_not_the_key_name_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        // A key named for one origin signs a checkpoint of another log.
+        let key = AuditKey::load_or_create(dir.path(), "sigil/example.org/audit".into()).unwrap();
+        let vk: VerifierKey = key.verifier_key().parse().unwrap();
+        let note = key.sign(&Checkpoint {
+            origin: "sigil/other.org/audit".into(),
+            size: 1,
+            root: [1; 32],
+        });
+        assert!(matches!(vk.open(&note), Err(CheckpointError::Format(_))));
     }
 
     #[test]

@@ -64,6 +64,11 @@ pub struct VerifyOptions {
     pub key: Option<VerifierKey>,
     /// A checkpoint kept elsewhere (a signed note).
     pub checkpoint: Option<String>,
+    /// Accept a given `checkpoint` at or behind the anchor, whose records
+    /// retention removed. Off by default: an intruder can wipe the log and
+    /// fake pruning (the anchor is not signed), and such a checkpoint can
+    /// no longer be checked against records.
+    pub allow_pruned: bool,
 }
 
 /// What a successful verification covered.
@@ -107,6 +112,10 @@ pub enum VerifyError {
         source_name: String,
         error: CheckpointError,
     },
+    #[error(
+        "the given checkpoint covers records up to {size}, but the log starts after record {anchor}: those records were pruned (or wiped), so it cannot be checked; pass --allow-pruned if retention removed them, or give a newer checkpoint"
+    )]
+    Pruned { size: u64, anchor: u64 },
     #[error("a checkpoint to check against needs the audit public key (--public-key)")]
     NoKey,
     #[error("reading the audit log: {0}")]
@@ -152,6 +161,16 @@ pub async fn verify(
             source_name: source_name.clone(),
             error,
         })?;
+        if let Some(a) = state.anchor
+            && cp.size <= a.seq
+            && cp.size > 0
+            && !opts.allow_pruned
+        {
+            return Err(VerifyError::Pruned {
+                size: cp.size,
+                anchor: a.seq,
+            });
+        }
         checks.insert(cp.size, (cp.root, source_name));
     }
 
