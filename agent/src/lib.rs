@@ -21,13 +21,15 @@
 //! - [`workload_attestors`]: the workload attestors run besides `unix`
 //!   (`k8s`), from the configuration.
 //! - [`peer_pidfd`]: the connecting process of a socket, by `SO_PEERPIDFD`.
-//! - [`telemetry`]: metrics and readiness for the `[telemetry]` listener.
+//! - [`metrics`]: the agent's Prometheus metrics, counted where things happen.
+//! - [`telemetry`]: readiness and the `[telemetry]` listener.
 
 // Denied, not forbidden: `peer_pidfd` allows it for one getsockopt call.
 #![deny(unsafe_code)]
 
 pub mod cache;
 pub mod config;
+pub mod metrics;
 pub mod node;
 pub mod peer_pidfd;
 mod run;

@@ -19,9 +19,9 @@ use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::cache::{Applied, Cache};
 use crate::config::{AgentConfig, BootstrapTrust, NodeAttestor};
+use crate::metrics::{AgentMetrics, Rotated};
 use crate::node::{self, Bootstrap, Connection, NodeError};
 use crate::store::{AgentState, Store, StoreError};
-use crate::telemetry::{AgentMetrics, Rotated};
 
 /// Most CSRs sent in one call.
 const BATCH: usize = 500;

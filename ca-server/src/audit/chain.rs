@@ -22,9 +22,31 @@
 
 use ring::digest::{Context, SHA256};
 use serde::{Deserialize, Serialize};
-use sigil_identity::clock::unix_seconds;
+use sigil_identity::clock::{serde_opt_unix_seconds, serde_unix_seconds, unix_seconds};
+use std::time::SystemTime;
 
-use crate::datastore::AuditEvent;
+/// An audit record: who did what to what, and how it ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEvent {
+    #[serde(with = "serde_unix_seconds")]
+    pub time: SystemTime,
+    /// The caller (uid, SPIFFE ID, or "server").
+    pub caller: String,
+    /// The action, e.g. `entry.create`.
+    pub action: String,
+    /// What it acted on, e.g. an entry id.
+    pub target: String,
+    /// `ok` or the error.
+    pub outcome: String,
+    /// Optional expiry of what was issued.
+    #[serde(with = "serde_opt_unix_seconds", default)]
+    pub expires_at: Option<SystemTime>,
+    /// The request id of the gRPC call that made the event (also in that
+    /// call's log lines); `None` for events of background work and for
+    /// records written before request ids existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+}
 
 /// A SHA-256 digest.
 pub type Hash = [u8; 32];

@@ -16,11 +16,12 @@ use std::time::SystemTime;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
-use sigil_identity::clock::{serde_opt_unix_seconds, serde_unix_seconds};
+use sigil_identity::clock::serde_unix_seconds;
 use sigil_identity::{
     AgentId, Bundle, EntryId, RegistrationEntry, SelectorSet, SpiffeId, TrustDomain,
 };
 
+pub use crate::audit::chain::AuditEvent;
 use crate::audit::chain::{AuditRecord, ChainHead};
 use crate::ca::journal::CaJournal;
 
@@ -214,29 +215,6 @@ pub struct JoinTokenRecord {
     pub expires_at: SystemTime,
     /// Optional node alias ID to attach to the agent.
     pub alias: Option<SpiffeId>,
-}
-
-/// An audit record: who did what to what, and how it ended.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AuditEvent {
-    #[serde(with = "serde_unix_seconds")]
-    pub time: SystemTime,
-    /// The caller (uid, SPIFFE ID, or "server").
-    pub caller: String,
-    /// The action, e.g. `entry.create`.
-    pub action: String,
-    /// What it acted on, e.g. an entry id.
-    pub target: String,
-    /// `ok` or the error.
-    pub outcome: String,
-    /// Optional expiry of what was issued.
-    #[serde(with = "serde_opt_unix_seconds", default)]
-    pub expires_at: Option<SystemTime>,
-    /// The request id of the gRPC call that made the event (also in that
-    /// call's log lines); `None` for events of background work and for
-    /// records written before request ids existed.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub request_id: Option<String>,
 }
 
 /// Where the audit chain stands.
