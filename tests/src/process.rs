@@ -724,6 +724,33 @@ pub enum NodeAttestation {
     X509Pop { certificate: PathBuf, key: PathBuf },
 }
 
+/// Writes a CA (`ca.pem`) and a node certificate and key signed by it
+/// (`node.pem`, `node.key`) into `dir`, for an agent that attests with
+/// x509pop; the server trusts `ca.pem` as its x509pop root.
+pub fn x509pop_node_pki(dir: &Path) -> Result<NodeAttestation> {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    };
+    let ca_key = KeyPair::generate()?;
+    let mut ca = CertificateParams::default();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+    ca.distinguished_name
+        .push(DnType::CommonName, "test node CA");
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(dir.join("ca.pem"), ca.self_signed(&ca_key)?.pem())?;
+    let node_key = KeyPair::generate()?;
+    let mut node = CertificateParams::default();
+    node.distinguished_name.push(DnType::CommonName, "node-1");
+    let cert = node.signed_by(&node_key, &Issuer::from_params(&ca, &ca_key))?;
+    std::fs::write(dir.join("node.pem"), cert.pem())?;
+    std::fs::write(dir.join("node.key"), node_key.serialize_pem())?;
+    Ok(NodeAttestation::X509Pop {
+        certificate: dir.join("node.pem"),
+        key: dir.join("node.key"),
+    })
+}
+
 /// How to configure and start an agent beyond its node attestation.
 #[derive(Debug, Clone, Default)]
 pub struct AgentOptions {

@@ -307,37 +307,10 @@ async fn prometheus_scrapes_server_and_agent_and_sees_issuance_grow() {
     drop(agent);
 }
 
-/// A CA, and a node certificate and key signed by it, for x509pop.
-fn node_pki(dir: &Path) -> NodeAttestation {
-    use rcgen::{
-        BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose,
-    };
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca = CertificateParams::default();
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign];
-    ca.distinguished_name
-        .push(DnType::CommonName, "telemetry node CA");
-    std::fs::create_dir_all(dir).unwrap();
-    std::fs::write(dir.join("ca.pem"), ca.self_signed(&ca_key).unwrap().pem()).unwrap();
-    let node_key = KeyPair::generate().unwrap();
-    let mut node = CertificateParams::default();
-    node.distinguished_name.push(DnType::CommonName, "node-1");
-    let cert = node
-        .signed_by(&node_key, &Issuer::from_params(&ca, &ca_key))
-        .unwrap();
-    std::fs::write(dir.join("node.pem"), cert.pem()).unwrap();
-    std::fs::write(dir.join("node.key"), node_key.serialize_pem()).unwrap();
-    NodeAttestation::X509Pop {
-        certificate: dir.join("node.pem"),
-        key: dir.join("node.key"),
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_ready_flips_to_503_when_banned_and_back_after_evict() {
     let dir = tempfile::tempdir().unwrap();
-    let node = node_pki(&dir.path().join("pki"));
+    let node = sigil_tests::process::x509pop_node_pki(&dir.path().join("pki")).unwrap();
     let server_port = free_port().unwrap();
     let server = ServerProcess::start(
         &dir.path().join("server"),

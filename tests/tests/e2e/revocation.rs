@@ -1,10 +1,9 @@
 //! Revocation: deleting an entry ends the workload's stream; banning an
 //! agent denies its workloads and keeps it out until it is evicted.
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
-use sigil_tests::process::{AgentProcess, NodeAttestation, ServerOptions, ServerProcess};
+use sigil_tests::process::{AgentProcess, ServerOptions, ServerProcess};
 use tokio_stream::StreamExt;
 
 use crate::common::{Deployment, retry};
@@ -57,33 +56,6 @@ async fn entry_delete_ends_the_workload_stream() {
     );
 }
 
-/// A CA, and a node certificate and key signed by it, for x509pop.
-fn node_pki(dir: &Path) -> NodeAttestation {
-    use rcgen::{
-        BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose,
-    };
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca = CertificateParams::default();
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign];
-    ca.distinguished_name
-        .push(DnType::CommonName, "e2e node CA");
-    std::fs::create_dir_all(dir).unwrap();
-    std::fs::write(dir.join("ca.pem"), ca.self_signed(&ca_key).unwrap().pem()).unwrap();
-    let node_key = KeyPair::generate().unwrap();
-    let mut node = CertificateParams::default();
-    node.distinguished_name.push(DnType::CommonName, "node-1");
-    let cert = node
-        .signed_by(&node_key, &Issuer::from_params(&ca, &ca_key))
-        .unwrap();
-    std::fs::write(dir.join("node.pem"), cert.pem()).unwrap();
-    std::fs::write(dir.join("node.key"), node_key.serialize_pem()).unwrap();
-    NodeAttestation::X509Pop {
-        certificate: dir.join("node.pem"),
-        key: dir.join("node.key"),
-    }
-}
-
 async fn denied(client: &spiffe::WorkloadApiClient) -> bool {
     retry(Duration::from_secs(5), || async {
         match client.fetch_x509_svid().await {
@@ -109,7 +81,7 @@ async fn wait_log(agent: &AgentProcess, needle: &str, limit: Duration) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn banned_agent_is_denied_and_cannot_attest_until_evicted() {
     let dir = tempfile::tempdir().unwrap();
-    let node = node_pki(&dir.path().join("pki"));
+    let node = sigil_tests::process::x509pop_node_pki(&dir.path().join("pki")).unwrap();
     let server = ServerProcess::start(
         &dir.path().join("server"),
         &ServerOptions {
