@@ -27,6 +27,7 @@ use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status};
 use tracing::warn;
 
+use crate::agents::AgentService;
 use crate::audit::Audit;
 use crate::ca::CaManager;
 use crate::datastore::{
@@ -34,7 +35,7 @@ use crate::datastore::{
 };
 use crate::entry_apply;
 use crate::registry::Registry;
-use crate::status::{ca_status, store_status};
+use crate::status::{agent_status, ca_status, store_status};
 
 /// Most entries in one batch call.
 pub const MAX_BATCH: usize = 10_000;
@@ -60,6 +61,8 @@ pub struct AdminService {
     pub(crate) ca: Arc<CaManager>,
     pub(crate) registry: Arc<Registry>,
     pub(crate) store: Arc<dyn Datastore>,
+    /// Bans and evictions.
+    pub(crate) agents: Arc<AgentService>,
     pub(crate) audit: Audit,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) allowed_uids: BTreeSet<u32>,
@@ -170,79 +173,29 @@ impl AdminService {
         }
     }
 
+    /// Bans or evicts the agent `raw_id` for `caller` (audited either way).
     async fn agent_op(
         &self,
         caller: &str,
         action: &str,
-        id: &str,
+        raw_id: &str,
         ban: bool,
     ) -> Result<AgentRecord, Status> {
-        let id = match agent_id(id) {
+        let id = match agent_id(raw_id) {
             Ok(id) => id,
             Err(status) => {
                 self.audit
-                    .record(caller, action, id, status.message())
+                    .record(caller, action, raw_id, status.message())
                     .await;
                 return Err(status);
             }
         };
-        let ok = self.audit.event(caller, action, id.as_str(), "ok");
-        let result: Result<AgentRecord, Status> = async {
-            if ban {
-                let mut a = self
-                    .store
-                    .fetch_agent(&id)
-                    .await
-                    .map_err(|e| store_status(&e))?
-                    .ok_or_else(|| Status::not_found(format!("agent {id} not found")))?;
-                a.banned = true;
-                let a = self
-                    .store
-                    .update_agent_audited(a, Some(ok.clone()))
-                    .await
-                    .map_err(|e| store_status(&e))?;
-                // What the store holds now (an eviction may have won).
-                self.registry
-                    .reload_agent(&id)
-                    .await
-                    .map_err(|e| store_status(&e))?;
-                Ok(a)
-            } else {
-                let a = self
-                    .store
-                    .delete_agent_audited(&id, Some(ok.clone()))
-                    .await
-                    .map_err(|e| match e {
-                        DatastoreError::NotFound(_) => {
-                            Status::not_found(format!("agent {id} not found"))
-                        }
-                        e => store_status(&e),
-                    })?;
-                self.registry
-                    .reload_agent(&id)
-                    .await
-                    .map_err(|e| store_status(&e))?;
-                Ok(a)
-            }
-        }
-        .await;
-        if result.is_err() {
-            // A write whose sync failed is applied all the same (the next
-            // sync round makes it durable): the registry follows the store
-            // whatever the outcome, or an evicted agent could keep working.
-            if let Err(e) = self.registry.reload_agent(&id).await {
-                warn!(agent_id = %id, error = %e, "could not reload the agent record");
-            }
-        }
-        match &result {
-            Ok(_) => self.audit.log_written(&[ok]),
-            Err(s) => {
-                self.audit
-                    .record(caller, action, id.as_str(), s.message())
-                    .await;
-            }
-        }
-        result
+        let result = if ban {
+            self.agents.ban(caller, &id).await
+        } else {
+            self.agents.evict(caller, &id).await
+        };
+        result.map_err(|e| agent_status(&e))
     }
 
     /// Creates a join token (and its alias entry) for `create_join_token`.

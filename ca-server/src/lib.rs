@@ -9,6 +9,8 @@
 //! - [`datastore`]: the storage trait, the sled implementation and the
 //!   conformance suite every implementation passes.
 //! - [`registry`]: in-memory authorization index and change fan-out.
+//! - [`agents`]: the agent lifecycle (attest, authenticate, renew, ban,
+//!   evict), one service the node and admin APIs call.
 //! - [`node_api`]: the agent-facing gRPC API over TLS 1.3.
 //! - [`admin_api`]: the operator-facing gRPC API on a Unix socket, and
 //!   over mTLS for admin SVIDs ([`admin_api::mtls`]).
@@ -18,8 +20,11 @@
 //! - [`audit`]: the audit trail (token buckets are `sigil_identity::rate_limit`).
 //! - [`retention`]: pruning of old changes, audit records and agents.
 //! - [`config`]: TOML config merged with flags.
+//! - [`catalog`]: the parts built from config (datastore, CA key manager,
+//!   upstream CA, node attestors).
 //! - [`server`]: wiring and `run(config, listeners, shutdown)`.
-//! - [`shutdown`]: the stop signals and the wait tasks end with.
+//! - [`shutdown`]: the stop signals, the wait tasks end with, the grace
+//!   period for open connections.
 //! - [`status`]: errors as gRPC statuses, one mapping for both APIs.
 //! - [`telemetry`]: metrics and readiness for the `[telemetry]` listener.
 //! - [`registration_file`], [`entry_apply`]: registration entries kept as
@@ -29,8 +34,10 @@
 
 pub mod admin_api;
 pub mod admin_client;
+pub mod agents;
 pub mod audit;
 pub mod ca;
+pub mod catalog;
 pub mod config;
 pub mod datastore;
 pub mod entry_apply;

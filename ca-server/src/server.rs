@@ -1,37 +1,36 @@
-//! Wiring: builds every part of the server from a [`ServerConfig`] and runs
-//! the node and admin APIs until shutdown.
+//! Wiring: [`run`] builds the [`Catalog`] from a [`ServerConfig`], the
+//! core services on it (CA, registry, audit, agent lifecycle), starts the
+//! background work, and serves the node and admin APIs until shutdown.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
-use sigil_attestors::https::{HttpsClient, Trust};
-use sigil_attestors::join_token::{JoinTokenAttestor, TokenStore};
-use sigil_attestors::k8s_psat::{ApiServerPods, ClusterConfig, K8sPsatAttestor, KeySource};
-use sigil_attestors::x509pop::X509PopAttestor;
-use sigil_identity::attestation::{AttestError, ServerNodeAttestor};
 use sigil_identity::clock::{Clock, SystemClock};
+use sigil_identity::rate_limit::RateLimiter;
 use sigil_proto::admin::admin_server::AdminServer;
 use sigil_proto::node::node_server::NodeServer;
 use sigil_proto::telemetry::in_span;
 use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
 use tokio_stream::wrappers::UnixListenerStream;
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::admin_api::{AdminApi, AdminService, mtls, own_uid};
+use crate::agents::AgentService;
 use crate::audit::Audit;
-use crate::ca::keys::{DiskKeyManager, KeyManager, MemoryKeyManager};
-use crate::ca::x509::UpstreamCa;
+use crate::audit::checkpoint::{AuditKey, Checkpointer};
 use crate::ca::{CaConfig, CaManager};
-use crate::config::{K8sPsatSection, KeyManagerKind, ServerConfig};
-use crate::datastore::{Datastore, DatastoreError, SledDatastore, TokenHash};
+use crate::catalog::{Attestors, Catalog, CatalogError};
+use crate::config::ServerConfig;
+use crate::datastore::{Datastore, DatastoreError};
 use crate::node_api::{NodeApi, NodeService, limits, tls};
 use crate::registry::Registry;
 pub use crate::shutdown::shutdown_signal;
-use crate::shutdown::wait_for_stop;
-use sigil_identity::rate_limit::RateLimiter;
+use crate::shutdown::{stop_when, wait_for_stop, within_grace};
+use crate::telemetry::ServerMetrics;
 
 /// How long shutdown waits for open connections to finish.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -44,67 +43,22 @@ const MAX_MESSAGE: usize = 32 * 1024 * 1024;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ServerError {
+    #[error("{0}")]
+    Catalog(#[from] CatalogError),
     #[error("datastore: {0}")]
     Datastore(#[from] DatastoreError),
     #[error("CA: {0}")]
     Ca(#[from] crate::ca::CaError),
-    #[error("CA keys: {0}")]
-    Keys(#[from] crate::ca::keys::KeyManagerError),
     #[error("TLS setup: {0}")]
     Tls(#[from] rustls::Error),
-    #[error("node attestor: {0}")]
-    Attestor(#[from] AttestError),
     #[error("serving: {0}")]
     Serve(#[from] tonic::transport::Error),
-    #[error("data directory {0}: {1}")]
-    DataDir(std::path::PathBuf, std::io::Error),
     #[error("cannot listen on {0} for the admin API over mTLS (server.admin_bind_address): {1}")]
     AdminBind(std::net::SocketAddr, std::io::Error),
     #[error("audit checkpoints: {0}")]
     AuditKey(#[from] crate::audit::checkpoint::CheckpointError),
     #[error("{0}")]
     Telemetry(std::io::Error),
-}
-
-/// Builds the `k8s_psat` attestor from its configuration section.
-fn k8s_psat_attestor(
-    section: &K8sPsatSection,
-    td: &sigil_identity::TrustDomain,
-    clock: Arc<dyn Clock>,
-) -> Result<K8sPsatAttestor, ServerError> {
-    let internal = |cluster: &str, e: sigil_attestors::https::HttpsError| {
-        AttestError::Internal(format!("k8s_psat cluster {cluster:?}: {e}"))
-    };
-    let mut clusters = Vec::new();
-    for (name, c) in &section.clusters {
-        let keys = match &c.jwks_file {
-            Some(path) => KeySource::File(path.clone()),
-            None => {
-                let ca = c
-                    .oidc_ca_file
-                    .clone()
-                    .unwrap_or_else(|| crate::config::DEFAULT_SYSTEM_CA_FILE.into());
-                let trust = Trust::from_pem_file(&ca).map_err(|e| internal(name, e))?;
-                KeySource::Discovery {
-                    issuer_url: c.issuer.clone(),
-                    client: HttpsClient::new(trust).map_err(|e| internal(name, e))?,
-                    token_file: c.oidc_token_file.clone(),
-                }
-            }
-        };
-        let api_trust = Trust::from_pem_file(&c.api_ca_file).map_err(|e| internal(name, e))?;
-        let pods = ApiServerPods::new(
-            c.api_server.clone(),
-            HttpsClient::new(api_trust).map_err(|e| internal(name, e))?,
-            Some(c.api_token_file.clone()),
-        );
-        let mut cluster = ClusterConfig::new(name.clone(), c.issuer.clone(), keys, Arc::new(pods));
-        cluster.audience = c.audience.clone();
-        cluster.jwks_refresh = c.jwks_refresh;
-        cluster.allowed_service_accounts = c.allowed_service_accounts.clone();
-        clusters.push(cluster);
-    }
-    Ok(K8sPsatAttestor::new(td.clone(), clusters, clock)?)
 }
 
 /// The sockets the server serves on, bound by the caller so tests can use
@@ -115,33 +69,6 @@ pub struct Listeners {
     pub admin: UnixListener,
 }
 
-/// Join tokens are consumed from the datastore.
-#[derive(Debug)]
-struct DatastoreTokens {
-    store: Arc<dyn Datastore>,
-    clock: Arc<dyn Clock>,
-}
-
-#[async_trait]
-impl TokenStore for DatastoreTokens {
-    async fn consume(&self, token: &str) -> Result<(), AttestError> {
-        match self
-            .store
-            .consume_join_token(&TokenHash::of(token), self.clock.now())
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(DatastoreError::NotFound(_)) => {
-                Err(AttestError::Rejected("unknown or already used join token"))
-            }
-            Err(DatastoreError::TokenExpired) => {
-                Err(AttestError::Rejected("join token has expired"))
-            }
-            Err(e) => Err(AttestError::Internal(e.to_string())),
-        }
-    }
-}
-
 /// Runs the server until `shutdown` resolves, then stops serving
 /// gracefully (open streams are closed, in-flight calls finish).
 pub async fn run(
@@ -150,92 +77,211 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let td = config.trust_domain.clone();
-    // It holds the datastore and the CA keys: this user's alone.
-    let data_dir = &config.data_dir;
-    if let sigil_identity::secret_file::DirState::Tightened { was } =
-        sigil_identity::secret_file::private_dir(data_dir)
-            .map_err(|e| ServerError::DataDir(data_dir.clone(), e))?
-    {
-        warn!(
-            dir = %data_dir.display(),
-            mode = format_args!("{was:o}"),
-            "the data directory was open to group or others; now 0700"
-        );
+    let mut catalog = Catalog::open(&config, clock.clone()).await?;
+    let core = Core::start(&config, &mut catalog, clock).await?;
+    let stop = stop_when(shutdown);
+    let apis = apis(&config, &core, catalog.attestors, listeners, stop.clone()).await?;
+    let background = Background::start(&config, &core, stop.clone()).await?;
+    let served = within_grace(apis, stop, SHUTDOWN_GRACE).await;
+    background.finish(&core).await;
+    served.unwrap_or(Ok(()))?;
+    info!("sigil-server stopped");
+    Ok(())
+}
+
+/// The services every API and background task shares.
+struct Core {
+    clock: Arc<dyn Clock>,
+    store: Arc<dyn Datastore>,
+    ca: Arc<CaManager>,
+    registry: Arc<Registry>,
+    audit: Audit,
+    agents: Arc<AgentService>,
+    metrics: Arc<ServerMetrics>,
+}
+
+impl Core {
+    /// Starts the CA (keys, rotation state, bundle) and loads the registry.
+    /// The CA takes the catalog's upstream CA.
+    async fn start(
+        config: &ServerConfig,
+        catalog: &mut Catalog,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, ServerError> {
+        let store = catalog.store.clone();
+        let ca_config = CaConfig {
+            trust_domain: config.trust_domain.clone(),
+            ca_ttl: config.ca.ttl,
+            x509_svid_ttl: config.ca.x509_svid_ttl,
+            jwt_svid_ttl: config.ca.jwt_svid_ttl,
+            key_algorithm: config.ca.key_type,
+            refresh_hint: config.ca.bundle_refresh_hint,
+        };
+        let ca = CaManager::start(
+            ca_config,
+            store.clone(),
+            catalog.keys.clone(),
+            clock.clone(),
+            catalog.upstream.take(),
+        )
+        .await?;
+        let registry = Registry::load(store.clone(), &config.trust_domain).await?;
+        let audit = Audit::new(store.clone(), clock.clone());
+        let agents = Arc::new(AgentService::new(
+            store.clone(),
+            registry.clone(),
+            audit.clone(),
+            clock.clone(),
+        ));
+        Ok(Self {
+            clock,
+            store,
+            ca,
+            registry,
+            audit,
+            agents,
+            metrics: Arc::new(ServerMetrics::default()),
+        })
     }
-    let store: Arc<dyn Datastore> =
-        Arc::new(SledDatastore::open(config.data_dir.join("datastore"))?);
-    let keys: Arc<dyn KeyManager> = match config.ca.key_manager {
-        KeyManagerKind::Disk => Arc::new(DiskKeyManager::open(config.data_dir.join("keys"))?),
-        KeyManagerKind::Memory => Arc::new(MemoryKeyManager::default()),
-    };
-    let upstream = match (&config.ca.upstream_cert, &config.ca.upstream_key) {
-        (Some(cert), Some(key)) => Some(UpstreamCa::load(cert, key, &td)?),
-        _ => None,
-    };
-    let ca_config = CaConfig {
-        trust_domain: td.clone(),
-        ca_ttl: config.ca.ttl,
-        x509_svid_ttl: config.ca.x509_svid_ttl,
-        jwt_svid_ttl: config.ca.jwt_svid_ttl,
-        key_algorithm: config.ca.key_type,
-        refresh_hint: config.ca.bundle_refresh_hint,
-    };
-    let ca = CaManager::start(ca_config, store.clone(), keys, clock.clone(), upstream).await?;
-    let registry = Registry::load(store.clone(), &td).await?;
-    let audit = Audit::new(store.clone(), clock.clone());
-    let metrics = Arc::new(crate::telemetry::ServerMetrics::default());
+}
 
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(async move {
-        shutdown.await;
-        info!("shutting down");
-        let _ = stop_tx.send(true);
-    });
-    let server_svid = tls::ServerSvid::start(ca.clone(), clock.clone(), stop_rx.clone())?;
-    let bundle = tls::follow_bundle(&ca, stop_rx.clone());
-    let acceptor = tls::acceptor(&server_svid, bundle.clone())?;
+/// Work beside the APIs: CA rotation, following the change feed (for
+/// changes made by other replicas), pruning, audit checkpoints, telemetry.
+struct Background {
+    tasks: Vec<JoinHandle<()>>,
+    checkpointer: Arc<Checkpointer>,
+}
 
-    let mut attestors: HashMap<&'static str, Arc<dyn ServerNodeAttestor>> = HashMap::new();
-    if config.node_attestors.join_token.enabled {
-        let tokens = Arc::new(DatastoreTokens {
-            store: store.clone(),
-            clock: clock.clone(),
+impl Background {
+    async fn start(
+        config: &ServerConfig,
+        core: &Core,
+        stop: watch::Receiver<bool>,
+    ) -> Result<Self, ServerError> {
+        let mut tasks = vec![tokio::spawn(
+            core.ca
+                .clone()
+                .run(wait_for_stop(stop.clone()))
+                .instrument(info_span!("ca_rotation")),
+        )];
+        let pruner = crate::retention::Pruner {
+            store: core.store.clone(),
+            registry: core.registry.clone(),
+            audit: core.audit.clone(),
+            clock: core.clock.clone(),
+            retention: config.retention.clone(),
+        };
+        tasks.push(tokio::spawn(
+            pruner.run(stop.clone()).instrument(info_span!("pruning")),
+        ));
+        let origin = crate::audit::checkpoint::origin(&config.trust_domain);
+        let checkpointer = Arc::new(Checkpointer {
+            store: core.store.clone(),
+            key: AuditKey::load_or_create(&config.data_dir, origin.clone())?,
+            origin,
+            data_dir: config.data_dir.clone(),
+            every_records: config.audit.checkpoint_records,
+            every: config.audit.checkpoint_interval,
         });
-        attestors.insert(
-            sigil_attestors::join_token::NAME,
-            Arc::new(JoinTokenAttestor::new(td.clone(), tokens)),
-        );
-    }
-    if let Some(x) = &config.node_attestors.x509pop {
-        let a = X509PopAttestor::from_pem_file(td.clone(), &x.ca_bundle, clock.clone())?;
-        attestors.insert(sigil_attestors::x509pop::NAME, Arc::new(a));
-    }
-    if let Some(k) = &config.node_attestors.k8s_psat {
-        let a = k8s_psat_attestor(k, &td, clock.clone())?;
-        attestors.insert(sigil_attestors::k8s_psat::NAME, Arc::new(a));
+        tasks.push(tokio::spawn(
+            checkpointer
+                .clone()
+                .run(stop.clone())
+                .instrument(info_span!("audit_checkpoints")),
+        ));
+        tasks.push(follow_changes(core, stop.clone()));
+        if let Some(addr) = config.telemetry.bind {
+            tasks.push(serve_telemetry(addr, core, stop).await?);
+        }
+        Ok(Self {
+            tasks,
+            checkpointer,
+        })
     }
 
+    /// Waits for every task to end (they end with the stop), then makes
+    /// the audit trail whole: issuance events still queued reach the
+    /// datastore before it closes, and the last checkpoint covers them.
+    async fn finish(self, core: &Core) {
+        for task in self.tasks {
+            let _ = task.await;
+        }
+        core.audit.flush().await;
+        if let Err(e) = self.checkpointer.checkpoint().await {
+            warn!(error = %e, "could not store the final audit checkpoint");
+        }
+    }
+}
+
+/// Follows the change feed every second (changes made by other replicas
+/// or by the CLI), and prunes expired join tokens every hour.
+fn follow_changes(core: &Core, mut stop: watch::Receiver<bool>) -> JoinHandle<()> {
+    let registry = core.registry.clone();
+    let store = core.store.clone();
+    let clock = core.clock.clone();
+    tokio::spawn(in_span(info_span!("change_feed_follower"), async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut n: u64 = 0;
+        loop {
+            tokio::select! {
+                _ = stop.changed() => return,
+                _ = tick.tick() => {}
+            }
+            if let Err(e) = registry.catch_up().await {
+                warn!(error = %e, "registry catch-up failed");
+            }
+            n += 1;
+            if n.is_multiple_of(3600) {
+                match store.prune_join_tokens(clock.now()).await {
+                    Ok(k) if k > 0 => info!(pruned = k, "expired join tokens removed"),
+                    Ok(_) => {}
+                    Err(e) => warn!(error = %e, "join token pruning failed"),
+                }
+            }
+        }
+    }))
+}
+
+/// Metrics and health on their own plain-HTTP listener.
+async fn serve_telemetry(
+    addr: std::net::SocketAddr,
+    core: &Core,
+    stop: watch::Receiver<bool>,
+) -> Result<JoinHandle<()>, ServerError> {
+    let listener = sigil_proto::telemetry::bind(addr)
+        .await
+        .map_err(ServerError::Telemetry)?;
+    let health = crate::telemetry::ServerHealth {
+        metrics: core.metrics.clone(),
+        store: core.store.clone(),
+        registry: core.registry.clone(),
+        ca: core.ca.clone(),
+    };
+    info!(address = %addr, "telemetry serving /metrics, /live, /ready");
+    Ok(tokio::spawn(
+        sigil_proto::telemetry::serve(
+            listener,
+            Arc::new(core.metrics.registry()),
+            Arc::new(health),
+            wait_for_stop(stop),
+        )
+        .instrument(info_span!("telemetry")),
+    ))
+}
+
+/// Sets up the node API, the admin API on its socket and, when
+/// configured, over mTLS (everything that can fail at startup fails
+/// here), and returns them serving until the stop.
+async fn apis(
+    config: &ServerConfig,
+    core: &Core,
+    attestors: Attestors,
+    listeners: Listeners,
+    stop: watch::Receiver<bool>,
+) -> Result<impl Future<Output = Result<(), ServerError>> + use<>, ServerError> {
+    let td = &config.trust_domain;
     let rates = &config.rate_limits;
-    let node = Arc::new(NodeService {
-        ca: ca.clone(),
-        registry: registry.clone(),
-        store: store.clone(),
-        attestors,
-        audit: audit.clone(),
-        clock: clock.clone(),
-        agent_svid_ttl: config.agents.svid_ttl,
-        attest_limit: RateLimiter::new(rates.attest_per_second, rates.attest_burst),
-        sign_limit: RateLimiter::new(rates.signing_per_second, rates.signing_burst),
-        shutdown: stop_rx.clone(),
-        wire_bundle: std::sync::Mutex::default(),
-        metrics: metrics.clone(),
-    });
-    let mut allowed_uids: BTreeSet<u32> = config.server.admin_uids.iter().copied().collect();
-    allowed_uids.insert(0);
-    allowed_uids.insert(own_uid());
-    // The admin API over mTLS, when configured; bound before anything
-    // is served so a taken port fails the start.
+    // Bound before anything is served, so a taken port fails the start.
     let admin_tcp = match config.server.admin_bind_address {
         Some(addr) => Some(
             TcpListener::bind(addr)
@@ -244,115 +290,51 @@ pub async fn run(
         ),
         None => None,
     };
+    let server_svid = tls::ServerSvid::start(core.ca.clone(), core.clock.clone(), stop.clone())?;
+    let bundle = tls::follow_bundle(&core.ca, stop.clone());
+    let node = Arc::new(NodeService {
+        ca: core.ca.clone(),
+        registry: core.registry.clone(),
+        agents: core.agents.clone(),
+        attestors,
+        audit: core.audit.clone(),
+        clock: core.clock.clone(),
+        agent_svid_ttl: config.agents.svid_ttl,
+        attest_limit: RateLimiter::new(rates.attest_per_second, rates.attest_burst),
+        sign_limit: RateLimiter::new(rates.signing_per_second, rates.signing_burst),
+        shutdown: stop.clone(),
+        wire_bundle: std::sync::Mutex::default(),
+        metrics: core.metrics.clone(),
+    });
+    let mut allowed_uids: BTreeSet<u32> = config.server.admin_uids.iter().copied().collect();
+    allowed_uids.insert(0);
+    allowed_uids.insert(own_uid());
     let admin = Arc::new(AdminService {
         trust_domain: td.clone(),
-        ca: ca.clone(),
-        registry: registry.clone(),
-        store: store.clone(),
-        audit: audit.clone(),
-        clock: clock.clone(),
+        ca: core.ca.clone(),
+        registry: core.registry.clone(),
+        store: core.store.clone(),
+        agents: core.agents.clone(),
+        audit: core.audit.clone(),
+        clock: core.clock.clone(),
         allowed_uids,
         token_ttl: config.node_attestors.join_token.default_ttl,
     });
-
-    // Background work: CA rotation, following the change feed (for changes
-    // made by other replicas), pruning expired join tokens.
-    let rotation = tokio::spawn(
-        ca.clone()
-            .run(wait_for_stop(stop_rx.clone()))
-            .instrument(info_span!("ca_rotation")),
+    // Every call gets a request id and a span; durations only when
+    // `/metrics` is served.
+    let rpc_layer = sigil_proto::telemetry::RpcLayer::new(
+        config
+            .telemetry
+            .bind
+            .is_some()
+            .then(|| core.metrics.rpc.clone()),
     );
-    let pruner = crate::retention::Pruner {
-        store: store.clone(),
-        registry: registry.clone(),
-        audit: audit.clone(),
-        clock: clock.clone(),
-        retention: config.retention.clone(),
-    };
-    let pruning = tokio::spawn(
-        pruner
-            .run(stop_rx.clone())
-            .instrument(info_span!("pruning")),
-    );
-    let checkpointer = Arc::new(crate::audit::checkpoint::Checkpointer {
-        store: store.clone(),
-        key: crate::audit::checkpoint::AuditKey::load_or_create(
-            &config.data_dir,
-            crate::audit::checkpoint::origin(&td),
-        )?,
-        origin: crate::audit::checkpoint::origin(&td),
-        data_dir: config.data_dir.clone(),
-        every_records: config.audit.checkpoint_records,
-        every: config.audit.checkpoint_interval,
-    });
-    let checkpointing = tokio::spawn(
-        checkpointer
-            .clone()
-            .run(stop_rx.clone())
-            .instrument(info_span!("audit_checkpoints")),
-    );
-    let follower = {
-        let registry = registry.clone();
-        let store = store.clone();
-        let clock = clock.clone();
-        let mut stop = stop_rx.clone();
-        tokio::spawn(in_span(info_span!("change_feed_follower"), async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
-            let mut n: u64 = 0;
-            loop {
-                tokio::select! {
-                    _ = stop.changed() => return,
-                    _ = tick.tick() => {}
-                }
-                if let Err(e) = registry.catch_up().await {
-                    warn!(error = %e, "registry catch-up failed");
-                }
-                n += 1;
-                if n.is_multiple_of(3600) {
-                    match store.prune_join_tokens(clock.now()).await {
-                        Ok(k) if k > 0 => info!(pruned = k, "expired join tokens removed"),
-                        Ok(_) => {}
-                        Err(e) => warn!(error = %e, "join token pruning failed"),
-                    }
-                }
-            }
-        }))
-    };
-
-    // Metrics and health, on their own plain-HTTP listener if configured.
-    let telemetry = match config.telemetry.bind {
-        Some(addr) => {
-            let listener = sigil_proto::telemetry::bind(addr)
-                .await
-                .map_err(ServerError::Telemetry)?;
-            let health = crate::telemetry::ServerHealth {
-                metrics: metrics.clone(),
-                store: store.clone(),
-                registry: registry.clone(),
-                ca: ca.clone(),
-            };
-            info!(address = %addr, "telemetry serving /metrics, /live, /ready");
-            Some(tokio::spawn(
-                sigil_proto::telemetry::serve(
-                    listener,
-                    Arc::new(metrics.registry()),
-                    Arc::new(health),
-                    wait_for_stop(stop_rx.clone()),
-                )
-                .instrument(info_span!("telemetry")),
-            ))
-        }
-        None => None,
-    };
-    // Every call gets a request id and a span; durations only when served.
-    let rpc_layer =
-        sigil_proto::telemetry::RpcLayer::new(telemetry.is_some().then(|| metrics.rpc.clone()));
-
-    let node_addr = listeners.node.local_addr().ok();
     let conn_limits = tls::ConnLimits {
         total: config.server.max_connections,
         unauthenticated_per_address: config.server.max_unauthenticated_connections_per_address,
     };
+
+    let node_addr = listeners.node.local_addr().ok();
     let is_pinned: tls::IsPinned = {
         let node = node.clone();
         Arc::new(move |peer| node.check_peer(peer).is_ok())
@@ -368,36 +350,40 @@ pub async fn run(
             node,
         ))
         .serve_with_incoming_shutdown(
-            tls::incoming(listeners.node, acceptor, conn_limits, is_pinned),
-            wait_for_stop(stop_rx.clone()),
+            tls::incoming(
+                listeners.node,
+                tls::acceptor(&server_svid, bundle.clone())?,
+                conn_limits,
+                is_pinned,
+            ),
+            wait_for_stop(stop.clone()),
         );
-    let admin_for_tcp = admin.clone();
     let admin_server = tonic::transport::Server::builder()
         .layer(rpc_layer)
         .add_service(
-            AdminServer::new(AdminApi(admin))
+            AdminServer::new(AdminApi(admin.clone()))
                 .max_decoding_message_size(MAX_MESSAGE)
                 .max_encoding_message_size(MAX_MESSAGE),
         )
         .serve_with_incoming_shutdown(
             UnixListenerStream::new(listeners.admin),
-            wait_for_stop(stop_rx.clone()),
+            wait_for_stop(stop.clone()),
         );
     let admin_tcp_addr = admin_tcp.as_ref().and_then(|l| l.local_addr().ok());
     let remote_admin_server = {
         let auth = Arc::new(mtls::RemoteAuth::new(
-            registry.clone(),
+            core.registry.clone(),
             config
                 .server
                 .admin_ids
                 .iter()
                 .map(|a| (a.id.clone(), a.role)),
-            clock.clone(),
-            audit.clone(),
+            core.clock.clone(),
+            core.audit.clone(),
             RateLimiter::new(rates.admin_per_second, rates.admin_burst),
         ));
-        let acceptor = mtls::acceptor(&server_svid, bundle.clone(), td.clone())?;
-        let stop = stop_rx.clone();
+        let acceptor = mtls::acceptor(&server_svid, bundle, td.clone())?;
+        let stop = stop.clone();
         // A connection counts as unauthenticated (per address) unless its
         // SVID holds an admin role.
         let is_admin: tls::IsPinned = {
@@ -415,7 +401,7 @@ pub async fn run(
                 .http2_keepalive_interval(Some(Duration::from_secs(30)))
                 .max_concurrent_streams(limits::MAX_STREAMS_PER_CONNECTION)
                 .add_service(mtls::Guarded::new(
-                    AdminServer::new(AdminApi(admin_for_tcp))
+                    AdminServer::new(AdminApi(admin))
                         .max_decoding_message_size(mtls::BATCH_BODY)
                         .max_encoding_message_size(MAX_MESSAGE),
                     auth,
@@ -427,37 +413,10 @@ pub async fn run(
                 .await
         }
     };
-    info!(trust_domain = %td, node_api = ?node_addr, admin_api_mtls = ?admin_tcp_addr, bundle_sequence = ca.bundle().sequence, "sigil-server serving");
+    info!(trust_domain = %td, node_api = ?node_addr, admin_api_mtls = ?admin_tcp_addr, bundle_sequence = core.ca.bundle().sequence, "sigil-server serving");
 
-    // Graceful: stop accepting, let calls in flight finish, but do not wait
-    // more than SHUTDOWN_GRACE for clients that keep connections open.
-    let serve = async {
+    Ok(async move {
         let (node, admin, remote) = tokio::join!(node_server, admin_server, remote_admin_server);
-        (node, admin.and(remote))
-    };
-    let deadline = async {
-        wait_for_stop(stop_rx.clone()).await;
-        tokio::time::sleep(SHUTDOWN_GRACE).await;
-    };
-    let (node_result, admin_result) = tokio::select! {
-        r = serve => r,
-        () = deadline => {
-            warn!(grace = ?SHUTDOWN_GRACE, "connections still open after the shutdown grace period; closing them");
-            (Ok(()), Ok(()))
-        }
-    };
-    let _ = tokio::join!(rotation, follower, pruning, checkpointing);
-    if let Some(t) = telemetry {
-        let _ = t.await;
-    }
-    // Issuance events still queued reach the datastore before it closes,
-    // and the last checkpoint covers them.
-    audit.flush().await;
-    if let Err(e) = checkpointer.checkpoint().await {
-        warn!(error = %e, "could not store the final audit checkpoint");
-    }
-    node_result?;
-    admin_result?;
-    info!("sigil-server stopped");
-    Ok(())
+        Ok(node.and(admin).and(remote)?)
+    })
 }

@@ -28,24 +28,15 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
 
 use self::tls::{NodeConnInfo, PeerSvid};
+use crate::agents::{AgentService, Presented};
 use crate::audit::Audit;
 use crate::ca::x509::IssuedSvid;
 use crate::ca::{CaError, CaManager};
-use crate::datastore::{AgentRecord, Datastore, DatastoreError};
+use crate::datastore::AgentRecord;
 use crate::registry::{AgentEvent, Registry, SyncStart};
-use crate::status::{ca_status, store_status};
+use crate::status::{agent_status, attest_status, ca_status, revoked};
 use crate::telemetry::{Outcome, ServerMetrics, SvidType};
 use sigil_identity::rate_limit::RateLimiter;
-
-/// Marks `status` as revoking the calling agent (see
-/// [`sigil_proto::REVOKED_METADATA`]).
-fn revoked(mut status: Status) -> Status {
-    status.metadata_mut().insert(
-        sigil_proto::REVOKED_METADATA,
-        tonic::metadata::MetadataValue::from_static("true"),
-    );
-    status
-}
 
 /// How long the server waits for an answer to an attestation challenge.
 const CHALLENGE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -58,7 +49,8 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'stati
 pub struct NodeService {
     pub(crate) ca: Arc<CaManager>,
     pub(crate) registry: Arc<Registry>,
-    pub(crate) store: Arc<dyn Datastore>,
+    /// Attestation, authentication and renewal of agents.
+    pub(crate) agents: Arc<AgentService>,
     pub(crate) attestors: HashMap<&'static str, Arc<dyn ServerNodeAttestor>>,
     pub(crate) audit: Audit,
     pub(crate) clock: Arc<dyn Clock>,
@@ -157,13 +149,12 @@ impl NodeService {
     }
 
     /// Checks the caller's presented SVID against the agent's pin without
-    /// touching the datastore: the agent exists, is not banned, and the
-    /// SVID is unexpired and is the pinned certificate (or the renewal in
-    /// flight: then [`Pinned::record`] holds the agent's record). Run
-    /// before a request's body is read, so callers that are not agents
-    /// cannot make the server buffer anything.
+    /// touching the datastore (see [`AgentService::check_presented`]); when
+    /// it is the renewal in flight, [`Pinned::record`] holds the agent's
+    /// record. Run before a request's body is read, so callers that are
+    /// not agents cannot make the server buffer anything.
     pub(crate) fn check_peer(&self, peer: &PeerSvid) -> Result<Pinned, Status> {
-        let (id, serial, cert_sha256, not_after) = match peer {
+        let svid = match peer {
             PeerSvid::Absent => {
                 return Err(Status::unauthenticated(
                     "this call needs a client certificate: the agent SVID from attestation",
@@ -175,40 +166,23 @@ impl NodeService {
                 serial,
                 cert_sha256,
                 not_after,
-            } => (id, serial, cert_sha256, *not_after),
+            } => Presented {
+                id,
+                serial,
+                cert_sha256,
+                not_after: *not_after,
+            },
         };
-        let deny = |why: &'static str| {
-            warn!(agent_id = %id, serial = %serial, reason = why, "node API call refused");
-            Status::permission_denied(why)
-        };
-        let revoke = |why: &'static str| revoked(deny(why));
-        // The TLS verifier admits only agent IDs; this is the typed check.
-        let Ok(id) = AgentId::try_from(id.clone()) else {
-            return Err(deny("the client certificate is not an agent SVID"));
-        };
-        if self.now() > not_after {
-            return Err(deny("agent SVID has expired; the agent must attest again"));
-        }
-        let Some(record) = self.registry.agent(&id) else {
-            return Err(revoke("unknown agent; it may have been evicted"));
-        };
-        if record.banned {
-            return Err(revoke("agent is banned"));
-        }
-        // Records from before pinning by hash have none: their serial
-        // stands in until the next renewal writes one.
-        let current = if record.cert_sha256.is_empty() {
-            record.serial == *serial
-        } else {
-            record.cert_sha256 == *cert_sha256
-        };
-        let pending = record.pending_cert_sha256.as_ref() == Some(cert_sha256);
-        if !current && !pending {
-            return Err(deny("agent SVID was superseded by a renewal"));
-        }
+        let (id, record) = self
+            .agents
+            .check_presented(svid)
+            .map_err(|e| agent_status(&e))?;
         Ok(Pinned {
-            ctx: AgentCtx { id, not_after },
-            record: pending.then_some(record),
+            ctx: AgentCtx {
+                id,
+                not_after: svid.not_after,
+            },
+            record,
         })
     }
 
@@ -222,8 +196,9 @@ impl NodeService {
             .ok_or_else(|| Status::internal("no connection info"))?;
         let Pinned { ctx, record } = self.check_peer(&info.peer)?;
         let (
-            Some(mut record),
+            Some(record),
             PeerSvid::Svid {
+                id,
                 serial,
                 cert_sha256,
                 ..
@@ -232,34 +207,17 @@ impl NodeService {
         else {
             return Ok(ctx);
         };
-        let revoke = |why: &'static str| {
-            warn!(agent_id = %ctx.id, reason = why, "node API call refused");
-            revoked(Status::permission_denied(why))
+        let svid = Presented {
+            id,
+            serial,
+            cert_sha256,
+            not_after: ctx.not_after,
         };
-        // First use of the renewed SVID: from now on only it is accepted.
-        record.serial.clone_from(serial);
-        record.cert_sha256.clone_from(cert_sha256);
-        record.pending_cert_sha256 = None;
-        record.expires_at = ctx.not_after;
-        match self.store.update_agent(record).await {
-            Ok(_) => {}
-            Err(DatastoreError::NotFound(_)) => {
-                return Err(revoke("unknown agent; it may have been evicted"));
-            }
-            Err(e) => return Err(store_status(&e)),
-        }
-        let stored = self
-            .registry
-            .reload_agent(&ctx.id)
+        self.agents
+            .pin(record, svid)
             .await
-            .map_err(|e| store_status(&e))?;
-        // Streams opened with the old SVID end; the old one is dead.
-        self.registry.supersede(&ctx.id);
-        match stored {
-            None => Err(revoke("unknown agent; it may have been evicted")),
-            Some(r) if r.banned => Err(revoke("agent is banned")),
-            Some(_) => Ok(ctx),
-        }
+            .map_err(|e| agent_status(&e))?;
+        Ok(ctx)
     }
 
     async fn attest_flow(
@@ -311,30 +269,11 @@ impl NodeService {
                         &e.to_string(),
                     )
                     .await;
-                return Err(match e {
-                    AttestError::Internal(_) => {
-                        Status::unavailable("attestation could not be completed")
-                    }
-                    AttestError::Malformed(_) => Status::invalid_argument(e.to_string()),
-                    _ => Status::permission_denied("attestation failed"),
-                });
+                return Err(attest_status(&e));
             }
         };
         let id = attestation.agent_id.clone();
-        let existing = self.registry.agent(&id);
-        if let Some(existing) = &existing {
-            if existing.banned {
-                warn!(agent_id = %id, "banned agent tried to attest");
-                return Err(Status::permission_denied(
-                    "agent is banned; an operator must evict it before it can attest again",
-                ));
-            }
-            if !existing.can_reattest {
-                return Err(Status::permission_denied(
-                    "agent already attested and its attestor does not allow re-attestation",
-                ));
-            }
-        }
+        let existing = self.agents.admissible(&id).map_err(|e| agent_status(&e))?;
         let issued = self
             .metrics
             .counted(
@@ -355,7 +294,6 @@ impl NodeService {
             can_reattest: attestation.can_reattest,
             created_at: existing.as_ref().map_or(self.now(), |e| e.created_at),
         };
-        let was_known = existing.is_some();
         // Written with the agent record, in one write.
         let event = self.audit.issued(
             &id.to_string(),
@@ -363,66 +301,10 @@ impl NodeService {
             &id.to_string(),
             issued.expires_at,
         );
-        let stored = match existing {
-            Some(_) => {
-                self.store
-                    .update_agent_audited(record, Some(event.clone()))
-                    .await
-            }
-            None => {
-                self.store
-                    .create_agent_audited(record, Some(event.clone()))
-                    .await
-            }
-        };
-        let stored = match stored {
-            Ok(stored) => stored,
-            Err(e) => {
-                let status = match e {
-                    DatastoreError::AlreadyExists(_) => {
-                        Status::permission_denied("agent already attested")
-                    }
-                    e => store_status(&e),
-                };
-                self.audit
-                    .record(id.as_str(), "agent.attest", id.as_str(), status.message())
-                    .await;
-                return Err(status);
-            }
-        };
-        self.audit.log_written(&[event]);
-        if stored.banned {
-            // Banned while attesting: the record was updated (and audited),
-            // the agent is still refused.
-            self.audit
-                .record(id.as_str(), "agent.attest", id.as_str(), "agent is banned")
-                .await;
-            return Err(Status::permission_denied(
-                "agent is banned; an operator must evict it before it can attest again",
-            ));
-        }
-        let stored = self
-            .registry
-            .reload_agent(&id)
+        self.agents
+            .admit(record, existing.as_ref(), event)
             .await
-            .map_err(|e| store_status(&e))?;
-        match stored {
-            None => {
-                return Err(Status::permission_denied(
-                    "agent was evicted during attestation; attest again",
-                ));
-            }
-            Some(r) if r.banned => {
-                return Err(Status::permission_denied(
-                    "agent is banned; an operator must evict it before it can attest again",
-                ));
-            }
-            Some(_) => {}
-        }
-        if was_known {
-            // The old SVID's streams end; the new one replaces it.
-            self.registry.supersede(&id);
-        }
+            .map_err(|e| agent_status(&e))?;
         info!(agent_id = %id, attestor = attestor.name(), %remote, serial = %issued.serial, "agent attested");
         Ok(pb::AttestResult {
             svid: Some(svid_message(&id, &issued)),
@@ -558,16 +440,6 @@ impl Node for NodeApi {
                 ),
             )
             .map_err(|e| ca_status(&e))?;
-        let mut record = self
-            .registry
-            .agent(&ctx.id)
-            .ok_or_else(|| Status::permission_denied("unknown agent"))?;
-        record.pending_cert_sha256 = Some(issued_sha256(&issued)?);
-        let evicted = || {
-            revoked(Status::permission_denied(
-                "unknown agent; it may have been evicted",
-            ))
-        };
         // Written with the agent record, in one write.
         let event = self.audit.issued(
             ctx.id.as_str(),
@@ -575,25 +447,10 @@ impl Node for NodeApi {
             ctx.id.as_str(),
             issued.expires_at,
         );
-        match self
-            .store
-            .update_agent_audited(record, Some(event.clone()))
+        self.agents
+            .renew(&ctx.id, issued_sha256(&issued)?, event)
             .await
-        {
-            Ok(_) => {}
-            Err(DatastoreError::NotFound(_)) => return Err(evicted()),
-            Err(e) => return Err(store_status(&e)),
-        }
-        self.audit.log_written(&[event]);
-        if self
-            .registry
-            .reload_agent(&ctx.id)
-            .await
-            .map_err(|e| store_status(&e))?
-            .is_none()
-        {
-            return Err(evicted());
-        }
+            .map_err(|e| agent_status(&e))?;
         info!(agent_id = %ctx.id, serial = %issued.serial, "agent SVID renewed");
         Ok(Response::new(pb::RenewAgentResponse {
             svid: Some(svid_message(&ctx.id, &issued)),

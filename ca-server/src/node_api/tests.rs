@@ -14,6 +14,7 @@ use crate::audit::chain::AuditRecord;
 use crate::ca::CaConfig;
 use crate::ca::journal::CaJournal;
 use crate::ca::keys::MemoryKeyManager;
+use crate::datastore::Datastore;
 use crate::datastore::{
     AuditChainState, AuditEvent, AuditWith, EntryBatch, EntryChange, EntryFilter, JoinTokenRecord,
     SledDatastore, TokenHash,
@@ -190,12 +191,18 @@ async fn service(store: Arc<PausingStore>) -> Arc<NodeService> {
     .unwrap();
     let registry = Registry::load(dyn_store.clone(), &td()).await.unwrap();
     let (_stop, shutdown) = tokio::sync::watch::channel(false);
+    let audit = Audit::new(dyn_store.clone(), clock.clone());
     Arc::new(NodeService {
         ca,
+        agents: Arc::new(AgentService::new(
+            dyn_store.clone(),
+            registry.clone(),
+            audit.clone(),
+            clock.clone(),
+        )),
         registry,
-        store: dyn_store.clone(),
         attestors: HashMap::new(),
-        audit: Audit::new(dyn_store, clock.clone()),
+        audit,
         clock,
         agent_svid_ttl: Duration::from_secs(3600),
         attest_limit: RateLimiter::new(100.0, 100.0),
