@@ -27,7 +27,7 @@ use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status};
 use tracing::warn;
 
-use crate::agents::AgentService;
+use crate::agents::{AgentError, AgentService};
 use crate::audit::Audit;
 use crate::ca::CaManager;
 use crate::datastore::{
@@ -35,7 +35,7 @@ use crate::datastore::{
 };
 use crate::entry_apply;
 use crate::registry::Registry;
-use crate::status::{agent_status, ca_status, store_status};
+use crate::status::{agent_status, batch_status, ca_status, store_status};
 
 /// Most entries in one batch call.
 pub const MAX_BATCH: usize = 10_000;
@@ -337,17 +337,16 @@ impl AdminService {
                 self.audit
                     .record(caller, "entry.apply", &target, &err.to_string())
                     .await;
-                return Err(match err {
-                    DatastoreError::AlreadyExists(what) => Status::already_exists(format!(
-                        "{what} already exists; nothing was changed"
-                    )),
-                    e => store_status(&e),
-                });
+                return Err(batch_status(&err));
             }
         };
         // Creations got their ids when the wanted entries were built; keep
         // the stored revisions for the report.
-        let ids: HashMap<&EntryId, u64> = made.iter().map(|c| (&c.entry.id, c.revision)).collect();
+        let ids: HashMap<&EntryId, u64> = made
+            .iter()
+            .filter_map(|c| c.as_entry())
+            .map(|(_, e)| (&e.id, e.revision))
+            .collect();
         for p in &mut planned {
             if let Some(rev) = ids.get(&p.entry.id) {
                 p.entry.revision = *rev;
@@ -638,7 +637,7 @@ impl Admin for AdminApi {
             .fetch_agent(&id)
             .await
             .map_err(|e| store_status(&e))?;
-        let a = a.ok_or_else(|| Status::not_found(format!("agent {id} not found")))?;
+        let a = a.ok_or_else(|| agent_status(&AgentError::NotFound(id)))?;
         Ok(Response::new(agent_message(&a)))
     }
 

@@ -1,6 +1,6 @@
-//! The catalog: the pluggable parts of a server, each built from its
-//! configuration section — the datastore, the CA key manager (and the
-//! upstream CA, if any) and the node attestors.
+//! The catalog: what a server is built from, each part from its
+//! configuration section — the replica's server id, the datastore, the CA
+//! key manager (and the upstream CA, if any) and the node attestors.
 //!
 //! [`crate::server`] builds the catalog first and wires everything else
 //! from it; one function per kind of part chooses the implementation.
@@ -17,12 +17,13 @@ use sigil_attestors::x509pop::X509PopAttestor;
 use sigil_identity::TrustDomain;
 use sigil_identity::attestation::{AttestError, ServerNodeAttestor};
 use sigil_identity::clock::Clock;
-use tracing::warn;
+use tracing::{info, warn};
 
 use crate::ca::keys::{DiskKeyManager, KeyManager, KeyManagerError, MemoryKeyManager};
 use crate::ca::x509::UpstreamCa;
 use crate::config::{K8sPsatSection, KeyManagerKind, ServerConfig};
 use crate::datastore::{Datastore, DatastoreError, SledDatastore, TokenHash};
+use crate::server_id::{ServerId, ServerIdError};
 
 /// Why a part of the catalog could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +39,8 @@ pub enum CatalogError {
     Upstream(#[from] crate::ca::CaError),
     #[error("node attestor: {0}")]
     Attestor(#[from] AttestError),
+    #[error("server id: {0}")]
+    ServerId(#[from] ServerIdError),
 }
 
 /// Node attestors by name (`join_token`, `x509pop`, `k8s_psat`).
@@ -45,6 +48,8 @@ pub type Attestors = HashMap<&'static str, Arc<dyn ServerNodeAttestor>>;
 
 /// The parts a server is built from.
 pub struct Catalog {
+    /// This replica's stable id (its CA journal's key).
+    pub server_id: ServerId,
     pub store: Arc<dyn Datastore>,
     pub keys: Arc<dyn KeyManager>,
     /// The CA above this one, when the server's CA is an intermediate.
@@ -57,6 +62,7 @@ impl std::fmt::Debug for Catalog {
         let mut names: Vec<_> = self.attestors.keys().collect();
         names.sort();
         f.debug_struct("Catalog")
+            .field("server_id", &self.server_id)
             .field("attestors", &names)
             .field("upstream", &self.upstream.is_some())
             .finish_non_exhaustive()
@@ -65,10 +71,13 @@ impl std::fmt::Debug for Catalog {
 
 impl Catalog {
     /// Builds every part from `config`: makes the data directory private,
-    /// opens the datastore and the key manager, loads the upstream CA and
-    /// the enabled node attestors.
+    /// settles the server id, opens the datastore and the key manager,
+    /// loads the upstream CA and the enabled node attestors.
     pub async fn open(config: &ServerConfig, clock: Arc<dyn Clock>) -> Result<Self, CatalogError> {
         private_data_dir(config)?;
+        let server_id =
+            ServerId::load_or_create(config.server.server_id.as_ref(), &config.data_dir)?;
+        info!(server_id = %server_id, "server replica id");
         let store = open_datastore(config).await?;
         let keys = open_key_manager(config)?;
         let upstream = match (&config.ca.upstream_cert, &config.ca.upstream_key) {
@@ -77,6 +86,7 @@ impl Catalog {
         };
         let attestors = node_attestors(config, &store, clock)?;
         Ok(Self {
+            server_id,
             store,
             keys,
             upstream,

@@ -147,6 +147,10 @@ pub struct RunArgs {
     /// Log format.
     #[arg(long, value_enum)]
     pub log_format: Option<LogFormat>,
+    /// This replica's stable id ([a-z0-9][a-z0-9-]{0,62}), e.g. the pod
+    /// name of a StatefulSet; overrides `[server] server_id`.
+    #[arg(long, value_name = "ID")]
+    pub server_id: Option<sigil_server::server_id::ServerId>,
 }
 
 #[derive(Debug, Args)]

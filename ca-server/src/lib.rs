@@ -6,8 +6,8 @@
 //!
 //! # Layout
 //! - [`ca`]: CA keys and certificates, CSR handling, SVID issuance, rotation.
-//! - [`datastore`]: the storage trait, the sled implementation and the
-//!   conformance suite every implementation passes.
+//! - [`datastore`]: the storage trait with its change feed, the sled
+//!   implementation and the conformance suite every implementation passes.
 //! - [`registry`]: in-memory authorization index and change fan-out.
 //! - [`agents`]: the agent lifecycle (attest, authenticate, renew, ban,
 //!   evict), one service the node and admin APIs call.
@@ -23,6 +23,7 @@
 //! - [`catalog`]: the parts built from config (datastore, CA key manager,
 //!   upstream CA, node attestors).
 //! - [`server`]: wiring and `run(config, listeners, shutdown)`.
+//! - [`server_id`]: the stable id of this replica (`ServerId`).
 //! - [`shutdown`]: the stop signals, the wait tasks end with, the grace
 //!   period for open connections.
 //! - [`status`]: errors as gRPC statuses, one mapping for both APIs.
@@ -47,6 +48,7 @@ pub mod registry;
 pub mod remote_admin;
 pub mod retention;
 pub mod server;
+pub mod server_id;
 pub mod shutdown;
 pub mod status;
 pub mod telemetry;

@@ -19,6 +19,7 @@ async fn run(args: cli::RunArgs, admin_socket: Option<std::path::PathBuf>) -> an
         admin_socket,
         log_level: args.log_level,
         log_format: args.log_format,
+        server_id: args.server_id,
     };
     let config = ServerConfig::load(args.config.as_deref(), overrides)?;
     // Audit lines are always written, whatever the configured level.

@@ -116,6 +116,7 @@ impl Core {
             jwt_svid_ttl: config.ca.jwt_svid_ttl,
             key_algorithm: config.ca.key_type,
             refresh_hint: config.ca.bundle_refresh_hint,
+            server_id: catalog.server_id.clone(),
         };
         let ca = CaManager::start(
             ca_config,

@@ -40,7 +40,20 @@ pub fn store_status(e: &DatastoreError) -> Status {
         DatastoreError::AlreadyExists(what) => {
             Status::already_exists(format!("{what} already exists"))
         }
+        // The message says the change was not made and may be retried.
+        DatastoreError::Unavailable(_) => Status::unavailable(e.to_string()),
         _ => Status::unavailable(format!("datastore: {e}")),
+    }
+}
+
+/// Maps the failure of an all-or-nothing write (`ApplyEntries`): an entry
+/// that already exists means none of the batch was written.
+pub fn batch_status(e: &DatastoreError) -> Status {
+    match e {
+        DatastoreError::AlreadyExists(what) => {
+            Status::already_exists(format!("{what} already exists; nothing was changed"))
+        }
+        e => store_status(e),
     }
 }
 
@@ -71,5 +84,54 @@ pub fn attest_status(e: &AttestError) -> Status {
         AttestError::Internal(_) => Status::unavailable("attestation could not be completed"),
         AttestError::Malformed(_) => Status::invalid_argument(e.to_string()),
         _ => Status::permission_denied("attestation failed"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use sigil_identity::{AgentId, TrustDomain};
+    use tonic::Code;
+
+    use super::*;
+
+    fn is_revoked(s: &Status) -> bool {
+        s.metadata().get(sigil_proto::REVOKED_METADATA).is_some()
+    }
+
+    #[test]
+    fn an_unreachable_database_is_unavailable_and_says_nothing_changed() {
+        let s = store_status(&DatastoreError::Unavailable("connection refused".into()));
+        assert_eq!(s.code(), Code::Unavailable);
+        assert!(s.message().contains("no change was made"), "{s:?}");
+        let s = agent_status(&AgentError::Store(DatastoreError::Unavailable("x".into())));
+        assert_eq!(s.code(), Code::Unavailable);
+        assert_eq!(
+            batch_status(&DatastoreError::Unavailable("x".into())).code(),
+            Code::Unavailable
+        );
+    }
+
+    #[test]
+    fn only_a_gone_or_banned_agent_is_told_it_is_revoked() {
+        let td = TrustDomain::new("example.org").unwrap();
+        let id = AgentId::from_segments(&td, &["join_token", "a"]).unwrap();
+        for e in [AgentError::Evicted, AgentError::Banned] {
+            let s = agent_status(&e);
+            assert_eq!(s.code(), Code::PermissionDenied);
+            assert!(is_revoked(&s), "{e:?}");
+        }
+        for e in [
+            AgentError::Superseded,
+            AgentError::SvidExpired,
+            AgentError::BannedFromAttesting,
+            AgentError::AlreadyAttested,
+        ] {
+            let s = agent_status(&e);
+            assert_eq!(s.code(), Code::PermissionDenied);
+            assert!(!is_revoked(&s), "{e:?}");
+        }
+        let s = agent_status(&AgentError::NotFound(id));
+        assert_eq!(s.code(), Code::NotFound);
+        assert!(!is_revoked(&s));
     }
 }

@@ -510,6 +510,7 @@ async fn run(args: Args) -> Result<()> {
             admin_socket: Some(paths.admin_socket.clone()),
             log_level: None,
             log_format: None,
+            server_id: None,
         },
     )?;
     let node = tokio::net::TcpListener::bind(args.bind)
