@@ -351,3 +351,185 @@ impl AgentService {
         result
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use sigil_identity::TrustDomain;
+    use sigil_identity::clock::SystemClock;
+
+    use super::*;
+    use crate::datastore::SledDatastore;
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        store: Arc<dyn Datastore>,
+        agents: AgentService,
+        audit: Audit,
+        id: AgentId,
+    }
+
+    async fn fixture() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Datastore> =
+            Arc::new(SledDatastore::open(dir.path().join("data")).unwrap());
+        let td = TrustDomain::new("example.org").unwrap();
+        let registry = Registry::load(store.clone(), &td).await.unwrap();
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+        let audit = Audit::new(store.clone(), clock.clone());
+        let agents = AgentService::new(store.clone(), registry, audit.clone(), clock);
+        let id = AgentId::from_segments(&td, &["x509pop", "node-1"]).unwrap();
+        Fixture {
+            _dir: dir,
+            store,
+            agents,
+            audit,
+            id,
+        }
+    }
+
+    fn record(id: &AgentId, pin: &str) -> AgentRecord {
+        AgentRecord {
+            id: id.clone(),
+            attestor: "x509pop".into(),
+            serial: "01".into(),
+            cert_sha256: pin.into(),
+            pending_cert_sha256: None,
+            expires_at: SystemTime::now() + Duration::from_secs(3600),
+            selectors: Default::default(),
+            banned: false,
+            can_reattest: true,
+            created_at: SystemTime::now(),
+        }
+    }
+
+    fn presented<'a>(id: &'a SpiffeId, pin: &'a str) -> Presented<'a> {
+        Presented {
+            id,
+            serial: "01",
+            cert_sha256: pin,
+            not_after: SystemTime::now() + Duration::from_secs(3600),
+        }
+    }
+
+    fn event(f: &Fixture, action: &str) -> AuditEvent {
+        f.audit.issued(
+            f.id.as_str(),
+            action,
+            f.id.as_str(),
+            SystemTime::now() + Duration::from_secs(3600),
+        )
+    }
+
+    async fn actions(store: &Arc<dyn Datastore>) -> Vec<(String, String)> {
+        store
+            .audit_records(0, 100)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| (r.event.action, r.event.outcome))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn an_agent_goes_through_attest_renew_ban_and_evict() {
+        let f = fixture().await;
+        let spiffe: SpiffeId = f.id.clone().into();
+        let (old, new) = ("aa".repeat(32), "bb".repeat(32));
+
+        // Attested: its SVID is the pin.
+        assert!(f.agents.admissible(&f.id).unwrap().is_none());
+        let ev = event(&f, "agent.attest");
+        f.agents.admit(record(&f.id, &old), None, ev).await.unwrap();
+        let (id, pending) = f.agents.check_presented(presented(&spiffe, &old)).unwrap();
+        assert_eq!((id, pending), (f.id.clone(), None));
+
+        // Renewed: the new SVID is accepted next to the old one; its first
+        // use makes it the pin and the old one is refused.
+        let ev = event(&f, "agent.renew");
+        f.agents.renew(&f.id, new.clone(), ev).await.unwrap();
+        let (_, pending) = f.agents.check_presented(presented(&spiffe, &new)).unwrap();
+        let pending = pending.expect("the renewal in flight carries the record");
+        f.agents.check_presented(presented(&spiffe, &old)).unwrap();
+        f.agents
+            .pin(pending, presented(&spiffe, &new))
+            .await
+            .unwrap();
+        assert!(matches!(
+            f.agents.check_presented(presented(&spiffe, &old)),
+            Err(AgentError::Superseded)
+        ));
+
+        // Banned: refused everywhere, attesting included.
+        f.agents.ban("uid:0", &f.id).await.unwrap();
+        assert!(matches!(
+            f.agents.check_presented(presented(&spiffe, &new)),
+            Err(AgentError::Banned)
+        ));
+        assert!(matches!(
+            f.agents.admissible(&f.id),
+            Err(AgentError::BannedFromAttesting)
+        ));
+        assert!(f.store.fetch_agent(&f.id).await.unwrap().unwrap().banned);
+
+        // Evicted: gone, the ban lifted, free to attest again.
+        f.agents.evict("uid:0", &f.id).await.unwrap();
+        assert!(matches!(
+            f.agents.check_presented(presented(&spiffe, &new)),
+            Err(AgentError::Evicted)
+        ));
+        assert!(f.agents.admissible(&f.id).unwrap().is_none());
+        assert!(f.store.fetch_agent(&f.id).await.unwrap().is_none());
+        assert!(matches!(
+            f.agents.evict("uid:0", &f.id).await,
+            Err(AgentError::NotFound(_))
+        ));
+
+        f.audit.flush().await;
+        let want = [
+            ("agent.attest", "ok"),
+            ("agent.renew", "ok"),
+            ("agent.ban", "ok"),
+            ("agent.evict", "ok"),
+        ];
+        let got = actions(&f.store).await;
+        for (action, outcome) in want {
+            assert!(
+                got.iter().any(|(a, o)| a == action && o == outcome),
+                "{action} {outcome} missing from {got:?}"
+            );
+        }
+        let refused = format!("agent {} not found", f.id);
+        assert!(
+            got.iter().any(|(a, o)| a == "agent.evict" && *o == refused),
+            "{got:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_renewal_of_an_unknown_agent_is_refused_and_writes_nothing() {
+        let f = fixture().await;
+        let ev = event(&f, "agent.renew");
+        let err = f.agents.renew(&f.id, "cc".repeat(32), ev).await;
+        assert!(matches!(err, Err(AgentError::Unknown)), "{err:?}");
+        assert!(f.store.fetch_agent(&f.id).await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn an_agent_whose_attestor_forbids_it_cannot_attest_twice() {
+        let f = fixture().await;
+        let mut once = record(&f.id, &"aa".repeat(32));
+        once.can_reattest = false;
+        let ev = event(&f, "agent.attest");
+        f.agents.admit(once, None, ev).await.unwrap();
+        assert!(matches!(
+            f.agents.admissible(&f.id),
+            Err(AgentError::NoReattestation)
+        ));
+        // A second create of the same agent (two attestations racing) loses.
+        let ev = event(&f, "agent.attest");
+        let err = f.agents.admit(record(&f.id, &"bb".repeat(32)), None, ev).await;
+        assert!(matches!(err, Err(AgentError::AlreadyAttested)), "{err:?}");
+    }
+}
