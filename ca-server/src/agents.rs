@@ -3,8 +3,10 @@
 //!
 //! The node API (attest, authenticate, renew) and the admin API (ban,
 //! evict) call [`AgentService`]; it writes agent records to the datastore,
-//! each with its audit event in the same write, and makes the registry
-//! follow what the datastore holds. Errors are [`AgentError`]s; the one
+//! each with its audit event in the same write. Those writes reach the
+//! registry (this replica's and every other's) only from the datastore's
+//! change feed: after a write the service catches the registry up, so its
+//! reply reflects its own change. Errors are [`AgentError`]s; the one
 //! mapping to gRPC statuses is [`crate::status::agent_status`].
 
 use std::sync::Arc;
@@ -99,10 +101,12 @@ impl AgentService {
         }
     }
 
-    /// Makes the registry hold what the datastore holds for agent `id`
-    /// (an eviction or a ban that won a race included).
+    /// Agent writes reach the registry only from the change feed: catches
+    /// the registry up (so this service's own write is applied, and any
+    /// later one, such as an eviction that won a race) and returns agent
+    /// `id` as the registry now holds it.
     async fn follow(&self, id: &AgentId) -> Result<Option<AgentRecord>, AgentError> {
-        Ok(self.registry.reload_agent(id).await?)
+        Ok(self.registry.caught_up_agent(id).await?)
     }
 
     // ---- authentication ------------------------------------------------
@@ -341,7 +345,7 @@ impl AgentService {
             Ok(_) => self.audit.log_written(&[ok]),
             Err(e) => {
                 if let Err(e) = self.follow(id).await {
-                    warn!(agent_id = %id, error = %e, "could not reload the agent record");
+                    warn!(agent_id = %id, error = %e, "registry could not catch up with the datastore");
                 }
                 self.audit
                     .record(caller, action, id.as_str(), &e.to_string())
@@ -529,7 +533,10 @@ mod tests {
         ));
         // A second create of the same agent (two attestations racing) loses.
         let ev = event(&f, "agent.attest");
-        let err = f.agents.admit(record(&f.id, &"bb".repeat(32)), None, ev).await;
+        let err = f
+            .agents
+            .admit(record(&f.id, &"bb".repeat(32)), None, ev)
+            .await;
         assert!(matches!(err, Err(AgentError::AlreadyAttested)), "{err:?}");
     }
 }

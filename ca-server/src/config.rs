@@ -60,6 +60,26 @@ pub struct ServerConfig {
     pub audit: AuditSection,
     #[serde(default)]
     pub telemetry: TelemetrySection,
+    #[serde(default)]
+    pub datastore: DatastoreSection,
+}
+
+/// The datastore and how this replica follows its change feed.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatastoreSection {
+    /// Safety poll of the change feed, besides its change hints: the
+    /// longest a missed hint can delay a change reaching this replica.
+    #[serde(with = "serde_human")]
+    pub poll_interval: Duration,
+}
+
+impl Default for DatastoreSection {
+    fn default() -> Self {
+        Self {
+            poll_interval: Duration::from_secs(5),
+        }
+    }
 }
 
 /// The metrics and health listener (`/metrics`, `/live`, `/ready`).

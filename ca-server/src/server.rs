@@ -127,6 +127,11 @@ impl Core {
         )
         .await?;
         let registry = Registry::load(store.clone(), &config.trust_domain).await?;
+        // The CA follows the bundle (other replicas' publications) through
+        // the registry's reading of the feed; a change between the CA's
+        // start and the registry's load is read once here.
+        registry.add_listener(ca.clone());
+        crate::registry::ChangeListener::reload(ca.as_ref()).await;
         let audit = Audit::new(store.clone(), clock.clone());
         let agents = Arc::new(AgentService::new(
             store.clone(),
@@ -190,7 +195,8 @@ impl Background {
                 .run(stop.clone())
                 .instrument(info_span!("audit_checkpoints")),
         ));
-        tasks.push(follow_changes(core, stop.clone()));
+        tasks.push(follow_changes(config, core, stop.clone()));
+        tasks.push(prune_join_tokens(core, stop.clone()));
         if let Some(addr) = config.telemetry.bind {
             tasks.push(serve_telemetry(addr, core, stop).await?);
         }
@@ -214,30 +220,38 @@ impl Background {
     }
 }
 
-/// Follows the change feed every second (changes made by other replicas
-/// or by the CLI), and prunes expired join tokens every hour.
-fn follow_changes(core: &Core, mut stop: watch::Receiver<bool>) -> JoinHandle<()> {
-    let registry = core.registry.clone();
+/// The one reader of the change feed in this process: the registry
+/// applies it (woken by the change hint, and every `[datastore]
+/// poll_interval` at least) and passes it on to its listeners.
+fn follow_changes(
+    config: &ServerConfig,
+    core: &Core,
+    stop: watch::Receiver<bool>,
+) -> JoinHandle<()> {
+    tokio::spawn(in_span(
+        info_span!("change_feed_follower"),
+        core.registry
+            .clone()
+            .follow(config.datastore.poll_interval, stop),
+    ))
+}
+
+/// Removes expired join tokens every hour.
+fn prune_join_tokens(core: &Core, mut stop: watch::Receiver<bool>) -> JoinHandle<()> {
     let store = core.store.clone();
     let clock = core.clock.clone();
-    tokio::spawn(in_span(info_span!("change_feed_follower"), async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        let mut n: u64 = 0;
+    tokio::spawn(in_span(info_span!("join_token_pruning"), async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(3600));
+        tick.tick().await;
         loop {
             tokio::select! {
                 _ = stop.changed() => return,
                 _ = tick.tick() => {}
             }
-            if let Err(e) = registry.catch_up().await {
-                warn!(error = %e, "registry catch-up failed");
-            }
-            n += 1;
-            if n.is_multiple_of(3600) {
-                match store.prune_join_tokens(clock.now()).await {
-                    Ok(k) if k > 0 => info!(pruned = k, "expired join tokens removed"),
-                    Ok(_) => {}
-                    Err(e) => warn!(error = %e, "join token pruning failed"),
-                }
+            match store.prune_join_tokens(clock.now()).await {
+                Ok(k) if k > 0 => info!(pruned = k, "expired join tokens removed"),
+                Ok(_) => {}
+                Err(e) => warn!(error = %e, "join token pruning failed"),
             }
         }
     }))
