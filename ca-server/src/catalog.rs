@@ -224,3 +224,69 @@ impl TokenStore for DatastoreTokens {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use sigil_identity::clock::SystemClock;
+
+    use super::*;
+    use crate::config::Overrides;
+
+    fn config(dir: &std::path::Path) -> ServerConfig {
+        ServerConfig::load(
+            None,
+            Overrides {
+                trust_domain: Some(TrustDomain::new("example.org").unwrap()),
+                data_dir: Some(dir.to_path_buf()),
+                ..Default::default()
+            },
+        )
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn the_default_catalog_is_sled_with_join_tokens_and_a_lasting_server_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let cfg = config(&data);
+        let first = Catalog::open(&cfg, Arc::new(SystemClock)).await.unwrap();
+        assert!(first.upstream.is_none());
+        let names: Vec<_> = first.attestors.keys().copied().collect();
+        assert_eq!(names, [sigil_attestors::join_token::NAME]);
+        assert!(data.join("datastore").is_dir(), "sled lives in data_dir");
+        assert_eq!(first.store.count_entries().await.unwrap(), 0);
+        let id = first.server_id.clone();
+        drop(first);
+
+        // The generated id is kept with the data directory; a configured
+        // one wins.
+        let again = Catalog::open(&cfg, Arc::new(SystemClock)).await.unwrap();
+        assert_eq!(again.server_id, id);
+        drop(again);
+        let mut named = cfg.clone();
+        named.server.server_id = Some("sigil-server-1".parse().unwrap());
+        let named = Catalog::open(&named, Arc::new(SystemClock)).await.unwrap();
+        assert_eq!(named.server_id.to_string(), "sigil-server-1");
+    }
+
+    #[tokio::test]
+    async fn a_missing_x509pop_bundle_fails_the_catalog_naming_the_attestor() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("server.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "trust_domain = \"example.org\"\ndata_dir = {:?}\n[node_attestors.x509pop]\nca_bundle = \"/nonexistent/ca.pem\"\n",
+                dir.path().join("data")
+            ),
+        )
+        .unwrap();
+        let cfg = ServerConfig::load(Some(&path), Overrides::default()).unwrap();
+        let err = Catalog::open(&cfg, Arc::new(SystemClock))
+            .await
+            .map(|_| ())
+            .unwrap_err();
+        assert!(matches!(err, CatalogError::Attestor(_)), "{err:?}");
+        assert!(err.to_string().contains("node attestor"), "{err}");
+    }
+}
