@@ -8,7 +8,9 @@
 //! - [`ca`]: CA keys and certificates, CSR handling, SVID issuance, rotation.
 //! - [`datastore`]: the storage trait with its change feed, the sled
 //!   implementation and the conformance suite every implementation passes.
-//! - [`registry`]: in-memory authorization index and change fan-out.
+//! - [`registry`]: in-memory authorization index, built from the datastore's
+//!   change feed (the process's one feed loop), and change fan-out to Sync
+//!   streams and feed listeners (the CA's bundle).
 //! - [`agents`]: the agent lifecycle (attest, authenticate, renew, ban,
 //!   evict), one service the node and admin APIs call.
 //! - [`node_api`]: the agent-facing gRPC API over TLS 1.3.
@@ -20,7 +22,7 @@
 //! - [`audit`]: the audit trail (token buckets are `sigil_identity::rate_limit`).
 //! - [`retention`]: pruning of old changes, audit records and agents.
 //! - [`config`]: TOML config merged with flags.
-//! - [`catalog`]: the parts built from config (datastore, CA key manager,
+//! - [`catalog`]: the parts built from config (server id, datastore, CA key manager,
 //!   upstream CA, node attestors).
 //! - [`server`]: wiring and `run(config, listeners, shutdown)`.
 //! - [`server_id`]: the stable id of this replica (`ServerId`).
