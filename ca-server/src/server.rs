@@ -80,8 +80,9 @@ pub async fn run(
     let mut catalog = Catalog::open(&config, clock.clone()).await?;
     let core = Core::start(&config, &mut catalog, clock).await?;
     let stop = stop_when(shutdown);
-    let apis = apis(&config, &core, catalog.attestors, listeners, stop.clone()).await?;
+    // Telemetry is up before "serving" is logged.
     let background = Background::start(&config, &core, stop.clone()).await?;
+    let apis = apis(&config, &core, catalog.attestors, listeners, stop.clone()).await?;
     let served = within_grace(apis, stop, SHUTDOWN_GRACE).await;
     background.finish(&core).await;
     served.unwrap_or(Ok(()))?;
