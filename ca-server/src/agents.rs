@@ -170,6 +170,13 @@ impl AgentService {
         match self.store.update_agent(record).await {
             Ok(_) => {}
             Err(DatastoreError::NotFound(_)) => return Err(refuse(AgentError::Evicted)),
+            // The database is down: the renewed SVID is already accepted as
+            // the pending pin, so the agent is served from the registry; the
+            // pin moves on a call once the database is back.
+            Err(DatastoreError::Unavailable(e)) => {
+                warn!(agent_id = %id, error = %e, "renewed agent SVID used while the datastore is unavailable; its pin is recorded later");
+                return Ok(());
+            }
             Err(e) => return Err(e.into()),
         }
         let stored = self.follow(&id).await?;

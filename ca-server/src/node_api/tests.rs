@@ -13,20 +13,22 @@ use super::*;
 use crate::audit::chain::AuditRecord;
 use crate::ca::CaConfig;
 use crate::ca::keys::MemoryKeyManager;
-use crate::datastore::Datastore;
 use crate::datastore::{
-    AuditChainState, AuditEvent, AuditWith, BundleEdit, Change, EntryBatch, EntryFilter,
-    JoinTokenRecord, ServerId, SledDatastore, TokenHash,
+    AuditChainState, AuditEvent, AuditWith, BundleEdit, Change, Datastore, DatastoreError,
+    EntryBatch, EntryFilter, JoinTokenRecord, ServerId, SledDatastore, TokenHash,
 };
 
 type Gate = (oneshot::Sender<()>, oneshot::Receiver<()>);
 
 /// Sled, except that the next `update_agent` stops after its write (once
-/// it is durable, before returning) until the test lets it go.
+/// it is durable, before returning) until the test lets it go, and that
+/// agent updates fail as `Unavailable` while `down` is set (a database
+/// outage).
 #[derive(Debug)]
 struct PausingStore {
     inner: SledDatastore,
     gate: Mutex<Option<Gate>>,
+    down: std::sync::atomic::AtomicBool,
 }
 
 impl PausingStore {
@@ -44,6 +46,9 @@ type R<T> = crate::datastore::Result<T>;
 #[async_trait]
 impl Datastore for PausingStore {
     async fn update_agent_audited(&self, agent: AgentRecord, audit: AuditWith) -> R<AgentRecord> {
+        if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(DatastoreError::Unavailable("connection refused".into()));
+        }
         let result = self.inner.update_agent_audited(agent, audit).await;
         let gate = self.gate.lock().unwrap().take();
         if let Some((written, go)) = gate {
@@ -240,6 +245,7 @@ async fn an_eviction_during_a_renewal_is_not_undone() {
     let store = Arc::new(PausingStore {
         inner: SledDatastore::open(dir.path().join("data")).unwrap(),
         gate: Mutex::new(None),
+        down: Default::default(),
     });
     let svc = service(store.clone()).await;
     let id = AgentId::from_segments(&td(), &["join_token", "a1"]).unwrap();
@@ -294,4 +300,59 @@ async fn an_eviction_during_a_renewal_is_not_undone() {
         panic!("the evicted agent was served");
     };
     assert_eq!(later.code(), tonic::Code::PermissionDenied, "{later:?}");
+}
+
+#[tokio::test]
+async fn a_renewed_agent_svid_is_served_while_the_datastore_is_unavailable() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(PausingStore {
+        inner: SledDatastore::open(dir.path().join("data")).unwrap(),
+        gate: Mutex::new(None),
+        down: Default::default(),
+    });
+    let svc = service(store.clone()).await;
+    let id = AgentId::from_segments(&td(), &["join_token", "a2"]).unwrap();
+    let not_after = SystemTime::now() + Duration::from_secs(3600);
+    let (old, new) = ("ab".repeat(32), "cd".repeat(32));
+    // Renewed just before the outage: the new SVID is the pending pin.
+    store
+        .create_agent(AgentRecord {
+            id: id.clone(),
+            attestor: "join_token".into(),
+            serial: "01".into(),
+            cert_sha256: old,
+            pending_cert_sha256: Some(new.clone()),
+            expires_at: not_after,
+            selectors: Default::default(),
+            banned: false,
+            can_reattest: false,
+            created_at: SystemTime::now(),
+        })
+        .await
+        .unwrap();
+    svc.registry.catch_up().await.unwrap();
+    let renewed = PeerSvid::Svid {
+        id: id.clone().into(),
+        serial: "02".into(),
+        cert_sha256: new.clone(),
+        not_after,
+    };
+
+    store.down.store(true, std::sync::atomic::Ordering::SeqCst);
+    NodeApi(svc.clone())
+        .fetch_bundle(from_agent(pb::FetchBundleRequest {}, &renewed))
+        .await
+        .expect("the renewed SVID is served from the pending pin during the outage");
+    let stored = store.fetch_agent(&id).await.unwrap().unwrap();
+    assert_eq!(stored.pending_cert_sha256.as_deref(), Some(new.as_str()));
+
+    // Back: the next call makes it the pin.
+    store.down.store(false, std::sync::atomic::Ordering::SeqCst);
+    NodeApi(svc.clone())
+        .fetch_bundle(from_agent(pb::FetchBundleRequest {}, &renewed))
+        .await
+        .unwrap();
+    let stored = store.fetch_agent(&id).await.unwrap().unwrap();
+    assert_eq!(stored.cert_sha256, new);
+    assert_eq!(stored.pending_cert_sha256, None);
 }
