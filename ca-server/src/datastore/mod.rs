@@ -4,11 +4,13 @@
 //! registration entries (with a change feed keyed by revision), attested
 //! agents, join tokens (stored only as hashes), trust bundles, the CA
 //! journal, and audit events. Every mutation returns only after it is
-//! durable. [`sled`] is the embedded implementation; [`conformance`] is the
-//! suite every implementation must pass.
+//! durable. [`sled`] is the embedded implementation, [`postgres`] the one
+//! shared by server replicas; [`conformance`] is the suite every
+//! implementation must pass.
 
 #[cfg(test)]
 pub(crate) mod conformance;
+pub mod postgres;
 pub mod sled;
 
 use std::fmt;
@@ -55,6 +57,10 @@ pub enum DatastoreError {
         "write applied but not confirmed on disk ({0}): it may be lost in a crash; the data directory's disk may be full or failing"
     )]
     Durability(String),
+    /// The database cannot be reached (connection refused, failover in
+    /// progress, pool timeout): nothing was changed.
+    #[error("datastore unavailable ({0}): the change was not made; retry when the database is back")]
+    Unavailable(String),
 }
 
 /// Result alias for datastore calls.
