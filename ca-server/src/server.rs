@@ -26,7 +26,7 @@ use crate::ca::keys::{DiskKeyManager, KeyManager, MemoryKeyManager};
 use crate::ca::x509::UpstreamCa;
 use crate::ca::{CaConfig, CaManager};
 use crate::config::{K8sPsatSection, KeyManagerKind, ServerConfig};
-use crate::datastore::{Datastore, DatastoreError, SledDatastore, TokenHash};
+use crate::datastore::{Datastore, DatastoreError, TokenHash};
 use crate::node_api::{NodeApi, NodeService, limits, tls};
 use crate::registry::Registry;
 pub use crate::shutdown::shutdown_signal;
@@ -163,8 +163,7 @@ pub async fn run(
             "the data directory was open to group or others; now 0700"
         );
     }
-    let store: Arc<dyn Datastore> =
-        Arc::new(SledDatastore::open(config.data_dir.join("datastore"))?);
+    let store = crate::datastore::open(&config.datastore, &config.data_dir).await?;
     let keys: Arc<dyn KeyManager> = match config.ca.key_manager {
         KeyManagerKind::Disk => Arc::new(DiskKeyManager::open(config.data_dir.join("keys"))?),
         KeyManagerKind::Memory => Arc::new(MemoryKeyManager::default()),
