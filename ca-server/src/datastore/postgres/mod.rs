@@ -20,7 +20,9 @@
 //! - [`tls`]: rustls verifiers for `sslmode`.
 //! - [`schema`]: embedded, numbered migrations under an advisory lock.
 //! - [`listen`]: the LISTEN connection that wakes change-feed readers.
+//! - [`import`]: copying a sled store in (`datastore migrate`).
 
+pub mod import;
 pub mod listen;
 pub mod schema;
 pub mod settings;
