@@ -1150,8 +1150,13 @@ async fn run_datastore(cmd: DatastoreCmd, json: bool) -> Result<()> {
             println!("  {what}: {done}");
         }
     };
+    // The replica whose data directory (CA keys) this is.
+    let server_id = sigil_server::server_id::ServerId::load_or_create(
+        cfg.server.server_id.as_ref(),
+        &cfg.data_dir,
+    )?;
     let summary = target
-        .import(&source, force, &mut progress)
+        .import(&source, &server_id, force, &mut progress)
         .await
         .context("migration failed; nothing was written to the target")?;
     if json {

@@ -64,6 +64,8 @@ pub enum ServerError {
     AuditKey(#[from] crate::audit::checkpoint::CheckpointError),
     #[error("{0}")]
     Telemetry(std::io::Error),
+    #[error("server id: {0}")]
+    ServerId(#[from] crate::server_id::ServerIdError),
 }
 
 /// Builds the `k8s_psat` attestor from its configuration section.
@@ -163,6 +165,9 @@ pub async fn run(
             "the data directory was open to group or others; now 0700"
         );
     }
+    let server_id =
+        crate::server_id::ServerId::load_or_create(config.server.server_id.as_ref(), data_dir)?;
+    info!(server_id = %server_id, "server replica id");
     let store = crate::datastore::open(&config.datastore, &config.data_dir).await?;
     let keys: Arc<dyn KeyManager> = match config.ca.key_manager {
         KeyManagerKind::Disk => Arc::new(DiskKeyManager::open(config.data_dir.join("keys"))?),
@@ -179,6 +184,7 @@ pub async fn run(
         jwt_svid_ttl: config.ca.jwt_svid_ttl,
         key_algorithm: config.ca.key_type,
         refresh_hint: config.ca.bundle_refresh_hint,
+        server_id,
     };
     let ca = CaManager::start(ca_config, store.clone(), keys, clock.clone(), upstream).await?;
     let registry = Registry::load(store.clone(), &td).await?;
@@ -290,29 +296,30 @@ pub async fn run(
             .run(stop_rx.clone())
             .instrument(info_span!("audit_checkpoints")),
     );
-    let follower = {
-        let registry = registry.clone();
+    // The one reader of the change feed in this process: the registry
+    // applies it and passes it on to its listeners.
+    let follower = tokio::spawn(in_span(
+        info_span!("change_feed_follower"),
+        registry
+            .clone()
+            .follow(config.datastore.poll_interval, stop_rx.clone()),
+    ));
+    let token_pruning = {
         let store = store.clone();
         let clock = clock.clone();
         let mut stop = stop_rx.clone();
-        tokio::spawn(in_span(info_span!("change_feed_follower"), async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
-            let mut n: u64 = 0;
+        tokio::spawn(in_span(info_span!("join_token_pruning"), async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(3600));
+            tick.tick().await;
             loop {
                 tokio::select! {
                     _ = stop.changed() => return,
                     _ = tick.tick() => {}
                 }
-                if let Err(e) = registry.catch_up().await {
-                    warn!(error = %e, "registry catch-up failed");
-                }
-                n += 1;
-                if n.is_multiple_of(3600) {
-                    match store.prune_join_tokens(clock.now()).await {
-                        Ok(k) if k > 0 => info!(pruned = k, "expired join tokens removed"),
-                        Ok(_) => {}
-                        Err(e) => warn!(error = %e, "join token pruning failed"),
-                    }
+                match store.prune_join_tokens(clock.now()).await {
+                    Ok(k) if k > 0 => info!(pruned = k, "expired join tokens removed"),
+                    Ok(_) => {}
+                    Err(e) => warn!(error = %e, "join token pruning failed"),
                 }
             }
         }))
@@ -445,7 +452,7 @@ pub async fn run(
             (Ok(()), Ok(()))
         }
     };
-    let _ = tokio::join!(rotation, follower, pruning, checkpointing);
+    let _ = tokio::join!(rotation, follower, token_pruning, pruning, checkpointing);
     if let Some(t) = telemetry {
         let _ = t.await;
     }

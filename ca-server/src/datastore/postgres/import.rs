@@ -59,11 +59,13 @@ impl PostgresDatastore {
         Ok(row.get(0))
     }
 
-    /// Copies everything in `from` (see the module documentation);
+    /// Copies everything in `from` (see the module documentation); a CA
+    /// journal stored before replicas had ids becomes `server`'s.
     /// `progress` is told `(what, done)` as the copy goes.
     pub async fn import(
         &self,
         from: &SledDatastore,
+        server: &ServerId,
         force: bool,
         progress: &mut (dyn FnMut(&str, usize) + Send),
     ) -> Result<ImportSummary> {
@@ -165,12 +167,18 @@ impl PostgresDatastore {
         }
         progress("bundles", summary.bundles);
 
-        if let Some(journal) = from.fetch_ca_journal().await? {
-            let bytes = serde_json::to_vec(&journal)
-                .map_err(|e| DatastoreError::Corrupt(e.to_string()))?;
+        let mut journals = from.list_ca_journals().await?;
+        if journals.is_empty() {
+            // Written before replicas had ids: the journal of the server
+            // whose data directory this is.
+            if let Some(journal) = from.fetch_ca_journal(server).await? {
+                journals.push((server.clone(), journal));
+            }
+        }
+        for (id, journal) in journals {
             tx.execute(
                 "INSERT INTO sigil_ca_journals (server_id, journal) VALUES ($1, $2)",
-                &[&DEFAULT_JOURNAL, &bytes],
+                &[&id.as_str(), &journal],
             )
             .await
             .map_err(db)?;

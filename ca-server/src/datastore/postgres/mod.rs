@@ -32,7 +32,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
-use serde::Serialize;
 use serde::de::DeserializeOwned;
 use sigil_identity::{AgentId, Bundle, EntryId, RegistrationEntry, TrustDomain};
 use tokio::sync::watch;
@@ -44,7 +43,6 @@ use tracing::{info, warn};
 pub use self::settings::{PgSettings, SettingsError, TlsMode};
 use super::*;
 use crate::audit::chain::{self, AuditRecord, ChainHead};
-use crate::ca::journal::CaJournal;
 
 /// The NOTIFY channel of the change feed.
 pub const CHANNEL: &str = "sigil_changes";
@@ -57,9 +55,6 @@ const LOCK_PRUNE_CHANGES: i64 = 0x5349_4749_4c00_0002;
 const LOCK_PRUNE_TOKENS: i64 = 0x5349_4749_4c00_0003;
 const LOCK_PRUNE_AGENTS: i64 = 0x5349_4749_4c00_0004;
 const LOCK_PRUNE_AUDIT: i64 = 0x5349_4749_4c00_0005;
-
-/// The CA journal key of the single-journal API.
-const DEFAULT_JOURNAL: &str = "";
 
 /// How long a call waits for a pooled connection, or for a new one.
 const POOL_TIMEOUT: Duration = Duration::from_secs(5);
@@ -260,11 +255,6 @@ impl PostgresDatastore {
         Ok(store)
     }
 
-    /// A wake-up for change-feed readers: some committed revision.
-    pub fn change_hint(&self) -> watch::Receiver<u64> {
-        self.hint.subscribe()
-    }
-
     async fn conn(&self) -> Result<Conn> {
         self.pool.get().await.map_err(pool_error)
     }
@@ -367,16 +357,23 @@ impl Writer<'_> {
         uint(self.rev)
     }
 
-    /// Records the change of revision `rev`.
-    async fn record(&self, rev: u64, change: &(impl Serialize + fmt::Debug + Sync)) -> Result<()> {
+    /// Records `change` (its revision handed out by [`Writer::next`]).
+    async fn record(&self, change: &Change) -> Result<()> {
         self.tx
             .execute(
                 "INSERT INTO sigil_changes (rev, change) VALUES ($1, $2)",
-                &[&int(rev)?, &Json(change)],
+                &[&int(change.revision)?, &Json(change)],
             )
             .await
             .map_err(db)?;
         Ok(())
+    }
+
+    /// Takes the next revision for `changed` and records it.
+    async fn change(&mut self, changed: Changed) -> Result<u64> {
+        let revision = self.next();
+        self.record(&Change { revision, changed }).await?;
+        Ok(revision)
     }
 
     async fn exists(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<bool> {
@@ -505,12 +502,7 @@ impl Writer<'_> {
     }
 
     async fn entry_change(&self, kind: ChangeKind, entry: &RegistrationEntry) -> Result<()> {
-        let change = EntryChange {
-            revision: entry.revision,
-            kind,
-            entry: entry.clone(),
-        };
-        self.record(entry.revision, &change).await
+        self.record(&Change::entry(kind, entry.clone())).await
     }
 }
 
@@ -617,20 +609,14 @@ impl Datastore for PostgresDatastore {
         .await
     }
 
-    async fn apply_entries(&self, batch: EntryBatch) -> Result<Vec<EntryChange>> {
+    async fn apply_entries(&self, batch: EntryBatch) -> Result<Vec<Change>> {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
         self.write(move |w| {
             Box::pin(async move {
                 let mut made = Vec::new();
-                let mut push = |kind, entry: RegistrationEntry| {
-                    made.push(EntryChange {
-                        revision: entry.revision,
-                        kind,
-                        entry,
-                    })
-                };
+                let mut push = |kind, entry: RegistrationEntry| made.push(Change::entry(kind, entry));
                 for (id, rev) in &batch.delete {
                     push(ChangeKind::Deleted, w.delete_entry(id, Some(*rev)).await?);
                 }
@@ -682,7 +668,7 @@ impl Datastore for PostgresDatastore {
         Ok(rows.first().map_or(0, |r| uint(r.get(0))))
     }
 
-    async fn entry_changes(&self, after: u64, limit: usize) -> Result<Vec<EntryChange>> {
+    async fn changes(&self, after: u64, limit: usize) -> Result<Vec<Change>> {
         let rows = self
             .query(
                 "SELECT change FROM sigil_changes WHERE rev > $1 ORDER BY rev LIMIT $2",
@@ -699,21 +685,37 @@ impl Datastore for PostgresDatastore {
         Ok(rows.first().map_or(0, |r| uint(r.get(0))))
     }
 
-    async fn prune_entry_changes(&self, through: u64) -> Result<usize> {
+    async fn change_floor(&self) -> Result<u64> {
+        let rows = self
+            .query("SELECT floor FROM sigil_revision WHERE id = 1", &[])
+            .await?;
+        Ok(rows.first().map_or(0, |r| uint(r.get(0))))
+    }
+
+    fn change_hint(&self) -> watch::Receiver<u64> {
+        self.hint.subscribe()
+    }
+
+    async fn prune_changes(&self, through: u64) -> Result<usize> {
         let through = int(through)?;
         let removed = self
             .singleton(LOCK_PRUNE_CHANGES, move |w| {
                 Box::pin(async move {
+                    // Never past the current revision (held by this
+                    // transaction), never lowered.
+                    let floor = w.rev.min(through);
+                    let floor: i64 = w
+                        .tx
+                        .query_one(
+                            "UPDATE sigil_revision SET floor = greatest(floor, $1) WHERE id = 1 RETURNING floor",
+                            &[&floor],
+                        )
+                        .await
+                        .map_err(db)?
+                        .get(0);
                     let n = w
                         .tx
-                        .execute("DELETE FROM sigil_changes WHERE rev <= $1", &[&through])
-                        .await
-                        .map_err(db)?;
-                    w.tx
-                        .execute(
-                            "UPDATE sigil_revision SET floor = greatest(floor, $1) WHERE id = 1",
-                            &[&through],
-                        )
+                        .execute("DELETE FROM sigil_changes WHERE rev <= $1", &[&floor])
                         .await
                         .map_err(db)?;
                     Ok(n as usize)
@@ -747,6 +749,11 @@ impl Datastore for PostgresDatastore {
                 if n == 0 {
                     return Err(DatastoreError::AlreadyExists(format!("agent {}", agent.id)));
                 }
+                w.change(Changed::Agent {
+                    id: agent.id.clone(),
+                    record: Some(agent.clone()),
+                })
+                .await?;
                 w.audit(audit.as_slice()).await?;
                 Ok(agent)
             })
@@ -788,6 +795,11 @@ impl Datastore for PostgresDatastore {
                 )
                 .await
                 .map_err(db)?;
+                w.change(Changed::Agent {
+                    id: stored.id.clone(),
+                    record: Some(stored.clone()),
+                })
+                .await?;
                 w.audit(audit.as_slice()).await?;
                 Ok(stored)
             })
@@ -824,6 +836,11 @@ impl Datastore for PostgresDatastore {
                 else {
                     return Err(DatastoreError::NotFound(format!("agent {id}")));
                 };
+                w.change(Changed::Agent {
+                    id: id.clone(),
+                    record: None,
+                })
+                .await?;
                 w.audit(audit.as_slice()).await?;
                 json(&row, 0)
             })
@@ -852,6 +869,13 @@ impl Datastore for PostgresDatastore {
                         ids.push(agent.id);
                     }
                     ids.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+                    for id in &ids {
+                        w.change(Changed::Agent {
+                            id: id.clone(),
+                            record: None,
+                        })
+                        .await?;
+                    }
                     Ok(ids)
                 })
             })
@@ -882,6 +906,11 @@ impl Datastore for PostgresDatastore {
                 if n == 0 {
                     return Err(DatastoreError::AlreadyExists("join token".into()));
                 }
+                w.change(Changed::JoinToken {
+                    hash: token.hash.clone(),
+                    record: Some(token.clone()),
+                })
+                .await?;
                 w.audit(audit.as_slice()).await?;
                 Ok(())
             })
@@ -894,7 +923,7 @@ impl Datastore for PostgresDatastore {
         hash: &TokenHash,
         now: SystemTime,
     ) -> Result<JoinTokenRecord> {
-        let key = hash.as_str().to_owned();
+        let hash = hash.clone();
         // Removed whether or not it has expired: exactly one caller sees it.
         let record: JoinTokenRecord = self
             .write(move |w| {
@@ -903,13 +932,18 @@ impl Datastore for PostgresDatastore {
                         .tx
                         .query_opt(
                             "DELETE FROM sigil_join_tokens WHERE hash = $1 RETURNING body",
-                            &[&key],
+                            &[&hash.as_str()],
                         )
                         .await
                         .map_err(db)?
                     else {
                         return Err(DatastoreError::NotFound("join token".into()));
                     };
+                    w.change(Changed::JoinToken {
+                        hash: hash.clone(),
+                        record: None,
+                    })
+                    .await?;
                     json(&row, 0)
                 })
             })
@@ -925,15 +959,25 @@ impl Datastore for PostgresDatastore {
         let removed = self
             .singleton(LOCK_PRUNE_TOKENS, move |w| {
                 Box::pin(async move {
-                    let n = w
+                    let rows = w
                         .tx
-                        .execute(
-                            "DELETE FROM sigil_join_tokens WHERE expires_at <= $1",
+                        .query(
+                            "DELETE FROM sigil_join_tokens WHERE expires_at <= $1 RETURNING body",
                             &[&now],
                         )
                         .await
                         .map_err(db)?;
-                    Ok(n as usize)
+                    let mut tokens: Vec<JoinTokenRecord> =
+                        rows.iter().map(|r| json(r, 0)).collect::<Result<_>>()?;
+                    tokens.sort_by(|a, b| a.hash.cmp(&b.hash));
+                    for t in &tokens {
+                        w.change(Changed::JoinToken {
+                            hash: t.hash.clone(),
+                            record: None,
+                        })
+                        .await?;
+                    }
+                    Ok(tokens.len())
                 })
             })
             .await?;
@@ -970,6 +1014,11 @@ impl Datastore for PostgresDatastore {
                 )
                 .await
                 .map_err(db)?;
+                w.change(Changed::Bundle {
+                    trust_domain: bundle.trust_domain.clone(),
+                    bundle: Some(bundle.clone()),
+                })
+                .await?;
                 Ok(())
             })
         })
@@ -1008,44 +1057,102 @@ impl Datastore for PostgresDatastore {
                 if n == 0 {
                     return Err(DatastoreError::NotFound(format!("bundle of {td}")));
                 }
+                w.change(Changed::Bundle {
+                    trust_domain: td.clone(),
+                    bundle: None,
+                })
+                .await?;
                 Ok(())
             })
         })
         .await
     }
 
-    async fn fetch_ca_journal(&self) -> Result<Option<CaJournal>> {
-        let Some(row) = self
-            .query_opt(
-                "SELECT journal FROM sigil_ca_journals WHERE server_id = $1",
-                &[&DEFAULT_JOURNAL],
-            )
-            .await?
-        else {
-            return Ok(None);
-        };
-        let bytes: Vec<u8> = row.get(0);
-        serde_json::from_slice(&bytes)
-            .map(Some)
-            .map_err(|e| DatastoreError::Corrupt(e.to_string()))
+    async fn update_bundle(&self, td: &TrustDomain, edit: BundleEdit) -> Result<Bundle> {
+        let td = td.clone();
+        self.write(move |w| {
+            Box::pin(async move {
+                let stored = w
+                    .tx
+                    .query_opt(
+                        "SELECT body FROM sigil_bundles WHERE trust_domain = $1 FOR UPDATE",
+                        &[&td.as_str()],
+                    )
+                    .await
+                    .map_err(db)?;
+                let (mut bundle, exists) = match &stored {
+                    Some(row) => (json::<Bundle>(row, 0)?, true),
+                    None => (Bundle::new(td.clone()), false),
+                };
+                if !edit.apply_to(&mut bundle) && exists {
+                    return Ok(bundle);
+                }
+                bundle.sequence += 1;
+                w.tx.execute(
+                    "INSERT INTO sigil_bundles (trust_domain, sequence, body) VALUES ($1, $2, $3)
+                     ON CONFLICT (trust_domain) DO UPDATE SET sequence = EXCLUDED.sequence, body = EXCLUDED.body",
+                    &[&td.as_str(), &int(bundle.sequence)?, &Json(&bundle)],
+                )
+                .await
+                .map_err(db)?;
+                w.change(Changed::Bundle {
+                    trust_domain: td.clone(),
+                    bundle: Some(bundle.clone()),
+                })
+                .await?;
+                Ok(bundle)
+            })
+        })
+        .await
     }
 
-    async fn put_ca_journal(&self, journal: &CaJournal) -> Result<()> {
-        let bytes =
-            serde_json::to_vec(journal).map_err(|e| DatastoreError::Corrupt(e.to_string()))?;
+    async fn fetch_ca_journal(&self, server: &ServerId) -> Result<Option<Vec<u8>>> {
+        Ok(self
+            .query_opt(
+                "SELECT journal FROM sigil_ca_journals WHERE server_id = $1",
+                &[&server.as_str()],
+            )
+            .await?
+            .map(|row| row.get(0)))
+    }
+
+    async fn put_ca_journal(&self, server: &ServerId, journal: Vec<u8>) -> Result<()> {
+        let server = server.clone();
         self.write(move |w| {
             Box::pin(async move {
                 w.tx.execute(
                     "INSERT INTO sigil_ca_journals (server_id, journal) VALUES ($1, $2)
                      ON CONFLICT (server_id) DO UPDATE SET journal = EXCLUDED.journal",
-                    &[&DEFAULT_JOURNAL, &bytes],
+                    &[&server.as_str(), &journal],
                 )
                 .await
                 .map_err(db)?;
+                w.change(Changed::CaJournal {
+                    server_id: server.clone(),
+                })
+                .await?;
                 Ok(())
             })
         })
         .await
+    }
+
+    async fn list_ca_journals(&self) -> Result<Vec<(ServerId, Vec<u8>)>> {
+        let rows = self
+            .query(
+                "SELECT server_id, journal FROM sigil_ca_journals ORDER BY server_id",
+                &[],
+            )
+            .await?;
+        rows.iter()
+            .map(|r| {
+                let id: &str = r.get(0);
+                let id = id.parse::<ServerId>().map_err(|_| {
+                    DatastoreError::Corrupt("a CA journal's server id is not valid".into())
+                })?;
+                Ok((id, r.get(1)))
+            })
+            .collect()
     }
 
     async fn append_audit(&self, events: Vec<AuditEvent>) -> Result<u64> {
