@@ -1091,7 +1091,12 @@ impl AuditDataDir {
     }
 
     /// The datastore holding the audit log.
-    async fn open(&self) -> Result<(PathBuf, std::sync::Arc<dyn sigil_server::datastore::Datastore>)> {
+    async fn open(
+        &self,
+    ) -> Result<(
+        PathBuf,
+        std::sync::Arc<dyn sigil_server::datastore::Datastore>,
+    )> {
         let (dir, store) = self.resolve().await?;
         let store = match store {
             Some(s) => s,
@@ -1109,9 +1114,12 @@ async fn run_datastore(cmd: DatastoreCmd, json: bool) -> Result<()> {
         force,
     } = cmd;
     let cfg = sigil_server::config::ServerConfig::load(Some(&config), Default::default())?;
-    let Some(connection) = cfg.datastore.connection.as_ref().filter(|_| {
-        cfg.datastore.kind == sigil_server::config::DatastoreKind::Postgres
-    }) else {
+    let Some(connection) = cfg
+        .datastore
+        .connection
+        .as_ref()
+        .filter(|_| cfg.datastore.kind == sigil_server::config::DatastoreKind::Postgres)
+    else {
         bail!(
             "{}: the target must be a PostgreSQL datastore ([datastore] type = \"postgres\" with a connection)",
             config.display()
@@ -1130,10 +1138,8 @@ async fn run_datastore(cmd: DatastoreCmd, json: bool) -> Result<()> {
     };
     let source = SledDatastore::open(&dir)
         .with_context(|| format!("cannot open the sled datastore in {}", dir.display()))?;
-    let settings = postgres::PgSettings::parse(
-        connection.expose(),
-        cfg.datastore.password_file.as_deref(),
-    )?;
+    let settings =
+        postgres::PgSettings::parse(connection.expose(), cfg.datastore.password_file.as_deref())?;
     let shown = settings.to_string();
     let options = postgres::PgOptions {
         pool_size: 2,

@@ -547,7 +547,8 @@ impl ServerConfig {
         }
         if ds.pool_size == 0 || ds.poll_interval < Duration::from_millis(100) {
             return Err(ConfigError::Invalid(
-                "datastore.pool_size must be at least 1 and datastore.poll_interval at least 100ms".into(),
+                "datastore.pool_size must be at least 1 and datastore.poll_interval at least 100ms"
+                    .into(),
             ));
         }
         if self.ca.upstream_cert.is_some() != self.ca.upstream_key.is_some() {
@@ -767,7 +768,10 @@ mod tests {
         let (_d, path) =
             write("trust_domain = \"example.org\"\n[datastore]\ntype = \"postgres\"\n");
         let err = ServerConfig::load(Some(&path), Overrides::default()).unwrap_err();
-        assert!(err.to_string().contains("needs datastore.connection"), "{err}");
+        assert!(
+            err.to_string().contains("needs datastore.connection"),
+            "{err}"
+        );
         let (_d, path) = write(
             "trust_domain = \"example.org\"\n[datastore]\ntype = \"postgres\"\nconnection = \"host=db user=sigil password=secret dbname=sigil\"\npool_size = 4\npoll_interval = \"2s\"\n",
         );

@@ -111,7 +111,10 @@ impl Cluster {
 
     /// The connection string of its `postgres` database.
     pub fn connection(&self) -> String {
-        format!("host={} user=sigil dbname=postgres", self.dir.path().display())
+        format!(
+            "host={} user=sigil dbname=postgres",
+            self.dir.path().display()
+        )
     }
 
     /// Starts it again after [`Cluster::stop`].
@@ -122,7 +125,17 @@ impl Cluster {
             self.dir.path().display()
         );
         self.pg(&[
-            "pg_ctl", "-D", &self.data(), "-l", &log, "-w", "-t", "60", "-o", &opts, "start",
+            "pg_ctl",
+            "-D",
+            &self.data(),
+            "-l",
+            &log,
+            "-w",
+            "-t",
+            "60",
+            "-o",
+            &opts,
+            "start",
         ])
     }
 

@@ -88,11 +88,9 @@ pub async fn open(
     use crate::config::DatastoreKind;
     match (section.kind, &section.connection) {
         (DatastoreKind::Postgres, Some(connection)) => {
-            let settings = postgres::PgSettings::parse(
-                connection.expose(),
-                section.password_file.as_deref(),
-            )
-            .map_err(|e| DatastoreError::Backend(e.to_string()))?;
+            let settings =
+                postgres::PgSettings::parse(connection.expose(), section.password_file.as_deref())
+                    .map_err(|e| DatastoreError::Backend(e.to_string()))?;
             let options = postgres::PgOptions {
                 pool_size: section.pool_size,
                 poll_interval: section.poll_interval,

@@ -21,7 +21,9 @@ async fn workloads_are_served_and_rotated_through_a_database_outage() {
         return;
     }
     let cluster = Cluster::start().unwrap();
-    let db = postgres::fresh_database(&cluster.connection()).await.unwrap();
+    let db = postgres::fresh_database(&cluster.connection())
+        .await
+        .unwrap();
     let d = Deployment::start(&ServerOptions::with_extra(&postgres::datastore_toml(&db)));
     // Half-life 10 s: about three rotations fall inside the outage.
     d.register_me("steady", &["--x509-ttl", "20s"]);
@@ -100,7 +102,10 @@ async fn workloads_are_served_and_rotated_through_a_database_outage() {
     .await;
     created.unwrap();
     retry(Duration::from_secs(30), || async {
-        let context = client.fetch_x509_context().await.map_err(|e| e.to_string())?;
+        let context = client
+            .fetch_x509_context()
+            .await
+            .map_err(|e| e.to_string())?;
         context
             .svids()
             .iter()
@@ -116,7 +121,16 @@ async fn workloads_are_served_and_rotated_through_a_database_outage() {
     retry(Duration::from_secs(30), || async {
         let shown = d
             .server
-            .cli(&["--output", "json", "audit", "show", "--config", &config, "--action", "svid.x509.issue"])
+            .cli(&[
+                "--output",
+                "json",
+                "audit",
+                "show",
+                "--config",
+                &config,
+                "--action",
+                "svid.x509.issue",
+            ])
             .map_err(|e| e.to_string())?;
         let rows: serde_json::Value =
             serde_json::from_slice(&shown.stdout).map_err(|e| e.to_string())?;

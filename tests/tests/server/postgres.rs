@@ -66,7 +66,11 @@ async fn a_sled_store_migrated_to_postgres_is_served_and_its_audit_log_verifies(
     };
     let out = migrate(false);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.contains("entries: 3"), "{stdout}");
     assert!(stdout.contains("join tokens: 1"), "{stdout}");
     // Run again: the target holds data now, so it is refused...
@@ -76,7 +80,11 @@ async fn a_sled_store_migrated_to_postgres_is_served_and_its_audit_log_verifies(
     assert!(stderr.contains("--force"), "{stderr}");
     // ...unless replaced, which gives the same result.
     let out = migrate(true);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // A server on PostgreSQL with the same data directory (its CA keys).
     let mut pg = ServerProcess::start(
@@ -85,7 +93,10 @@ async fn a_sled_store_migrated_to_postgres_is_served_and_its_audit_log_verifies(
     )
     .unwrap();
     assert_eq!(entry_ids(&pg), before);
-    assert_eq!(pg.bundle().await.unwrap().x509_authorities, bundle.x509_authorities);
+    assert_eq!(
+        pg.bundle().await.unwrap().x509_authorities,
+        bundle.x509_authorities
+    );
     // Writes go to PostgreSQL.
     pg.create_entry(
         "spiffe://example.org/new",
@@ -103,6 +114,10 @@ async fn a_sled_store_migrated_to_postgres_is_served_and_its_audit_log_verifies(
         .cli(&["audit", "verify", "--config", pg.config().to_str().unwrap()])
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.contains("audit log verified"), "{stdout}");
 }

@@ -77,9 +77,12 @@ impl PostgresDatastore {
             .await
             .map_err(db)?;
         // Writers of running replicas wait (there should be none).
-        tx.query_one("SELECT rev FROM sigil_revision WHERE id = 1 FOR UPDATE", &[])
-            .await
-            .map_err(db)?;
+        tx.query_one(
+            "SELECT rev FROM sigil_revision WHERE id = 1 FOR UPDATE",
+            &[],
+        )
+        .await
+        .map_err(db)?;
         if !self.is_empty().await? {
             if !force {
                 return Err(DatastoreError::AlreadyExists(
@@ -131,13 +134,20 @@ impl PostgresDatastore {
         progress("entries", summary.entries);
 
         let stmt = tx
-            .prepare("INSERT INTO sigil_agents (id, banned, expires_at, body) VALUES ($1, $2, $3, $4)")
+            .prepare(
+                "INSERT INTO sigil_agents (id, banned, expires_at, body) VALUES ($1, $2, $3, $4)",
+            )
             .await
             .map_err(db)?;
         for a in from.list_agents().await? {
             tx.execute(
                 &stmt,
-                &[&a.id.as_str(), &a.banned, &secs_floor(a.expires_at)?, &Json(&a)],
+                &[
+                    &a.id.as_str(),
+                    &a.banned,
+                    &secs_floor(a.expires_at)?,
+                    &Json(&a),
+                ],
             )
             .await
             .map_err(db)?;
@@ -204,7 +214,12 @@ impl PostgresDatastore {
             .await
             .map_err(db)?;
             // Stored order is kept; the next page starts after the highest.
-            after = records.iter().map(|r| r.seq).max().unwrap_or(last.seq).max(after + 1);
+            after = records
+                .iter()
+                .map(|r| r.seq)
+                .max()
+                .unwrap_or(last.seq)
+                .max(after + 1);
             summary.audit_records += records.len();
             progress("audit records", summary.audit_records);
         }

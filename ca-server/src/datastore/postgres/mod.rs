@@ -137,7 +137,8 @@ pub fn db(e: tokio_postgres::Error) -> DatastoreError {
         || *code == SqlState::READ_ONLY_SQL_TRANSACTION
     {
         unavailable(message)
-    } else if *code == SqlState::T_R_SERIALIZATION_FAILURE || *code == SqlState::T_R_DEADLOCK_DETECTED
+    } else if *code == SqlState::T_R_SERIALIZATION_FAILURE
+        || *code == SqlState::T_R_DEADLOCK_DETECTED
     {
         DatastoreError::Conflict(format!("a concurrent transaction ({message})"))
     } else {
@@ -200,8 +201,8 @@ impl PostgresDatastore {
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(POOL_TIMEOUT);
         }
-        let connector = tls::connector(&settings)
-            .map_err(|e| DatastoreError::Backend(e.to_string()))?;
+        let connector =
+            tls::connector(&settings).map_err(|e| DatastoreError::Backend(e.to_string()))?;
         if tls::is_unverified(&settings) && settings.tls != TlsMode::Disable {
             warn!(
                 database = %shown,
@@ -209,15 +210,16 @@ impl PostgresDatastore {
             );
         }
         {
-            let (mut client, connection) = config
-                .connect(connector.clone())
-                .await
-                .map_err(|e| match db(e) {
-                    DatastoreError::Unavailable(m) => unavailable(format!(
-                        "cannot connect to PostgreSQL ({shown}): {m}"
-                    )),
-                    other => other,
-                })?;
+            let (mut client, connection) =
+                config
+                    .connect(connector.clone())
+                    .await
+                    .map_err(|e| match db(e) {
+                        DatastoreError::Unavailable(m) => {
+                            unavailable(format!("cannot connect to PostgreSQL ({shown}): {m}"))
+                        }
+                        other => other,
+                    })?;
             let driver = tokio::spawn(connection);
             let version = schema::migrate(&mut client).await?;
             drop(client);
@@ -284,7 +286,10 @@ impl PostgresDatastore {
             .await
             .map_err(db)?;
         let row = tx
-            .query_one("SELECT rev FROM sigil_revision WHERE id = 1 FOR UPDATE", &[])
+            .query_one(
+                "SELECT rev FROM sigil_revision WHERE id = 1 FOR UPDATE",
+                &[],
+            )
             .await
             .map_err(db)?;
         let start: i64 = row.get(0);
@@ -296,18 +301,12 @@ impl PostgresDatastore {
         let out = f(&mut w).await?;
         let Writer { tx, start, rev } = w;
         if rev > start {
-            tx.execute(
-                "UPDATE sigil_revision SET rev = $1 WHERE id = 1",
-                &[&rev],
-            )
-            .await
-            .map_err(db)?;
-            tx.execute(
-                "SELECT pg_notify($1, $2)",
-                &[&CHANNEL, &rev.to_string()],
-            )
-            .await
-            .map_err(db)?;
+            tx.execute("UPDATE sigil_revision SET rev = $1 WHERE id = 1", &[&rev])
+                .await
+                .map_err(db)?;
+            tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &rev.to_string()])
+                .await
+                .map_err(db)?;
         }
         tx.commit().await.map_err(db)?;
         if rev > start {
@@ -325,11 +324,10 @@ impl PostgresDatastore {
     {
         self.write(move |w| {
             Box::pin(async move {
-                let row = w
-                    .tx
-                    .query_one("SELECT pg_try_advisory_xact_lock($1)", &[&key])
-                    .await
-                    .map_err(db)?;
+                let row =
+                    w.tx.query_one("SELECT pg_try_advisory_xact_lock($1)", &[&key])
+                        .await
+                        .map_err(db)?;
                 if !row.get::<_, bool>(0) {
                     return Ok(None);
                 }
@@ -389,7 +387,10 @@ impl Writer<'_> {
     async fn create_entry(&mut self, entry: &RegistrationEntry) -> Result<RegistrationEntry> {
         let key = entry_key(entry);
         if self
-            .exists("SELECT 1 FROM sigil_entries WHERE id = $1", &[&entry.id.as_str()])
+            .exists(
+                "SELECT 1 FROM sigil_entries WHERE id = $1",
+                &[&entry.id.as_str()],
+            )
             .await?
         {
             return Err(DatastoreError::AlreadyExists(format!("entry {}", entry.id)));
@@ -476,7 +477,11 @@ impl Writer<'_> {
         Ok(entry)
     }
 
-    async fn delete_entry(&mut self, id: &EntryId, expected: Option<u64>) -> Result<RegistrationEntry> {
+    async fn delete_entry(
+        &mut self,
+        id: &EntryId,
+        expected: Option<u64>,
+    ) -> Result<RegistrationEntry> {
         let Some(row) = self
             .tx
             .query_opt(
@@ -616,12 +621,16 @@ impl Datastore for PostgresDatastore {
         self.write(move |w| {
             Box::pin(async move {
                 let mut made = Vec::new();
-                let mut push = |kind, entry: RegistrationEntry| made.push(Change::entry(kind, entry));
+                let mut push =
+                    |kind, entry: RegistrationEntry| made.push(Change::entry(kind, entry));
                 for (id, rev) in &batch.delete {
                     push(ChangeKind::Deleted, w.delete_entry(id, Some(*rev)).await?);
                 }
                 for e in &batch.update {
-                    push(ChangeKind::Updated, w.update_entry(e, Some(e.revision)).await?);
+                    push(
+                        ChangeKind::Updated,
+                        w.update_entry(e, Some(e.revision)).await?,
+                    );
                 }
                 for e in &batch.create {
                     push(ChangeKind::Created, w.create_entry(e).await?);
@@ -634,10 +643,13 @@ impl Datastore for PostgresDatastore {
     }
 
     async fn fetch_entry(&self, id: &EntryId) -> Result<Option<RegistrationEntry>> {
-        self.query_opt("SELECT body FROM sigil_entries WHERE id = $1", &[&id.as_str()])
-            .await?
-            .map(|r| json(&r, 0))
-            .transpose()
+        self.query_opt(
+            "SELECT body FROM sigil_entries WHERE id = $1",
+            &[&id.as_str()],
+        )
+        .await?
+        .map(|r| json(&r, 0))
+        .transpose()
     }
 
     async fn list_entries(&self, filter: &EntryFilter) -> Result<Vec<RegistrationEntry>> {
@@ -664,7 +676,9 @@ impl Datastore for PostgresDatastore {
     }
 
     async fn count_entries(&self) -> Result<u64> {
-        let rows = self.query("SELECT count(*) FROM sigil_entries", &[]).await?;
+        let rows = self
+            .query("SELECT count(*) FROM sigil_entries", &[])
+            .await?;
         Ok(rows.first().map_or(0, |r| uint(r.get(0))))
     }
 
@@ -768,9 +782,8 @@ impl Datastore for PostgresDatastore {
     ) -> Result<AgentRecord> {
         self.write(move |w| {
             Box::pin(async move {
-                let Some(row) = w
-                    .tx
-                    .query_opt(
+                let Some(row) =
+                    w.tx.query_opt(
                         "SELECT banned FROM sigil_agents WHERE id = $1 FOR UPDATE",
                         &[&agent.id.as_str()],
                     )
@@ -808,10 +821,13 @@ impl Datastore for PostgresDatastore {
     }
 
     async fn fetch_agent(&self, id: &AgentId) -> Result<Option<AgentRecord>> {
-        self.query_opt("SELECT body FROM sigil_agents WHERE id = $1", &[&id.as_str()])
-            .await?
-            .map(|r| json(&r, 0))
-            .transpose()
+        self.query_opt(
+            "SELECT body FROM sigil_agents WHERE id = $1",
+            &[&id.as_str()],
+        )
+        .await?
+        .map(|r| json(&r, 0))
+        .transpose()
     }
 
     async fn list_agents(&self) -> Result<Vec<AgentRecord>> {
@@ -825,9 +841,8 @@ impl Datastore for PostgresDatastore {
         let id = id.clone();
         self.write(move |w| {
             Box::pin(async move {
-                let Some(row) = w
-                    .tx
-                    .query_opt(
+                let Some(row) =
+                    w.tx.query_opt(
                         "DELETE FROM sigil_agents WHERE id = $1 RETURNING body",
                         &[&id.as_str()],
                     )
@@ -890,9 +905,8 @@ impl Datastore for PostgresDatastore {
     ) -> Result<()> {
         self.write(move |w| {
             Box::pin(async move {
-                let n = w
-                    .tx
-                    .execute(
+                let n =
+                    w.tx.execute(
                         "INSERT INTO sigil_join_tokens (hash, expires_at, body) VALUES ($1, $2, $3)
                          ON CONFLICT (hash) DO NOTHING",
                         &[
@@ -928,9 +942,8 @@ impl Datastore for PostgresDatastore {
         let record: JoinTokenRecord = self
             .write(move |w| {
                 Box::pin(async move {
-                    let Some(row) = w
-                        .tx
-                        .query_opt(
+                    let Some(row) =
+                        w.tx.query_opt(
                             "DELETE FROM sigil_join_tokens WHERE hash = $1 RETURNING body",
                             &[&hash.as_str()],
                         )
@@ -959,9 +972,8 @@ impl Datastore for PostgresDatastore {
         let removed = self
             .singleton(LOCK_PRUNE_TOKENS, move |w| {
                 Box::pin(async move {
-                    let rows = w
-                        .tx
-                        .query(
+                    let rows =
+                        w.tx.query(
                             "DELETE FROM sigil_join_tokens WHERE expires_at <= $1 RETURNING body",
                             &[&now],
                         )
@@ -1046,9 +1058,8 @@ impl Datastore for PostgresDatastore {
         let td = td.clone();
         self.write(move |w| {
             Box::pin(async move {
-                let n = w
-                    .tx
-                    .execute(
+                let n =
+                    w.tx.execute(
                         "DELETE FROM sigil_bundles WHERE trust_domain = $1",
                         &[&td.as_str()],
                     )
@@ -1301,7 +1312,9 @@ impl Datastore for PostgresDatastore {
             )
             .await?;
         let Some(row) = rows.first() else {
-            return Err(DatastoreError::Corrupt("the audit chain row is missing".into()));
+            return Err(DatastoreError::Corrupt(
+                "the audit chain row is missing".into(),
+            ));
         };
         let anchor = match (row.get::<_, Option<i64>>(2), row.get::<_, Option<&[u8]>>(3)) {
             (Some(seq), Some(h)) => Some(ChainHead {
@@ -1333,7 +1346,10 @@ impl Datastore for PostgresDatastore {
 
     async fn audit_checkpoints(&self) -> Result<Vec<(u64, String)>> {
         let rows = self
-            .query("SELECT size, note FROM sigil_audit_checkpoints ORDER BY size", &[])
+            .query(
+                "SELECT size, note FROM sigil_audit_checkpoints ORDER BY size",
+                &[],
+            )
             .await?;
         Ok(rows.iter().map(|r| (uint(r.get(0)), r.get(1))).collect())
     }

@@ -67,12 +67,7 @@ impl fmt::Display for PgSettings {
                 tokio_postgres::config::Host::Unix(path) => path.display().to_string(),
             })
             .collect();
-        let ports: Vec<String> = self
-            .config
-            .get_ports()
-            .iter()
-            .map(u16::to_string)
-            .collect();
+        let ports: Vec<String> = self.config.get_ports().iter().map(u16::to_string).collect();
         write!(
             f,
             "host={} port={} user={} dbname={} sslmode={}",

@@ -28,7 +28,10 @@ fn base() -> String {
 
 /// Creates a new empty database and returns the connection string to it.
 pub(crate) async fn fresh_database() -> String {
-    let name = format!("t_{}", sigil_identity::random::hex(&sigil_identity::random::bytes::<8>()));
+    let name = format!(
+        "t_{}",
+        sigil_identity::random::hex(&sigil_identity::random::bytes::<8>())
+    );
     let (client, conn) = tokio_postgres::connect(&base(), tokio_postgres::NoTls)
         .await
         .unwrap();
@@ -75,11 +78,16 @@ async fn a_refused_connection_is_unavailable_and_never_shows_the_password() {
     // A socket directory where no server listens: refused at once.
     let dir = tempfile::tempdir().unwrap();
     let settings = PgSettings::parse(
-        &format!("host={} user=sigil password=secret dbname=x", dir.path().display()),
+        &format!(
+            "host={} user=sigil password=secret dbname=x",
+            dir.path().display()
+        ),
         None,
     )
     .unwrap();
-    let err = PostgresDatastore::open(settings, options()).await.unwrap_err();
+    let err = PostgresDatastore::open(settings, options())
+        .await
+        .unwrap_err();
     assert!(matches!(err, DatastoreError::Unavailable(_)), "{err:?}");
     let shown = format!("{err} {err:?}");
     assert!(!shown.contains("secret"), "{shown}");
@@ -93,7 +101,11 @@ async fn a_schema_newer_than_the_binary_is_refused_with_a_clear_message() {
     }
     let connection = fresh_database().await;
     let settings = PgSettings::parse(&connection, None).unwrap();
-    drop(PostgresDatastore::open(settings.clone(), options()).await.unwrap());
+    drop(
+        PostgresDatastore::open(settings.clone(), options())
+            .await
+            .unwrap(),
+    );
     // As a newer release would leave it.
     let (client, conn) = tokio_postgres::connect(&connection, tokio_postgres::NoTls)
         .await
@@ -108,7 +120,9 @@ async fn a_schema_newer_than_the_binary_is_refused_with_a_clear_message() {
         .unwrap();
     drop(client);
     let _ = driver.await;
-    let err = PostgresDatastore::open(settings, options()).await.unwrap_err();
+    let err = PostgresDatastore::open(settings, options())
+        .await
+        .unwrap_err();
     let msg = err.to_string();
     assert!(msg.contains("newer than this sigil-server knows"), "{msg}");
 }
@@ -131,7 +145,10 @@ async fn replicas_starting_together_migrate_once() {
         .await
         .unwrap();
     let driver = tokio::spawn(conn);
-    let rows = client.query("SELECT version FROM sigil_schema", &[]).await.unwrap();
+    let rows = client
+        .query("SELECT version FROM sigil_schema", &[])
+        .await
+        .unwrap();
     assert_eq!(rows.len(), schema::current() as usize);
     drop(client);
     let _ = driver.await;
@@ -144,7 +161,9 @@ async fn a_write_by_another_replica_wakes_the_listener() {
     }
     let connection = fresh_database().await;
     let settings = PgSettings::parse(&connection, None).unwrap();
-    let a = PostgresDatastore::open(settings.clone(), options()).await.unwrap();
+    let a = PostgresDatastore::open(settings.clone(), options())
+        .await
+        .unwrap();
     let b = PostgresDatastore::open(settings, options()).await.unwrap();
     let mut hint = b.change_hint();
     hint.borrow_and_update();
@@ -152,8 +171,11 @@ async fn a_write_by_another_replica_wakes_the_listener() {
         .create_entry(crate::datastore::conformance::entry("web", 1))
         .await
         .unwrap();
-    tokio::time::timeout(Duration::from_secs(5), hint.wait_for(|r| *r >= made.revision))
-        .await
-        .expect("the NOTIFY reached the other replica")
-        .unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        hint.wait_for(|r| *r >= made.revision),
+    )
+    .await
+    .expect("the NOTIFY reached the other replica")
+    .unwrap();
 }
