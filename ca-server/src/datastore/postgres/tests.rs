@@ -185,10 +185,16 @@ async fn a_write_by_another_replica_wakes_the_listener() {
 struct OwnCluster {
     dir: tempfile::TempDir,
     bin: std::path::PathBuf,
+    options: String,
 }
 
 impl OwnCluster {
     fn start() -> Self {
+        Self::start_with("")
+    }
+
+    /// `options`: more `-c name=value` settings for the server.
+    fn start_with(options: &str) -> Self {
         let bin = std::env::var_os("SIGIL_PG_BIN")
             .map(std::path::PathBuf::from)
             .unwrap_or_else(|| {
@@ -210,7 +216,11 @@ impl OwnCluster {
             .status()
             .unwrap();
         assert!(ok.success());
-        let c = Self { dir, bin };
+        let c = Self {
+            dir,
+            bin,
+            options: options.to_owned(),
+        };
         c.pg(&[
             "initdb",
             "-D",
@@ -239,8 +249,9 @@ impl OwnCluster {
     fn up(&self) {
         let log = self.dir.path().join("pg.log").display().to_string();
         let opts = format!(
-            "-c listen_addresses='' -k {} -c fsync=off",
-            self.dir.path().display()
+            "-c listen_addresses='' -k {} -c fsync=off {}",
+            self.dir.path().display(),
+            self.options
         );
         self.pg(&[
             "pg_ctl",
@@ -334,4 +345,113 @@ async fn a_stopped_database_is_unavailable_at_once_and_the_store_recovers_by_its
     .expect("writes work again without reopening the store");
     assert_eq!(made.revision, 2, "the refused write took no revision");
     assert_eq!(ds.count_entries().await.unwrap(), 2);
+}
+
+/// A CA and a server certificate for `localhost` signed by it, as PEM.
+fn tls_pki() -> (String, String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+    let ca_pem = ca.self_signed(&ca_key).unwrap().pem();
+    let key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec!["localhost".to_owned()])
+        .unwrap()
+        .signed_by(&key, &Issuer::from_params(&ca, &ca_key))
+        .unwrap();
+    (ca_pem, leaf.pem(), key.serialize_pem())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_verify_full_checks_the_root_and_the_host_name() {
+    if !available() {
+        return;
+    }
+    let (ca, cert, key) = tls_pki();
+    let files = tempfile::tempdir().unwrap();
+    let path = |name: &str| files.path().join(name);
+    std::fs::write(path("ca.pem"), &ca).unwrap();
+    std::fs::write(path("server.pem"), &cert).unwrap();
+    std::fs::write(path("server.key"), &key).unwrap();
+    std::fs::write(path("other-ca.pem"), tls_pki().0).unwrap();
+    // The server reads its key as the postgres user, mode 0600.
+    for f in ["server.pem", "server.key"] {
+        let ok = std::process::Command::new("chown")
+            .arg("postgres:postgres")
+            .arg(path(f))
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+    std::fs::set_permissions(
+        path("server.key"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        files.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let _cluster = OwnCluster::start_with(&format!(
+        "-c listen_addresses=127.0.0.1 -c port={port} -c ssl=on -c ssl_cert_file={} -c ssl_key_file={}",
+        path("server.pem").display(),
+        path("server.key").display()
+    ));
+    let connect = |host: &str, mode: &str, root: &str| {
+        let conn = format!(
+            "host={host} port={port} user=sigil dbname=postgres sslmode={mode} sslrootcert={}",
+            path(root).display()
+        );
+        async move {
+            let settings = PgSettings::parse(&conn, None).unwrap();
+            let (client, connection) = settings
+                .config
+                .connect(tls::connector(&settings).unwrap())
+                .await
+                .map_err(|e| redact(&e))?;
+            tokio::spawn(connection);
+            let row = client
+                .query_one(
+                    "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+                    &[],
+                )
+                .await
+                .map_err(|e| redact(&e))?;
+            Ok::<bool, String>(row.get(0))
+        }
+    };
+    assert_eq!(
+        connect("localhost", "verify-full", "ca.pem").await,
+        Ok(true)
+    );
+    let err = connect("localhost", "verify-full", "other-ca.pem")
+        .await
+        .unwrap_err();
+    assert!(err.contains("certificate"), "{err}");
+    // The certificate names localhost, not 127.0.0.1.
+    let err = connect("127.0.0.1", "verify-full", "ca.pem")
+        .await
+        .unwrap_err();
+    assert!(err.contains("certificate"), "{err}");
+    assert_eq!(connect("127.0.0.1", "verify-ca", "ca.pem").await, Ok(true));
+    // The datastore itself over verified TLS.
+    let settings = PgSettings::parse(
+        &format!(
+            "host=localhost port={port} user=sigil dbname=postgres sslmode=verify-full sslrootcert={}",
+            path("ca.pem").display()
+        ),
+        None,
+    )
+    .unwrap();
+    let ds = PostgresDatastore::open(settings, options()).await.unwrap();
+    ds.create_entry(crate::datastore::conformance::entry("tls", 1))
+        .await
+        .unwrap();
 }
