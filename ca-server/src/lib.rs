@@ -7,7 +7,9 @@
 //! # Layout
 //! - [`ca`]: CA keys and certificates, CSR handling, SVID issuance, rotation.
 //! - [`datastore`]: the storage trait with its change feed, the sled
-//!   implementation and the conformance suite every implementation passes.
+//!   implementation, the PostgreSQL one shared by server replicas
+//!   ([`datastore::postgres`]), and the conformance suite every
+//!   implementation passes.
 //! - [`registry`]: in-memory authorization index and change fan-out.
 //! - [`node_api`]: the agent-facing gRPC API over TLS 1.3.
 //! - [`admin_api`]: the operator-facing gRPC API on a Unix socket, and
