@@ -841,6 +841,7 @@ impl Admin for AdminApi {
             bundle_sequence: self.ca.bundle().sequence,
             entries,
             agents: self.registry.agent_count() as u64,
+            server_id: self.ca.config().server_id.to_string(),
         }))
     }
 }

@@ -652,6 +652,29 @@ mod tests {
     }
 
     #[test]
+    fn replica_id_feed_poll_and_change_retention() {
+        let (_d, path) = write("trust_domain = \"example.org\"\n");
+        let cfg = ServerConfig::load(Some(&path), Overrides::default()).unwrap();
+        assert_eq!(cfg.server.server_id, None);
+        assert_eq!(cfg.datastore.poll_interval, Duration::from_secs(5));
+        assert_eq!(cfg.retention.changes, 100_000);
+        let (_d, path) = write(
+            "trust_domain = \"example.org\"\n[server]\nserver_id = \"sigil-server-1\"\n[datastore]\npoll_interval = \"250ms\"\n[retention]\nentry_changes = 7\n",
+        );
+        let cfg = ServerConfig::load(Some(&path), Overrides::default()).unwrap();
+        assert_eq!(
+            cfg.server.server_id.as_ref().map(|s| s.as_str()),
+            Some("sigil-server-1")
+        );
+        assert_eq!(cfg.datastore.poll_interval, Duration::from_millis(250));
+        assert_eq!(cfg.retention.changes, 7, "the old name is still read");
+        let (_d, path) =
+            write("trust_domain = \"example.org\"\n[server]\nserver_id = \"Bad_Id\"\n");
+        let err = ServerConfig::load(Some(&path), Overrides::default()).unwrap_err();
+        assert!(err.to_string().contains("Bad_Id"), "{err}");
+    }
+
+    #[test]
     fn flags_override_file() {
         let (_d, path) = write("trust_domain = \"example.org\"\ndata_dir = \"/a\"\n");
         let o = Overrides {

@@ -188,6 +188,11 @@ pub async fn run(
     };
     let ca = CaManager::start(ca_config, store.clone(), keys, clock.clone(), upstream).await?;
     let registry = Registry::load(store.clone(), &td).await?;
+    // The CA follows the bundle (other replicas' publications) through the
+    // registry's reading of the feed; a change between the CA's start and
+    // the registry's load is read once here.
+    registry.add_listener(ca.clone());
+    crate::registry::ChangeListener::reload(ca.as_ref()).await;
     let audit = Audit::new(store.clone(), clock.clone());
     let metrics = Arc::new(crate::telemetry::ServerMetrics::default());
 
