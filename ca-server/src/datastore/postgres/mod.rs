@@ -263,12 +263,14 @@ impl PostgresDatastore {
 
     async fn query(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>> {
         let conn = self.conn().await?;
-        conn.query(sql, params).await.map_err(db)
+        let statement = conn.prepare_cached(sql).await.map_err(db)?;
+        conn.query(&statement, params).await.map_err(db)
     }
 
     async fn query_opt(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Option<Row>> {
         let conn = self.conn().await?;
-        conn.query_opt(sql, params).await.map_err(db)
+        let statement = conn.prepare_cached(sql).await.map_err(db)?;
+        conn.query_opt(&statement, params).await.map_err(db)
     }
 
     /// Runs `f` as one mutation (see the module documentation) and returns
@@ -285,13 +287,12 @@ impl PostgresDatastore {
             .start()
             .await
             .map_err(db)?;
-        let row = tx
-            .query_one(
-                "SELECT rev FROM sigil_revision WHERE id = 1 FOR UPDATE",
-                &[],
-            )
-            .await
-            .map_err(db)?;
+        let row = one(
+            &tx,
+            "SELECT rev FROM sigil_revision WHERE id = 1 FOR UPDATE",
+            &[],
+        )
+        .await?;
         let start: i64 = row.get(0);
         let mut w = Writer {
             tx,
@@ -301,12 +302,18 @@ impl PostgresDatastore {
         let out = f(&mut w).await?;
         let Writer { tx, start, rev } = w;
         if rev > start {
-            tx.execute("UPDATE sigil_revision SET rev = $1 WHERE id = 1", &[&rev])
-                .await
-                .map_err(db)?;
-            tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &rev.to_string()])
-                .await
-                .map_err(db)?;
+            exec(
+                &tx,
+                "UPDATE sigil_revision SET rev = $1 WHERE id = 1",
+                &[&rev],
+            )
+            .await?;
+            exec(
+                &tx,
+                "SELECT pg_notify($1, $2)",
+                &[&CHANNEL, &rev.to_string()],
+            )
+            .await?;
         }
         tx.commit().await.map_err(db)?;
         if rev > start {
@@ -324,10 +331,7 @@ impl PostgresDatastore {
     {
         self.write(move |w| {
             Box::pin(async move {
-                let row =
-                    w.tx.query_one("SELECT pg_try_advisory_xact_lock($1)", &[&key])
-                        .await
-                        .map_err(db)?;
+                let row = one(&w.tx, "SELECT pg_try_advisory_xact_lock($1)", &[&key]).await?;
                 if !row.get::<_, bool>(0) {
                     return Ok(None);
                 }
@@ -336,6 +340,31 @@ impl PostgresDatastore {
         })
         .await
     }
+}
+
+/// Runs a statement in `tx`, prepared once per connection (the pool's
+/// statement cache): one round trip instead of two.
+async fn exec(tx: &Tx<'_>, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64> {
+    let statement = tx.prepare_cached(sql).await.map_err(db)?;
+    tx.execute(&statement, params).await.map_err(db)
+}
+
+/// [`exec`] for the rows of a query.
+async fn rows(tx: &Tx<'_>, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>> {
+    let statement = tx.prepare_cached(sql).await.map_err(db)?;
+    tx.query(&statement, params).await.map_err(db)
+}
+
+/// [`exec`] for a query of at most one row.
+async fn opt(tx: &Tx<'_>, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Option<Row>> {
+    let statement = tx.prepare_cached(sql).await.map_err(db)?;
+    tx.query_opt(&statement, params).await.map_err(db)
+}
+
+/// [`exec`] for a query of exactly one row.
+async fn one(tx: &Tx<'_>, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Row> {
+    let statement = tx.prepare_cached(sql).await.map_err(db)?;
+    tx.query_one(&statement, params).await.map_err(db)
 }
 
 type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
@@ -357,13 +386,12 @@ impl Writer<'_> {
 
     /// Records `change` (its revision handed out by [`Writer::next`]).
     async fn record(&self, change: &Change) -> Result<()> {
-        self.tx
-            .execute(
-                "INSERT INTO sigil_changes (rev, change) VALUES ($1, $2)",
-                &[&int(change.revision)?, &Json(change)],
-            )
-            .await
-            .map_err(db)?;
+        exec(
+            &self.tx,
+            "INSERT INTO sigil_changes (rev, change) VALUES ($1, $2)",
+            &[&int(change.revision)?, &Json(change)],
+        )
+        .await?;
         Ok(())
     }
 
@@ -375,7 +403,7 @@ impl Writer<'_> {
     }
 
     async fn exists(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<bool> {
-        Ok(self.tx.query_opt(sql, params).await.map_err(db)?.is_some())
+        Ok(opt(&self.tx, sql, params).await?.is_some())
     }
 
     /// Appends audit events after the chain head, locked in this
@@ -405,22 +433,21 @@ impl Writer<'_> {
             revision: self.next(),
             ..entry.clone()
         };
-        self.tx
-            .execute(
-                "INSERT INTO sigil_entries (id, entry_key, spiffe_id, parent_id, owner, revision, body)
+        exec(
+            &self.tx,
+            "INSERT INTO sigil_entries (id, entry_key, spiffe_id, parent_id, owner, revision, body)
                  VALUES ($1, $2, $3, $4, $5, $6, $7)",
-                &[
-                    &entry.id.as_str(),
-                    &key,
-                    &entry.spiffe_id.as_str(),
-                    &entry.parent_id.as_str(),
-                    &entry.owner,
-                    &int(entry.revision)?,
-                    &Json(&entry),
-                ],
-            )
-            .await
-            .map_err(db)?;
+            &[
+                &entry.id.as_str(),
+                &key,
+                &entry.spiffe_id.as_str(),
+                &entry.parent_id.as_str(),
+                &entry.owner,
+                &int(entry.revision)?,
+                &Json(&entry),
+            ],
+        )
+        .await?;
         self.entry_change(ChangeKind::Created, &entry).await?;
         Ok(entry)
     }
@@ -430,14 +457,12 @@ impl Writer<'_> {
         entry: &RegistrationEntry,
         expected: Option<u64>,
     ) -> Result<RegistrationEntry> {
-        let Some(row) = self
-            .tx
-            .query_opt(
-                "SELECT body FROM sigil_entries WHERE id = $1 FOR UPDATE",
-                &[&entry.id.as_str()],
-            )
-            .await
-            .map_err(db)?
+        let Some(row) = opt(
+            &self.tx,
+            "SELECT body FROM sigil_entries WHERE id = $1 FOR UPDATE",
+            &[&entry.id.as_str()],
+        )
+        .await?
         else {
             return Err(DatastoreError::NotFound(format!("entry {}", entry.id)));
         };
@@ -457,9 +482,7 @@ impl Writer<'_> {
             revision: self.next(),
             ..entry.clone()
         };
-        self.tx
-            .execute(
-                "UPDATE sigil_entries SET entry_key = $2, spiffe_id = $3, parent_id = $4, owner = $5, revision = $6, body = $7
+        exec(&self.tx, "UPDATE sigil_entries SET entry_key = $2, spiffe_id = $3, parent_id = $4, owner = $5, revision = $6, body = $7
                  WHERE id = $1",
                 &[
                     &entry.id.as_str(),
@@ -469,10 +492,7 @@ impl Writer<'_> {
                     &entry.owner,
                     &int(entry.revision)?,
                     &Json(&entry),
-                ],
-            )
-            .await
-            .map_err(db)?;
+                ]).await?;
         self.entry_change(ChangeKind::Updated, &entry).await?;
         Ok(entry)
     }
@@ -482,14 +502,12 @@ impl Writer<'_> {
         id: &EntryId,
         expected: Option<u64>,
     ) -> Result<RegistrationEntry> {
-        let Some(row) = self
-            .tx
-            .query_opt(
-                "SELECT body FROM sigil_entries WHERE id = $1 FOR UPDATE",
-                &[&id.as_str()],
-            )
-            .await
-            .map_err(db)?
+        let Some(row) = opt(
+            &self.tx,
+            "SELECT body FROM sigil_entries WHERE id = $1 FOR UPDATE",
+            &[&id.as_str()],
+        )
+        .await?
         else {
             return Err(DatastoreError::NotFound(format!("entry {id}")));
         };
@@ -497,10 +515,12 @@ impl Writer<'_> {
         if expected.is_some_and(|r| r != old.revision) {
             return Err(DatastoreError::Conflict(format!("entry {id}")));
         }
-        self.tx
-            .execute("DELETE FROM sigil_entries WHERE id = $1", &[&id.as_str()])
-            .await
-            .map_err(db)?;
+        exec(
+            &self.tx,
+            "DELETE FROM sigil_entries WHERE id = $1",
+            &[&id.as_str()],
+        )
+        .await?;
         old.revision = self.next();
         self.entry_change(ChangeKind::Deleted, &old).await?;
         Ok(old)
@@ -523,13 +543,12 @@ async fn put_audit(tx: &Tx<'_>, events: &[AuditEvent]) -> Result<u64> {
     if events.is_empty() {
         return Ok(0);
     }
-    let row = tx
-        .query_one(
-            "SELECT head_seq, head_hash FROM sigil_audit_chain WHERE id = 1 FOR UPDATE",
-            &[],
-        )
-        .await
-        .map_err(db)?;
+    let row = one(
+        tx,
+        "SELECT head_seq, head_hash FROM sigil_audit_chain WHERE id = 1 FOR UPDATE",
+        &[],
+    )
+    .await?;
     let head = ChainHead {
         seq: uint(row.get(0)),
         hash: hash(row.get(1))?,
@@ -541,18 +560,18 @@ async fn put_audit(tx: &Tx<'_>, events: &[AuditEvent]) -> Result<u64> {
         .map(|e| sigil_identity::clock::unix_seconds(e.time))
         .max()
         .unwrap_or(0);
-    tx.execute(
+    exec(
+        tx,
         "INSERT INTO sigil_audit (first_seq, max_time, records) VALUES ($1, $2, $3)",
         &[&int(first)?, &int(max_time)?, &Json(&records)],
     )
-    .await
-    .map_err(db)?;
-    tx.execute(
+    .await?;
+    exec(
+        tx,
         "UPDATE sigil_audit_chain SET head_seq = $1, head_hash = $2 WHERE id = 1",
         &[&int(head.seq)?, &&head.hash[..]],
     )
-    .await
-    .map_err(db)?;
+    .await?;
     Ok(head.seq)
 }
 
@@ -718,20 +737,10 @@ impl Datastore for PostgresDatastore {
                     // Never past the current revision (held by this
                     // transaction), never lowered.
                     let floor = w.rev.min(through);
-                    let floor: i64 = w
-                        .tx
-                        .query_one(
-                            "UPDATE sigil_revision SET floor = greatest(floor, $1) WHERE id = 1 RETURNING floor",
-                            &[&floor],
-                        )
-                        .await
-                        .map_err(db)?
+                    let floor: i64 = one(&w.tx, "UPDATE sigil_revision SET floor = greatest(floor, $1) WHERE id = 1 RETURNING floor",
+                            &[&floor]).await?
                         .get(0);
-                    let n = w
-                        .tx
-                        .execute("DELETE FROM sigil_changes WHERE rev <= $1", &[&floor])
-                        .await
-                        .map_err(db)?;
+                    let n = exec(&w.tx, "DELETE FROM sigil_changes WHERE rev <= $1", &[&floor]).await?;
                     Ok(n as usize)
                 })
             })
@@ -746,20 +755,14 @@ impl Datastore for PostgresDatastore {
     ) -> Result<AgentRecord> {
         self.write(move |w| {
             Box::pin(async move {
-                let n = w
-                    .tx
-                    .execute(
-                        "INSERT INTO sigil_agents (id, banned, expires_at, body) VALUES ($1, $2, $3, $4)
+                let n = exec(&w.tx, "INSERT INTO sigil_agents (id, banned, expires_at, body) VALUES ($1, $2, $3, $4)
                          ON CONFLICT (id) DO NOTHING",
                         &[
                             &agent.id.as_str(),
                             &agent.banned,
                             &secs_floor(agent.expires_at)?,
                             &Json(&agent),
-                        ],
-                    )
-                    .await
-                    .map_err(db)?;
+                        ]).await?;
                 if n == 0 {
                     return Err(DatastoreError::AlreadyExists(format!("agent {}", agent.id)));
                 }
@@ -782,13 +785,12 @@ impl Datastore for PostgresDatastore {
     ) -> Result<AgentRecord> {
         self.write(move |w| {
             Box::pin(async move {
-                let Some(row) =
-                    w.tx.query_opt(
-                        "SELECT banned FROM sigil_agents WHERE id = $1 FOR UPDATE",
-                        &[&agent.id.as_str()],
-                    )
-                    .await
-                    .map_err(db)?
+                let Some(row) = opt(
+                    &w.tx,
+                    "SELECT banned FROM sigil_agents WHERE id = $1 FOR UPDATE",
+                    &[&agent.id.as_str()],
+                )
+                .await?
                 else {
                     return Err(DatastoreError::NotFound(format!("agent {}", agent.id)));
                 };
@@ -797,7 +799,8 @@ impl Datastore for PostgresDatastore {
                     banned: agent.banned || row.get::<_, bool>(0),
                     ..agent
                 };
-                w.tx.execute(
+                exec(
+                    &w.tx,
                     "UPDATE sigil_agents SET banned = $2, expires_at = $3, body = $4 WHERE id = $1",
                     &[
                         &stored.id.as_str(),
@@ -806,8 +809,7 @@ impl Datastore for PostgresDatastore {
                         &Json(&stored),
                     ],
                 )
-                .await
-                .map_err(db)?;
+                .await?;
                 w.change(Changed::Agent {
                     id: stored.id.clone(),
                     record: Some(stored.clone()),
@@ -841,13 +843,12 @@ impl Datastore for PostgresDatastore {
         let id = id.clone();
         self.write(move |w| {
             Box::pin(async move {
-                let Some(row) =
-                    w.tx.query_opt(
-                        "DELETE FROM sigil_agents WHERE id = $1 RETURNING body",
-                        &[&id.as_str()],
-                    )
-                    .await
-                    .map_err(db)?
+                let Some(row) = opt(
+                    &w.tx,
+                    "DELETE FROM sigil_agents WHERE id = $1 RETURNING body",
+                    &[&id.as_str()],
+                )
+                .await?
                 else {
                     return Err(DatastoreError::NotFound(format!("agent {id}")));
                 };
@@ -870,14 +871,8 @@ impl Datastore for PostgresDatastore {
                 Box::pin(async move {
                     // Row locks: a renewal committed meanwhile is seen
                     // (READ COMMITTED re-checks the condition) and kept.
-                    let rows = w
-                        .tx
-                        .query(
-                            "DELETE FROM sigil_agents WHERE NOT banned AND expires_at < $1 RETURNING body",
-                            &[&before],
-                        )
-                        .await
-                        .map_err(db)?;
+                    let rows = rows(&w.tx, "DELETE FROM sigil_agents WHERE NOT banned AND expires_at < $1 RETURNING body",
+                            &[&before]).await?;
                     let mut ids = Vec::with_capacity(rows.len());
                     for row in &rows {
                         let agent: AgentRecord = json(row, 0)?;
@@ -905,18 +900,17 @@ impl Datastore for PostgresDatastore {
     ) -> Result<()> {
         self.write(move |w| {
             Box::pin(async move {
-                let n =
-                    w.tx.execute(
-                        "INSERT INTO sigil_join_tokens (hash, expires_at, body) VALUES ($1, $2, $3)
+                let n = exec(
+                    &w.tx,
+                    "INSERT INTO sigil_join_tokens (hash, expires_at, body) VALUES ($1, $2, $3)
                          ON CONFLICT (hash) DO NOTHING",
-                        &[
-                            &token.hash.as_str(),
-                            &secs_floor(token.expires_at)?,
-                            &Json(&token),
-                        ],
-                    )
-                    .await
-                    .map_err(db)?;
+                    &[
+                        &token.hash.as_str(),
+                        &secs_floor(token.expires_at)?,
+                        &Json(&token),
+                    ],
+                )
+                .await?;
                 if n == 0 {
                     return Err(DatastoreError::AlreadyExists("join token".into()));
                 }
@@ -942,13 +936,12 @@ impl Datastore for PostgresDatastore {
         let record: JoinTokenRecord = self
             .write(move |w| {
                 Box::pin(async move {
-                    let Some(row) =
-                        w.tx.query_opt(
-                            "DELETE FROM sigil_join_tokens WHERE hash = $1 RETURNING body",
-                            &[&hash.as_str()],
-                        )
-                        .await
-                        .map_err(db)?
+                    let Some(row) = opt(
+                        &w.tx,
+                        "DELETE FROM sigil_join_tokens WHERE hash = $1 RETURNING body",
+                        &[&hash.as_str()],
+                    )
+                    .await?
                     else {
                         return Err(DatastoreError::NotFound("join token".into()));
                     };
@@ -972,13 +965,12 @@ impl Datastore for PostgresDatastore {
         let removed = self
             .singleton(LOCK_PRUNE_TOKENS, move |w| {
                 Box::pin(async move {
-                    let rows =
-                        w.tx.query(
-                            "DELETE FROM sigil_join_tokens WHERE expires_at <= $1 RETURNING body",
-                            &[&now],
-                        )
-                        .await
-                        .map_err(db)?;
+                    let rows = rows(
+                        &w.tx,
+                        "DELETE FROM sigil_join_tokens WHERE expires_at <= $1 RETURNING body",
+                        &[&now],
+                    )
+                    .await?;
                     let mut tokens: Vec<JoinTokenRecord> =
                         rows.iter().map(|r| json(r, 0)).collect::<Result<_>>()?;
                     tokens.sort_by(|a, b| a.hash.cmp(&b.hash));
@@ -1001,14 +993,8 @@ impl Datastore for PostgresDatastore {
         self.write(move |w| {
             Box::pin(async move {
                 let td = bundle.trust_domain.as_str();
-                if let Some(row) = w
-                    .tx
-                    .query_opt(
-                        "SELECT sequence FROM sigil_bundles WHERE trust_domain = $1 FOR UPDATE",
-                        &[&td],
-                    )
-                    .await
-                    .map_err(db)?
+                if let Some(row) = opt(&w.tx, "SELECT sequence FROM sigil_bundles WHERE trust_domain = $1 FOR UPDATE",
+                        &[&td]).await?
                 {
                     let stored = uint(row.get(0));
                     if bundle.sequence <= stored {
@@ -1019,13 +1005,9 @@ impl Datastore for PostgresDatastore {
                         });
                     }
                 }
-                w.tx.execute(
-                    "INSERT INTO sigil_bundles (trust_domain, sequence, body) VALUES ($1, $2, $3)
+                exec(&w.tx, "INSERT INTO sigil_bundles (trust_domain, sequence, body) VALUES ($1, $2, $3)
                      ON CONFLICT (trust_domain) DO UPDATE SET sequence = EXCLUDED.sequence, body = EXCLUDED.body",
-                    &[&td, &int(bundle.sequence)?, &Json(&bundle)],
-                )
-                .await
-                .map_err(db)?;
+                    &[&td, &int(bundle.sequence)?, &Json(&bundle)]).await?;
                 w.change(Changed::Bundle {
                     trust_domain: bundle.trust_domain.clone(),
                     bundle: Some(bundle.clone()),
@@ -1058,13 +1040,12 @@ impl Datastore for PostgresDatastore {
         let td = td.clone();
         self.write(move |w| {
             Box::pin(async move {
-                let n =
-                    w.tx.execute(
-                        "DELETE FROM sigil_bundles WHERE trust_domain = $1",
-                        &[&td.as_str()],
-                    )
-                    .await
-                    .map_err(db)?;
+                let n = exec(
+                    &w.tx,
+                    "DELETE FROM sigil_bundles WHERE trust_domain = $1",
+                    &[&td.as_str()],
+                )
+                .await?;
                 if n == 0 {
                     return Err(DatastoreError::NotFound(format!("bundle of {td}")));
                 }
@@ -1083,14 +1064,8 @@ impl Datastore for PostgresDatastore {
         let td = td.clone();
         self.write(move |w| {
             Box::pin(async move {
-                let stored = w
-                    .tx
-                    .query_opt(
-                        "SELECT body FROM sigil_bundles WHERE trust_domain = $1 FOR UPDATE",
-                        &[&td.as_str()],
-                    )
-                    .await
-                    .map_err(db)?;
+                let stored = opt(&w.tx, "SELECT body FROM sigil_bundles WHERE trust_domain = $1 FOR UPDATE",
+                        &[&td.as_str()]).await?;
                 let (mut bundle, exists) = match &stored {
                     Some(row) => (json::<Bundle>(row, 0)?, true),
                     None => (Bundle::new(td.clone()), false),
@@ -1099,13 +1074,9 @@ impl Datastore for PostgresDatastore {
                     return Ok(bundle);
                 }
                 bundle.sequence += 1;
-                w.tx.execute(
-                    "INSERT INTO sigil_bundles (trust_domain, sequence, body) VALUES ($1, $2, $3)
+                exec(&w.tx, "INSERT INTO sigil_bundles (trust_domain, sequence, body) VALUES ($1, $2, $3)
                      ON CONFLICT (trust_domain) DO UPDATE SET sequence = EXCLUDED.sequence, body = EXCLUDED.body",
-                    &[&td.as_str(), &int(bundle.sequence)?, &Json(&bundle)],
-                )
-                .await
-                .map_err(db)?;
+                    &[&td.as_str(), &int(bundle.sequence)?, &Json(&bundle)]).await?;
                 w.change(Changed::Bundle {
                     trust_domain: td.clone(),
                     bundle: Some(bundle.clone()),
@@ -1131,13 +1102,13 @@ impl Datastore for PostgresDatastore {
         let server = server.clone();
         self.write(move |w| {
             Box::pin(async move {
-                w.tx.execute(
+                exec(
+                    &w.tx,
                     "INSERT INTO sigil_ca_journals (server_id, journal) VALUES ($1, $2)
                      ON CONFLICT (server_id) DO UPDATE SET journal = EXCLUDED.journal",
                     &[&server.as_str(), &journal],
                 )
-                .await
-                .map_err(db)?;
+                .await?;
                 w.change(Changed::CaJournal {
                     server_id: server.clone(),
                 })
@@ -1208,22 +1179,12 @@ impl Datastore for PostgresDatastore {
                     let tx = &w.tx;
                     // The first record (in stored order) holding an event at
                     // or after the cut-off stays, with all after it.
-                    let stop: Option<i64> = tx
-                        .query_one(
-                            "SELECT min(first_seq) FROM sigil_audit WHERE max_time >= $1",
-                            &[&before],
-                        )
-                        .await
-                        .map_err(db)?
+                    let stop: Option<i64> = one(tx, "SELECT min(first_seq) FROM sigil_audit WHERE max_time >= $1",
+                            &[&before]).await?
                         .get(0);
                     let stop = stop.unwrap_or(i64::MAX);
-                    let Some(last) = tx
-                        .query_opt(
-                            "SELECT records FROM sigil_audit WHERE first_seq < $1 ORDER BY first_seq DESC LIMIT 1",
-                            &[&stop],
-                        )
-                        .await
-                        .map_err(db)?
+                    let Some(last) = opt(tx, "SELECT records FROM sigil_audit WHERE first_seq < $1 ORDER BY first_seq DESC LIMIT 1",
+                            &[&stop]).await?
                     else {
                         return Ok(0);
                     };
@@ -1235,27 +1196,14 @@ impl Datastore for PostgresDatastore {
                         seq: last.seq,
                         hash: last.prev.map_or(chain::ZERO, |_| chain::record_hash(last)),
                     };
-                    let removed: i64 = tx
-                        .query_one(
-                            "WITH gone AS (DELETE FROM sigil_audit WHERE first_seq < $1 RETURNING records)
+                    let removed: i64 = one(tx, "WITH gone AS (DELETE FROM sigil_audit WHERE first_seq < $1 RETURNING records)
                              SELECT coalesce(sum(jsonb_array_length(records)), 0)::bigint FROM gone",
-                            &[&stop],
-                        )
-                        .await
-                        .map_err(db)?
+                            &[&stop]).await?
                         .get(0);
-                    tx.execute(
-                        "UPDATE sigil_audit_chain SET anchor_seq = $1, anchor_hash = $2 WHERE id = 1",
-                        &[&int(anchor.seq)?, &&anchor.hash[..]],
-                    )
-                    .await
-                    .map_err(db)?;
-                    tx.execute(
-                        "DELETE FROM sigil_audit_checkpoints WHERE size < $1",
-                        &[&int(anchor.seq)?],
-                    )
-                    .await
-                    .map_err(db)?;
+                    exec(tx, "UPDATE sigil_audit_chain SET anchor_seq = $1, anchor_hash = $2 WHERE id = 1",
+                        &[&int(anchor.seq)?, &&anchor.hash[..]]).await?;
+                    exec(tx, "DELETE FROM sigil_audit_checkpoints WHERE size < $1",
+                        &[&int(anchor.seq)?]).await?;
                     Ok(uint(removed) as usize)
                 })
             })
