@@ -455,3 +455,44 @@ async fn tls_verify_full_checks_the_root_and_the_host_name() {
         .await
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issuance_audit_events_are_held_through_an_outage_and_written_after() {
+    if !available() {
+        return;
+    }
+    let cluster = OwnCluster::start();
+    let settings = PgSettings::parse(&cluster.connection(), None).unwrap();
+    let store: std::sync::Arc<dyn Datastore> =
+        std::sync::Arc::new(PostgresDatastore::open(settings, options()).await.unwrap());
+    let audit = crate::audit::Audit::new(
+        store.clone(),
+        std::sync::Arc::new(sigil_identity::clock::SystemClock),
+    );
+    cluster.stop();
+    for i in 0..10 {
+        let e = audit.issued(
+            "agent",
+            "svid.x509.issue",
+            &format!("w{i}"),
+            SystemTime::now(),
+        );
+        audit.record_issued(vec![e]).await;
+    }
+    // Tried (and held) while the database is down.
+    audit.flush().await;
+    cluster.up();
+    let written = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match store.list_audit(0, 100).await {
+                Ok(events) if events.len() == 10 => return events,
+                _ => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    })
+    .await
+    .expect("the held events were written once the database was back");
+    let targets: Vec<_> = written.iter().map(|(_, e)| e.target.clone()).collect();
+    let want: Vec<_> = (0..10).map(|i| format!("w{i}")).collect();
+    assert_eq!(targets, want, "in order, each once");
+}
