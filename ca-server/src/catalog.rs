@@ -22,7 +22,7 @@ use tracing::{info, warn};
 use crate::ca::keys::{DiskKeyManager, KeyManager, KeyManagerError, MemoryKeyManager};
 use crate::ca::x509::UpstreamCa;
 use crate::config::{K8sPsatSection, KeyManagerKind, ServerConfig};
-use crate::datastore::{Datastore, DatastoreError, SledDatastore, TokenHash};
+use crate::datastore::{Datastore, DatastoreError, TokenHash};
 use crate::server_id::{ServerId, ServerIdError};
 
 /// Why a part of the catalog could not be built.
@@ -112,12 +112,10 @@ fn private_data_dir(config: &ServerConfig) -> Result<(), CatalogError> {
     Ok(())
 }
 
-/// Opens the datastore the configuration names. The one place that
-/// chooses the implementation.
+/// Opens the datastore the configuration names (`[datastore]`; the
+/// choice itself is [`crate::datastore::open`]).
 pub async fn open_datastore(config: &ServerConfig) -> Result<Arc<dyn Datastore>, CatalogError> {
-    Ok(Arc::new(SledDatastore::open(
-        config.data_dir.join("datastore"),
-    )?))
+    Ok(crate::datastore::open(&config.datastore, &config.data_dir).await?)
 }
 
 /// Opens the CA key manager the configuration names.

@@ -16,6 +16,7 @@ mod file_hygiene;
 mod mtls;
 mod node_connection;
 mod outage;
+mod postgres_outage;
 mod quickstart;
 mod regcode;
 mod register;
