@@ -85,6 +85,9 @@ pub struct DatastoreSection {
     /// PostgreSQL: libpq `key=value` string or `postgresql://` URL; several
     /// hosts allowed. `sslmode` and `sslrootcert` as in libpq.
     pub connection: Option<ConnectionString>,
+    /// PostgreSQL: a file holding the connection string (a mounted
+    /// Secret), instead of `connection`; read once at startup.
+    pub connection_file: Option<PathBuf>,
     /// PostgreSQL: a file whose first line is the password (instead of
     /// one in `connection`).
     pub password_file: Option<PathBuf>,
@@ -100,6 +103,7 @@ impl Default for DatastoreSection {
         Self {
             kind: DatastoreKind::Sled,
             connection: None,
+            connection_file: None,
             password_file: None,
             pool_size: 16,
             poll_interval: Duration::from_secs(5),
@@ -526,8 +530,38 @@ impl ServerConfig {
         if let Some(v) = overrides.server_id {
             cfg.server.server_id = Some(v);
         }
+        cfg.read_connection_file()?;
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// Takes `datastore.connection` from `datastore.connection_file`. The
+    /// file's content (it may hold a password) is never part of an error.
+    fn read_connection_file(&mut self) -> Result<(), ConfigError> {
+        let ds = &mut self.datastore;
+        let Some(path) = &ds.connection_file else {
+            return Ok(());
+        };
+        if ds.connection.is_some() {
+            return Err(ConfigError::Invalid(
+                "datastore.connection and datastore.connection_file are both set: keep one".into(),
+            ));
+        }
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::Invalid(format!(
+                "cannot read datastore.connection_file {}: {e}",
+                path.display()
+            ))
+        })?;
+        let connection = text.trim();
+        if connection.is_empty() {
+            return Err(ConfigError::Invalid(format!(
+                "datastore.connection_file {} is empty: it must hold the connection string",
+                path.display()
+            )));
+        }
+        ds.connection = Some(ConnectionString(connection.to_owned()));
+        Ok(())
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
@@ -789,6 +823,49 @@ mod tests {
         ));
         let err = ServerConfig::load(Some(&path), Overrides::default()).unwrap_err();
         assert!(err.to_string().contains("audiences"), "{err}");
+    }
+
+    #[test]
+    fn the_connection_string_may_come_from_a_file_and_never_shows_in_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = dir.path().join("connection");
+        std::fs::write(&conn, "host=db user=sigil password=hunter2 dbname=sigil\n").unwrap();
+        let (_d, path) = write(&format!(
+            "trust_domain = \"example.org\"\n[datastore]\ntype = \"postgres\"\nconnection_file = \"{}\"\n",
+            conn.display()
+        ));
+        let cfg = ServerConfig::load(Some(&path), Overrides::default()).unwrap();
+        assert_eq!(
+            cfg.datastore.connection.as_ref().map(|c| c.expose()),
+            Some("host=db user=sigil password=hunter2 dbname=sigil")
+        );
+        assert!(!format!("{:?}", cfg.datastore).contains("hunter2"));
+        // Both set: refused.
+        let (_d, path) = write(&format!(
+            "trust_domain = \"example.org\"\n[datastore]\ntype = \"postgres\"\nconnection = \"host=db\"\nconnection_file = \"{}\"\n",
+            conn.display()
+        ));
+        let err = ServerConfig::load(Some(&path), Overrides::default()).unwrap_err();
+        assert!(err.to_string().contains("both set"), "{err}");
+        // A bad string in the file: the error does not repeat the password.
+        std::fs::write(&conn, "host=db password=hunter2 sslmode=bogus\n").unwrap();
+        let (_d, path) = write(&format!(
+            "trust_domain = \"example.org\"\n[datastore]\ntype = \"postgres\"\nconnection_file = \"{}\"\n",
+            conn.display()
+        ));
+        let err = ServerConfig::load(Some(&path), Overrides::default()).unwrap_err();
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+        // Missing or empty file: named.
+        std::fs::write(&conn, "\n").unwrap();
+        let err = ServerConfig::load(Some(&path), Overrides::default()).unwrap_err();
+        assert!(err.to_string().contains("is empty"), "{err}");
+        std::fs::remove_file(&conn).unwrap();
+        let err = ServerConfig::load(Some(&path), Overrides::default()).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("cannot read datastore.connection_file"),
+            "{err}"
+        );
     }
 
     #[test]
