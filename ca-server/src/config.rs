@@ -154,6 +154,59 @@ pub enum KeyManagerKind {
     Disk,
     /// In memory only: a restart makes new CA keys.
     Memory,
+    /// In a PKCS#11 token (an HSM), set up in `[ca.pkcs11]`: keys are
+    /// generated in the token, non-extractable, and sign there.
+    Pkcs11,
+}
+
+/// `[ca.pkcs11]`: the token that holds the CA keys. The PIN comes from a
+/// file or an environment variable, never from this file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pkcs11Section {
+    /// Path of the PKCS#11 module (e.g. `/usr/lib/softhsm/libsofthsm2.so`).
+    pub module: PathBuf,
+    /// Label of the token.
+    pub token_label: String,
+    /// File holding the user PIN (one line; a trailing newline is ignored).
+    pub pin_file: Option<PathBuf>,
+    /// Environment variable holding the user PIN.
+    pub pin_env: Option<String>,
+    /// Refused: present only to explain why (see [`ServerConfig::load`]).
+    #[serde(default)]
+    pin: Option<serde::de::IgnoredAny>,
+}
+
+impl Pkcs11Section {
+    /// Reads the user PIN from `pin_file` or `pin_env`.
+    pub fn read_pin(&self) -> Result<zeroize::Zeroizing<String>, ConfigError> {
+        use zeroize::Zeroizing;
+        let pin = match (&self.pin_file, &self.pin_env) {
+            (Some(path), None) => {
+                let text = Zeroizing::new(
+                    std::fs::read_to_string(path)
+                        .map_err(|e| ConfigError::Read(path.clone(), e))?,
+                );
+                Zeroizing::new(text.trim_end_matches(['\r', '\n']).to_owned())
+            }
+            (None, Some(var)) => Zeroizing::new(std::env::var(var).map_err(|_| {
+                ConfigError::Invalid(format!(
+                    "ca.pkcs11.pin_env: environment variable {var} is not set (or not UTF-8)"
+                ))
+            })?),
+            _ => {
+                return Err(ConfigError::Invalid(
+                    "ca.pkcs11: set exactly one of pin_file and pin_env".into(),
+                ));
+            }
+        };
+        if pin.is_empty() {
+            return Err(ConfigError::Invalid(
+                "ca.pkcs11: the PIN is empty (check pin_file / pin_env)".into(),
+            ));
+        }
+        Ok(pin)
+    }
 }
 
 /// The certificate authority.
@@ -173,6 +226,8 @@ pub struct CaSection {
     pub key_type: KeyAlgorithm,
     /// Where CA keys are kept.
     pub key_manager: KeyManagerKind,
+    /// The token, for `key_manager = "pkcs11"`.
+    pub pkcs11: Option<Pkcs11Section>,
     /// Upstream CA certificate chain (PEM); with `upstream_key`, Sigil's CA
     /// becomes an intermediate of it.
     pub upstream_cert: Option<PathBuf>,
@@ -191,6 +246,7 @@ impl Default for CaSection {
             jwt_svid_ttl: crate::ca::DEFAULT_JWT_SVID_TTL,
             key_type: KeyAlgorithm::EcP256,
             key_manager: KeyManagerKind::Disk,
+            pkcs11: None,
             upstream_cert: None,
             upstream_key: None,
             bundle_refresh_hint: None,
@@ -480,6 +536,39 @@ impl ServerConfig {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
+        match (&self.ca.key_manager, &self.ca.pkcs11) {
+            (KeyManagerKind::Pkcs11, None) => {
+                return Err(ConfigError::Invalid(
+                    "ca.key_manager = \"pkcs11\" needs a [ca.pkcs11] section with module, \
+                     token_label and pin_file or pin_env"
+                        .into(),
+                ));
+            }
+            (KeyManagerKind::Pkcs11, Some(p)) => {
+                if p.pin.is_some() {
+                    return Err(ConfigError::Invalid(
+                        "ca.pkcs11.pin is refused: a PIN in the config file leaks through \
+                         backups, config management and `ps`-visible tooling; put it in a file \
+                         readable only by the server (pin_file) or an environment variable \
+                         (pin_env)"
+                            .into(),
+                    ));
+                }
+                if p.pin_file.is_some() == p.pin_env.is_some() {
+                    return Err(ConfigError::Invalid(
+                        "ca.pkcs11: set exactly one of pin_file and pin_env".into(),
+                    ));
+                }
+            }
+            (_, Some(_)) => {
+                return Err(ConfigError::Invalid(
+                    "[ca.pkcs11] is set but ca.key_manager is not \"pkcs11\"; set \
+                     ca.key_manager = \"pkcs11\" or remove the section"
+                        .into(),
+                ));
+            }
+            _ => {}
+        }
         if self.ca.upstream_cert.is_some() != self.ca.upstream_key.is_some() {
             return Err(ConfigError::Invalid(
                 "ca.upstream_cert and ca.upstream_key must be set together".into(),

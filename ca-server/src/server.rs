@@ -66,6 +66,8 @@ pub enum ServerError {
     Telemetry(std::io::Error),
     #[error("server id: {0}")]
     ServerId(#[from] crate::server_id::ServerIdError),
+    #[error("configuration: {0}")]
+    Config(#[from] crate::config::ConfigError),
 }
 
 /// Builds the `k8s_psat` attestor from its configuration section.
@@ -173,6 +175,22 @@ pub async fn run(
     let keys: Arc<dyn KeyManager> = match config.ca.key_manager {
         KeyManagerKind::Disk => Arc::new(DiskKeyManager::open(config.data_dir.join("keys"))?),
         KeyManagerKind::Memory => Arc::new(MemoryKeyManager::default()),
+        KeyManagerKind::Pkcs11 => {
+            // `validate` guarantees the section for this kind.
+            let p = config.ca.pkcs11.as_ref().ok_or_else(|| {
+                ServerError::Keys(crate::ca::keys::KeyManagerError::Pkcs11(
+                    "ca.key_manager = \"pkcs11\" needs [ca.pkcs11]".into(),
+                ))
+            })?;
+            let pin = p.read_pin()?;
+            Arc::new(crate::ca::pkcs11::Pkcs11KeyManager::open(
+                crate::ca::pkcs11::Pkcs11Settings {
+                    module: p.module.clone(),
+                    token_label: p.token_label.clone(),
+                    pin,
+                },
+            )?)
+        }
     };
     let upstream = match (&config.ca.upstream_cert, &config.ca.upstream_key) {
         (Some(cert), Some(key)) => Some(UpstreamCa::load(cert, key, &td)?),
