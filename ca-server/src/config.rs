@@ -782,4 +782,57 @@ mod tests {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/server.toml");
         ServerConfig::load(Some(&path), Overrides::default()).unwrap();
     }
+
+    #[test]
+    fn pkcs11_section_is_checked_and_the_pin_stays_out_of_the_config() {
+        let head = "trust_domain = \"example.org\"\n[ca]\nkey_manager = \"pkcs11\"\n";
+        let section =
+            "[ca.pkcs11]\nmodule = \"/usr/lib/softhsm/libsofthsm2.so\"\ntoken_label = \"sigil\"\n";
+        let load = |text: String| ServerConfig::load(Some(&write(&text).1), Overrides::default());
+
+        let err = load(format!("{head}{section}pin = \"1234\"\n")).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("ca.pkcs11.pin is refused") && msg.contains("pin_file"),
+            "{msg}"
+        );
+        assert!(!msg.contains("1234"), "the PIN is never echoed: {msg}");
+
+        let err = load(head.to_owned()).unwrap_err();
+        assert!(err.to_string().contains("[ca.pkcs11]"), "{err}");
+        let err = load(format!("{head}{section}")).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("exactly one of pin_file and pin_env"),
+            "{err}"
+        );
+        let err = load(format!(
+            "trust_domain = \"example.org\"\n{section}pin_env = \"X\"\n"
+        ))
+        .unwrap_err();
+        assert!(err.to_string().contains("is not \"pkcs11\""), "{err}");
+
+        let dir = tempfile::tempdir().unwrap();
+        let pin = dir.path().join("pin");
+        std::fs::write(&pin, "4711\n").unwrap();
+        let cfg = load(format!("{head}{section}pin_file = \"{}\"\n", pin.display())).unwrap();
+        assert_eq!(cfg.ca.key_manager, KeyManagerKind::Pkcs11);
+        let p = cfg.ca.pkcs11.unwrap();
+        assert_eq!(
+            p.read_pin().unwrap().as_str(),
+            "4711",
+            "trailing newline dropped"
+        );
+        std::fs::write(&pin, "\n").unwrap();
+        assert!(p.read_pin().is_err(), "an empty PIN is refused");
+        let cfg = load(format!(
+            "{head}{section}pin_env = \"SIGIL_TEST_UNSET_PIN_VAR\"\n"
+        ))
+        .unwrap();
+        let err = cfg.ca.pkcs11.unwrap().read_pin().unwrap_err();
+        assert!(
+            err.to_string().contains("SIGIL_TEST_UNSET_PIN_VAR"),
+            "{err}"
+        );
+    }
 }

@@ -13,7 +13,7 @@ use super::keys::{CaKey, CaSigner, KeyManagerError};
 /// Encodes a fixed-width ECDSA signature `r || s` as the X.509
 /// `Ecdsa-Sig-Value ::= SEQUENCE { r INTEGER, s INTEGER }`.
 pub fn ecdsa_der(fixed: &[u8]) -> Result<Vec<u8>, KeyManagerError> {
-    if fixed.is_empty() || fixed.len() % 2 != 0 {
+    if fixed.is_empty() || !fixed.len().is_multiple_of(2) {
         return Err(KeyManagerError::Sign(format!(
             "the signature has {} bytes; ECDSA r || s has an even, non-zero length",
             fixed.len()
