@@ -248,3 +248,47 @@ async fn hsm_restart_keeps_signing_with_the_token_keys() {
     let t = ca.mint_jwt_svid(&web(), &["svc".into()], None).unwrap();
     jwt::validate(&t.token, &["svc"], &*bundle, now).expect("signed by the same JWT key");
 }
+
+#[tokio::test]
+async fn hsm_errors_name_the_token_and_what_to_check() {
+    let Some(hsm) = token("hsm_errors_name_the_token_and_what_to_check") else {
+        return;
+    };
+    let open = |label: &str, pin: &str| {
+        Pkcs11KeyManager::open(Pkcs11Settings {
+            module: hsm.module.clone(),
+            token_label: label.to_owned(),
+            pin: Zeroizing::new(pin.to_owned()),
+        })
+    };
+    let err = open("no-such-token", &hsm.pin).unwrap_err().to_string();
+    assert!(
+        err.contains(&hsm.module.display().to_string())
+            && err.contains("no-such-token")
+            && err.contains(&hsm.label),
+        "names the module, the label asked for and the tokens there: {err}"
+    );
+    let err = open(&hsm.label, "wrong-pin-0000").unwrap_err().to_string();
+    assert!(
+        err.contains("login") && err.contains("check the PIN"),
+        "a wrong PIN says what to check: {err}"
+    );
+    assert!(
+        !err.contains("wrong-pin-0000"),
+        "the PIN is never shown: {err}"
+    );
+    let err = Pkcs11KeyManager::open(Pkcs11Settings {
+        module: "/nonexistent/libpkcs11.so".into(),
+        token_label: hsm.label.clone(),
+        pin: Zeroizing::new(hsm.pin.clone()),
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("/nonexistent/libpkcs11.so") && err.contains("cannot load"),
+        "{err}"
+    );
+    // The right PIN still works after the failures.
+    let keys = open(&hsm.label, &hsm.pin).unwrap();
+    assert!(format!("{keys:?}").contains(&hsm.label));
+}
