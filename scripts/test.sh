@@ -22,6 +22,20 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   fi
 fi
 
+# SoftHSM2: the PKCS#11 key manager's tests (ca-server/tests/pkcs11.rs,
+# tests/tests/server/pkcs11.rs) run against a real token module and must
+# not skip here.
+if [ ! -e /usr/lib/softhsm/libsofthsm2.so ] || ! command -v softhsm2-util >/dev/null 2>&1; then
+  echo "==> installing softhsm2 (used by the PKCS#11 tests)"
+  if [ "$(id -u)" -eq 0 ]; then
+    apt-get update -qq && apt-get install -y -qq softhsm2
+  else
+    sudo apt-get update -qq && sudo apt-get install -y -qq softhsm2
+  fi
+fi
+export SIGIL_SOFTHSM2_MODULE=/usr/lib/softhsm/libsofthsm2.so
+export SIGIL_REQUIRE_SOFTHSM2=1
+
 # The official Python SPIFFE client for the interop test, pinned.
 req=tests/tests/agent/interop/requirements.txt
 if [ ! -x .venv/bin/python ] || ! cmp -s "$req" .venv/requirements.txt; then

@@ -41,6 +41,8 @@ pub enum CatalogError {
     Attestor(#[from] AttestError),
     #[error("server id: {0}")]
     ServerId(#[from] ServerIdError),
+    #[error("{0}")]
+    Config(#[from] crate::config::ConfigError),
 }
 
 /// Node attestors by name (`join_token`, `x509pop`, `k8s_psat`).
@@ -123,6 +125,20 @@ fn open_key_manager(config: &ServerConfig) -> Result<Arc<dyn KeyManager>, Catalo
     Ok(match config.ca.key_manager {
         KeyManagerKind::Disk => Arc::new(DiskKeyManager::open(config.data_dir.join("keys"))?),
         KeyManagerKind::Memory => Arc::new(MemoryKeyManager::default()),
+        KeyManagerKind::Pkcs11 => {
+            // `validate` guarantees the section for this kind.
+            let p = config.ca.pkcs11.as_ref().ok_or_else(|| {
+                KeyManagerError::Pkcs11("ca.key_manager = \"pkcs11\" needs [ca.pkcs11]".into())
+            })?;
+            let pin = p.read_pin()?;
+            Arc::new(crate::ca::pkcs11::Pkcs11KeyManager::open(
+                crate::ca::pkcs11::Pkcs11Settings {
+                    module: p.module.clone(),
+                    token_label: p.token_label.clone(),
+                    pin,
+                },
+            )?)
+        }
     })
 }
 

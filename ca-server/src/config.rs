@@ -205,6 +205,59 @@ pub enum KeyManagerKind {
     Disk,
     /// In memory only: a restart makes new CA keys.
     Memory,
+    /// In a PKCS#11 token (an HSM), set up in `[ca.pkcs11]`: keys are
+    /// generated in the token, non-extractable, and sign there.
+    Pkcs11,
+}
+
+/// `[ca.pkcs11]`: the token that holds the CA keys. The PIN comes from a
+/// file or an environment variable, never from this file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pkcs11Section {
+    /// Path of the PKCS#11 module (e.g. `/usr/lib/softhsm/libsofthsm2.so`).
+    pub module: PathBuf,
+    /// Label of the token.
+    pub token_label: String,
+    /// File holding the user PIN (one line; a trailing newline is ignored).
+    pub pin_file: Option<PathBuf>,
+    /// Environment variable holding the user PIN.
+    pub pin_env: Option<String>,
+    /// Refused: present only to explain why (see [`ServerConfig::load`]).
+    #[serde(default)]
+    pin: Option<serde::de::IgnoredAny>,
+}
+
+impl Pkcs11Section {
+    /// Reads the user PIN from `pin_file` or `pin_env`.
+    pub fn read_pin(&self) -> Result<zeroize::Zeroizing<String>, ConfigError> {
+        use zeroize::Zeroizing;
+        let pin = match (&self.pin_file, &self.pin_env) {
+            (Some(path), None) => {
+                let text = Zeroizing::new(
+                    std::fs::read_to_string(path)
+                        .map_err(|e| ConfigError::Read(path.clone(), e))?,
+                );
+                Zeroizing::new(text.trim_end_matches(['\r', '\n']).to_owned())
+            }
+            (None, Some(var)) => Zeroizing::new(std::env::var(var).map_err(|_| {
+                ConfigError::Invalid(format!(
+                    "ca.pkcs11.pin_env: environment variable {var} is not set (or not UTF-8)"
+                ))
+            })?),
+            _ => {
+                return Err(ConfigError::Invalid(
+                    "ca.pkcs11: set exactly one of pin_file and pin_env".into(),
+                ));
+            }
+        };
+        if pin.is_empty() {
+            return Err(ConfigError::Invalid(
+                "ca.pkcs11: the PIN is empty (check pin_file / pin_env)".into(),
+            ));
+        }
+        Ok(pin)
+    }
 }
 
 /// The certificate authority.
@@ -224,6 +277,8 @@ pub struct CaSection {
     pub key_type: KeyAlgorithm,
     /// Where CA keys are kept.
     pub key_manager: KeyManagerKind,
+    /// The token, for `key_manager = "pkcs11"`.
+    pub pkcs11: Option<Pkcs11Section>,
     /// Upstream CA certificate chain (PEM); with `upstream_key`, Sigil's CA
     /// becomes an intermediate of it.
     pub upstream_cert: Option<PathBuf>,
@@ -242,6 +297,7 @@ impl Default for CaSection {
             jwt_svid_ttl: crate::ca::DEFAULT_JWT_SVID_TTL,
             key_type: KeyAlgorithm::EcP256,
             key_manager: KeyManagerKind::Disk,
+            pkcs11: None,
             upstream_cert: None,
             upstream_key: None,
             bundle_refresh_hint: None,
@@ -589,6 +645,39 @@ impl ServerConfig {
                     .into(),
             ));
         }
+        match (&self.ca.key_manager, &self.ca.pkcs11) {
+            (KeyManagerKind::Pkcs11, None) => {
+                return Err(ConfigError::Invalid(
+                    "ca.key_manager = \"pkcs11\" needs a [ca.pkcs11] section with module, \
+                     token_label and pin_file or pin_env"
+                        .into(),
+                ));
+            }
+            (KeyManagerKind::Pkcs11, Some(p)) => {
+                if p.pin.is_some() {
+                    return Err(ConfigError::Invalid(
+                        "ca.pkcs11.pin is refused: a PIN in the config file leaks through \
+                         backups, config management and `ps`-visible tooling; put it in a file \
+                         readable only by the server (pin_file) or an environment variable \
+                         (pin_env)"
+                            .into(),
+                    ));
+                }
+                if p.pin_file.is_some() == p.pin_env.is_some() {
+                    return Err(ConfigError::Invalid(
+                        "ca.pkcs11: set exactly one of pin_file and pin_env".into(),
+                    ));
+                }
+            }
+            (_, Some(_)) => {
+                return Err(ConfigError::Invalid(
+                    "[ca.pkcs11] is set but ca.key_manager is not \"pkcs11\"; set \
+                     ca.key_manager = \"pkcs11\" or remove the section"
+                        .into(),
+                ));
+            }
+            _ => {}
+        }
         if self.ca.upstream_cert.is_some() != self.ca.upstream_key.is_some() {
             return Err(ConfigError::Invalid(
                 "ca.upstream_cert and ca.upstream_key must be set together".into(),
@@ -901,5 +990,58 @@ mod tests {
     fn the_example_config_in_deploy_is_valid() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/server.toml");
         ServerConfig::load(Some(&path), Overrides::default()).unwrap();
+    }
+
+    #[test]
+    fn pkcs11_section_is_checked_and_the_pin_stays_out_of_the_config() {
+        let head = "trust_domain = \"example.org\"\n[ca]\nkey_manager = \"pkcs11\"\n";
+        let section =
+            "[ca.pkcs11]\nmodule = \"/usr/lib/softhsm/libsofthsm2.so\"\ntoken_label = \"sigil\"\n";
+        let load = |text: String| ServerConfig::load(Some(&write(&text).1), Overrides::default());
+
+        let err = load(format!("{head}{section}pin = \"1234\"\n")).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("ca.pkcs11.pin is refused") && msg.contains("pin_file"),
+            "{msg}"
+        );
+        assert!(!msg.contains("1234"), "the PIN is never echoed: {msg}");
+
+        let err = load(head.to_owned()).unwrap_err();
+        assert!(err.to_string().contains("[ca.pkcs11]"), "{err}");
+        let err = load(format!("{head}{section}")).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("exactly one of pin_file and pin_env"),
+            "{err}"
+        );
+        let err = load(format!(
+            "trust_domain = \"example.org\"\n{section}pin_env = \"X\"\n"
+        ))
+        .unwrap_err();
+        assert!(err.to_string().contains("is not \"pkcs11\""), "{err}");
+
+        let dir = tempfile::tempdir().unwrap();
+        let pin = dir.path().join("pin");
+        std::fs::write(&pin, "4711\n").unwrap();
+        let cfg = load(format!("{head}{section}pin_file = \"{}\"\n", pin.display())).unwrap();
+        assert_eq!(cfg.ca.key_manager, KeyManagerKind::Pkcs11);
+        let p = cfg.ca.pkcs11.unwrap();
+        assert_eq!(
+            p.read_pin().unwrap().as_str(),
+            "4711",
+            "trailing newline dropped"
+        );
+        std::fs::write(&pin, "\n").unwrap();
+        assert!(p.read_pin().is_err(), "an empty PIN is refused");
+        let cfg = load(format!(
+            "{head}{section}pin_env = \"SIGIL_TEST_UNSET_PIN_VAR\"\n"
+        ))
+        .unwrap();
+        let err = cfg.ca.pkcs11.unwrap().read_pin().unwrap_err();
+        assert!(
+            err.to_string().contains("SIGIL_TEST_UNSET_PIN_VAR"),
+            "{err}"
+        );
     }
 }

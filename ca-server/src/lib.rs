@@ -5,7 +5,8 @@
 //! the audit log in a [`datastore::Datastore`].
 //!
 //! # Layout
-//! - [`ca`]: CA keys and certificates, CSR handling, SVID issuance, rotation.
+//! - [`ca`]: CA keys (disk, memory, PKCS#11 token) and certificates, CSR
+//!   handling, SVID issuance, rotation.
 //! - [`datastore`]: the storage trait with its change feed, the sled
 //!   implementation, the PostgreSQL one shared by server replicas
 //!   ([`datastore::postgres`]), and the conformance suite every

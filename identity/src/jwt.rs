@@ -1,4 +1,5 @@
-//! JWT-SVIDs: minting with a cached ring signer, and validation per
+//! JWT-SVIDs: minting (with a ring key, or any [`JwsKey`] such as one in
+//! an HSM), and validation per
 //! SPEC.md "JWT-SVIDs".
 //!
 //! Validation is the claim checks of SPEC.md on top of the shared
@@ -9,6 +10,7 @@
 //! nowhere else.
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use base64::Engine as _;
@@ -101,16 +103,39 @@ pub fn check_audience(audience: &[String]) -> Result<(), JwtError> {
     Ok(())
 }
 
+/// A private key that signs JWS input for a [`JwtSigner`]: ECDSA over the
+/// curve's SHA-2 digest of `msg`, returned as fixed-width `r || s` (the
+/// JWS form). Implemented by ring keys here and by keys held elsewhere
+/// (an HSM) by the server.
+pub trait JwsKey: Send + Sync {
+    /// Signs `msg`; the error says what broke and what to check.
+    fn sign_jws(&self, msg: &[u8]) -> Result<Vec<u8>, String>;
+}
+
+/// A ring key pair in memory.
+struct RingKey {
+    key: EcdsaKeyPair,
+    rng: SystemRandom,
+}
+
+impl JwsKey for RingKey {
+    fn sign_jws(&self, msg: &[u8]) -> Result<Vec<u8>, String> {
+        self.key
+            .sign(&self.rng, msg)
+            .map(|s| s.as_ref().to_vec())
+            .map_err(|_| "signing failed".to_owned())
+    }
+}
+
 /// A JWT signing key with its header pre-encoded, so that minting costs
 /// one signature and a little JSON.
 pub struct JwtSigner {
     kid: String,
     alg: Alg,
-    key: EcdsaKeyPair,
+    key: Arc<dyn JwsKey>,
     public_key: PublicKey,
     not_after: SystemTime,
     header_b64: String,
-    rng: SystemRandom,
 }
 
 impl fmt::Debug for JwtSigner {
@@ -138,14 +163,32 @@ impl JwtSigner {
         pkcs8: &[u8],
         not_after: SystemTime,
     ) -> Result<Self, JwtError> {
-        let (alg, ring_alg) = match curve {
-            Curve::P256 => (Alg::ES256, &sig::ECDSA_P256_SHA256_FIXED_SIGNING),
-            Curve::P384 => (Alg::ES384, &sig::ECDSA_P384_SHA384_FIXED_SIGNING),
+        let ring_alg = match curve {
+            Curve::P256 => &sig::ECDSA_P256_SHA256_FIXED_SIGNING,
+            Curve::P384 => &sig::ECDSA_P384_SHA384_FIXED_SIGNING,
         };
         let rng = SystemRandom::new();
         let key = EcdsaKeyPair::from_pkcs8(ring_alg, pkcs8, &rng)
             .map_err(|e| JwtError::SigningKey(e.to_string()))?;
-        let public_key = PublicKey::ec(curve, key.public_key().as_ref().to_vec())
+        let point = key.public_key().as_ref().to_vec();
+        Self::with_key(kid, curve, point, Arc::new(RingKey { key, rng }), not_after)
+    }
+
+    /// A signer whose private key is `key` (held anywhere: an HSM) and
+    /// whose public key is the uncompressed EC `point` on `curve`. ES256
+    /// for P-256, ES384 for P-384.
+    pub fn with_key(
+        kid: &str,
+        curve: Curve,
+        point: Vec<u8>,
+        key: Arc<dyn JwsKey>,
+        not_after: SystemTime,
+    ) -> Result<Self, JwtError> {
+        let alg = match curve {
+            Curve::P256 => Alg::ES256,
+            Curve::P384 => Alg::ES384,
+        };
+        let public_key = PublicKey::ec(curve, point)
             .map_err(|e: KeyError| JwtError::SigningKey(e.to_string()))?;
         let header = serde_json::json!({"alg": alg.name(), "kid": kid, "typ": "JWT"});
         let header_b64 = B64URL.encode(header.to_string());
@@ -156,7 +199,6 @@ impl JwtSigner {
             public_key,
             not_after,
             header_b64,
-            rng,
         })
     }
 
@@ -205,10 +247,10 @@ impl JwtSigner {
         B64URL.encode_string(&claims_json, &mut token);
         let signature = self
             .key
-            .sign(&self.rng, token.as_bytes())
-            .map_err(|_| JwtError::SigningKey("signing failed".into()))?;
+            .sign_jws(token.as_bytes())
+            .map_err(JwtError::SigningKey)?;
         token.push('.');
-        B64URL.encode_string(signature.as_ref(), &mut token);
+        B64URL.encode_string(&signature, &mut token);
         Ok(JwtSvid {
             spiffe_id: sub.clone(),
             audience: audience.to_vec(),

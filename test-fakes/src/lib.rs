@@ -11,6 +11,7 @@
 //! - this file: [`FakeServer`], the one-route-table HTTPS fake ([`Routes`],
 //!   [`Hits`]).
 //! - [`openssl`]: openssl(1) as a second, independent X.509 verifier.
+//! - [`softhsm`]: a private SoftHSM2 token for PKCS#11 tests.
 #![forbid(unsafe_code)]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -24,6 +25,7 @@ use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
 
 pub mod openssl;
+pub mod softhsm;
 
 /// A route's answer: status and body.
 pub type Routes = Arc<Mutex<HashMap<String, (u16, Vec<u8>)>>>;

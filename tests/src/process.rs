@@ -365,6 +365,9 @@ pub struct ServerOptions {
     /// Also serve the admin API over mTLS on a free port
     /// (`server.admin_bind_address`, see [`ServerProcess::admin_address`]).
     pub admin_mtls: bool,
+    /// A program (with arguments) that execs the server binary, e.g.
+    /// `env VAR=value` to give it environment variables.
+    pub launcher: Vec<String>,
 }
 
 impl ServerOptions {
@@ -386,6 +389,7 @@ impl Default for ServerOptions {
             extra: String::new(),
             log_level: "info".into(),
             admin_mtls: false,
+            launcher: Vec::new(),
         }
     }
 }
@@ -479,7 +483,7 @@ impl ServerProcess {
         let mut server = Self {
             proc_: Proc {
                 binary: binary("sigil-server")?,
-                launcher: Vec::new(),
+                launcher: options.launcher.clone(),
                 args: vec![
                     "run".into(),
                     "--config".into(),

@@ -1,21 +1,24 @@
-//! CA private keys behind the [`KeyManager`] trait.
+//! CA private keys behind the [`KeyManager`] trait, and [`CaSigner`], the
+//! one way every CA signature is made, wherever the key lives.
 //!
 //! [`DiskKeyManager`] keeps one PKCS#8 file per key, mode 0600, written to
 //! a temporary file, fsynced, renamed into place and the directory fsynced,
 //! so a crash never leaves a zero-length or partial key. [`MemoryKeyManager`]
 //! keeps keys in the process only (tests, and deployments that accept a new
-//! CA key on every restart).
+//! CA key on every restart). Both sign in process with ring; the PKCS#11
+//! manager (`super::pkcs11`) signs inside a token.
 
 use std::collections::HashMap;
 use std::fmt;
 use std::fs::{self, File};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use ring::rand::SystemRandom;
 use ring::signature::{
     ECDSA_P256_SHA256_FIXED_SIGNING, ECDSA_P384_SHA384_FIXED_SIGNING, EcdsaKeyPair,
+    EcdsaSigningAlgorithm, KeyPair as _,
 };
 use serde::{Deserialize, Serialize};
 use sigil_identity::keys::Curve;
@@ -37,6 +40,14 @@ impl KeyAlgorithm {
         match self {
             KeyAlgorithm::EcP256 => Curve::P256,
             KeyAlgorithm::EcP384 => Curve::P384,
+        }
+    }
+
+    /// The ring algorithm (fixed-width `r || s` signatures).
+    fn ring_fixed(self) -> &'static EcdsaSigningAlgorithm {
+        match self {
+            KeyAlgorithm::EcP256 => &ECDSA_P256_SHA256_FIXED_SIGNING,
+            KeyAlgorithm::EcP384 => &ECDSA_P384_SHA384_FIXED_SIGNING,
         }
     }
 
@@ -66,6 +77,10 @@ pub enum KeyManagerError {
     InsecureMode(PathBuf, u32),
     #[error("key {0} is not a valid PKCS#8 key of its algorithm")]
     Invalid(String),
+    #[error("signing with CA key {0} failed")]
+    Sign(String),
+    #[error("{0}")]
+    Pkcs11(String),
 }
 
 /// Identifies a key within a key manager.
@@ -134,11 +149,7 @@ impl fmt::Debug for PrivateKey {
 impl PrivateKey {
     /// Generates a fresh key.
     pub fn generate(algorithm: KeyAlgorithm) -> Result<Self, KeyManagerError> {
-        let ring_alg = match algorithm {
-            KeyAlgorithm::EcP256 => &ECDSA_P256_SHA256_FIXED_SIGNING,
-            KeyAlgorithm::EcP384 => &ECDSA_P384_SHA384_FIXED_SIGNING,
-        };
-        let doc = EcdsaKeyPair::generate_pkcs8(ring_alg, &SystemRandom::new())
+        let doc = EcdsaKeyPair::generate_pkcs8(algorithm.ring_fixed(), &SystemRandom::new())
             .map_err(|_| KeyManagerError::Generate)?;
         Ok(Self {
             algorithm,
@@ -161,6 +172,18 @@ impl PrivateKey {
         Ok(key)
     }
 
+    /// The key as a [`CaSigner`] (ring, in this process).
+    pub fn signer(&self) -> Result<CaKey, KeyManagerError> {
+        let rng = SystemRandom::new();
+        let pair = EcdsaKeyPair::from_pkcs8(self.algorithm.ring_fixed(), &self.pkcs8, &rng)
+            .map_err(|_| KeyManagerError::Invalid("in-memory CA key".into()))?;
+        Ok(Arc::new(SoftwareSigner {
+            algorithm: self.algorithm,
+            pair,
+            rng,
+        }))
+    }
+
     /// The algorithm.
     pub fn algorithm(&self) -> KeyAlgorithm {
         self.algorithm
@@ -178,16 +201,58 @@ impl PrivateKey {
     }
 }
 
+/// A CA private key, wherever it lives, as the CA uses it: every CA
+/// signature (CA certificates, X509-SVIDs, JWT-SVIDs) goes through
+/// [`CaSigner::sign`].
+pub trait CaSigner: Send + Sync + fmt::Debug {
+    /// The key's algorithm.
+    fn algorithm(&self) -> KeyAlgorithm;
+    /// The public key: the uncompressed EC point (`04 || x || y`).
+    fn public_key(&self) -> &[u8];
+    /// ECDSA over the algorithm's SHA-2 digest of `msg` (SHA-256 for
+    /// P-256, SHA-384 for P-384), as fixed-width `r || s`.
+    fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, KeyManagerError>;
+}
+
+/// A shared handle on a CA key.
+pub type CaKey = Arc<dyn CaSigner>;
+
+/// A key in this process's memory, signing with ring.
+struct SoftwareSigner {
+    algorithm: KeyAlgorithm,
+    pair: EcdsaKeyPair,
+    rng: SystemRandom,
+}
+
+impl fmt::Debug for SoftwareSigner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SoftwareSigner({:?}, <redacted>)", self.algorithm)
+    }
+}
+
+impl CaSigner for SoftwareSigner {
+    fn algorithm(&self) -> KeyAlgorithm {
+        self.algorithm
+    }
+
+    fn public_key(&self) -> &[u8] {
+        self.pair.public_key().as_ref()
+    }
+
+    fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, KeyManagerError> {
+        self.pair
+            .sign(&self.rng, msg)
+            .map(|s| s.as_ref().to_vec())
+            .map_err(|_| KeyManagerError::Sign("in memory".into()))
+    }
+}
+
 /// Where the CA's private keys live.
 pub trait KeyManager: Send + Sync + fmt::Debug {
     /// Generates and stores a new key under `id`.
-    fn generate(&self, id: &KeyId, algorithm: KeyAlgorithm) -> Result<PrivateKey, KeyManagerError>;
+    fn generate(&self, id: &KeyId, algorithm: KeyAlgorithm) -> Result<CaKey, KeyManagerError>;
     /// Loads the key stored under `id`, if any.
-    fn load(
-        &self,
-        id: &KeyId,
-        algorithm: KeyAlgorithm,
-    ) -> Result<Option<PrivateKey>, KeyManagerError>;
+    fn load(&self, id: &KeyId, algorithm: KeyAlgorithm) -> Result<Option<CaKey>, KeyManagerError>;
     /// Deletes the key under `id`; deleting a missing key is not an error.
     fn delete(&self, id: &KeyId) -> Result<(), KeyManagerError>;
 }
@@ -199,26 +264,24 @@ pub struct MemoryKeyManager {
 }
 
 impl KeyManager for MemoryKeyManager {
-    fn generate(&self, id: &KeyId, algorithm: KeyAlgorithm) -> Result<PrivateKey, KeyManagerError> {
+    fn generate(&self, id: &KeyId, algorithm: KeyAlgorithm) -> Result<CaKey, KeyManagerError> {
         let key = PrivateKey::generate(algorithm)?;
+        let signer = key.signer()?;
         self.keys
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(id.clone(), key.clone());
-        Ok(key)
+            .insert(id.clone(), key);
+        Ok(signer)
     }
 
-    fn load(
-        &self,
-        id: &KeyId,
-        _algorithm: KeyAlgorithm,
-    ) -> Result<Option<PrivateKey>, KeyManagerError> {
-        Ok(self
+    fn load(&self, id: &KeyId, _algorithm: KeyAlgorithm) -> Result<Option<CaKey>, KeyManagerError> {
+        let key = self
             .keys
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(id)
-            .cloned())
+            .cloned();
+        key.map(|k| k.signer()).transpose()
     }
 
     fn delete(&self, id: &KeyId) -> Result<(), KeyManagerError> {
@@ -273,17 +336,13 @@ pub fn write_secret_file(path: &Path, bytes: &[u8]) -> Result<(), KeyManagerErro
 }
 
 impl KeyManager for DiskKeyManager {
-    fn generate(&self, id: &KeyId, algorithm: KeyAlgorithm) -> Result<PrivateKey, KeyManagerError> {
+    fn generate(&self, id: &KeyId, algorithm: KeyAlgorithm) -> Result<CaKey, KeyManagerError> {
         let key = PrivateKey::generate(algorithm)?;
         write_secret_file(&self.path(id), key.pkcs8())?;
-        Ok(key)
+        key.signer()
     }
 
-    fn load(
-        &self,
-        id: &KeyId,
-        algorithm: KeyAlgorithm,
-    ) -> Result<Option<PrivateKey>, KeyManagerError> {
+    fn load(&self, id: &KeyId, algorithm: KeyAlgorithm) -> Result<Option<CaKey>, KeyManagerError> {
         let path = self.path(id);
         let meta = match fs::metadata(&path) {
             Ok(m) => m,
@@ -295,7 +354,9 @@ impl KeyManager for DiskKeyManager {
             return Err(KeyManagerError::InsecureMode(path, mode));
         }
         let bytes = fs::read(&path).map_err(io(&path))?;
-        PrivateKey::from_pkcs8(algorithm, bytes, &path.display().to_string()).map(Some)
+        PrivateKey::from_pkcs8(algorithm, bytes, &path.display().to_string())?
+            .signer()
+            .map(Some)
     }
 
     fn delete(&self, id: &KeyId) -> Result<(), KeyManagerError> {
@@ -318,8 +379,14 @@ mod tests {
         let id = KeyId::generate("x509");
         let key = km.generate(&id, KeyAlgorithm::EcP256).unwrap();
         let loaded = km.load(&id, KeyAlgorithm::EcP256).unwrap().unwrap();
-        assert_eq!(loaded.pkcs8(), key.pkcs8());
-        loaded.rcgen().unwrap();
+        assert_eq!(loaded.public_key(), key.public_key());
+        let sig = loaded.sign(b"message").unwrap();
+        ring::signature::UnparsedPublicKey::new(
+            &ring::signature::ECDSA_P256_SHA256_FIXED,
+            key.public_key(),
+        )
+        .verify(b"message", &sig)
+        .unwrap();
         km.delete(&id).unwrap();
         assert!(km.load(&id, KeyAlgorithm::EcP256).unwrap().is_none());
         km.delete(&id).unwrap();

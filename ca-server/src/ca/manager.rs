@@ -22,6 +22,7 @@ use tracing::{info, warn};
 use super::csr::public_key_from_csr;
 use super::journal::{CaJournal, JwtSlot, Slot, SlotState, X509Slot};
 use super::keys::{KeyId, KeyManager};
+use super::signing::jwt_signer;
 use super::x509::{BACKDATE, IssuedSvid, UpstreamCa, X509Authority};
 use super::{CaConfig, CaError};
 use crate::datastore::{BundleEdit, Change, Changed, Datastore};
@@ -277,12 +278,7 @@ impl CaManager {
                     slot.key_id
                 )))
             })?;
-        Ok(JwtSigner::from_pkcs8(
-            &slot.kid,
-            slot.algorithm.curve(),
-            key.pkcs8(),
-            slot.not_after,
-        )?)
+        Ok(jwt_signer(&slot.kid, &key, slot.not_after)?)
     }
 
     /// Publishes this replica's authorities: every X.509 and JWT key of
@@ -405,7 +401,7 @@ impl CaManager {
             let key = self.keys.generate(&key_id, alg)?;
             new_keys.push(key_id.clone());
             let kid = sigil_identity::random::hex_id();
-            let signer = JwtSigner::from_pkcs8(&kid, alg.curve(), key.pkcs8(), not_after)?;
+            let signer = jwt_signer(&kid, &key, not_after)?;
             next.jwt.push(JwtSlot {
                 key_id: key_id.clone(),
                 algorithm: alg,

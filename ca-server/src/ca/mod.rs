@@ -1,7 +1,12 @@
 //! The certificate authority: keys, CA certificates, SVID issuance and CA
 //! rotation.
 //!
-//! - [`keys`]: the `KeyManager` trait and its disk and memory versions.
+//! - [`keys`]: the `KeyManager` trait and its disk and memory versions, and
+//!   `CaSigner`, through which every CA signature is made.
+//! - [`pkcs11`]: the PKCS#11 key manager: CA keys generated and used inside
+//!   an HSM token (non-extractable), one logged-in session pool.
+//! - [`signing`]: using a `CaSigner`: X.509 signature encoding, rcgen and
+//!   JWT-signer adaptors.
 //! - [`csr`]: taking only the public key from a verified CSR (the reader
 //!   lives in `sigil_identity::csr`, below the server; re-exported here).
 //! - [`x509`]: CA certificates (self-signed or upstream) and X509-SVIDs.
@@ -13,6 +18,8 @@ pub use sigil_identity::csr;
 pub mod journal;
 pub mod keys;
 pub mod manager;
+pub mod pkcs11;
+pub mod signing;
 pub mod x509;
 
 use std::time::Duration;

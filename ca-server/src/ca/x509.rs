@@ -8,10 +8,6 @@ use rcgen::{
     BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose as Ku,
     SanType, SerialNumber,
 };
-use ring::rand::SystemRandom;
-use ring::signature::{
-    ECDSA_P256_SHA256_ASN1_SIGNING, ECDSA_P384_SHA384_ASN1_SIGNING, EcdsaKeyPair,
-};
 use rustls_pki_types::CertificateDer;
 use sigil_identity::x509::{self as svid, IssuerInfo};
 use sigil_identity::{DnsName, SpiffeId, TrustDomain};
@@ -19,7 +15,8 @@ use time::OffsetDateTime;
 
 use super::CaError;
 use super::csr::CsrPublicKey;
-use super::keys::{KeyAlgorithm, PrivateKey};
+use super::keys::{CaKey, KeyAlgorithm};
+use super::signing::{RcgenKey, sign_x509};
 use sigil_identity::der;
 
 /// How far back NotBefore is set, to absorb clock skew between machines.
@@ -128,7 +125,7 @@ pub struct X509Authority {
 }
 
 /// The parts of every leaf that depend only on the CA, pre-encoded, and
-/// the CA's signing key. Issuance fills in serial, validity, key, SANs.
+/// the CA's key. Issuance fills in serial, validity, key, SANs.
 struct LeafTemplate {
     /// AlgorithmIdentifier of the CA's signature.
     signature_algorithm: &'static [u8],
@@ -136,8 +133,7 @@ struct LeafTemplate {
     issuer_name: Vec<u8>,
     /// The AuthorityKeyIdentifier extension, DER.
     aki_extension: Vec<u8>,
-    signer: EcdsaKeyPair,
-    rng: SystemRandom,
+    signer: CaKey,
 }
 
 // Fixed DER of the leaf profile (SPEC.md "X.509-SVIDs the CA issues").
@@ -187,15 +183,12 @@ impl LeafTemplate {
     fn new(
         ca: &x509_parser::certificate::X509Certificate<'_>,
         ski: &[u8],
-        key: &PrivateKey,
+        key: &CaKey,
     ) -> Result<Self, CaError> {
-        let (signature_algorithm, ring_alg) = match key.algorithm() {
-            KeyAlgorithm::EcP256 => (ECDSA_SHA256, &ECDSA_P256_SHA256_ASN1_SIGNING),
-            KeyAlgorithm::EcP384 => (ECDSA_SHA384, &ECDSA_P384_SHA384_ASN1_SIGNING),
+        let signature_algorithm = match key.algorithm() {
+            KeyAlgorithm::EcP256 => ECDSA_SHA256,
+            KeyAlgorithm::EcP384 => ECDSA_SHA384,
         };
-        let rng = SystemRandom::new();
-        let signer = EcdsaKeyPair::from_pkcs8(ring_alg, key.pkcs8(), &rng)
-            .map_err(|e| CaError::Build(e.to_string()))?;
         let mut aki = Vec::with_capacity(ski.len() + 2);
         der::push(&mut aki, 0x80, ski);
         let aki_extension = extension(OID_AKI, &der::wrap(0x30, &aki));
@@ -203,8 +196,7 @@ impl LeafTemplate {
             signature_algorithm,
             issuer_name: ca.subject().as_raw().to_vec(),
             aki_extension,
-            signer,
-            rng,
+            signer: key.clone(),
         })
     }
 
@@ -251,16 +243,13 @@ impl LeafTemplate {
         der::push(&mut tbs, 0xa3, &der::wrap(0x30, &exts));
         let tbs = der::wrap(0x30, &tbs);
 
-        let signature = self
-            .signer
-            .sign(&self.rng, &tbs)
-            .map_err(|_| CaError::Build("signing failed".into()))?;
+        let signature = sign_x509(self.signer.as_ref(), &tbs)?;
         let mut cert = tbs;
         cert.extend_from_slice(self.signature_algorithm);
         cert.push(0x03);
-        der::push_len(&mut cert, signature.as_ref().len() + 1);
+        der::push_len(&mut cert, signature.len() + 1);
         cert.push(0);
-        cert.extend_from_slice(signature.as_ref());
+        cert.extend_from_slice(&signature);
         Ok(der::wrap(0x30, &cert))
     }
 }
@@ -290,7 +279,7 @@ impl X509Authority {
     /// by `upstream`.
     pub fn create(
         td: &TrustDomain,
-        key: &PrivateKey,
+        key: &CaKey,
         not_before: SystemTime,
         not_after: SystemTime,
         upstream: Option<&UpstreamCa>,
@@ -313,7 +302,7 @@ impl X509Authority {
         p.not_before = to_offset(not_before);
         p.not_after = to_offset(not_after);
         p.use_authority_key_identifier_extension = true;
-        let signer = key.rcgen().map_err(rcgen_err)?;
+        let signer = RcgenKey(key.as_ref());
         let cert = match upstream {
             Some(u) => p.signed_by(&signer, &u.issuer),
             None => p.self_signed(&signer),
@@ -325,7 +314,7 @@ impl X509Authority {
     /// Rebuilds an authority from its certificate and key (after restart).
     pub fn load(
         cert_der: &[u8],
-        key: &PrivateKey,
+        key: &CaKey,
         upstream: Option<&UpstreamCa>,
     ) -> Result<Self, CaError> {
         let cert = svid::parse(cert_der).map_err(CaError::SelfCheck)?;
@@ -344,10 +333,7 @@ impl X509Authority {
         .map(|id| id.trust_domain())
         .map_err(|_| CaError::Build("CA certificate has no trust domain URI SAN".into()))?;
         svid::check_ca(&cert, &td).map_err(CaError::SelfCheck)?;
-        let signer = key.rcgen().map_err(rcgen_err)?;
-        if cert.public_key().subject_public_key.data.as_ref()
-            != rcgen::PublicKeyData::der_bytes(&signer)
-        {
+        if cert.public_key().subject_public_key.data.as_ref() != key.public_key() {
             return Err(CaError::Build(
                 "CA key does not match its certificate".into(),
             ));

@@ -10,6 +10,7 @@ mod cli;
 mod durability;
 mod hardening;
 mod node_api;
+mod pkcs11;
 mod postgres;
 mod regcode;
 
