@@ -713,6 +713,26 @@ impl ServerProcess {
         }
         self.proc_.launch_async().await
     }
+
+    /// Starts the server again on the same config and data, but serving
+    /// the node API on `port` (127.0.0.1): as another server of the same
+    /// deployment would, for agents that fail over. Kills it first if it
+    /// runs.
+    pub async fn restart_on_port_async(&mut self, port: u16) -> Result<()> {
+        self.kill()?;
+        let addr = format!("127.0.0.1:{port}");
+        let text = std::fs::read_to_string(&self.config)?;
+        let old = format!("bind_address = \"{}\"", self.addr);
+        if !text.contains(&old) {
+            bail!("{} does not set {old}", self.config.display());
+        }
+        std::fs::write(
+            &self.config,
+            text.replace(&old, &format!("bind_address = \"{addr}\"")),
+        )?;
+        self.addr = addr;
+        self.proc_.launch_async().await
+    }
 }
 
 /// How an agent proves its node.
