@@ -528,12 +528,10 @@ mod server_address_tests {
             parse("[\"10.0.0.1:8081\", \"sigil-server-1.example:8081\", \"[::1]:8081\"]").unwrap(),
             ["10.0.0.1:8081", "sigil-server-1.example:8081", "[::1]:8081"]
         );
-        let shown = AgentConfig::parse(&format!(
-            "server_address = [\"a:1\", \"b:2\"]\n{REST}"
-        ))
-        .unwrap()
-        .server_address
-        .to_string();
+        let shown = AgentConfig::parse(&format!("server_address = [\"a:1\", \"b:2\"]\n{REST}"))
+            .unwrap()
+            .server_address
+            .to_string();
         assert_eq!(shown, "a:1, b:2");
     }
 

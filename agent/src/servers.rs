@@ -92,7 +92,8 @@ impl<'de> Deserialize<'de> for ServerAddresses {
 pub const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What [`Resolve::resolve`] returns.
-pub type Resolving<'a> = Pin<Box<dyn Future<Output = std::io::Result<Vec<SocketAddr>>> + Send + 'a>>;
+pub type Resolving<'a> =
+    Pin<Box<dyn Future<Output = std::io::Result<Vec<SocketAddr>>> + Send + 'a>>;
 
 /// Turns a configured `host:port` into socket addresses.
 pub trait Resolve: Send + Sync + std::fmt::Debug {
@@ -340,7 +341,10 @@ mod tests {
         let dead = dead().await;
         let s = servers(
             &["sigil.test:8081"],
-            FakeResolver(HashMap::from([("sigil.test:8081".into(), vec![dead, live])])),
+            FakeResolver(HashMap::from([(
+                "sigil.test:8081".into(),
+                vec![dead, live],
+            )])),
         );
         for _ in 0..4 {
             assert_eq!(s.dial(false).await.unwrap().peer_addr().unwrap(), live);

@@ -39,7 +39,12 @@ fn config_with_servers(
 }
 
 /// Runs `session` until the returned sender is dropped or sent to.
-fn run(session: Session) -> (tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
+fn run(
+    session: Session,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<()>,
+) {
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(async move {
         session
@@ -146,7 +151,11 @@ async fn a_failover_keeps_the_identity_resumes_sync_and_serves_without_a_gap() {
     ))
     .await
     .unwrap();
-    assert_eq!(session.server(), Some(first), "nothing listens on the other yet");
+    assert_eq!(
+        session.server(),
+        Some(first),
+        "nothing listens on the other yet"
+    );
     let cache = session.cache();
     let probe = session.clone();
     let (stop, task) = run(session);
@@ -205,7 +214,10 @@ async fn a_failover_keeps_the_identity_resumes_sync_and_serves_without_a_gap() {
         wait_for_long(|| probe.server() == Some(other)).await,
         "the agent moved to the other server"
     );
-    println!("failover: {:?} from SIGKILL to a connection to the other server", killed.elapsed());
+    println!(
+        "failover: {:?} from SIGKILL, through the restart on another port, to the agent connected there",
+        killed.elapsed()
+    );
 
     // Sync resumed: an entry created there arrives.
     server
@@ -223,7 +235,10 @@ async fn a_failover_keeps_the_identity_resumes_sync_and_serves_without_a_gap() {
     );
     // Rotation went on through the failover: the 10 s SVID was renewed.
     let distinct = watching.await.unwrap();
-    assert!(distinct >= 2, "the first SVID rotated after the failover ({distinct} seen)");
+    assert!(
+        distinct >= 2,
+        "the first SVID rotated after the failover ({distinct} seen)"
+    );
 
     let log = server.log();
     let after = &log[log_before..];
@@ -245,7 +260,10 @@ async fn a_failover_keeps_the_identity_resumes_sync_and_serves_without_a_gap() {
         "one agent, same id"
     );
     let metrics = metrics_text(&probe);
-    assert!(metrics.contains("sigil_agent_server_failovers_total 1"), "{metrics}");
+    assert!(
+        metrics.contains("sigil_agent_server_failovers_total 1"),
+        "{metrics}"
+    );
     assert!(
         metrics.contains(&format!("sigil_agent_server{{address=\"{other}\"}} 1")),
         "{metrics}"
