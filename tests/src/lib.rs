@@ -11,9 +11,13 @@
 //! - [`bench`]: the `sigil-bench` scenarios (issuance, JWT minting,
 //!   Workload API latency, revocation fan-out, mass rotation, scale) and
 //!   their report table.
+//! - [`postgres`]: the PostgreSQL of the suites (`SIGIL_POSTGRES` and its
+//!   skip rule, a fresh database per test, a test's own cluster to
+//!   restart).
 //! - [`sim_agent`]: a node agent simulated in this process with the
 //!   agent's own node API client (node API tests, benchmarks).
 
 pub mod bench;
+pub mod postgres;
 pub mod process;
 pub mod sim_agent;
