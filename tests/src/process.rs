@@ -779,6 +779,9 @@ pub struct AgentOptions {
     /// A program and its arguments that exec the agent, e.g.
     /// `["prlimit", "--nofile=1024:4096"]`; the agent keeps the pid.
     pub launcher: Vec<String>,
+    /// The agent's `server_address` list (several server replicas); the
+    /// server's own address when empty.
+    pub servers: Vec<String>,
 }
 
 /// A `sigil-agent` process.
@@ -833,10 +836,15 @@ impl AgentProcess {
                 key.display()
             ),
         };
+        let servers = if options.servers.is_empty() {
+            format!("\"{}\"", server.addr)
+        } else {
+            let quoted: Vec<String> = options.servers.iter().map(|a| format!("\"{a}\"")).collect();
+            format!("[{}]", quoted.join(", "))
+        };
         let toml = format!(
-            "trust_domain = \"{}\"\nserver_address = \"{}\"\ndata_dir = \"{}\"\ntrust_bundle = \"{}\"\nsocket_path = \"{}\"\nlog_level = \"info\"\n{extra}\n\n[node_attestor]\n{attestor}",
+            "trust_domain = \"{}\"\nserver_address = {servers}\ndata_dir = \"{}\"\ntrust_bundle = \"{}\"\nsocket_path = \"{}\"\nlog_level = \"info\"\n{extra}\n\n[node_attestor]\n{attestor}",
             server.trust_domain,
-            server.addr,
             dir.join("data").display(),
             bundle.display(),
             socket.display(),
