@@ -394,7 +394,11 @@ impl AdminService {
         };
         // Creations got their ids when the wanted entries were built; keep
         // the stored revisions for the report.
-        let ids: HashMap<&EntryId, u64> = made.iter().map(|c| (&c.entry.id, c.revision)).collect();
+        let ids: HashMap<&EntryId, u64> = made
+            .iter()
+            .filter_map(|c| c.as_entry())
+            .map(|(_, e)| (&e.id, e.revision))
+            .collect();
         for p in &mut planned {
             if let Some(rev) = ids.get(&p.entry.id) {
                 p.entry.revision = *rev;

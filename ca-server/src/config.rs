@@ -96,6 +96,9 @@ pub struct ServerSection {
     /// SPIFFE IDs given an admin role by configuration, besides entries
     /// with `admin = true` (`[[server.admin_ids]]`).
     pub admin_ids: Vec<AdminIdSection>,
+    /// This replica's stable id (`[a-z0-9][a-z0-9-]{0,62}`); when unset,
+    /// the one in `<data_dir>/server_id`, generated on first start.
+    pub server_id: Option<crate::server_id::ServerId>,
 }
 
 /// `[[server.admin_ids]]`: one SPIFFE ID and the admin role it holds.
@@ -118,6 +121,7 @@ impl Default for ServerSection {
             max_unauthenticated_connections_per_address: 64,
             admin_bind_address: None,
             admin_ids: Vec::new(),
+            server_id: None,
         }
     }
 }
@@ -340,9 +344,11 @@ impl Default for RateLimitSection {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RetentionSection {
-    /// Entry changes kept in the change feed (the newest ones); the
-    /// registry reloads from the entries themselves at start.
-    pub entry_changes: u64,
+    /// Changes kept in the change feed (the newest ones); a reader behind
+    /// them reloads fully. `entry_changes`, its name when the feed held
+    /// entry changes only, is still read.
+    #[serde(alias = "entry_changes")]
+    pub changes: u64,
     /// Age after which audit records are removed.
     #[serde(with = "serde_human")]
     pub audit: Duration,
@@ -358,7 +364,7 @@ pub struct RetentionSection {
 impl Default for RetentionSection {
     fn default() -> Self {
         Self {
-            entry_changes: 100_000,
+            changes: 100_000,
             audit: Duration::from_secs(90 * 86400),
             expired_agents: Duration::from_secs(7 * 86400),
             interval: Duration::from_secs(3600),

@@ -6,8 +6,8 @@
 //!
 //! # Layout
 //! - [`ca`]: CA keys and certificates, CSR handling, SVID issuance, rotation.
-//! - [`datastore`]: the storage trait, the sled implementation and the
-//!   conformance suite every implementation passes.
+//! - [`datastore`]: the storage trait with its change feed, the sled
+//!   implementation and the conformance suite every implementation passes.
 //! - [`registry`]: in-memory authorization index and change fan-out.
 //! - [`node_api`]: the agent-facing gRPC API over TLS 1.3.
 //! - [`admin_api`]: the operator-facing gRPC API on a Unix socket, and
@@ -19,6 +19,7 @@
 //! - [`retention`]: pruning of old changes, audit records and agents.
 //! - [`config`]: TOML config merged with flags.
 //! - [`server`]: wiring and `run(config, listeners, shutdown)`.
+//! - [`server_id`]: the stable id of this replica (`ServerId`).
 //! - [`shutdown`]: the stop signals and the wait tasks end with.
 //! - [`status`]: errors as gRPC statuses, one mapping for both APIs.
 //! - [`telemetry`]: metrics and readiness for the `[telemetry]` listener.
@@ -40,6 +41,7 @@ pub mod registry;
 pub mod remote_admin;
 pub mod retention;
 pub mod server;
+pub mod server_id;
 pub mod shutdown;
 pub mod status;
 pub mod telemetry;

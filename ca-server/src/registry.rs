@@ -20,9 +20,7 @@ use sigil_identity::{AdminRole, AgentId, EntryId, RegistrationEntry, SpiffeId, T
 use tokio::sync::mpsc;
 use tracing::debug;
 
-use crate::datastore::{
-    AgentRecord, ChangeKind, Datastore, DatastoreError, EntryChange, EntryFilter,
-};
+use crate::datastore::{AgentRecord, ChangeKind, Changed, Datastore, DatastoreError, EntryFilter};
 
 /// How many recent changes are remembered for resuming Sync streams.
 const CHANGE_LOG_LEN: usize = 100_000;
@@ -281,18 +279,25 @@ impl State {
         self.entries.remove(&e.id);
     }
 
-    fn apply(&mut self, change: EntryChange, server_id: &SpiffeId) {
-        self.revision = self.revision.max(change.revision);
-        let id = change.entry.id.clone();
+    /// Applies one entry change made at `revision`.
+    fn apply_entry(
+        &mut self,
+        revision: u64,
+        kind: ChangeKind,
+        entry: RegistrationEntry,
+        server_id: &SpiffeId,
+    ) {
+        self.revision = self.revision.max(revision);
+        let id = entry.id.clone();
         let old = self.entries.get(&id).cloned();
-        let alias = self.is_alias(&change.entry, server_id)
+        let alias = self.is_alias(&entry, server_id)
             || old.as_ref().is_some_and(|e| self.is_alias(e, server_id));
         let logged = LoggedChange {
-            revision: change.revision,
+            revision,
             id: id.clone(),
             parents: [
                 old.as_ref().map(|e| e.parent_id.clone()),
-                Some(change.entry.parent_id.clone()),
+                Some(entry.parent_id.clone()),
             ],
             alias,
         };
@@ -317,7 +322,7 @@ impl State {
         if let Some(old) = &old {
             self.unindex(old);
         }
-        let new = (change.kind != ChangeKind::Deleted).then(|| Arc::new(change.entry));
+        let new = (kind != ChangeKind::Deleted).then(|| Arc::new(entry));
         if let Some(new) = &new {
             self.index(new, server_id);
         }
@@ -336,7 +341,7 @@ impl State {
             .map(|e| self.agents_under(&e.parent_id))
             .unwrap_or_default();
         for agent in before.difference(&after) {
-            self.send(agent, &AgentEvent::Removed(id.clone(), change.revision));
+            self.send(agent, &AgentEvent::Removed(id.clone(), revision));
         }
         if let Some(new) = &new {
             for agent in &after {
@@ -468,14 +473,19 @@ impl Registry {
         let _one_at_a_time = self.catch_up.lock().await;
         loop {
             let from = self.lock().revision;
-            let changes = self.store.entry_changes(from, 1000).await?;
+            let changes = self.store.changes(from, 1000).await?;
             if changes.is_empty() {
                 return Ok(());
             }
             let mut state = self.lock();
             for c in changes {
-                debug!(entry_id = %c.entry.id, revision = c.revision, kind = ?c.kind, "applying entry change");
-                state.apply(c, &self.server_id);
+                match c.changed {
+                    Changed::Entry { kind, entry } => {
+                        debug!(entry_id = %entry.id, revision = c.revision, ?kind, "applying entry change");
+                        state.apply_entry(c.revision, kind, entry, &self.server_id);
+                    }
+                    _ => state.revision = state.revision.max(c.revision),
+                }
             }
         }
     }

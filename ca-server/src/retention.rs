@@ -1,5 +1,5 @@
-//! Pruning of history that would otherwise grow without bound: old entry
-//! changes, old audit records and long-expired agents (see
+//! Pruning of history that would otherwise grow without bound: old
+//! changes of the change feed, old audit records and long-expired agents (see
 //! [`RetentionSection`]). Runs in the server's background.
 
 use std::sync::Arc;
@@ -27,22 +27,22 @@ impl Pruner {
     pub async fn run_once(&self) {
         let r = &self.retention;
         let now = self.clock.now();
-        // Only changes the registry has applied go, and never the newest
-        // `entry_changes` of them.
+        // Only changes this replica's registry has applied go, and never
+        // the newest `changes` of them.
         match self.store.current_revision().await {
             Ok(current) => {
                 let through = current
-                    .saturating_sub(r.entry_changes)
+                    .saturating_sub(r.changes)
                     .min(self.registry.revision());
                 if through > 0 {
-                    match self.store.prune_entry_changes(through).await {
+                    match self.store.prune_changes(through).await {
                         Ok(0) => {}
-                        Ok(n) => info!(pruned = n, through, "old entry changes removed"),
-                        Err(e) => warn!(error = %e, "entry change pruning failed"),
+                        Ok(n) => info!(pruned = n, through, "old changes removed"),
+                        Err(e) => warn!(error = %e, "change pruning failed"),
                     }
                 }
             }
-            Err(e) => warn!(error = %e, "entry change pruning failed"),
+            Err(e) => warn!(error = %e, "change pruning failed"),
         }
         if let Some(before) = now.checked_sub(r.audit) {
             match self.store.prune_audit(before).await {

@@ -64,6 +64,8 @@ pub enum ServerError {
     AuditKey(#[from] crate::audit::checkpoint::CheckpointError),
     #[error("{0}")]
     Telemetry(std::io::Error),
+    #[error("server id: {0}")]
+    ServerId(#[from] crate::server_id::ServerIdError),
 }
 
 /// Builds the `k8s_psat` attestor from its configuration section.
@@ -163,6 +165,9 @@ pub async fn run(
             "the data directory was open to group or others; now 0700"
         );
     }
+    let server_id =
+        crate::server_id::ServerId::load_or_create(config.server.server_id.as_ref(), data_dir)?;
+    info!(server_id = %server_id, "server replica id");
     let store: Arc<dyn Datastore> =
         Arc::new(SledDatastore::open(config.data_dir.join("datastore"))?);
     let keys: Arc<dyn KeyManager> = match config.ca.key_manager {
@@ -180,6 +185,7 @@ pub async fn run(
         jwt_svid_ttl: config.ca.jwt_svid_ttl,
         key_algorithm: config.ca.key_type,
         refresh_hint: config.ca.bundle_refresh_hint,
+        server_id,
     };
     let ca = CaManager::start(ca_config, store.clone(), keys, clock.clone(), upstream).await?;
     let registry = Registry::load(store.clone(), &td).await?;

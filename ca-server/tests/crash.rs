@@ -125,11 +125,12 @@ async fn check(dir: &Path, round: u32, acked: &Acked) -> usize {
         .list_entries(&EntryFilter::default())
         .await
         .expect("no entry is corrupt or partial");
-    let changes = store.entry_changes(0, usize::MAX).await.unwrap();
+    let changes = store.changes(0, usize::MAX).await.unwrap();
     let created: std::collections::HashSet<_> = changes
         .iter()
-        .filter(|c| c.kind == ChangeKind::Created)
-        .map(|c| c.entry.id.clone())
+        .filter_map(|c| c.as_entry())
+        .filter(|(kind, _)| *kind == ChangeKind::Created)
+        .map(|(_, e)| e.id.clone())
         .collect();
     let revision = store.current_revision().await.unwrap();
     for e in &all {

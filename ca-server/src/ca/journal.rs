@@ -9,6 +9,7 @@ use sigil_identity::clock::serde_unix_seconds;
 use sigil_identity::keys::PublicKey;
 
 use super::keys::{KeyAlgorithm, KeyId};
+use crate::datastore::DatastoreError;
 
 /// Where a CA key is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -98,6 +99,18 @@ pub struct CaJournal {
 }
 
 impl CaJournal {
+    /// The journal as the datastore stores it (JSON).
+    pub fn to_bytes(&self) -> Result<Vec<u8>, DatastoreError> {
+        serde_json::to_vec(self)
+            .map_err(|e| DatastoreError::Corrupt(format!("CA journal not encodable: {e}")))
+    }
+
+    /// A journal read back from the datastore.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, DatastoreError> {
+        serde_json::from_slice(bytes)
+            .map_err(|e| DatastoreError::Corrupt(format!("CA journal: {e}")))
+    }
+
     /// A small journal for storage tests.
     #[cfg(test)]
     pub fn sample_for_tests() -> Self {

@@ -145,7 +145,10 @@ impl CaManager {
         clock: Arc<dyn Clock>,
         upstream: Option<UpstreamCa>,
     ) -> Result<Arc<Self>, CaError> {
-        let journal = store.fetch_ca_journal().await?.unwrap_or_default();
+        let journal = match store.fetch_ca_journal(&config.server_id).await? {
+            Some(bytes) => CaJournal::from_bytes(&bytes)?,
+            None => CaJournal::default(),
+        };
         let initial = store
             .fetch_bundle(&config.trust_domain)
             .await?
@@ -198,6 +201,15 @@ impl CaManager {
         self.journal.lock().await.clone()
     }
 
+    /// Persists `journal` as this replica's.
+    async fn save(&self, journal: &CaJournal) -> Result<(), CaError> {
+        let bytes = journal.to_bytes()?;
+        self.store
+            .put_ca_journal(&self.config.server_id, bytes)
+            .await?;
+        Ok(())
+    }
+
     /// Loads the signers of the active slots and checks the prepared ones;
     /// a slot whose key is gone (a memory key manager after restart, a
     /// deleted file) is retired so a new key takes over. Its certificate
@@ -206,7 +218,7 @@ impl CaManager {
         let x509 = load_slots(&mut journal.x509, |s| self.load_x509(s), &self.x509, "x509");
         let jwt = load_slots(&mut journal.jwt, |s| self.load_jwt(s), &self.jwt, "jwt");
         if x509 || jwt {
-            self.store.put_ca_journal(journal).await?;
+            self.save(journal).await?;
         }
         Ok(())
     }
@@ -356,7 +368,7 @@ impl CaManager {
             // `start`, which publishes what the journal holds. Keys prepared
             // here activate in a later step, after this bundle is durable.
             let persisted = async {
-                self.store.put_ca_journal(&next).await?;
+                self.save(&next).await?;
                 self.publish(&next).await
             }
             .await;
@@ -402,7 +414,7 @@ impl CaManager {
             activate(&mut next.jwt);
         }
         if x509_next.is_some() || jwt_next.is_some() {
-            self.store.put_ca_journal(&next).await?;
+            self.save(&next).await?;
             *journal = next.clone();
             if let Some(a) = x509_next {
                 *self.x509.write().unwrap_or_else(|p| p.into_inner()) = Some(a);
@@ -425,7 +437,7 @@ impl CaManager {
         let mut gone = prune(&mut next.x509, now);
         gone.extend(prune(&mut next.jwt, now));
         if !gone.is_empty() {
-            self.store.put_ca_journal(&next).await?;
+            self.save(&next).await?;
             *journal = next.clone();
             self.publish(&next).await?;
             for key_id in &gone {

@@ -21,7 +21,7 @@ use sigil_identity::TrustDomain;
 use sigil_identity::jwt::JwtError;
 use sigil_identity::x509::SvidError;
 
-use crate::datastore::DatastoreError;
+use crate::datastore::{DatastoreError, ServerId};
 
 pub use manager::CaManager;
 
@@ -75,6 +75,8 @@ pub struct CaConfig {
     pub key_algorithm: keys::KeyAlgorithm,
     /// `spiffe_refresh_hint` published with the bundle.
     pub refresh_hint: Option<Duration>,
+    /// This replica: its CA journal is stored under this id.
+    pub server_id: ServerId,
 }
 
 impl CaConfig {
@@ -87,6 +89,7 @@ impl CaConfig {
             jwt_svid_ttl: DEFAULT_JWT_SVID_TTL,
             key_algorithm: keys::KeyAlgorithm::EcP256,
             refresh_hint: None,
+            server_id: ServerId::local(),
         }
     }
 }

@@ -16,7 +16,6 @@ use sigil_identity::{
 };
 
 use super::*;
-use crate::ca::journal::CaJournal;
 
 /// Expands to one `#[tokio::test]` per conformance check, each calling the
 /// check with `$open`, a `Fn(&Path) -> impl Future<Output = impl Datastore>`.
@@ -38,11 +37,17 @@ macro_rules! datastore_conformance {
             join_token_concurrent_consumers_one_wins,
             join_token_prune_removes_expired,
             bundle_sequence_never_goes_back,
-            ca_journal_round_trips,
+            ca_journals_are_kept_per_server,
             audit_events_append_in_order,
             audited_mutations_write_their_event_only_when_made,
             entry_changes_and_expired_agents_are_pruned,
             audit_chain_holds_across_writers_pruning_and_reopen,
+            every_mutation_is_in_the_feed_with_consecutive_revisions,
+            change_floor_rises_with_pruning_and_survives_reopen,
+            bundle_update_merges_and_bumps_the_sequence,
+            bundle_update_that_changes_nothing_writes_nothing,
+            concurrent_writers_get_gap_free_revisions,
+            change_hint_wakes_a_reader_after_a_write,
         );
     };
     (@tests $open:expr; $($name:ident),* $(,)?) => {
@@ -86,7 +91,7 @@ pub fn audit_event(i: u32) -> AuditEvent {
     }
 }
 
-fn agent(name: &str) -> AgentRecord {
+pub fn agent(name: &str) -> AgentRecord {
     AgentRecord {
         id: AgentId::from_segments(&td(), &["join_token", name]).unwrap(),
         attestor: "join_token".into(),
@@ -305,7 +310,7 @@ pub async fn entry_apply_is_all_or_nothing<D: Datastore, F: Future<Output = D>>(
         })
         .await
         .unwrap();
-    let kinds: Vec<_> = made.iter().map(|c| c.kind).collect();
+    let kinds: Vec<_> = made.iter().map(|c| c.as_entry().unwrap().0).collect();
     assert_eq!(
         kinds,
         [
@@ -316,7 +321,7 @@ pub async fn entry_apply_is_all_or_nothing<D: Datastore, F: Future<Output = D>>(
         ]
     );
     assert_eq!(ds.current_revision().await.unwrap(), before + 4);
-    let feed = ds.entry_changes(before, 10).await.unwrap();
+    let feed = ds.changes(before, 10).await.unwrap();
     assert_eq!(feed, made, "each change is in the feed with its revision");
     assert_eq!(ds.fetch_entry(&keep.id).await.unwrap().unwrap().hint, "new");
     assert_eq!(ds.fetch_entry(&gone.id).await.unwrap(), None);
@@ -353,8 +358,14 @@ pub async fn entry_change_feed_resumes_from_revision<D: Datastore, F: Future<Out
     a2.hint = "x".into();
     ds.update_entry(a2).await.unwrap();
     ds.delete_entry(&b.id).await.unwrap();
-    let all = ds.entry_changes(0, 100).await.unwrap();
-    let kinds: Vec<_> = all.iter().map(|c| (c.kind, c.entry.id.clone())).collect();
+    let all = ds.changes(0, 100).await.unwrap();
+    let kinds: Vec<_> = all
+        .iter()
+        .map(|c| {
+            let (kind, e) = c.as_entry().expect("only entries were changed");
+            (kind, e.id.clone())
+        })
+        .collect();
     assert_eq!(
         kinds,
         vec![
@@ -365,10 +376,10 @@ pub async fn entry_change_feed_resumes_from_revision<D: Datastore, F: Future<Out
         ]
     );
     assert!(all.windows(2).all(|w| w[0].revision < w[1].revision));
-    let tail = ds.entry_changes(all[1].revision, 100).await.unwrap();
+    let tail = ds.changes(all[1].revision, 100).await.unwrap();
     assert_eq!(tail, all[2..].to_vec());
     assert_eq!(
-        ds.entry_changes(0, 1).await.unwrap().len(),
+        ds.changes(0, 1).await.unwrap().len(),
         1,
         "limit is honoured"
     );
@@ -570,18 +581,55 @@ pub async fn bundle_sequence_never_goes_back<D: Datastore, F: Future<Output = D>
     assert_eq!(ds.list_bundles().await.unwrap(), vec![b]);
 }
 
-pub async fn ca_journal_round_trips<D: Datastore, F: Future<Output = D>>(
+fn server(name: &str) -> ServerId {
+    name.parse().unwrap()
+}
+
+pub async fn ca_journals_are_kept_per_server<D: Datastore, F: Future<Output = D>>(
     open: &impl Fn(&Path) -> F,
     dir: &Path,
 ) {
-    let journal = CaJournal::sample_for_tests();
+    let (a, b) = (server("server-a"), server("server-b"));
     {
         let ds = open(dir).await;
-        assert_eq!(ds.fetch_ca_journal().await.unwrap(), None);
-        ds.put_ca_journal(&journal).await.unwrap();
+        assert_eq!(ds.fetch_ca_journal(&a).await.unwrap(), None);
+        assert_eq!(ds.list_ca_journals().await.unwrap(), vec![]);
+        ds.put_ca_journal(&a, b"journal a1".to_vec()).await.unwrap();
+        ds.put_ca_journal(&b, b"journal b1".to_vec()).await.unwrap();
+        ds.put_ca_journal(&a, b"journal a2".to_vec()).await.unwrap();
     }
     let ds = open(dir).await;
-    assert_eq!(ds.fetch_ca_journal().await.unwrap(), Some(journal));
+    assert_eq!(
+        ds.fetch_ca_journal(&a).await.unwrap().as_deref(),
+        Some(&b"journal a2"[..])
+    );
+    assert_eq!(
+        ds.fetch_ca_journal(&b).await.unwrap().as_deref(),
+        Some(&b"journal b1"[..])
+    );
+    assert_eq!(ds.fetch_ca_journal(&server("c")).await.unwrap(), None);
+    assert_eq!(
+        ds.list_ca_journals().await.unwrap(),
+        vec![
+            (a.clone(), b"journal a2".to_vec()),
+            (b.clone(), b"journal b1".to_vec())
+        ]
+    );
+    // Each put is one revision naming its server.
+    let feed: Vec<_> = ds
+        .changes(0, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| (c.revision, c.changed))
+        .collect();
+    let journal = |server_id: &ServerId| Changed::CaJournal {
+        server_id: server_id.clone(),
+    };
+    assert_eq!(
+        feed,
+        vec![(1, journal(&a)), (2, journal(&b)), (3, journal(&a))]
+    );
 }
 
 pub async fn audit_events_append_in_order<D: Datastore, F: Future<Output = D>>(
@@ -700,9 +748,9 @@ pub async fn entry_changes_and_expired_agents_are_pruned<D: Datastore, F: Future
     for i in 0..5 {
         ds.create_entry(entry(&format!("w{i}"), i)).await.unwrap();
     }
-    assert_eq!(ds.prune_entry_changes(3).await.unwrap(), 3);
+    assert_eq!(ds.prune_changes(3).await.unwrap(), 3);
     let left: Vec<u64> = ds
-        .entry_changes(0, 100)
+        .changes(0, 100)
         .await
         .unwrap()
         .iter()
@@ -801,4 +849,407 @@ pub async fn audit_chain_holds_across_writers_pruning_and_reopen<
     ds.append_audit(vec![audit_event(99)]).await.unwrap();
     let report = verify(&ds, &opts).await.unwrap();
     assert_eq!(report.head.seq, 5 + 240 + 1);
+}
+
+/// A self-signed CA certificate (DER), distinct per call.
+fn ca_cert() -> Vec<u8> {
+    let kp = rcgen::KeyPair::generate().unwrap();
+    let mut p = rcgen::CertificateParams::default();
+    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    p.self_signed(&kp).unwrap().der().to_vec()
+}
+
+/// A JWT authority `kid` with a fresh key.
+fn jwt_authority(kid: &str) -> JwtAuthority {
+    let kp = rcgen::KeyPair::generate().unwrap();
+    JwtAuthority {
+        kid: kid.into(),
+        public_key: sigil_identity::keys::PublicKey::from_spki_der(
+            &rcgen::PublicKeyData::subject_public_key_info(&kp),
+        )
+        .unwrap(),
+    }
+}
+
+/// Every kind of mutation records its change, whole, at the next revision;
+/// a failed mutation records nothing; audit appends take no revision.
+pub async fn every_mutation_is_in_the_feed_with_consecutive_revisions<
+    D: Datastore,
+    F: Future<Output = D>,
+>(
+    open: &impl Fn(&Path) -> F,
+    dir: &Path,
+) {
+    let ds = open(dir).await;
+    let e = ds.create_entry(entry("web", 1)).await.unwrap();
+    let mut e2 = e.clone();
+    e2.hint = "h".into();
+    let e2 = ds.update_entry(e2).await.unwrap();
+    let e3 = ds.delete_entry(&e.id).await.unwrap();
+    let batch = ds
+        .apply_entries(EntryBatch {
+            create: vec![entry("a", 2), entry("b", 3)],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    ds.append_audit(vec![audit_event(1)]).await.unwrap();
+    let a = ds.create_agent(agent("n1")).await.unwrap();
+    let banned = ds
+        .update_agent(AgentRecord {
+            banned: true,
+            ..a.clone()
+        })
+        .await
+        .unwrap();
+    ds.delete_agent(&a.id).await.unwrap();
+    let expired = AgentRecord {
+        expires_at: from_unix_seconds(1_000),
+        ..agent("old")
+    };
+    ds.create_agent(expired.clone()).await.unwrap();
+    assert_eq!(
+        ds.prune_agents(from_unix_seconds(2_000)).await.unwrap(),
+        vec![expired.id.clone()]
+    );
+    let t = token("t", later());
+    ds.create_join_token(t.clone()).await.unwrap();
+    ds.consume_join_token(&t.hash, SystemTime::now())
+        .await
+        .unwrap();
+    let old_token = token("old", from_unix_seconds(10));
+    ds.create_join_token(old_token.clone()).await.unwrap();
+    assert_eq!(ds.prune_join_tokens(SystemTime::now()).await.unwrap(), 1);
+    let mut foreign = Bundle::new(TrustDomain::new("other.org").unwrap());
+    foreign.sequence = 1;
+    ds.put_bundle(&foreign).await.unwrap();
+    ds.delete_bundle(&foreign.trust_domain).await.unwrap();
+    let edit = BundleEdit {
+        add_jwt: vec![jwt_authority("k1")],
+        ..Default::default()
+    };
+    let own = ds.update_bundle(&td(), edit).await.unwrap();
+    ds.put_ca_journal(&server("s1"), b"j".to_vec())
+        .await
+        .unwrap();
+    // Failures change nothing and take no revision.
+    ds.delete_agent(&a.id).await.unwrap_err();
+    ds.consume_join_token(&t.hash, SystemTime::now())
+        .await
+        .unwrap_err();
+    ds.delete_bundle(&foreign.trust_domain).await.unwrap_err();
+
+    let agent_change = |record: Option<&AgentRecord>, id: &AgentId| Changed::Agent {
+        id: id.clone(),
+        record: record.cloned(),
+    };
+    let token_change = |t: &JoinTokenRecord, live: bool| Changed::JoinToken {
+        hash: t.hash.clone(),
+        record: live.then(|| t.clone()),
+    };
+    let bundle_change = |b: Option<&Bundle>, td: TrustDomain| Changed::Bundle {
+        trust_domain: td,
+        bundle: b.cloned(),
+    };
+    let want = vec![
+        Change::entry(ChangeKind::Created, e.clone()).changed,
+        Change::entry(ChangeKind::Updated, e2.clone()).changed,
+        Change::entry(ChangeKind::Deleted, e3.clone()).changed,
+        batch[0].changed.clone(),
+        batch[1].changed.clone(),
+        agent_change(Some(&a), &a.id),
+        agent_change(Some(&banned), &a.id),
+        agent_change(None, &a.id),
+        agent_change(Some(&expired), &expired.id),
+        agent_change(None, &expired.id),
+        token_change(&t, true),
+        token_change(&t, false),
+        token_change(&old_token, true),
+        token_change(&old_token, false),
+        bundle_change(Some(&foreign), foreign.trust_domain.clone()),
+        bundle_change(None, foreign.trust_domain.clone()),
+        bundle_change(Some(&own), td()),
+        Changed::CaJournal {
+            server_id: server("s1"),
+        },
+    ];
+    let feed = ds.changes(0, 1000).await.unwrap();
+    let revisions: Vec<u64> = feed.iter().map(|c| c.revision).collect();
+    assert_eq!(revisions, (1..=want.len() as u64).collect::<Vec<_>>());
+    let got: Vec<Changed> = feed.into_iter().map(|c| c.changed).collect();
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(g, w, "change {}", i + 1);
+    }
+    assert_eq!(ds.current_revision().await.unwrap(), want.len() as u64);
+    assert_eq!(
+        (e.revision, e2.revision, e3.revision),
+        (1, 2, 3),
+        "an entry's revision is that of its change"
+    );
+}
+
+/// Pruning raises the floor (never lowers it, never past the current
+/// revision); the floor and what is left survive a reopen.
+pub async fn change_floor_rises_with_pruning_and_survives_reopen<
+    D: Datastore,
+    F: Future<Output = D>,
+>(
+    open: &impl Fn(&Path) -> F,
+    dir: &Path,
+) {
+    {
+        let ds = open(dir).await;
+        assert_eq!(ds.change_floor().await.unwrap(), 0);
+        for i in 0..4 {
+            ds.create_entry(entry(&format!("w{i}"), i)).await.unwrap();
+        }
+        ds.create_agent(agent("a")).await.unwrap();
+        assert_eq!(ds.prune_changes(2).await.unwrap(), 2);
+        assert_eq!(ds.change_floor().await.unwrap(), 2);
+        assert_eq!(ds.prune_changes(1).await.unwrap(), 0);
+        assert_eq!(ds.change_floor().await.unwrap(), 2, "never lowered");
+    }
+    let ds = open(dir).await;
+    assert_eq!(ds.change_floor().await.unwrap(), 2);
+    let left: Vec<u64> = ds
+        .changes(0, 100)
+        .await
+        .unwrap()
+        .iter()
+        .map(|c| c.revision)
+        .collect();
+    assert_eq!(left, [3, 4, 5]);
+    assert_eq!(ds.prune_changes(1_000).await.unwrap(), 3);
+    assert_eq!(
+        ds.change_floor().await.unwrap(),
+        5,
+        "not past the current revision"
+    );
+    assert_eq!(ds.changes(0, 100).await.unwrap(), vec![]);
+    let next = ds.create_entry(entry("after", 9)).await.unwrap();
+    assert_eq!(next.revision, 6);
+    assert_eq!(ds.changes(5, 100).await.unwrap().len(), 1);
+}
+
+/// `update_bundle` edits the stored bundle in place: adds and removes
+/// authorities, takes the next sequence and one revision.
+pub async fn bundle_update_merges_and_bumps_the_sequence<D: Datastore, F: Future<Output = D>>(
+    open: &impl Fn(&Path) -> F,
+    dir: &Path,
+) {
+    let ds = open(dir).await;
+    let (k1, k2, k2b) = (
+        jwt_authority("k1"),
+        jwt_authority("k2"),
+        jwt_authority("k2"),
+    );
+    let [c1, c2, c3, c9] = [(); 4].map(|()| ca_cert());
+    let first = ds
+        .update_bundle(
+            &td(),
+            BundleEdit {
+                add_x509: vec![c1.clone(), c2.clone()],
+                add_jwt: vec![k1.clone()],
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(first.sequence, 1, "a new bundle starts at 1");
+    assert_eq!(first.x509_authorities, vec![c1.clone(), c2.clone()]);
+    // Another replica's edit keeps what the first added.
+    let second = ds
+        .update_bundle(
+            &td(),
+            BundleEdit {
+                add_x509: vec![c3.clone(), c1.clone()],
+                add_jwt: vec![k2.clone()],
+                refresh_hint: Some(std::time::Duration::from_secs(60)),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(second.sequence, 2);
+    assert_eq!(
+        second.x509_authorities,
+        vec![c1.clone(), c2.clone(), c3.clone()]
+    );
+    assert_eq!(second.jwt_authorities, vec![k1.clone(), k2.clone()]);
+    assert_eq!(
+        second.refresh_hint,
+        Some(std::time::Duration::from_secs(60))
+    );
+    let third = ds
+        .update_bundle(
+            &td(),
+            BundleEdit {
+                remove_x509: vec![c2.clone(), c9],
+                remove_jwt: vec!["k1".into()],
+                add_jwt: vec![k2b.clone()],
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(third.sequence, 3);
+    assert_eq!(third.x509_authorities, vec![c1, c3]);
+    assert_eq!(third.jwt_authorities, vec![k2b], "same kid: replaced");
+    assert_eq!(third.refresh_hint, second.refresh_hint, "kept when None");
+    assert_eq!(ds.fetch_bundle(&td()).await.unwrap(), Some(third.clone()));
+    let feed = ds.changes(0, 100).await.unwrap();
+    assert_eq!(feed.len(), 3, "one revision per edit");
+    assert_eq!(
+        feed[2].changed,
+        Changed::Bundle {
+            trust_domain: td(),
+            bundle: Some(third.clone()),
+        }
+    );
+    // A whole-bundle put still refuses to go back.
+    let mut stale = third.clone();
+    stale.sequence = 3;
+    assert!(matches!(
+        ds.put_bundle(&stale).await,
+        Err(DatastoreError::SequenceRegression { .. })
+    ));
+}
+
+pub async fn bundle_update_that_changes_nothing_writes_nothing<
+    D: Datastore,
+    F: Future<Output = D>,
+>(
+    open: &impl Fn(&Path) -> F,
+    dir: &Path,
+) {
+    let ds = open(dir).await;
+    let k1 = jwt_authority("k1");
+    let edit = BundleEdit {
+        add_x509: vec![ca_cert()],
+        add_jwt: vec![k1.clone()],
+        ..Default::default()
+    };
+    let stored = ds.update_bundle(&td(), edit.clone()).await.unwrap();
+    let revision = ds.current_revision().await.unwrap();
+    // The same additions, removals of what is absent, no edit at all.
+    let again = ds.update_bundle(&td(), edit).await.unwrap();
+    let absent = BundleEdit {
+        remove_x509: vec![ca_cert()],
+        remove_jwt: vec!["nope".into()],
+        ..Default::default()
+    };
+    let absent = ds.update_bundle(&td(), absent).await.unwrap();
+    let empty = ds
+        .update_bundle(&td(), BundleEdit::default())
+        .await
+        .unwrap();
+    for b in [again, absent, empty] {
+        assert_eq!(b, stored, "the stored bundle is returned");
+    }
+    assert_eq!(ds.current_revision().await.unwrap(), revision);
+    assert_eq!(ds.fetch_bundle(&td()).await.unwrap().unwrap().sequence, 1);
+}
+
+/// Writers racing on every kind of object: revisions 1..=400 are all in
+/// the feed, in order, once each.
+pub async fn concurrent_writers_get_gap_free_revisions<
+    D: Datastore + 'static,
+    F: Future<Output = D>,
+>(
+    open: &impl Fn(&Path) -> F,
+    dir: &Path,
+) {
+    let ds = Arc::new(open(dir).await);
+    let tasks: Vec<_> = (0..8u32)
+        .map(|task| {
+            let ds = ds.clone();
+            tokio::spawn(async move {
+                for i in 0..50u32 {
+                    let n = task * 100 + i;
+                    match i % 5 {
+                        0 | 1 => {
+                            ds.create_entry(entry(&format!("c{n}"), n)).await.unwrap();
+                        }
+                        2 => {
+                            let t = token(&format!("t{n}"), later());
+                            ds.create_join_token(t).await.unwrap();
+                        }
+                        3 => {
+                            ds.create_agent(agent(&format!("a{n}"))).await.unwrap();
+                        }
+                        _ => {
+                            let edit = BundleEdit {
+                                add_x509: vec![ca_cert()],
+                                ..Default::default()
+                            };
+                            ds.update_bundle(&td(), edit).await.unwrap();
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    // A reader following the feed meanwhile never sees a gap.
+    let reader = {
+        let ds = ds.clone();
+        tokio::spawn(async move {
+            let mut at = 0;
+            while at < 400 {
+                for c in ds.changes(at, 1000).await.unwrap() {
+                    assert_eq!(c.revision, at + 1, "the reader saw a gap");
+                    at = c.revision;
+                }
+                tokio::task::yield_now().await;
+            }
+        })
+    };
+    for t in tasks {
+        t.await.unwrap();
+    }
+    tokio::time::timeout(std::time::Duration::from_secs(30), reader)
+        .await
+        .expect("the reader caught up")
+        .unwrap();
+    let revisions: Vec<u64> = ds
+        .changes(0, 1000)
+        .await
+        .unwrap()
+        .iter()
+        .map(|c| c.revision)
+        .collect();
+    assert_eq!(revisions, (1..=400).collect::<Vec<_>>());
+    let bundle = ds.fetch_bundle(&td()).await.unwrap().unwrap();
+    assert_eq!(bundle.sequence, 80);
+    assert_eq!(bundle.x509_authorities.len(), 80, "no edit lost");
+}
+
+/// The hint moves to (at least) the revision of a finished write.
+pub async fn change_hint_wakes_a_reader_after_a_write<
+    D: Datastore + 'static,
+    F: Future<Output = D>,
+>(
+    open: &impl Fn(&Path) -> F,
+    dir: &Path,
+) {
+    let ds = Arc::new(open(dir).await);
+    let mut hint = ds.change_hint();
+    let start = *hint.borrow_and_update();
+    let writer = {
+        let ds = ds.clone();
+        tokio::spawn(async move { ds.create_agent(agent("woken")).await.unwrap() })
+    };
+    let woken = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        hint.wait_for(|r| *r > start),
+    )
+    .await
+    .expect("the hint moved after the write")
+    .map(|r| *r)
+    .unwrap();
+    writer.await.unwrap();
+    let feed = ds.changes(start, 100).await.unwrap();
+    assert!(
+        feed.iter().any(|c| c.revision <= woken),
+        "the write the hint announced is readable"
+    );
 }

@@ -1,11 +1,21 @@
 //! Persistent state behind one trait.
 //!
 //! The [`Datastore`] trait deals in domain types and is grouped by entity:
-//! registration entries (with a change feed keyed by revision), attested
-//! agents, join tokens (stored only as hashes), trust bundles, the CA
-//! journal, and audit events. Every mutation returns only after it is
-//! durable. [`sled`] is the embedded implementation; [`conformance`] is the
-//! suite every implementation must pass.
+//! registration entries, attested agents, join tokens (stored only as
+//! hashes), trust bundles, the CA journal of each server replica (opaque
+//! bytes), and audit events. Every mutation returns only after it is
+//! durable.
+//!
+//! # The change feed
+//! Every mutation of entries, agents, join tokens, bundles and CA journals
+//! takes the next revision (gap-free: revision order is commit order) and
+//! records a [`Change`] carrying the object whole in the same atomic write.
+//! A replica follows [`Datastore::changes`] from the revision it has
+//! applied; [`Datastore::change_hint`] only wakes it up. A reader whose
+//! position fell below [`Datastore::change_floor`] (pruned) reloads fully.
+//!
+//! [`sled`] is the embedded implementation; [`conformance`] is the suite
+//! every implementation must pass.
 
 #[cfg(test)]
 pub(crate) mod conformance;
@@ -23,7 +33,10 @@ use sigil_identity::{
 
 pub use crate::audit::chain::AuditEvent;
 use crate::audit::chain::{AuditRecord, ChainHead};
-use crate::ca::journal::CaJournal;
+/// A stable identifier of one server replica; the datastore uses it as an
+/// opaque key.
+pub use crate::server_id::ServerId;
+pub use sigil_identity::JwtAuthority;
 
 pub use self::sled::SledDatastore;
 
@@ -55,6 +68,12 @@ pub enum DatastoreError {
         "write applied but not confirmed on disk ({0}): it may be lost in a crash; the data directory's disk may be full or failing"
     )]
     Durability(String),
+    /// The database cannot be reached (connection refused, failover in
+    /// progress, pool timeout): nothing was done.
+    #[error(
+        "datastore unavailable ({0}): the request was not carried out (no change was made) and may be retried"
+    )]
+    Unavailable(String),
 }
 
 /// Result alias for datastore calls.
@@ -69,15 +88,110 @@ pub enum ChangeKind {
     Deleted,
 }
 
-/// One entry in the change feed.
+/// What one revision changed. Objects are carried whole (after the change;
+/// for a deletion the entry as it was), so a replica applies a change
+/// without reading anything else.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct EntryChange {
+#[serde(tag = "type", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Changed {
+    /// An entry; its `revision` is this change's.
+    Entry {
+        kind: ChangeKind,
+        entry: RegistrationEntry,
+    },
+    /// `record: None` = removed (evicted or pruned). Attest, renew, first
+    /// use, ban: `Some`.
+    Agent {
+        id: AgentId,
+        record: Option<AgentRecord>,
+    },
+    /// `record: None` = consumed or pruned.
+    JoinToken {
+        hash: TokenHash,
+        record: Option<JoinTokenRecord>,
+    },
+    /// `bundle: None` = deleted.
+    Bundle {
+        trust_domain: TrustDomain,
+        bundle: Option<Bundle>,
+    },
+    /// The CA journal of replica `server_id` was replaced (read it with
+    /// [`Datastore::fetch_ca_journal`]).
+    CaJournal { server_id: ServerId },
+}
+
+/// One record of the change feed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Change {
     /// The revision this change produced.
     pub revision: u64,
-    /// What happened.
-    pub kind: ChangeKind,
-    /// The entry after the change (before it, for a deletion).
-    pub entry: RegistrationEntry,
+    /// What it changed.
+    pub changed: Changed,
+}
+
+impl Change {
+    /// An entry change (the entry's revision is the change's).
+    pub fn entry(kind: ChangeKind, entry: RegistrationEntry) -> Self {
+        Self {
+            revision: entry.revision,
+            changed: Changed::Entry { kind, entry },
+        }
+    }
+
+    /// The entry change this is, if it is one.
+    pub fn as_entry(&self) -> Option<(ChangeKind, &RegistrationEntry)> {
+        match &self.changed {
+            Changed::Entry { kind, entry } => Some((*kind, entry)),
+            _ => None,
+        }
+    }
+}
+
+/// A read-modify-write of one trust domain's bundle
+/// ([`Datastore::update_bundle`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BundleEdit {
+    /// CA certificates (DER) added if absent.
+    pub add_x509: Vec<Vec<u8>>,
+    /// CA certificates (DER) removed if present.
+    pub remove_x509: Vec<Vec<u8>>,
+    /// JWT authorities added, replacing one with the same kid.
+    pub add_jwt: Vec<JwtAuthority>,
+    /// JWT authorities removed, by kid.
+    pub remove_jwt: Vec<String>,
+    /// Set as the bundle's refresh hint when `Some`.
+    pub refresh_hint: Option<std::time::Duration>,
+}
+
+impl BundleEdit {
+    /// Applies the edit to `bundle` (removals first, so an authority both
+    /// removed and added stays); returns whether anything changed. The
+    /// sequence is left alone.
+    pub fn apply_to(&self, bundle: &mut Bundle) -> bool {
+        let before = bundle.clone();
+        bundle
+            .x509_authorities
+            .retain(|c| !self.remove_x509.contains(c));
+        bundle
+            .jwt_authorities
+            .retain(|a| !self.remove_jwt.contains(&a.kid));
+        for c in &self.add_x509 {
+            if !bundle.x509_authorities.contains(c) {
+                bundle.x509_authorities.push(c.clone());
+            }
+        }
+        for a in &self.add_jwt {
+            match bundle.jwt_authorities.iter_mut().find(|b| b.kid == a.kid) {
+                Some(b) => *b = a.clone(),
+                None => bundle.jwt_authorities.push(a.clone()),
+            }
+        }
+        if self.refresh_hint.is_some() {
+            bundle.refresh_hint = self.refresh_hint;
+        }
+        *bundle != before
+    }
 }
 
 /// Which entries `list_entries` returns; every given field must match.
@@ -232,6 +346,11 @@ pub struct AuditChainState {
 pub type AuditWith = Option<AuditEvent>;
 
 /// The storage interface of the server.
+///
+/// Every mutation of entries, agents, join tokens, bundles and CA journals
+/// takes the next revision and records its [`Change`] in the same atomic
+/// write (a mutation of N objects: N consecutive revisions). Audit appends
+/// take no revision.
 #[async_trait]
 pub trait Datastore: Send + Sync + fmt::Debug {
     /// Stores a new entry, assigning its revision. Fails with
@@ -280,20 +399,33 @@ pub trait Datastore: Send + Sync + fmt::Debug {
     /// creations), each with its own revision and change-feed record, in
     /// one atomic, durable step; on any error nothing is changed. Returns
     /// the changes in the order made.
-    async fn apply_entries(&self, batch: EntryBatch) -> Result<Vec<EntryChange>>;
+    async fn apply_entries(&self, batch: EntryBatch) -> Result<Vec<Change>>;
     /// One entry by id.
     async fn fetch_entry(&self, id: &EntryId) -> Result<Option<RegistrationEntry>>;
     /// Entries passing `filter`, ordered by id.
     async fn list_entries(&self, filter: &EntryFilter) -> Result<Vec<RegistrationEntry>>;
     /// How many entries exist.
     async fn count_entries(&self) -> Result<u64>;
-    /// Changes with revision greater than `after`, oldest first, at most `limit`.
-    async fn entry_changes(&self, after: u64, limit: usize) -> Result<Vec<EntryChange>>;
-    /// The revision of the latest entry change (0 when none).
+
+    /// Changes with revision greater than `after`, oldest first, at most
+    /// `limit`: every kind of object, in commit order, without gaps above
+    /// [`Datastore::change_floor`].
+    async fn changes(&self, after: u64, limit: usize) -> Result<Vec<Change>>;
+    /// The revision of the latest change (0 when none).
     async fn current_revision(&self) -> Result<u64>;
-    /// Removes the changes with revision up to `through`, returning how
-    /// many went.
-    async fn prune_entry_changes(&self, through: u64) -> Result<usize>;
+    /// Every change with a revision above this is still stored (0 until
+    /// something is pruned). A reader whose position is below it missed
+    /// changes and must reload fully.
+    async fn change_floor(&self) -> Result<u64>;
+    /// Removes the changes with revision up to `through` (at most the
+    /// current revision), raising the floor to it (never lowering it);
+    /// returns how many went. Runs on one replica at a time: another
+    /// replica pruning at the same moment makes this return 0.
+    async fn prune_changes(&self, through: u64) -> Result<usize>;
+    /// A wake-up for change readers: its value is some revision known to
+    /// be committed (durable), bumped after writes. Readers never take
+    /// content from it: they call [`Datastore::changes`].
+    fn change_hint(&self) -> tokio::sync::watch::Receiver<u64>;
 
     /// Stores a newly attested agent; `AlreadyExists` if present.
     async fn create_agent(&self, agent: AgentRecord) -> Result<AgentRecord> {
@@ -329,7 +461,8 @@ pub trait Datastore: Send + Sync + fmt::Debug {
     async fn delete_agent_audited(&self, id: &AgentId, audit: AuditWith) -> Result<AgentRecord>;
     /// Removes agents that are not banned and whose SVID expired before
     /// `expired_before`, returning their ids. An agent renewed meanwhile
-    /// is kept.
+    /// is kept. Runs on one replica at a time (see
+    /// [`Datastore::prune_changes`]).
     async fn prune_agents(&self, expired_before: SystemTime) -> Result<Vec<AgentId>>;
 
     /// Stores a join token hash.
@@ -349,11 +482,18 @@ pub trait Datastore: Send + Sync + fmt::Debug {
         hash: &TokenHash,
         now: SystemTime,
     ) -> Result<JoinTokenRecord>;
-    /// Removes expired tokens, returning how many.
+    /// Removes expired tokens, returning how many. Runs on one replica at
+    /// a time.
     async fn prune_join_tokens(&self, now: SystemTime) -> Result<usize>;
 
-    /// Stores a bundle; its sequence must be greater than the stored one.
+    /// Stores a bundle whole (a foreign trust domain's); its sequence must
+    /// be greater than the stored one.
     async fn put_bundle(&self, bundle: &Bundle) -> Result<()>;
+    /// Edits the bundle of `td` in one read-modify-write transaction (a
+    /// missing bundle starts empty): the sequence becomes the stored one +
+    /// 1 (1 when new). Returns the stored result; an edit that changes an
+    /// existing bundle in nothing writes nothing (no new revision).
+    async fn update_bundle(&self, td: &TrustDomain, edit: BundleEdit) -> Result<Bundle>;
     /// The bundle of `td`.
     async fn fetch_bundle(&self, td: &TrustDomain) -> Result<Option<Bundle>>;
     /// All bundles, ordered by trust domain.
@@ -361,10 +501,13 @@ pub trait Datastore: Send + Sync + fmt::Debug {
     /// Removes the bundle of `td`.
     async fn delete_bundle(&self, td: &TrustDomain) -> Result<()>;
 
-    /// The CA journal, if one was written.
-    async fn fetch_ca_journal(&self) -> Result<Option<CaJournal>>;
-    /// Replaces the CA journal.
-    async fn put_ca_journal(&self, journal: &CaJournal) -> Result<()>;
+    /// The CA journal of replica `server`, as stored by
+    /// [`Datastore::put_ca_journal`].
+    async fn fetch_ca_journal(&self, server: &ServerId) -> Result<Option<Vec<u8>>>;
+    /// Replaces the CA journal of replica `server` (one revision).
+    async fn put_ca_journal(&self, server: &ServerId, journal: Vec<u8>) -> Result<()>;
+    /// Every replica's CA journal, by server id.
+    async fn list_ca_journals(&self) -> Result<Vec<(ServerId, Vec<u8>)>>;
 
     /// Appends audit events in order with one durable sync, returning the
     /// sequence number of the last one (0 if `events` is empty). Like every
@@ -382,7 +525,8 @@ pub trait Datastore: Send + Sync + fmt::Debug {
     /// Removes the oldest audit events, stopping at the first record (a
     /// written batch) holding an event at or after `before`; returns how
     /// many events went. Keeps the last removed record's sequence number
-    /// and hash as the chain's anchor, in the same transaction.
+    /// and hash as the chain's anchor, in the same transaction. Runs on one
+    /// replica at a time.
     async fn prune_audit(&self, before: SystemTime) -> Result<usize>;
     /// Stored audit records with sequence greater than `after`, in stored
     /// order (tampering may have put them out of sequence), at most `limit`.

@@ -6,9 +6,11 @@
 //! [`GroupSync`] round: one background thread flushes sled and then calls
 //! `fdatasync` on the data file, and every writer whose change happened
 //! before the round started is released by it. Concurrent writers share one
-//! sync. Multi-record changes (an entry, its uniqueness key, its change-feed
-//! record and the revision counter) go through one sled transaction, so a
-//! crash leaves them wholly present or wholly absent.
+//! sync. Multi-record changes (an object, its change-feed record and the
+//! revision counter; for an entry also its uniqueness key) go through one
+//! sled transaction, so a crash leaves them wholly present or wholly
+//! absent. The change feed is the `entry_changes` tree (its name from when
+//! it held entry changes only; those old records still decode).
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -29,7 +31,11 @@ use super::*;
 use crate::audit::chain::{self, AuditRecord, ChainHead};
 
 const REVISION_KEY: &[u8] = b"revision";
-const CA_JOURNAL_KEY: &[u8] = b"ca_journal";
+/// Meta key of the change floor (see [`Datastore::change_floor`]).
+const CHANGE_FLOOR_KEY: &[u8] = b"change_floor";
+/// Meta key of the single CA journal versions before replicas wrote; read
+/// for any server id until the first keyed journal is put.
+const LEGACY_CA_JOURNAL_KEY: &[u8] = b"ca_journal";
 /// Meta keys of the audit chain: its head (the last record) and its
 /// anchor (the last pruned record), each a [`ChainHead::to_bytes`].
 const AUDIT_HEAD_KEY: &[u8] = b"audit_head";
@@ -51,6 +57,8 @@ pub struct SledDatastore {
     /// When the next reopen may be tried; held while reopening.
     reopen: Mutex<Backoff>,
     sync_file: Arc<SyncFile>,
+    /// The change hint, kept across reopens.
+    hint: Arc<watch::Sender<u64>>,
     path: PathBuf,
 }
 
@@ -66,12 +74,14 @@ struct Store {
     agents: ::sled::Tree,
     tokens: ::sled::Tree,
     bundles: ::sled::Tree,
+    /// CA journals by server id.
+    ca_journals: ::sled::Tree,
     audit: ::sled::Tree,
     /// Signed audit checkpoints by tree size (big-endian).
     checkpoints: ::sled::Tree,
     sync: GroupSync,
-    /// Every entry change up to this revision is on disk; later ones are
-    /// lost if sled has to be reopened.
+    /// Every change up to this revision is on disk; later ones are lost
+    /// if sled has to be reopened.
     synced_revision: Arc<AtomicU64>,
 }
 
@@ -215,11 +225,14 @@ impl SledDatastore {
                 path.display()
             ))
         })?;
-        let store = Store::open(&path, Arc::clone(&sync_file))?;
+        let (hint, _) = watch::channel(0);
+        let hint = Arc::new(hint);
+        let store = Store::open(&path, Arc::clone(&sync_file), Arc::clone(&hint))?;
         Ok(Self {
             store: std::sync::RwLock::new(Some(Arc::new(store))),
             reopen: Mutex::default(),
             sync_file,
+            hint,
             path,
         })
     }
@@ -296,14 +309,18 @@ impl SledDatastore {
         // directory lock; `Store::open` waits for calls still using it.
         *self.store.write().unwrap_or_else(|p| p.into_inner()) = None;
         drop(latched);
-        match Store::open(&self.path, Arc::clone(&self.sync_file)) {
+        match Store::open(
+            &self.path,
+            Arc::clone(&self.sync_file),
+            Arc::clone(&self.hint),
+        ) {
             Ok(store) => {
                 if let Some((lost, seen)) = unsynced
                     && let Err(e) = store.reconcile(&lost, seen)
                 {
                     tracing::error!(
                         error = %e,
-                        "entry changes lost in the reopen could not be corrected; restart the server to rebuild its registry"
+                        "changes lost in the reopen could not be corrected; restart the server to rebuild its registry"
                     );
                 }
                 *backoff = Backoff::default();
@@ -361,7 +378,7 @@ fn room_to_reopen(dir: &Path) -> std::io::Result<()> {
 
 impl Store {
     /// Opens the database in directory `path`, which exists.
-    fn open(path: &Path, sync_file: Arc<SyncFile>) -> Result<Self> {
+    fn open(path: &Path, sync_file: Arc<SyncFile>, hint: Arc<watch::Sender<u64>>) -> Result<Self> {
         let (config, db) = open_db(path)?;
         let tree = |name: &str| db.open_tree(name).map_err(backend);
         let data_file = File::open(path.join("db")).map_err(|e| {
@@ -369,9 +386,9 @@ impl Store {
         })?;
         let meta = tree("meta")?;
         // Everything sled recovered is on disk.
-        let synced_revision = Arc::new(AtomicU64::new(read_u64(
-            meta.get(REVISION_KEY).map_err(backend)?,
-        )));
+        let revision = read_u64(meta.get(REVISION_KEY).map_err(backend)?);
+        let synced_revision = Arc::new(AtomicU64::new(revision));
+        hint.send_if_modified(|v| raise(v, revision));
         let store = Self {
             entries: tree("entries")?,
             entry_keys: tree("entry_keys")?,
@@ -379,6 +396,7 @@ impl Store {
             agents: tree("agents")?,
             tokens: tree("join_tokens")?,
             bundles: tree("bundles")?,
+            ca_journals: tree("ca_journals")?,
             audit: tree("audit")?,
             checkpoints: tree("audit_checkpoints")?,
             sync: GroupSync::start(
@@ -388,69 +406,124 @@ impl Store {
                 path,
                 data_file,
                 sync_file,
+                hint,
             ),
             meta,
             synced_revision,
             config,
         };
         store.init_audit_head()?;
+        store.init_change_floor()?;
         Ok(store)
     }
 
-    /// The entry changes made in memory but not yet synced, and the
-    /// latest revision readers may have seen (read from a latched
-    /// database before it is dropped: sled still serves reads).
-    fn unsynced_changes(&self) -> (Vec<EntryChange>, u64) {
+    /// Before the floor was kept, entry changes were pruned without it:
+    /// the floor is then the revision before the oldest stored change (or
+    /// the current revision when none is stored).
+    fn init_change_floor(&self) -> Result<()> {
+        if self.meta.get(CHANGE_FLOOR_KEY).map_err(backend)?.is_some() {
+            return Ok(());
+        }
+        let floor = match self.changes.first().map_err(backend)? {
+            Some((k, _)) => read_u64(Some(k)).saturating_sub(1),
+            None => read_u64(self.meta.get(REVISION_KEY).map_err(backend)?),
+        };
+        self.meta
+            .insert(CHANGE_FLOOR_KEY, &floor.to_be_bytes())
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    /// The changes made in memory but not yet synced, and the latest
+    /// revision readers may have seen (read from a latched database before
+    /// it is dropped: sled still serves reads).
+    fn unsynced_changes(&self) -> (Vec<Change>, u64) {
         let synced = self.synced_revision.load(Ordering::SeqCst);
         let seen = read_u64(self.meta.get(REVISION_KEY).ok().flatten());
         let changes = self
             .changes
             .range(synced.saturating_add(1).to_be_bytes()..)
             .values()
-            .filter_map(|v| decode(&v.ok()?).ok())
+            .filter_map(|v| decode_change(&v.ok()?).ok())
             .collect();
         (changes, seen)
     }
 
-    /// After a reopen: readers (the registry's change feed) may have seen
-    /// revisions up to `seen` that were never synced and are now gone.
-    /// Revisions must not be handed out twice, and what was seen must be
-    /// corrected: each entry a lost change touched gets a new change
-    /// record, after `seen`, with its state as stored now (deleted if it
-    /// is not stored).
-    fn reconcile(&self, lost: &[EntryChange], seen: u64) -> Result<()> {
+    /// After a reopen: readers (the change feed's) may have seen revisions
+    /// up to `seen` that were never synced and are now gone. Revisions
+    /// must not be handed out twice, and what was seen must be corrected:
+    /// each object a lost change touched gets a new change record, after
+    /// `seen`, with its state as stored now (removed if it is not stored).
+    /// Runs before the reopened store is handed out: nothing else writes.
+    fn reconcile(&self, lost: &[Change], seen: u64) -> Result<()> {
         let now = read_u64(self.meta.get(REVISION_KEY).map_err(backend)?);
         if now >= seen {
             return Ok(());
         }
-        let touched: std::collections::BTreeMap<&str, &RegistrationEntry> = lost
-            .iter()
-            .filter(|c| c.revision > now)
-            .map(|c| (c.entry.id.as_str(), &c.entry))
-            .collect();
-        tx(self
-            .entry_trees()
-            .transaction(|(entries, _, changes, meta, _)| {
+        // One correction per object, by a key naming its kind and id.
+        let mut touched: std::collections::BTreeMap<String, &Changed> = Default::default();
+        for c in lost.iter().filter(|c| c.revision > now) {
+            let key = match &c.changed {
+                Changed::Entry { entry, .. } => format!("entry/{}", entry.id),
+                Changed::Agent { id, .. } => format!("agent/{id}"),
+                Changed::JoinToken { hash, .. } => format!("token/{}", hash.as_str()),
+                Changed::Bundle { trust_domain, .. } => format!("bundle/{trust_domain}"),
+                Changed::CaJournal { server_id } => format!("ca/{server_id}"),
+            };
+            touched.insert(key, &c.changed);
+        }
+        // The stored state of everything but entries (entries are read and
+        // rewritten inside the transaction, their revision changing).
+        let mut others = Vec::new();
+        for lost in touched.values() {
+            let now = match lost {
+                Changed::Entry { .. } => continue,
+                Changed::Agent { id, .. } => Changed::Agent {
+                    id: id.clone(),
+                    record: self.get(&self.agents, id.as_str().as_bytes())?,
+                },
+                Changed::JoinToken { hash, .. } => Changed::JoinToken {
+                    hash: hash.clone(),
+                    record: self.get(&self.tokens, hash.as_str().as_bytes())?,
+                },
+                Changed::Bundle { trust_domain, .. } => Changed::Bundle {
+                    trust_domain: trust_domain.clone(),
+                    bundle: self.get(&self.bundles, trust_domain.as_str().as_bytes())?,
+                },
+                other @ Changed::CaJournal { .. } => (*other).clone(),
+            };
+            others.push(now);
+        }
+        tx(
+            (&self.entries, &self.changes, &self.meta).transaction(|(entries, changes, meta)| {
                 meta.insert(REVISION_KEY, &seen.to_be_bytes())?;
-                for (id, lost) in &touched {
-                    match entries.get(*id)? {
+                for lost in touched.values() {
+                    let Changed::Entry { entry: lost, .. } = lost else {
+                        continue;
+                    };
+                    let id = lost.id.as_str();
+                    match entries.get(id)? {
                         Some(v) => {
                             let mut e: RegistrationEntry = tx_decode(&v)?;
                             e.revision = bump_revision(meta)?;
-                            entries.insert(*id, tx_encode(&e)?)?;
+                            entries.insert(id, tx_encode(&e)?)?;
                             record_change(changes, ChangeKind::Updated, &e)?;
                         }
                         None => {
                             let e = RegistrationEntry {
                                 revision: bump_revision(meta)?,
-                                ..(*lost).clone()
+                                ..lost.clone()
                             };
                             record_change(changes, ChangeKind::Deleted, &e)?;
                         }
                     }
                 }
+                for changed in &others {
+                    tx_record(changes, meta, changed.clone())?;
+                }
                 Ok(())
-            }))
+            }),
+        )
     }
 
     /// Waits until every change made before this call is on stable storage.
@@ -661,18 +734,70 @@ fn bump_revision(
     Ok(revision)
 }
 
+/// Records an entry change at the entry's (already bumped) revision.
 fn record_change(
     changes: &TransactionalTree,
     kind: ChangeKind,
     entry: &RegistrationEntry,
-) -> std::result::Result<(), ConflictableTransactionError<DatastoreError>> {
-    let change = EntryChange {
-        revision: entry.revision,
-        kind,
-        entry: entry.clone(),
-    };
-    changes.insert(&entry.revision.to_be_bytes(), tx_encode(&change)?)?;
+) -> TxResult<()> {
+    let change = Change::entry(kind, entry.clone());
+    changes.insert(&change.revision.to_be_bytes(), tx_encode(&change)?)?;
     Ok(())
+}
+
+/// Takes the next revision and records `changed` at it.
+fn tx_record(
+    changes: &TransactionalTree,
+    meta: &TransactionalTree,
+    changed: Changed,
+) -> TxResult<u64> {
+    let revision = bump_revision(meta)?;
+    let change = Change { revision, changed };
+    changes.insert(&revision.to_be_bytes(), tx_encode(&change)?)?;
+    Ok(revision)
+}
+
+/// An entry change as versions before the feed carried every kind stored it.
+#[derive(serde::Deserialize)]
+struct LegacyEntryChange {
+    revision: u64,
+    kind: ChangeKind,
+    entry: RegistrationEntry,
+}
+
+/// A stored change: a [`Change`], or an entry change written by an older
+/// version.
+fn decode_change(bytes: &[u8]) -> Result<Change> {
+    match serde_json::from_slice::<Change>(bytes) {
+        Ok(c) => Ok(c),
+        Err(e) => match serde_json::from_slice::<LegacyEntryChange>(bytes) {
+            Ok(old) => Ok(Change {
+                revision: old.revision,
+                changed: Changed::Entry {
+                    kind: old.kind,
+                    entry: old.entry,
+                },
+            }),
+            Err(_) => Err(DatastoreError::Corrupt(format!("a change record: {e}"))),
+        },
+    }
+}
+
+/// An agent change.
+fn agent_changed(id: &AgentId, record: Option<&AgentRecord>) -> Changed {
+    Changed::Agent {
+        id: id.clone(),
+        record: record.cloned(),
+    }
+}
+
+/// Raises a watched revision to `to`; whether it moved.
+fn raise(v: &mut u64, to: u64) -> bool {
+    let moved = to > *v;
+    if moved {
+        *v = to;
+    }
+    moved
 }
 
 #[async_trait]
@@ -720,28 +845,23 @@ impl Datastore for SledDatastore {
         Ok(deleted)
     }
 
-    async fn apply_entries(&self, batch: EntryBatch) -> Result<Vec<EntryChange>> {
+    async fn apply_entries(&self, batch: EntryBatch) -> Result<Vec<Change>> {
         let s = self.store()?;
         if batch.is_empty() {
             return Ok(Vec::new());
         }
         let made = tx(s.entry_trees().transaction(|trees| {
             let mut made = Vec::new();
-            let mut push = |kind, entry: RegistrationEntry| {
-                made.push(EntryChange {
-                    revision: entry.revision,
-                    kind,
-                    entry,
-                })
-            };
             for (id, rev) in &batch.delete {
-                push(ChangeKind::Deleted, tx_delete(trees, id, Some(*rev))?);
+                let e = tx_delete(trees, id, Some(*rev))?;
+                made.push(Change::entry(ChangeKind::Deleted, e));
             }
             for e in &batch.update {
-                push(ChangeKind::Updated, tx_update(trees, e, Some(e.revision))?);
+                let e = tx_update(trees, e, Some(e.revision))?;
+                made.push(Change::entry(ChangeKind::Updated, e));
             }
             for e in &batch.create {
-                push(ChangeKind::Created, tx_create(trees, e)?);
+                made.push(Change::entry(ChangeKind::Created, tx_create(trees, e)?));
             }
             put_audit(&trees.4, &trees.3, &batch.audit)?;
             Ok(made)
@@ -772,14 +892,20 @@ impl Datastore for SledDatastore {
         Ok(s.entries.len() as u64)
     }
 
-    async fn entry_changes(&self, after: u64, limit: usize) -> Result<Vec<EntryChange>> {
+    async fn changes(&self, after: u64, limit: usize) -> Result<Vec<Change>> {
         let s = self.store()?;
-        let start = after.saturating_add(1).to_be_bytes();
+        // Only up to the revision committed now: every change up to it is
+        // in the tree before the scan starts, so the scan (which reads
+        // nodes lazily) cannot see a later change while missing an earlier.
+        let upto = read_u64(s.meta.get(REVISION_KEY).map_err(backend)?);
+        if upto <= after {
+            return Ok(Vec::new());
+        }
         s.changes
-            .range(start..)
+            .range(after.saturating_add(1).to_be_bytes()..=upto.to_be_bytes())
             .values()
             .take(limit)
-            .map(|v| decode(&v.map_err(backend)?))
+            .map(|v| decode_change(&v.map_err(backend)?))
             .collect()
     }
 
@@ -788,17 +914,32 @@ impl Datastore for SledDatastore {
         Ok(read_u64(s.meta.get(REVISION_KEY).map_err(backend)?))
     }
 
-    async fn prune_entry_changes(&self, through: u64) -> Result<usize> {
+    async fn change_floor(&self) -> Result<u64> {
         let s = self.store()?;
+        Ok(read_u64(s.meta.get(CHANGE_FLOOR_KEY).map_err(backend)?))
+    }
+
+    async fn prune_changes(&self, through: u64) -> Result<usize> {
+        let s = self.store()?;
+        // The floor first: a reader never finds a change missing below a
+        // floor that does not say so.
+        let floor = tx(s.meta.transaction(|meta| {
+            let current = read_u64(meta.get(REVISION_KEY)?);
+            let floor = read_u64(meta.get(CHANGE_FLOOR_KEY)?).max(through.min(current));
+            meta.insert(CHANGE_FLOOR_KEY, &floor.to_be_bytes())?;
+            Ok(floor)
+        }))?;
         let mut removed = 0;
-        for key in s.changes.range(..=through.to_be_bytes()).keys() {
+        for key in s.changes.range(..=floor.to_be_bytes()).keys() {
             s.changes.remove(key.map_err(backend)?).map_err(backend)?;
             removed += 1;
         }
-        if removed > 0 {
-            s.durable().await?;
-        }
+        s.durable().await?;
         Ok(removed)
+    }
+
+    fn change_hint(&self) -> watch::Receiver<u64> {
+        self.hint.subscribe()
     }
 
     async fn create_agent_audited(
@@ -809,16 +950,17 @@ impl Datastore for SledDatastore {
         let s = self.store()?;
         let value = encode(&agent)?;
         let key = agent.id.as_str();
-        tx(
-            (&s.agents, &s.audit, &s.meta).transaction(|(t, audit_t, meta)| {
+        tx((&s.agents, &s.changes, &s.meta, &s.audit).transaction(
+            |(t, changes, meta, audit_t)| {
                 if t.get(key)?.is_some() {
                     return abort(DatastoreError::AlreadyExists(format!("agent {key}")));
                 }
                 t.insert(key, value.as_slice())?;
+                tx_record(changes, meta, agent_changed(&agent.id, Some(&agent)))?;
                 put_audit(audit_t, meta, audit.as_slice())?;
                 Ok(())
-            }),
-        )?;
+            },
+        ))?;
         s.durable().await?;
         Ok(agent)
     }
@@ -830,8 +972,8 @@ impl Datastore for SledDatastore {
     ) -> Result<AgentRecord> {
         let s = self.store()?;
         let key = agent.id.as_str();
-        let stored = tx(
-            (&s.agents, &s.audit, &s.meta).transaction(|(t, audit_t, meta)| {
+        let stored = tx((&s.agents, &s.changes, &s.meta, &s.audit).transaction(
+            |(t, changes, meta, audit_t)| {
                 let Some(old) = t.get(key)? else {
                     return abort(DatastoreError::NotFound(format!("agent {key}")));
                 };
@@ -842,10 +984,11 @@ impl Datastore for SledDatastore {
                     ..agent.clone()
                 };
                 t.insert(key, tx_encode(&stored)?)?;
+                tx_record(changes, meta, agent_changed(&stored.id, Some(&stored)))?;
                 put_audit(audit_t, meta, audit.as_slice())?;
                 Ok(stored)
-            }),
-        )?;
+            },
+        ))?;
         s.durable().await?;
         Ok(stored)
     }
@@ -862,15 +1005,16 @@ impl Datastore for SledDatastore {
 
     async fn delete_agent_audited(&self, id: &AgentId, audit: AuditWith) -> Result<AgentRecord> {
         let s = self.store()?;
-        let old = tx(
-            (&s.agents, &s.audit, &s.meta).transaction(|(t, audit_t, meta)| {
+        let old = tx((&s.agents, &s.changes, &s.meta, &s.audit).transaction(
+            |(t, changes, meta, audit_t)| {
                 let Some(old) = t.remove(id.as_str())? else {
                     return abort(DatastoreError::NotFound(format!("agent {id}")));
                 };
+                tx_record(changes, meta, agent_changed(id, None))?;
                 put_audit(audit_t, meta, audit.as_slice())?;
                 Ok(old)
-            }),
-        )?;
+            },
+        ))?;
         s.durable().await?;
         decode(&old)
     }
@@ -881,14 +1025,21 @@ impl Datastore for SledDatastore {
         for item in s.agents.iter() {
             let (k, v) = item.map_err(backend)?;
             let agent: AgentRecord = decode(&v)?;
-            // Compare-and-swap: a renewal since the read keeps the agent.
-            if !agent.banned
-                && agent.expires_at < expired_before
-                && s.agents
-                    .compare_and_swap(&k, Some(&v), None as Option<&[u8]>)
-                    .map_err(backend)?
-                    .is_ok()
-            {
+            if agent.banned || agent.expires_at >= expired_before {
+                continue;
+            }
+            // Only the record read: a renewal since keeps the agent.
+            let gone = tx(
+                (&s.agents, &s.changes, &s.meta).transaction(|(t, changes, meta)| {
+                    if t.get(&k)?.as_ref() != Some(&v) {
+                        return Ok(false);
+                    }
+                    t.remove(k.clone())?;
+                    tx_record(changes, meta, agent_changed(&agent.id, None))?;
+                    Ok(true)
+                }),
+            )?;
+            if gone {
                 removed.push(agent.id);
             }
         }
@@ -905,16 +1056,21 @@ impl Datastore for SledDatastore {
     ) -> Result<()> {
         let s = self.store()?;
         let value = encode(&token)?;
-        tx(
-            (&s.tokens, &s.audit, &s.meta).transaction(|(t, audit_t, meta)| {
+        tx((&s.tokens, &s.changes, &s.meta, &s.audit).transaction(
+            |(t, changes, meta, audit_t)| {
                 if t.get(token.hash.as_str())?.is_some() {
                     return abort(DatastoreError::AlreadyExists("join token".into()));
                 }
                 t.insert(token.hash.as_str(), value.as_slice())?;
+                let changed = Changed::JoinToken {
+                    hash: token.hash.clone(),
+                    record: Some(token.clone()),
+                };
+                tx_record(changes, meta, changed)?;
                 put_audit(audit_t, meta, audit.as_slice())?;
                 Ok(())
-            }),
-        )?;
+            },
+        ))?;
         s.durable().await
     }
 
@@ -924,10 +1080,21 @@ impl Datastore for SledDatastore {
         now: SystemTime,
     ) -> Result<JoinTokenRecord> {
         let s = self.store()?;
-        // `remove` is atomic: of two concurrent callers exactly one sees
-        // the old value.
-        let old = s.tokens.remove(hash.as_str()).map_err(backend)?;
-        let old = old.ok_or_else(|| DatastoreError::NotFound("join token".into()))?;
+        // Serializable transactions: of two concurrent callers exactly one
+        // removes the record.
+        let old = tx(
+            (&s.tokens, &s.changes, &s.meta).transaction(|(t, changes, meta)| {
+                let Some(old) = t.remove(hash.as_str())? else {
+                    return abort(DatastoreError::NotFound("join token".into()));
+                };
+                let changed = Changed::JoinToken {
+                    hash: hash.clone(),
+                    record: None,
+                };
+                tx_record(changes, meta, changed)?;
+                Ok(old)
+            }),
+        )?;
         s.durable().await?;
         let record: JoinTokenRecord = decode(&old)?;
         if record.expires_at <= now {
@@ -942,16 +1109,28 @@ impl Datastore for SledDatastore {
         for item in s.tokens.iter() {
             let (k, v) = item.map_err(backend)?;
             let record: JoinTokenRecord = decode(&v)?;
-            if record.expires_at <= now
-                && s.tokens
-                    .compare_and_swap(&k, Some(&v), None as Option<&[u8]>)
-                    .map_err(backend)?
-                    .is_ok()
-            {
-                removed += 1;
+            if record.expires_at > now {
+                continue;
             }
+            let gone = tx(
+                (&s.tokens, &s.changes, &s.meta).transaction(|(t, changes, meta)| {
+                    if t.get(&k)?.as_ref() != Some(&v) {
+                        return Ok(false);
+                    }
+                    t.remove(k.clone())?;
+                    let changed = Changed::JoinToken {
+                        hash: record.hash.clone(),
+                        record: None,
+                    };
+                    tx_record(changes, meta, changed)?;
+                    Ok(true)
+                }),
+            )?;
+            removed += usize::from(gone);
         }
-        s.durable().await?;
+        if removed > 0 {
+            s.durable().await?;
+        }
         Ok(removed)
     }
 
@@ -959,21 +1138,56 @@ impl Datastore for SledDatastore {
         let s = self.store()?;
         let value = encode(bundle)?;
         let key = bundle.trust_domain.as_str();
-        tx(s.bundles.transaction(|t| {
-            if let Some(old) = t.get(key)? {
-                let old: Bundle = tx_decode(&old)?;
-                if bundle.sequence <= old.sequence {
-                    return abort(DatastoreError::SequenceRegression {
-                        trust_domain: bundle.trust_domain.clone(),
-                        stored: old.sequence,
-                        given: bundle.sequence,
-                    });
+        tx(
+            (&s.bundles, &s.changes, &s.meta).transaction(|(t, changes, meta)| {
+                if let Some(old) = t.get(key)? {
+                    let old: Bundle = tx_decode(&old)?;
+                    if bundle.sequence <= old.sequence {
+                        return abort(DatastoreError::SequenceRegression {
+                            trust_domain: bundle.trust_domain.clone(),
+                            stored: old.sequence,
+                            given: bundle.sequence,
+                        });
+                    }
                 }
-            }
-            t.insert(key, value.as_slice())?;
-            Ok(())
-        }))?;
+                t.insert(key, value.as_slice())?;
+                let changed = Changed::Bundle {
+                    trust_domain: bundle.trust_domain.clone(),
+                    bundle: Some(bundle.clone()),
+                };
+                tx_record(changes, meta, changed)?;
+                Ok(())
+            }),
+        )?;
         s.durable().await
+    }
+
+    async fn update_bundle(&self, td: &TrustDomain, edit: BundleEdit) -> Result<Bundle> {
+        let s = self.store()?;
+        let key = td.as_str();
+        let (bundle, written) = tx((&s.bundles, &s.changes, &s.meta).transaction(
+            |(t, changes, meta)| {
+                let (mut bundle, stored) = match t.get(key)? {
+                    Some(v) => (tx_decode::<Bundle>(&v)?, true),
+                    None => (Bundle::new(td.clone()), false),
+                };
+                if !edit.apply_to(&mut bundle) && stored {
+                    return Ok((bundle, false));
+                }
+                bundle.sequence += 1;
+                t.insert(key, tx_encode(&bundle)?)?;
+                let changed = Changed::Bundle {
+                    trust_domain: td.clone(),
+                    bundle: Some(bundle.clone()),
+                };
+                tx_record(changes, meta, changed)?;
+                Ok((bundle, true))
+            },
+        ))?;
+        if written {
+            s.durable().await?;
+        }
+        Ok(bundle)
     }
 
     async fn fetch_bundle(&self, td: &TrustDomain) -> Result<Option<Bundle>> {
@@ -988,22 +1202,68 @@ impl Datastore for SledDatastore {
 
     async fn delete_bundle(&self, td: &TrustDomain) -> Result<()> {
         let s = self.store()?;
-        let old = s.bundles.remove(td.as_str()).map_err(backend)?;
-        old.ok_or_else(|| DatastoreError::NotFound(format!("bundle of {td}")))?;
+        tx(
+            (&s.bundles, &s.changes, &s.meta).transaction(|(t, changes, meta)| {
+                if t.remove(td.as_str())?.is_none() {
+                    return abort(DatastoreError::NotFound(format!("bundle of {td}")));
+                }
+                let changed = Changed::Bundle {
+                    trust_domain: td.clone(),
+                    bundle: None,
+                };
+                tx_record(changes, meta, changed)?;
+                Ok(())
+            }),
+        )?;
         s.durable().await
     }
 
-    async fn fetch_ca_journal(&self) -> Result<Option<CaJournal>> {
+    async fn fetch_ca_journal(&self, server: &ServerId) -> Result<Option<Vec<u8>>> {
         let s = self.store()?;
-        s.get(&s.meta, CA_JOURNAL_KEY)
+        if let Some(v) = s.ca_journals.get(server.as_str()).map_err(backend)? {
+            return Ok(Some(v.to_vec()));
+        }
+        // A journal written before replicas had ids: it is this server's
+        // until a keyed journal replaces it.
+        if s.ca_journals.is_empty() {
+            let legacy = s.meta.get(LEGACY_CA_JOURNAL_KEY).map_err(backend)?;
+            return Ok(legacy.map(|v| v.to_vec()));
+        }
+        Ok(None)
     }
 
-    async fn put_ca_journal(&self, journal: &CaJournal) -> Result<()> {
+    async fn put_ca_journal(&self, server: &ServerId, journal: Vec<u8>) -> Result<()> {
         let s = self.store()?;
-        s.meta
-            .insert(CA_JOURNAL_KEY, encode(journal)?)
-            .map_err(backend)?;
+        tx(
+            (&s.ca_journals, &s.changes, &s.meta).transaction(|(t, changes, meta)| {
+                t.insert(server.as_str(), journal.as_slice())?;
+                // Moved: the legacy journal was read as this one's start.
+                meta.remove(LEGACY_CA_JOURNAL_KEY)?;
+                let changed = Changed::CaJournal {
+                    server_id: server.clone(),
+                };
+                tx_record(changes, meta, changed)?;
+                Ok(())
+            }),
+        )?;
         s.durable().await
+    }
+
+    async fn list_ca_journals(&self) -> Result<Vec<(ServerId, Vec<u8>)>> {
+        let s = self.store()?;
+        s.ca_journals
+            .iter()
+            .map(|item| {
+                let (k, v) = item.map_err(backend)?;
+                let id = std::str::from_utf8(&k)
+                    .ok()
+                    .and_then(|k| k.parse::<ServerId>().ok())
+                    .ok_or_else(|| {
+                        DatastoreError::Corrupt("a CA journal's server id is not valid".into())
+                    })?;
+                Ok((id, v.to_vec()))
+            })
+            .collect()
     }
 
     async fn append_audit(&self, events: Vec<AuditEvent>) -> Result<u64> {
@@ -1225,8 +1485,10 @@ struct SyncFiles {
     db: ::sled::Db,
     /// Read for the revision each round makes durable.
     meta: ::sled::Tree,
-    /// Every entry change up to this revision is on disk.
+    /// Every change up to this revision is on disk.
     synced_revision: Arc<AtomicU64>,
+    /// Told the revision each round made durable.
+    hint: Arc<watch::Sender<u64>>,
     data_file: File,
     /// sled writes a record larger than about 128 KiB (a segment, 512 KiB,
     /// over 4, less headers: `Log::reserve` in sled 0.34.7) to its own
@@ -1276,6 +1538,7 @@ impl SyncFiles {
         (self.sync_file)(&self.data_file)?;
         self.synced_blobs.extend(new);
         self.synced_revision.fetch_max(revision, Ordering::SeqCst);
+        self.hint.send_if_modified(|v| raise(v, revision));
         Ok(())
     }
 }
@@ -1288,6 +1551,7 @@ impl GroupSync {
         dir: &Path,
         data_file: File,
         sync_file: Arc<SyncFile>,
+        hint: Arc<watch::Sender<u64>>,
     ) -> Self {
         let shared = Arc::new(SyncShared {
             state: Mutex::new(SyncState::default()),
@@ -1299,6 +1563,7 @@ impl GroupSync {
             db,
             meta,
             synced_revision,
+            hint,
             data_file,
             blobs: dir.join("blobs"),
             synced_blobs: Default::default(),
@@ -1446,6 +1711,104 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_ca_journal_stored_before_server_ids_is_read_until_one_is_put() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledDatastore::open(dir.path()).unwrap();
+        let s = store.store().unwrap();
+        s.meta
+            .insert(LEGACY_CA_JOURNAL_KEY, &b"old journal"[..])
+            .unwrap();
+        drop(s);
+        let (a, b): (ServerId, ServerId) = ("a".parse().unwrap(), "b".parse().unwrap());
+        for id in [&a, &b] {
+            assert_eq!(
+                store.fetch_ca_journal(id).await.unwrap().as_deref(),
+                Some(&b"old journal"[..]),
+                "any server id reads it"
+            );
+        }
+        store.put_ca_journal(&a, b"new".to_vec()).await.unwrap();
+        assert_eq!(
+            store.fetch_ca_journal(&a).await.unwrap().as_deref(),
+            Some(&b"new"[..])
+        );
+        assert_eq!(store.fetch_ca_journal(&b).await.unwrap(), None, "moved");
+        drop(store);
+        let store = SledDatastore::open(dir.path()).unwrap();
+        assert_eq!(
+            store.list_ca_journals().await.unwrap(),
+            vec![(a, b"new".to_vec())]
+        );
+    }
+
+    #[tokio::test]
+    async fn entry_changes_stored_by_an_older_version_are_read_and_followed() {
+        // The feed as versions before every kind was in it: entry changes
+        // only, some pruned, no floor.
+        let dir = tempfile::tempdir().unwrap();
+        let (e3, e4) = (
+            conformance::entry("three", 3),
+            conformance::entry("four", 4),
+        );
+        {
+            let store = SledDatastore::open(dir.path()).unwrap();
+            let s = store.store().unwrap();
+            for (rev, e) in [(3u64, &e3), (4, &e4)] {
+                let e = RegistrationEntry {
+                    revision: rev,
+                    ..e.clone()
+                };
+                let old = serde_json::json!({"revision": rev, "kind": "created", "entry": e});
+                s.changes
+                    .insert(rev.to_be_bytes(), serde_json::to_vec(&old).unwrap())
+                    .unwrap();
+                s.entries
+                    .insert(e.id.as_str(), encode(&e).unwrap())
+                    .unwrap();
+            }
+            s.meta.insert(REVISION_KEY, &4u64.to_be_bytes()).unwrap();
+            s.meta.remove(CHANGE_FLOOR_KEY).unwrap();
+        }
+        let store = SledDatastore::open(dir.path()).unwrap();
+        assert_eq!(
+            store.change_floor().await.unwrap(),
+            2,
+            "revisions 1 and 2 were pruned"
+        );
+        let feed = store.changes(0, 10).await.unwrap();
+        let got: Vec<_> = feed
+            .iter()
+            .map(|c| {
+                let (kind, e) = c.as_entry().unwrap();
+                (c.revision, kind, e.id.clone())
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (3, ChangeKind::Created, e3.id.clone()),
+                (4, ChangeKind::Created, e4.id.clone())
+            ]
+        );
+        let next = store.create_agent(conformance::agent("new")).await;
+        next.unwrap();
+        let feed = store.changes(4, 10).await.unwrap();
+        assert_eq!(feed.len(), 1);
+        assert_eq!(feed[0].revision, 5);
+        // An older store with nothing left in its feed: the floor is the
+        // current revision.
+        let empty = tempfile::tempdir().unwrap();
+        {
+            let store = SledDatastore::open(empty.path()).unwrap();
+            let s = store.store().unwrap();
+            s.meta.insert(REVISION_KEY, &9u64.to_be_bytes()).unwrap();
+            s.meta.remove(CHANGE_FLOOR_KEY).unwrap();
+        }
+        let store = SledDatastore::open(empty.path()).unwrap();
+        assert_eq!(store.change_floor().await.unwrap(), 9);
+    }
+
+    #[tokio::test]
     async fn agent_records_stored_with_a_plain_spiffe_id_still_load() {
         // As every version before `AgentId` wrote it (and before pinning
         // by hash): the id is the plain SPIFFE ID string.
@@ -1567,10 +1930,12 @@ mod tests {
         s.entry_keys.clear().unwrap();
         s.changes.remove(3u64.to_be_bytes()).unwrap();
         s.meta.insert(REVISION_KEY, &2u64.to_be_bytes()).unwrap();
-        let change = |revision, kind, entry: &RegistrationEntry| EntryChange {
+        let change = |revision, kind, entry: &RegistrationEntry| Change {
             revision,
-            kind,
-            entry: entry.clone(),
+            changed: Changed::Entry {
+                kind,
+                entry: entry.clone(),
+            },
         };
         let lost = [
             change(3, ChangeKind::Created, &c),
@@ -1578,10 +1943,13 @@ mod tests {
             change(5, ChangeKind::Deleted, &made[1].clone().unwrap()),
         ];
         s.reconcile(&lost, 5).unwrap();
-        let fixes = store.entry_changes(5, 100).await.unwrap();
+        let fixes = store.changes(5, 100).await.unwrap();
         let got: Vec<_> = fixes
             .iter()
-            .map(|f| (f.revision, f.kind, f.entry.id.clone()))
+            .map(|f| {
+                let (kind, e) = f.as_entry().unwrap();
+                (f.revision, kind, e.id.clone())
+            })
             .collect();
         let mut ids = [a.id.clone(), b.id.clone(), c.id.clone()];
         ids.sort_by(|x, y| x.as_str().cmp(y.as_str()));

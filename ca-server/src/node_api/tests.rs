@@ -12,11 +12,10 @@ use tokio::sync::oneshot;
 use super::*;
 use crate::audit::chain::AuditRecord;
 use crate::ca::CaConfig;
-use crate::ca::journal::CaJournal;
 use crate::ca::keys::MemoryKeyManager;
 use crate::datastore::{
-    AuditChainState, AuditEvent, AuditWith, EntryBatch, EntryChange, EntryFilter, JoinTokenRecord,
-    SledDatastore, TokenHash,
+    AuditChainState, AuditEvent, AuditWith, BundleEdit, Change, EntryBatch, EntryFilter,
+    JoinTokenRecord, ServerId, SledDatastore, TokenHash,
 };
 
 type Gate = (oneshot::Sender<()>, oneshot::Receiver<()>);
@@ -68,7 +67,7 @@ impl Datastore for PausingStore {
     async fn delete_entry_audited(&self, id: &EntryId, a: AuditWith) -> R<RegistrationEntry> {
         self.inner.delete_entry_audited(id, a).await
     }
-    async fn apply_entries(&self, b: EntryBatch) -> R<Vec<EntryChange>> {
+    async fn apply_entries(&self, b: EntryBatch) -> R<Vec<Change>> {
         self.inner.apply_entries(b).await
     }
     async fn fetch_entry(&self, id: &EntryId) -> R<Option<RegistrationEntry>> {
@@ -80,14 +79,20 @@ impl Datastore for PausingStore {
     async fn count_entries(&self) -> R<u64> {
         self.inner.count_entries().await
     }
-    async fn entry_changes(&self, after: u64, limit: usize) -> R<Vec<EntryChange>> {
-        self.inner.entry_changes(after, limit).await
+    async fn changes(&self, after: u64, limit: usize) -> R<Vec<Change>> {
+        self.inner.changes(after, limit).await
+    }
+    async fn change_floor(&self) -> R<u64> {
+        self.inner.change_floor().await
+    }
+    fn change_hint(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.change_hint()
     }
     async fn current_revision(&self) -> R<u64> {
         self.inner.current_revision().await
     }
-    async fn prune_entry_changes(&self, through: u64) -> R<usize> {
-        self.inner.prune_entry_changes(through).await
+    async fn prune_changes(&self, through: u64) -> R<usize> {
+        self.inner.prune_changes(through).await
     }
     async fn create_agent_audited(&self, a: AgentRecord, e: AuditWith) -> R<AgentRecord> {
         self.inner.create_agent_audited(a, e).await
@@ -116,6 +121,9 @@ impl Datastore for PausingStore {
     async fn put_bundle(&self, b: &Bundle) -> R<()> {
         self.inner.put_bundle(b).await
     }
+    async fn update_bundle(&self, td: &TrustDomain, edit: BundleEdit) -> R<Bundle> {
+        self.inner.update_bundle(td, edit).await
+    }
     async fn fetch_bundle(&self, td: &TrustDomain) -> R<Option<Bundle>> {
         self.inner.fetch_bundle(td).await
     }
@@ -125,11 +133,14 @@ impl Datastore for PausingStore {
     async fn delete_bundle(&self, td: &TrustDomain) -> R<()> {
         self.inner.delete_bundle(td).await
     }
-    async fn fetch_ca_journal(&self) -> R<Option<CaJournal>> {
-        self.inner.fetch_ca_journal().await
+    async fn fetch_ca_journal(&self, server: &ServerId) -> R<Option<Vec<u8>>> {
+        self.inner.fetch_ca_journal(server).await
     }
-    async fn put_ca_journal(&self, j: &CaJournal) -> R<()> {
-        self.inner.put_ca_journal(j).await
+    async fn put_ca_journal(&self, server: &ServerId, j: Vec<u8>) -> R<()> {
+        self.inner.put_ca_journal(server, j).await
+    }
+    async fn list_ca_journals(&self) -> R<Vec<(ServerId, Vec<u8>)>> {
+        self.inner.list_ca_journals().await
     }
     async fn append_audit(&self, e: Vec<AuditEvent>) -> R<u64> {
         self.inner.append_audit(e).await

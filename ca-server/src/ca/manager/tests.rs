@@ -272,7 +272,10 @@ async fn restart_after_unpublished_prepare_publishes_first() {
             not_before: now,
             not_after: a.not_after(),
         });
-        h.store.put_ca_journal(&journal).await.unwrap();
+        h.store
+            .put_ca_journal(&cfg.server_id, journal.to_bytes().unwrap())
+            .await
+            .unwrap();
         ca.bundle().sequence
     };
     let ca = h.start(cfg).await;
