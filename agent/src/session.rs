@@ -325,7 +325,9 @@ impl Session {
     /// call (HTTP/2 multiplexes them), opened again only after the agent
     /// SVID changed, because the server retires the old SVID's serial once
     /// the new one is used. Concurrent callers wait for one opening rather
-    /// than each opening their own.
+    /// than each opening their own. When the server goes away, the
+    /// connection itself reconnects, to the next server in
+    /// `server_address` (see [`crate::servers`]), at its next call.
     async fn connect(&self) -> Result<Connection, NodeError> {
         let mut held = self.node.lock().await;
         let generation = *self.reconnect.borrow();
