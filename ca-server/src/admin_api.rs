@@ -201,9 +201,10 @@ impl AdminService {
                     .update_agent_audited(a, Some(ok.clone()))
                     .await
                     .map_err(|e| store_status(&e))?;
-                // What the store holds now (an eviction may have won).
+                // The registry follows the feed: its own change is applied
+                // (and an eviction that won after it, too).
                 self.registry
-                    .reload_agent(&id)
+                    .catch_up()
                     .await
                     .map_err(|e| store_status(&e))?;
                 Ok(a)
@@ -219,7 +220,7 @@ impl AdminService {
                         e => store_status(&e),
                     })?;
                 self.registry
-                    .reload_agent(&id)
+                    .catch_up()
                     .await
                     .map_err(|e| store_status(&e))?;
                 Ok(a)
@@ -230,8 +231,8 @@ impl AdminService {
             // A write whose sync failed is applied all the same (the next
             // sync round makes it durable): the registry follows the store
             // whatever the outcome, or an evicted agent could keep working.
-            if let Err(e) = self.registry.reload_agent(&id).await {
-                warn!(agent_id = %id, error = %e, "could not reload the agent record");
+            if let Err(e) = self.registry.catch_up().await {
+                warn!(agent_id = %id, error = %e, "registry could not catch up with the datastore");
             }
         }
         match &result {
@@ -840,6 +841,7 @@ impl Admin for AdminApi {
             bundle_sequence: self.ca.bundle().sequence,
             entries,
             agents: self.registry.agent_count() as u64,
+            server_id: self.ca.config().server_id.to_string(),
         }))
     }
 }

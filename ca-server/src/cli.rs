@@ -519,13 +519,14 @@ pub async fn run_client(command: Command, socket: &AdminTarget, output: Output) 
                 .into_inner();
             if json {
                 print_json(
-                    &json!({"status": "serving", "trust_domain": h.trust_domain, "version": h.version,
-                    "bundle_sequence": h.bundle_sequence, "entries": h.entries, "agents": h.agents}),
+                    &json!({"status": "serving", "trust_domain": h.trust_domain, "server_id": h.server_id,
+                    "version": h.version, "bundle_sequence": h.bundle_sequence, "entries": h.entries,
+                    "agents": h.agents}),
                 );
             } else {
                 println!(
-                    "serving: trust domain {}, version {}, bundle sequence {}, {} entries, {} agents",
-                    h.trust_domain, h.version, h.bundle_sequence, h.entries, h.agents
+                    "serving: trust domain {}, server id {}, version {}, bundle sequence {}, {} entries, {} agents",
+                    h.trust_domain, h.server_id, h.version, h.bundle_sequence, h.entries, h.agents
                 );
             }
         }

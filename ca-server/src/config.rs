@@ -60,6 +60,26 @@ pub struct ServerConfig {
     pub audit: AuditSection,
     #[serde(default)]
     pub telemetry: TelemetrySection,
+    #[serde(default)]
+    pub datastore: DatastoreSection,
+}
+
+/// The datastore and how this replica follows its change feed.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatastoreSection {
+    /// Safety poll of the change feed, besides its change hints: the
+    /// longest a missed hint can delay a change reaching this replica.
+    #[serde(with = "serde_human")]
+    pub poll_interval: Duration,
+}
+
+impl Default for DatastoreSection {
+    fn default() -> Self {
+        Self {
+            poll_interval: Duration::from_secs(5),
+        }
+    }
 }
 
 /// The metrics and health listener (`/metrics`, `/live`, `/ready`).
@@ -558,6 +578,29 @@ mod tests {
         assert_eq!(cfg.ca.jwt_svid_ttl, Duration::from_secs(300));
         assert_eq!(cfg.server.bind_address.to_string(), DEFAULT_BIND);
         assert_eq!(cfg.ca.key_manager, KeyManagerKind::Disk);
+    }
+
+    #[test]
+    fn replica_id_feed_poll_and_change_retention() {
+        let (_d, path) = write("trust_domain = \"example.org\"\n");
+        let cfg = ServerConfig::load(Some(&path), Overrides::default()).unwrap();
+        assert_eq!(cfg.server.server_id, None);
+        assert_eq!(cfg.datastore.poll_interval, Duration::from_secs(5));
+        assert_eq!(cfg.retention.changes, 100_000);
+        let (_d, path) = write(
+            "trust_domain = \"example.org\"\n[server]\nserver_id = \"sigil-server-1\"\n[datastore]\npoll_interval = \"250ms\"\n[retention]\nentry_changes = 7\n",
+        );
+        let cfg = ServerConfig::load(Some(&path), Overrides::default()).unwrap();
+        assert_eq!(
+            cfg.server.server_id.as_ref().map(|s| s.as_str()),
+            Some("sigil-server-1")
+        );
+        assert_eq!(cfg.datastore.poll_interval, Duration::from_millis(250));
+        assert_eq!(cfg.retention.changes, 7, "the old name is still read");
+        let (_d, path) =
+            write("trust_domain = \"example.org\"\n[server]\nserver_id = \"Bad_Id\"\n");
+        let err = ServerConfig::load(Some(&path), Overrides::default()).unwrap_err();
+        assert!(err.to_string().contains("Bad_Id"), "{err}");
     }
 
     #[test]

@@ -4,7 +4,12 @@
 //! the datastore, and pushes every change to the Sync streams of exactly the
 //! agents it affects. It follows the datastore's change feed
 //! ([`Registry::catch_up`]), so a change made through any path — this
-//! process's admin API, or later another replica — arrives the same way.
+//! process's admin or node API, or another replica — arrives the same way:
+//! entries, and agents (attestation, renewal, ban, eviction, pruning).
+//! [`Registry::follow`] is the one loop per process reading the feed: on
+//! every change hint and every safety poll it catches up, and passes each
+//! change on to the [`ChangeListener`]s (the CA follows its bundle so).
+//! A position that fell below the feed's floor (pruned) reloads fully.
 //!
 //! An agent is authorized for an entry when the entry's parent is the agent
 //! itself, or a node alias whose selectors are all among the agent's node
@@ -20,7 +25,24 @@ use sigil_identity::{AdminRole, AgentId, EntryId, RegistrationEntry, SpiffeId, T
 use tokio::sync::mpsc;
 use tracing::debug;
 
-use crate::datastore::{AgentRecord, ChangeKind, Changed, Datastore, DatastoreError, EntryFilter};
+use crate::datastore::{
+    AgentRecord, Change, ChangeKind, Changed, Datastore, DatastoreError, EntryFilter,
+};
+
+/// Changes read from the datastore per call while catching up.
+const CATCH_UP_BATCH: usize = 1000;
+
+/// Something else in the process that follows the change feed, fed by the
+/// registry's catch-up in revision order (one reader of the feed per
+/// process).
+#[async_trait::async_trait]
+pub trait ChangeListener: Send + Sync {
+    /// One change, in revision order (every kind, entries included).
+    async fn changed(&self, change: &Change);
+    /// Changes were pruned before they were read: re-read whatever is
+    /// cached from the datastore.
+    async fn reload(&self);
+}
 
 /// How many recent changes are remembered for resuming Sync streams.
 const CHANGE_LOG_LEN: usize = 100_000;
@@ -139,17 +161,19 @@ struct State {
 /// See the module documentation.
 pub struct Registry {
     store: Arc<dyn Datastore>,
-    server_id: SpiffeId,
+    /// The server's SPIFFE ID: entries under it are node aliases.
+    server_spiffe_id: SpiffeId,
     state: Mutex<State>,
     catch_up: tokio::sync::Mutex<()>,
-    /// Serializes [`Registry::reload_agent`].
-    agent_reload: tokio::sync::Mutex<()>,
+    listeners: std::sync::RwLock<Vec<Arc<dyn ChangeListener>>>,
+    /// Full reloads because the position fell below the change floor.
+    reloads: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Registry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Registry")
-            .field("server_id", &self.server_id)
+            .field("server_spiffe_id", &self.server_spiffe_id)
             .finish_non_exhaustive()
     }
 }
@@ -428,37 +452,70 @@ impl Drop for Subscription {
     }
 }
 
-impl Registry {
-    /// Loads every entry and agent from `store`.
-    pub async fn load(
-        store: Arc<dyn Datastore>,
-        trust_domain: &TrustDomain,
-    ) -> Result<Arc<Self>, DatastoreError> {
-        // Revision first: anything listed after it is re-applied by catch_up,
-        // which is idempotent.
+impl State {
+    /// Every entry and agent in `store`, as of the returned state's
+    /// revision or later (what is listed after it is applied again by
+    /// catch-up, which is idempotent).
+    async fn load(
+        store: &dyn Datastore,
+        server_spiffe_id: &SpiffeId,
+    ) -> Result<Self, DatastoreError> {
+        // Revision first: anything listed after it is applied again.
         let revision = store.current_revision().await?;
         let entries = store.list_entries(&EntryFilter::default()).await?;
         let agents = store.list_agents().await?;
-        let server_id = SpiffeId::server(trust_domain);
         let mut state = State {
             revision,
             log_floor: revision,
             ..State::default()
         };
         for e in entries {
-            state.index(&Arc::new(e), &server_id);
+            state.index(&Arc::new(e), server_spiffe_id);
         }
         for a in agents {
             let id = a.id.clone();
             state.agents.insert(id.clone(), a);
             state.refresh_agent_aliases(&id);
         }
+        Ok(state)
+    }
+
+    /// Applies one change of the feed (entries and agents; other kinds
+    /// only move the revision).
+    fn apply(&mut self, change: &Change, server_spiffe_id: &SpiffeId) {
+        match &change.changed {
+            Changed::Entry { kind, entry } => {
+                debug!(entry_id = %entry.id, revision = change.revision, ?kind, "applying entry change");
+                self.apply_entry(change.revision, *kind, entry.clone(), server_spiffe_id);
+            }
+            Changed::Agent { id, record } => {
+                debug!(agent_id = %id, revision = change.revision, removed = record.is_none(), "applying agent change");
+                self.revision = self.revision.max(change.revision);
+                match record {
+                    Some(r) => self.set_agent(r.clone()),
+                    None => self.drop_agent(id),
+                }
+            }
+            _ => self.revision = self.revision.max(change.revision),
+        }
+    }
+}
+
+impl Registry {
+    /// Loads every entry and agent from `store`.
+    pub async fn load(
+        store: Arc<dyn Datastore>,
+        trust_domain: &TrustDomain,
+    ) -> Result<Arc<Self>, DatastoreError> {
+        let server_spiffe_id = SpiffeId::server(trust_domain);
+        let state = State::load(store.as_ref(), &server_spiffe_id).await?;
         let registry = Arc::new(Self {
             store,
-            server_id,
+            server_spiffe_id,
             state: Mutex::new(state),
             catch_up: tokio::sync::Mutex::new(()),
-            agent_reload: tokio::sync::Mutex::new(()),
+            listeners: std::sync::RwLock::default(),
+            reloads: std::sync::atomic::AtomicU64::new(0),
         });
         registry.catch_up().await?;
         Ok(registry)
@@ -468,26 +525,131 @@ impl Registry {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Applies every datastore change not yet seen, in revision order.
+    /// Adds a listener: it gets every change applied from now on.
+    pub fn add_listener(&self, listener: Arc<dyn ChangeListener>) {
+        self.listeners
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(listener);
+    }
+
+    fn listeners(&self) -> Vec<Arc<dyn ChangeListener>> {
+        self.listeners
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// How many full reloads a pruned position has caused.
+    pub fn full_reloads(&self) -> u64 {
+        self.reloads.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Applies every datastore change not yet seen, in revision order, and
+    /// passes each on to the listeners. A handler that wrote calls this
+    /// before replying, so its own change is applied.
     pub async fn catch_up(&self) -> Result<(), DatastoreError> {
         let _one_at_a_time = self.catch_up.lock().await;
         loop {
             let from = self.lock().revision;
-            let changes = self.store.changes(from, 1000).await?;
+            let changes = self.store.changes(from, CATCH_UP_BATCH).await?;
+            let contiguous = changes.first().is_some_and(|c| c.revision == from + 1);
+            if !contiguous && from < self.store.change_floor().await? {
+                self.reload().await?;
+                continue;
+            }
             if changes.is_empty() {
                 return Ok(());
             }
-            let mut state = self.lock();
-            for c in changes {
-                match c.changed {
-                    Changed::Entry { kind, entry } => {
-                        debug!(entry_id = %entry.id, revision = c.revision, ?kind, "applying entry change");
-                        state.apply_entry(c.revision, kind, entry, &self.server_id);
-                    }
-                    _ => state.revision = state.revision.max(c.revision),
+            {
+                let mut state = self.lock();
+                for c in &changes {
+                    state.apply(c, &self.server_spiffe_id);
+                }
+            }
+            for l in self.listeners() {
+                for c in &changes {
+                    l.changed(c).await;
                 }
             }
         }
+    }
+
+    /// The position fell below the change floor: the changes in between
+    /// are gone, so everything is read again. Open Sync streams are told
+    /// to take the full set (or end, for agents now gone or banned).
+    async fn reload(&self) -> Result<(), DatastoreError> {
+        let fresh = State::load(self.store.as_ref(), &self.server_spiffe_id).await?;
+        let count = self
+            .reloads
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        {
+            let mut state = self.lock();
+            tracing::warn!(
+                position = state.revision,
+                revision = fresh.revision,
+                full_reloads = count,
+                "registry fell behind the pruned change feed; reloaded every entry and agent"
+            );
+            let subscribers = std::mem::take(&mut state.subscribers);
+            let next_subscriber = state.next_subscriber;
+            *state = State {
+                subscribers,
+                next_subscriber,
+                ..fresh
+            };
+            let agents: Vec<AgentId> = state.subscribers.keys().cloned().collect();
+            for id in agents {
+                match state.agents.get(&id).map(|a| a.banned) {
+                    None => {
+                        state.send(&id, &AgentEvent::Revoked("agent evicted"));
+                        state.subscribers.remove(&id);
+                    }
+                    Some(true) => state.send(&id, &AgentEvent::Revoked("agent banned")),
+                    Some(false) => state.send(&id, &AgentEvent::Resync),
+                }
+            }
+        }
+        for l in self.listeners() {
+            l.reload().await;
+        }
+        Ok(())
+    }
+
+    /// Follows the change feed until `stop` turns true: catches up on
+    /// every change hint and at least every `poll_interval` (a safety net
+    /// for a missed hint). The one loop per process reading the feed.
+    pub async fn follow(
+        self: Arc<Self>,
+        poll_interval: std::time::Duration,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) {
+        let mut hint = self.store.change_hint();
+        let mut hint_open = true;
+        loop {
+            if let Err(e) = self.catch_up().await {
+                tracing::warn!(error = %e, "registry catch-up failed; retrying at the next hint or poll");
+            }
+            tokio::select! {
+                _ = stop.changed() => return,
+                changed = hint.changed(), if hint_open => hint_open = changed.is_ok(),
+                () = tokio::time::sleep(poll_interval) => {}
+            }
+            if *stop.borrow() {
+                return;
+            }
+        }
+    }
+
+    /// Catches up (see [`Registry::catch_up`]) and returns the agent's
+    /// record as it is now: what a handler that wrote it replies from.
+    pub async fn caught_up_agent(
+        &self,
+        id: &AgentId,
+    ) -> Result<Option<AgentRecord>, DatastoreError> {
+        self.catch_up().await?;
+        Ok(self.agent(id))
     }
 
     /// The last applied revision.
@@ -542,7 +704,7 @@ impl Registry {
             .admins
             .values()
             .filter(|e| e.spiffe_id == *id && !e.is_expired(now))
-            .filter(|e| state.parent_may_grant_admin(&e.parent_id, &self.server_id))
+            .filter(|e| state.parent_may_grant_admin(&e.parent_id, &self.server_spiffe_id))
             .filter_map(|e| e.admin_access())
             .max()
     }
@@ -557,45 +719,11 @@ impl Registry {
         self.lock().agents.len()
     }
 
-    /// Records a new or changed agent (already written to the datastore).
-    /// As in the datastore, a ban is sticky until the agent is removed.
-    /// Handlers use [`Registry::reload_agent`] instead: a record they hold
-    /// may be stale by the time it gets here.
-    pub fn put_agent(&self, mut record: AgentRecord) {
-        let mut state = self.lock();
-        record.banned |= state.agents.get(&record.id).is_some_and(|old| old.banned);
-        state.set_agent(record);
-    }
-
-    /// Makes this registry's record of agent `id` the one the datastore
-    /// holds now (or removes it), and returns that record. Every write of
-    /// an agent record is followed by this, not by putting the writer's own
-    /// copy: two writes of one agent (a renewal and an eviction, say) can
-    /// finish in the same durable-sync round, and a blind put of the
-    /// renewal's copy after the eviction would bring the evicted agent back.
-    /// Reloads run one at a time, each after its own write, so the last one
-    /// sees every write before it.
-    pub async fn reload_agent(&self, id: &AgentId) -> Result<Option<AgentRecord>, DatastoreError> {
-        let _one_at_a_time = self.agent_reload.lock().await;
-        let stored = self.store.fetch_agent(id).await?;
-        let mut state = self.lock();
-        match &stored {
-            Some(record) => state.set_agent(record.clone()),
-            None => state.drop_agent(id),
-        }
-        Ok(stored)
-    }
-
     /// Ends every open stream of `agent`: its SVID was replaced.
     pub fn supersede(&self, agent: &AgentId) {
         let mut state = self.lock();
         state.send(agent, &AgentEvent::Superseded);
         state.subscribers.remove(agent);
-    }
-
-    /// Forgets an evicted agent (already removed from the datastore).
-    pub fn remove_agent(&self, id: &AgentId) {
-        self.lock().drop_agent(id);
     }
 
     /// Starts a Sync stream for `agent`: the initial message and a receiver

@@ -55,13 +55,14 @@ impl Pruner {
             match self.store.prune_agents(before).await {
                 Ok(ids) if ids.is_empty() => {}
                 Ok(ids) => {
-                    let mut events = Vec::with_capacity(ids.len());
-                    for id in &ids {
-                        if let Err(e) = self.registry.reload_agent(id).await {
-                            warn!(agent_id = %id, error = %e, "could not reload a pruned agent");
-                        }
-                        events.push(self.audit.event("server", "agent.prune", id.as_str(), "ok"));
+                    // The removals reach the registry from the feed.
+                    if let Err(e) = self.registry.catch_up().await {
+                        warn!(error = %e, "registry could not catch up after pruning agents");
                     }
+                    let events = ids
+                        .iter()
+                        .map(|id| self.audit.event("server", "agent.prune", id.as_str(), "ok"))
+                        .collect();
                     self.audit.record_all(events).await;
                     info!(pruned = ids.len(), "long-expired agents removed");
                 }

@@ -189,6 +189,11 @@ pub async fn run(
     };
     let ca = CaManager::start(ca_config, store.clone(), keys, clock.clone(), upstream).await?;
     let registry = Registry::load(store.clone(), &td).await?;
+    // The CA follows the bundle (other replicas' publications) through the
+    // registry's reading of the feed; a change between the CA's start and
+    // the registry's load is read once here.
+    registry.add_listener(ca.clone());
+    crate::registry::ChangeListener::reload(ca.as_ref()).await;
     let audit = Audit::new(store.clone(), clock.clone());
     let metrics = Arc::new(crate::telemetry::ServerMetrics::default());
 
@@ -297,29 +302,30 @@ pub async fn run(
             .run(stop_rx.clone())
             .instrument(info_span!("audit_checkpoints")),
     );
-    let follower = {
-        let registry = registry.clone();
+    // The one reader of the change feed in this process: the registry
+    // applies it and passes it on to its listeners.
+    let follower = tokio::spawn(in_span(
+        info_span!("change_feed_follower"),
+        registry
+            .clone()
+            .follow(config.datastore.poll_interval, stop_rx.clone()),
+    ));
+    let token_pruning = {
         let store = store.clone();
         let clock = clock.clone();
         let mut stop = stop_rx.clone();
-        tokio::spawn(in_span(info_span!("change_feed_follower"), async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
-            let mut n: u64 = 0;
+        tokio::spawn(in_span(info_span!("join_token_pruning"), async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(3600));
+            tick.tick().await;
             loop {
                 tokio::select! {
                     _ = stop.changed() => return,
                     _ = tick.tick() => {}
                 }
-                if let Err(e) = registry.catch_up().await {
-                    warn!(error = %e, "registry catch-up failed");
-                }
-                n += 1;
-                if n.is_multiple_of(3600) {
-                    match store.prune_join_tokens(clock.now()).await {
-                        Ok(k) if k > 0 => info!(pruned = k, "expired join tokens removed"),
-                        Ok(_) => {}
-                        Err(e) => warn!(error = %e, "join token pruning failed"),
-                    }
+                match store.prune_join_tokens(clock.now()).await {
+                    Ok(k) if k > 0 => info!(pruned = k, "expired join tokens removed"),
+                    Ok(_) => {}
+                    Err(e) => warn!(error = %e, "join token pruning failed"),
                 }
             }
         }))
@@ -452,7 +458,7 @@ pub async fn run(
             (Ok(()), Ok(()))
         }
     };
-    let _ = tokio::join!(rotation, follower, pruning, checkpointing);
+    let _ = tokio::join!(rotation, follower, token_pruning, pruning, checkpointing);
     if let Some(t) = telemetry {
         let _ = t.await;
     }

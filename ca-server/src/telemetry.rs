@@ -57,6 +57,7 @@ pub struct ServerMetrics {
     ca_expiry: Family<[(&'static str, String); 3], Gauge<f64, AtomicU64>>,
     feed_revision: Gauge,
     feed_lag: Gauge,
+    feed_reloads: Gauge,
     ready: Gauge,
 }
 
@@ -95,7 +96,8 @@ impl ServerMetrics {
         );
         r.register(
             "change_feed_revision",
-            "The datastore's change feed revision (the last entry change written)",
+            "The datastore's change feed revision (the last change written: entries, agents, \
+             join tokens, bundles, CA journals)",
             self.feed_revision.clone(),
         );
         r.register(
@@ -103,6 +105,12 @@ impl ServerMetrics {
             "Revisions of the change feed this server has not applied to its in-memory \
              registry yet (changes written by other replicas, or not caught up)",
             self.feed_lag.clone(),
+        );
+        r.register(
+            "change_feed_full_reloads",
+            "Times the in-memory registry reloaded everything because the changes it had \
+             not applied yet were pruned from the change feed",
+            self.feed_reloads.clone(),
         );
         r.register(
             "ready",
@@ -188,6 +196,7 @@ impl Health for ServerHealth {
                 m.feed_lag
                     .set(rev.saturating_sub(self.registry.revision()) as i64);
             }
+            m.feed_reloads.set(self.registry.full_reloads() as i64);
             let journal = self.ca.journal().await;
             let now = SystemTime::now();
             // Slots come and go with rotation: only current ones are shown.

@@ -24,7 +24,8 @@ use super::journal::{CaJournal, JwtSlot, Slot, SlotState, X509Slot};
 use super::keys::{KeyId, KeyManager};
 use super::x509::{BACKDATE, IssuedSvid, UpstreamCa, X509Authority};
 use super::{CaConfig, CaError};
-use crate::datastore::Datastore;
+use crate::datastore::{BundleEdit, Change, Changed, Datastore};
+use crate::registry::ChangeListener;
 
 /// The CA as the rest of the server uses it.
 pub struct CaManager {
@@ -121,6 +122,23 @@ fn activate<S: Slot>(slots: &mut [S]) {
     }
 }
 
+/// What a publication removes from the bundle: this replica's expired
+/// authorities.
+#[derive(Debug, Default)]
+struct Gone {
+    /// CA certificates, DER.
+    x509: Vec<Vec<u8>>,
+    /// JWT key ids.
+    jwt: Vec<String>,
+}
+
+/// The retired slots that have expired at `now` (what [`prune`] removes).
+fn expired_slots<S: Slot>(slots: &[S], now: SystemTime) -> impl Iterator<Item = &S> {
+    slots
+        .iter()
+        .filter(move |s| s.state() == SlotState::Retired && s.validity().1 <= now)
+}
+
 /// Removes retired slots that have expired, returning their key ids.
 fn prune<S: Slot>(slots: &mut Vec<S>, now: SystemTime) -> Vec<KeyId> {
     let mut gone = Vec::new();
@@ -169,7 +187,7 @@ impl CaManager {
             let mut journal = ca.journal.lock().await;
             // Publish first: whatever the journal holds is in the bundle
             // before any of it signs.
-            ca.publish(&journal).await?;
+            ca.publish(&journal, &Gone::default()).await?;
             ca.load_active(&mut journal).await?;
         }
         ca.rotate().await?;
@@ -254,40 +272,64 @@ impl CaManager {
         )?)
     }
 
-    /// Rebuilds the bundle from the journal and publishes it (durably, with
-    /// the next sequence number) if its authorities changed.
-    async fn publish(&self, journal: &CaJournal) -> Result<(), CaError> {
-        let current = self.bundle();
-        let mut next = Bundle::new(self.config.trust_domain.clone());
-        next.refresh_hint = self.config.refresh_hint;
-        next.x509_authorities = match &self.upstream {
-            Some(u) => u.roots(),
-            None => journal.x509.iter().map(|s| s.cert_der.clone()).collect(),
-        };
-        next.jwt_authorities = journal
-            .jwt
-            .iter()
-            .filter_map(|s| {
-                s.key().map(|public_key| JwtAuthority {
-                    kid: s.kid.clone(),
-                    public_key,
+    /// Publishes this replica's authorities: every X.509 and JWT key of
+    /// the journal not yet expired is added to the shared bundle, those in
+    /// `gone` removed, in one durable read-modify-write (other replicas'
+    /// authorities stay). Nothing is written when the bundle already holds
+    /// them all.
+    async fn publish(&self, journal: &CaJournal, gone: &Gone) -> Result<(), CaError> {
+        let now = self.clock.now();
+        let live_x509 = journal.x509.iter().filter(|s| s.not_after > now);
+        let live_jwt = journal.jwt.iter().filter(|s| s.not_after > now);
+        let mut edit = BundleEdit {
+            add_jwt: live_jwt
+                .filter_map(|s| {
+                    s.key().map(|public_key| JwtAuthority {
+                        kid: s.kid.clone(),
+                        public_key,
+                    })
                 })
-            })
-            .collect();
-        if next.same_authorities(&current) && next.refresh_hint == current.refresh_hint {
+                .collect(),
+            remove_x509: gone.x509.clone(),
+            remove_jwt: gone.jwt.clone(),
+            refresh_hint: self.config.refresh_hint,
+            ..BundleEdit::default()
+        };
+        match &self.upstream {
+            // The upstream roots are the X.509 authorities; the journal's
+            // certificates are intermediates that agents get in chains.
+            Some(u) => edit.add_x509 = u.roots(),
+            None => edit.add_x509 = live_x509.map(|s| s.cert_der.clone()).collect(),
+        }
+        let mut local = (*self.bundle()).clone();
+        if !edit.apply_to(&mut local) {
             return Ok(());
         }
-        next.sequence = current.sequence + 1;
-        self.store.put_bundle(&next).await?;
+        let td = &self.config.trust_domain;
+        let stored = self.store.update_bundle(td, edit).await?;
         info!(
-            trust_domain = %next.trust_domain,
-            sequence = next.sequence,
-            x509_authorities = next.x509_authorities.len(),
-            jwt_authorities = next.jwt_authorities.len(),
+            trust_domain = %stored.trust_domain,
+            server_id = %self.config.server_id,
+            sequence = stored.sequence,
+            x509_authorities = stored.x509_authorities.len(),
+            jwt_authorities = stored.jwt_authorities.len(),
             "bundle published"
         );
-        self.bundle.send_replace(Arc::new(next));
+        self.follow_bundle(stored);
         Ok(())
+    }
+
+    /// Takes `bundle` (our trust domain's, as stored) as the current one
+    /// unless a newer one is already held: bundle sequences only grow, so
+    /// publications and the change feed may arrive in any order.
+    fn follow_bundle(&self, bundle: Bundle) {
+        self.bundle.send_if_modified(|current| {
+            let newer = bundle.sequence > current.sequence;
+            if newer {
+                *current = Arc::new(bundle);
+            }
+            newer
+        });
     }
 
     /// Runs every rotation step due at the clock's `now`.
@@ -369,7 +411,7 @@ impl CaManager {
             // here activate in a later step, after this bundle is durable.
             let persisted = async {
                 self.save(&next).await?;
-                self.publish(&next).await
+                self.publish(&next, &Gone::default()).await
             }
             .await;
             if let Err(e) = persisted {
@@ -431,15 +473,26 @@ impl CaManager {
         {
             // Due but not yet published (a failed publish earlier): publish now,
             // activate in the next step.
-            self.publish(&next).await?;
+            self.publish(&next, &Gone::default()).await?;
         }
 
+        let expired = Gone {
+            x509: expired_slots(&next.x509, now)
+                .map(|s| s.cert_der.clone())
+                .collect(),
+            jwt: expired_slots(&next.jwt, now)
+                .map(|s| s.kid.clone())
+                .collect(),
+        };
         let mut gone = prune(&mut next.x509, now);
         gone.extend(prune(&mut next.jwt, now));
         if !gone.is_empty() {
+            // Out of the bundle first: a crash before the journal is saved
+            // leaves expired slots that the next pass prunes again (never
+            // an authority nobody will remove).
+            self.publish(&next, &expired).await?;
             self.save(&next).await?;
             *journal = next.clone();
-            self.publish(&next).await?;
             for key_id in &gone {
                 if let Err(e) = self.keys.delete(key_id) {
                     warn!(key_id = %key_id, error = %e, "could not delete expired CA key");
@@ -531,6 +584,30 @@ impl CaManager {
         sigil_identity::jwt::validate(&svid.token, &expected, &*self.bundle(), now)
             .map_err(CaError::JwtSelfCheck)?;
         Ok(svid)
+    }
+}
+
+/// The CA follows its trust domain's bundle from the change feed: another
+/// replica's publication reaches this one's bundle watch (and so its agents).
+#[async_trait::async_trait]
+impl ChangeListener for CaManager {
+    async fn changed(&self, change: &Change) {
+        if let Changed::Bundle {
+            trust_domain,
+            bundle: Some(bundle),
+        } = &change.changed
+            && *trust_domain == self.config.trust_domain
+        {
+            self.follow_bundle(bundle.clone());
+        }
+    }
+
+    async fn reload(&self) {
+        match self.store.fetch_bundle(&self.config.trust_domain).await {
+            Ok(Some(bundle)) => self.follow_bundle(bundle),
+            Ok(None) => {}
+            Err(e) => warn!(error = %e, "could not re-read the bundle; the next change brings it"),
+        }
     }
 }
 

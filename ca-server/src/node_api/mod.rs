@@ -250,7 +250,7 @@ impl NodeService {
         }
         let stored = self
             .registry
-            .reload_agent(&ctx.id)
+            .caught_up_agent(&ctx.id)
             .await
             .map_err(|e| store_status(&e))?;
         // Streams opened with the old SVID end; the old one is dead.
@@ -403,7 +403,7 @@ impl NodeService {
         }
         let stored = self
             .registry
-            .reload_agent(&id)
+            .caught_up_agent(&id)
             .await
             .map_err(|e| store_status(&e))?;
         match stored {
@@ -587,7 +587,7 @@ impl Node for NodeApi {
         self.audit.log_written(&[event]);
         if self
             .registry
-            .reload_agent(&ctx.id)
+            .caught_up_agent(&ctx.id)
             .await
             .map_err(|e| store_status(&e))?
             .is_none()

@@ -252,7 +252,7 @@ async fn an_eviction_during_a_renewal_is_not_undone() {
         })
         .await
         .unwrap();
-    svc.registry.reload_agent(&id).await.unwrap();
+    svc.registry.catch_up().await.unwrap();
     let peer = PeerSvid::Svid {
         id: id.clone().into(),
         serial: "01".into(),
@@ -268,7 +268,7 @@ async fn an_eviction_during_a_renewal_is_not_undone() {
     let renewal = tokio::spawn(async move { api.renew_agent(req).await });
     written.await.unwrap();
     store.delete_agent(&id).await.unwrap();
-    svc.registry.reload_agent(&id).await.unwrap();
+    svc.registry.catch_up().await.unwrap();
     go.send(()).unwrap();
     let outcome = renewal.await.unwrap();
 

@@ -172,17 +172,19 @@ async fn alias_changes_resync_member_agents() {
 
 #[tokio::test]
 async fn ban_and_evict_revoke_open_streams() {
-    let (_d, _store, reg) = setup().await;
+    let (_d, store, reg) = setup().await;
     let (_s, mut rx, _g) = reg.subscribe(&agent_id("a1"), 0, now());
     let mut banned = reg.agent(&agent_id("a1")).unwrap();
     banned.banned = true;
-    reg.put_agent(banned);
+    store.update_agent(banned).await.unwrap();
+    reg.catch_up().await.unwrap();
     assert!(matches!(
         rx.try_recv(),
         Ok(AgentEvent::Revoked("agent banned"))
     ));
     let (_s, mut rx, _g) = reg.subscribe(&agent_id("a2"), 0, now());
-    reg.remove_agent(&agent_id("a2"));
+    store.delete_agent(&agent_id("a2")).await.unwrap();
+    reg.catch_up().await.unwrap();
     assert!(matches!(
         rx.try_recv(),
         Ok(AgentEvent::Revoked("agent evicted"))
@@ -448,7 +450,8 @@ async fn admin_role_needs_a_parent_in_good_standing() {
 
     let mut banned = reg.agent(&agent_id("a1")).unwrap();
     banned.banned = true;
-    reg.put_agent(banned);
+    store.update_agent(banned).await.unwrap();
+    reg.catch_up().await.unwrap();
     assert_eq!(
         reg.admin_role(&id("on-a1"), now()),
         None,
@@ -460,4 +463,122 @@ async fn admin_role_needs_a_parent_in_good_standing() {
         "an alias whose only agent is banned still grants"
     );
     assert_eq!(reg.admin_role(&id("minted"), now()), Some(AdminRole::Admin));
+}
+
+#[tokio::test]
+async fn a_position_below_the_change_floor_reloads_fully() {
+    let (_d, store, reg) = setup().await;
+    let (_s1, mut rx1, _g1) = reg.subscribe(&agent_id("a1"), 0, now());
+    let (_s2, mut rx2, _g2) = reg.subscribe(&agent_id("a2"), 0, now());
+    // Changes the registry never read, then pruned away.
+    let web = store
+        .create_entry(entry("web", &agent_id("a1"), &["unix:uid:1"]))
+        .await
+        .unwrap();
+    store.delete_agent(&agent_id("a2")).await.unwrap();
+    let current = store.current_revision().await.unwrap();
+    store.prune_changes(current).await.unwrap();
+    assert_eq!(reg.full_reloads(), 0);
+
+    reg.catch_up().await.unwrap();
+    assert_eq!(reg.full_reloads(), 1);
+    assert_eq!(reg.revision(), current);
+    assert_eq!(
+        reg.authorized_entries(&agent_id("a1"), now())
+            .iter()
+            .map(|e| e.id.clone())
+            .collect::<Vec<_>>(),
+        vec![web.id]
+    );
+    assert!(reg.agent(&agent_id("a2")).is_none());
+    assert!(matches!(rx1.try_recv(), Ok(AgentEvent::Resync)));
+    assert!(matches!(
+        rx2.try_recv(),
+        Ok(AgentEvent::Revoked("agent evicted"))
+    ));
+    // A stream resuming from before the reload gets the full set.
+    let (start, _rx, _g) = reg.subscribe(&agent_id("a1"), 1, now());
+    assert!(start.full);
+    // Later changes follow the feed again, without another reload.
+    store
+        .create_entry(entry("api", &agent_id("a1"), &["unix:uid:2"]))
+        .await
+        .unwrap();
+    reg.catch_up().await.unwrap();
+    assert_eq!(reg.authorized_entries(&agent_id("a1"), now()).len(), 2);
+    assert_eq!(reg.full_reloads(), 1);
+}
+
+/// Records what a [`ChangeListener`] is told.
+#[derive(Default)]
+struct Recorder {
+    seen: Mutex<Vec<u64>>,
+    reloads: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl ChangeListener for Recorder {
+    async fn changed(&self, change: &Change) {
+        self.seen.lock().unwrap().push(change.revision);
+    }
+    async fn reload(&self) {
+        self.reloads
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[tokio::test]
+async fn listeners_get_every_change_in_order_and_the_follower_applies_agent_writes() {
+    let (_d, store, reg) = setup().await;
+    let recorder = Arc::new(Recorder::default());
+    reg.add_listener(recorder.clone());
+    let start = reg.revision();
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    // A long poll: only the change hint can wake the follower in time.
+    let follower = tokio::spawn(reg.clone().follow(Duration::from_secs(3600), stop));
+    let (_s, mut rx, _g) = reg.subscribe(&agent_id("a1"), 0, now());
+    let mut banned = reg.agent(&agent_id("a1")).unwrap();
+    banned.banned = true;
+    store.update_agent(banned).await.unwrap();
+    let revoked = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .expect("the ban reached the stream through the feed");
+    assert!(matches!(revoked, Some(AgentEvent::Revoked("agent banned"))));
+    store
+        .create_join_token(crate::datastore::JoinTokenRecord {
+            hash: crate::datastore::TokenHash::of("t"),
+            expires_at: from_unix_seconds(4_000_000_000),
+            alias: None,
+        })
+        .await
+        .unwrap();
+    store
+        .create_entry(entry("web", &agent_id("a2"), &["unix:uid:1"]))
+        .await
+        .unwrap();
+    let current = store.current_revision().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while reg.revision() < current {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the follower caught up");
+    assert!(reg.agent(&agent_id("a1")).unwrap().banned);
+    assert_eq!(
+        *recorder.seen.lock().unwrap(),
+        (start + 1..=current).collect::<Vec<_>>()
+    );
+    stop_tx.send(true).unwrap();
+    follower.await.unwrap();
+    // A reload is passed on too.
+    store.prune_changes(current).await.unwrap();
+    store.delete_agent(&agent_id("a2")).await.unwrap();
+    store.prune_changes(current + 1).await.unwrap();
+    reg.catch_up().await.unwrap();
+    assert_eq!(
+        recorder.reloads.load(std::sync::atomic::Ordering::SeqCst),
+        1
+    );
+    assert!(reg.agent(&agent_id("a2")).is_none());
 }

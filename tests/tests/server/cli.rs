@@ -539,10 +539,12 @@ async fn agents_tokens_bundles_and_minting() {
     assert_eq!(v.spiffe_id.as_str(), "spiffe://example.org/tool");
 
     assert!(ok(&s.cli(&["healthcheck"]).unwrap()).contains("serving"));
-    assert_eq!(
-        json(&s.cli(&["--output", "json", "healthcheck"]).unwrap())["status"],
-        "serving"
-    );
+    let health = json(&s.cli(&["--output", "json", "healthcheck"]).unwrap());
+    assert_eq!(health["status"], "serving");
+    // The replica id generated on first start, kept in the data directory.
+    let stored = std::fs::read_to_string(s.dir().join("data/server_id")).unwrap();
+    assert!(stored.starts_with("s-"), "{stored}");
+    assert_eq!(health["server_id"], stored.trim());
 }
 
 #[tokio::test]

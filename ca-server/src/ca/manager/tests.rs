@@ -383,3 +383,81 @@ async fn refuses_ids_of_other_trust_domains() {
         Err(CaError::ForeignId(..))
     ));
 }
+
+/// Two replicas on one datastore, each with its own keys and journal: the
+/// shared bundle holds both replicas' authorities, an SVID of either
+/// verifies against it, each follows the other's publications from the
+/// change feed, and one replica's pruning leaves the other's authorities.
+#[tokio::test]
+async fn two_replicas_share_one_bundle_holding_both_replicas_authorities() {
+    use crate::datastore::Datastore as _;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SledDatastore::open(dir.path()).unwrap());
+    let clock = Arc::new(FakeClock::new(from_unix_seconds(1_800_000_000)));
+    let ca_ttl = Duration::from_secs(6 * HOUR);
+    let replica = |name: &str| CaConfig {
+        server_id: name.parse().unwrap(),
+        ..config(ca_ttl)
+    };
+    let start = |cfg: CaConfig| {
+        let keys: Arc<dyn KeyManager> = Arc::new(MemoryKeyManager::default());
+        CaManager::start(cfg, store.clone(), keys, clock.clone(), None)
+    };
+    // A runs (its registry reading the feed for it); B starts later.
+    let a = start(replica("replica-a")).await.unwrap();
+    let registry = crate::registry::Registry::load(store.clone(), &td())
+        .await
+        .unwrap();
+    registry.add_listener(a.clone());
+    clock.advance(Duration::from_secs(HOUR));
+    let b = start(replica("replica-b")).await.unwrap();
+    registry.add_listener(b.clone());
+    registry.catch_up().await.unwrap();
+
+    let stored = store.fetch_bundle(&td()).await.unwrap().unwrap();
+    assert_eq!(stored.x509_authorities.len(), 2, "{stored:?}");
+    assert_eq!(stored.jwt_authorities.len(), 2);
+    assert_eq!(*a.bundle(), stored, "A follows B's publication");
+    assert_eq!(*b.bundle(), stored);
+    let journals = store.list_ca_journals().await.unwrap();
+    let ids: Vec<&str> = journals.iter().map(|(id, _)| id.as_str()).collect();
+    assert_eq!(ids, ["replica-a", "replica-b"]);
+
+    let svid_of = |ca: &CaManager| {
+        let (csr, _) = csr();
+        ca.issue_x509_svid(&web(), &[], Some(Duration::from_secs(HOUR)), &csr)
+            .unwrap()
+    };
+    let now = clock.now();
+    for ca in [&a, &b] {
+        let issued = svid_of(ca);
+        svid::verify_svid(&issued.chain, &stored, now).expect("an SVID of either replica verifies");
+        let token = ca.mint_jwt_svid(&web(), &["svc".into()], None).unwrap();
+        jwt::validate(&token.token, &["svc"], &stored, now).expect("a JWT-SVID of either verifies");
+    }
+
+    // Only A rotates, until its first keys (made an hour before B's) have
+    // expired and are pruned, while B's are still valid.
+    let a_first = a.journal().await;
+    let b_first = b.journal().await;
+    let mut pruned = 0;
+    for _ in 0..(5 * 6 + 2) {
+        clock.advance(Duration::from_secs(600));
+        pruned += a.rotate().await.unwrap().pruned;
+    }
+    assert_eq!(pruned, 2, "A's first X.509 and JWT keys expired");
+    registry.catch_up().await.unwrap();
+    let stored = store.fetch_bundle(&td()).await.unwrap().unwrap();
+    assert!(!stored.x509_authorities.contains(&a_first.x509[0].cert_der));
+    assert!(stored.jwt_authority(&a_first.jwt[0].kid).is_none());
+    assert!(
+        stored.x509_authorities.contains(&b_first.x509[0].cert_der),
+        "B's authority stays"
+    );
+    assert!(stored.jwt_authority(&b_first.jwt[0].kid).is_some());
+    assert_eq!(*b.bundle(), stored, "B follows A's pruning");
+    let now = clock.now();
+    for ca in [&a, &b] {
+        svid::verify_svid(&svid_of(ca).chain, &stored, now).expect("both still verify");
+    }
+}
