@@ -10,8 +10,11 @@ python3 -m venv --help >/dev/null 2>&1 || need_apt+=(python3 python3-venv)
 # Prometheus and promtool: the telemetry test scrapes with a real server,
 # and the alert rules are checked (tests/tests/telemetry.rs, deploy/monitoring).
 command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
+# PostgreSQL: the datastore tests run against a real server (issue 12).
+pg_bin() { ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1; }
+[ -n "$(pg_bin)" ] && [ -x "$(pg_bin)/initdb" ] || need_apt+=(postgresql)
 if [ ${#need_apt[@]} -gt 0 ]; then
-  echo "==> installing ${need_apt[*]} (used by the interop and telemetry tests)"
+  echo "==> installing ${need_apt[*]} (used by the interop, telemetry and PostgreSQL tests)"
   if [ "$(id -u)" -eq 0 ]; then
     apt-get update -qq && apt-get install -y -qq "${need_apt[@]}"
   else
@@ -29,6 +32,30 @@ if [ ! -x .venv/bin/python ] || ! cmp -s "$req" .venv/requirements.txt; then
   cp "$req" .venv/requirements.txt
 fi
 export SIGIL_PYTHON="$PWD/.venv/bin/python"
+
+# A throwaway PostgreSQL cluster for the tests: a temporary directory,
+# Unix socket only, no fsync; stopped and removed on exit. initdb refuses to
+# run as root, so the cluster belongs to the postgres user.
+as_postgres() {
+  if [ "$(id -u)" -eq 0 ]; then runuser -u postgres -- "$@"; else sudo -u postgres "$@"; fi
+}
+SIGIL_PG_BIN="$(pg_bin)"
+export SIGIL_PG_BIN
+pg_dir=$(mktemp -d /tmp/sigil-pg.XXXXXX)
+stop_pg() {
+  as_postgres "$SIGIL_PG_BIN/pg_ctl" -D "$pg_dir/data" -m immediate stop >/dev/null 2>&1 || true
+  rm -rf "$pg_dir"
+}
+trap stop_pg EXIT
+chmod 755 "$pg_dir"
+if [ "$(id -u)" -eq 0 ]; then chown postgres:postgres "$pg_dir"; else sudo chown postgres:postgres "$pg_dir"; fi
+echo "==> starting PostgreSQL ($SIGIL_PG_BIN) in $pg_dir"
+as_postgres "$SIGIL_PG_BIN/initdb" -D "$pg_dir/data" -A trust -U sigil --no-sync -E UTF8 >/dev/null
+as_postgres "$SIGIL_PG_BIN/pg_ctl" -D "$pg_dir/data" -l "$pg_dir/pg.log" -w -t 60 \
+  -o "-c listen_addresses='' -k $pg_dir -c fsync=off -c max_connections=400" start >/dev/null
+export SIGIL_POSTGRES="host=$pg_dir user=sigil dbname=postgres"
+# No PostgreSQL test may skip here.
+export SIGIL_REQUIRE_POSTGRES=1
 
 # A one-shot run gains nothing from incremental compilation, which would
 # add about 3 GB to the target directory.
@@ -56,7 +83,7 @@ cargo build --workspace --bins --locked
 
 echo "==> cargo test"
 log=$(mktemp)
-trap 'rm -f "$log"' EXIT
+trap 'rm -f "$log"; stop_pg' EXIT
 cargo test --workspace --locked 2>&1 | tee "$log"
 # One closing line for the whole run, summed over every test binary.
 summary=$(awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed;?$/) p += $(i-1); if ($i ~ /^failed;?$/) f += $(i-1) } }

@@ -24,7 +24,7 @@ use sigil_identity::clock::Clock;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{Instrument, info, warn};
 
-use crate::datastore::{AuditEvent, Datastore};
+use crate::datastore::{AuditEvent, Datastore, DatastoreError};
 
 /// Issuance events queued for the writer before callers wait.
 const QUEUE: usize = 65_536;
@@ -161,50 +161,85 @@ fn log(e: &AuditEvent) {
     );
 }
 
+/// Issuance events held in memory while the datastore is unavailable (a
+/// database outage); beyond this the oldest are dropped (their log lines
+/// were written).
+const MAX_HELD: usize = 200_000;
+
+/// Back-off between writes of held events while the datastore is
+/// unavailable.
+const RETRY_MIN: Duration = Duration::from_millis(250);
+const RETRY_MAX: Duration = Duration::from_secs(5);
+
 /// Writes queued issuance events, as many per write as are waiting, and
 /// makes them durable within [`SYNC_INTERVAL`] (at once for a flush).
+/// While the datastore is unavailable, events are held (oldest first, at
+/// most [`MAX_HELD`]) and written once it is back.
 async fn write_issued(store: Arc<dyn Datastore>, mut rx: mpsc::Receiver<Queued>) {
     let mut flushes = Vec::new();
     // When the oldest write not yet synced must be synced.
     let mut sync_by: Option<tokio::time::Instant> = None;
+    let mut held = Held::default();
     loop {
-        let first = match sync_by {
+        let wake = match (sync_by, held.retry_at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let first = match wake {
             None => rx.recv().await,
             Some(deadline) => tokio::select! {
                 q = rx.recv() => q,
                 () = tokio::time::sleep_until(deadline) => {
-                    sync(&*store).await;
-                    sync_by = None;
+                    let now = tokio::time::Instant::now();
+                    if held.retry_at.is_some_and(|t| t <= now) {
+                        held.retry_at = None;
+                        if held.write(&*store).await {
+                            sync_by.get_or_insert_with(|| now + SYNC_INTERVAL);
+                        }
+                    }
+                    if sync_by.is_some_and(|t| t <= now) {
+                        sync(&*store).await;
+                        sync_by = None;
+                    }
                     continue;
                 }
             },
         };
         let Some(first) = first else {
-            if sync_by.is_some() {
+            held.retry_at = None;
+            if held.write(&*store).await || sync_by.is_some() {
                 sync(&*store).await;
+            }
+            if !held.events.is_empty() {
+                warn!(
+                    events = held.events.len(),
+                    "issuance audit events not persisted at shutdown: the datastore is unavailable"
+                );
             }
             return;
         };
-        let mut batch = Vec::new();
         let mut next = Some(first);
+        let mut taken = 0;
         while let Some(q) = next {
             match q {
-                Queued::Event(e) => batch.push(e),
+                Queued::Event(e) => {
+                    held.push(e);
+                    taken += 1;
+                }
                 Queued::Flush(done) => flushes.push(done),
             }
-            next = if batch.len() < MAX_BATCH {
+            next = if taken < MAX_BATCH {
                 rx.try_recv().ok()
             } else {
                 None
             };
         }
-        if !batch.is_empty() {
-            match store.append_audit_unsynced(batch).await {
-                Ok(_) => {
-                    sync_by.get_or_insert_with(|| tokio::time::Instant::now() + SYNC_INTERVAL);
-                }
-                Err(e) => warn!(error = %e, "could not persist issuance audit events"),
-            }
+        if !flushes.is_empty() {
+            // A flush writes now, whatever the back-off.
+            held.retry_at = None;
+        }
+        if held.retry_at.is_none() && held.write(&*store).await {
+            sync_by.get_or_insert_with(|| tokio::time::Instant::now() + SYNC_INTERVAL);
         }
         if !flushes.is_empty() {
             sync(&*store).await;
@@ -213,6 +248,69 @@ async fn write_issued(store: Arc<dyn Datastore>, mut rx: mpsc::Receiver<Queued>)
                 let _ = done.send(());
             }
         }
+    }
+}
+
+/// Issuance events not yet written, and when to try again.
+#[derive(Default)]
+struct Held {
+    events: std::collections::VecDeque<AuditEvent>,
+    retry_at: Option<tokio::time::Instant>,
+    delay: Duration,
+    dropped: u64,
+}
+
+impl Held {
+    fn push(&mut self, e: AuditEvent) {
+        if self.events.len() == MAX_HELD {
+            self.events.pop_front();
+            self.dropped += 1;
+            if self.dropped.is_power_of_two() {
+                warn!(
+                    dropped = self.dropped,
+                    "the datastore is still unavailable: oldest held issuance audit events dropped (their log lines were written)"
+                );
+            }
+        }
+        self.events.push_back(e);
+    }
+
+    /// Writes the held events in batches; returns whether any was written.
+    /// While the datastore is unavailable they stay held and a retry is
+    /// scheduled; other failures drop the batch, as before holding.
+    async fn write(&mut self, store: &dyn Datastore) -> bool {
+        let mut wrote = false;
+        while !self.events.is_empty() {
+            let n = self.events.len().min(MAX_BATCH);
+            let batch: Vec<AuditEvent> = self.events.iter().take(n).cloned().collect();
+            match store.append_audit_unsynced(batch).await {
+                Ok(_) => {
+                    self.events.drain(..n);
+                    wrote = true;
+                    if !self.delay.is_zero() {
+                        info!("datastore back: held issuance audit events written");
+                        self.delay = Duration::ZERO;
+                    }
+                }
+                Err(DatastoreError::Unavailable(e)) => {
+                    if self.delay.is_zero() {
+                        warn!(
+                            error = %e,
+                            held = self.events.len(),
+                            "datastore unavailable: issuance audit events are held in memory until it is back"
+                        );
+                    }
+                    self.delay = (self.delay * 2).clamp(RETRY_MIN, RETRY_MAX);
+                    self.retry_at = Some(tokio::time::Instant::now() + self.delay);
+                    return wrote;
+                }
+                Err(e) => {
+                    warn!(error = %e, events = n, "could not persist issuance audit events");
+                    self.events.drain(..n);
+                }
+            }
+        }
+        wrote
     }
 }
 

@@ -124,6 +124,27 @@ pub enum Command {
     /// Read and verify the audit log (offline, from the data directory).
     #[command(subcommand)]
     Audit(AuditCmd),
+    /// Datastore tools (offline: they open the datastore themselves).
+    #[command(subcommand)]
+    Datastore(DatastoreCmd),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DatastoreCmd {
+    /// Copy a sled datastore (entries, agents, join tokens, bundles, CA
+    /// journal, audit log) into the PostgreSQL database of a config; stop
+    /// the server first. The CA keys stay in the data directory.
+    Migrate {
+        /// The sled server's data directory (or its `datastore` directory).
+        #[arg(long, value_name = "DIR")]
+        from_sled: PathBuf,
+        /// Config with `[datastore] type = "postgres"`: the target.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// Replace what the target database holds.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 /// `run` flags; each overrides the config file.
@@ -510,6 +531,7 @@ pub async fn run_client(command: Command, socket: &AdminTarget, output: Output) 
     match command {
         Command::Run(_) => unreachable!("run is handled by main"),
         Command::Audit(cmd) => run_audit(cmd, json).await?,
+        Command::Datastore(cmd) => run_datastore(cmd, json).await?,
         Command::Healthcheck => {
             let mut c = connect(socket).await?;
             let h = c
@@ -1043,6 +1065,128 @@ pub struct AuditDataDir {
     /// The server's data directory [default: /var/lib/sigil/server].
     #[arg(long, value_name = "DIR", default_value = sigil_server::config::DEFAULT_DATA_DIR)]
     pub data_dir: PathBuf,
+    /// The server's config file instead: its data_dir and datastore (a
+    /// PostgreSQL datastore is read from the database).
+    #[arg(long, value_name = "FILE", conflicts_with = "data_dir")]
+    pub config: Option<PathBuf>,
+}
+
+impl AuditDataDir {
+    /// The data directory, and the PostgreSQL datastore if the config
+    /// names one.
+    async fn resolve(
+        &self,
+    ) -> Result<(
+        PathBuf,
+        Option<std::sync::Arc<dyn sigil_server::datastore::Datastore>>,
+    )> {
+        let Some(file) = &self.config else {
+            return Ok((self.data_dir.clone(), None));
+        };
+        let cfg = sigil_server::config::ServerConfig::load(Some(file), Default::default())?;
+        if cfg.datastore.kind != sigil_server::config::DatastoreKind::Postgres {
+            return Ok((cfg.data_dir, None));
+        }
+        let store = sigil_server::datastore::open(&cfg.datastore, &cfg.data_dir).await?;
+        Ok((cfg.data_dir, Some(store)))
+    }
+
+    /// The datastore holding the audit log.
+    async fn open(
+        &self,
+    ) -> Result<(
+        PathBuf,
+        std::sync::Arc<dyn sigil_server::datastore::Datastore>,
+    )> {
+        let (dir, store) = self.resolve().await?;
+        let store = match store {
+            Some(s) => s,
+            None => std::sync::Arc::new(sigil_server::audit::review::open_datastore(&dir)?),
+        };
+        Ok((dir, store))
+    }
+}
+
+async fn run_datastore(cmd: DatastoreCmd, json: bool) -> Result<()> {
+    use sigil_server::datastore::{SledDatastore, postgres};
+    let DatastoreCmd::Migrate {
+        from_sled,
+        config,
+        force,
+    } = cmd;
+    let cfg = sigil_server::config::ServerConfig::load(Some(&config), Default::default())?;
+    let Some(connection) = cfg
+        .datastore
+        .connection
+        .as_ref()
+        .filter(|_| cfg.datastore.kind == sigil_server::config::DatastoreKind::Postgres)
+    else {
+        bail!(
+            "{}: the target must be a PostgreSQL datastore ([datastore] type = \"postgres\" with a connection)",
+            config.display()
+        );
+    };
+    // The data directory or the datastore directory in it.
+    let dir = if from_sled.join("datastore").join("db").is_file() {
+        from_sled.join("datastore")
+    } else if from_sled.join("db").is_file() {
+        from_sled.clone()
+    } else {
+        bail!(
+            "no sled datastore in {} (pass the server's data directory)",
+            from_sled.display()
+        );
+    };
+    let source = SledDatastore::open(&dir)
+        .with_context(|| format!("cannot open the sled datastore in {}", dir.display()))?;
+    let settings =
+        postgres::PgSettings::parse(connection.expose(), cfg.datastore.password_file.as_deref())?;
+    let shown = settings.to_string();
+    let options = postgres::PgOptions {
+        pool_size: 2,
+        poll_interval: cfg.datastore.poll_interval,
+    };
+    let target = postgres::PostgresDatastore::open(settings, options)
+        .await
+        .with_context(|| format!("cannot open the PostgreSQL datastore ({shown})"))?;
+    if !json {
+        println!("migrating {} into PostgreSQL ({shown})", dir.display());
+    }
+    let mut progress = |what: &str, done: usize| {
+        if !json {
+            println!("  {what}: {done}");
+        }
+    };
+    // The replica whose data directory (CA keys) this is.
+    let server_id = sigil_server::server_id::ServerId::load_or_create(
+        cfg.server.server_id.as_ref(),
+        &cfg.data_dir,
+    )?;
+    let summary = target
+        .import(&source, &server_id, force, &mut progress)
+        .await
+        .context("migration failed; nothing was written to the target")?;
+    if json {
+        print_json(&json!({
+            "entries": summary.entries, "agents": summary.agents,
+            "join_tokens": summary.join_tokens, "bundles": summary.bundles,
+            "ca_journals": summary.ca_journals, "audit_records": summary.audit_records,
+            "audit_checkpoints": summary.audit_checkpoints, "revision": summary.revision,
+        }));
+    } else {
+        println!(
+            "done: {} entries, {} agents, {} join tokens, {} bundles, {} CA journals, {} audit records, {} audit checkpoints (revision {}). Keep the data directory's keys/ and audit key with the servers that use this database.",
+            summary.entries,
+            summary.agents,
+            summary.join_tokens,
+            summary.bundles,
+            summary.ca_journals,
+            summary.audit_records,
+            summary.audit_checkpoints,
+            summary.revision
+        );
+    }
+    Ok(())
 }
 
 #[derive(Debug, Subcommand)]
@@ -1096,14 +1240,14 @@ async fn run_audit(cmd: AuditCmd, json: bool) -> Result<()> {
             action,
             actor,
         } => {
-            let store = review::open_datastore(&dir.data_dir)?;
+            let (_, store) = dir.open().await?;
             let filter = review::ShowFilter {
                 since,
                 action,
                 actor,
             };
             let mut rows = Vec::new();
-            review::show(&store, &filter, |r| {
+            review::show(&*store, &filter, |r| {
                 if json {
                     rows.push(json!(r));
                 } else {
@@ -1130,9 +1274,10 @@ async fn run_audit(cmd: AuditCmd, json: bool) -> Result<()> {
             public_key,
             allow_pruned,
         } => {
+            let (data_dir, store) = dir.open().await?;
             let key_file = public_key
                 .clone()
-                .unwrap_or_else(|| dir.data_dir.join(checkpoint::PUBLIC_KEY_FILE));
+                .unwrap_or_else(|| data_dir.join(checkpoint::PUBLIC_KEY_FILE));
             let key = if public_key.is_some() || key_file.exists() {
                 Some(review::read_public_key(&key_file)?)
             } else {
@@ -1145,7 +1290,6 @@ async fn run_audit(cmd: AuditCmd, json: bool) -> Result<()> {
                         .with_context(|| format!("cannot read checkpoint {}", f.display()))
                 })
                 .transpose()?;
-            let store = review::open_datastore(&dir.data_dir)?;
             let opts = review::VerifyOptions {
                 key,
                 checkpoint: note,
@@ -1158,7 +1302,7 @@ async fn run_audit(cmd: AuditCmd, json: bool) -> Result<()> {
                 (Some(_), None) => "data_dir",
                 (Some(_), Some(_)) => "given",
             };
-            match review::verify(&store, &opts).await {
+            match review::verify(&*store, &opts).await {
                 Ok(r) if json => print_json(&json!({
                     "verified": true, "records": r.records, "legacy_records": r.legacy,
                     "from": r.anchor.map_or(0, |a| a.seq), "to": r.head.seq,
@@ -1205,7 +1349,14 @@ async fn run_audit(cmd: AuditCmd, json: bool) -> Result<()> {
             }
         }
         AuditCmd::Checkpoint { dir, write } => {
-            let note = review::latest_checkpoint(&dir.data_dir).await?;
+            let note = match dir.resolve().await? {
+                (_, Some(store)) => store
+                    .latest_audit_checkpoint()
+                    .await?
+                    .map(|(_, note)| note)
+                    .ok_or_else(|| anyhow!("no audit checkpoint in the database yet"))?,
+                (data_dir, None) => review::latest_checkpoint(&data_dir).await?,
+            };
             std::fs::write(&write, &note)
                 .with_context(|| format!("cannot write {}", write.display()))?;
             if json {

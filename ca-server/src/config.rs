@@ -64,12 +64,33 @@ pub struct ServerConfig {
     pub datastore: DatastoreSection,
 }
 
-/// The datastore and how this replica follows its change feed.
+/// Which datastore implementation holds the server's state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DatastoreKind {
+    /// Embedded, under `<data_dir>/datastore`: one server, no setup.
+    #[default]
+    Sled,
+    /// A PostgreSQL database shared by every server replica.
+    Postgres,
+}
+
+/// `[datastore]`: where registration entries, agents, tokens, bundles, CA
+/// journals and the audit log live.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DatastoreSection {
-    /// Safety poll of the change feed, besides its change hints: the
-    /// longest a missed hint can delay a change reaching this replica.
+    #[serde(rename = "type")]
+    pub kind: DatastoreKind,
+    /// PostgreSQL: libpq `key=value` string or `postgresql://` URL; several
+    /// hosts allowed. `sslmode` and `sslrootcert` as in libpq.
+    pub connection: Option<ConnectionString>,
+    /// PostgreSQL: a file whose first line is the password (instead of
+    /// one in `connection`).
+    pub password_file: Option<PathBuf>,
+    /// PostgreSQL: connections in the pool.
+    pub pool_size: usize,
+    /// How often replicas look for changes without a notification.
     #[serde(with = "serde_human")]
     pub poll_interval: Duration,
 }
@@ -77,7 +98,33 @@ pub struct DatastoreSection {
 impl Default for DatastoreSection {
     fn default() -> Self {
         Self {
+            kind: DatastoreKind::Sled,
+            connection: None,
+            password_file: None,
+            pool_size: 16,
             poll_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+/// A database connection string: it may hold a password, so its `Debug`
+/// shows only what [`crate::datastore::postgres::PgSettings`] displays.
+#[derive(Clone, Deserialize)]
+#[serde(transparent)]
+pub struct ConnectionString(String);
+
+impl ConnectionString {
+    /// The string itself, password included: only for connecting.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for ConnectionString {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match crate::datastore::postgres::PgSettings::parse(&self.0, None) {
+            Ok(s) => write!(f, "ConnectionString({s})"),
+            Err(_) => f.write_str("ConnectionString(<unparsed>)"),
         }
     }
 }
@@ -480,6 +527,30 @@ impl ServerConfig {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
+        let ds = &self.datastore;
+        match (ds.kind, &ds.connection) {
+            (DatastoreKind::Postgres, None) => {
+                return Err(ConfigError::Invalid(
+                    "datastore.type = \"postgres\" needs datastore.connection (e.g. \"host=/run/postgresql user=sigil dbname=sigil\")".into(),
+                ));
+            }
+            (DatastoreKind::Postgres, Some(c)) => {
+                crate::datastore::postgres::PgSettings::parse(c.expose(), None)
+                    .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+            }
+            (DatastoreKind::Sled, Some(_)) => {
+                return Err(ConfigError::Invalid(
+                    "datastore.connection is only used with datastore.type = \"postgres\"".into(),
+                ));
+            }
+            (DatastoreKind::Sled, None) => {}
+        }
+        if ds.pool_size == 0 || ds.poll_interval < Duration::from_millis(100) {
+            return Err(ConfigError::Invalid(
+                "datastore.pool_size must be at least 1 and datastore.poll_interval at least 100ms"
+                    .into(),
+            ));
+        }
         if self.ca.upstream_cert.is_some() != self.ca.upstream_key.is_some() {
             return Err(ConfigError::Invalid(
                 "ca.upstream_cert and ca.upstream_key must be set together".into(),
@@ -709,6 +780,35 @@ mod tests {
         ));
         let err = ServerConfig::load(Some(&path), Overrides::default()).unwrap_err();
         assert!(err.to_string().contains("audiences"), "{err}");
+    }
+
+    #[test]
+    fn the_datastore_is_sled_by_default_and_postgres_needs_a_connection() {
+        let (_d, path) = write("trust_domain = \"example.org\"\n");
+        let cfg = ServerConfig::load(Some(&path), Overrides::default()).unwrap();
+        assert_eq!(cfg.datastore.kind, DatastoreKind::Sled);
+        assert_eq!(cfg.datastore.poll_interval, Duration::from_secs(5));
+        let (_d, path) =
+            write("trust_domain = \"example.org\"\n[datastore]\ntype = \"postgres\"\n");
+        let err = ServerConfig::load(Some(&path), Overrides::default()).unwrap_err();
+        assert!(
+            err.to_string().contains("needs datastore.connection"),
+            "{err}"
+        );
+        let (_d, path) = write(
+            "trust_domain = \"example.org\"\n[datastore]\ntype = \"postgres\"\nconnection = \"host=db user=sigil password=secret dbname=sigil\"\npool_size = 4\npoll_interval = \"2s\"\n",
+        );
+        let cfg = ServerConfig::load(Some(&path), Overrides::default()).unwrap();
+        assert_eq!(cfg.datastore.kind, DatastoreKind::Postgres);
+        assert_eq!(cfg.datastore.pool_size, 4);
+        // The whole config may be logged with `{:?}`: no password.
+        assert!(!format!("{cfg:?}").contains("secret"));
+        let (_d, path) = write(
+            "trust_domain = \"example.org\"\n[datastore]\ntype = \"postgres\"\nconnection = \"host=db password=secret sslmode=verify-full\"\n",
+        );
+        let err = ServerConfig::load(Some(&path), Overrides::default()).unwrap_err();
+        assert!(err.to_string().contains("sslrootcert"), "{err}");
+        assert!(!err.to_string().contains("secret"), "{err}");
     }
 
     #[test]

@@ -26,7 +26,7 @@ use crate::ca::keys::{DiskKeyManager, KeyManager, MemoryKeyManager};
 use crate::ca::x509::UpstreamCa;
 use crate::ca::{CaConfig, CaManager};
 use crate::config::{K8sPsatSection, KeyManagerKind, ServerConfig};
-use crate::datastore::{Datastore, DatastoreError, SledDatastore, TokenHash};
+use crate::datastore::{Datastore, DatastoreError, TokenHash};
 use crate::node_api::{NodeApi, NodeService, limits, tls};
 use crate::registry::Registry;
 pub use crate::shutdown::shutdown_signal;
@@ -168,8 +168,7 @@ pub async fn run(
     let server_id =
         crate::server_id::ServerId::load_or_create(config.server.server_id.as_ref(), data_dir)?;
     info!(server_id = %server_id, "server replica id");
-    let store: Arc<dyn Datastore> =
-        Arc::new(SledDatastore::open(config.data_dir.join("datastore"))?);
+    let store = crate::datastore::open(&config.datastore, &config.data_dir).await?;
     let keys: Arc<dyn KeyManager> = match config.ca.key_manager {
         KeyManagerKind::Disk => Arc::new(DiskKeyManager::open(config.data_dir.join("keys"))?),
         KeyManagerKind::Memory => Arc::new(MemoryKeyManager::default()),

@@ -16,6 +16,8 @@
 //!   restart).
 //! - [`sim_agent`]: a node agent simulated in this process with the
 //!   agent's own node API client (node API tests, benchmarks).
+//! - [`postgres`]: `SIGIL_POSTGRES` and its skip rule, fresh databases,
+//!   throwaway clusters a test can stop and start.
 
 pub mod bench;
 pub mod postgres;

@@ -14,11 +14,13 @@
 //! applied; [`Datastore::change_hint`] only wakes it up. A reader whose
 //! position fell below [`Datastore::change_floor`] (pruned) reloads fully.
 //!
-//! [`sled`] is the embedded implementation; [`conformance`] is the suite
-//! every implementation must pass.
+//! [`sled`] is the embedded implementation, [`postgres`] the one shared
+//! by server replicas; [`conformance`] is the suite every implementation
+//! must pass.
 
 #[cfg(test)]
 pub(crate) mod conformance;
+pub mod postgres;
 pub mod sled;
 
 use std::fmt;
@@ -74,6 +76,36 @@ pub enum DatastoreError {
         "datastore unavailable ({0}): the request was not carried out (no change was made) and may be retried"
     )]
     Unavailable(String),
+}
+
+/// Opens the datastore `[datastore]` names: sled under
+/// `<data_dir>/datastore`, or the PostgreSQL database (migrated to this
+/// binary's schema).
+pub async fn open(
+    section: &crate::config::DatastoreSection,
+    data_dir: &std::path::Path,
+) -> Result<std::sync::Arc<dyn Datastore>> {
+    use crate::config::DatastoreKind;
+    match (section.kind, &section.connection) {
+        (DatastoreKind::Postgres, Some(connection)) => {
+            let settings =
+                postgres::PgSettings::parse(connection.expose(), section.password_file.as_deref())
+                    .map_err(|e| DatastoreError::Backend(e.to_string()))?;
+            let options = postgres::PgOptions {
+                pool_size: section.pool_size,
+                poll_interval: section.poll_interval,
+            };
+            Ok(std::sync::Arc::new(
+                postgres::PostgresDatastore::open(settings, options).await?,
+            ))
+        }
+        (DatastoreKind::Postgres, None) => Err(DatastoreError::Backend(
+            "datastore.type = \"postgres\" needs datastore.connection".into(),
+        )),
+        (DatastoreKind::Sled, _) => Ok(std::sync::Arc::new(SledDatastore::open(
+            data_dir.join("datastore"),
+        )?)),
+    }
 }
 
 /// Result alias for datastore calls.

@@ -1669,6 +1669,15 @@ impl Drop for GroupSync {
     }
 }
 
+impl SledDatastore {
+    /// Every stored join token (for `datastore migrate`; the trait has no
+    /// listing of tokens).
+    pub fn join_tokens(&self) -> Result<Vec<JoinTokenRecord>> {
+        let s = self.store()?;
+        s.all(&s.tokens)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

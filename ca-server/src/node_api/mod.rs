@@ -246,6 +246,13 @@ impl NodeService {
             Err(DatastoreError::NotFound(_)) => {
                 return Err(revoke("unknown agent; it may have been evicted"));
             }
+            // The database is down: the renewed SVID is already accepted as
+            // the pending pin, so the agent is served from the cache; the
+            // pin moves on a call once the database is back.
+            Err(DatastoreError::Unavailable(e)) => {
+                warn!(agent_id = %ctx.id, error = %e, "renewed agent SVID used while the datastore is unavailable; its pin is recorded later");
+                return Ok(ctx);
+            }
             Err(e) => return Err(store_status(&e)),
         }
         let stored = self

@@ -26,19 +26,17 @@ use crate::sim_agent::SimAgent;
 const PARALLEL: usize = 32;
 
 /// The `[datastore]` section for a fresh database on `options`' server.
-fn fresh_postgres(options: &Options, scenario: &str) -> Result<String> {
+async fn fresh_postgres(options: &Options, scenario: &str) -> Result<String> {
     let Some(server) = &options.postgres else {
         bail!("{scenario} needs PostgreSQL: run with --datastore postgres and SIGIL_POSTGRES set");
     };
-    let db = crate::postgres::fresh_database(server)?;
-    Ok(format!(
-        "[datastore]\ntype = \"postgres\"\nconnection = \"{db}\"\n"
-    ))
+    let db = crate::postgres::fresh_database(server).await?;
+    Ok(crate::postgres::datastore_toml(&db))
 }
 
 /// Two replicas on one fresh database.
 async fn replicas(options: &Options, scenario: &str, log: &str) -> Result<(Cluster, Cluster)> {
-    let section = fresh_postgres(options, scenario)?;
+    let section = fresh_postgres(options, scenario).await?;
     let a = Cluster::start_with(&section, log)?;
     let b = Cluster::start_with(&section, log)?;
     // Each replica publishes its CA; both serve the union once the other's
@@ -107,7 +105,7 @@ pub async fn writes(options: &Options) -> Result<Report> {
         NAME,
         json!({"writers": writers, "seconds_each": run.as_secs()}),
     );
-    let postgres = fresh_postgres(options, NAME)?;
+    let postgres = fresh_postgres(options, NAME).await?;
     for (label, section) in [("sled", String::new()), ("postgres", postgres)] {
         progress(NAME, format!("{label}: {writers} writers for {run:?}"));
         let cluster = Cluster::start_with(&section, "warn")?;

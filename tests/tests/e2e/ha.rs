@@ -12,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use sigil_proto::admin::{self, admin_client::AdminClient};
 use sigil_proto::node as node_pb;
-use sigil_tests::postgres::{self, PgCluster};
+use sigil_tests::postgres::{self, Cluster as PgCluster};
 use sigil_tests::process::{
     AgentOptions, AgentProcess, NodeAttestation, ServerOptions, ServerProcess, current_uid,
 };
@@ -24,9 +24,7 @@ use crate::common::{leaf_facts, retry, td, verify};
 
 /// Server options for a replica on the database at `conn`.
 fn on_postgres(conn: &str) -> ServerOptions {
-    ServerOptions::with_extra(&format!(
-        "[datastore]\ntype = \"postgres\"\nconnection = \"{conn}\"\n"
-    ))
+    ServerOptions::with_extra(&postgres::datastore_toml(conn))
 }
 
 /// Two replicas, A and B, on one fresh database, each with its own data
@@ -34,7 +32,6 @@ fn on_postgres(conn: &str) -> ServerOptions {
 struct Replicas {
     a: ServerProcess,
     b: ServerProcess,
-    db: String,
     dir: tempfile::TempDir,
 }
 
@@ -44,7 +41,7 @@ impl Replicas {
         let options = on_postgres(&db);
         let a = ServerProcess::start(&dir.path().join("a"), &options).unwrap();
         let b = ServerProcess::start(&dir.path().join("b"), &options).unwrap();
-        Self { a, b, db, dir }
+        Self { a, b, dir }
     }
 
     fn path(&self, name: &str) -> std::path::PathBuf {
@@ -127,11 +124,10 @@ async fn denied(client: &spiffe::WorkloadApiClient, limit: Duration) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_entry_a_ban_and_a_join_token_cross_replicas() {
-    let name = "an_entry_a_ban_and_a_join_token_cross_replicas";
-    let Some(pg) = postgres::from_env(name) else {
+    let Some(pg) = postgres::connection() else {
         return;
     };
-    let r = Replicas::start(postgres::fresh_database(&pg).unwrap());
+    let r = Replicas::start(postgres::fresh_database(&pg).await.unwrap());
     r.wait_for_union_bundle().await;
 
     // An agent on B alone, with a join token made on A.
@@ -225,11 +221,10 @@ async fn an_entry_a_ban_and_a_join_token_cross_replicas() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_of_the_replica_in_use_moves_the_agent_without_a_gap() {
-    let name = "sigkill_of_the_replica_in_use_moves_the_agent_without_a_gap";
-    let Some(pg) = postgres::from_env(name) else {
+    let Some(pg) = postgres::connection() else {
         return;
     };
-    let mut r = Replicas::start(postgres::fresh_database(&pg).unwrap());
+    let mut r = Replicas::start(postgres::fresh_database(&pg).await.unwrap());
     r.wait_for_union_bundle().await;
     let agent = agent(&r.path("agent"), &r.a, &r.a, &[&r.a, &r.b]);
     let agent_id = agent_ids(&r.a, 1).await.remove(0);
@@ -409,12 +404,13 @@ fn held(cache: &sigil_agent::cache::Cache) -> BTreeSet<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_restart_during_writes_loses_no_acknowledged_write() {
-    let name = "a_database_restart_during_writes_loses_no_acknowledged_write";
-    if postgres::from_env(name).is_none() {
+    if postgres::connection().is_none() {
         return;
     }
     let cluster = PgCluster::start().unwrap();
-    let db = postgres::fresh_database(&cluster.connection()).unwrap();
+    let db = postgres::fresh_database(&cluster.connection())
+        .await
+        .unwrap();
     let r = Replicas::start(db);
     r.wait_for_union_bundle().await;
 
@@ -511,11 +507,10 @@ async fn a_database_restart_during_writes_loses_no_acknowledged_write() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_of_a_server_during_writes_loses_no_acknowledged_write() {
-    let name = "sigkill_of_a_server_during_writes_loses_no_acknowledged_write";
-    let Some(pg) = postgres::from_env(name) else {
+    let Some(pg) = postgres::connection() else {
         return;
     };
-    let mut r = Replicas::start(postgres::fresh_database(&pg).unwrap());
+    let mut r = Replicas::start(postgres::fresh_database(&pg).await.unwrap());
     let stop = Arc::new(AtomicBool::new(false));
     // Entries need a parent, not an attested one: any agent ID will do.
     let parent = "spiffe://example.org/sigil/agent/join_token/none";
@@ -536,9 +531,4 @@ async fn sigkill_of_a_server_during_writes_loses_no_acknowledged_write() {
     lists_all(&r.b, &acked).await;
     r.a.restart_async().await.unwrap();
     lists_all(&r.a, &acked).await;
-    let in_db = postgres::psql(&r.db, "SELECT count(*) FROM entries").ok();
-    println!(
-        "entries in the database: {in_db:?}; acknowledged: {}",
-        acked.len()
-    );
 }

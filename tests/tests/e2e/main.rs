@@ -17,6 +17,7 @@ mod ha;
 mod mtls;
 mod node_connection;
 mod outage;
+mod postgres_outage;
 mod quickstart;
 mod regcode;
 mod register;

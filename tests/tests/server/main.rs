@@ -10,6 +10,7 @@ mod cli;
 mod durability;
 mod hardening;
 mod node_api;
+mod postgres;
 mod regcode;
 
 use rcgen::{CertificateParams, KeyPair};
