@@ -8,7 +8,9 @@
 //! - [`ca`]: CA keys and certificates, CSR handling, SVID issuance, rotation.
 //! - [`datastore`]: the storage trait with its change feed, the sled
 //!   implementation and the conformance suite every implementation passes.
-//! - [`registry`]: in-memory authorization index and change fan-out.
+//! - [`registry`]: in-memory authorization index, built from the datastore's
+//!   change feed (the process's one feed loop), and change fan-out to Sync
+//!   streams and feed listeners (the CA's bundle).
 //! - [`node_api`]: the agent-facing gRPC API over TLS 1.3.
 //! - [`admin_api`]: the operator-facing gRPC API on a Unix socket, and
 //!   over mTLS for admin SVIDs ([`admin_api::mtls`]).

@@ -163,7 +163,16 @@ impl CaManager {
         clock: Arc<dyn Clock>,
         upstream: Option<UpstreamCa>,
     ) -> Result<Arc<Self>, CaError> {
-        let journal = match store.fetch_ca_journal(&config.server_id).await? {
+        let stored = store.fetch_ca_journal(&config.server_id).await?;
+        // A journal an older version kept without a server id is read for
+        // any id: saved under ours at once, it is no other replica's.
+        let adopt = stored.is_some()
+            && !store
+                .list_ca_journals()
+                .await?
+                .iter()
+                .any(|(id, _)| *id == config.server_id);
+        let journal = match stored {
             Some(bytes) => CaJournal::from_bytes(&bytes)?,
             None => CaJournal::default(),
         };
@@ -185,6 +194,10 @@ impl CaManager {
         });
         {
             let mut journal = ca.journal.lock().await;
+            if adopt {
+                ca.save(&journal).await?;
+                info!(server_id = %ca.config.server_id, "CA journal of the previous version taken over");
+            }
             // Publish first: whatever the journal holds is in the bundle
             // before any of it signs.
             ca.publish(&journal, &Gone::default()).await?;

@@ -343,6 +343,15 @@ impl SledDatastore {
         }
     }
 
+    /// Moves `server`'s CA journal to where versions before server ids
+    /// kept the only one (tests of the upgrade).
+    #[cfg(test)]
+    pub(crate) fn make_ca_journal_legacy(&self, server: &ServerId) {
+        let s = self.store().unwrap();
+        let journal = s.ca_journals.remove(server.as_str()).unwrap().unwrap();
+        s.meta.insert(LEGACY_CA_JOURNAL_KEY, journal).unwrap();
+    }
+
     /// How many syncs have been asked for (tests).
     #[cfg(test)]
     pub(crate) fn syncs_requested(&self) -> u64 {

@@ -461,3 +461,39 @@ async fn two_replicas_share_one_bundle_holding_both_replicas_authorities() {
         svid::verify_svid(&svid_of(ca).chain, &stored, now).expect("both still verify");
     }
 }
+
+/// A server upgraded from the version without server ids keeps its CA:
+/// the journal it stored is taken over under the new id, with the same
+/// keys and bundle.
+#[tokio::test]
+async fn a_journal_stored_before_server_ids_is_taken_over() {
+    use crate::datastore::Datastore as _;
+    let dir = tempfile::tempdir().unwrap();
+    let h = Harness::new(dir.path());
+    let cfg = config(Duration::from_secs(6 * HOUR));
+    let (journal, bundle) = {
+        let ca = h.start(cfg.clone()).await;
+        (ca.journal().await, ca.bundle())
+    };
+    h.store.make_ca_journal_legacy(&cfg.server_id);
+    assert_eq!(h.store.list_ca_journals().await.unwrap(), vec![]);
+    let upgraded = CaConfig {
+        server_id: "sigil-server-0".parse().unwrap(),
+        ..cfg
+    };
+    let ca = h.start(upgraded.clone()).await;
+    assert_eq!(ca.journal().await, journal, "the same keys");
+    assert_eq!(ca.bundle(), bundle, "the same bundle, no new sequence");
+    let journals = h.store.list_ca_journals().await.unwrap();
+    assert_eq!(journals.len(), 1);
+    assert_eq!(journals[0].0, upgraded.server_id, "now under the new id");
+    let other: crate::datastore::ServerId = "sigil-server-1".parse().unwrap();
+    assert_eq!(
+        h.store.fetch_ca_journal(&other).await.unwrap(),
+        None,
+        "no other replica can read it any more"
+    );
+    let (csr, _) = csr();
+    let issued = ca.issue_x509_svid(&web(), &[], None, &csr).unwrap();
+    svid::verify_svid(&issued.chain, &bundle, h.clock.now()).unwrap();
+}
