@@ -7,7 +7,9 @@
 //! # Layout
 //! - [`ca`]: CA keys and certificates, CSR handling, SVID issuance, rotation.
 //! - [`datastore`]: the storage trait with its change feed, the sled
-//!   implementation and the conformance suite every implementation passes.
+//!   implementation, the PostgreSQL one shared by server replicas
+//!   ([`datastore::postgres`]), and the conformance suite every
+//!   implementation passes.
 //! - [`registry`]: in-memory authorization index, built from the datastore's
 //!   change feed (the process's one feed loop), and change fan-out to Sync
 //!   streams and feed listeners (the CA's bundle).

@@ -20,7 +20,7 @@ use sigil_proto::telemetry::{Health, Readiness, RpcMetrics};
 
 use crate::ca::CaManager;
 use crate::ca::journal::SlotState;
-use crate::datastore::Datastore;
+use crate::datastore::{Datastore, DatastoreError};
 use crate::registry::Registry as EntryRegistry;
 
 /// What kind of SVID an issuance produced.
@@ -227,6 +227,13 @@ impl Health for ServerHealth {
             let mut reasons = Vec::new();
             match tokio::time::timeout(DATASTORE_PROBE, self.store.current_revision()).await {
                 Ok(Ok(_)) => {}
+                // A shared database that is down: this replica still serves
+                // agents from its caches (docs/postgres-datastore.md), and
+                // so does every other; taking them all out of service
+                // would stop that. Mutations say they are unavailable.
+                Ok(Err(DatastoreError::Unavailable(e))) => {
+                    tracing::debug!(error = %e, "ready while the datastore is unavailable");
+                }
                 Ok(Err(e)) => reasons.push(format!("datastore: unreachable: {e}")),
                 Err(_) => reasons.push(format!("datastore: no answer within {DATASTORE_PROBE:?}")),
             }

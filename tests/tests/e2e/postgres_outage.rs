@@ -24,7 +24,11 @@ async fn workloads_are_served_and_rotated_through_a_database_outage() {
     let db = postgres::fresh_database(&cluster.connection())
         .await
         .unwrap();
-    let d = Deployment::start(&ServerOptions::with_extra(&postgres::datastore_toml(&db)));
+    let telemetry = format!("127.0.0.1:{}", sigil_tests::process::free_port().unwrap());
+    let d = Deployment::start(&ServerOptions::with_extra(&format!(
+        "{}\n[telemetry]\nbind = \"{telemetry}\"\n",
+        postgres::datastore_toml(&db)
+    )));
     // Half-life 10 s: about three rotations fall inside the outage.
     d.register_me("steady", &["--x509-ttl", "20s"]);
     let source = spiffe::X509Source::builder()
@@ -58,6 +62,15 @@ async fn workloads_are_served_and_rotated_through_a_database_outage() {
         down.elapsed() < Duration::from_secs(10),
         "refused after {:?}",
         down.elapsed()
+    );
+
+    // Still ready: it serves from its caches, as every replica does; a
+    // readiness failure would take them all out of their Service.
+    assert!(
+        http_get(&telemetry, "/ready")
+            .await
+            .starts_with("HTTP/1.1 200"),
+        "not ready during the outage"
     );
 
     let client = d.client().await;
@@ -151,4 +164,19 @@ async fn workloads_are_served_and_rotated_through_a_database_outage() {
     .await
     .unwrap();
     source.shutdown().await;
+}
+
+/// The response to a plain HTTP GET of `path`, as text.
+async fn http_get(addr: &str, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: sigil\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut out = String::new();
+    stream.read_to_string(&mut out).await.unwrap();
+    out
 }

@@ -125,7 +125,16 @@ async fn session(
                     }
                     _ => return Err("the listener's connection closed".to_owned()),
                 },
-                _ = tick.tick() => bump(hint, check().await?),
+                _ = tick.tick() => {
+                    // Wakes readers only for a revision they were not told
+                    // of (a lost notification).
+                    let rev = check().await?;
+                    hint.send_if_modified(|v| {
+                        let newer = rev > *v;
+                        *v = (*v).max(rev);
+                        newer
+                    });
+                }
             }
         }
     }

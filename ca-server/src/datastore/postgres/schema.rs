@@ -76,13 +76,3 @@ pub async fn stored_version(client: &Client) -> Result<i32> {
         .map_err(db)?;
     Ok(row.get(0))
 }
-
-/// Refuses a schema other than this binary's (checked by tools that do not
-/// migrate).
-pub async fn check(client: &Client) -> Result<()> {
-    let found = stored_version(client).await?;
-    if found > current() {
-        return Err(too_new(found));
-    }
-    Ok(())
-}
