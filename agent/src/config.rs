@@ -8,6 +8,8 @@ use serde::Deserialize;
 use sigil_identity::TrustDomain;
 use sigil_identity::clock::{Clock, SystemClock};
 
+use crate::servers::{Resolve, SystemResolver};
+
 /// Default data directory (agent key, SVID, bundle).
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/sigil/agent";
 /// Default Workload API socket.
@@ -31,8 +33,11 @@ pub enum ConfigError {
 pub struct AgentConfig {
     /// The trust domain of the server.
     pub trust_domain: TrustDomain,
-    /// The server's node API, `host:port`.
-    pub server_address: String,
+    /// The server's node API: one `host:port`, or a list of them for
+    /// several server replicas (`["10.0.0.1:8081", "10.0.0.2:8081"]`); a
+    /// name that resolves to several addresses counts as a list. See
+    /// [`crate::servers`].
+    pub server_address: ServerAddresses,
     /// Agent key, SVID and bundle live here (0700 directory, 0600 key).
     #[serde(default = "default_data_dir")]
     pub data_dir: PathBuf,
@@ -87,6 +92,10 @@ pub struct AgentConfig {
     /// a test drives time with a [`sigil_identity::clock::FakeClock`].
     #[serde(skip, default = "system_clock")]
     pub clock: Arc<dyn Clock>,
+    /// How server names are resolved: the system's resolver, unless a
+    /// test maps names itself.
+    #[serde(skip, default = "system_resolver")]
+    pub resolver: Arc<dyn Resolve>,
     /// The metrics and health listener (`[telemetry] bind`); off if unset.
     #[serde(default)]
     pub telemetry: TelemetryConfig,
@@ -94,6 +103,10 @@ pub struct AgentConfig {
 
 fn system_clock() -> Arc<dyn Clock> {
     Arc::new(SystemClock)
+}
+
+fn system_resolver() -> Arc<dyn Resolve> {
+    Arc::new(SystemResolver)
 }
 
 /// How the agent trusts the server on first contact (and when it attests
@@ -114,6 +127,8 @@ pub struct TelemetryConfig {
     /// Plain HTTP, e.g. `127.0.0.1:9988`; off when unset.
     pub bind: Option<std::net::SocketAddr>,
 }
+
+pub use crate::servers::ServerAddresses;
 
 /// `[log]` and its format, shared with the server (and kept at this path).
 pub use sigil_proto::process::{LogFormat, LogSection};
@@ -491,6 +506,52 @@ mod shape_tests {
         assert!(err.contains("keep only [log] level"), "{err}");
         let bad = format!("{ok}{attestor}[log]\nformat = \"xml\"\n");
         assert!(AgentConfig::parse(&bad).is_err());
+    }
+}
+
+#[cfg(test)]
+mod server_address_tests {
+    use super::*;
+
+    const REST: &str = "trust_domain = \"example.org\"\ninsecure_bootstrap = true\n[node_attestor]\njoin_token = \"abc\"\n";
+
+    fn parse(value: &str) -> Result<Vec<String>, String> {
+        AgentConfig::parse(&format!("server_address = {value}\n{REST}"))
+            .map(|c| c.server_address.iter().map(str::to_owned).collect())
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn one_address_or_a_list() {
+        assert_eq!(parse("\"10.0.0.1:8081\"").unwrap(), ["10.0.0.1:8081"]);
+        assert_eq!(
+            parse("[\"10.0.0.1:8081\", \"sigil-server-1.example:8081\", \"[::1]:8081\"]").unwrap(),
+            ["10.0.0.1:8081", "sigil-server-1.example:8081", "[::1]:8081"]
+        );
+        let shown = AgentConfig::parse(&format!("server_address = [\"a:1\", \"b:2\"]\n{REST}"))
+            .unwrap()
+            .server_address
+            .to_string();
+        assert_eq!(shown, "a:1, b:2");
+    }
+
+    #[test]
+    fn every_address_must_be_host_and_port() {
+        for bad in [
+            "[]",
+            "\"10.0.0.1\"",
+            "\":8081\"",
+            "\"host:0\"",
+            "\"host:99999\"",
+            "[\"a:1\", \"b\"]",
+            "\"[::1:8081\"",
+            "\"two words:1\"",
+        ] {
+            let err = parse(bad).unwrap_err();
+            assert!(err.contains("server_address"), "{bad}: {err}");
+        }
+        let err = parse("1").unwrap_err();
+        assert!(err.contains("host:port"), "{err}");
     }
 }
 

@@ -9,6 +9,8 @@
 //! - [`config`]: the agent's TOML configuration.
 //! - [`store`]: the agent key, SVID and bundle on disk (restart without
 //!   re-attestation).
+//! - [`servers`]: which server to dial (one address, a list, or a name
+//!   resolving to several), and moving to another when one goes away.
 //! - [`node`]: attestation and authenticated node API connections.
 //! - [`cache`]: entries from the Sync stream and the SVIDs held for them.
 //! - [`session`]: the agent's session with the server: its own SVID, the
@@ -33,6 +35,7 @@ pub mod metrics;
 pub mod node;
 pub mod peer_pidfd;
 mod run;
+pub mod servers;
 pub mod session;
 pub mod store;
 pub mod telemetry;

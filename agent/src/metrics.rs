@@ -37,6 +37,8 @@ pub struct AgentMetrics {
     rotations: Family<Labels, Counter>,
     attestation: Family<Labels, Histogram, fn() -> Histogram>,
     server_connected: Gauge,
+    server: Family<[(&'static str, String); 1], Gauge>,
+    failovers: Counter,
     // Sampled at scrape time by `crate::telemetry::AgentHealth`.
     pub(crate) connections: Gauge,
     pub(crate) streams: Gauge,
@@ -53,6 +55,8 @@ impl Default for AgentMetrics {
             rotations: Family::default(),
             attestation: Family::new_with_constructor(attestation_histogram),
             server_connected: Gauge::default(),
+            server: Family::default(),
+            failovers: Counter::default(),
             connections: Gauge::default(),
             streams: Gauge::default(),
             cached: Gauge::default(),
@@ -82,6 +86,16 @@ impl AgentMetrics {
             "server_connected",
             "1 while the Sync stream to the server is open, else 0",
             self.server_connected.clone(),
+        );
+        r.register(
+            "server",
+            "1 for the server address the agent last connected to (of those in server_address)",
+            self.server.clone(),
+        );
+        r.register(
+            "server_failovers",
+            "Connections made to another server than the one in use before (failovers)",
+            self.failovers.clone(),
         );
         r.register(
             "workload_api_connections",
@@ -136,6 +150,18 @@ impl AgentMetrics {
             .get_or_create(&[("outcome", outcome)])
             .observe(took.as_secs_f64());
         result
+    }
+
+    /// The agent connected to the server at `address`; `failover` when it
+    /// used another one before.
+    pub fn connected_to(&self, address: &str, failover: bool) {
+        self.server.clear();
+        self.server
+            .get_or_create(&[("address", address.to_owned())])
+            .set(1);
+        if failover {
+            self.failovers.inc();
+        }
     }
 
     /// Whether the Sync stream is open.

@@ -2,6 +2,7 @@
 //! present the agent SVID and verify the server's.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use rcgen::{CertificateParams, KeyPair};
 use sigil_identity::attestation::AgentNodeAttestor;
@@ -9,13 +10,14 @@ use sigil_identity::tls::{
     SharedBundle, SpiffeServerVerifier, SvidResolver, authorize_id, certified_key, client_config,
 };
 use sigil_identity::{Bundle, SpiffeId, TrustDomain};
-use sigil_proto::channel::node_channel;
+use sigil_proto::channel::node_channel_via;
 use sigil_proto::node::{self as pb, node_client::NodeClient};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use zeroize::Zeroizing;
 
+use crate::servers::Servers;
 use crate::store::AgentState;
 
 /// Why talking to the server failed.
@@ -77,9 +79,9 @@ pub fn key_and_csr() -> Result<(Zeroizing<Vec<u8>>, Vec<u8>), NodeError> {
     Ok((Zeroizing::new(key.serialize_der()), csr.der().to_vec()))
 }
 
-/// Attests to the server at `addr` and returns the new agent state.
+/// Attests to one of `servers` and returns the new agent state.
 pub async fn attest(
-    addr: &str,
+    servers: &Arc<Servers>,
     td: &TrustDomain,
     bootstrap: &Bootstrap,
     attestor: &dyn AgentNodeAttestor,
@@ -108,9 +110,7 @@ pub async fn attest(
         }
     }
     .map_err(tls_error)?;
-    let channel = node_channel(addr, Arc::new(tls))
-        .await
-        .map_err(|e| NodeError::Connect(e.to_string()))?;
+    let channel = channel(servers, Arc::new(tls)).await?;
     let mut client = NodeClient::new(channel);
     let (key, csr) = key_and_csr()?;
     let (tx, rx) = mpsc::channel(4);
@@ -172,22 +172,42 @@ pub struct Connection {
 }
 
 impl Connection {
-    /// Connects presenting the agent SVID from `resolver`, verifying the
-    /// server against `bundle`.
+    /// Connects to one of `servers` presenting the agent SVID from
+    /// `resolver`, verifying the server against `bundle`. When the server
+    /// goes away, the connection opens again to the next of `servers`
+    /// (see [`crate::servers`]) at its next call.
     pub async fn open(
-        addr: &str,
+        servers: &Arc<Servers>,
         td: &TrustDomain,
         bundle: Arc<SharedBundle>,
         resolver: Arc<SvidResolver>,
     ) -> Result<Self, NodeError> {
         let tls = client_config(server_verifier(td, bundle), Some(resolver)).map_err(tls_error)?;
-        let channel = node_channel(addr, Arc::new(tls))
-            .await
-            .map_err(|e| NodeError::Connect(e.to_string()))?;
+        let channel = channel(servers, Arc::new(tls)).await?;
         Ok(Self {
             client: NodeClient::new(channel).max_decoding_message_size(32 << 20),
         })
     }
+}
+
+/// A node API channel to one of `servers`: its first connection stays on
+/// the server in use, later ones (after the server went away) move on.
+async fn channel(
+    servers: &Arc<Servers>,
+    tls: Arc<rustls::ClientConfig>,
+) -> Result<Channel, NodeError> {
+    let first = Arc::new(AtomicBool::new(true));
+    let dialing = servers.clone();
+    let dial = move || {
+        let (servers, stay) = (dialing.clone(), first.swap(false, Ordering::Relaxed));
+        async move { servers.dial(stay).await }
+    };
+    node_channel_via(&servers.describe(), dial, tls)
+        .await
+        .map_err(|e| {
+            servers.unusable();
+            NodeError::Connect(e.to_string())
+        })
 }
 
 /// A rustls key for the agent state.

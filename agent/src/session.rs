@@ -21,10 +21,15 @@ use crate::cache::{Applied, Cache};
 use crate::config::{AgentConfig, BootstrapTrust, NodeAttestor};
 use crate::metrics::{AgentMetrics, Rotated};
 use crate::node::{self, Bootstrap, Connection, NodeError};
+use crate::servers::Servers;
 use crate::store::{AgentState, Store, StoreError};
 
 /// Most CSRs sent in one call.
 const BATCH: usize = 500;
+
+/// The first wait before the Sync stream is opened again after it was
+/// lost (doubling, with jitter, while it cannot be opened).
+const SYNC_BACKOFF: Duration = Duration::from_millis(200);
 
 /// Longest sleep before the agent looks at its clock again while waiting
 /// for a renewal.
@@ -112,6 +117,8 @@ pub struct Session {
     /// The one node API connection every call shares, and the value of
     /// `reconnect` it was opened at (it presents the agent SVID of then).
     node: Arc<tokio::sync::Mutex<Option<(u64, Connection)>>>,
+    /// The servers it may use, and which one it uses.
+    servers: Arc<Servers>,
     /// JWT-SVIDs by (entry, audience).
     jwts: Arc<std::sync::Mutex<HashMap<JwtKey, CachedJwt>>>,
     metrics: Arc<AgentMetrics>,
@@ -140,6 +147,11 @@ impl Session {
     pub async fn start(config: AgentConfig) -> Result<Self, AgentError> {
         let store = Store::open(&config.data_dir)?;
         let metrics = Arc::new(AgentMetrics::default());
+        let servers = Arc::new(Servers::new(
+            config.server_address.clone(),
+            config.resolver.clone(),
+            metrics.clone(),
+        ));
         let now = config.clock.now();
         let (state, fresh) = match store.load(&config.trust_domain)? {
             Some(s) if svid_expiry(&s).is_some_and(|(_, na)| na > now) => {
@@ -155,7 +167,7 @@ impl Session {
                 }
                 let started = std::time::Instant::now();
                 let s = node::attest(
-                    &config.server_address,
+                    &servers,
                     &config.trust_domain,
                     &bootstrap(&config)?,
                     attestor.as_ref(),
@@ -180,6 +192,7 @@ impl Session {
             cache: Arc::new(Cache::new(config.clock.clone())),
             reconnect: watch::channel(0).0,
             node: Arc::default(),
+            servers,
             jwts: Arc::default(),
             metrics,
             config,
@@ -190,6 +203,11 @@ impl Session {
     /// The agent's metrics.
     pub fn metrics(&self) -> &AgentMetrics {
         &self.metrics
+    }
+
+    /// The address of the server the agent last connected to.
+    pub fn server(&self) -> Option<std::net::SocketAddr> {
+        self.servers.current()
     }
 
     /// When the agent's own SVID expires.
@@ -307,7 +325,9 @@ impl Session {
     /// call (HTTP/2 multiplexes them), opened again only after the agent
     /// SVID changed, because the server retires the old SVID's serial once
     /// the new one is used. Concurrent callers wait for one opening rather
-    /// than each opening their own.
+    /// than each opening their own. When the server goes away, the
+    /// connection itself reconnects, to the next server in
+    /// `server_address` (see [`crate::servers`]), at its next call.
     async fn connect(&self) -> Result<Connection, NodeError> {
         let mut held = self.node.lock().await;
         let generation = *self.reconnect.borrow();
@@ -317,7 +337,7 @@ impl Session {
             return Ok(conn.clone());
         }
         let conn = Connection::open(
-            &self.config.server_address,
+            &self.servers,
             &self.config.trust_domain,
             self.bundle.clone(),
             self.resolver.clone(),
@@ -430,7 +450,7 @@ impl Session {
             let bootstrap = self.reattestation_trust()?;
             let started = std::time::Instant::now();
             let attested = node::attest(
-                &self.config.server_address,
+                &self.servers,
                 &self.config.trust_domain,
                 &bootstrap,
                 attestor.as_ref(),
@@ -463,9 +483,14 @@ impl Session {
 
     /// Keeps one Sync stream open, reconnecting with jittered backoff.
     async fn sync_loop(self, revoked: watch::Sender<Option<String>>) {
-        let mut backoff = Duration::from_millis(200);
+        let mut backoff = SYNC_BACKOFF;
         let mut reconnect = self.reconnect.subscribe();
         loop {
+            // Set once the stream delivers: a stream that worked and was
+            // then lost starts a fresh, short backoff (another server may
+            // be one step away), while one that never opens backs off
+            // further each time.
+            let delivered = std::sync::atomic::AtomicBool::new(false);
             let attempt = async {
                 let mut conn = self.connect().await?;
                 let mut stream = conn
@@ -480,6 +505,7 @@ impl Session {
                     let Some(msg) = stream.message().await? else {
                         return Ok::<_, NodeError>(());
                     };
+                    delivered.store(true, std::sync::atomic::Ordering::Relaxed);
                     let update = match SyncUpdate::try_from(msg) {
                         Ok(update) => update,
                         Err(e) => {
@@ -507,7 +533,7 @@ impl Session {
                 r = attempt => {
                     self.metrics.server_connected(false);
                     match r {
-                        Ok(()) => backoff = Duration::from_millis(200),
+                        Ok(()) => backoff = SYNC_BACKOFF,
                         // The server revoked this agent (banned, or evicted).
                         // Other refusals (a superseded or expired SVID) are
                         // retried like any lost stream.
@@ -530,6 +556,9 @@ impl Session {
             }
             if revoked.borrow().is_some() {
                 return;
+            }
+            if delivered.load(std::sync::atomic::Ordering::Relaxed) {
+                backoff = backoff.min(SYNC_BACKOFF);
             }
             let jitter = 1.0 + 0.2 * sigil_identity::random::jitter_unit();
             tokio::time::sleep(backoff.mul_f64(jitter)).await;

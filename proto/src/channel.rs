@@ -17,7 +17,8 @@ pub enum ChannelError {
     Connect(String, tonic::transport::Error),
 }
 
-/// How long connecting to the node API (TCP and TLS handshake) may take.
+/// How long each step of connecting to the node API (TCP connection, TLS
+/// handshake) may take.
 pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Connects to the node API at `addr` (`host:port`) with `tls`, which must
@@ -28,37 +29,84 @@ pub async fn node_channel(
     tls: Arc<rustls::ClientConfig>,
 ) -> Result<Channel, ChannelError> {
     let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|_| ChannelError::Address(addr.to_owned()))?
+        .map_err(|_| ChannelError::Address(addr.to_owned()))?;
+    let target = addr.to_owned();
+    // A server address that does not answer fails in seconds, not after
+    // the kernel's TCP connect timeout (minutes).
+    let dial = move || {
+        let target = target.clone();
+        async move {
+            tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(target))
+                .await
+                .map_err(|_| timed_out("no TCP connection"))?
+        }
+    };
+    connect(endpoint, addr, dial, tls).await
+}
+
+/// Connects to the node API over the TCP connections `dial` opens, with
+/// `tls` as for [`node_channel`]. `dial` runs for the first connection and
+/// again whenever the channel reconnects (after the server went away), so
+/// it may pick another server each time (the agent's failover); it bounds
+/// its own time. `servers` names what it dials, for errors.
+pub async fn node_channel_via<D, F>(
+    servers: &str,
+    dial: D,
+    tls: Arc<rustls::ClientConfig>,
+) -> Result<Channel, ChannelError>
+where
+    D: Fn() -> F + Clone + Send + Sync + 'static,
+    F: std::future::Future<Output = std::io::Result<tokio::net::TcpStream>> + Send + 'static,
+{
+    // The authority is only a header: which server is reached is up to
+    // `dial`, and the server is verified by its SPIFFE ID.
+    connect(
+        Endpoint::from_static("http://sigil-server"),
+        servers,
+        dial,
+        tls,
+    )
+    .await
+}
+
+fn timed_out(what: &str) -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!("{what} within {CONNECT_TIMEOUT:?}"),
+    )
+}
+
+/// The node API channel on `endpoint` over `dial`'s connections and TLS.
+async fn connect<D, F>(
+    endpoint: Endpoint,
+    servers: &str,
+    dial: D,
+    tls: Arc<rustls::ClientConfig>,
+) -> Result<Channel, ChannelError>
+where
+    D: Fn() -> F + Clone + Send + Sync + 'static,
+    F: std::future::Future<Output = std::io::Result<tokio::net::TcpStream>> + Send + 'static,
+{
+    let endpoint = endpoint
         .http2_keep_alive_interval(std::time::Duration::from_secs(30))
         .keep_alive_while_idle(true);
-    let target = addr.to_owned();
     let connector = tokio_rustls::TlsConnector::from(tls);
     endpoint
         .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let (target, connector) = (target.clone(), connector.clone());
-            let connect = async move {
-                let tcp = tokio::net::TcpStream::connect(&target).await?;
+            let (dial, connector) = (dial.clone(), connector.clone());
+            async move {
+                let tcp = dial().await?;
                 let _ = tcp.set_nodelay(true);
                 let name = rustls::pki_types::ServerName::try_from("sigil-server")
                     .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-                let tls = connector.connect(name, tcp).await?;
-                Ok::<_, std::io::Error>(TokioIo::new(tls))
-            };
-            // A server address that does not answer fails in seconds, not
-            // after the kernel's TCP connect timeout (minutes).
-            async move {
-                tokio::time::timeout(CONNECT_TIMEOUT, connect)
+                let tls = tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(name, tcp))
                     .await
-                    .map_err(|_| {
-                        std::io::Error::new(
-                            std::io::ErrorKind::TimedOut,
-                            format!("no TCP and TLS connection within {CONNECT_TIMEOUT:?}"),
-                        )
-                    })?
+                    .map_err(|_| timed_out("no TLS handshake"))??;
+                Ok::<_, std::io::Error>(TokioIo::new(tls))
             }
         }))
         .await
-        .map_err(|e| ChannelError::Connect(addr.to_owned(), e))
+        .map_err(|e| ChannelError::Connect(servers.to_owned(), e))
 }
 
 /// Connects to a gRPC server on the Unix socket at `path`.

@@ -144,6 +144,32 @@ impl Cluster {
         self.pg(&["pg_ctl", "-D", &self.data(), "-m", "fast", "-w", "stop"])
     }
 
+    /// `pg_ctl restart -m fast`: sessions are ended, the server stops
+    /// after a checkpoint and starts again; returns once it accepts
+    /// connections.
+    pub fn restart_fast(&self) -> Result<()> {
+        let log = self.dir.path().join("pg.log").display().to_string();
+        let opts = format!(
+            "-c listen_addresses='' -k {} -c fsync=off",
+            self.dir.path().display()
+        );
+        self.pg(&[
+            "pg_ctl",
+            "-D",
+            &self.data(),
+            "-l",
+            &log,
+            "-w",
+            "-t",
+            "60",
+            "-m",
+            "fast",
+            "-o",
+            &opts,
+            "restart",
+        ])
+    }
+
     fn pg(&self, args: &[&str]) -> Result<()> {
         let program = self.bin.join(args[0]);
         let out = Command::new("runuser")

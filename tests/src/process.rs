@@ -717,6 +717,26 @@ impl ServerProcess {
         }
         self.proc_.launch_async().await
     }
+
+    /// Starts the server again on the same config and data, but serving
+    /// the node API on `port` (127.0.0.1): as another server of the same
+    /// deployment would, for agents that fail over. Kills it first if it
+    /// runs.
+    pub async fn restart_on_port_async(&mut self, port: u16) -> Result<()> {
+        self.kill()?;
+        let addr = format!("127.0.0.1:{port}");
+        let text = std::fs::read_to_string(&self.config)?;
+        let old = format!("bind_address = \"{}\"", self.addr);
+        if !text.contains(&old) {
+            bail!("{} does not set {old}", self.config.display());
+        }
+        std::fs::write(
+            &self.config,
+            text.replace(&old, &format!("bind_address = \"{addr}\"")),
+        )?;
+        self.addr = addr;
+        self.proc_.launch_async().await
+    }
 }
 
 /// How an agent proves its node.
@@ -763,6 +783,9 @@ pub struct AgentOptions {
     /// A program and its arguments that exec the agent, e.g.
     /// `["prlimit", "--nofile=1024:4096"]`; the agent keeps the pid.
     pub launcher: Vec<String>,
+    /// The agent's `server_address` list (several server replicas); the
+    /// server's own address when empty.
+    pub servers: Vec<String>,
 }
 
 /// A `sigil-agent` process.
@@ -817,10 +840,15 @@ impl AgentProcess {
                 key.display()
             ),
         };
+        let servers = if options.servers.is_empty() {
+            format!("\"{}\"", server.addr)
+        } else {
+            let quoted: Vec<String> = options.servers.iter().map(|a| format!("\"{a}\"")).collect();
+            format!("[{}]", quoted.join(", "))
+        };
         let toml = format!(
-            "trust_domain = \"{}\"\nserver_address = \"{}\"\ndata_dir = \"{}\"\ntrust_bundle = \"{}\"\nsocket_path = \"{}\"\nlog_level = \"info\"\n{extra}\n\n[node_attestor]\n{attestor}",
+            "trust_domain = \"{}\"\nserver_address = {servers}\ndata_dir = \"{}\"\ntrust_bundle = \"{}\"\nsocket_path = \"{}\"\nlog_level = \"info\"\n{extra}\n\n[node_attestor]\n{attestor}",
             server.trust_domain,
-            server.addr,
             dir.join("data").display(),
             bundle.display(),
             socket.display(),

@@ -9,6 +9,7 @@
 use std::sync::Arc;
 
 use sigil_agent::node::{self, Bootstrap, Connection, NodeError};
+use sigil_agent::servers::{ServerAddresses, Servers, SystemResolver};
 use sigil_attestors::join_token::JoinTokenAgent;
 use sigil_identity::attestation::AgentNodeAttestor;
 use sigil_identity::tls::{SharedBundle, SvidResolver};
@@ -53,6 +54,17 @@ fn status(e: NodeError) -> Status {
     }
 }
 
+/// The one server at `addr`, as the agent dials it.
+fn one_server(addr: &str) -> Result<Arc<Servers>, Status> {
+    let addresses =
+        ServerAddresses::new(vec![addr.to_owned()]).map_err(Status::invalid_argument)?;
+    Ok(Arc::new(Servers::new(
+        addresses,
+        Arc::new(SystemResolver),
+        Arc::default(),
+    )))
+}
+
 impl SimAgent {
     /// Attests to the server at `addr`, trusting `bundle`, with `attestor`
     /// (answering its challenges), exactly as `sigil-agent` does.
@@ -62,7 +74,7 @@ impl SimAgent {
         attestor: &dyn AgentNodeAttestor,
     ) -> Result<Self, Status> {
         let state = node::attest(
-            addr,
+            &one_server(addr)?,
             &bundle.trust_domain,
             &Bootstrap::Bundle(bundle.clone()),
             attestor,
@@ -126,7 +138,7 @@ impl SimAgent {
             .map_err(status)?,
         ));
         let conn = Connection::open(
-            addr,
+            &one_server(addr)?,
             &self.bundle.trust_domain,
             Arc::new(SharedBundle::new(self.bundle.clone())),
             resolver,

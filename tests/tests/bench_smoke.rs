@@ -52,3 +52,35 @@ fn quick_run_completes_every_scenario_with_finite_results() {
         }
     }
 }
+
+#[test]
+fn quick_postgres_run_completes_every_postgres_scenario() {
+    if sigil_tests::postgres::connection().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("bench.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_sigil-bench"))
+        .args(["--quick", "--datastore", "postgres", "--json"])
+        .arg(&json)
+        .arg("--bin-dir")
+        .arg(sigil_tests::process::bin_dir().unwrap())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "sigil-bench failed:\n{stderr}");
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(v["failures"].as_array().unwrap().len(), 0, "{v}");
+    let scenarios = v["scenarios"].as_array().unwrap();
+    let names: Vec<&str> = scenarios
+        .iter()
+        .map(|s| s["scenario"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, sigil_tests::bench::POSTGRES_SCENARIOS);
+    for s in scenarios {
+        for m in s["metrics"].as_array().unwrap() {
+            let value = m["value"].as_f64().unwrap();
+            assert!(value.is_finite() && value > 0.0, "{m}");
+        }
+    }
+}

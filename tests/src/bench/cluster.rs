@@ -58,13 +58,19 @@ pub struct Cluster {
 impl Cluster {
     /// Starts a server for benchmarks.
     pub fn start() -> Result<Self> {
+        Self::start_with("", "warn")
+    }
+
+    /// Starts a server for benchmarks with `extra` TOML (e.g. a
+    /// `[datastore]` section) and logging at `log_level`.
+    pub fn start_with(extra: &str, log_level: &str) -> Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("sigil-bench-")
             .tempdir()
             .context("cannot create a temporary directory")?;
         let options = ServerOptions {
-            extra: format!("{SERVER_EXTRA}{}", telemetry_section()?),
-            log_level: "warn".into(),
+            extra: format!("{SERVER_EXTRA}{}\n{extra}", telemetry_section()?),
+            log_level: log_level.into(),
             ..ServerOptions::default()
         };
         let server = ServerProcess::start(&dir.path().join("server"), &options)?;

@@ -10,12 +10,15 @@
 //!   Unix socket in this process).
 //! - [`issuance`], [`jwt`], [`workload`], [`revocation`], [`rotation`],
 //!   [`scale`]: one scenario each.
+//! - [`ha`]: the PostgreSQL scenarios (`--datastore postgres`): writes
+//!   (sled next to PostgreSQL), propagation across two replicas, failover.
 //!
 //! Every scenario returns a [`Report`]: named metrics, each with the target
 //! it is held to (if any). Nothing here asserts on timing; the binary
 //! prints what was measured and whether each target was met.
 
 pub mod cluster;
+pub mod ha;
 pub mod issuance;
 pub mod jwt;
 pub mod raw;
@@ -39,11 +42,18 @@ pub const SCENARIOS: &[&str] = &[
     "scale",
 ];
 
+/// The scenarios on PostgreSQL (`--datastore postgres`), in the order
+/// they run; the default scenarios of such a run.
+pub const POSTGRES_SCENARIOS: &[&str] = &["writes", "ha-propagation", "failover"];
+
 /// How a scenario runs.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Options {
     /// Scaled down, for the CI smoke run.
     pub quick: bool,
+    /// With `--datastore postgres`: a connection string to a PostgreSQL
+    /// server where each scenario creates a fresh database.
+    pub postgres: Option<String>,
 }
 
 impl Options {
@@ -184,9 +194,13 @@ pub async fn run(name: &str, options: &Options) -> Result<Report> {
         "revocation" => revocation::run(options).await?,
         "rotation" => rotation::run(options).await?,
         "scale" => scale::run(options).await?,
+        "writes" => ha::writes(options).await?,
+        "ha-propagation" => ha::propagation(options).await?,
+        "failover" => ha::failover(options).await?,
         other => bail!(
-            "unknown scenario {other:?}; the scenarios are {}",
-            SCENARIOS.join(", ")
+            "unknown scenario {other:?}; the scenarios are {}, and with --datastore postgres {}",
+            SCENARIOS.join(", "),
+            POSTGRES_SCENARIOS.join(", ")
         ),
     };
     report.wall = started.elapsed();

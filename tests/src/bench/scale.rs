@@ -135,7 +135,7 @@ pub async fn run(options: &Options) -> Result<Report> {
 
 /// Opens a Sync stream for `sim` and checks that its snapshot holds its
 /// `expected` entries.
-async fn open_sync(
+pub(crate) async fn open_sync(
     cluster: &Cluster,
     sim: &SimAgent,
     expected: usize,
@@ -163,7 +163,9 @@ async fn open_sync(
 }
 
 /// Runs `futures` concurrently on this task; their results in order.
-async fn futures_join<F: std::future::Future>(futures: impl Iterator<Item = F>) -> Vec<F::Output> {
+pub(crate) async fn futures_join<F: std::future::Future>(
+    futures: impl Iterator<Item = F>,
+) -> Vec<F::Output> {
     let mut pinned: Vec<_> = futures.map(Box::pin).collect();
     let mut out: Vec<Option<F::Output>> = pinned.iter().map(|_| None).collect();
     std::future::poll_fn(|cx| {

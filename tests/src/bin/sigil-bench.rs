@@ -4,14 +4,16 @@
 //!
 //! `sigil-bench --quick` runs every scenario scaled down (the CI smoke run);
 //! use release binaries for real numbers:
-//! `sigil-bench --bin-dir target/release`.
+//! `sigil-bench --bin-dir target/release`. `sigil-bench --datastore
+//! postgres` runs the PostgreSQL scenarios (writes, ha-propagation,
+//! failover) on the server named by `SIGIL_POSTGRES`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use sigil_tests::bench::{self, Options, SCENARIOS};
+use sigil_tests::bench::{self, Options, POSTGRES_SCENARIOS, SCENARIOS};
 
 /// Benchmark harness for Sigil.
 #[derive(Debug, Parser)]
@@ -21,9 +23,15 @@ struct Cli {
     #[arg(long)]
     quick: bool,
     /// Run only this scenario (repeatable): issuance, jwt,
-    /// workload-latency, revocation, rotation, scale.
+    /// workload-latency, revocation, rotation, scale; with `--datastore
+    /// postgres` also writes, ha-propagation, failover.
     #[arg(long = "scenario", value_name = "NAME")]
     scenarios: Vec<String>,
+    /// `postgres`: run the PostgreSQL scenarios (by default all of them)
+    /// on the server of the libpq connection string in `SIGIL_POSTGRES`,
+    /// creating a fresh database for each.
+    #[arg(long, value_name = "sled|postgres", default_value = "sled")]
+    datastore: String,
     /// Where to write the results as JSON.
     #[arg(long, value_name = "FILE", default_value = "target/sigil-bench.json")]
     json: PathBuf,
@@ -64,20 +72,40 @@ fn run() -> Result<()> {
             std::path::absolute(dir).with_context(|| format!("bad --bin-dir {}", dir.display()))?;
         sigil_tests::process::set_bin_dir(dir)?;
     }
+    let postgres = match cli.datastore.as_str() {
+        "sled" => None,
+        "postgres" => Some(std::env::var("SIGIL_POSTGRES").context(
+            "--datastore postgres needs SIGIL_POSTGRES: a libpq connection string to a \
+             PostgreSQL server where the benchmark may CREATE DATABASE",
+        )?),
+        other => bail!("unknown --datastore {other:?}: sled or postgres"),
+    };
+    let defaults = if postgres.is_some() {
+        POSTGRES_SCENARIOS
+    } else {
+        SCENARIOS
+    };
     let names: Vec<String> = if cli.scenarios.is_empty() {
-        SCENARIOS.iter().map(|s| (*s).to_owned()).collect()
+        defaults.iter().map(|s| (*s).to_owned()).collect()
     } else {
         cli.scenarios.clone()
     };
     for name in &names {
-        if !SCENARIOS.contains(&name.as_str()) {
+        if POSTGRES_SCENARIOS.contains(&name.as_str()) && postgres.is_none() {
+            bail!("scenario {name:?} runs on PostgreSQL: add --datastore postgres");
+        }
+        if !SCENARIOS.contains(&name.as_str()) && !POSTGRES_SCENARIOS.contains(&name.as_str()) {
             bail!(
-                "unknown scenario {name:?}; the scenarios are {}",
-                SCENARIOS.join(", ")
+                "unknown scenario {name:?}; the scenarios are {}, and with --datastore postgres {}",
+                SCENARIOS.join(", "),
+                POSTGRES_SCENARIOS.join(", ")
             );
         }
     }
-    let options = Options { quick: cli.quick };
+    let options = Options {
+        quick: cli.quick,
+        postgres,
+    };
     sigil_tests::bench::cluster::set_telemetry(cli.telemetry);
     if cli.telemetry {
         eprintln!("sigil-bench: telemetry on (servers and agents serve /metrics)");

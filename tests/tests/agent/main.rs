@@ -10,6 +10,7 @@ mod common;
 
 mod agent_core;
 mod cli;
+mod failover;
 mod interop_python;
 mod k8s_psat;
 mod workload_api;

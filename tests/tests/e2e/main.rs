@@ -13,6 +13,7 @@ mod cli_output;
 mod crash;
 mod disk_full;
 mod file_hygiene;
+mod ha;
 mod mtls;
 mod node_connection;
 mod outage;
