@@ -480,6 +480,36 @@ mod shape_tests {
     const BASE: &str = "trust_domain = \"example.org\"\nserver_address = \"x:1\"\n";
 
     #[test]
+    fn sds_names_default_to_spires_and_are_checked() {
+        let base = format!("{BASE}insecure_bootstrap = true\n[node_attestor]\njoin_token = \"abc\"\n");
+        let cfg = AgentConfig::parse(&base).unwrap();
+        assert_eq!(cfg.sds, SdsConfig::default());
+        assert_eq!(
+            (
+                cfg.sds.default_svid_name.as_str(),
+                cfg.sds.default_bundle_name.as_str(),
+                cfg.sds.default_all_bundles_name.as_str()
+            ),
+            ("default", "ROOTCA", "ALL")
+        );
+        let cfg =
+            AgentConfig::parse(&format!("{base}[sds]\ndefault_svid_name = \"mine\"\n")).unwrap();
+        assert_eq!(cfg.sds.default_svid_name, "mine");
+        assert_eq!(cfg.sds.default_bundle_name, "ROOTCA", "the others keep their defaults");
+        for bad in [
+            "default_svid_name = \"\"",
+            "default_bundle_name = \"spiffe://example.org\"",
+            "default_all_bundles_name = \"default\"",
+            "other = 1",
+        ] {
+            assert!(
+                AgentConfig::parse(&format!("{base}[sds]\n{bad}\n")).is_err(),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
     fn the_node_attestor_table_becomes_one_variant() {
         let token =
             format!("{BASE}insecure_bootstrap = true\n[node_attestor]\njoin_token = \"abc\"\n");
