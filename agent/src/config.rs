@@ -149,7 +149,10 @@ impl SdsConfig {
         let names = [
             ("sds.default_svid_name", &self.default_svid_name),
             ("sds.default_bundle_name", &self.default_bundle_name),
-            ("sds.default_all_bundles_name", &self.default_all_bundles_name),
+            (
+                "sds.default_all_bundles_name",
+                &self.default_all_bundles_name,
+            ),
         ];
         for (key, name) in names {
             if name.is_empty() || name.starts_with("spiffe://") {
@@ -481,7 +484,8 @@ mod shape_tests {
 
     #[test]
     fn sds_names_default_to_spires_and_are_checked() {
-        let base = format!("{BASE}insecure_bootstrap = true\n[node_attestor]\njoin_token = \"abc\"\n");
+        let base =
+            format!("{BASE}insecure_bootstrap = true\n[node_attestor]\njoin_token = \"abc\"\n");
         let cfg = AgentConfig::parse(&base).unwrap();
         assert_eq!(cfg.sds, SdsConfig::default());
         assert_eq!(
@@ -495,7 +499,10 @@ mod shape_tests {
         let cfg =
             AgentConfig::parse(&format!("{base}[sds]\ndefault_svid_name = \"mine\"\n")).unwrap();
         assert_eq!(cfg.sds.default_svid_name, "mine");
-        assert_eq!(cfg.sds.default_bundle_name, "ROOTCA", "the others keep their defaults");
+        assert_eq!(
+            cfg.sds.default_bundle_name, "ROOTCA",
+            "the others keep their defaults"
+        );
         for bad in [
             "default_svid_name = \"\"",
             "default_bundle_name = \"spiffe://example.org\"",

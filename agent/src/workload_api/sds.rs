@@ -60,7 +60,8 @@ use crate::cache::CachedSvid;
 pub use crate::config::SdsConfig;
 
 /// The type of every resource served.
-pub const SECRET_TYPE_URL: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
+pub const SECRET_TYPE_URL: &str =
+    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
 /// Envoy's name for its SPIFFE certificate validator extension.
 const SPIFFE_VALIDATOR: &str = "envoy.tls.cert_validator.spiffe";
 const SPIFFE_VALIDATOR_TYPE_URL: &str =
@@ -171,7 +172,11 @@ fn resolve_one(name: &str, view: &View, names: &SdsConfig) -> Option<Secret> {
 
 /// The secrets `requested` names, in order; every SVID and trust bundle if
 /// none is named. `InvalidArgument` if any is not the workload's.
-pub fn resolve(requested: &[String], view: &View, names: &SdsConfig) -> Result<Vec<Secret>, Status> {
+pub fn resolve(
+    requested: &[String],
+    view: &View,
+    names: &SdsConfig,
+) -> Result<Vec<Secret>, Status> {
     if requested.is_empty() {
         let svids = view
             .svids

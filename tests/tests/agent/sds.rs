@@ -147,20 +147,32 @@ async fn fetch_secrets_serves_default_by_id_rootca_and_all() {
 
     // No workload.spiffe.io header on any of these.
     for name in ["default", "spiffe://example.org/web"] {
-        let r = sds.fetch_secrets(request(&[name])).await.unwrap().into_inner();
+        let r = sds
+            .fetch_secrets(request(&[name]))
+            .await
+            .unwrap()
+            .into_inner();
         let got = secrets(&r);
         assert_eq!(got.len(), 1);
         assert_eq!(got[0].name, name, "the secret carries the name asked for");
         assert_eq!(leaf_of(&got[0]).0, "spiffe://example.org/web");
     }
     for name in ["ROOTCA", "spiffe://example.org"] {
-        let r = sds.fetch_secrets(request(&[name])).await.unwrap().into_inner();
+        let r = sds
+            .fetch_secrets(request(&[name]))
+            .await
+            .unwrap()
+            .into_inner();
         let got = secrets(&r);
         assert_eq!(got[0].name, name);
         assert_eq!(trusted_ca(&got[0]), bundle_pem, "the trust domain's bundle");
     }
 
-    let r = sds.fetch_secrets(request(&["ALL"])).await.unwrap().into_inner();
+    let r = sds
+        .fetch_secrets(request(&["ALL"]))
+        .await
+        .unwrap()
+        .into_inner();
     let got = secrets(&r);
     let Some(secret::Type::ValidationContext(v)) = &got[0].r#type else {
         panic!("ALL is a validation context");
@@ -174,7 +186,11 @@ async fn fetch_secrets_serves_default_by_id_rootca_and_all() {
         "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.SPIFFECertValidatorConfig"
     );
     let config = SpiffeCertValidatorConfig::decode(any.value.as_slice()).unwrap();
-    assert_eq!(config.trust_domains.len(), 1, "only its own trust domain today");
+    assert_eq!(
+        config.trust_domains.len(),
+        1,
+        "only its own trust domain today"
+    );
     assert_eq!(config.trust_domains[0].name, "example.org", "no scheme");
     assert_eq!(
         inline_text(&config.trust_domains[0].trust_bundle),
@@ -213,7 +229,11 @@ async fn unknown_and_unauthorized_names_are_invalid_arguments() {
     ] {
         let err = sds.fetch_secrets(request(names)).await.unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument, "{names:?}");
-        assert!(err.message().contains("not authorized"), "{}", err.message());
+        assert!(
+            err.message().contains("not authorized"),
+            "{}",
+            err.message()
+        );
 
         let (tx, rx) = mpsc::channel(4);
         tx.send(request(names)).await.unwrap();

@@ -143,13 +143,12 @@ impl Envoy {
 
 /// A GET over plain HTTP/1.1 to `addr` (`host:port`): status and body.
 async fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
-    let mut s = tokio::time::timeout(
-        Duration::from_secs(5),
-        tokio::net::TcpStream::connect(addr),
+    let mut s = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr))
+        .await??;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes(),
     )
-    .await??;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes())
-        .await?;
+    .await?;
     let mut raw = Vec::new();
     tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut raw)).await??;
     let text = String::from_utf8_lossy(&raw).into_owned();
@@ -379,7 +378,9 @@ async fn two_envoys_do_mtls_with_identities_from_sds() {
     let (status, _) = http_get(&as_intruder, "/").await.unwrap();
     assert_eq!(status, 503, "back refuses a peer it does not accept");
     // Refused by back's SPIFFE ID check, not for want of a certificate.
-    let stats = back.admin_json("/stats?format=json&filter=ssl\\.fail_verify_san").await;
+    let stats = back
+        .admin_json("/stats?format=json&filter=ssl\\.fail_verify_san")
+        .await;
     let refused: u64 = stats["stats"]
         .as_array()
         .into_iter()
@@ -416,8 +417,8 @@ fn the_deploy_examples_envoy_bootstrap_is_valid() {
     let Some(binary) = envoy_binary() else {
         return;
     };
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../deploy/examples/envoy-sidecar/envoy.yaml");
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/envoy-sidecar/envoy.yaml");
     let out = Command::new(binary)
         .args(["--mode", "validate", "--disable-hot-restart", "-c"])
         .arg(&path)
