@@ -337,13 +337,18 @@ impl SecretDiscoveryService for Sds {
         tokio::spawn(async move {
             let _slot = slot;
             let mut st = StreamState::default();
+            // A client that closed its side still gets updates.
+            let mut reading = true;
             loop {
                 let secrets = tokio::select! {
                     () = tx.closed() => return,
-                    msg = requests.message() => {
+                    msg = requests.message(), if reading => {
                         let r = match msg {
                             Ok(Some(r)) => r,
-                            Ok(None) => return,
+                            Ok(None) => {
+                                reading = false;
+                                continue;
+                            }
                             Err(e) => {
                                 debug!(error = %e, "SDS stream ended by the client");
                                 return;

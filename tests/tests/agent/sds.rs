@@ -390,3 +390,26 @@ async fn sds_streams_count_against_the_uids_stream_limit() {
     }
     assert!(freed, "the stream's place was not given back");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_closed_its_side_still_gets_rotations() {
+    let s = setup().await;
+    let id = register(&s, "web", &format!("unix:uid:{}", my_uid())).await;
+    wait_for_identity(&s).await;
+    let mut sds = sds_client(&s).await;
+    // One request, then the request stream ends (HTTP/2 half-close).
+    let mut stream = sds
+        .stream_secrets(tokio_stream::iter(vec![request(&["default"])]))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.message().await.unwrap().unwrap();
+    let (_, serial) = leaf_of(&secrets(&first)[0]);
+    rotate(&s, &id, "after-close").await;
+    let pushed = tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .expect("a rotation is pushed")
+        .unwrap()
+        .unwrap();
+    assert_ne!(leaf_of(&secrets(&pushed)[0]).1, serial);
+}
