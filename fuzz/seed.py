@@ -202,6 +202,17 @@ def seeds():
     write("seeds/authority/0", bytes([0]) + h2)
     write("seeds/authority/1", bytes([2, 1, 3]) + h2)
 
+    # sds: envoy.service.discovery.v3.DiscoveryRequest as Envoy sends them
+    # (node, names, type URL; an ACK; a NACK with error_detail).
+    secret = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
+    node = field(2, field(1, "front") + field(2, "sigil-test") + field(6, "envoy"))
+    write("seeds/sds/0", node + field(3, "default") + field(4, secret))
+    write("seeds/sds/1", field(1, "3") + field(3, "spiffe://example.org/web") + field(3, "ALL")
+          + field(4, secret) + field(5, "00000003"))
+    write("seeds/sds/2", field(1, "2") + field(3, "ROOTCA") + field(3, "spiffe://example.org")
+          + field(4, secret) + field(5, "00000002") + field(6, field(1, 3) + field(2, "bad key")))
+    write("seeds/sds/3", field(4, secret))
+
 
 if __name__ == "__main__":
     {"fixtures": fixtures, "seeds": seeds}.get(sys.argv[1] if len(sys.argv) > 1 else "", lambda: sys.exit(__doc__))()

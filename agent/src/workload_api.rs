@@ -1,6 +1,7 @@
 //! The SPIFFE Workload API on a Unix socket.
 //!
-//! Every call must carry the `workload.spiffe.io: true` metadata. The caller
+//! Every Workload API call must carry the `workload.spiffe.io: true`
+//! metadata (Envoy's SDS calls, served here too, carry none). The caller
 //! is identified by the kernel (SO_PEERCRED) and attested by the `unix`
 //! workload attestor plus any configured ones (`k8s`), whose selectors are
 //! merged; it receives the SVIDs of every entry whose selectors
@@ -24,6 +25,8 @@
 //! - [`caller`]: the security header and attestation of each caller.
 //! - [`streams`]: the Workload API calls (X.509 and JWT SVIDs and bundles).
 //! - [`health`]: the gRPC health service next to it.
+//! - [`sds`]: Envoy's Secret Discovery Service (SDS v3) next to it, for
+//!   the same callers under the same limits.
 //! - [`h2_authority`]: rewrites HTTP/2 `:authority` values h2 would refuse,
 //!   for gRPC C-core and grpc-java clients on Unix sockets.
 
@@ -56,6 +59,7 @@ mod caller;
 pub mod connection;
 pub mod h2_authority;
 mod health;
+pub mod sds;
 mod streams;
 
 use caller::AttestationPool;
@@ -111,6 +115,8 @@ pub struct WorkloadApi {
     pool: Arc<AttestationPool>,
     /// At most one warning a second per uid about refused connections.
     refusal_log: Arc<RateLimiter<u32>>,
+    /// SDS's default resource names.
+    sds: Arc<sds::SdsConfig>,
 }
 
 fn jwt_fetch_limiter(per_second: f64) -> RateLimiter<u32> {
@@ -140,6 +146,7 @@ impl WorkloadApi {
             unary: Arc::new(Self::unary_limiter(DEFAULT_UNARY_CALLS_PER_UID_PER_SECOND)),
             pool: Arc::new(AttestationPool::new()),
             refusal_log: Arc::new(RateLimiter::new(1.0, 1.0)),
+            sds: Arc::default(),
         }
     }
 
@@ -176,6 +183,12 @@ impl WorkloadApi {
     pub fn with_max_connections(mut self, total: usize, per_uid: usize) -> Self {
         self.max_connections = total.max(1);
         self.max_connections_per_uid = per_uid.max(1);
+        self
+    }
+
+    /// Sets SDS's default resource names (`[sds]`).
+    pub fn with_sds_names(mut self, names: sds::SdsConfig) -> Self {
+        self.sds = Arc::new(names);
         self
     }
 
@@ -237,6 +250,7 @@ pub async fn serve_with_metrics(
         .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
         .layer(sigil_proto::telemetry::RpcLayer::new(rpc))
         .add_service(sigil_proto::grpc::health::v1::health_server::HealthServer::new(health))
+        .add_service(sds::Sds::new(api.clone()).into_server())
         .add_service(SpiffeWorkloadApiServer::new(api).max_decoding_message_size(MAX_REQUEST_BYTES))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await

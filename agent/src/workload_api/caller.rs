@@ -146,6 +146,12 @@ impl WorkloadApi {
     /// Checks the header and attests the caller.
     pub(super) async fn caller<T>(&self, req: &Request<T>) -> Result<Caller, Status> {
         check_header(req)?;
+        self.attest(req).await
+    }
+
+    /// Attests the caller, without the Workload API's security header (SDS
+    /// requests carry none).
+    pub(super) async fn attest<T>(&self, req: &Request<T>) -> Result<Caller, Status> {
         let cred = peer_cred(req)?;
         let conn = req.extensions().get::<WorkloadConnInfo>().cloned();
         let pid = cred

@@ -31,7 +31,10 @@ fn svid_message(s: &CachedSvid, bundle: &Bundle) -> X509svid {
 
 impl WorkloadApi {
     /// The SVIDs for `selectors`, waiting briefly for ones still being issued.
-    async fn x509_state(&self, selectors: &SelectorSet) -> Result<Vec<Arc<CachedSvid>>, Status> {
+    pub(super) async fn x509_state(
+        &self,
+        selectors: &SelectorSet,
+    ) -> Result<Vec<Arc<CachedSvid>>, Status> {
         let mut changes = self.session.cache().subscribe();
         let deadline = tokio::time::Instant::now() + ISSUANCE_WAIT;
         loop {
@@ -59,7 +62,7 @@ impl WorkloadApi {
         }
     }
 
-    fn bundle(&self) -> Result<Arc<Bundle>, Status> {
+    pub(super) fn bundle(&self) -> Result<Arc<Bundle>, Status> {
         self.session
             .cache()
             .bundle()

@@ -13,5 +13,7 @@ mod cli;
 mod failover;
 mod interop_python;
 mod k8s_psat;
+mod sds;
+mod sds_envoy;
 mod workload_api;
 mod workload_attestors;

@@ -19,19 +19,19 @@ use sigil_proto::workload::{JwtsvidRequest, X509svidRequest};
 use sigil_tests::process::ServerProcess;
 use tonic::Code;
 
-struct Setup {
-    server: ServerProcess,
-    socket: std::path::PathBuf,
-    agent_id: String,
+pub(crate) struct Setup {
+    pub(crate) server: ServerProcess,
+    pub(crate) socket: std::path::PathBuf,
+    pub(crate) agent_id: String,
     _stop: tokio::sync::oneshot::Sender<()>,
 }
 
-async fn setup() -> Setup {
+pub(crate) async fn setup() -> Setup {
     setup_with(Arc::new(UnixAttestor::default()), |api| api).await
 }
 
 /// Like [`setup`], with another attestor and settings.
-async fn setup_with(
+pub(crate) async fn setup_with(
     attestor: Arc<UnixAttestor>,
     configure: impl FnOnce(WorkloadApi) -> WorkloadApi,
 ) -> Setup {
@@ -63,7 +63,7 @@ async fn setup_with(
     }
 }
 
-async fn register(s: &Setup, path: &str, selector: &str) -> String {
+pub(crate) async fn register(s: &Setup, path: &str, selector: &str) -> String {
     let e = node_pb::Entry {
         spiffe_id: format!("spiffe://example.org/{path}"),
         parent_id: s.agent_id.clone(),
@@ -88,7 +88,7 @@ fn with_header<T>(r: T) -> tonic::Request<T> {
     req
 }
 
-fn my_uid() -> u32 {
+pub(crate) fn my_uid() -> u32 {
     std::fs::metadata("/proc/self").unwrap().uid()
 }
 
