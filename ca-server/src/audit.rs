@@ -13,10 +13,10 @@
 //! of the last interval (their log lines were written); [`Audit::flush`] at
 //! shutdown loses none. The writer gathers events for up to [`GATHER`]
 //! after the first one before it writes: each write appends to the hash
-//! chain in a datastore transaction, and a sled transaction writes out the
-//! log buffer (twice) however little it holds, so one write per event cost
-//! about a tenth of the JWT-SVID mint rate (docs/benchmarks.md, round 2,
-//! session 4).
+//! chain in a datastore transaction, and a sled transaction has sled's IO
+//! threads write out the log buffer however little it holds. Under load,
+//! writing as soon as one event was waiting cost the server about 15 %
+//! more CPU per JWT-SVID minted (docs/benchmarks.md, round 2, session 4).
 
 pub mod chain;
 pub mod checkpoint;
@@ -361,7 +361,11 @@ mod tests {
         let batch = gather(queued("a"), &mut rx, start + GATHER, &mut flushes).await;
         assert_eq!(targets(&batch), ["a"]);
         assert_eq!(flushes.len(), 1);
-        assert_eq!(tokio::time::Instant::now(), start, "a flush waits for no gathering");
+        assert_eq!(
+            tokio::time::Instant::now(),
+            start,
+            "a flush waits for no gathering"
+        );
 
         for i in 0..MAX_BATCH {
             tx.send(queued(&format!("e{i}"))).await.unwrap();
@@ -369,7 +373,11 @@ mod tests {
         let mut flushes = Vec::new();
         let batch = gather(queued("first"), &mut rx, start + GATHER, &mut flushes).await;
         assert_eq!(batch.len(), MAX_BATCH);
-        assert_eq!(tokio::time::Instant::now(), start, "a full batch is written at once");
+        assert_eq!(
+            tokio::time::Instant::now(),
+            start,
+            "a full batch is written at once"
+        );
         // The one that did not fit is left for the next write.
         assert!(matches!(rx.try_recv(), Ok(Queued::Event(_))));
     }
