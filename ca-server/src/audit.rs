@@ -11,7 +11,12 @@
 //! capped JWT-SVID minting at in-flight calls ÷ sync time, and a sync per
 //! batch still cost a quarter of it. A crash can lose the issuance events
 //! of the last interval (their log lines were written); [`Audit::flush`] at
-//! shutdown loses none.
+//! shutdown loses none. The writer gathers events for up to [`GATHER`]
+//! after the first one before it writes: each write appends to the hash
+//! chain in a datastore transaction, and a sled transaction has sled's IO
+//! threads write out the log buffer however little it holds. Under load,
+//! writing as soon as one event was waiting cost the server about 15 %
+//! more CPU per JWT-SVID minted (docs/benchmarks.md, round 2, session 4).
 
 pub mod chain;
 pub mod checkpoint;
@@ -36,8 +41,13 @@ const MAX_BATCH: usize = 4_096;
 /// enables it at `info`, whatever `log.level` says.
 pub const LOG_TARGET: &str = "sigil::audit";
 
-/// Longest time a written issuance event waits for a disk sync.
+/// Longest time an issuance event waits for a disk sync, from when the
+/// writer takes it.
 pub const SYNC_INTERVAL: Duration = Duration::from_millis(100);
+
+/// How long the writer keeps gathering issuance events after the first
+/// one of a batch, unless the batch fills or a flush is asked for.
+pub const GATHER: Duration = Duration::from_millis(5);
 
 enum Queued {
     Event(AuditEvent),
@@ -171,10 +181,10 @@ const MAX_HELD: usize = 200_000;
 const RETRY_MIN: Duration = Duration::from_millis(250);
 const RETRY_MAX: Duration = Duration::from_secs(5);
 
-/// Writes queued issuance events, as many per write as are waiting, and
-/// makes them durable within [`SYNC_INTERVAL`] (at once for a flush).
-/// While the datastore is unavailable, events are held (oldest first, at
-/// most [`MAX_HELD`]) and written once it is back.
+/// Writes queued issuance events, as many per write as [`gather`] takes,
+/// and makes them durable within [`SYNC_INTERVAL`] of taking the first
+/// (at once for a flush). While the datastore is unavailable, events are
+/// held (oldest first, at most [`MAX_HELD`]) and written once it is back.
 async fn write_issued(store: Arc<dyn Datastore>, mut rx: mpsc::Receiver<Queued>) {
     let mut flushes = Vec::new();
     // When the oldest write not yet synced must be synced.
@@ -218,28 +228,18 @@ async fn write_issued(store: Arc<dyn Datastore>, mut rx: mpsc::Receiver<Queued>)
             }
             return;
         };
-        let mut next = Some(first);
-        let mut taken = 0;
-        while let Some(q) = next {
-            match q {
-                Queued::Event(e) => {
-                    held.push(e);
-                    taken += 1;
-                }
-                Queued::Flush(done) => flushes.push(done),
-            }
-            next = if taken < MAX_BATCH {
-                rx.try_recv().ok()
-            } else {
-                None
-            };
+        let taken = tokio::time::Instant::now();
+        // Gathering never delays a sync that is due.
+        let until = sync_by.map_or(taken + GATHER, |d| d.min(taken + GATHER));
+        for e in gather(first, &mut rx, until, &mut flushes).await {
+            held.push(e);
         }
         if !flushes.is_empty() {
             // A flush writes now, whatever the back-off.
             held.retry_at = None;
         }
         if held.retry_at.is_none() && held.write(&*store).await {
-            sync_by.get_or_insert_with(|| tokio::time::Instant::now() + SYNC_INTERVAL);
+            sync_by.get_or_insert(taken + SYNC_INTERVAL);
         }
         if !flushes.is_empty() {
             sync(&*store).await;
@@ -247,6 +247,40 @@ async fn write_issued(store: Arc<dyn Datastore>, mut rx: mpsc::Receiver<Queued>)
             for done in flushes.drain(..) {
                 let _ = done.send(());
             }
+        }
+    }
+}
+
+/// The events of one write: `first`, what is waiting, and what arrives
+/// until `until`; less if the batch reaches [`MAX_BATCH`] or a flush is
+/// queued (its sender goes to `flushes`), or if the channel closes.
+async fn gather(
+    first: Queued,
+    rx: &mut mpsc::Receiver<Queued>,
+    until: tokio::time::Instant,
+    flushes: &mut Vec<oneshot::Sender<()>>,
+) -> Vec<AuditEvent> {
+    let mut batch = Vec::new();
+    let mut next = Some(first);
+    loop {
+        while let Some(q) = next {
+            match q {
+                Queued::Event(e) => batch.push(e),
+                Queued::Flush(done) => flushes.push(done),
+            }
+            next = if batch.len() < MAX_BATCH {
+                rx.try_recv().ok()
+            } else {
+                None
+            };
+        }
+        if batch.is_empty() || batch.len() >= MAX_BATCH || !flushes.is_empty() {
+            return batch;
+        }
+        match tokio::time::timeout_at(until, rx.recv()).await {
+            Ok(Some(q)) => next = Some(q),
+            // Closed (the caller then syncs and stops) or gathered enough.
+            Ok(None) | Err(_) => return batch,
         }
     }
 }
@@ -374,5 +408,73 @@ mod tests {
         // Synced once the interval has passed, with no flush asked for.
         tokio::time::sleep(SYNC_INTERVAL * 3).await;
         assert_eq!(sled.syncs_requested(), before + 1);
+    }
+
+    fn queued(target: &str) -> Queued {
+        Queued::Event(AuditEvent {
+            time: SystemTime::now(),
+            caller: "agent".into(),
+            action: "svid.jwt.issue".into(),
+            target: target.into(),
+            outcome: "ok".into(),
+            expires_at: None,
+            request_id: None,
+        })
+    }
+
+    fn targets(batch: &[AuditEvent]) -> Vec<&str> {
+        batch.iter().map(|e| e.target.as_str()).collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn events_arriving_while_gathering_go_in_one_write_and_later_ones_in_the_next() {
+        let (tx, mut rx) = mpsc::channel(16);
+        let start = tokio::time::Instant::now();
+        tokio::spawn(async move {
+            for (ms, target) in [(1, "b"), (2, "c"), (4, "d"), (7, "late")] {
+                tokio::time::sleep_until(start + Duration::from_millis(ms)).await;
+                tx.send(queued(target)).await.unwrap();
+            }
+        });
+        let mut flushes = Vec::new();
+        let batch = gather(queued("a"), &mut rx, start + GATHER, &mut flushes).await;
+        assert_eq!(targets(&batch), ["a", "b", "c", "d"]);
+        assert_eq!(tokio::time::Instant::now(), start + GATHER);
+        let Some(Queued::Event(late)) = rx.recv().await else {
+            panic!("the late event was not left for the next write");
+        };
+        assert_eq!(late.target, "late");
+        assert!(flushes.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_flush_or_a_full_batch_ends_gathering_at_once() {
+        let (tx, mut rx) = mpsc::channel(MAX_BATCH + 1);
+        let (done, _answer) = oneshot::channel();
+        tx.send(Queued::Flush(done)).await.unwrap();
+        let start = tokio::time::Instant::now();
+        let mut flushes = Vec::new();
+        let batch = gather(queued("a"), &mut rx, start + GATHER, &mut flushes).await;
+        assert_eq!(targets(&batch), ["a"]);
+        assert_eq!(flushes.len(), 1);
+        assert_eq!(
+            tokio::time::Instant::now(),
+            start,
+            "a flush waits for no gathering"
+        );
+
+        for i in 0..MAX_BATCH {
+            tx.send(queued(&format!("e{i}"))).await.unwrap();
+        }
+        let mut flushes = Vec::new();
+        let batch = gather(queued("first"), &mut rx, start + GATHER, &mut flushes).await;
+        assert_eq!(batch.len(), MAX_BATCH);
+        assert_eq!(
+            tokio::time::Instant::now(),
+            start,
+            "a full batch is written at once"
+        );
+        // The one that did not fit is left for the next write.
+        assert!(matches!(rx.try_recv(), Ok(Queued::Event(_))));
     }
 }
