@@ -416,6 +416,7 @@ async fn a_database_restart_during_writes_loses_no_acknowledged_write() {
 
     // One in-process agent on each replica, to compare what they hold.
     let mut agents = Vec::new();
+    let mut ids = Vec::new();
     for (i, server) in [&r.a, &r.b].into_iter().enumerate() {
         std::fs::write(
             r.path(&format!("bundle-{i}.pem")),
@@ -432,6 +433,9 @@ async fn a_database_restart_during_writes_loses_no_acknowledged_write() {
         ))
         .unwrap();
         let session = sigil_agent::session::Session::start(cfg).await.unwrap();
+        // Each agent's own id: the server lists agents in id order, not
+        // in the order they attested.
+        ids.push(session.id().expect("an attested agent holds its SVID").to_string());
         let cache = session.cache();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(session.run(async {
@@ -439,7 +443,7 @@ async fn a_database_restart_during_writes_loses_no_acknowledged_write() {
         }));
         agents.push((cache, stop_tx, task));
     }
-    let ids = agent_ids(&r.a, 2).await;
+    assert_eq!(agent_ids(&r.a, 2).await.len(), 2);
 
     let stop = Arc::new(AtomicBool::new(false));
     let writers = vec![
