@@ -435,7 +435,12 @@ async fn a_database_restart_during_writes_loses_no_acknowledged_write() {
         let session = sigil_agent::session::Session::start(cfg).await.unwrap();
         // Each agent's own id: the server lists agents in id order, not
         // in the order they attested.
-        ids.push(session.id().expect("an attested agent holds its SVID").to_string());
+        ids.push(
+            session
+                .id()
+                .expect("an attested agent holds its SVID")
+                .to_string(),
+        );
         let cache = session.cache();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(session.run(async {

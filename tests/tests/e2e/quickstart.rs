@@ -186,3 +186,110 @@ fn quickstart_serves_an_svid_prints_exports_and_resumes() {
     assert_eq!(entries.as_array().unwrap().len(), 1, "{entries}");
     rejoined.stop("TERM");
 }
+
+/// Copies the files of `from` into `to` (created), keeping their modes.
+fn copy_tree(from: &Path, to: &Path) {
+    let status = Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .status()
+        .unwrap();
+    assert!(
+        status.success(),
+        "cp -a {} {}",
+        from.display(),
+        to.display()
+    );
+}
+
+#[test]
+fn a_quickstarts_sled_data_migrated_to_postgres_serves_its_workload() {
+    let Some(base) = sigil_tests::postgres::connection() else {
+        return;
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("sigil");
+    let uid = current_uid().unwrap();
+    let my_id = format!("spiffe://example.org/local/uid/{uid}");
+    let qs = Quickstart::start(&dir);
+    assert_eq!(qs.line_starting("SPIFFE ID : "), my_id);
+    qs.stop("TERM");
+
+    // The quickstart's server data (CA keys, server id) becomes a
+    // PostgreSQL-backed server's data directory; its sled store is copied
+    // into the database.
+    let server_dir = tmp.path().join("server");
+    std::fs::create_dir_all(&server_dir).unwrap();
+    copy_tree(&dir.join("server/data"), &server_dir.join("data"));
+    let db = rt
+        .block_on(sigil_tests::postgres::fresh_database(&base))
+        .unwrap();
+    let config = tmp.path().join("pg.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "trust_domain = \"example.org\"\ndata_dir = \"{}\"\n{}",
+            server_dir.join("data").display(),
+            sigil_tests::postgres::datastore_toml(&db)
+        ),
+    )
+    .unwrap();
+    let migrated = Command::new(binary("sigil-server").unwrap())
+        .args(["datastore", "migrate", "--from-sled"])
+        .arg(dir.join("server/data"))
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&migrated.stdout);
+    assert!(
+        migrated.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&migrated.stderr)
+    );
+    assert!(stdout.contains("entries: "), "{stdout}");
+
+    let server = sigil_tests::process::ServerProcess::start(
+        &server_dir,
+        &sigil_tests::process::ServerOptions::with_extra(&sigil_tests::postgres::datastore_toml(
+            &db,
+        )),
+    )
+    .unwrap();
+    // The quickstart's agent, with its stored identity (no join token is
+    // valid any more: it must resume, not attest).
+    let agent_dir = tmp.path().join("agent");
+    std::fs::create_dir_all(&agent_dir).unwrap();
+    copy_tree(&dir.join("agent/data"), &agent_dir.join("data"));
+    let agent = sigil_tests::process::AgentProcess::start(
+        &agent_dir,
+        &server,
+        &sigil_tests::process::NodeAttestation::JoinToken("spent".into()),
+    )
+    .unwrap();
+    let endpoint = format!("unix://{}", agent.socket.display());
+    let mut last = String::new();
+    for _ in 0..100 {
+        let fetched = Command::new(binary("sigil-agent").unwrap())
+            .args(["api", "fetch", "x509"])
+            .env("SPIFFE_ENDPOINT_SOCKET", &endpoint)
+            .output()
+            .unwrap();
+        last = format!(
+            "{}{}",
+            String::from_utf8_lossy(&fetched.stdout),
+            String::from_utf8_lossy(&fetched.stderr)
+        );
+        if fetched.status.success() && last.contains(&my_id) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(last.contains(&my_id), "the workload got no SVID: {last}");
+    // One agent, the quickstart's: it resumed rather than attested anew.
+    assert_eq!(server.agent_ids().unwrap().len(), 1);
+    drop(agent);
+    drop(server);
+}
