@@ -21,8 +21,9 @@ use tracing::{info, warn};
 
 use crate::ca::keys::{DiskKeyManager, KeyManager, KeyManagerError, MemoryKeyManager};
 use crate::ca::x509::UpstreamCa;
+use crate::config::DatastoreKind;
 use crate::config::{K8sPsatSection, KeyManagerKind, ServerConfig};
-use crate::datastore::{Datastore, DatastoreError, TokenHash};
+use crate::datastore::{Datastore, DatastoreError, SledDatastore, TokenHash, postgres};
 use crate::server_id::{ServerId, ServerIdError};
 
 /// Why a part of the catalog could not be built.
@@ -114,10 +115,32 @@ fn private_data_dir(config: &ServerConfig) -> Result<(), CatalogError> {
     Ok(())
 }
 
-/// Opens the datastore the configuration names (`[datastore]`; the
-/// choice itself is [`crate::datastore::open`]).
+/// Opens the datastore `[datastore]` names: sled under
+/// `<data_dir>/datastore`, or the PostgreSQL database (migrated to this
+/// binary's schema). The one place that chooses the implementation.
 pub async fn open_datastore(config: &ServerConfig) -> Result<Arc<dyn Datastore>, CatalogError> {
-    Ok(crate::datastore::open(&config.datastore, &config.data_dir).await?)
+    let section = &config.datastore;
+    Ok(match (section.kind, &section.connection) {
+        (DatastoreKind::Postgres, Some(connection)) => {
+            let settings =
+                postgres::PgSettings::parse(connection.expose(), section.password_file.as_deref())
+                    .map_err(|e| DatastoreError::Backend(e.to_string()))?;
+            let options = postgres::PgOptions {
+                pool_size: section.pool_size,
+                poll_interval: section.poll_interval,
+            };
+            Arc::new(postgres::PostgresDatastore::open(settings, options).await?)
+        }
+        (DatastoreKind::Postgres, None) => {
+            return Err(DatastoreError::Backend(
+                "datastore.type = \"postgres\" needs datastore.connection".into(),
+            )
+            .into());
+        }
+        (DatastoreKind::Sled, _) => {
+            Arc::new(SledDatastore::open(config.data_dir.join("datastore"))?)
+        }
+    })
 }
 
 /// Opens the CA key manager the configuration names.

@@ -1091,7 +1091,7 @@ impl AuditDataDir {
         if cfg.datastore.kind != sigil_server::config::DatastoreKind::Postgres {
             return Ok((cfg.data_dir, None));
         }
-        let store = sigil_server::datastore::open(&cfg.datastore, &cfg.data_dir).await?;
+        let store = sigil_server::catalog::open_datastore(&cfg).await?;
         Ok((cfg.data_dir, Some(store)))
     }
 

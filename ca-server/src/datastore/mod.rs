@@ -78,36 +78,6 @@ pub enum DatastoreError {
     Unavailable(String),
 }
 
-/// Opens the datastore `[datastore]` names: sled under
-/// `<data_dir>/datastore`, or the PostgreSQL database (migrated to this
-/// binary's schema).
-pub async fn open(
-    section: &crate::config::DatastoreSection,
-    data_dir: &std::path::Path,
-) -> Result<std::sync::Arc<dyn Datastore>> {
-    use crate::config::DatastoreKind;
-    match (section.kind, &section.connection) {
-        (DatastoreKind::Postgres, Some(connection)) => {
-            let settings =
-                postgres::PgSettings::parse(connection.expose(), section.password_file.as_deref())
-                    .map_err(|e| DatastoreError::Backend(e.to_string()))?;
-            let options = postgres::PgOptions {
-                pool_size: section.pool_size,
-                poll_interval: section.poll_interval,
-            };
-            Ok(std::sync::Arc::new(
-                postgres::PostgresDatastore::open(settings, options).await?,
-            ))
-        }
-        (DatastoreKind::Postgres, None) => Err(DatastoreError::Backend(
-            "datastore.type = \"postgres\" needs datastore.connection".into(),
-        )),
-        (DatastoreKind::Sled, _) => Ok(std::sync::Arc::new(SledDatastore::open(
-            data_dir.join("datastore"),
-        )?)),
-    }
-}
-
 /// Result alias for datastore calls.
 pub type Result<T, E = DatastoreError> = std::result::Result<T, E>;
 
