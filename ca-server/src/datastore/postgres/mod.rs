@@ -146,6 +146,20 @@ pub fn db(e: tokio_postgres::Error) -> DatastoreError {
     }
 }
 
+/// Maps the error of a `COMMIT`. An answer from the server means the
+/// transaction was not committed ([`db`]); a connection lost while
+/// committing leaves the outcome unknown, which `Unavailable` ("no change
+/// was made") would misstate.
+fn commit_error(e: tokio_postgres::Error) -> DatastoreError {
+    if e.code().is_some() {
+        return db(e);
+    }
+    DatastoreError::Backend(format!(
+        "the connection to PostgreSQL was lost while committing ({}): the change may or may not have been made; check before retrying",
+        redact(&e)
+    ))
+}
+
 fn unavailable(message: String) -> DatastoreError {
     DatastoreError::Unavailable(message)
 }
@@ -315,7 +329,7 @@ impl PostgresDatastore {
             )
             .await?;
         }
-        tx.commit().await.map_err(db)?;
+        tx.commit().await.map_err(commit_error)?;
         if rev > start {
             listen::bump(&self.hint, uint(rev));
         }
