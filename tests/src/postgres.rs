@@ -119,24 +119,7 @@ impl Cluster {
 
     /// Starts it again after [`Cluster::stop`].
     pub fn up(&self) -> Result<()> {
-        let log = self.dir.path().join("pg.log").display().to_string();
-        let opts = format!(
-            "-c listen_addresses='' -k {} -c fsync=off",
-            self.dir.path().display()
-        );
-        self.pg(&[
-            "pg_ctl",
-            "-D",
-            &self.data(),
-            "-l",
-            &log,
-            "-w",
-            "-t",
-            "60",
-            "-o",
-            &opts,
-            "start",
-        ])
+        self.pg_ctl(&["start"])
     }
 
     /// Stops it (fast: open sessions are ended).
@@ -148,26 +131,23 @@ impl Cluster {
     /// after a checkpoint and starts again; returns once it accepts
     /// connections.
     pub fn restart_fast(&self) -> Result<()> {
+        self.pg_ctl(&["-m", "fast", "restart"])
+    }
+
+    /// `pg_ctl` starting the server as this cluster runs it (Unix socket
+    /// in its directory only, no fsync), waiting up to 60 s, then `args`.
+    fn pg_ctl(&self, args: &[&str]) -> Result<()> {
         let log = self.dir.path().join("pg.log").display().to_string();
         let opts = format!(
             "-c listen_addresses='' -k {} -c fsync=off",
             self.dir.path().display()
         );
-        self.pg(&[
-            "pg_ctl",
-            "-D",
-            &self.data(),
-            "-l",
-            &log,
-            "-w",
-            "-t",
-            "60",
-            "-m",
-            "fast",
-            "-o",
-            &opts,
-            "restart",
-        ])
+        let data = self.data();
+        let mut all = vec![
+            "pg_ctl", "-D", &data, "-l", &log, "-w", "-t", "60", "-o", &opts,
+        ];
+        all.extend_from_slice(args);
+        self.pg(&all)
     }
 
     fn pg(&self, args: &[&str]) -> Result<()> {
