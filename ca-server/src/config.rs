@@ -62,6 +62,9 @@ pub struct ServerConfig {
     pub telemetry: TelemetrySection,
     #[serde(default)]
     pub datastore: DatastoreSection,
+    /// `[oidc_discovery]`: the OIDC discovery listener; off when absent.
+    #[serde(default)]
+    pub oidc_discovery: Option<crate::oidc_discovery::OidcDiscoverySection>,
 }
 
 /// Which datastore implementation holds the server's state.
@@ -287,6 +290,9 @@ pub struct CaSection {
     /// `spiffe_refresh_hint` published with the bundle.
     #[serde(with = "opt_human")]
     pub bundle_refresh_hint: Option<Duration>,
+    /// `iss` of every JWT-SVID (e.g. `https://oidc.example.org`); no `iss`
+    /// when unset. Must equal `oidc_discovery.issuer` when both are set.
+    pub jwt_issuer: Option<String>,
 }
 
 impl Default for CaSection {
@@ -301,6 +307,7 @@ impl Default for CaSection {
             upstream_cert: None,
             upstream_key: None,
             bundle_refresh_hint: None,
+            jwt_issuer: None,
         }
     }
 }
@@ -749,6 +756,13 @@ impl ServerConfig {
                 "server.admin_ids: {} is not in trust domain {}; only SVIDs of this trust domain are accepted",
                 a.id, self.trust_domain
             )));
+        }
+        if let Some(iss) = &self.ca.jwt_issuer {
+            crate::oidc_discovery::check_jwt_issuer(iss).map_err(ConfigError::Invalid)?;
+        }
+        if let Some(o) = &self.oidc_discovery {
+            crate::oidc_discovery::check_config(o, self.ca.jwt_issuer.as_deref(), self.ca.ttl)
+                .map_err(ConfigError::Invalid)?;
         }
         Ok(())
     }

@@ -35,6 +35,8 @@
 //! - [`telemetry`]: metrics and readiness for the `[telemetry]` listener.
 //! - [`registration_file`], [`entry_apply`]: registration entries kept as
 //!   code (`entry plan`/`apply`/`export`).
+//! - [`oidc_discovery`]: the `[oidc_discovery]` HTTPS listener serving the
+//!   OpenID discovery document and the JWT keys for relying parties.
 
 #![forbid(unsafe_code)]
 
@@ -48,6 +50,7 @@ pub mod config;
 pub mod datastore;
 pub mod entry_apply;
 pub mod node_api;
+pub mod oidc_discovery;
 pub mod registration_file;
 pub mod registry;
 pub mod remote_admin;

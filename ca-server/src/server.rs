@@ -59,6 +59,8 @@ pub enum ServerError {
     AuditKey(#[from] crate::audit::checkpoint::CheckpointError),
     #[error("{0}")]
     Telemetry(std::io::Error),
+    #[error("{0}")]
+    OidcDiscovery(#[from] crate::oidc_discovery::OidcError),
 }
 
 /// The sockets the server serves on, bound by the caller so tests can use
@@ -118,6 +120,7 @@ impl Core {
             key_algorithm: config.ca.key_type,
             refresh_hint: config.ca.bundle_refresh_hint,
             server_id: catalog.server_id.clone(),
+            jwt_issuer: config.ca.jwt_issuer.clone(),
         };
         let ca = CaManager::start(
             ca_config,
@@ -199,7 +202,26 @@ impl Background {
         tasks.push(follow_changes(config, core, stop.clone()));
         tasks.push(prune_join_tokens(core, stop.clone()));
         if let Some(addr) = config.telemetry.bind {
-            tasks.push(serve_telemetry(addr, core, stop).await?);
+            tasks.push(serve_telemetry(addr, core, stop.clone()).await?);
+        }
+        if let Some(oidc) = &config.oidc_discovery {
+            if config.ca.jwt_issuer.is_none() {
+                warn!(
+                    issuer = %oidc.issuer,
+                    "oidc_discovery is on but ca.jwt_issuer is unset: JWT-SVIDs carry no iss, \
+                     and most relying parties refuse them; set ca.jwt_issuer to the issuer"
+                );
+            }
+            tasks.push(
+                crate::oidc_discovery::start(
+                    oidc,
+                    &core.ca,
+                    core.metrics.clone(),
+                    stop,
+                    SHUTDOWN_GRACE,
+                )
+                .await?,
+            );
         }
         Ok(Self {
             tasks,

@@ -59,6 +59,7 @@ pub struct ServerMetrics {
     feed_lag: Gauge,
     feed_reloads: Gauge,
     ready: Gauge,
+    oidc_requests: Family<[(&'static str, &'static str); 2], Counter>,
 }
 
 /// An open Sync stream, counted until dropped.
@@ -117,7 +118,26 @@ impl ServerMetrics {
             "1 when /ready answers 200 (datastore reachable, an active CA), else 0",
             self.ready.clone(),
         );
+        r.register(
+            "oidc_discovery_requests",
+            "Requests to the [oidc_discovery] listener, by document (configuration, keys, \
+             other) and HTTP status",
+            self.oidc_requests.clone(),
+        );
         r
+    }
+
+    /// Counts one request to the OIDC discovery listener.
+    pub fn oidc_request(&self, document: &'static str, status: u16) {
+        let status = match status {
+            200 => "200",
+            404 => "404",
+            405 => "405",
+            _ => "other",
+        };
+        self.oidc_requests
+            .get_or_create(&[("document", document), ("status", status)])
+            .inc();
     }
 
     /// Counts one issuance.

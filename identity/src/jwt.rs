@@ -136,6 +136,8 @@ pub struct JwtSigner {
     public_key: PublicKey,
     not_after: SystemTime,
     header_b64: String,
+    /// The `iss` claim of every token, when set ([`JwtSigner::with_issuer`]).
+    issuer: Option<String>,
 }
 
 impl fmt::Debug for JwtSigner {
@@ -152,6 +154,8 @@ struct Claims<'a> {
     aud: &'a [String],
     exp: u64,
     iat: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    iss: Option<&'a str>,
     sub: &'a str,
 }
 
@@ -199,7 +203,22 @@ impl JwtSigner {
             public_key,
             not_after,
             header_b64,
+            issuer: None,
         })
+    }
+
+    /// Adds `iss` = `issuer` to every token this signer mints (relying
+    /// parties that find keys by OIDC discovery compare it with the
+    /// discovery document's issuer); `None` mints tokens without `iss`.
+    #[must_use]
+    pub fn with_issuer(mut self, issuer: Option<String>) -> Self {
+        self.issuer = issuer;
+        self
+    }
+
+    /// The `iss` claim minted tokens carry, if any.
+    pub fn issuer(&self) -> Option<&str> {
+        self.issuer.as_deref()
     }
 
     /// The key id.
@@ -237,6 +256,7 @@ impl JwtSigner {
             aud: audience,
             exp: unix_seconds(expiry),
             iat: unix_seconds(now),
+            iss: self.issuer.as_deref(),
             sub: sub.as_str(),
         };
         let claims_json = serde_json::to_vec(&claims).map_err(|e| JwtError::Json(e.to_string()))?;

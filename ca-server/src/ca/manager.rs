@@ -278,7 +278,10 @@ impl CaManager {
                     slot.key_id
                 )))
             })?;
-        Ok(jwt_signer(&slot.kid, &key, slot.not_after)?)
+        Ok(
+            jwt_signer(&slot.kid, &key, slot.not_after)?
+                .with_issuer(self.config.jwt_issuer.clone()),
+        )
     }
 
     /// Publishes this replica's authorities: every X.509 and JWT key of

@@ -84,6 +84,8 @@ pub struct CaConfig {
     pub refresh_hint: Option<Duration>,
     /// This replica: its CA journal is stored under this id.
     pub server_id: ServerId,
+    /// `iss` of every JWT-SVID (`ca.jwt_issuer`); none when unset.
+    pub jwt_issuer: Option<String>,
 }
 
 impl CaConfig {
@@ -97,6 +99,7 @@ impl CaConfig {
             key_algorithm: keys::KeyAlgorithm::EcP256,
             refresh_hint: None,
             server_id: ServerId::local(),
+            jwt_issuer: None,
         }
     }
 }

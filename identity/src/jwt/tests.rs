@@ -571,3 +571,42 @@ fn debug_never_shows_the_token() {
     assert!(!shown.contains(&t.token));
     assert!(!shown.contains(t.token.split('.').nth(2).unwrap()));
 }
+
+fn claims_of(token: &str) -> Value {
+    serde_json::from_slice(&B64URL.decode(token.split('.').nth(1).unwrap()).unwrap()).unwrap()
+}
+
+#[test]
+fn with_issuer_adds_iss_and_tokens_validate_with_and_without_it() {
+    let f = fixture();
+    let sub = SpiffeId::parse(SUB).unwrap();
+    let issuer = "https://oidc.example.org";
+    let signer = JwtSigner::from_pkcs8("k1", Curve::P256, &f.pkcs8, f.now + DEFAULT_TTL * 12)
+        .unwrap()
+        .with_issuer(Some(issuer.into()));
+    assert_eq!(signer.issuer(), Some(issuer));
+    let with = signer
+        .mint(&sub, &["svc".into()], DEFAULT_TTL, f.now)
+        .unwrap();
+    assert_eq!(claims_of(&with.token)["iss"], issuer);
+    assert_eq!(f.check(&with.token).unwrap().spiffe_id, sub);
+
+    let without = f
+        .signer
+        .mint(&sub, &["svc".into()], DEFAULT_TTL, f.now)
+        .unwrap();
+    assert_eq!(f.signer.issuer(), None);
+    assert!(
+        claims_of(&without.token).get("iss").is_none(),
+        "no iss unless set"
+    );
+    assert_eq!(f.check(&without.token).unwrap().spiffe_id, sub);
+
+    // `None` clears it again.
+    let cleared = JwtSigner::from_pkcs8("k1", Curve::P256, &f.pkcs8, f.now + DEFAULT_TTL * 12)
+        .unwrap()
+        .with_issuer(None)
+        .mint(&sub, &["svc".into()], DEFAULT_TTL, f.now)
+        .unwrap();
+    assert!(claims_of(&cleared.token).get("iss").is_none());
+}

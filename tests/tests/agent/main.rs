@@ -13,6 +13,7 @@ mod cli;
 mod failover;
 mod interop_python;
 mod k8s_psat;
+mod oidc_discovery;
 mod sds;
 mod sds_envoy;
 mod workload_api;

@@ -413,3 +413,93 @@ async fn a_client_that_closed_its_side_still_gets_rotations() {
         .unwrap();
     assert_ne!(leaf_of(&secrets(&pushed)[0]).1, serial);
 }
+
+/// The certificates of the `ALL` secret's SPIFFE validator, per trust domain.
+fn all_bundles(s: &Secret) -> Vec<(String, String)> {
+    let Some(secret::Type::ValidationContext(v)) = &s.r#type else {
+        panic!("{} is not a validation context", s.name);
+    };
+    let typed = v
+        .custom_validator_config
+        .as_ref()
+        .and_then(|c| c.typed_config.as_ref())
+        .expect("ALL carries the SPIFFE validator");
+    let config = SpiffeCertValidatorConfig::decode(typed.value.as_slice()).unwrap();
+    config
+        .trust_domains
+        .iter()
+        .map(|td| (td.name.clone(), inline_text(&td.trust_bundle)))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trust_bundle_change_pushes_rootca_and_all_once() {
+    use sigil_tests::process::{ServerOptions, ServerProcess};
+
+    // A 60 s CA: the next CA is prepared and published at half its life.
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(
+        dir.path(),
+        &ServerOptions {
+            ca_ttl: Some(Duration::from_secs(60)),
+            agent_svid_ttl: Some(Duration::from_secs(30)),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let s = crate::workload_api::setup_on(
+        server,
+        std::sync::Arc::new(sigil_attestors::unix::UnixAttestor::default()),
+        |api| api,
+    )
+    .await;
+    register(&s, "web", &format!("unix:uid:{}", my_uid())).await;
+    wait_for_identity(&s).await;
+    let mut sds = sds_client(&s).await;
+    let (tx, rx) = mpsc::channel(8);
+    tx.send(request(&["ROOTCA", "ALL"])).await.unwrap();
+    let mut stream = sds
+        .stream_secrets(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.message().await.unwrap().unwrap();
+    let got = secrets(&first);
+    assert_eq!(got[0].name, "ROOTCA");
+    assert_eq!(got[1].name, "ALL");
+    let rootca = trusted_ca(&got[0]);
+    assert_eq!(rootca.matches("BEGIN CERTIFICATE").count(), 1, "one CA");
+    assert_eq!(
+        all_bundles(&got[1]),
+        [("example.org".to_owned(), rootca.clone())]
+    );
+    let ack = |r: &DiscoveryResponse| DiscoveryRequest {
+        version_info: r.version_info.clone(),
+        response_nonce: r.nonce.clone(),
+        ..request(&["ROOTCA", "ALL"])
+    };
+    tx.send(ack(&first)).await.unwrap();
+
+    // The next CA's certificate reaches the bundle: one push of both.
+    let pushed = tokio::time::timeout(Duration::from_secs(60), stream.message())
+        .await
+        .expect("the bundle change is pushed")
+        .unwrap()
+        .unwrap();
+    assert_ne!(pushed.version_info, first.version_info);
+    assert_ne!(pushed.nonce, first.nonce);
+    let got = secrets(&pushed);
+    assert_eq!(got[0].name, "ROOTCA");
+    assert_eq!(got[1].name, "ALL");
+    let next = trusted_ca(&got[0]);
+    assert_eq!(
+        next.matches("BEGIN CERTIFICATE").count(),
+        2,
+        "the current and the prepared CA: {next}"
+    );
+    assert!(next.contains(rootca.trim_end()), "the current CA stays");
+    assert_eq!(all_bundles(&got[1]), [("example.org".to_owned(), next)]);
+    // Its ACK causes no further push.
+    tx.send(ack(&pushed)).await.unwrap();
+    quiet(&mut stream).await;
+}

@@ -35,7 +35,15 @@ pub(crate) async fn setup_with(
     attestor: Arc<UnixAttestor>,
     configure: impl FnOnce(WorkloadApi) -> WorkloadApi,
 ) -> Setup {
-    let server = crate::common::start("");
+    setup_on(crate::common::start(""), attestor, configure).await
+}
+
+/// Like [`setup_with`], against `server` (started with other settings).
+pub(crate) async fn setup_on(
+    server: ServerProcess,
+    attestor: Arc<UnixAttestor>,
+    configure: impl FnOnce(WorkloadApi) -> WorkloadApi,
+) -> Setup {
     let agent = server.start_agent().await;
     let agent_id = server.agent_id().await;
     let socket = server.dir().join("workload/api.sock");
@@ -81,7 +89,7 @@ pub(crate) async fn register(s: &Setup, path: &str, selector: &str) -> String {
     r.into_inner().results[0].entry.as_ref().unwrap().id.clone()
 }
 
-fn with_header<T>(r: T) -> tonic::Request<T> {
+pub(crate) fn with_header<T>(r: T) -> tonic::Request<T> {
     let mut req = tonic::Request::new(r);
     req.metadata_mut()
         .insert("workload.spiffe.io", "true".parse().unwrap());

@@ -497,3 +497,38 @@ async fn a_journal_stored_before_server_ids_is_taken_over() {
     let issued = ca.issue_x509_svid(&web(), &[], None, &csr).unwrap();
     svid::verify_svid(&issued.chain, &bundle, h.clock.now()).unwrap();
 }
+
+fn claims_of(token: &str) -> serde_json::Value {
+    use base64::Engine as _;
+    let part = token.split('.').nth(1).unwrap();
+    serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(part)
+            .unwrap(),
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn jwt_issuer_is_the_iss_of_minted_svids_and_unset_means_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = Harness::new(dir.path());
+    let issuer = "https://oidc.example.org";
+    let ca = h
+        .start(CaConfig {
+            jwt_issuer: Some(issuer.into()),
+            ..config(Duration::from_secs(24 * HOUR))
+        })
+        .await;
+    let t = ca.mint_jwt_svid(&web(), &["svc".into()], None).unwrap();
+    assert_eq!(claims_of(&t.token)["iss"], issuer);
+    let bundle = ca.bundle();
+    jwt::validate(&t.token, &["svc"], &*bundle, h.clock.now()).unwrap();
+    drop(ca);
+
+    // The same keys after a restart without an issuer: no `iss`.
+    let ca = h.start(config(Duration::from_secs(24 * HOUR))).await;
+    let t = ca.mint_jwt_svid(&web(), &["svc".into()], None).unwrap();
+    assert!(claims_of(&t.token).get("iss").is_none());
+    jwt::validate(&t.token, &["svc"], &*ca.bundle(), h.clock.now()).unwrap();
+}
