@@ -663,7 +663,11 @@ pub async fn run_client(command: Command, socket: &AdminTarget, output: Output) 
                 entry_id: entry.unwrap_or_default(),
                 reason,
             };
-            let r = c.revoke_x509_svid(req).await.map_err(RpcError)?.into_inner();
+            let r = c
+                .revoke_x509_svid(req)
+                .await
+                .map_err(RpcError)?
+                .into_inner();
             let json = json!({
                 "revoked": r.revoked.iter().map(|v| json!({
                     "serial": v.serial, "spiffe_id": v.spiffe_id, "issuer": v.issuer, "expires_at": v.expires_at,
@@ -674,7 +678,12 @@ pub async fn run_client(command: Command, socket: &AdminTarget, output: Output) 
             } else {
                 r.revoked
                     .iter()
-                    .map(|v| format!("revoked {} ({}, CA {}, on the CRL until {})\n", v.serial, v.spiffe_id, v.issuer, v.expires_at))
+                    .map(|v| {
+                        format!(
+                            "revoked {} ({}, CA {}, on the CRL until {})\n",
+                            v.serial, v.spiffe_id, v.issuer, v.expires_at
+                        )
+                    })
                     .collect()
             };
             output.print(&json, text);

@@ -198,7 +198,12 @@ impl Revocations {
             .collect();
         if records.is_empty() {
             self.audit
-                .record(caller, "svid.x509.revoke", id.as_str(), "no unexpired SVIDs")
+                .record(
+                    caller,
+                    "svid.x509.revoke",
+                    id.as_str(),
+                    "no unexpired SVIDs",
+                )
                 .await;
             return Ok(records);
         }
@@ -322,7 +327,10 @@ impl Revocations {
 
     async fn prune(&self, now: SystemTime) {
         match self.store.prune_revocations(now).await {
-            Ok(n) if n > 0 => info!(pruned = n, "expired issuance, revocation and CRL records removed"),
+            Ok(n) if n > 0 => info!(
+                pruned = n,
+                "expired issuance, revocation and CRL records removed"
+            ),
             Ok(_) => {}
             Err(e) => warn!(error = %e, "pruning revocation records failed"),
         }
@@ -360,8 +368,12 @@ pub async fn revoke_banned_agent(
         .revoke_spiffe_id(caller, id, RevocationReason::KeyCompromise)
         .await
     {
-        Ok(revoked) => info!(agent_id = %agent.id, revoked = revoked.len(), "banned agent's SVIDs revoked"),
-        Err(e) => warn!(agent_id = %agent.id, error = %e, "banned agent's SVIDs could not be revoked; revoke them with `x509 revoke --serial`"),
+        Ok(revoked) => {
+            info!(agent_id = %agent.id, revoked = revoked.len(), "banned agent's SVIDs revoked")
+        }
+        Err(e) => {
+            warn!(agent_id = %agent.id, error = %e, "banned agent's SVIDs could not be revoked; revoke them with `x509 revoke --serial`")
+        }
     }
 }
 
@@ -434,7 +446,13 @@ mod tests {
         assert_eq!(normalize_serial("00a1b").unwrap(), "0a1b");
         assert_eq!(normalize_serial("0x7F").unwrap(), "7f");
         assert_eq!(normalize_serial("serial=7F").unwrap(), "7f");
-        assert!(matches!(normalize_serial("xyz"), Err(RevokeError::BadSerial(_))));
-        assert!(matches!(normalize_serial(""), Err(RevokeError::BadSerial(_))));
+        assert!(matches!(
+            normalize_serial("xyz"),
+            Err(RevokeError::BadSerial(_))
+        ));
+        assert!(matches!(
+            normalize_serial(""),
+            Err(RevokeError::BadSerial(_))
+        ));
     }
 }

@@ -119,8 +119,11 @@ pub fn sign_crl(
         key_identifier_method: KeyIdMethod::Sha256,
     };
     let signer = RcgenKey(key.as_ref());
-    let issuer = Issuer::from_ca_cert_der(&CertificateDer::from(ca_der), signer)
-        .map_err(|e| CaError::Build(format!("CA {issuer_id}: cannot read it as a CRL issuer: {e}")))?;
+    let issuer = Issuer::from_ca_cert_der(&CertificateDer::from(ca_der), signer).map_err(|e| {
+        CaError::Build(format!(
+            "CA {issuer_id}: cannot read it as a CRL issuer: {e}"
+        ))
+    })?;
     let crl = params.signed_by(&issuer).map_err(|e| match e {
         rcgen::Error::IssuerNotCrlSigner => CaError::Build(format!(
             "CA {issuer_id} lacks the cRLSign key usage and cannot sign a CRL; it was made by an older Sigil: its SVIDs cannot be revoked until it is rotated out"

@@ -579,9 +579,9 @@ impl CaManager {
         self.check_member(spiffe_id)?;
         let key = public_key_from_csr(csr_der)?;
         let ttl = ttl.unwrap_or(self.config.x509_svid_ttl);
-        let issued = self
-            .active_x509()?
-            .issue(spiffe_id, dns_names, ttl, &key, self.clock.now())?;
+        let issued =
+            self.active_x509()?
+                .issue(spiffe_id, dns_names, ttl, &key, self.clock.now())?;
         self.issued
             .lock()
             .unwrap_or_else(|p| p.into_inner())

@@ -1301,15 +1301,24 @@ pub async fn issuances_are_found_by_serial_and_spiffe_id_until_not_after<
     assert_eq!(ds.fetch_issuance("ff").await.unwrap(), None);
     let web = SpiffeId::parse("spiffe://example.org/web").unwrap();
     let serials = |v: Vec<IssuanceRecord>| v.into_iter().map(|r| r.serial).collect::<Vec<_>>();
-    assert_eq!(serials(ds.list_issuances_of(&web).await.unwrap()), ["0a", "0b"]);
+    assert_eq!(
+        serials(ds.list_issuances_of(&web).await.unwrap()),
+        ["0a", "0b"]
+    );
     // A prefix of another SPIFFE ID is not that ID.
     let we = SpiffeId::parse("spiffe://example.org/we").unwrap();
     assert!(ds.list_issuances_of(&we).await.unwrap().is_empty());
     // Not in the change feed.
     assert_eq!(ds.current_revision().await.unwrap(), 0);
     // Kept until NotAfter, gone after it.
-    assert_eq!(ds.prune_revocations(from_unix_seconds(100)).await.unwrap(), 0);
-    assert_eq!(ds.prune_revocations(from_unix_seconds(101)).await.unwrap(), 1);
+    assert_eq!(
+        ds.prune_revocations(from_unix_seconds(100)).await.unwrap(),
+        0
+    );
+    assert_eq!(
+        ds.prune_revocations(from_unix_seconds(101)).await.unwrap(),
+        1
+    );
     assert_eq!(serials(ds.list_issuances_of(&web).await.unwrap()), ["0b"]);
     assert_eq!(ds.fetch_issuance("0a").await.unwrap(), None);
 }
@@ -1336,7 +1345,10 @@ pub async fn revocations_are_in_the_feed_keep_the_first_record_and_go_after_not_
         assert_eq!(rev, 2);
     }
     let ds = open(dir).await;
-    assert_eq!(ds.list_revocations().await.unwrap(), vec![first, other.clone()]);
+    assert_eq!(
+        ds.list_revocations().await.unwrap(),
+        vec![first, other.clone()]
+    );
     let feed: Vec<_> = ds
         .changes(0, 10)
         .await
@@ -1347,7 +1359,12 @@ pub async fn revocations_are_in_the_feed_keep_the_first_record_and_go_after_not_
     assert_eq!(
         feed,
         vec![
-            (1, Changed::Revocation { serials: vec!["0a".into()] }),
+            (
+                1,
+                Changed::Revocation {
+                    serials: vec!["0a".into()]
+                }
+            ),
             (
                 2,
                 Changed::Revocation {
@@ -1356,7 +1373,10 @@ pub async fn revocations_are_in_the_feed_keep_the_first_record_and_go_after_not_
             ),
         ]
     );
-    assert_eq!(ds.prune_revocations(from_unix_seconds(150)).await.unwrap(), 1);
+    assert_eq!(
+        ds.prune_revocations(from_unix_seconds(150)).await.unwrap(),
+        1
+    );
     assert_eq!(ds.list_revocations().await.unwrap(), vec![other]);
 }
 
@@ -1397,6 +1417,9 @@ pub async fn crl_is_kept_per_issuer_and_its_number_never_goes_back<
         issuer: issuer.into(),
     };
     assert_eq!(feed, vec![changed("ca1"), changed("ca2"), changed("ca1")]);
-    assert_eq!(ds.prune_revocations(from_unix_seconds(200)).await.unwrap(), 1);
+    assert_eq!(
+        ds.prune_revocations(from_unix_seconds(200)).await.unwrap(),
+        1
+    );
     assert_eq!(ds.list_crls().await.unwrap(), vec![crl("ca2", 1, 300)]);
 }

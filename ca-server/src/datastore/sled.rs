@@ -1288,8 +1288,8 @@ impl Datastore for SledDatastore {
     async fn revoke_x509(&self, records: Vec<RevocationRecord>) -> Result<u64> {
         let s = self.store()?;
         let serials: Vec<String> = records.iter().map(|r| r.serial.clone()).collect();
-        let revision = tx(
-            (&s.revocations, &s.changes, &s.meta).transaction(|(t, changes, meta)| {
+        let revision = tx((&s.revocations, &s.changes, &s.meta).transaction(
+            |(t, changes, meta)| {
                 for r in &records {
                     if t.get(r.serial.as_bytes())?.is_none() {
                         t.insert(r.serial.as_bytes(), tx_encode(r)?)?;
@@ -1299,8 +1299,8 @@ impl Datastore for SledDatastore {
                     serials: serials.clone(),
                 };
                 tx_record(changes, meta, changed)
-            }),
-        )?;
+            },
+        ))?;
         s.durable().await?;
         Ok(revision)
     }

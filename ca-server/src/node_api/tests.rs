@@ -154,10 +154,7 @@ impl Datastore for PausingStore {
     async fn fetch_issuance(&self, serial: &str) -> R<Option<crate::datastore::IssuanceRecord>> {
         self.inner.fetch_issuance(serial).await
     }
-    async fn list_issuances_of(
-        &self,
-        id: &SpiffeId,
-    ) -> R<Vec<crate::datastore::IssuanceRecord>> {
+    async fn list_issuances_of(&self, id: &SpiffeId) -> R<Vec<crate::datastore::IssuanceRecord>> {
         self.inner.list_issuances_of(id).await
     }
     async fn revoke_x509(&self, r: Vec<crate::datastore::RevocationRecord>) -> R<u64> {

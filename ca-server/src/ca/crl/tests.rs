@@ -71,7 +71,13 @@ fn serial_leaves_the_crl_after_its_not_after() {
     let id = ca_key_id(ca.cert_der()).unwrap();
     let not_after = now() + HOUR;
     let records = vec![revoked("0a", &id, not_after)];
-    let at = |t: SystemTime| serials(&sign_crl(ca.cert_der(), &key, &records, 1, t, HOUR).unwrap().der);
+    let at = |t: SystemTime| {
+        serials(
+            &sign_crl(ca.cert_der(), &key, &records, 1, t, HOUR)
+                .unwrap()
+                .der,
+        )
+    };
     assert_eq!(at(now()), ["0a"]);
     assert_eq!(at(not_after), ["0a"], "still listed at NotAfter itself");
     assert!(at(not_after + Duration::from_secs(1)).is_empty());
@@ -85,12 +91,23 @@ fn crl_verifies_against_the_ca_with_openssl() {
     }
     let (ca, key) = ca();
     let id = ca_key_id(ca.cert_der()).unwrap();
-    let crl = sign_crl(ca.cert_der(), &key, &[revoked("0a", &id, now() + HOUR)], 3, now(), HOUR)
-        .unwrap();
+    let crl = sign_crl(
+        ca.cert_der(),
+        &key,
+        &[revoked("0a", &id, now() + HOUR)],
+        3,
+        now(),
+        HOUR,
+    )
+    .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let ca_pem = dir.path().join("ca.pem");
     let crl_der = dir.path().join("crl.der");
-    std::fs::write(&ca_pem, sigil_identity::pem::encode("CERTIFICATE", ca.cert_der())).unwrap();
+    std::fs::write(
+        &ca_pem,
+        sigil_identity::pem::encode("CERTIFICATE", ca.cert_der()),
+    )
+    .unwrap();
     std::fs::write(&crl_der, &crl.der).unwrap();
     let out = Command::new("openssl")
         .args(["crl", "-inform", "DER", "-noout", "-text", "-in"])
@@ -106,7 +123,10 @@ fn crl_verifies_against_the_ca_with_openssl() {
     );
     assert!(out.status.success(), "{text}");
     assert!(text.contains("verify OK"), "{text}");
-    assert!(text.to_ascii_uppercase().contains("SERIAL NUMBER: 0A"), "{text}");
+    assert!(
+        text.to_ascii_uppercase().contains("SERIAL NUMBER: 0A"),
+        "{text}"
+    );
 }
 
 #[test]

@@ -1172,14 +1172,11 @@ impl Datastore for PostgresDatastore {
     }
 
     async fn list_revocations(&self) -> Result<Vec<RevocationRecord>> {
-        self.query(
-            "SELECT record FROM sigil_revocations ORDER BY serial",
-            &[],
-        )
-        .await?
-        .iter()
-        .map(|r| json(r, 0))
-        .collect()
+        self.query("SELECT record FROM sigil_revocations ORDER BY serial", &[])
+            .await?
+            .iter()
+            .map(|r| json(r, 0))
+            .collect()
     }
 
     async fn put_crl(&self, crl: CrlRecord) -> Result<()> {
