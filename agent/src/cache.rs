@@ -65,6 +65,8 @@ struct State {
     bundle: Option<Arc<Bundle>>,
     /// Why the server revoked this agent, until it attests again.
     revoked: Option<String>,
+    /// The trust domain's CRLs, as last sent with the bundle.
+    crls: Arc<crate::crl::CrlSet>,
 }
 
 /// See the module documentation.
@@ -126,6 +128,42 @@ impl Cache {
     /// The current bundle, if any was received.
     pub fn bundle(&self) -> Option<Arc<Bundle>> {
         self.lock().bundle.clone()
+    }
+
+    /// The trust domain's CRLs (empty until the server sends any).
+    pub fn crls(&self) -> Arc<crate::crl::CrlSet> {
+        self.lock().crls.clone()
+    }
+
+    /// Replaces the CRLs; streams are woken only when they changed. An
+    /// SVID held whose serial is now revoked is due for renewal at once:
+    /// it is served until its replacement arrives (a workload without an
+    /// SVID is worse off than one whose peers refuse one), and the
+    /// returned count says how many were so marked.
+    pub fn set_crls(&self, crls: crate::crl::CrlSet) -> usize {
+        let mut st = self.lock();
+        if *st.crls == crls {
+            return 0;
+        }
+        let mut marked = 0;
+        for svid in st.svids.values_mut() {
+            let revoked = svid.chain.first().is_some_and(|leaf| crls.is_revoked(leaf));
+            if revoked && svid.renew_at > SystemTime::UNIX_EPOCH {
+                *svid = Arc::new(CachedSvid {
+                    entry: svid.entry.clone(),
+                    key: svid.key.clone(),
+                    chain: svid.chain.clone(),
+                    not_before: svid.not_before,
+                    not_after: svid.not_after,
+                    renew_at: SystemTime::UNIX_EPOCH,
+                });
+                marked += 1;
+            }
+        }
+        st.crls = Arc::new(crls);
+        drop(st);
+        self.bump();
+        marked
     }
 
     /// Every SVID held.

@@ -13,6 +13,8 @@
 //!   resolving to several), and moving to another when one goes away.
 //! - [`node`]: attestation and authenticated node API connections.
 //! - [`cache`]: entries from the Sync stream and the SVIDs held for them.
+//! - [`crl`]: the trust domain's CRLs from the server, parsed for the
+//!   Workload API, SDS and re-issuing revoked SVIDs.
 //! - [`session`]: the agent's session with the server: its own SVID, the
 //!   Sync stream, issuance and rotation, renewal.
 //! - [`workload_api`]: the SPIFFE Workload API on a Unix socket
@@ -32,6 +34,7 @@
 
 pub mod cache;
 pub mod config;
+pub mod crl;
 pub mod metrics;
 pub mod node;
 pub mod peer_pidfd;

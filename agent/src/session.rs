@@ -506,6 +506,7 @@ impl Session {
                         return Ok::<_, NodeError>(());
                     };
                     delivered.store(true, std::sync::atomic::Ordering::Relaxed);
+                    let crls = crate::crl::carried(&msg);
                     let update = match SyncUpdate::try_from(msg) {
                         Ok(update) => update,
                         Err(e) => {
@@ -526,6 +527,9 @@ impl Session {
                     }
                     if bundle_changed {
                         self.adopt_bundle();
+                    }
+                    if let Some(raw) = crls {
+                        self.adopt_crls(&raw);
                     }
                 }
             };
@@ -563,6 +567,27 @@ impl Session {
             let jitter = 1.0 + 0.2 * sigil_identity::random::jitter_unit();
             tokio::time::sleep(backoff.mul_f64(jitter)).await;
             backoff = (backoff * 2).min(Duration::from_secs(30));
+        }
+    }
+
+    /// Takes the CRLs the server sent with its bundle (see `crate::crl`);
+    /// SVIDs held that they revoke are re-issued.
+    fn adopt_crls(&self, raw: &[Vec<u8>]) {
+        let (crls, rejected) = crate::crl::CrlSet::parse(raw);
+        if rejected > 0 {
+            warn!(
+                rejected,
+                "CRLs from the server that do not parse were dropped"
+            );
+        }
+        let count = crls.crls.len();
+        let reissue = self.cache.set_crls(crls);
+        if reissue > 0 {
+            info!(
+                reissue,
+                crls = count,
+                "SVIDs held were revoked; re-issuing them"
+            );
         }
     }
 

@@ -67,6 +67,8 @@ pub struct AdminService {
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) allowed_uids: BTreeSet<u32>,
     pub(crate) token_ttl: Duration,
+    /// `x509 revoke`, and the revocation of a banned agent's SVIDs.
+    pub(crate) revocations: Arc<crate::revocation::Revocations>,
 }
 
 impl std::fmt::Debug for AdminService {
@@ -677,6 +679,9 @@ impl Admin for AdminApi {
         let a = self
             .agent_op(&caller, "agent.ban", &req.get_ref().id, true)
             .await?;
+        // A banned agent's SVIDs go on the CRLs: its key may be in other
+        // hands, and other agents' peers should stop trusting it now.
+        crate::revocation::revoke_banned_agent(&self.revocations, &caller, &a).await;
         Ok(Response::new(agent_message(&a)))
     }
 
@@ -790,5 +795,15 @@ impl Admin for AdminApi {
             agents: self.registry.agent_count() as u64,
             server_id: self.ca.config().server_id.to_string(),
         }))
+    }
+
+    async fn revoke_x509_svid(
+        &self,
+        req: Request<pb::RevokeX509SvidRequest>,
+    ) -> Result<Response<pb::RevokeX509SvidResponse>, Status> {
+        let caller = self.caller(&req)?;
+        crate::revocation::admin_revoke(self, &caller, req.into_inner())
+            .await
+            .map(Response::new)
     }
 }

@@ -113,7 +113,7 @@ pub enum Command {
     /// Show the trust bundle.
     #[command(subcommand)]
     Bundle(BundleCmd),
-    /// Mint X.509-SVIDs directly (for bootstrapping and tests).
+    /// Mint X.509-SVIDs directly (for bootstrapping and tests), and revoke them.
     #[command(subcommand)]
     X509(X509Cmd),
     /// Mint JWT-SVIDs directly.
@@ -355,6 +355,22 @@ pub enum X509Cmd {
         /// Write svid.pem, svid.key (both 0600) and bundle.pem into DIR instead of stdout.
         #[arg(long, value_name = "DIR")]
         write: Option<PathBuf>,
+    },
+    /// Revoke X.509-SVIDs: they go on their CA's CRL, which agents get
+    /// within a second and serve to workloads (Workload API, SDS). A
+    /// serial stays on the CRL until its certificate expires.
+    #[command(group(clap::ArgGroup::new("what").required(true).args(["serial", "entry"])))]
+    Revoke {
+        /// The SVID's serial, hex (as `openssl x509 -noout -serial` prints it).
+        #[arg(long)]
+        serial: Option<String>,
+        /// Revoke every unexpired SVID issued for this entry's SPIFFE ID.
+        #[arg(long, value_name = "ID")]
+        entry: Option<String>,
+        /// unspecified, key-compromise, affiliation-changed, superseded or
+        /// cessation-of-operation.
+        #[arg(long, default_value = "unspecified")]
+        reason: String,
     },
 }
 
@@ -635,6 +651,42 @@ pub async fn run_client(command: Command, socket: &AdminTarget, output: Output) 
                     println!("{}", serde_json::to_string_pretty(&bundle.to_jwks())?)
                 }
             }
+        }
+        Command::X509(X509Cmd::Revoke {
+            serial,
+            entry,
+            reason,
+        }) => {
+            let mut c = connect(socket).await?;
+            let req = pb::RevokeX509SvidRequest {
+                serial: serial.unwrap_or_default(),
+                entry_id: entry.unwrap_or_default(),
+                reason,
+            };
+            let r = c
+                .revoke_x509_svid(req)
+                .await
+                .map_err(RpcError)?
+                .into_inner();
+            let json = json!({
+                "revoked": r.revoked.iter().map(|v| json!({
+                    "serial": v.serial, "spiffe_id": v.spiffe_id, "issuer": v.issuer, "expires_at": v.expires_at,
+                })).collect::<Vec<_>>(),
+            });
+            let text = if r.revoked.is_empty() {
+                "no unexpired SVIDs to revoke\n".to_owned()
+            } else {
+                r.revoked
+                    .iter()
+                    .map(|v| {
+                        format!(
+                            "revoked {} ({}, CA {}, on the CRL until {})\n",
+                            v.serial, v.spiffe_id, v.issuer, v.expires_at
+                        )
+                    })
+                    .collect()
+            };
+            output.print(&json, text);
         }
         Command::X509(X509Cmd::Mint {
             spiffe_id,

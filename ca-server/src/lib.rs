@@ -24,6 +24,8 @@
 //! - [`remote_admin`]: the client side of the admin API over mTLS.
 //! - [`audit`]: the audit trail (token buckets are `sigil_identity::rate_limit`).
 //! - [`retention`]: pruning of old changes, audit records and agents.
+//! - [`revocation`]: `x509 revoke`, issuance records, and each CA's CRL
+//!   kept signed and pushed to agents.
 //! - [`config`]: TOML config merged with flags.
 //! - [`catalog`]: the parts built from config (server id, datastore, CA key manager,
 //!   upstream CA, node attestors).
@@ -55,6 +57,7 @@ pub mod registration_file;
 pub mod registry;
 pub mod remote_admin;
 pub mod retention;
+pub mod revocation;
 pub mod server;
 pub mod server_id;
 pub mod shutdown;

@@ -101,6 +101,8 @@ struct Core {
     audit: Audit,
     agents: Arc<AgentService>,
     metrics: Arc<ServerMetrics>,
+    /// `x509 revoke`, issuance records, and the CRLs.
+    revocations: Arc<crate::revocation::Revocations>,
 }
 
 impl Core {
@@ -143,6 +145,14 @@ impl Core {
             audit.clone(),
             clock.clone(),
         ));
+        let revocations = crate::revocation::Revocations::start(
+            store.clone(),
+            ca.clone(),
+            audit.clone(),
+            crate::revocation::CrlPolicy::default(),
+        )
+        .await;
+        registry.add_listener(revocations.clone());
         Ok(Self {
             clock,
             store,
@@ -151,6 +161,7 @@ impl Core {
             audit,
             agents,
             metrics: Arc::new(ServerMetrics::default()),
+            revocations,
         })
     }
 }
@@ -200,6 +211,12 @@ impl Background {
                 .instrument(info_span!("audit_checkpoints")),
         ));
         tasks.push(follow_changes(config, core, stop.clone()));
+        tasks.push(tokio::spawn(
+            core.revocations
+                .clone()
+                .run(stop.clone())
+                .instrument(info_span!("revocations")),
+        ));
         tasks.push(prune_join_tokens(core, stop.clone()));
         if let Some(addr) = config.telemetry.bind {
             tasks.push(serve_telemetry(addr, core, stop.clone()).await?);
@@ -343,6 +360,7 @@ async fn apis(
         shutdown: stop.clone(),
         wire_bundle: std::sync::Mutex::default(),
         metrics: core.metrics.clone(),
+        revocations: core.revocations.clone(),
     });
     let mut allowed_uids: BTreeSet<u32> = config.server.admin_uids.iter().copied().collect();
     allowed_uids.insert(0);
@@ -357,6 +375,7 @@ async fn apis(
         clock: core.clock.clone(),
         allowed_uids,
         token_ttl: config.node_attestors.join_token.default_ttl,
+        revocations: core.revocations.clone(),
     });
     // Every call gets a request id and a span; durations only when
     // `/metrics` is served.

@@ -39,6 +39,7 @@ fn view() -> &'static View {
         View {
             svids: vec![Arc::new(svid)],
             trusted: vec![Arc::new(bundle)],
+            crls: Arc::default(),
         }
     })
 }

@@ -20,6 +20,8 @@
 //! - [`jwt`]: JWT-SVID minting (cached ring signer) and validation.
 //! - [`rotation`]: SVID renewal and CA rotation schedules.
 //! - [`tls`]: rustls verifiers and resolvers for SPIFFE mTLS.
+//! - [`crl`]: revocation lists checked by those verifiers (signed by a
+//!   bundle authority; a CA without one is allowed).
 //! - [`clock`]: the `Clock` trait, a fake clock, time serde helpers.
 //! - [`duration`]: human-readable durations (`90s`, `1h30m`).
 //! - [`attestation`]: node attestor plugin traits (server and agent halves).
@@ -33,6 +35,7 @@
 pub mod attestation;
 pub mod bundle;
 pub mod clock;
+pub mod crl;
 pub mod csr;
 pub mod der;
 pub mod duration;

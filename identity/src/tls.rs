@@ -18,6 +18,7 @@ use rustls::sign::CertifiedKey;
 use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 
 use crate::bundle::Bundle;
+pub use crate::crl::SharedCrls;
 use crate::spiffe_id::SpiffeId;
 use crate::x509::{SvidError, verify_svid};
 
@@ -69,9 +70,11 @@ fn to_system_time(now: UnixTime) -> SystemTime {
     SystemTime::UNIX_EPOCH + Duration::from_secs(now.as_secs())
 }
 
-/// Verifies a peer chain and applies the authorizer.
+/// Verifies a peer chain, refuses it if a certificate of it is on a CRL
+/// in `crls`, and applies the authorizer.
 fn verify_peer(
     bundle: &SharedBundle,
+    crls: Option<&SharedCrls>,
     authorize: &Authorizer,
     end_entity: &CertificateDer<'_>,
     intermediates: &[CertificateDer<'_>],
@@ -82,6 +85,14 @@ fn verify_peer(
     chain.extend(intermediates.iter().map(|c| c.to_vec()));
     let id = verify_svid(&chain, &bundle.get(), to_system_time(now))
         .map_err(|e: SvidError| reject(e))?;
+    if let Some(crls) = crls {
+        let revoked = crls.get();
+        if chain.iter().any(|c| revoked.is_revoked(c)) {
+            return Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::Revoked,
+            ));
+        }
+    }
     if !authorize(&id) {
         return Err(reject(format_args!("peer {id} is not authorized")));
     }
@@ -133,6 +144,7 @@ pub struct SpiffeServerVerifier {
     bundle: Arc<SharedBundle>,
     authorize: Authorizer,
     provider: Arc<CryptoProvider>,
+    crls: Option<Arc<SharedCrls>>,
 }
 
 impl fmt::Debug for SpiffeServerVerifier {
@@ -149,7 +161,14 @@ impl SpiffeServerVerifier {
             bundle,
             authorize,
             provider: provider(),
+            crls: None,
         }
+    }
+
+    /// Also refuses servers whose certificate is on a CRL of `crls`.
+    pub fn with_crls(mut self, crls: Arc<SharedCrls>) -> Self {
+        self.crls = Some(crls);
+        self
     }
 }
 
@@ -164,6 +183,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
     ) -> Result<ServerCertVerified, rustls::Error> {
         verify_peer(
             &self.bundle,
+            self.crls.as_deref(),
             &self.authorize,
             end_entity,
             intermediates,
@@ -181,6 +201,7 @@ pub struct SpiffeClientVerifier {
     authorize: Authorizer,
     mandatory: bool,
     provider: Arc<CryptoProvider>,
+    crls: Option<Arc<SharedCrls>>,
 }
 
 impl fmt::Debug for SpiffeClientVerifier {
@@ -201,7 +222,14 @@ impl SpiffeClientVerifier {
             authorize,
             mandatory,
             provider: provider(),
+            crls: None,
         }
+    }
+
+    /// Also refuses clients whose certificate is on a CRL of `crls`.
+    pub fn with_crls(mut self, crls: Arc<SharedCrls>) -> Self {
+        self.crls = Some(crls);
+        self
     }
 }
 
@@ -226,6 +254,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
     ) -> Result<ClientCertVerified, rustls::Error> {
         verify_peer(
             &self.bundle,
+            self.crls.as_deref(),
             &self.authorize,
             end_entity,
             intermediates,

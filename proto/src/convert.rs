@@ -147,6 +147,7 @@ impl From<&Bundle> for node::Bundle {
             trust_domain: b.trust_domain.to_string(),
             jwks: b.to_jwks_bytes(),
             sequence: b.sequence,
+            ..Default::default()
         }
     }
 }

@@ -77,6 +77,18 @@ pub struct View {
     /// The bundles of every trust domain it may trust, its own first.
     /// Federated trust domains are appended here when the agent has them.
     pub trusted: Vec<Arc<Bundle>>,
+    /// The CRLs of its own trust domain (`trusted[0]`), appended to that
+    /// bundle as PEM `X509 CRL` blocks (see `crate::crl::CrlSet::bundle_pem`).
+    pub crls: Arc<crate::crl::CrlSet>,
+}
+
+/// The PEM trust bundle of `b`: with the CRLs when `b` is the workload's
+/// own trust domain's.
+fn trust_pem(b: &Bundle, view: &View) -> String {
+    match view.trusted.first() {
+        Some(own) if own.trust_domain == b.trust_domain => view.crls.bundle_pem(b),
+        _ => b.x509_pem(),
+    }
 }
 
 fn inline(bytes: Vec<u8>) -> Option<DataSource> {
@@ -103,25 +115,34 @@ fn tls_secret(name: &str, svid: &CachedSvid) -> Secret {
     }
 }
 
-fn bundle_secret(name: &str, bundle: &Bundle) -> Secret {
+fn bundle_secret(name: &str, bundle: &Bundle, view: &View) -> Secret {
     Secret {
         name: name.to_owned(),
         r#type: Some(secret::Type::ValidationContext(
             CertificateValidationContext {
                 trusted_ca: inline(bundle.x509_pem().into_bytes()),
+                // Envoy's default validator: CRLs for every CA or none.
+                crl: view
+                    .trusted
+                    .first()
+                    .filter(|own| own.trust_domain == bundle.trust_domain)
+                    .filter(|_| view.crls.covers(bundle))
+                    .and_then(|_| inline(view.crls.pem().into_bytes())),
                 ..Default::default()
             },
         )),
     }
 }
 
-fn all_bundles_secret(name: &str, trusted: &[Arc<Bundle>]) -> Secret {
+fn all_bundles_secret(name: &str, view: &View) -> Secret {
     let config = SpiffeCertValidatorConfig {
-        trust_domains: trusted
+        trust_domains: view
+            .trusted
             .iter()
             .map(|b| EnvoyTrustDomain {
                 name: b.trust_domain.as_str().to_owned(),
-                trust_bundle: inline(b.x509_pem().into_bytes()),
+                // Envoy's SPIFFE validator reads `X509 CRL` blocks here.
+                trust_bundle: inline(trust_pem(b, view).into_bytes()),
                 ..Default::default()
             })
             .collect(),
@@ -152,10 +173,10 @@ fn resolve_one(name: &str, view: &View, names: &SdsConfig) -> Option<Secret> {
         return view.svids.first().map(|s| tls_secret(name, s));
     }
     if name == names.default_bundle_name {
-        return view.trusted.first().map(|b| bundle_secret(name, b));
+        return view.trusted.first().map(|b| bundle_secret(name, b, view));
     }
     if name == names.default_all_bundles_name {
-        return (!view.trusted.is_empty()).then(|| all_bundles_secret(name, &view.trusted));
+        return (!view.trusted.is_empty()).then(|| all_bundles_secret(name, view));
     }
     if let Some(s) = view
         .svids
@@ -167,7 +188,7 @@ fn resolve_one(name: &str, view: &View, names: &SdsConfig) -> Option<Secret> {
     view.trusted
         .iter()
         .find(|b| b.trust_domain.id().as_str() == name)
-        .map(|b| bundle_secret(name, b))
+        .map(|b| bundle_secret(name, b, view))
 }
 
 /// The secrets `requested` names, in order; every SVID and trust bundle if
@@ -185,7 +206,7 @@ pub fn resolve(
         let bundles = view
             .trusted
             .iter()
-            .map(|b| bundle_secret(b.trust_domain.id().as_str(), b));
+            .map(|b| bundle_secret(b.trust_domain.id().as_str(), b, view));
         return Ok(svids.chain(bundles).collect());
     }
     requested
@@ -277,6 +298,7 @@ impl Sds {
         Ok(View {
             svids,
             trusted: vec![self.api.bundle()?],
+            crls: self.api.session.cache().crls(),
         })
     }
 }

@@ -131,10 +131,15 @@ fn bundle_key(b: &Bundle) -> String {
     b.trust_domain.id().to_string()
 }
 
-fn x509_response(svids: &[Arc<CachedSvid>], bundle: &Bundle) -> X509svidResponse {
+fn x509_response(
+    svids: &[Arc<CachedSvid>],
+    bundle: &Bundle,
+    crls: &crate::crl::CrlSet,
+) -> X509svidResponse {
     X509svidResponse {
         svids: svids.iter().map(|s| svid_message(s, bundle)).collect(),
-        crl: vec![],
+        // The trust domain's CRLs, one per CA, DER (see `crate::crl`).
+        crl: crls.ders(),
         federated_bundles: HashMap::new(),
     }
 }
@@ -157,7 +162,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         } = self.caller(&req).await?;
         let slot = self.open_stream(uid)?;
         let svids = self.x509_state(&selectors).await?;
-        let first = x509_response(&svids, &*self.bundle()?);
+        let first = x509_response(&svids, &*self.bundle()?, &self.session.cache().crls());
         let make = move |api: &WorkloadApi| {
             let (entries, svids) = api.identities(&selectors);
             if entries.is_empty() {
@@ -166,7 +171,11 @@ impl SpiffeWorkloadApi for WorkloadApi {
             if svids.is_empty() {
                 return Ok(None); // re-issuance in progress: send when it lands
             }
-            Ok(Some(x509_response(&svids, &*api.bundle()?)))
+            Ok(Some(x509_response(
+                &svids,
+                &*api.bundle()?,
+                &api.session.cache().crls(),
+            )))
         };
         // Each update goes only to the process that opened the stream: it
         // is attested again before anything is sent (and only then, so a
@@ -190,7 +199,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         let make = |api: &WorkloadApi| -> Result<X509BundlesResponse, Status> {
             let b = api.bundle()?;
             Ok(X509BundlesResponse {
-                crl: vec![],
+                crl: api.session.cache().crls().ders(),
                 bundles: [(bundle_key(&b), b.x509_authorities.concat())].into(),
             })
         };

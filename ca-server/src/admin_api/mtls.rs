@@ -80,6 +80,7 @@ pub const METHODS: &[Method] = {
         method("DeleteEntries", Revoke, "entry.delete", BATCH_BODY),
         method("EvictAgent", Revoke, "agent.evict", SMALL_BODY),
         method("BanAgent", Revoke, "agent.ban", SMALL_BODY),
+        method("RevokeX509Svid", Revoke, "svid.x509.revoke", SMALL_BODY),
         method("CreateEntries", Admin, "entry.create", BATCH_BODY),
         method("UpdateEntry", Admin, "entry.update", SMALL_BODY),
         method("ApplyEntries", Admin, "entry.apply", BATCH_BODY),
@@ -375,7 +376,7 @@ mod tests {
         ] {
             assert_eq!(role(read), AdminRole::Read, "{read}");
         }
-        for revoke in ["DeleteEntries", "EvictAgent", "BanAgent"] {
+        for revoke in ["DeleteEntries", "EvictAgent", "BanAgent", "RevokeX509Svid"] {
             assert_eq!(role(revoke), AdminRole::Revoke, "{revoke}");
         }
         for admin in [

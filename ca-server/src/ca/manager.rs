@@ -25,7 +25,7 @@ use super::keys::{KeyId, KeyManager};
 use super::signing::jwt_signer;
 use super::x509::{BACKDATE, IssuedSvid, UpstreamCa, X509Authority};
 use super::{CaConfig, CaError};
-use crate::datastore::{BundleEdit, Change, Changed, Datastore};
+use crate::datastore::{BundleEdit, Change, Changed, Datastore, IssuanceRecord};
 use crate::registry::ChangeListener;
 
 /// The CA as the rest of the server uses it.
@@ -40,6 +40,11 @@ pub struct CaManager {
     x509: RwLock<Option<Arc<X509Authority>>>,
     jwt: RwLock<Option<Arc<JwtSigner>>>,
     bundle: watch::Sender<Arc<Bundle>>,
+    /// Records of X509-SVIDs issued and not yet stored (see
+    /// [`CaManager::take_issued`]).
+    issued: std::sync::Mutex<Vec<IssuanceRecord>>,
+    /// Woken when `issued` gets a record.
+    issued_wake: tokio::sync::Notify,
 }
 
 impl std::fmt::Debug for CaManager {
@@ -192,6 +197,8 @@ impl CaManager {
             x509: RwLock::new(None),
             jwt: RwLock::new(None),
             bundle,
+            issued: std::sync::Mutex::new(Vec::new()),
+            issued_wake: tokio::sync::Notify::new(),
         });
         {
             let mut journal = ca.journal.lock().await;
@@ -575,8 +582,58 @@ impl CaManager {
         self.check_member(spiffe_id)?;
         let key = public_key_from_csr(csr_der)?;
         let ttl = ttl.unwrap_or(self.config.x509_svid_ttl);
-        self.active_x509()?
-            .issue(spiffe_id, dns_names, ttl, &key, self.clock.now())
+        let issued =
+            self.active_x509()?
+                .issue(spiffe_id, dns_names, ttl, &key, self.clock.now())?;
+        self.issued
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(IssuanceRecord {
+                serial: issued.serial.clone(),
+                spiffe_id: spiffe_id.clone(),
+                issuer: issued.issuer.clone(),
+                not_after: issued.expires_at,
+            });
+        self.issued_wake.notify_one();
+        Ok(issued)
+    }
+
+    /// Takes the records of X509-SVIDs issued since the last call, for the
+    /// datastore (`crate::revocation` writes them in batches).
+    pub fn take_issued(&self) -> Vec<IssuanceRecord> {
+        std::mem::take(&mut *self.issued.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Returns once an X509-SVID was issued after the last
+    /// [`CaManager::take_issued`] (at once if one is waiting).
+    pub async fn issued_waiting(&self) {
+        self.issued_wake.notified().await;
+    }
+
+    /// Every X.509 CA of this replica that has not expired at the clock's
+    /// now, with its key and NotAfter: the CAs that sign CRLs. A CA whose
+    /// key cannot be loaded is skipped (and logged).
+    pub async fn crl_signers(&self) -> Vec<(Vec<u8>, super::keys::CaKey, SystemTime)> {
+        let journal = self.journal.lock().await.clone();
+        let now = self.clock.now();
+        let mut out = Vec::new();
+        for slot in journal.x509.iter().filter(|s| s.not_after > now) {
+            match self.keys.load(&slot.key_id, slot.algorithm) {
+                Ok(Some(key)) => out.push((slot.cert_der.clone(), key, slot.not_after)),
+                Ok(None) => {
+                    warn!(key_id = %slot.key_id, "CA key is missing; its CRL cannot be signed");
+                }
+                Err(e) => {
+                    warn!(key_id = %slot.key_id, error = %e, "CA key could not be loaded; its CRL cannot be signed");
+                }
+            }
+        }
+        out
+    }
+
+    /// The clock the CA runs on.
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.clock
     }
 
     /// Mints a JWT-SVID; `ttl` defaults to the configured JWT TTL.

@@ -13,8 +13,10 @@
 //! - [`journal`]: the persisted record of every CA key and its state.
 //! - [`manager`]: `CaManager`, which rotates keys on schedule, publishes the
 //!   bundle and signs X.509 and JWT SVIDs with the active keys.
+//! - [`crl`]: the certificate revocation list each X.509 CA signs.
 
 pub use sigil_identity::csr;
+pub mod crl;
 pub mod journal;
 pub mod keys;
 pub mod manager;

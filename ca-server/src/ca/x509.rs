@@ -271,6 +271,8 @@ pub struct IssuedSvid {
     pub serial: String,
     /// The leaf's NotAfter.
     pub expires_at: SystemTime,
+    /// The issuing CA's SubjectKeyIdentifier, lowercase hex.
+    pub issuer: String,
 }
 
 impl X509Authority {
@@ -410,6 +412,7 @@ impl X509Authority {
             chain,
             serial: serial_hex,
             expires_at: not_after,
+            issuer: sigil_identity::random::hex(&self.info.ski),
         })
     }
 }

@@ -50,6 +50,9 @@ macro_rules! datastore_conformance {
             bundle_update_that_changes_nothing_writes_nothing,
             concurrent_writers_get_gap_free_revisions,
             change_hint_wakes_a_reader_after_a_write,
+            issuances_are_found_by_serial_and_spiffe_id_until_not_after,
+            revocations_are_in_the_feed_keep_the_first_record_and_go_after_not_after,
+            crl_is_kept_per_issuer_and_its_number_never_goes_back,
         );
     };
     ($open:expr) => {
@@ -1260,4 +1263,163 @@ pub async fn change_hint_wakes_a_reader_after_a_write<
         feed.iter().any(|c| c.revision <= woken),
         "the write the hint announced is readable"
     );
+}
+
+fn issuance(serial: &str, id: &str, not_after: u64) -> IssuanceRecord {
+    IssuanceRecord {
+        serial: serial.into(),
+        spiffe_id: SpiffeId::parse(id).unwrap(),
+        issuer: "ca1".into(),
+        not_after: from_unix_seconds(not_after),
+    }
+}
+
+pub async fn issuances_are_found_by_serial_and_spiffe_id_until_not_after<
+    D: Datastore,
+    F: Future<Output = D>,
+>(
+    open: &impl Fn(&Path) -> F,
+    dir: &Path,
+) {
+    {
+        let ds = open(dir).await;
+        ds.record_issuances(vec![
+            issuance("0a", "spiffe://example.org/web", 100),
+            issuance("0b", "spiffe://example.org/web", 200),
+            issuance("0c", "spiffe://example.org/db", 200),
+        ])
+        .await
+        .unwrap();
+        ds.record_issuances(vec![]).await.unwrap();
+        ds.sync().await.unwrap();
+    }
+    let ds = open(dir).await;
+    assert_eq!(
+        ds.fetch_issuance("0b").await.unwrap(),
+        Some(issuance("0b", "spiffe://example.org/web", 200))
+    );
+    assert_eq!(ds.fetch_issuance("ff").await.unwrap(), None);
+    let web = SpiffeId::parse("spiffe://example.org/web").unwrap();
+    let serials = |v: Vec<IssuanceRecord>| v.into_iter().map(|r| r.serial).collect::<Vec<_>>();
+    assert_eq!(
+        serials(ds.list_issuances_of(&web).await.unwrap()),
+        ["0a", "0b"]
+    );
+    // A prefix of another SPIFFE ID is not that ID.
+    let we = SpiffeId::parse("spiffe://example.org/we").unwrap();
+    assert!(ds.list_issuances_of(&we).await.unwrap().is_empty());
+    // Not in the change feed.
+    assert_eq!(ds.current_revision().await.unwrap(), 0);
+    // Kept until NotAfter, gone after it.
+    assert_eq!(
+        ds.prune_revocations(from_unix_seconds(100)).await.unwrap(),
+        0
+    );
+    assert_eq!(
+        ds.prune_revocations(from_unix_seconds(101)).await.unwrap(),
+        1
+    );
+    assert_eq!(serials(ds.list_issuances_of(&web).await.unwrap()), ["0b"]);
+    assert_eq!(ds.fetch_issuance("0a").await.unwrap(), None);
+}
+
+pub async fn revocations_are_in_the_feed_keep_the_first_record_and_go_after_not_after<
+    D: Datastore,
+    F: Future<Output = D>,
+>(
+    open: &impl Fn(&Path) -> F,
+    dir: &Path,
+) {
+    let first = issuance("0a", "spiffe://example.org/web", 100)
+        .revoke(from_unix_seconds(10), RevocationReason::KeyCompromise);
+    let other = issuance("0b", "spiffe://example.org/web", 200)
+        .revoke(from_unix_seconds(10), RevocationReason::Unspecified);
+    {
+        let ds = open(dir).await;
+        assert!(ds.list_revocations().await.unwrap().is_empty());
+        let rev = ds.revoke_x509(vec![first.clone()]).await.unwrap();
+        assert_eq!(rev, 1);
+        let again = issuance("0a", "spiffe://example.org/web", 100)
+            .revoke(from_unix_seconds(20), RevocationReason::Superseded);
+        let rev = ds.revoke_x509(vec![again, other.clone()]).await.unwrap();
+        assert_eq!(rev, 2);
+    }
+    let ds = open(dir).await;
+    assert_eq!(
+        ds.list_revocations().await.unwrap(),
+        vec![first, other.clone()]
+    );
+    let feed: Vec<_> = ds
+        .changes(0, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| (c.revision, c.changed))
+        .collect();
+    assert_eq!(
+        feed,
+        vec![
+            (
+                1,
+                Changed::Revocation {
+                    serials: vec!["0a".into()]
+                }
+            ),
+            (
+                2,
+                Changed::Revocation {
+                    serials: vec!["0a".into(), "0b".into()]
+                }
+            ),
+        ]
+    );
+    assert_eq!(
+        ds.prune_revocations(from_unix_seconds(150)).await.unwrap(),
+        1
+    );
+    assert_eq!(ds.list_revocations().await.unwrap(), vec![other]);
+}
+
+pub async fn crl_is_kept_per_issuer_and_its_number_never_goes_back<
+    D: Datastore,
+    F: Future<Output = D>,
+>(
+    open: &impl Fn(&Path) -> F,
+    dir: &Path,
+) {
+    let crl = |issuer: &str, number: u64, not_after: u64| CrlRecord {
+        issuer: issuer.into(),
+        number,
+        not_after: from_unix_seconds(not_after),
+        der: vec![number as u8],
+    };
+    {
+        let ds = open(dir).await;
+        ds.put_crl(crl("ca1", 5, 100)).await.unwrap();
+        ds.put_crl(crl("ca2", 1, 300)).await.unwrap();
+        ds.put_crl(crl("ca1", 7, 100)).await.unwrap();
+        // An older CRL (a slow replica) does not replace a newer one.
+        ds.put_crl(crl("ca1", 6, 100)).await.unwrap();
+    }
+    let ds = open(dir).await;
+    assert_eq!(
+        ds.list_crls().await.unwrap(),
+        vec![crl("ca1", 7, 100), crl("ca2", 1, 300)]
+    );
+    let feed: Vec<_> = ds
+        .changes(0, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| c.changed)
+        .collect();
+    let changed = |issuer: &str| Changed::Crl {
+        issuer: issuer.into(),
+    };
+    assert_eq!(feed, vec![changed("ca1"), changed("ca2"), changed("ca1")]);
+    assert_eq!(
+        ds.prune_revocations(from_unix_seconds(200)).await.unwrap(),
+        1
+    );
+    assert_eq!(ds.list_crls().await.unwrap(), vec![crl("ca2", 1, 300)]);
 }

@@ -21,6 +21,7 @@
 #[cfg(test)]
 pub(crate) mod conformance;
 pub mod postgres;
+pub mod revocations;
 pub mod sled;
 
 use std::fmt;
@@ -40,6 +41,7 @@ use crate::audit::chain::{AuditRecord, ChainHead};
 pub use crate::server_id::ServerId;
 pub use sigil_identity::JwtAuthority;
 
+pub use self::revocations::{CrlRecord, IssuanceRecord, RevocationReason, RevocationRecord};
 pub use self::sled::SledDatastore;
 
 /// What went wrong in the datastore.
@@ -121,6 +123,12 @@ pub enum Changed {
     /// The CA journal of replica `server_id` was replaced (read it with
     /// [`Datastore::fetch_ca_journal`]).
     CaJournal { server_id: ServerId },
+    /// X509-SVIDs were revoked (read them with
+    /// [`Datastore::list_revocations`]).
+    Revocation { serials: Vec<String> },
+    /// The CRL of CA `issuer` (SubjectKeyIdentifier, hex) was replaced
+    /// (read it with [`Datastore::list_crls`]).
+    Crl { issuer: String },
 }
 
 /// One record of the change feed.
@@ -541,4 +549,26 @@ pub trait Datastore: Send + Sync + fmt::Debug {
     async fn audit_checkpoints(&self) -> Result<Vec<(u64, String)>>;
     /// The checkpoint of the largest size.
     async fn latest_audit_checkpoint(&self) -> Result<Option<(u64, String)>>;
+
+    /// Stores records of issued X509-SVIDs (no revision: they are not in
+    /// the change feed). A serial already recorded is replaced.
+    async fn record_issuances(&self, records: Vec<IssuanceRecord>) -> Result<()>;
+    /// The issuance record of `serial` (lowercase hex), if kept.
+    async fn fetch_issuance(&self, serial: &str) -> Result<Option<IssuanceRecord>>;
+    /// Every kept issuance record naming `id`, by serial.
+    async fn list_issuances_of(&self, id: &SpiffeId) -> Result<Vec<IssuanceRecord>>;
+    /// Revokes certificates (one revision, a [`Changed::Revocation`]); a
+    /// serial already revoked keeps its first record. Returns the revision.
+    async fn revoke_x509(&self, records: Vec<RevocationRecord>) -> Result<u64>;
+    /// Every kept revocation, by serial.
+    async fn list_revocations(&self) -> Result<Vec<RevocationRecord>>;
+    /// Replaces the CRL of `crl.issuer` (one revision, a [`Changed::Crl`])
+    /// unless the stored one has a higher number.
+    async fn put_crl(&self, crl: CrlRecord) -> Result<()>;
+    /// Every kept CRL, by issuer.
+    async fn list_crls(&self) -> Result<Vec<CrlRecord>>;
+    /// Removes issuance and revocation records whose certificate expired
+    /// before `now`, and CRLs whose CA did; returns how many went. Not in
+    /// the change feed: an expired serial is refused by its NotAfter.
+    async fn prune_revocations(&self, now: SystemTime) -> Result<usize>;
 }

@@ -79,6 +79,14 @@ struct Store {
     audit: ::sled::Tree,
     /// Signed audit checkpoints by tree size (big-endian).
     checkpoints: ::sled::Tree,
+    /// Issued X509-SVIDs by serial.
+    issuances: ::sled::Tree,
+    /// `spiffe id \0 serial` of every issuance record (empty values).
+    issuances_by_id: ::sled::Tree,
+    /// Revoked X509-SVIDs by serial.
+    revocations: ::sled::Tree,
+    /// Each CA's CRL by issuer.
+    crls: ::sled::Tree,
     sync: GroupSync,
     /// Every change up to this revision is on disk; later ones are lost
     /// if sled has to be reopened.
@@ -408,6 +416,10 @@ impl Store {
             ca_journals: tree("ca_journals")?,
             audit: tree("audit")?,
             checkpoints: tree("audit_checkpoints")?,
+            issuances: tree("issuances")?,
+            issuances_by_id: tree("issuances_by_id")?,
+            revocations: tree("revocations")?,
+            crls: tree("crls")?,
             sync: GroupSync::start(
                 db.clone(),
                 meta.clone(),
@@ -478,6 +490,8 @@ impl Store {
                 Changed::JoinToken { hash, .. } => format!("token/{}", hash.as_str()),
                 Changed::Bundle { trust_domain, .. } => format!("bundle/{trust_domain}"),
                 Changed::CaJournal { server_id } => format!("ca/{server_id}"),
+                Changed::Revocation { serials } => format!("revocation/{}", serials.join(",")),
+                Changed::Crl { issuer } => format!("crl/{issuer}"),
             };
             touched.insert(key, &c.changed);
         }
@@ -499,7 +513,9 @@ impl Store {
                     trust_domain: trust_domain.clone(),
                     bundle: self.get(&self.bundles, trust_domain.as_str().as_bytes())?,
                 },
-                other @ Changed::CaJournal { .. } => (*other).clone(),
+                other @ (Changed::CaJournal { .. }
+                | Changed::Revocation { .. }
+                | Changed::Crl { .. }) => (*other).clone(),
             };
             others.push(now);
         }
@@ -790,6 +806,15 @@ fn decode_change(bytes: &[u8]) -> Result<Change> {
             Err(_) => Err(DatastoreError::Corrupt(format!("a change record: {e}"))),
         },
     }
+}
+
+/// The key of an issuance record in the by-SPIFFE-ID index.
+fn issuance_index_key(id: &SpiffeId, serial: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(id.as_str().len() + 1 + serial.len());
+    key.extend_from_slice(id.as_str().as_bytes());
+    key.push(0);
+    key.extend_from_slice(serial.as_bytes());
+    key
 }
 
 /// An agent change.
@@ -1225,6 +1250,126 @@ impl Datastore for SledDatastore {
             }),
         )?;
         s.durable().await
+    }
+
+    async fn record_issuances(&self, records: Vec<IssuanceRecord>) -> Result<()> {
+        let s = self.store()?;
+        let mut batch = ::sled::Batch::default();
+        let mut index = ::sled::Batch::default();
+        for r in &records {
+            batch.insert(r.serial.as_bytes(), encode(r)?);
+            index.insert(issuance_index_key(&r.spiffe_id, &r.serial), &[][..]);
+        }
+        // Index first: an index key without its record is skipped on read.
+        s.issuances_by_id.apply_batch(index).map_err(backend)?;
+        s.issuances.apply_batch(batch).map_err(backend)?;
+        Ok(())
+    }
+
+    async fn fetch_issuance(&self, serial: &str) -> Result<Option<IssuanceRecord>> {
+        let s = self.store()?;
+        s.get(&s.issuances, serial.as_bytes())
+    }
+
+    async fn list_issuances_of(&self, id: &SpiffeId) -> Result<Vec<IssuanceRecord>> {
+        let s = self.store()?;
+        let mut prefix = id.as_str().as_bytes().to_vec();
+        prefix.push(0);
+        let mut out = Vec::new();
+        for key in s.issuances_by_id.scan_prefix(&prefix).keys() {
+            let key = key.map_err(backend)?;
+            if let Some(r) = s.get::<IssuanceRecord>(&s.issuances, &key[prefix.len()..])? {
+                out.push(r);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn revoke_x509(&self, records: Vec<RevocationRecord>) -> Result<u64> {
+        let s = self.store()?;
+        let serials: Vec<String> = records.iter().map(|r| r.serial.clone()).collect();
+        let revision = tx((&s.revocations, &s.changes, &s.meta).transaction(
+            |(t, changes, meta)| {
+                for r in &records {
+                    if t.get(r.serial.as_bytes())?.is_none() {
+                        t.insert(r.serial.as_bytes(), tx_encode(r)?)?;
+                    }
+                }
+                let changed = Changed::Revocation {
+                    serials: serials.clone(),
+                };
+                tx_record(changes, meta, changed)
+            },
+        ))?;
+        s.durable().await?;
+        Ok(revision)
+    }
+
+    async fn list_revocations(&self) -> Result<Vec<RevocationRecord>> {
+        let s = self.store()?;
+        s.all(&s.revocations)
+    }
+
+    async fn put_crl(&self, crl: CrlRecord) -> Result<()> {
+        let s = self.store()?;
+        let written = tx(
+            (&s.crls, &s.changes, &s.meta).transaction(|(t, changes, meta)| {
+                if let Some(old) = t.get(crl.issuer.as_bytes())? {
+                    let old: CrlRecord = tx_decode(&old)?;
+                    if old.number > crl.number {
+                        return Ok(false);
+                    }
+                }
+                t.insert(crl.issuer.as_bytes(), tx_encode(&crl)?)?;
+                let changed = Changed::Crl {
+                    issuer: crl.issuer.clone(),
+                };
+                tx_record(changes, meta, changed)?;
+                Ok(true)
+            }),
+        )?;
+        if written {
+            s.durable().await?;
+        }
+        Ok(())
+    }
+
+    async fn list_crls(&self) -> Result<Vec<CrlRecord>> {
+        let s = self.store()?;
+        s.all(&s.crls)
+    }
+
+    async fn prune_revocations(&self, now: SystemTime) -> Result<usize> {
+        let s = self.store()?;
+        let mut removed = 0;
+        for item in s.issuances.iter() {
+            let (k, v) = item.map_err(backend)?;
+            let r: IssuanceRecord = decode(&v)?;
+            if r.not_after < now {
+                s.issuances.remove(&k).map_err(backend)?;
+                s.issuances_by_id
+                    .remove(issuance_index_key(&r.spiffe_id, &r.serial))
+                    .map_err(backend)?;
+                removed += 1;
+            }
+        }
+        for item in s.revocations.iter() {
+            let (k, v) = item.map_err(backend)?;
+            let r: RevocationRecord = decode(&v)?;
+            if r.not_after < now {
+                s.revocations.remove(&k).map_err(backend)?;
+                removed += 1;
+            }
+        }
+        for item in s.crls.iter() {
+            let (k, v) = item.map_err(backend)?;
+            let r: CrlRecord = decode(&v)?;
+            if r.not_after < now {
+                s.crls.remove(&k).map_err(backend)?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
     }
 
     async fn fetch_ca_journal(&self, server: &ServerId) -> Result<Option<Vec<u8>>> {

@@ -63,6 +63,8 @@ pub struct NodeService {
     /// JWKS serialisation costs more than the rest of a FetchBundle call).
     pub(crate) wire_bundle: std::sync::Mutex<Option<(Arc<sigil_identity::Bundle>, pb::Bundle)>>,
     pub(crate) metrics: Arc<ServerMetrics>,
+    /// The trust domain's CRLs, sent with the bundle.
+    pub(crate) revocations: Arc<crate::revocation::Revocations>,
 }
 
 impl std::fmt::Debug for NodeService {
@@ -134,14 +136,18 @@ impl NodeService {
     fn bundle_message(&self) -> pb::Bundle {
         let current = self.ca.bundle();
         let mut cached = self.wire_bundle.lock().unwrap_or_else(|p| p.into_inner());
-        match &*cached {
+        let mut wire = match &*cached {
             Some((bundle, wire)) if Arc::ptr_eq(bundle, &current) => wire.clone(),
             _ => {
                 let wire = pb::Bundle::from(&*current);
                 *cached = Some((current, wire.clone()));
                 wire
             }
-        }
+        };
+        drop(cached);
+        // One CRL per CA of the trust domain (see `crate::revocation`).
+        wire.crls = self.revocations.crls().to_vec();
+        wire
     }
 
     fn now(&self) -> SystemTime {
@@ -468,6 +474,8 @@ impl Node for NodeApi {
         let this = self.0.clone();
         let mut bundles = self.ca.subscribe_bundle();
         bundles.borrow_and_update();
+        let mut crls = self.revocations.subscribe();
+        crls.borrow_and_update();
         let stopped = crate::shutdown::wait_for_stop(self.shutdown.clone());
         // The stream lives no longer than the SVID that opened it.
         let svid_left = ctx
@@ -532,6 +540,12 @@ impl Node for NodeApi {
                             return;
                         }
                     },
+                    r = crls.changed() => {
+                        if r.is_err() { return; }
+                        // New CRLs travel in the bundle message.
+                        crls.borrow_and_update();
+                        pb::SyncResponse { event: Some(pb::sync_response::Event::Bundle(this.bundle_message())), revision }
+                    }
                     r = bundles.changed() => {
                         if r.is_err() { return; }
                         // The CA's current bundle (this one or newer),

@@ -148,6 +148,30 @@ impl Datastore for PausingStore {
     async fn list_ca_journals(&self) -> R<Vec<(ServerId, Vec<u8>)>> {
         self.inner.list_ca_journals().await
     }
+    async fn record_issuances(&self, r: Vec<crate::datastore::IssuanceRecord>) -> R<()> {
+        self.inner.record_issuances(r).await
+    }
+    async fn fetch_issuance(&self, serial: &str) -> R<Option<crate::datastore::IssuanceRecord>> {
+        self.inner.fetch_issuance(serial).await
+    }
+    async fn list_issuances_of(&self, id: &SpiffeId) -> R<Vec<crate::datastore::IssuanceRecord>> {
+        self.inner.list_issuances_of(id).await
+    }
+    async fn revoke_x509(&self, r: Vec<crate::datastore::RevocationRecord>) -> R<u64> {
+        self.inner.revoke_x509(r).await
+    }
+    async fn list_revocations(&self) -> R<Vec<crate::datastore::RevocationRecord>> {
+        self.inner.list_revocations().await
+    }
+    async fn put_crl(&self, crl: crate::datastore::CrlRecord) -> R<()> {
+        self.inner.put_crl(crl).await
+    }
+    async fn list_crls(&self) -> R<Vec<crate::datastore::CrlRecord>> {
+        self.inner.list_crls().await
+    }
+    async fn prune_revocations(&self, now: std::time::SystemTime) -> R<usize> {
+        self.inner.prune_revocations(now).await
+    }
     async fn append_audit(&self, e: Vec<AuditEvent>) -> R<u64> {
         self.inner.append_audit(e).await
     }
@@ -208,7 +232,15 @@ async fn service(store: Arc<PausingStore>) -> Arc<NodeService> {
     let registry = Registry::load(dyn_store.clone(), &td()).await.unwrap();
     let (_stop, shutdown) = tokio::sync::watch::channel(false);
     let audit = Audit::new(dyn_store.clone(), clock.clone());
+    let revocations = crate::revocation::Revocations::start(
+        dyn_store.clone(),
+        ca.clone(),
+        audit.clone(),
+        crate::revocation::CrlPolicy::default(),
+    )
+    .await;
     Arc::new(NodeService {
+        revocations,
         ca,
         agents: Arc::new(AgentService::new(
             dyn_store.clone(),

@@ -1102,6 +1102,136 @@ impl Datastore for PostgresDatastore {
         .await
     }
 
+    async fn record_issuances(&self, records: Vec<IssuanceRecord>) -> Result<()> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        // No revision: issuance records are not in the change feed, so the
+        // write does not queue behind the revision row.
+        let serials: Vec<&str> = records.iter().map(|r| r.serial.as_str()).collect();
+        let ids: Vec<&str> = records.iter().map(|r| r.spiffe_id.as_str()).collect();
+        let not_after = records
+            .iter()
+            .map(|r| secs_ceil(r.not_after))
+            .collect::<Result<Vec<i64>>>()?;
+        let bodies: Vec<Json<&IssuanceRecord>> = records.iter().map(Json).collect();
+        let conn = self.conn().await?;
+        let statement = conn
+            .prepare_cached(
+                "INSERT INTO sigil_issuances (serial, spiffe_id, not_after, record)
+                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::jsonb[])
+                 ON CONFLICT (serial) DO UPDATE SET spiffe_id = EXCLUDED.spiffe_id,
+                     not_after = EXCLUDED.not_after, record = EXCLUDED.record",
+            )
+            .await
+            .map_err(db)?;
+        conn.execute(&statement, &[&serials, &ids, &not_after, &bodies])
+            .await
+            .map_err(db)?;
+        Ok(())
+    }
+
+    async fn fetch_issuance(&self, serial: &str) -> Result<Option<IssuanceRecord>> {
+        self.query_opt(
+            "SELECT record FROM sigil_issuances WHERE serial = $1",
+            &[&serial],
+        )
+        .await?
+        .map(|r| json(&r, 0))
+        .transpose()
+    }
+
+    async fn list_issuances_of(&self, id: &SpiffeId) -> Result<Vec<IssuanceRecord>> {
+        self.query(
+            "SELECT record FROM sigil_issuances WHERE spiffe_id = $1 ORDER BY serial",
+            &[&id.as_str()],
+        )
+        .await?
+        .iter()
+        .map(|r| json(r, 0))
+        .collect()
+    }
+
+    async fn revoke_x509(&self, records: Vec<RevocationRecord>) -> Result<u64> {
+        self.write(move |w| {
+            Box::pin(async move {
+                for r in &records {
+                    exec(
+                        &w.tx,
+                        "INSERT INTO sigil_revocations (serial, not_after, record)
+                         VALUES ($1, $2, $3) ON CONFLICT (serial) DO NOTHING",
+                        &[&r.serial.as_str(), &secs_ceil(r.not_after)?, &Json(r)],
+                    )
+                    .await?;
+                }
+                let serials = records.iter().map(|r| r.serial.clone()).collect();
+                w.change(Changed::Revocation { serials }).await
+            })
+        })
+        .await
+    }
+
+    async fn list_revocations(&self) -> Result<Vec<RevocationRecord>> {
+        self.query("SELECT record FROM sigil_revocations ORDER BY serial", &[])
+            .await?
+            .iter()
+            .map(|r| json(r, 0))
+            .collect()
+    }
+
+    async fn put_crl(&self, crl: CrlRecord) -> Result<()> {
+        self.write(move |w| {
+            Box::pin(async move {
+                let written = exec(
+                    &w.tx,
+                    "INSERT INTO sigil_crls (issuer, number, not_after, record)
+                     VALUES ($1, $2, $3, $4)
+                     ON CONFLICT (issuer) DO UPDATE SET number = EXCLUDED.number,
+                         not_after = EXCLUDED.not_after, record = EXCLUDED.record
+                     WHERE sigil_crls.number <= EXCLUDED.number",
+                    &[
+                        &crl.issuer.as_str(),
+                        &int(crl.number)?,
+                        &secs_ceil(crl.not_after)?,
+                        &Json(&crl),
+                    ],
+                )
+                .await?;
+                if written > 0 {
+                    w.change(Changed::Crl {
+                        issuer: crl.issuer.clone(),
+                    })
+                    .await?;
+                }
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn list_crls(&self) -> Result<Vec<CrlRecord>> {
+        self.query("SELECT record FROM sigil_crls ORDER BY issuer", &[])
+            .await?
+            .iter()
+            .map(|r| json(r, 0))
+            .collect()
+    }
+
+    async fn prune_revocations(&self, now: SystemTime) -> Result<usize> {
+        let now = secs_floor(now)?;
+        let mut removed = 0;
+        for sql in [
+            "DELETE FROM sigil_issuances WHERE not_after < $1",
+            "DELETE FROM sigil_revocations WHERE not_after < $1",
+            "DELETE FROM sigil_crls WHERE not_after < $1",
+        ] {
+            let conn = self.conn().await?;
+            let n = conn.execute(sql, &[&now]).await.map_err(db)?;
+            removed += usize::try_from(n).unwrap_or(usize::MAX);
+        }
+        Ok(removed)
+    }
+
     async fn fetch_ca_journal(&self, server: &ServerId) -> Result<Option<Vec<u8>>> {
         Ok(self
             .query_opt(

@@ -8,7 +8,10 @@ use super::{LOCK_MIGRATE, db};
 use crate::datastore::{DatastoreError, Result};
 
 /// The migrations, in order; version = index + 1.
-const MIGRATIONS: &[&str] = &[include_str!("migrations/0001_init.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("migrations/0001_init.sql"),
+    include_str!("migrations/0002_revocations.sql"),
+];
 
 /// The schema version this binary writes.
 pub fn current() -> i32 {
