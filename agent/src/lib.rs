@@ -15,6 +15,8 @@
 //! - [`cache`]: entries from the Sync stream and the SVIDs held for them.
 //! - [`session`]: the agent's session with the server: its own SVID, the
 //!   Sync stream, issuance and rotation, renewal.
+//! - [`taint`]: what the session does when authorities are tainted (paced
+//!   re-issue, own SVID renewal, JWT-SVID cache drop).
 //! - [`workload_api`]: the SPIFFE Workload API on a Unix socket
 //!   (connections, callers, streams, health, Envoy SDS on the same socket,
 //!   and the HTTP/2 `:authority` rewriter for gRPC C-core and grpc-java
@@ -39,6 +41,7 @@ mod run;
 pub mod servers;
 pub mod session;
 pub mod store;
+pub mod taint;
 pub mod telemetry;
 pub mod workload_api;
 pub mod workload_attestors;

@@ -50,6 +50,7 @@ macro_rules! datastore_conformance {
             bundle_update_that_changes_nothing_writes_nothing,
             concurrent_writers_get_gap_free_revisions,
             change_hint_wakes_a_reader_after_a_write,
+            bundle_taint_markers_persist_and_leave_with_their_authority,
         );
     };
     ($open:expr) => {
@@ -1260,4 +1261,66 @@ pub async fn change_hint_wakes_a_reader_after_a_write<
         feed.iter().any(|c| c.revision <= woken),
         "the write the hint announced is readable"
     );
+}
+
+/// Taint markers set through a bundle edit are stored, reach the change
+/// feed, survive a reopen, and go when their authority is removed.
+pub async fn bundle_taint_markers_persist_and_leave_with_their_authority<
+    D: Datastore,
+    F: Future<Output = D>,
+>(
+    open: &impl Fn(&Path) -> F,
+    dir: &Path,
+) {
+    let ds = open(dir).await;
+    let (old, new) = (ca_cert(), ca_cert());
+    let k1 = jwt_authority("k1");
+    ds.update_bundle(
+        &td(),
+        BundleEdit {
+            add_x509: vec![old.clone(), new.clone()],
+            add_jwt: vec![k1.clone(), jwt_authority("k2")],
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let since = ds.current_revision().await.unwrap();
+    let tainted = ds
+        .update_bundle(
+            &td(),
+            BundleEdit {
+                taint_x509: vec![old.clone(), ca_cert()],
+                taint_jwt: vec!["k1".into(), "absent".into()],
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(tainted.tainted_x509_authorities, vec![old.clone()]);
+    assert_eq!(tainted.tainted_jwt_kids, vec!["k1".to_owned()]);
+    assert_eq!(tainted.sequence, 2, "a taint is a bundle change");
+    let feed = ds.changes(since, 10).await.unwrap();
+    assert!(
+        feed.iter().any(|c| matches!(&c.changed,
+            Changed::Bundle { bundle: Some(b), .. } if b.tainted_jwt_kids == ["k1"])),
+        "the change feed carries the markers"
+    );
+    drop(ds);
+    let ds = open(dir).await;
+    let stored = ds.fetch_bundle(&td()).await.unwrap().unwrap();
+    assert_eq!(stored, tainted);
+    let revoked = ds
+        .update_bundle(
+            &td(),
+            BundleEdit {
+                remove_x509: vec![old],
+                remove_jwt: vec!["k1".into()],
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert!(!revoked.has_taint());
+    assert_eq!(revoked.x509_authorities, vec![new]);
 }

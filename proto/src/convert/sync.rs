@@ -92,6 +92,7 @@ mod tests {
                 trust_domain: "example.org".into(),
                 jwks: b"not json".to_vec(),
                 sequence: 1,
+                ..Default::default()
             }),
             ..Default::default()
         };
