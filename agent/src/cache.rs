@@ -380,6 +380,32 @@ impl Cache {
     }
 }
 
+impl Cache {
+    /// Moves the renewal of the SVIDs of `due` (entry, time) forward to the
+    /// time given, never later than it already was; the SVIDs stay served
+    /// until their replacements are stored. Returns how many moved. Used
+    /// when their authority is tainted ([`crate::taint`]).
+    pub fn renew_early(&self, due: &[(EntryId, SystemTime)]) -> usize {
+        let mut st = self.lock();
+        let mut moved = 0;
+        for (id, at) in due {
+            if let Some(svid) = st.svids.get_mut(id)
+                && svid.renew_at > *at
+            {
+                let mut early = (**svid).clone();
+                early.renew_at = *at;
+                *svid = Arc::new(early);
+                moved += 1;
+            }
+        }
+        drop(st);
+        if moved > 0 {
+            self.bump();
+        }
+        moved
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

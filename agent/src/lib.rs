@@ -17,6 +17,8 @@
 //!   Workload API, SDS and re-issuing revoked SVIDs.
 //! - [`session`]: the agent's session with the server: its own SVID, the
 //!   Sync stream, issuance and rotation, renewal.
+//! - [`taint`]: what the session does when authorities are tainted (paced
+//!   re-issue, own SVID renewal, JWT-SVID cache drop).
 //! - [`workload_api`]: the SPIFFE Workload API on a Unix socket
 //!   (connections, callers, streams, health, Envoy SDS on the same socket,
 //!   and the HTTP/2 `:authority` rewriter for gRPC C-core and grpc-java
@@ -42,6 +44,7 @@ mod run;
 pub mod servers;
 pub mod session;
 pub mod store;
+pub mod taint;
 pub mod telemetry;
 pub mod workload_api;
 pub mod workload_attestors;

@@ -46,6 +46,7 @@ pub struct AgentMetrics {
     pub(crate) expiry: Family<Labels, Gauge<f64, AtomicU64>>,
     pub(crate) revision: Gauge,
     pub(crate) ready: Gauge,
+    tainted: Family<Labels, Counter>,
 }
 
 impl Default for AgentMetrics {
@@ -63,12 +64,20 @@ impl Default for AgentMetrics {
             expiry: Family::default(),
             revision: Gauge::default(),
             ready: Gauge::default(),
+            tainted: Family::default(),
         }
     }
 }
 
 impl AgentMetrics {
     /// A registry (`sigil_agent_` prefix) holding every metric.
+    /// `n` SVIDs of `kind` (`x509`, `jwt`) found signed by a tainted authority.
+    pub fn tainted(&self, kind: &'static str, n: usize) {
+        self.tainted
+            .get_or_create(&[("type", kind)])
+            .inc_by(n as u64);
+    }
+
     pub fn registry(&self) -> Registry {
         let mut r = Registry::with_prefix("sigil_agent");
         self.rpc.register(&mut r);
@@ -128,6 +137,13 @@ impl AgentMetrics {
             "ready",
             "1 when /ready answers 200 (attested, bundle held, not revoked), else 0",
             self.ready.clone(),
+        );
+        r.register(
+            "tainted_svids",
+            "SVIDs replaced because a tainted authority signed them, by type \
+             (x509: X509-SVIDs scheduled for re-issue, agent's own included; \
+             jwt: cached JWT-SVIDs dropped)",
+            self.tainted.clone(),
         );
         r
     }

@@ -23,6 +23,7 @@ use crate::metrics::{AgentMetrics, Rotated};
 use crate::node::{self, Bootstrap, Connection, NodeError};
 use crate::servers::Servers;
 use crate::store::{AgentState, Store, StoreError};
+use crate::taint;
 
 /// Most CSRs sent in one call.
 const BATCH: usize = 500;
@@ -121,6 +122,9 @@ pub struct Session {
     servers: Arc<Servers>,
     /// JWT-SVIDs by (entry, audience).
     jwts: Arc<std::sync::Mutex<HashMap<JwtKey, CachedJwt>>>,
+    /// Wakes the renewal of the agent's own SVID before its time (its
+    /// authority was tainted).
+    renew_now: Arc<tokio::sync::Notify>,
     metrics: Arc<AgentMetrics>,
 }
 
@@ -194,6 +198,7 @@ impl Session {
             node: Arc::default(),
             servers,
             jwts: Arc::default(),
+            renew_now: Arc::default(),
             metrics,
             config,
             store,
@@ -268,7 +273,9 @@ impl Session {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(&key)
-            .cloned();
+            .cloned()
+            // A token whose key was tainted is never served again.
+            .filter(|c| !self.bundle.get().is_jwt_tainted(&c.token));
         if let Some(c) = &cached
             && now < c.refresh_at
         {
@@ -527,6 +534,7 @@ impl Session {
                     }
                     if bundle_changed {
                         self.adopt_bundle();
+                        self.replace_tainted();
                     }
                     if let Some(raw) = crls {
                         self.adopt_crls(&raw);
@@ -603,6 +611,49 @@ impl Session {
             if let Err(e) = self.store.save(&state) {
                 warn!(error = %e, "could not persist the new bundle");
             }
+        }
+    }
+
+    /// Replaces what tainted authorities signed (see [`crate::taint`]):
+    /// schedules the re-issue of affected X509-SVIDs, renews the agent's
+    /// own SVID if affected, drops cached JWT-SVIDs of tainted kids.
+    fn replace_tainted(&self) {
+        let Some(b) = self.cache.bundle() else { return };
+        if !b.has_taint() {
+            return;
+        }
+        let svids = self.cache.svids();
+        let tainted = taint::tainted_svids(svids.iter().map(|s| &**s), &b);
+        if !tainted.is_empty() {
+            let due = taint::schedule(
+                tainted,
+                self.now(),
+                sigil_identity::random::jitter_unit().abs(),
+            );
+            let moved = self.cache.renew_early(&due);
+            if moved > 0 {
+                info!(
+                    count = moved,
+                    "X509-SVIDs of a tainted authority scheduled for re-issue"
+                );
+                self.metrics.tainted("x509", moved);
+            }
+        }
+        if let Ok(Some(state)) = self.store.load(&self.config.trust_domain)
+            && b.chain_uses_tainted(&state.chain)
+        {
+            info!("the agent SVID was signed by a tainted authority; renewing it now");
+            self.renew_now.notify_one();
+        }
+        let dropped = {
+            let mut jwts = self.jwts.lock().unwrap_or_else(|p| p.into_inner());
+            let before = jwts.len();
+            jwts.retain(|_, c| !b.is_jwt_tainted(&c.token));
+            before - jwts.len()
+        };
+        if dropped > 0 {
+            info!(count = dropped, "cached JWT-SVIDs of a tainted key dropped");
+            self.metrics.tainted("jwt", dropped);
         }
     }
 
@@ -695,7 +746,11 @@ impl Session {
             while let Ok(wait) = at.duration_since(self.now())
                 && !wait.is_zero()
             {
-                tokio::time::sleep(wait.min(CLOCK_CHECK)).await;
+                tokio::select! {
+                    () = tokio::time::sleep(wait.min(CLOCK_CHECK)) => {}
+                    // Its authority was tainted: renew now.
+                    () = self.renew_now.notified() => break,
+                }
             }
             let mut backoff = Duration::from_secs(1);
             loop {

@@ -6,6 +6,7 @@
 //! only root, the server's own uid and configured admin uids may call.
 //! Over mTLS, [`mtls::Guarded`] authorizes each call by the caller's SVID.
 
+mod authority;
 pub mod mtls;
 
 use std::collections::{BTreeSet, HashMap};
@@ -805,5 +806,40 @@ impl Admin for AdminApi {
         crate::revocation::admin_revoke(self, &caller, req.into_inner())
             .await
             .map(Response::new)
+    }
+
+    async fn authority_show(
+        &self,
+        req: Request<pb::AuthorityShowRequest>,
+    ) -> Result<Response<pb::AuthorityShowResponse>, Status> {
+        self.0.show_authorities(req).await
+    }
+
+    async fn authority_prepare(
+        &self,
+        req: Request<pb::AuthorityRequest>,
+    ) -> Result<Response<pb::AuthorityResponse>, Status> {
+        self.authority_step(req, authority::Step::Prepare).await
+    }
+
+    async fn authority_activate(
+        &self,
+        req: Request<pb::AuthorityRequest>,
+    ) -> Result<Response<pb::AuthorityResponse>, Status> {
+        self.authority_step(req, authority::Step::Activate).await
+    }
+
+    async fn authority_taint(
+        &self,
+        req: Request<pb::AuthorityRequest>,
+    ) -> Result<Response<pb::AuthorityResponse>, Status> {
+        self.authority_step(req, authority::Step::Taint).await
+    }
+
+    async fn authority_revoke(
+        &self,
+        req: Request<pb::AuthorityRequest>,
+    ) -> Result<Response<pb::AuthorityResponse>, Status> {
+        self.authority_step(req, authority::Step::Revoke).await
     }
 }

@@ -19,6 +19,8 @@ use tonic::transport::Channel;
 
 use sigil_server::config::{DEFAULT_ADMIN_SOCKET, LogFormat};
 
+mod authority;
+
 /// Top-level flags and the subcommand.
 #[derive(Debug, Parser)]
 #[command(
@@ -127,6 +129,9 @@ pub enum Command {
     /// Datastore tools (offline: they open the datastore themselves).
     #[command(subcommand)]
     Datastore(DatastoreCmd),
+    /// CA authorities: show, prepare, activate, taint, revoke (incident response).
+    #[command(subcommand)]
+    Authority(authority::AuthorityCmd),
 }
 
 #[derive(Debug, Subcommand)]
@@ -573,6 +578,7 @@ pub async fn run_client(command: Command, socket: &AdminTarget, output: Output) 
             }
         }
         Command::Entry(cmd) => entry(cmd, socket, output).await?,
+        Command::Authority(cmd) => authority::run(cmd, socket, output).await?,
         Command::Agent(cmd) => {
             let mut c = connect(socket).await?;
             match cmd {

@@ -18,6 +18,19 @@ pub fn revoked(mut status: Status) -> Status {
     status
 }
 
+/// Maps refused or failed authority commands to gRPC status codes: a
+/// refused transition is a failed precondition whose message names the rule.
+pub fn authority_status(e: &crate::ca::manager::AuthorityError) -> Status {
+    use crate::ca::manager::AuthorityError as E;
+    match e {
+        E::Unknown { .. } => Status::not_found(e.to_string()),
+        E::NotPublished { .. } => Status::unavailable(e.to_string()),
+        E::Ca(CaError::Datastore(d)) => store_status(d),
+        E::Ca(c) => ca_status(c),
+        _ => Status::failed_precondition(e.to_string()),
+    }
+}
+
 /// Maps CA failures to gRPC status codes, in one place.
 pub fn ca_status(e: &CaError) -> Status {
     match e {

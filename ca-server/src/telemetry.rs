@@ -199,6 +199,8 @@ fn state_name(s: SlotState) -> &'static str {
         SlotState::Prepared => "prepared",
         SlotState::Active => "active",
         SlotState::Retired => "retired",
+        SlotState::Tainted => "tainted",
+        SlotState::Revoked => "revoked",
     }
 }
 

@@ -80,6 +80,13 @@ pub struct Bundle {
     pub sequence: u64,
     /// `spiffe_refresh_hint`: how often consumers should re-fetch.
     pub refresh_hint: Option<Duration>,
+    /// X.509 authorities (DER, each also in `x509_authorities`) an operator
+    /// tainted: still trusted, but every SVID they signed is to be replaced.
+    /// Not part of the SPIFFE JWK Set; see [`taint`].
+    pub tainted_x509_authorities: Vec<Vec<u8>>,
+    /// Key ids of JWT authorities an operator tainted (each also in
+    /// `jwt_authorities`): cached tokens they signed are to be dropped.
+    pub tainted_jwt_kids: Vec<String>,
 }
 
 impl Bundle {
@@ -91,6 +98,8 @@ impl Bundle {
             jwt_authorities: Vec::new(),
             sequence: 0,
             refresh_hint: None,
+            tainted_x509_authorities: Vec::new(),
+            tainted_jwt_kids: Vec::new(),
         }
     }
 
@@ -238,11 +247,17 @@ fn decode_jwt_key(index: usize, m: &Map<String, Value>) -> Result<JwtAuthority, 
     })
 }
 
-/// Storage form of a bundle: the trust domain next to its JWK Set.
+/// Storage form of a bundle: the trust domain next to its JWK Set, and the
+/// taint markers (absent in bundles stored before taint existed).
 #[derive(Serialize, Deserialize)]
 struct StoredBundle {
     trust_domain: TrustDomain,
     jwks: Value,
+    /// Tainted X.509 authorities, base64 DER.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    tainted_x509: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    tainted_jwt_kids: Vec<String>,
 }
 
 impl Serialize for Bundle {
@@ -250,6 +265,12 @@ impl Serialize for Bundle {
         StoredBundle {
             trust_domain: self.trust_domain.clone(),
             jwks: self.to_jwks(),
+            tainted_x509: self
+                .tainted_x509_authorities
+                .iter()
+                .map(|der| B64.encode(der))
+                .collect(),
+            tainted_jwt_kids: self.tainted_jwt_kids.clone(),
         }
         .serialize(s)
     }
@@ -259,9 +280,19 @@ impl<'de> Deserialize<'de> for Bundle {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let stored = StoredBundle::deserialize(d)?;
         let bytes = serde_json::to_vec(&stored.jwks).map_err(serde::de::Error::custom)?;
-        Bundle::from_jwks(stored.trust_domain, &bytes).map_err(serde::de::Error::custom)
+        let mut bundle =
+            Bundle::from_jwks(stored.trust_domain, &bytes).map_err(serde::de::Error::custom)?;
+        let tainted = stored
+            .tainted_x509
+            .iter()
+            .map(|b| B64.decode(b))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(serde::de::Error::custom)?;
+        bundle.set_taint(tainted, stored.tainted_jwt_kids);
+        Ok(bundle)
     }
 }
 
+pub mod taint;
 #[cfg(test)]
 mod tests;

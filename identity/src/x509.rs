@@ -140,7 +140,8 @@ pub fn subject_key_id(cert: &X509Certificate<'_>) -> Option<Vec<u8>> {
         })
 }
 
-fn authority_key_id(cert: &X509Certificate<'_>) -> Option<Vec<u8>> {
+/// The AuthorityKeyIdentifier's key id, if present.
+pub fn authority_key_id(cert: &X509Certificate<'_>) -> Option<Vec<u8>> {
     cert.extensions()
         .iter()
         .find_map(|e| match e.parsed_extension() {

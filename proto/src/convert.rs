@@ -147,6 +147,8 @@ impl From<&Bundle> for node::Bundle {
             trust_domain: b.trust_domain.to_string(),
             jwks: b.to_jwks_bytes(),
             sequence: b.sequence,
+            tainted_x509_authorities: b.tainted_x509_authorities.clone(),
+            tainted_jwt_kids: b.tainted_jwt_kids.clone(),
             ..Default::default()
         }
     }
@@ -157,7 +159,13 @@ impl TryFrom<&node::Bundle> for Bundle {
     fn try_from(b: &node::Bundle) -> Result<Self, WireError> {
         let td =
             TrustDomain::new(&b.trust_domain).map_err(|e| WireError::new("trust_domain", e))?;
-        Bundle::from_jwks(td, &b.jwks).map_err(|e| WireError::new("jwks", e))
+        let mut bundle = Bundle::from_jwks(td, &b.jwks).map_err(|e| WireError::new("jwks", e))?;
+        // Markers of authorities the bundle does not hold are dropped.
+        bundle.set_taint(
+            b.tainted_x509_authorities.clone(),
+            b.tainted_jwt_kids.clone(),
+        );
+        Ok(bundle)
     }
 }
 

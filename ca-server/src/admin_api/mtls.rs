@@ -87,6 +87,11 @@ pub const METHODS: &[Method] = {
         method("CreateJoinToken", Admin, "token.generate", SMALL_BODY),
         method("MintX509Svid", Admin, "svid.x509.mint", SMALL_BODY),
         method("MintJwtSvid", Admin, "svid.jwt.mint", SMALL_BODY),
+        method("AuthorityShow", Read, "authority.show", SMALL_BODY),
+        method("AuthorityPrepare", Admin, "authority.prepare", SMALL_BODY),
+        method("AuthorityActivate", Admin, "authority.activate", SMALL_BODY),
+        method("AuthorityTaint", Revoke, "authority.taint", SMALL_BODY),
+        method("AuthorityRevoke", Revoke, "authority.revoke", SMALL_BODY),
     ]
 };
 
@@ -388,5 +393,15 @@ mod tests {
             assert_eq!(role(admin), AdminRole::Admin, "{admin}");
         }
         assert!(lookup("Unknown").is_none());
+    }
+
+    #[test]
+    fn authority_roles_split_reading_rotating_and_incident_response() {
+        let role = |n: &str| lookup(n).unwrap().role;
+        assert_eq!(role("AuthorityShow"), AdminRole::Read);
+        assert_eq!(role("AuthorityPrepare"), AdminRole::Admin);
+        assert_eq!(role("AuthorityActivate"), AdminRole::Admin);
+        assert_eq!(role("AuthorityTaint"), AdminRole::Revoke);
+        assert_eq!(role("AuthorityRevoke"), AdminRole::Revoke);
     }
 }

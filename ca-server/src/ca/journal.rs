@@ -19,8 +19,47 @@ pub enum SlotState {
     Prepared,
     /// Signing new credentials.
     Active,
-    /// No longer signing; kept in the bundle until it expires.
+    /// No longer signing; kept in the bundle until it expires ("old" in
+    /// the authority commands).
     Retired,
+    /// Old, and marked tainted by an operator: still in the bundle, but
+    /// every SVID it signed is being replaced.
+    Tainted,
+    /// Tainted, then revoked by an operator: out of the bundle; kept in the
+    /// journal (for `authority show` and so it is never published again)
+    /// until it expires.
+    Revoked,
+}
+
+impl SlotState {
+    /// The state's name in the authority commands.
+    pub fn name(self) -> &'static str {
+        match self {
+            SlotState::Prepared => "prepared",
+            SlotState::Active => "active",
+            SlotState::Retired => "old",
+            SlotState::Tainted => "tainted",
+            SlotState::Revoked => "revoked",
+        }
+    }
+
+    /// Whether the key may sign (now or once activated): its private key
+    /// is loaded at start.
+    pub fn is_live(self) -> bool {
+        matches!(self, SlotState::Prepared | SlotState::Active)
+    }
+
+    /// Whether the authority belongs in the published bundle (until it
+    /// expires).
+    pub fn is_published(self) -> bool {
+        self != SlotState::Revoked
+    }
+}
+
+impl std::fmt::Display for SlotState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 /// One X.509 CA key and its certificate.
@@ -134,6 +173,48 @@ impl CaJournal {
                 not_after: from_unix_seconds(20),
             }],
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_journal_written_before_taint_existed_still_loads() {
+        // The form an earlier version stored: only prepared/active/retired.
+        let old = br#"{"x509":[{"key_id":"x509-0a1b","algorithm":"ec-p256","state":"retired",
+            "cert_der":"MAMBAgM=","not_before":10,"not_after":20}],
+            "jwt":[{"key_id":"jwt-0a1b","algorithm":"ec-p256","state":"active","kid":"k1",
+            "public_key":{},"not_before":10,"not_after":20}]}"#;
+        let j = CaJournal::from_bytes(old).unwrap();
+        assert_eq!(j.x509[0].state, SlotState::Retired);
+        assert_eq!(j.jwt[0].state, SlotState::Active);
+    }
+
+    #[test]
+    fn tainted_and_revoked_states_round_trip() {
+        let mut j = CaJournal::sample_for_tests();
+        j.x509[0].state = SlotState::Tainted;
+        j.jwt[0].state = SlotState::Revoked;
+        let back = CaJournal::from_bytes(&j.to_bytes().unwrap()).unwrap();
+        assert_eq!(back, j);
+        let text = String::from_utf8(j.to_bytes().unwrap()).unwrap();
+        assert!(text.contains("\"tainted\"") && text.contains("\"revoked\""));
+    }
+
+    #[test]
+    fn only_revoked_authorities_leave_the_bundle() {
+        for s in [
+            SlotState::Prepared,
+            SlotState::Active,
+            SlotState::Retired,
+            SlotState::Tainted,
+        ] {
+            assert!(s.is_published(), "{s}");
+        }
+        assert!(!SlotState::Revoked.is_published());
+        assert!(!SlotState::Tainted.is_live() && !SlotState::Retired.is_live());
     }
 }
 

@@ -101,7 +101,7 @@ fn load_slots<S: Slot, T>(
     kind: &str,
 ) -> bool {
     let mut changed = false;
-    for slot in slots.iter_mut().filter(|s| s.state() != SlotState::Retired) {
+    for slot in slots.iter_mut().filter(|s| s.state().is_live()) {
         match load(slot) {
             Ok(signer) if slot.state() == SlotState::Active => {
                 *active.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(signer));
@@ -123,7 +123,7 @@ fn activate<S: Slot>(slots: &mut [S]) {
         match s.state() {
             SlotState::Active => s.set_state(SlotState::Retired),
             SlotState::Prepared => s.set_state(SlotState::Active),
-            SlotState::Retired => {}
+            SlotState::Retired | SlotState::Tainted | SlotState::Revoked => {}
         }
     }
 }
@@ -138,18 +138,22 @@ struct Gone {
     jwt: Vec<String>,
 }
 
-/// The retired slots that have expired at `now` (what [`prune`] removes).
+/// Whether `s` no longer signs and has expired at `now`: retired, tainted
+/// and revoked slots leave the journal (and the bundle) then.
+fn is_expired_old<S: Slot>(s: &S, now: SystemTime) -> bool {
+    !s.state().is_live() && s.validity().1 <= now
+}
+
+/// The old slots that have expired at `now` (what [`prune`] removes).
 fn expired_slots<S: Slot>(slots: &[S], now: SystemTime) -> impl Iterator<Item = &S> {
-    slots
-        .iter()
-        .filter(move |s| s.state() == SlotState::Retired && s.validity().1 <= now)
+    slots.iter().filter(move |s| is_expired_old(*s, now))
 }
 
 /// Removes retired slots that have expired, returning their key ids.
 fn prune<S: Slot>(slots: &mut Vec<S>, now: SystemTime) -> Vec<KeyId> {
     let mut gone = Vec::new();
     slots.retain(|s| {
-        let expired = s.state() == SlotState::Retired && s.validity().1 <= now;
+        let expired = is_expired_old(s, now);
         if expired {
             gone.push(s.key_id().clone());
         }
@@ -298,8 +302,15 @@ impl CaManager {
     /// them all.
     async fn publish(&self, journal: &CaJournal, gone: &Gone) -> Result<(), CaError> {
         let now = self.clock.now();
-        let live_x509 = journal.x509.iter().filter(|s| s.not_after > now);
-        let live_jwt = journal.jwt.iter().filter(|s| s.not_after > now);
+        // Revoked authorities never go back in; tainted ones carry a marker.
+        let live_x509 = journal
+            .x509
+            .iter()
+            .filter(|s| s.not_after > now && s.state.is_published());
+        let live_jwt = journal
+            .jwt
+            .iter()
+            .filter(|s| s.not_after > now && s.state.is_published());
         let mut edit = BundleEdit {
             add_jwt: live_jwt
                 .filter_map(|s| {
@@ -314,6 +325,7 @@ impl CaManager {
             refresh_hint: self.config.refresh_hint,
             ..BundleEdit::default()
         };
+        authority::mark_taint(journal, &mut edit);
         match &self.upstream {
             // The upstream roots are the X.509 authorities; the journal's
             // certificates are intermediates that agents get in chains.
@@ -380,48 +392,18 @@ impl CaManager {
         now: SystemTime,
     ) -> Result<RotationReport, CaError> {
         let mut report = RotationReport::default();
-        let td = &self.config.trust_domain;
-        let not_before = now.checked_sub(BACKDATE).unwrap_or(now);
-        let not_after = now
-            .checked_add(self.config.ca_ttl)
-            .ok_or(CaError::Build("ca ttl overflows the clock".into()))?;
-        let alg = self.config.key_algorithm;
-
         let mut next = journal.clone();
         let mut new_keys = Vec::new();
         if plan(&next.x509, now) == CaAction::Prepare {
-            let key_id = KeyId::generate("x509");
-            let key = self.keys.generate(&key_id, alg)?;
-            new_keys.push(key_id.clone());
-            let authority =
-                X509Authority::create(td, &key, not_before, not_after, self.upstream.as_ref())?;
-            next.x509.push(X509Slot {
-                key_id: key_id.clone(),
-                algorithm: alg,
-                state: SlotState::Prepared,
-                cert_der: authority.cert_der().to_vec(),
-                not_before,
-                not_after: authority.not_after(),
-            });
-            info!(key_id = %key_id, kind = "x509", "CA key prepared");
+            let slot = self.new_x509_slot(now)?;
+            new_keys.push(slot.key_id.clone());
+            next.x509.push(slot);
             report.prepared += 1;
         }
         if plan(&next.jwt, now) == CaAction::Prepare {
-            let key_id = KeyId::generate("jwt");
-            let key = self.keys.generate(&key_id, alg)?;
-            new_keys.push(key_id.clone());
-            let kid = sigil_identity::random::hex_id();
-            let signer = jwt_signer(&kid, &key, not_after)?;
-            next.jwt.push(JwtSlot {
-                key_id: key_id.clone(),
-                algorithm: alg,
-                state: SlotState::Prepared,
-                kid,
-                public_key: signer.public_key().jwk_members(),
-                not_before,
-                not_after,
-            });
-            info!(key_id = %key_id, kind = "jwt", "JWT key prepared");
+            let slot = self.new_jwt_slot(now)?;
+            new_keys.push(slot.key_id.clone());
+            next.jwt.push(slot);
             report.prepared += 1;
         }
         if report.prepared > 0 {
@@ -679,6 +661,9 @@ impl ChangeListener for CaManager {
         }
     }
 }
+
+mod authority;
+pub use authority::{AuthorityError, AuthorityKind, AuthorityView};
 
 #[cfg(test)]
 mod tests;

@@ -53,6 +53,7 @@ macro_rules! datastore_conformance {
             issuances_are_found_by_serial_and_spiffe_id_until_not_after,
             revocations_are_in_the_feed_keep_the_first_record_and_go_after_not_after,
             crl_is_kept_per_issuer_and_its_number_never_goes_back,
+            bundle_taint_markers_persist_and_leave_with_their_authority,
         );
     };
     ($open:expr) => {
@@ -1422,4 +1423,66 @@ pub async fn crl_is_kept_per_issuer_and_its_number_never_goes_back<
         1
     );
     assert_eq!(ds.list_crls().await.unwrap(), vec![crl("ca2", 1, 300)]);
+}
+
+/// Taint markers set through a bundle edit are stored, reach the change
+/// feed, survive a reopen, and go when their authority is removed.
+pub async fn bundle_taint_markers_persist_and_leave_with_their_authority<
+    D: Datastore,
+    F: Future<Output = D>,
+>(
+    open: &impl Fn(&Path) -> F,
+    dir: &Path,
+) {
+    let ds = open(dir).await;
+    let (old, new) = (ca_cert(), ca_cert());
+    let k1 = jwt_authority("k1");
+    ds.update_bundle(
+        &td(),
+        BundleEdit {
+            add_x509: vec![old.clone(), new.clone()],
+            add_jwt: vec![k1.clone(), jwt_authority("k2")],
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let since = ds.current_revision().await.unwrap();
+    let tainted = ds
+        .update_bundle(
+            &td(),
+            BundleEdit {
+                taint_x509: vec![old.clone(), ca_cert()],
+                taint_jwt: vec!["k1".into(), "absent".into()],
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(tainted.tainted_x509_authorities, vec![old.clone()]);
+    assert_eq!(tainted.tainted_jwt_kids, vec!["k1".to_owned()]);
+    assert_eq!(tainted.sequence, 2, "a taint is a bundle change");
+    let feed = ds.changes(since, 10).await.unwrap();
+    assert!(
+        feed.iter().any(|c| matches!(&c.changed,
+            Changed::Bundle { bundle: Some(b), .. } if b.tainted_jwt_kids == ["k1"])),
+        "the change feed carries the markers"
+    );
+    drop(ds);
+    let ds = open(dir).await;
+    let stored = ds.fetch_bundle(&td()).await.unwrap().unwrap();
+    assert_eq!(stored, tainted);
+    let revoked = ds
+        .update_bundle(
+            &td(),
+            BundleEdit {
+                remove_x509: vec![old],
+                remove_jwt: vec!["k1".into()],
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert!(!revoked.has_taint());
+    assert_eq!(revoked.x509_authorities, vec![new]);
 }

@@ -172,6 +172,10 @@ pub struct BundleEdit {
     pub remove_jwt: Vec<String>,
     /// Set as the bundle's refresh hint when `Some`.
     pub refresh_hint: Option<std::time::Duration>,
+    /// CA certificates (DER) marked tainted, if in the bundle.
+    pub taint_x509: Vec<Vec<u8>>,
+    /// JWT authorities marked tainted by kid, if in the bundle.
+    pub taint_jwt: Vec<String>,
 }
 
 impl BundleEdit {
@@ -200,6 +204,13 @@ impl BundleEdit {
         if self.refresh_hint.is_some() {
             bundle.refresh_hint = self.refresh_hint;
         }
+        // Taint markers: added for authorities present, and removed with
+        // their authority.
+        let mut x509 = std::mem::take(&mut bundle.tainted_x509_authorities);
+        x509.extend(self.taint_x509.iter().cloned());
+        let mut jwt = std::mem::take(&mut bundle.tainted_jwt_kids);
+        jwt.extend(self.taint_jwt.iter().cloned());
+        bundle.set_taint(x509, jwt);
         *bundle != before
     }
 }

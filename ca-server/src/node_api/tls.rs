@@ -288,6 +288,11 @@ fn issue(
     Ok((ck, nb, na))
 }
 
+/// The DER chain of a certified key.
+fn chain_of(ck: &rustls::sign::CertifiedKey) -> Vec<Vec<u8>> {
+    ck.cert.iter().map(|c| c.to_vec()).collect()
+}
+
 impl ServerSvid {
     /// Issues the first server SVID and starts renewing it until `shutdown`.
     pub fn start(
@@ -296,9 +301,11 @@ impl ServerSvid {
         shutdown: tokio::sync::watch::Receiver<bool>,
     ) -> Result<Self, CaError> {
         let (ck, mut nb, mut na) = issue(&ca)?;
+        let mut chain = chain_of(&ck);
         let resolver = Arc::new(SvidResolver::new(ck));
         let r = resolver.clone();
         let mut shutdown = shutdown;
+        let mut bundles = ca.subscribe_bundle();
         tokio::spawn(in_span(info_span!("server_svid_renewal"), async move {
             loop {
                 let at = rotation::renewal_time(nb, na, sigil_identity::random::jitter_unit());
@@ -309,9 +316,21 @@ impl ServerSvid {
                 tokio::select! {
                     _ = shutdown.changed() => return,
                     () = tokio::time::sleep(wait) => {}
+                    changed = bundles.changed() => {
+                        if changed.is_err() {
+                            return;
+                        }
+                        // Renewed at once when its authority is tainted.
+                        let tainted = bundles.borrow_and_update().chain_uses_tainted(&chain);
+                        if !tainted {
+                            continue;
+                        }
+                        info!("server SVID signed by a tainted authority; renewing it now");
+                    }
                 }
                 match issue(&ca) {
                     Ok((ck, new_nb, new_na)) => {
+                        chain = chain_of(&ck);
                         r.set(ck);
                         (nb, na) = (new_nb, new_na);
                         info!(spiffe_id = %SpiffeId::server(ca.trust_domain()), "server SVID renewed");

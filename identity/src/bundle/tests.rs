@@ -23,6 +23,8 @@ fn sample() -> Bundle {
         }],
         sequence: 7,
         refresh_hint: Some(Duration::from_secs(300)),
+        tainted_x509_authorities: Vec::new(),
+        tainted_jwt_kids: Vec::new(),
     }
 }
 

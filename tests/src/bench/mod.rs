@@ -9,7 +9,7 @@
 //! - [`raw`]: the raw limits (ring ECDSA loops, a bare tonic stream over a
 //!   Unix socket in this process).
 //! - [`issuance`], [`jwt`], [`workload`], [`revocation`], [`rotation`],
-//!   [`scale`]: one scenario each.
+//!   [`scale`], [`taint`]: one scenario each.
 //! - [`ha`]: the PostgreSQL scenarios (`--datastore postgres`): writes
 //!   (sled next to PostgreSQL), propagation across two replicas, failover.
 //!
@@ -25,6 +25,7 @@ pub mod raw;
 pub mod revocation;
 pub mod rotation;
 pub mod scale;
+pub mod taint;
 pub mod workload;
 
 use std::time::Duration;
@@ -40,6 +41,7 @@ pub const SCENARIOS: &[&str] = &[
     "revocation",
     "rotation",
     "scale",
+    "taint",
 ];
 
 /// The scenarios on PostgreSQL (`--datastore postgres`), in the order
@@ -194,6 +196,7 @@ pub async fn run(name: &str, options: &Options) -> Result<Report> {
         "revocation" => revocation::run(options).await?,
         "rotation" => rotation::run(options).await?,
         "scale" => scale::run(options).await?,
+        "taint" => taint::run(options).await?,
         "writes" => ha::writes(options).await?,
         "ha-propagation" => ha::propagation(options).await?,
         "failover" => ha::failover(options).await?,

@@ -9,6 +9,7 @@
 
 mod common;
 
+mod authority;
 mod cli_output;
 mod crash;
 mod disk_full;
