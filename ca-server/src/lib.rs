@@ -35,6 +35,8 @@
 //! - [`telemetry`]: metrics and readiness for the `[telemetry]` listener.
 //! - [`registration_file`], [`entry_apply`]: registration entries kept as
 //!   code (`entry plan`/`apply`/`export`).
+//! - [`federation`]: SPIFFE federation: the bundle endpoint, polling of
+//!   foreign bundle endpoints, and the federated bundles agents are given.
 
 #![forbid(unsafe_code)]
 
@@ -47,6 +49,7 @@ pub mod catalog;
 pub mod config;
 pub mod datastore;
 pub mod entry_apply;
+pub mod federation;
 pub mod node_api;
 pub mod registration_file;
 pub mod registry;

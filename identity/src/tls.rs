@@ -4,7 +4,14 @@
 //!
 //! Verification ignores DNS names entirely: the peer is who its URI SAN
 //! says, if the chain verifies against the current bundle of its trust
-//! domain and the caller's rule accepts the ID.
+//! domain and the caller's rule accepts the ID. A peer of another trust
+//! domain is verified against that trust domain's bundle when the verifier
+//! was given [`FederatedBundles`] holding it (SPIFFE federation), and
+//! refused otherwise.
+
+mod federated;
+
+pub use self::federated::FederatedBundles;
 
 use std::fmt;
 use std::sync::{Arc, RwLock};
@@ -72,6 +79,7 @@ fn to_system_time(now: UnixTime) -> SystemTime {
 /// Verifies a peer chain and applies the authorizer.
 fn verify_peer(
     bundle: &SharedBundle,
+    federated: Option<&FederatedBundles>,
     authorize: &Authorizer,
     end_entity: &CertificateDer<'_>,
     intermediates: &[CertificateDer<'_>],
@@ -80,7 +88,8 @@ fn verify_peer(
     let mut chain = Vec::with_capacity(1 + intermediates.len());
     chain.push(end_entity.to_vec());
     chain.extend(intermediates.iter().map(|c| c.to_vec()));
-    let id = verify_svid(&chain, &bundle.get(), to_system_time(now))
+    let trusted = federated::bundle_for(bundle.get(), federated, end_entity);
+    let id = verify_svid(&chain, &trusted, to_system_time(now))
         .map_err(|e: SvidError| reject(e))?;
     if !authorize(&id) {
         return Err(reject(format_args!("peer {id} is not authorized")));
@@ -131,6 +140,7 @@ macro_rules! handshake_signatures {
 /// Verifies servers by SPIFFE ID (clients use it).
 pub struct SpiffeServerVerifier {
     bundle: Arc<SharedBundle>,
+    federated: Option<Arc<FederatedBundles>>,
     authorize: Authorizer,
     provider: Arc<CryptoProvider>,
 }
@@ -147,9 +157,17 @@ impl SpiffeServerVerifier {
     pub fn new(bundle: Arc<SharedBundle>, authorize: Authorizer) -> Self {
         Self {
             bundle,
+            federated: None,
             authorize,
             provider: provider(),
         }
+    }
+
+    /// Also accepts servers of the federated trust domains in `federated`,
+    /// each verified against its own bundle.
+    pub fn with_federated(mut self, federated: Arc<FederatedBundles>) -> Self {
+        self.federated = Some(federated);
+        self
     }
 }
 
@@ -164,6 +182,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
     ) -> Result<ServerCertVerified, rustls::Error> {
         verify_peer(
             &self.bundle,
+            self.federated.as_deref(),
             &self.authorize,
             end_entity,
             intermediates,
@@ -178,6 +197,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
 /// Verifies clients by SPIFFE ID (servers use it).
 pub struct SpiffeClientVerifier {
     bundle: Arc<SharedBundle>,
+    federated: Option<Arc<FederatedBundles>>,
     authorize: Authorizer,
     mandatory: bool,
     provider: Arc<CryptoProvider>,
@@ -198,10 +218,18 @@ impl SpiffeClientVerifier {
     pub fn new(bundle: Arc<SharedBundle>, authorize: Authorizer, mandatory: bool) -> Self {
         Self {
             bundle,
+            federated: None,
             authorize,
             mandatory,
             provider: provider(),
         }
+    }
+
+    /// Also accepts clients of the federated trust domains in `federated`,
+    /// each verified against its own bundle.
+    pub fn with_federated(mut self, federated: Arc<FederatedBundles>) -> Self {
+        self.federated = Some(federated);
+        self
     }
 }
 
@@ -226,6 +254,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
     ) -> Result<ClientCertVerified, rustls::Error> {
         verify_peer(
             &self.bundle,
+            self.federated.as_deref(),
             &self.authorize,
             end_entity,
             intermediates,

@@ -12,6 +12,7 @@ mod common;
 mod cli_output;
 mod crash;
 mod disk_full;
+mod federation;
 mod file_hygiene;
 mod ha;
 mod mtls;
