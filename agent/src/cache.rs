@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
 use sigil_identity::clock::{Clock, SystemClock};
-use sigil_identity::{Bundle, EntryId, RegistrationEntry, SelectorSet, rotation};
+use sigil_identity::{Bundle, EntryId, RegistrationEntry, SelectorSet, TrustDomain, rotation};
 use sigil_proto::convert::{SyncEvent, SyncUpdate};
 use tokio::sync::watch;
 use zeroize::Zeroizing;
@@ -63,6 +63,8 @@ struct State {
     /// copying keys and chains.
     svids: HashMap<EntryId, Arc<CachedSvid>>,
     bundle: Option<Arc<Bundle>>,
+    /// Bundles of federated trust domains, as the server sends them.
+    federated: BTreeMap<TrustDomain, Arc<Bundle>>,
     /// Why the server revoked this agent, until it attests again.
     revoked: Option<String>,
     /// The trust domain's CRLs, as last sent with the bundle.
@@ -166,6 +168,27 @@ impl Cache {
         marked
     }
 
+    /// The bundles of the federated trust domains `entries` federate with
+    /// that the server has sent, ordered by trust domain: what a workload
+    /// matching `entries` is given besides its own bundle.
+    pub fn federated_for<'a>(
+        &self,
+        entries: impl IntoIterator<Item = &'a RegistrationEntry>,
+    ) -> Vec<Arc<Bundle>> {
+        let wanted: std::collections::BTreeSet<&TrustDomain> =
+            entries.into_iter().flat_map(|e| &e.federates_with).collect();
+        let st = self.lock();
+        wanted
+            .into_iter()
+            .filter_map(|td| st.federated.get(td).cloned())
+            .collect()
+    }
+
+    /// Every federated bundle held, ordered by trust domain.
+    pub fn federated_bundles(&self) -> Vec<Arc<Bundle>> {
+        self.lock().federated.values().cloned().collect()
+    }
+
     /// Every SVID held.
     pub fn svids(&self) -> Vec<Arc<CachedSvid>> {
         let mut v: Vec<_> = self.lock().svids.values().cloned().collect();
@@ -214,7 +237,13 @@ impl Cache {
                 entries,
                 removed,
                 bundle,
+                federated_bundles,
             } => {
+                // The server always sends the complete federated set.
+                st.federated = federated_bundles
+                    .into_iter()
+                    .map(|b| (b.trust_domain.clone(), Arc::new(b)))
+                    .collect();
                 if full {
                     st.entries.clear();
                 }
@@ -239,6 +268,14 @@ impl Cache {
             }
             SyncEvent::Bundle(b) => {
                 st.bundle = Some(Arc::new(b));
+                Applied::Ok
+            }
+            SyncEvent::FederatedBundle(b) => {
+                st.federated.insert(b.trust_domain.clone(), Arc::new(b));
+                Applied::Ok
+            }
+            SyncEvent::FederatedBundleRemoved(td) => {
+                st.federated.remove(&td);
                 Applied::Ok
             }
             SyncEvent::Revoked(why) => {
@@ -600,10 +637,61 @@ mod tests {
                 entries: vec![kept.clone()],
                 removed: vec![],
                 bundle: None,
+                federated_bundles: vec![],
             },
         });
         let ids: Vec<_> = cache.entries().iter().map(|e| e.id.clone()).collect();
         assert_eq!(ids, vec![kept.id]);
         assert_eq!(cache.revision(), 3);
+    }
+
+    fn fed(td: &str) -> Bundle {
+        Bundle::new(TrustDomain::new(td).unwrap())
+    }
+
+    /// A workload gets only the federated bundles its entries name; a
+    /// snapshot replaces the set, a removal drops one.
+    #[test]
+    fn federated_bundles_follow_the_server_and_go_only_to_entries_naming_them() {
+        let cache = Cache::default();
+        let mut web = entry("web", 1);
+        web.federates_with.insert(TrustDomain::new("td2.org").unwrap());
+        let db = entry("db", 2);
+        cache.apply(SyncUpdate {
+            revision: 2,
+            event: SyncEvent::Snapshot {
+                full: true,
+                entries: vec![web.clone(), db.clone()],
+                removed: vec![],
+                bundle: None,
+                federated_bundles: vec![fed("td2.org"), fed("td3.org")],
+            },
+        });
+        let tds = |b: Vec<Arc<Bundle>>| -> Vec<String> {
+            b.iter().map(|b| b.trust_domain.to_string()).collect()
+        };
+        assert_eq!(tds(cache.federated_for([&web])), ["td2.org"]);
+        assert!(cache.federated_for([&db]).is_empty());
+        cache.apply(SyncUpdate {
+            revision: 3,
+            event: SyncEvent::FederatedBundleRemoved(TrustDomain::new("td2.org").unwrap()),
+        });
+        assert!(cache.federated_for([&web]).is_empty());
+        cache.apply(SyncUpdate {
+            revision: 4,
+            event: SyncEvent::FederatedBundle(fed("td2.org")),
+        });
+        assert_eq!(tds(cache.federated_for([&web])), ["td2.org"]);
+        cache.apply(SyncUpdate {
+            revision: 5,
+            event: SyncEvent::Snapshot {
+                full: false,
+                entries: vec![],
+                removed: vec![],
+                bundle: None,
+                federated_bundles: vec![fed("td3.org")],
+            },
+        });
+        assert_eq!(tds(cache.federated_bundles()), ["td3.org"]);
     }
 }

@@ -56,6 +56,9 @@ pub enum Trust {
     /// Accept any certificate (signatures over the handshake are still
     /// checked). Insecure: anyone on the path can impersonate the server.
     InsecureSkipVerify,
+    /// Verify with this verifier (e.g. a SPIFFE verifier that checks the
+    /// server's SVID, for SPIFFE bundle endpoints).
+    Verifier(Arc<dyn rustls::client::danger::ServerCertVerifier>),
 }
 
 impl std::fmt::Debug for Trust {
@@ -63,6 +66,7 @@ impl std::fmt::Debug for Trust {
         match self {
             Trust::Roots(r) => write!(f, "Roots({} certificates)", r.len()),
             Trust::InsecureSkipVerify => f.write_str("InsecureSkipVerify"),
+            Trust::Verifier(v) => write!(f, "Verifier({v:?})"),
         }
     }
 }
@@ -170,6 +174,10 @@ impl HttpsClient {
             Trust::InsecureSkipVerify => builder
                 .dangerous()
                 .with_custom_certificate_verifier(sigil_identity::tls::InsecureAnyServer::new())
+                .with_no_client_auth(),
+            Trust::Verifier(v) => builder
+                .dangerous()
+                .with_custom_certificate_verifier(v)
                 .with_no_client_auth(),
         };
         Ok(Self {

@@ -65,6 +65,13 @@ pub struct ServerConfig {
     /// `[oidc_discovery]`: the OIDC discovery listener; off when absent.
     #[serde(default)]
     pub oidc_discovery: Option<crate::oidc_discovery::OidcDiscoverySection>,
+    /// `[federation]`: other trust domains whose bundles this server polls
+    /// (see [`crate::federation`]).
+    #[serde(default)]
+    pub federation: crate::federation::FederationSection,
+    /// `[bundle_endpoint]`: this trust domain's bundle served to others.
+    #[serde(default)]
+    pub bundle_endpoint: Option<crate::federation::BundleEndpointSection>,
 }
 
 /// Which datastore implementation holds the server's state.
@@ -595,6 +602,7 @@ impl ServerConfig {
         }
         cfg.read_connection_file()?;
         cfg.validate()?;
+        crate::federation::validate_config(&cfg).map_err(ConfigError::Invalid)?;
         Ok(cfg)
     }
 

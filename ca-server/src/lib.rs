@@ -39,6 +39,8 @@
 //!   code (`entry plan`/`apply`/`export`).
 //! - [`oidc_discovery`]: the `[oidc_discovery]` HTTPS listener serving the
 //!   OpenID discovery document and the JWT keys for relying parties.
+//! - [`federation`]: SPIFFE federation: the bundle endpoint, polling of
+//!   foreign bundle endpoints, and the federated bundles agents are given.
 
 #![forbid(unsafe_code)]
 
@@ -51,6 +53,7 @@ pub mod catalog;
 pub mod config;
 pub mod datastore;
 pub mod entry_apply;
+pub mod federation;
 pub mod node_api;
 pub mod oidc_discovery;
 pub mod registration_file;

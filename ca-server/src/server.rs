@@ -61,6 +61,7 @@ pub enum ServerError {
     Telemetry(std::io::Error),
     #[error("{0}")]
     OidcDiscovery(#[from] crate::oidc_discovery::OidcError),
+    BundleEndpoint(#[from] crate::federation::endpoint::EndpointError),
 }
 
 /// The sockets the server serves on, bound by the caller so tests can use
@@ -103,6 +104,8 @@ struct Core {
     metrics: Arc<ServerMetrics>,
     /// `x509 revoke`, issuance records, and the CRLs.
     revocations: Arc<crate::revocation::Revocations>,
+    /// Federated trust domains' bundles, as agents are given them.
+    federated: Arc<crate::federation::FederatedSet>,
 }
 
 impl Core {
@@ -138,6 +141,18 @@ impl Core {
         // start and the registry's load is read once here.
         registry.add_listener(ca.clone());
         crate::registry::ChangeListener::reload(ca.as_ref()).await;
+        let federated = Arc::new(crate::federation::FederatedSet::new(
+            config
+                .federation
+                .federates_with
+                .iter()
+                .map(|r| r.trust_domain.clone()),
+        ));
+        registry.add_listener(Arc::new(crate::federation::SetListener {
+            set: federated.clone(),
+            store: store.clone(),
+        }));
+        federated.load(store.as_ref()).await;
         let audit = Audit::new(store.clone(), clock.clone());
         let agents = Arc::new(AgentService::new(
             store.clone(),
@@ -162,6 +177,7 @@ impl Core {
             agents,
             metrics: Arc::new(ServerMetrics::default()),
             revocations,
+            federated,
         })
     }
 }
@@ -218,6 +234,7 @@ impl Background {
                 .instrument(info_span!("revocations")),
         ));
         tasks.push(prune_join_tokens(core, stop.clone()));
+        tasks.extend(poll_federated_bundles(config, core, &stop));
         if let Some(addr) = config.telemetry.bind {
             tasks.push(serve_telemetry(addr, core, stop.clone()).await?);
         }
@@ -274,6 +291,29 @@ fn follow_changes(
             .clone()
             .follow(config.datastore.poll_interval, stop),
     ))
+}
+
+/// One task per federation relationship polling its bundle endpoint.
+fn poll_federated_bundles(
+    config: &ServerConfig,
+    core: &Core,
+    stop: &watch::Receiver<bool>,
+) -> Vec<JoinHandle<()>> {
+    let poller = Arc::new(crate::federation::poller::Poller {
+        store: core.store.clone(),
+        registry: core.registry.clone(),
+        ca: core.ca.clone(),
+        config: config.federation.clone(),
+    });
+    config
+        .federation
+        .federates_with
+        .iter()
+        .map(|r| {
+            let span = info_span!("federation_poll", trust_domain = %r.trust_domain);
+            tokio::spawn(poller.clone().run(r.clone(), stop.clone()).instrument(span))
+        })
+        .collect()
 }
 
 /// Removes expired join tokens every hour.
@@ -361,7 +401,23 @@ async fn apis(
         wire_bundle: std::sync::Mutex::default(),
         metrics: core.metrics.clone(),
         revocations: core.revocations.clone(),
+        federated: core.federated.clone(),
     });
+    if let Some(endpoint) = &config.bundle_endpoint {
+        use crate::federation::endpoint;
+        let listener = endpoint::bind(endpoint).await?;
+        let acceptor = endpoint::acceptor(endpoint, server_svid.resolver())?;
+        tokio::spawn(
+            endpoint::serve(
+                listener,
+                acceptor,
+                core.ca.clone(),
+                endpoint.clone(),
+                stop.clone(),
+            )
+            .instrument(info_span!("bundle_endpoint")),
+        );
+    }
     let mut allowed_uids: BTreeSet<u32> = config.server.admin_uids.iter().copied().collect();
     allowed_uids.insert(0);
     allowed_uids.insert(own_uid());

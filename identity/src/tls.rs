@@ -4,7 +4,14 @@
 //!
 //! Verification ignores DNS names entirely: the peer is who its URI SAN
 //! says, if the chain verifies against the current bundle of its trust
-//! domain and the caller's rule accepts the ID.
+//! domain and the caller's rule accepts the ID. A peer of another trust
+//! domain is verified against that trust domain's bundle when the verifier
+//! was given [`FederatedBundles`] holding it (SPIFFE federation), and
+//! refused otherwise.
+
+mod federated;
+
+pub use self::federated::FederatedBundles;
 
 use std::fmt;
 use std::sync::{Arc, RwLock};
@@ -75,6 +82,7 @@ fn to_system_time(now: UnixTime) -> SystemTime {
 fn verify_peer(
     bundle: &SharedBundle,
     crls: Option<&SharedCrls>,
+    federated: Option<&FederatedBundles>,
     authorize: &Authorizer,
     end_entity: &CertificateDer<'_>,
     intermediates: &[CertificateDer<'_>],
@@ -83,7 +91,8 @@ fn verify_peer(
     let mut chain = Vec::with_capacity(1 + intermediates.len());
     chain.push(end_entity.to_vec());
     chain.extend(intermediates.iter().map(|c| c.to_vec()));
-    let id = verify_svid(&chain, &bundle.get(), to_system_time(now))
+    let trusted = federated::bundle_for(bundle.get(), federated, end_entity);
+    let id = verify_svid(&chain, &trusted, to_system_time(now))
         .map_err(|e: SvidError| reject(e))?;
     if let Some(crls) = crls {
         let revoked = crls.get();
@@ -142,6 +151,7 @@ macro_rules! handshake_signatures {
 /// Verifies servers by SPIFFE ID (clients use it).
 pub struct SpiffeServerVerifier {
     bundle: Arc<SharedBundle>,
+    federated: Option<Arc<FederatedBundles>>,
     authorize: Authorizer,
     provider: Arc<CryptoProvider>,
     crls: Option<Arc<SharedCrls>>,
@@ -159,6 +169,7 @@ impl SpiffeServerVerifier {
     pub fn new(bundle: Arc<SharedBundle>, authorize: Authorizer) -> Self {
         Self {
             bundle,
+            federated: None,
             authorize,
             provider: provider(),
             crls: None,
@@ -168,6 +179,13 @@ impl SpiffeServerVerifier {
     /// Also refuses servers whose certificate is on a CRL of `crls`.
     pub fn with_crls(mut self, crls: Arc<SharedCrls>) -> Self {
         self.crls = Some(crls);
+        self
+    }
+
+    /// Also accepts servers of the federated trust domains in `federated`,
+    /// each verified against its own bundle.
+    pub fn with_federated(mut self, federated: Arc<FederatedBundles>) -> Self {
+        self.federated = Some(federated);
         self
     }
 }
@@ -184,6 +202,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         verify_peer(
             &self.bundle,
             self.crls.as_deref(),
+            self.federated.as_deref(),
             &self.authorize,
             end_entity,
             intermediates,
@@ -198,6 +217,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
 /// Verifies clients by SPIFFE ID (servers use it).
 pub struct SpiffeClientVerifier {
     bundle: Arc<SharedBundle>,
+    federated: Option<Arc<FederatedBundles>>,
     authorize: Authorizer,
     mandatory: bool,
     provider: Arc<CryptoProvider>,
@@ -219,6 +239,7 @@ impl SpiffeClientVerifier {
     pub fn new(bundle: Arc<SharedBundle>, authorize: Authorizer, mandatory: bool) -> Self {
         Self {
             bundle,
+            federated: None,
             authorize,
             mandatory,
             provider: provider(),
@@ -229,6 +250,13 @@ impl SpiffeClientVerifier {
     /// Also refuses clients whose certificate is on a CRL of `crls`.
     pub fn with_crls(mut self, crls: Arc<SharedCrls>) -> Self {
         self.crls = Some(crls);
+        self
+    }
+
+    /// Also accepts clients of the federated trust domains in `federated`,
+    /// each verified against its own bundle.
+    pub fn with_federated(mut self, federated: Arc<FederatedBundles>) -> Self {
+        self.federated = Some(federated);
         self
     }
 }
@@ -255,6 +283,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         verify_peer(
             &self.bundle,
             self.crls.as_deref(),
+            self.federated.as_deref(),
             &self.authorize,
             end_entity,
             intermediates,

@@ -18,6 +18,11 @@
 //!
 //! Both processes run as the same user here, so both SVIDs reach both; each
 //! picks its own by `--id`, as a workload holding several identities would.
+//!
+//! Peers of federated trust domains: the bundles the Workload API gives
+//! besides the workload's own (its entry's `--federates-with`) verify peers
+//! of those trust domains, so `--allow spiffe://td2/...` works across a
+//! federation; each peer is checked against its own trust domain's bundle.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -26,8 +31,8 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Parser, Subcommand};
 use sigil_identity::tls::{
-    SharedBundle, SpiffeClientVerifier, SpiffeServerVerifier, SvidResolver, authorize_id,
-    certified_key, client_config, server_config,
+    FederatedBundles, SharedBundle, SpiffeClientVerifier, SpiffeServerVerifier, SvidResolver,
+    authorize_id, certified_key, client_config, server_config,
 };
 use sigil_identity::{Bundle, SpiffeId};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -77,13 +82,32 @@ enum Role {
 struct Identity {
     resolver: Arc<SvidResolver>,
     bundle: Arc<SharedBundle>,
+    /// The bundles of the other trust domains the Workload API gives.
+    federated: Arc<FederatedBundles>,
+}
+
+/// The X.509 bundles of trust domains other than `own` in `context`.
+fn federated(context: &spiffe::X509Context, own: &SpiffeId) -> Vec<Bundle> {
+    context
+        .bundle_set()
+        .iter()
+        .filter_map(|(td, b)| {
+            let td = sigil_identity::TrustDomain::new(&td.to_string()).ok()?;
+            if td == own.trust_domain() {
+                return None;
+            }
+            let mut bundle = Bundle::new(td);
+            bundle.x509_authorities = b.authorities().iter().map(|c| c.as_ref().to_vec()).collect();
+            Some(bundle)
+        })
+        .collect()
 }
 
 /// The SVID for `id` and the bundle of its trust domain from `source`.
 fn current(
     source: &spiffe::X509Source,
     id: &SpiffeId,
-) -> Result<(Arc<rustls::sign::CertifiedKey>, Bundle, String)> {
+) -> Result<(Arc<rustls::sign::CertifiedKey>, Bundle, Vec<Bundle>, String)> {
     let context = source
         .x509_context()
         .map_err(|e| anyhow!("no X.509 context from the Workload API: {e}"))?;
@@ -109,7 +133,7 @@ fn current(
         .iter()
         .map(|c| c.as_ref().to_vec())
         .collect();
-    Ok((key, bundle, serial(&chain[0])))
+    Ok((key, bundle, federated(&context, id), serial(&chain[0])))
 }
 
 fn serial(der: &[u8]) -> String {
@@ -121,20 +145,24 @@ fn serial(der: &[u8]) -> String {
 impl Identity {
     /// Loads the current SVID and keeps it fresh from the source's updates.
     fn follow(source: Arc<spiffe::X509Source>, id: SpiffeId) -> Result<Arc<Self>> {
-        let (key, bundle, serial) = current(&source, &id)?;
+        let (key, bundle, others, serial) = current(&source, &id)?;
         eprintln!("identity {id}: serial {serial}");
+        let federated = Arc::new(FederatedBundles::new());
+        federated.set(others);
         let identity = Arc::new(Self {
             resolver: Arc::new(SvidResolver::new(key)),
             bundle: Arc::new(SharedBundle::new(bundle)),
+            federated,
         });
         let live = identity.clone();
         tokio::spawn(async move {
             let mut updates = source.updated();
             while updates.changed().await.is_ok() {
                 match current(&source, &id) {
-                    Ok((key, bundle, serial)) => {
+                    Ok((key, bundle, others, serial)) => {
                         live.resolver.set(key);
                         live.bundle.set(Arc::new(bundle));
+                        live.federated.set(others);
                         eprintln!("identity {id}: rotated to serial {serial}");
                     }
                     Err(e) => eprintln!("identity {id}: update not usable: {e:#}"),
@@ -163,11 +191,10 @@ async fn serve(
     allow: SpiffeId,
     listen: SocketAddr,
 ) -> Result<()> {
-    let verifier = Arc::new(SpiffeClientVerifier::new(
-        identity.bundle.clone(),
-        authorize_id(allow),
-        true,
-    ));
+    let verifier = Arc::new(
+        SpiffeClientVerifier::new(identity.bundle.clone(), authorize_id(allow), true)
+            .with_federated(identity.federated.clone()),
+    );
     let mut config = server_config(identity.resolver.clone(), verifier)?;
     config.alpn_protocols = vec![ALPN.to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
@@ -238,10 +265,10 @@ async fn client(
     count: u64,
     interval: Duration,
 ) -> Result<()> {
-    let verifier = Arc::new(SpiffeServerVerifier::new(
-        identity.bundle.clone(),
-        authorize_id(allow),
-    ));
+    let verifier = Arc::new(
+        SpiffeServerVerifier::new(identity.bundle.clone(), authorize_id(allow))
+            .with_federated(identity.federated.clone()),
+    );
     let mut config = client_config(verifier, Some(identity.resolver.clone()))?;
     config.alpn_protocols = vec![ALPN.to_vec()];
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));

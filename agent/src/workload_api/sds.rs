@@ -295,9 +295,16 @@ impl Sds {
                 .no_identity("no identity is registered for this workload"));
         }
         // Federated trust domains named by `entries` go after this one.
+        let mut trusted = vec![self.api.bundle()?];
+        trusted.extend(
+            self.api
+                .session
+                .cache()
+                .federated_for(entries.iter().map(|e| &**e)),
+        );
         Ok(View {
             svids,
-            trusted: vec![self.api.bundle()?],
+            trusted,
             crls: self.api.session.cache().crls(),
         })
     }

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
-use sigil_identity::{Bundle, SelectorSet, SpiffeId, jwt};
+use sigil_identity::{Bundle, SelectorSet, SpiffeId, TrustDomain, jwt};
 use sigil_proto::workload::spiffe_workload_api_server::SpiffeWorkloadApi;
 use sigil_proto::workload::*;
 use tokio::sync::mpsc;
@@ -135,12 +135,43 @@ fn x509_response(
     svids: &[Arc<CachedSvid>],
     bundle: &Bundle,
     crls: &crate::crl::CrlSet,
+    federated: &[Arc<Bundle>],
 ) -> X509svidResponse {
     X509svidResponse {
         svids: svids.iter().map(|s| svid_message(s, bundle)).collect(),
         // The trust domain's CRLs, one per CA, DER (see `crate::crl`).
         crl: crls.ders(),
-        federated_bundles: HashMap::new(),
+        federated_bundles: federated
+            .iter()
+            .map(|b| (bundle_key(b), b.x509_authorities.concat()))
+            .collect(),
+    }
+}
+
+/// A bundle's JWT authorities only, as a JWK Set: clients reject x509-svid
+/// keys (which carry no kid) in a JWT bundle.
+fn jwt_only(b: &Bundle) -> Vec<u8> {
+    Bundle {
+        x509_authorities: Vec::new(),
+        ..b.clone()
+    }
+    .to_jwks_bytes()
+}
+
+impl WorkloadApi {
+    /// The federated bundles the SVIDs' entries federate with.
+    fn federated_for_svids(&self, svids: &[Arc<CachedSvid>]) -> Vec<Arc<Bundle>> {
+        self.session
+            .cache()
+            .federated_for(svids.iter().map(|s| &*s.entry))
+    }
+
+    /// The federated bundles the entries matching `selectors` federate with.
+    fn federated_for_selectors(&self, selectors: &SelectorSet) -> Vec<Arc<Bundle>> {
+        let (entries, _) = self.identities(selectors);
+        self.session
+            .cache()
+            .federated_for(entries.iter().map(|e| &**e))
     }
 }
 
@@ -162,7 +193,12 @@ impl SpiffeWorkloadApi for WorkloadApi {
         } = self.caller(&req).await?;
         let slot = self.open_stream(uid)?;
         let svids = self.x509_state(&selectors).await?;
-        let first = x509_response(&svids, &*self.bundle()?, &self.session.cache().crls());
+        let first = x509_response(
+            &svids,
+            &*self.bundle()?,
+            &self.session.cache().crls(),
+            &self.federated_for_svids(&svids),
+        );
         let make = move |api: &WorkloadApi| {
             let (entries, svids) = api.identities(&selectors);
             if entries.is_empty() {
@@ -175,6 +211,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
                 &svids,
                 &*api.bundle()?,
                 &api.session.cache().crls(),
+                &api.federated_for_svids(&svids),
             )))
         };
         // Each update goes only to the process that opened the stream: it
@@ -196,11 +233,16 @@ impl SpiffeWorkloadApi for WorkloadApi {
         let Caller { uid, selectors, .. } = self.caller(&req).await?;
         let slot = self.open_stream(uid)?;
         self.x509_state(&selectors).await?;
-        let make = |api: &WorkloadApi| -> Result<X509BundlesResponse, Status> {
+        let make = move |api: &WorkloadApi| -> Result<X509BundlesResponse, Status> {
             let b = api.bundle()?;
+            let mut bundles: HashMap<String, Vec<u8>> =
+                [(bundle_key(&b), b.x509_authorities.concat())].into();
+            for f in api.federated_for_selectors(&selectors) {
+                bundles.insert(bundle_key(&f), f.x509_authorities.concat());
+            }
             Ok(X509BundlesResponse {
                 crl: api.session.cache().crls().ders(),
-                bundles: [(bundle_key(&b), b.x509_authorities.concat())].into(),
+                bundles,
             })
         };
         let first = make(self)?;
@@ -271,17 +313,13 @@ impl SpiffeWorkloadApi for WorkloadApi {
         let Caller { uid, selectors, .. } = self.caller(&req).await?;
         let slot = self.open_stream(uid)?;
         self.x509_state(&selectors).await?;
-        let make = |api: &WorkloadApi| -> Result<JwtBundlesResponse, Status> {
+        let make = move |api: &WorkloadApi| -> Result<JwtBundlesResponse, Status> {
             let b = api.bundle()?;
-            // A JWT bundle holds the JWT authorities only: clients reject
-            // x509-svid keys (which carry no kid) in it.
-            let jwt_only = Bundle {
-                x509_authorities: Vec::new(),
-                ..(*b).clone()
-            };
-            Ok(JwtBundlesResponse {
-                bundles: [(bundle_key(&b), jwt_only.to_jwks_bytes())].into(),
-            })
+            let mut bundles: HashMap<String, Vec<u8>> = [(bundle_key(&b), jwt_only(&b))].into();
+            for f in api.federated_for_selectors(&selectors) {
+                bundles.insert(bundle_key(&f), jwt_only(&f));
+            }
+            Ok(JwtBundlesResponse { bundles })
         };
         let first = make(self)?;
         Ok(Response::new(self.watch_stream(
@@ -298,7 +336,11 @@ impl SpiffeWorkloadApi for WorkloadApi {
     ) -> Result<Response<ValidateJwtsvidResponse>, Status> {
         check_header(&req)?;
         self.unary_allowed(&req)?;
-        let r = req.into_inner();
+        let caller_selectors = async {
+            let Caller { selectors, .. } = self.caller(&req).await?;
+            Ok::<_, Status>(selectors)
+        };
+        let r = req.get_ref().clone();
         if r.audience.is_empty() {
             return Err(Status::invalid_argument("audience is required"));
         }
@@ -306,10 +348,20 @@ impl SpiffeWorkloadApi for WorkloadApi {
             return Err(Status::invalid_argument("svid is required"));
         }
         let bundle = self.bundle()?;
+        // The caller's own trust domain, and the federated ones its entries
+        // federate with (read only when the token is from elsewhere).
+        let mut trusted: HashMap<TrustDomain, Bundle> =
+            [(bundle.trust_domain.clone(), (*bundle).clone())].into();
+        if jwt_trust_domain(&r.svid).is_some_and(|td| td != bundle.trust_domain) {
+            let selectors = caller_selectors.await?;
+            for f in self.federated_for_selectors(&selectors) {
+                trusted.insert(f.trust_domain.clone(), (*f).clone());
+            }
+        }
         let v = jwt::validate(
             &r.svid,
             &[r.audience.as_str()],
-            &*bundle,
+            &trusted,
             self.session.now(),
         )
         .map_err(|e| Status::invalid_argument(format!("invalid JWT-SVID: {e}")))?;
@@ -343,4 +395,13 @@ impl SpiffeWorkloadApi for WorkloadApi {
             }),
         }))
     }
+}
+
+/// The trust domain of a token's `sub`, read without verifying anything
+/// (only to choose which bundles to offer the validator).
+fn jwt_trust_domain(token: &str) -> Option<TrustDomain> {
+    use sigil_identity::jws;
+    let claims = jws::parse(token, jws::Alg::ALL).ok()?.unverified_claims().ok()?;
+    let sub = SpiffeId::parse(claims.get("sub")?.as_str()?).ok()?;
+    Some(sub.trust_domain())
 }

@@ -65,6 +65,8 @@ pub struct NodeService {
     pub(crate) metrics: Arc<ServerMetrics>,
     /// The trust domain's CRLs, sent with the bundle.
     pub(crate) revocations: Arc<crate::revocation::Revocations>,
+    /// Federated trust domains' bundles, sent to every agent.
+    pub(crate) federated: Arc<crate::federation::FederatedSet>,
 }
 
 impl std::fmt::Debug for NodeService {
@@ -329,7 +331,12 @@ impl NodeService {
                     .collect(),
                 removed: start.removed.iter().map(ToString::to_string).collect(),
                 bundle: Some(self.bundle_message()),
-                federated_bundles: Vec::new(),
+                federated_bundles: self
+                    .federated
+                    .current()
+                    .values()
+                    .map(|b| pb::Bundle::from(&**b))
+                    .collect(),
             })),
             revision: start.revision,
         }
@@ -476,6 +483,8 @@ impl Node for NodeApi {
         bundles.borrow_and_update();
         let mut crls = self.revocations.subscribe();
         crls.borrow_and_update();
+        let mut federated = self.federated.subscribe();
+        let mut sent_federated = federated.borrow_and_update().clone();
         let stopped = crate::shutdown::wait_for_stop(self.shutdown.clone());
         // The stream lives no longer than the SVID that opened it.
         let svid_left = ctx
@@ -516,6 +525,7 @@ impl Node for NodeApi {
                         Some(AgentEvent::Resync) => {
                             let start = this.registry.full_set(&ctx.id, this.now());
                             revision = start.revision;
+                            sent_federated = this.federated.current();
                             this.snapshot(&start)
                         }
                         Some(AgentEvent::Revoked(why)) => {
@@ -552,6 +562,17 @@ impl Node for NodeApi {
                         // encoded once for every agent's stream.
                         bundles.borrow_and_update();
                         pb::SyncResponse { event: Some(pb::sync_response::Event::Bundle(this.bundle_message())), revision }
+                    }
+                    r = federated.changed() => {
+                        if r.is_err() { return; }
+                        let now = federated.borrow_and_update().clone();
+                        for event in crate::federation::sync_events(&sent_federated, &now) {
+                            if tx.send(Ok(pb::SyncResponse { event: Some(event), revision })).await.is_err() {
+                                return;
+                            }
+                        }
+                        sent_federated = now;
+                        continue;
                     }
                 };
                 if tx.send(Ok(msg)).await.is_err() {

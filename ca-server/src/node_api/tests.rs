@@ -258,6 +258,7 @@ async fn service(store: Arc<PausingStore>) -> Arc<NodeService> {
         shutdown,
         wire_bundle: std::sync::Mutex::default(),
         metrics: Arc::default(),
+        federated: Arc::new(crate::federation::FederatedSet::new([])),
     })
 }
 

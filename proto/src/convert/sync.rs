@@ -2,7 +2,7 @@
 //! its cache. A message converts whole or not at all, so a cache never
 //! holds half of one.
 
-use sigil_identity::{Bundle, EntryId, RegistrationEntry};
+use sigil_identity::{Bundle, EntryId, RegistrationEntry, TrustDomain};
 
 use super::WireError;
 use crate::node;
@@ -27,6 +27,8 @@ pub enum SyncEvent {
         entries: Vec<RegistrationEntry>,
         removed: Vec<EntryId>,
         bundle: Option<Bundle>,
+        /// Every federated trust domain's bundle (the complete set).
+        federated_bundles: Vec<Bundle>,
     },
     /// One entry added or changed.
     EntryUpsert(RegistrationEntry),
@@ -36,6 +38,10 @@ pub enum SyncEvent {
     Bundle(Bundle),
     /// The server revoked this agent, for this reason.
     Revoked(String),
+    /// A federated trust domain's bundle, new or changed.
+    FederatedBundle(Bundle),
+    /// A trust domain no longer federated with: its bundle is dropped.
+    FederatedBundleRemoved(TrustDomain),
     /// Nothing changed (a message with no event, or a removal of an ID that
     /// names no entry); only the revision moves.
     Nothing,
@@ -63,6 +69,11 @@ impl TryFrom<node::SyncResponse> for SyncUpdate {
                     .filter_map(|id| EntryId::new(id).ok())
                     .collect(),
                 bundle: s.bundle.as_ref().map(Bundle::try_from).transpose()?,
+                federated_bundles: s
+                    .federated_bundles
+                    .iter()
+                    .map(Bundle::try_from)
+                    .collect::<Result<_, _>>()?,
             },
             Some(Event::EntryUpsert(e)) => SyncEvent::EntryUpsert(RegistrationEntry::try_from(e)?),
             Some(Event::EntryRemoved(id)) => match EntryId::new(&id) {
@@ -71,6 +82,11 @@ impl TryFrom<node::SyncResponse> for SyncUpdate {
             },
             Some(Event::Bundle(b)) => SyncEvent::Bundle(Bundle::try_from(&b)?),
             Some(Event::Revoked(why)) => SyncEvent::Revoked(why),
+            Some(Event::FederatedBundle(b)) => SyncEvent::FederatedBundle(Bundle::try_from(&b)?),
+            Some(Event::FederatedBundleRemoved(td)) => match TrustDomain::new(&td) {
+                Ok(td) => SyncEvent::FederatedBundleRemoved(td),
+                Err(e) => return Err(WireError::new("federated_bundle_removed", e)),
+            },
             None => SyncEvent::Nothing,
         };
         Ok(Self {

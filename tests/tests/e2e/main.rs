@@ -13,6 +13,7 @@ mod authority;
 mod cli_output;
 mod crash;
 mod disk_full;
+mod federation;
 mod file_hygiene;
 mod ha;
 mod mtls;
