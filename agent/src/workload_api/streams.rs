@@ -2,32 +2,24 @@
 //! streams (full state at once, again on every change), and the unary
 //! JWT-SVID fetch and validation.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
+use bytes::Bytes;
 use sigil_identity::{Bundle, SelectorSet, SpiffeId, jwt};
 use sigil_proto::workload::spiffe_workload_api_server::SpiffeWorkloadApi;
 use sigil_proto::workload::*;
 use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::warn;
 
 use super::caller::{Caller, Recheck, check_header};
 use super::connection::Slot;
+use super::x509_wire::X509Parts;
 use super::{BoxStream, ISSUANCE_WAIT, WorkloadApi};
 use crate::cache::CachedSvid;
-
-fn svid_message(s: &CachedSvid, bundle: &Bundle) -> X509svid {
-    X509svid {
-        spiffe_id: s.entry.spiffe_id.to_string(),
-        x509_svid: s.chain.concat(),
-        x509_svid_key: s.key.to_vec(),
-        bundle: bundle.x509_authorities.concat(),
-        hint: s.entry.hint.clone(),
-    }
-}
 
 impl WorkloadApi {
     /// The SVIDs for `selectors`, waiting briefly for ones still being issued.
@@ -131,11 +123,43 @@ fn bundle_key(b: &Bundle) -> String {
     b.trust_domain.id().to_string()
 }
 
-fn x509_response(svids: &[Arc<CachedSvid>], bundle: &Bundle) -> X509svidResponse {
-    X509svidResponse {
-        svids: svids.iter().map(|s| svid_message(s, bundle)).collect(),
-        crl: vec![],
-        federated_bundles: HashMap::new(),
+/// The `X509SVIDResponse` for `svids` under `bundle`. The CRL and
+/// federated bundle fields plug in here (see [`X509Parts`]).
+fn x509_parts(svids: Vec<Arc<CachedSvid>>, bundle: &Bundle) -> X509Parts {
+    X509Parts::new(svids, Bytes::from(bundle.x509_authorities.concat()))
+}
+
+impl WorkloadApi {
+    /// A `FetchX509SVID` stream: the caller's SVIDs now and after every
+    /// change, as response parts ([`super::x509_route`] writes them).
+    pub(super) async fn x509_stream<T>(
+        &self,
+        req: &Request<T>,
+    ) -> Result<BoxStream<X509Parts>, Status> {
+        let Caller {
+            uid,
+            selectors,
+            pid,
+            origin,
+        } = self.caller(req).await?;
+        let slot = self.open_stream(uid)?;
+        let svids = self.x509_state(&selectors).await?;
+        let first = x509_parts(svids, &*self.bundle()?);
+        let make = move |api: &WorkloadApi| {
+            let (entries, svids) = api.identities(&selectors);
+            if entries.is_empty() {
+                return Err(api.no_identity("no identity is registered for this workload any more"));
+            }
+            if svids.is_empty() {
+                return Ok(None); // re-issuance in progress: send when it lands
+            }
+            Ok(Some(x509_parts(svids, &*api.bundle()?)))
+        };
+        // Each update goes only to the process that opened the stream: it
+        // is attested again before anything is sent (and only then, so a
+        // change that sends nothing, or a revocation, costs no /proc reads).
+        let recheck = Recheck { uid, pid, origin };
+        Ok(self.watch_stream(slot, first, make, Some(recheck)))
     }
 }
 
@@ -145,38 +169,15 @@ impl SpiffeWorkloadApi for WorkloadApi {
     type FetchX509BundlesStream = BoxStream<X509BundlesResponse>;
     type FetchJWTBundlesStream = BoxStream<JwtBundlesResponse>;
 
+    /// Served by [`super::x509_route`] from the same stream; this is the
+    /// generated service's entry point, answering with the same messages.
     async fn fetch_x509svid(
         &self,
         req: Request<X509svidRequest>,
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
-        let Caller {
-            uid,
-            selectors,
-            pid,
-            origin,
-        } = self.caller(&req).await?;
-        let slot = self.open_stream(uid)?;
-        let svids = self.x509_state(&selectors).await?;
-        let first = x509_response(&svids, &*self.bundle()?);
-        let make = move |api: &WorkloadApi| {
-            let (entries, svids) = api.identities(&selectors);
-            if entries.is_empty() {
-                return Err(api.no_identity("no identity is registered for this workload any more"));
-            }
-            if svids.is_empty() {
-                return Ok(None); // re-issuance in progress: send when it lands
-            }
-            Ok(Some(x509_response(&svids, &*api.bundle()?)))
-        };
-        // Each update goes only to the process that opened the stream: it
-        // is attested again before anything is sent (and only then, so a
-        // change that sends nothing, or a revocation, costs no /proc reads).
-        let recheck = Recheck { uid, pid, origin };
-        Ok(Response::new(self.watch_stream(
-            slot,
-            first,
-            make,
-            Some(recheck),
+        let parts = self.x509_stream(&req).await?;
+        Ok(Response::new(Box::pin(
+            parts.map(|r| r.map(|p| p.to_message())),
         )))
     }
 
