@@ -29,6 +29,10 @@
 //!   the same callers under the same limits.
 //! - [`h2_authority`]: rewrites HTTP/2 `:authority` values h2 would refuse,
 //!   for gRPC C-core and grpc-java clients on Unix sockets.
+//! - [`x509_wire`]: `X509SVIDResponse`s as parts (the cached SVIDs), written
+//!   in pieces without building the message.
+//! - [`x509_route`]: the service as served, with `FetchX509SVID` answered
+//!   from those parts.
 
 use std::path::Path;
 use std::pin::Pin;
@@ -61,6 +65,8 @@ pub mod h2_authority;
 mod health;
 pub mod sds;
 mod streams;
+mod x509_route;
+mod x509_wire;
 
 use caller::AttestationPool;
 use connection::Counts;
@@ -251,7 +257,10 @@ pub async fn serve_with_metrics(
         .layer(sigil_proto::telemetry::RpcLayer::new(rpc))
         .add_service(sigil_proto::grpc::health::v1::health_server::HealthServer::new(health))
         .add_service(sds::Sds::new(api.clone()).into_server())
-        .add_service(SpiffeWorkloadApiServer::new(api).max_decoding_message_size(MAX_REQUEST_BYTES))
+        .add_service(x509_route::WorkloadService::new(
+            api.clone(),
+            SpiffeWorkloadApiServer::new(api).max_decoding_message_size(MAX_REQUEST_BYTES),
+        ))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
 }

@@ -396,12 +396,16 @@ impl<S: AsyncRead + Unpin> AsyncRead for AuthorityFix<S> {
             if this.eof {
                 return Poll::Ready(Ok(()));
             }
-            let mut chunk = [0u8; 16 * 1024];
-            let mut rb = ReadBuf::new(&mut chunk);
-            match Pin::new(&mut this.inner).poll_read(cx, &mut rb) {
+            if buf.remaining() == 0 {
+                return Poll::Ready(Ok(()));
+            }
+            // Read into the caller's buffer (no buffer of our own to set
+            // up per read), then take the bytes back out to look at them.
+            let before = buf.filled().len();
+            match Pin::new(&mut this.inner).poll_read(cx, buf) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Ready(Ok(())) if rb.filled().is_empty() => {
+                Poll::Ready(Ok(())) if buf.filled().len() == before => {
                     // End of input: whatever is left unprocessed is passed on
                     // as it is, and the server sees the truncation itself.
                     this.eof = true;
@@ -409,7 +413,8 @@ impl<S: AsyncRead + Unpin> AsyncRead for AuthorityFix<S> {
                     this.output.extend_from_slice(&rest);
                 }
                 Poll::Ready(Ok(())) => {
-                    this.input.extend_from_slice(rb.filled());
+                    this.input.extend_from_slice(&buf.filled()[before..]);
+                    buf.set_filled(before);
                     this.process()?;
                 }
             }

@@ -2,32 +2,24 @@
 //! streams (full state at once, again on every change), and the unary
 //! JWT-SVID fetch and validation.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
+use bytes::Bytes;
 use sigil_identity::{Bundle, SelectorSet, SpiffeId, TrustDomain, jwt};
 use sigil_proto::workload::spiffe_workload_api_server::SpiffeWorkloadApi;
 use sigil_proto::workload::*;
 use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::warn;
 
 use super::caller::{Caller, Recheck, check_header};
 use super::connection::Slot;
+use super::x509_wire::X509Parts;
 use super::{BoxStream, ISSUANCE_WAIT, WorkloadApi};
 use crate::cache::CachedSvid;
-
-fn svid_message(s: &CachedSvid, bundle: &Bundle) -> X509svid {
-    X509svid {
-        spiffe_id: s.entry.spiffe_id.to_string(),
-        x509_svid: s.chain.concat(),
-        x509_svid_key: s.key.to_vec(),
-        bundle: bundle.x509_authorities.concat(),
-        hint: s.entry.hint.clone(),
-    }
-}
 
 impl WorkloadApi {
     /// The SVIDs for `selectors`, waiting briefly for ones still being issued.
@@ -131,21 +123,26 @@ fn bundle_key(b: &Bundle) -> String {
     b.trust_domain.id().to_string()
 }
 
-fn x509_response(
-    svids: &[Arc<CachedSvid>],
-    bundle: &Bundle,
-    crls: &crate::crl::CrlSet,
-    federated: &[Arc<Bundle>],
-) -> X509svidResponse {
-    X509svidResponse {
-        svids: svids.iter().map(|s| svid_message(s, bundle)).collect(),
-        // The trust domain's CRLs, one per CA, DER (see `crate::crl`).
-        crl: crls.ders(),
-        federated_bundles: federated
-            .iter()
-            .map(|b| (bundle_key(b), b.x509_authorities.concat()))
-            .collect(),
-    }
+/// The `X509SVIDResponse` for `svids` under `bundle`, with the trust
+/// domain's CRLs and the bundles of the trust domains the SVIDs' entries
+/// federate with (see [`X509Parts`]).
+fn x509_parts(api: &WorkloadApi, svids: Vec<Arc<CachedSvid>>, bundle: &Bundle) -> X509Parts {
+    let federated = api.federated_for_svids(&svids);
+    let mut parts = X509Parts::new(svids, Bytes::from(bundle.x509_authorities.concat()));
+    // The trust domain's CRLs, one per CA, DER (see `crate::crl`).
+    parts.crl = api
+        .session
+        .cache()
+        .crls()
+        .ders()
+        .into_iter()
+        .map(Bytes::from)
+        .collect();
+    parts.federated_bundles = federated
+        .iter()
+        .map(|b| (bundle_key(b), Bytes::from(b.x509_authorities.concat())))
+        .collect();
+    parts
 }
 
 /// A bundle's JWT authorities only, as a JWK Set: clients reject x509-svid
@@ -173,32 +170,22 @@ impl WorkloadApi {
             .cache()
             .federated_for(entries.iter().map(|e| &**e))
     }
-}
 
-#[tonic::async_trait]
-impl SpiffeWorkloadApi for WorkloadApi {
-    type FetchX509SVIDStream = BoxStream<X509svidResponse>;
-    type FetchX509BundlesStream = BoxStream<X509BundlesResponse>;
-    type FetchJWTBundlesStream = BoxStream<JwtBundlesResponse>;
-
-    async fn fetch_x509svid(
+    /// A `FetchX509SVID` stream: the caller's SVIDs now and after every
+    /// change, as response parts ([`super::x509_route`] writes them).
+    pub(super) async fn x509_stream<T>(
         &self,
-        req: Request<X509svidRequest>,
-    ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
+        req: &Request<T>,
+    ) -> Result<BoxStream<X509Parts>, Status> {
         let Caller {
             uid,
             selectors,
             pid,
             origin,
-        } = self.caller(&req).await?;
+        } = self.caller(req).await?;
         let slot = self.open_stream(uid)?;
         let svids = self.x509_state(&selectors).await?;
-        let first = x509_response(
-            &svids,
-            &*self.bundle()?,
-            &self.session.cache().crls(),
-            &self.federated_for_svids(&svids),
-        );
+        let first = x509_parts(self, svids, &*self.bundle()?);
         let make = move |api: &WorkloadApi| {
             let (entries, svids) = api.identities(&selectors);
             if entries.is_empty() {
@@ -207,22 +194,31 @@ impl SpiffeWorkloadApi for WorkloadApi {
             if svids.is_empty() {
                 return Ok(None); // re-issuance in progress: send when it lands
             }
-            Ok(Some(x509_response(
-                &svids,
-                &*api.bundle()?,
-                &api.session.cache().crls(),
-                &api.federated_for_svids(&svids),
-            )))
+            Ok(Some(x509_parts(api, svids, &*api.bundle()?)))
         };
         // Each update goes only to the process that opened the stream: it
         // is attested again before anything is sent (and only then, so a
         // change that sends nothing, or a revocation, costs no /proc reads).
         let recheck = Recheck { uid, pid, origin };
-        Ok(Response::new(self.watch_stream(
-            slot,
-            first,
-            make,
-            Some(recheck),
+        Ok(self.watch_stream(slot, first, make, Some(recheck)))
+    }
+}
+
+#[tonic::async_trait]
+impl SpiffeWorkloadApi for WorkloadApi {
+    type FetchX509SVIDStream = BoxStream<X509svidResponse>;
+    type FetchX509BundlesStream = BoxStream<X509BundlesResponse>;
+    type FetchJWTBundlesStream = BoxStream<JwtBundlesResponse>;
+
+    /// Served by [`super::x509_route`] from the same stream; this is the
+    /// generated service's entry point, answering with the same messages.
+    async fn fetch_x509svid(
+        &self,
+        req: Request<X509svidRequest>,
+    ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
+        let parts = self.x509_stream(&req).await?;
+        Ok(Response::new(Box::pin(
+            parts.map(|r| r.map(|p| p.to_message())),
         )))
     }
 

@@ -144,13 +144,13 @@ pub async fn run(options: &Options) -> Result<Report> {
         format!("all {n} SVIDs served"),
         all_issued.as_secs_f64() * 1e3,
         "ms",
-        Target::AtMost(5_000.0),
+        Target::AtMost(2_000.0),
     );
     let s = summarize(&probe);
     report.add("probe calls meanwhile", s.count as f64, "");
     report.add("probe p50", s.p50, "ms");
     report.add("probe p99", s.p99, "ms");
-    report.add_target("probe slowest", s.max, "ms", Target::AtMost(50.0));
+    report.add_target("probe slowest", s.max, "ms", Target::AtMost(20.0));
     report.add("agent VmRSS before", mib(rss_before), "MiB");
     report.add("agent VmRSS after", mib(rss_after), "MiB");
     report.add("agent VmHWM", mib(hwm), "MiB");
@@ -186,7 +186,7 @@ pub async fn run(options: &Options) -> Result<Report> {
         "agent memory per cached SVID, no stream",
         idle_after.saturating_sub(idle_before) as f64 / n as f64,
         "B",
-        Target::AtMost(2_048.0),
+        Target::AtMost(1_024.0),
     );
     Ok(report)
 }
