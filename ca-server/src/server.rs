@@ -61,6 +61,7 @@ pub enum ServerError {
     Telemetry(std::io::Error),
     #[error("{0}")]
     OidcDiscovery(#[from] crate::oidc_discovery::OidcError),
+    #[error("{0}")]
     BundleEndpoint(#[from] crate::federation::endpoint::EndpointError),
 }
 

@@ -2,6 +2,7 @@
 //! streams (full state at once, again on every change), and the unary
 //! JWT-SVID fetch and validation.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
