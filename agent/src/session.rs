@@ -625,25 +625,33 @@ impl Session {
         let svids = self.cache.svids();
         let tainted = taint::tainted_svids(svids.iter().map(|s| &**s), &b);
         if !tainted.is_empty() {
-            let due = taint::schedule(
-                tainted,
-                self.now(),
-                sigil_identity::random::jitter_unit().abs(),
+            info!(
+                count = tainted.len(),
+                "X509-SVIDs signed by a tainted authority; re-issuing them"
             );
-            let moved = self.cache.renew_early(&due);
-            if moved > 0 {
-                info!(
-                    count = moved,
-                    "X509-SVIDs of a tainted authority scheduled for re-issue"
-                );
-                self.metrics.tainted("x509", moved);
-            }
+            let plan = taint::batches(tainted, sigil_identity::random::jitter_unit().abs());
+            let (cache, clock) = (self.cache.clone(), self.config.clock.clone());
+            let metrics = self.metrics.clone();
+            tokio::spawn(
+                async move {
+                    let started = tokio::time::Instant::now();
+                    for (delay, ids) in plan {
+                        tokio::time::sleep_until(started + delay).await;
+                        let now = clock.now();
+                        let due: Vec<_> = ids.into_iter().map(|id| (id, now)).collect();
+                        // Counted once: an SVID already due does not move again.
+                        metrics.tainted("x509", cache.renew_early(&due));
+                    }
+                }
+                .instrument(info_span!("taint_reissue")),
+            );
         }
         if let Ok(Some(state)) = self.store.load(&self.config.trust_domain)
             && b.chain_uses_tainted(&state.chain)
         {
             info!("the agent SVID was signed by a tainted authority; renewing it now");
             self.renew_now.notify_one();
+            self.metrics.tainted("x509", 1);
         }
         let dropped = {
             let mut jwts = self.jwts.lock().unwrap_or_else(|p| p.into_inner());

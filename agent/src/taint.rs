@@ -11,14 +11,15 @@
 //!   SVIDs are made due in batches of [`BATCH`] every [`INTERVAL`], after a
 //!   random start within one interval, so a fleet of agents does not all
 //!   ask at the same instant, while one agent still replaces 10,000 SVIDs
-//!   within a few seconds;
+//!   within a few seconds (each batch wakes the issue loop, which sends
+//!   what is due in its usual CSR batches);
 //! - renews its own SVID at once if a tainted authority signed it;
 //! - drops cached JWT-SVIDs whose `kid` is tainted, so the next fetch
 //!   mints one with the active key.
 //!
 //! This module holds the decisions; the session applies them.
 
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use sigil_identity::{Bundle, EntryId};
 
@@ -29,16 +30,17 @@ pub const BATCH: usize = 1000;
 /// Time between two batches.
 pub const INTERVAL: Duration = Duration::from_millis(250);
 
-/// When each SVID of `tainted` (in order) is to be re-issued, from `now`
-/// with a start offset of `start` (a fraction of [`INTERVAL`] in 0..1).
-pub fn schedule(tainted: Vec<EntryId>, now: SystemTime, start: f64) -> Vec<(EntryId, SystemTime)> {
+/// The re-issue plan for `tainted`: batches of at most [`BATCH`] entries,
+/// each with its delay from the taint, the first after `start` (a fraction
+/// of [`INTERVAL`] in 0..1, random per agent), each next [`INTERVAL`] later.
+pub fn batches(tainted: Vec<EntryId>, start: f64) -> Vec<(Duration, Vec<EntryId>)> {
     let offset = INTERVAL.mul_f64(start.clamp(0.0, 1.0));
     tainted
-        .into_iter()
+        .chunks(BATCH)
         .enumerate()
-        .map(|(i, id)| {
-            let batch = u32::try_from(i / BATCH).unwrap_or(u32::MAX);
-            (id, now + offset + INTERVAL.saturating_mul(batch))
+        .map(|(i, chunk)| {
+            let i = u32::try_from(i).unwrap_or(u32::MAX);
+            (offset + INTERVAL.saturating_mul(i), chunk.to_vec())
         })
         .collect()
 }
@@ -71,29 +73,24 @@ mod tests {
 
     #[test]
     fn reissue_is_paced_in_batches() {
-        let now = sigil_identity::clock::from_unix_seconds(1000);
-        let s = schedule(ids(2500), now, 0.0);
-        assert_eq!(s.len(), 2500);
-        assert_eq!(s[0].1, now);
-        assert_eq!(s[BATCH - 1].1, now);
-        assert_eq!(s[BATCH].1, now + INTERVAL);
-        assert_eq!(s[2499].1, now + INTERVAL * 2);
+        let b = batches(ids(2500), 0.0);
+        let sizes: Vec<_> = b.iter().map(|(_, ids)| ids.len()).collect();
+        assert_eq!(sizes, vec![BATCH, BATCH, 500]);
+        let delays: Vec<_> = b.iter().map(|(d, _)| *d).collect();
+        assert_eq!(delays, vec![Duration::ZERO, INTERVAL, INTERVAL * 2]);
     }
 
     #[test]
     fn the_start_offset_stays_within_one_interval() {
-        let now = sigil_identity::clock::from_unix_seconds(1000);
-        let s = schedule(ids(1), now, 7.0);
-        assert_eq!(s[0].1, now + INTERVAL);
-        let s = schedule(ids(1), now, 0.5);
-        assert_eq!(s[0].1, now + INTERVAL / 2);
+        assert_eq!(batches(ids(1), 7.0)[0].0, INTERVAL);
+        assert_eq!(batches(ids(1), 0.5)[0].0, INTERVAL / 2);
+        assert!(batches(Vec::new(), 0.5).is_empty());
     }
 
     #[test]
     fn ten_thousand_svids_are_all_due_within_three_seconds() {
-        let now = sigil_identity::clock::from_unix_seconds(1000);
-        let s = schedule(ids(10_000), now, 1.0);
-        let last = s.last().unwrap().1;
-        assert!(last.duration_since(now).unwrap() <= Duration::from_secs(3));
+        let b = batches(ids(10_000), 1.0);
+        assert!(b.last().unwrap().0 <= Duration::from_secs(3));
+        assert_eq!(b.iter().map(|(_, ids)| ids.len()).sum::<usize>(), 10_000);
     }
 }

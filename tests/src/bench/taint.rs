@@ -9,8 +9,6 @@ use std::time::{Duration, Instant};
 use anyhow::{Result, anyhow, bail};
 use serde_json::json;
 use sigil_proto::admin::{self as pb, AuthorityKind};
-use x509_parser::extensions::ParsedExtension;
-use x509_parser::prelude::{FromDer, X509Certificate};
 
 use super::cluster::{
     Cluster, entry, first_x509, my_uid_selector, wait_for_svids, workload_client,
@@ -22,16 +20,10 @@ const NAME: &str = "taint";
 /// The AuthorityKeyIdentifier (hex) of the leaf at the start of `chain`
 /// (concatenated DER, as the Workload API sends it).
 fn issuer(chain: &[u8]) -> Option<String> {
-    let (_, cert) = X509Certificate::from_der(chain).ok()?;
-    cert.extensions()
-        .iter()
-        .find_map(|e| match e.parsed_extension() {
-            ParsedExtension::AuthorityKeyIdentifier(aki) => aki
-                .key_identifier
-                .as_ref()
-                .map(|k| sigil_identity::random::hex(k.0)),
-            _ => None,
-        })
+    let (_, rest) = sigil_identity::der::read(chain).ok()?;
+    let leaf = &chain[..chain.len() - rest.len()];
+    let cert = sigil_identity::x509::parse(leaf).ok()?;
+    sigil_identity::x509::authority_key_id(&cert).map(|k| sigil_identity::random::hex(&k))
 }
 
 /// Runs the scenario.

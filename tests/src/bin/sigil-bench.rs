@@ -22,7 +22,7 @@ struct Cli {
     /// Run every scenario scaled down (under 2 minutes; no numbers to quote).
     #[arg(long)]
     quick: bool,
-    /// Run only this scenario (repeatable): issuance, jwt,
+    /// Run only this scenario (repeatable): issuance, jwt, taint,
     /// workload-latency, revocation, rotation, scale; with `--datastore
     /// postgres` also writes, ha-propagation, failover.
     #[arg(long = "scenario", value_name = "NAME")]

@@ -60,26 +60,28 @@ async fn the_state_machine_through_the_cli_with_every_refusal_and_a_restart() {
         let active = ids(&server, kind, "active");
         assert_eq!(active.len(), 1, "{kind}: one active authority at start");
         let old = active[0].clone();
-        let a = |verb: &str, id: &str| vec!["authority", kind, verb, "--id", id];
+        fn a<'a>(kind: &'a str, verb: &'a str, id: &'a str) -> Vec<&'a str> {
+            vec!["authority", kind, verb, "--id", id]
+        }
 
         refused(
             &server,
-            &a("taint", "00ff"),
+            &a(kind, "taint", "00ff"),
             &format!("no {kind} authority 00ff"),
         );
         refused(
             &server,
-            &a("activate", &old),
+            &a(kind, "activate", &old),
             "only a prepared authority can be activated",
         );
         refused(
             &server,
-            &a("taint", &old),
+            &a(kind, "taint", &old),
             "is the active authority and cannot be tainted",
         );
         refused(
             &server,
-            &a("revoke", &old),
+            &a(kind, "revoke", &old),
             "only a tainted authority can be revoked",
         );
         refused(
@@ -98,7 +100,7 @@ async fn the_state_machine_through_the_cli_with_every_refusal_and_a_restart() {
         );
         refused(
             &server,
-            &a("taint", &new),
+            &a(kind, "taint", &new),
             "only an old (no longer active) authority can be tainted",
         );
 
@@ -124,7 +126,7 @@ async fn the_state_machine_through_the_cli_with_every_refusal_and_a_restart() {
         assert_eq!(step(&server, kind, "revoke", &old)["state"], "revoked");
         refused(
             &server,
-            &a("revoke", &old),
+            &a(kind, "revoke", &old),
             "only a tainted authority can be revoked",
         );
         server.restart().unwrap();
