@@ -191,11 +191,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         } = self.caller(&req).await?;
         let slot = self.open_stream(uid)?;
         let svids = self.x509_state(&selectors).await?;
-        let first = x509_response(
-            &svids,
-            &*self.bundle()?,
-            &self.federated_for_svids(&svids),
-        );
+        let first = x509_response(&svids, &*self.bundle()?, &self.federated_for_svids(&svids));
         let make = move |api: &WorkloadApi| {
             let (entries, svids) = api.identities(&selectors);
             if entries.is_empty() {
@@ -397,7 +393,10 @@ impl SpiffeWorkloadApi for WorkloadApi {
 /// (only to choose which bundles to offer the validator).
 fn jwt_trust_domain(token: &str) -> Option<TrustDomain> {
     use sigil_identity::jws;
-    let claims = jws::parse(token, jws::Alg::ALL).ok()?.unverified_claims().ok()?;
+    let claims = jws::parse(token, jws::Alg::ALL)
+        .ok()?
+        .unverified_claims()
+        .ok()?;
     let sub = SpiffeId::parse(claims.get("sub")?.as_str()?).ok()?;
     Some(sub.trust_domain())
 }
