@@ -175,8 +175,10 @@ impl Cache {
         &self,
         entries: impl IntoIterator<Item = &'a RegistrationEntry>,
     ) -> Vec<Arc<Bundle>> {
-        let wanted: std::collections::BTreeSet<&TrustDomain> =
-            entries.into_iter().flat_map(|e| &e.federates_with).collect();
+        let wanted: std::collections::BTreeSet<&TrustDomain> = entries
+            .into_iter()
+            .flat_map(|e| &e.federates_with)
+            .collect();
         let st = self.lock();
         wanted
             .into_iter()
@@ -655,7 +657,8 @@ mod tests {
     fn federated_bundles_follow_the_server_and_go_only_to_entries_naming_them() {
         let cache = Cache::default();
         let mut web = entry("web", 1);
-        web.federates_with.insert(TrustDomain::new("td2.org").unwrap());
+        web.federates_with
+            .insert(TrustDomain::new("td2.org").unwrap());
         let db = entry("db", 2);
         cache.apply(SyncUpdate {
             revision: 2,

@@ -97,7 +97,11 @@ fn federated(context: &spiffe::X509Context, own: &SpiffeId) -> Vec<Bundle> {
                 return None;
             }
             let mut bundle = Bundle::new(td);
-            bundle.x509_authorities = b.authorities().iter().map(|c| c.as_ref().to_vec()).collect();
+            bundle.x509_authorities = b
+                .authorities()
+                .iter()
+                .map(|c| c.as_ref().to_vec())
+                .collect();
             Some(bundle)
         })
         .collect()

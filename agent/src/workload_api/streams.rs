@@ -398,7 +398,10 @@ impl SpiffeWorkloadApi for WorkloadApi {
 /// (only to choose which bundles to offer the validator).
 fn jwt_trust_domain(token: &str) -> Option<TrustDomain> {
     use sigil_identity::jws;
-    let claims = jws::parse(token, jws::Alg::ALL).ok()?.unverified_claims().ok()?;
+    let claims = jws::parse(token, jws::Alg::ALL)
+        .ok()?
+        .unverified_claims()
+        .ok()?;
     let sub = SpiffeId::parse(claims.get("sub")?.as_str()?).ok()?;
     Some(sub.trust_domain())
 }

@@ -94,11 +94,10 @@ pub fn acceptor(
         ProfileKind::HttpsSpiffe => svid,
         ProfileKind::HttpsWeb => Arc::new(Fixed(web_certificate(cfg)?)),
     };
-    let mut config =
-        rustls::ServerConfig::builder_with_provider(sigil_identity::tls::provider())
-            .with_safe_default_protocol_versions()?
-            .with_no_client_auth()
-            .with_cert_resolver(resolver);
+    let mut config = rustls::ServerConfig::builder_with_provider(sigil_identity::tls::provider())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_cert_resolver(resolver);
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
@@ -113,7 +112,11 @@ fn body(ca: &CaManager, hint: Option<Duration>) -> Bytes {
     Bytes::from(bundle.to_jwks_bytes())
 }
 
-fn answer<B>(req: &http::Request<B>, ca: &CaManager, hint: Option<Duration>) -> http::Response<Full<Bytes>> {
+fn answer<B>(
+    req: &http::Request<B>,
+    ca: &CaManager,
+    hint: Option<Duration>,
+) -> http::Response<Full<Bytes>> {
     let (status, content_type, body) = if req.method() == http::Method::GET {
         (http::StatusCode::OK, "application/json", body(ca, hint))
     } else {

@@ -90,13 +90,21 @@ impl Poller {
             return Ok(());
         };
         let td = &r.trust_domain;
-        let body = std::fs::read(path)
-            .map_err(|e| format!("cannot read the bundle_file of {td} ({}): {e}", path.display()))?;
+        let body = std::fs::read(path).map_err(|e| {
+            format!(
+                "cannot read the bundle_file of {td} ({}): {e}",
+                path.display()
+            )
+        })?;
         let bundle = Bundle::from_jwks(td.clone(), &body)
             .map_err(|e| format!("bundle_file of {td} ({}): {e}", path.display()))?;
         rules::check_trust_domain(td, &bundle)
             .map_err(|e| format!("bundle_file of {td} ({}): {e}", path.display()))?;
-        let stored = self.store.fetch_bundle(td).await.map_err(|e| e.to_string())?;
+        let stored = self
+            .store
+            .fetch_bundle(td)
+            .await
+            .map_err(|e| e.to_string())?;
         if stored.is_some() {
             return Ok(());
         }
@@ -132,7 +140,9 @@ impl Poller {
                 )))
             }
             (ProfileKind::HttpsSpiffe, None) => {
-                return Err(PollError::Setup("https_spiffe needs endpoint_spiffe_id".into()));
+                return Err(PollError::Setup(
+                    "https_spiffe needs endpoint_spiffe_id".into(),
+                ));
             }
             (ProfileKind::HttpsWeb, _) => {
                 Trust::Roots(web_roots(self.config.ca_file.as_deref()).map_err(PollError::Setup)?)
@@ -144,9 +154,9 @@ impl Poller {
             .with_max_body(sigil_identity::bundle::MAX_BUNDLE_BYTES))
     }
 
-    /// Fetches, checks and stores the bundle of `r` once; the bundle held
-    /// afterwards (the new one, or the last good one).
-    pub async fn poll_once(&self, r: &RelationshipSection) -> Result<Option<Bundle>, PollError> {
+    /// Fetches, checks and stores the bundle of `r` once; the refresh hint
+    /// the endpoint served (it schedules the next poll).
+    pub async fn poll_once(&self, r: &RelationshipSection) -> Result<Option<Duration>, PollError> {
         let td = &r.trust_domain;
         let stored = self.store.fetch_bundle(td).await?;
         let client = self.client(r).await?;
@@ -158,7 +168,7 @@ impl Poller {
             return Err(PollError::Status(resp.status));
         }
         match rules::check(td, stored.as_ref(), &resp.body)? {
-            Verdict::Unchanged => Ok(stored),
+            Verdict::Unchanged { refresh_hint } => Ok(refresh_hint),
             Verdict::Store(bundle) => {
                 match self.store.put_bundle(&bundle).await {
                     Ok(()) => {
@@ -173,7 +183,7 @@ impl Poller {
                 if let Err(e) = self.registry.catch_up().await {
                     debug!(error = %e, "change feed catch-up failed; the follower brings the bundle");
                 }
-                Ok(self.store.fetch_bundle(td).await?)
+                Ok(bundle.refresh_hint)
             }
         }
     }
@@ -187,7 +197,7 @@ impl Poller {
         }
         loop {
             let hint = match self.poll_once(&r).await {
-                Ok(held) => held.and_then(|b| b.refresh_hint),
+                Ok(hint) => hint,
                 Err(e) => {
                     warn!(trust_domain = %td, url = %r.bundle_endpoint_url, profile = r.profile.as_str(), error = %e, "federated bundle not updated; the last good bundle stays");
                     match self.store.fetch_bundle(&td).await {

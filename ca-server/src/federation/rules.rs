@@ -13,8 +13,9 @@ use sigil_identity::{Bundle, TrustDomain};
 pub enum Verdict {
     /// Store it: it is new (or the first).
     Store(Bundle),
-    /// The stored bundle is this one already (same sequence, same keys).
-    Unchanged,
+    /// The stored bundle is this one already (same sequence, same keys);
+    /// the fetched refresh hint still schedules the next poll.
+    Unchanged { refresh_hint: Option<Duration> },
 }
 
 /// Why a fetched bundle was refused.
@@ -79,7 +80,9 @@ pub fn check_sequence(stored: &Bundle, fetched: Bundle) -> Result<Verdict, Refus
     }
     if fetched.sequence == stored.sequence {
         return if fetched.same_authorities(stored) {
-            Ok(Verdict::Unchanged)
+            Ok(Verdict::Unchanged {
+                refresh_hint: fetched.refresh_hint,
+            })
         } else {
             Err(Refused::ChangedWithoutNewSequence {
                 sequence: fetched.sequence,
@@ -92,7 +95,8 @@ pub fn check_sequence(stored: &Bundle, fetched: Bundle) -> Result<Verdict, Refus
 /// How long to wait before the next fetch: the bundle's refresh hint
 /// ([`super::DEFAULT_REFRESH`] without one), kept within `[min, max]`.
 pub fn next_poll(hint: Option<Duration>, min: Duration, max: Duration) -> Duration {
-    hint.unwrap_or(super::DEFAULT_REFRESH).clamp(min, max.max(min))
+    hint.unwrap_or(super::DEFAULT_REFRESH)
+        .clamp(min, max.max(min))
 }
 
 #[cfg(test)]
@@ -175,9 +179,13 @@ mod tests {
     #[test]
     fn the_same_sequence_with_the_same_keys_is_unchanged() {
         let stored = bundle("td2.org", &[ca("td2.org")], 5);
+        let mut served = stored.clone();
+        served.refresh_hint = Some(Duration::from_secs(7));
         assert_eq!(
-            check(&td("td2.org"), Some(&stored), &stored.to_jwks_bytes()),
-            Ok(Verdict::Unchanged)
+            check(&td("td2.org"), Some(&stored), &served.to_jwks_bytes()),
+            Ok(Verdict::Unchanged {
+                refresh_hint: Some(Duration::from_secs(7))
+            })
         );
     }
 

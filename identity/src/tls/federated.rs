@@ -74,3 +74,69 @@ pub(super) fn bundle_for(
     }
     federated.get(&td).unwrap_or(own)
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::spiffe_id::SpiffeId;
+    use crate::tls::{SharedBundle, verify_peer};
+    use rcgen::{
+        BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+    };
+    use rustls::pki_types::UnixTime;
+
+    /// A CA of `td` (as a bundle) and a leaf for `id` it signed (DER).
+    fn pki(td: &str, id: &str) -> (Bundle, CertificateDer<'static>) {
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca = CertificateParams::default();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let td_id = format!("spiffe://{td}");
+        ca.subject_alt_names = vec![SanType::URI(td_id.as_str().try_into().unwrap())];
+        let ca_cert = ca.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::from_params(&ca, &ca_key);
+        let mut bundle = Bundle::new(TrustDomain::new(td).unwrap());
+        bundle.x509_authorities = vec![ca_cert.der().to_vec()];
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::default();
+        p.subject_alt_names = vec![SanType::URI(id.try_into().unwrap())];
+        p.is_ca = IsCa::ExplicitNoCa;
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        p.use_authority_key_identifier_extension = true;
+        p.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let leaf = p.signed_by(&key, &issuer).unwrap();
+        (bundle, leaf.der().clone())
+    }
+
+    /// A peer of a federated trust domain verifies against that trust
+    /// domain's bundle, and only when the verifier holds it.
+    #[test]
+    fn a_federated_peer_verifies_only_with_its_trust_domains_bundle() {
+        let (own, _) = pki("td1.test", "spiffe://td1.test/me");
+        let (td2, peer) = pki("td2.test", "spiffe://td2.test/peer");
+        let (td2_other, _) = pki("td2.test", "spiffe://td2.test/x");
+        let own = SharedBundle::new(own);
+        let anyone: crate::tls::Authorizer = Arc::new(|_: &SpiffeId| true);
+        let now = UnixTime::now();
+        assert!(verify_peer(&own, None, &anyone, &peer, &[], now).is_err());
+        let federated = FederatedBundles::new();
+        assert!(verify_peer(&own, Some(&federated), &anyone, &peer, &[], now).is_err());
+        federated.set([td2_other]);
+        assert!(
+            verify_peer(&own, Some(&federated), &anyone, &peer, &[], now).is_err(),
+            "another CA of td2 does not verify the peer"
+        );
+        federated.set([td2]);
+        let id = verify_peer(&own, Some(&federated), &anyone, &peer, &[], now).unwrap();
+        assert_eq!(id.as_str(), "spiffe://td2.test/peer");
+        assert_eq!(
+            federated.trust_domains(),
+            [TrustDomain::new("td2.test").unwrap()]
+        );
+    }
+}
