@@ -21,7 +21,7 @@ import jwt
 
 def fetch(url, ctx):
     with urllib.request.urlopen(url, context=ctx, timeout=10) as r:
-        return r.status, dict(r.headers), json.load(r)
+        return r.status, r.headers, json.load(r)
 
 
 def status_of(url, ctx, method="GET"):
