@@ -13,7 +13,9 @@
 //!   implementation passes.
 //! - [`registry`]: in-memory authorization index, built from the datastore's
 //!   change feed (the process's one feed loop), and change fan-out to Sync
-//!   streams and feed listeners (the CA's bundle).
+//!   streams and feed listeners (the CA's bundle); its change history is
+//!   saved when the server stops so agents resume after a restart
+//!   ([`registry::history`]).
 //! - [`agents`]: the agent lifecycle (attest, authenticate, renew, ban,
 //!   evict), one service the node and admin APIs call.
 //! - [`node_api`]: the agent-facing gRPC API over TLS 1.3.

@@ -303,6 +303,32 @@ impl State {
         self.entries.remove(&e.id);
     }
 
+    /// Appends `logged` to the change log, dropping the oldest changes
+    /// beyond [`CHANGE_LOG_LEN`].
+    fn push_log(&mut self, logged: LoggedChange) {
+        match self.log.back_mut() {
+            Some(chunk) if chunk.len() < LOG_CHUNK => Arc::make_mut(chunk).push(logged),
+            _ => self.log.push_back(Arc::new(vec![logged])),
+        }
+        self.log_len += 1;
+        while self.log_len > CHANGE_LOG_LEN {
+            let Some(oldest) = self.log.pop_front() else {
+                break;
+            };
+            self.log_len -= oldest.len();
+            if let Some(c) = oldest.last() {
+                self.log_floor = c.revision;
+            }
+        }
+    }
+
+    /// Forgets the change log: it now starts after `revision`.
+    fn reset_log(&mut self, revision: u64) {
+        self.log.clear();
+        self.log_len = 0;
+        self.log_floor = revision;
+    }
+
     /// Applies one entry change made at `revision`.
     fn apply_entry(
         &mut self,
@@ -325,20 +351,7 @@ impl State {
             ],
             alias,
         };
-        match self.log.back_mut() {
-            Some(chunk) if chunk.len() < LOG_CHUNK => Arc::make_mut(chunk).push(logged),
-            _ => self.log.push_back(Arc::new(vec![logged])),
-        }
-        self.log_len += 1;
-        while self.log_len > CHANGE_LOG_LEN {
-            let Some(oldest) = self.log.pop_front() else {
-                break;
-            };
-            self.log_len -= oldest.len();
-            if let Some(c) = oldest.last() {
-                self.log_floor = c.revision;
-            }
-        }
+        self.push_log(logged);
         let before = old
             .as_ref()
             .map(|e| self.agents_under(&e.parent_id))
@@ -480,6 +493,79 @@ impl State {
         Ok(state)
     }
 
+    /// Takes back a saved change history and appends the feed's entry
+    /// changes made after it, up to this state's revision (see
+    /// [`history`]). A history that does not connect to the feed is left
+    /// out.
+    async fn restore_history(
+        &mut self,
+        store: &dyn Datastore,
+        saved: history::Saved,
+        server_id: &SpiffeId,
+    ) -> Result<(), DatastoreError> {
+        let upto = self.revision;
+        if saved.revision > upto
+            || upto - saved.revision > CHANGE_LOG_LEN as u64
+            || store.change_floor().await? > saved.revision
+        {
+            debug!(
+                saved = saved.revision,
+                revision = upto,
+                "saved Sync history does not connect to the change feed; not used"
+            );
+            return Ok(());
+        }
+        let mut parents = history::Parents::seed(&saved.changes);
+        self.reset_log(saved.floor);
+        for c in saved.changes {
+            self.push_log(LoggedChange {
+                revision: c.revision,
+                id: c.id,
+                parents: [c.before, c.after],
+                alias: c.alias,
+            });
+        }
+        let mut from = saved.revision;
+        while from < upto {
+            let changes = store.changes(from, CATCH_UP_BATCH).await?;
+            let Some(last) = changes.last().map(|c| c.revision) else {
+                break;
+            };
+            for c in changes.iter().filter(|c| c.revision <= upto) {
+                let Some((kind, entry)) = c.as_entry() else {
+                    continue;
+                };
+                let before = match kind {
+                    ChangeKind::Created => Some(None),
+                    ChangeKind::Deleted => Some(Some(entry.parent_id.clone())),
+                    ChangeKind::Updated => parents.before(&entry.id),
+                };
+                let after = (kind != ChangeKind::Deleted).then(|| entry.parent_id.clone());
+                parents.set(entry.id.clone(), after);
+                let Some(before) = before else {
+                    // Who held the entry before is not known: no resuming
+                    // from before this change.
+                    self.reset_log(c.revision);
+                    continue;
+                };
+                let alias = entry.parent_id == *server_id || before.as_ref() == Some(server_id);
+                self.push_log(LoggedChange {
+                    revision: c.revision,
+                    id: entry.id.clone(),
+                    parents: [before, Some(entry.parent_id.clone())],
+                    alias,
+                });
+            }
+            from = last;
+        }
+        debug!(
+            floor = self.log_floor,
+            changes = self.log_len,
+            "Sync history restored"
+        );
+        Ok(())
+    }
+
     /// Applies one change of the feed (entries and agents; other kinds
     /// only move the revision).
     fn apply(&mut self, change: &Change, server_spiffe_id: &SpiffeId) {
@@ -507,8 +593,24 @@ impl Registry {
         store: Arc<dyn Datastore>,
         trust_domain: &TrustDomain,
     ) -> Result<Arc<Self>, DatastoreError> {
+        Self::load_resumable(store, trust_domain, None).await
+    }
+
+    /// [`Registry::load`], taking back the change history saved at
+    /// `history` by [`Registry::save_history`] (see [`history`]), so Sync
+    /// streams resume across the restart.
+    pub async fn load_resumable(
+        store: Arc<dyn Datastore>,
+        trust_domain: &TrustDomain,
+        history: Option<&std::path::Path>,
+    ) -> Result<Arc<Self>, DatastoreError> {
         let server_spiffe_id = SpiffeId::server(trust_domain);
-        let state = State::load(store.as_ref(), &server_spiffe_id).await?;
+        let mut state = State::load(store.as_ref(), &server_spiffe_id).await?;
+        if let Some(saved) = history.and_then(history::read) {
+            state
+                .restore_history(store.as_ref(), saved, &server_spiffe_id)
+                .await?;
+        }
         let registry = Arc::new(Self {
             store,
             server_spiffe_id,
@@ -519,6 +621,28 @@ impl Registry {
         });
         registry.catch_up().await?;
         Ok(registry)
+    }
+
+    /// Saves the change history to `path` (see [`history`]), for the next
+    /// start of the server to take back.
+    pub fn save_history(&self, path: &std::path::Path) -> std::io::Result<()> {
+        let saved = {
+            let state = self.lock();
+            let changes = state
+                .log
+                .iter()
+                .flat_map(|chunk| chunk.iter())
+                .map(|c| history::SavedChange {
+                    revision: c.revision,
+                    id: c.id.clone(),
+                    before: c.parents[0].clone(),
+                    after: c.parents[1].clone(),
+                    alias: c.alias,
+                })
+                .collect();
+            history::saved(state.log_floor, state.revision, changes)
+        };
+        history::write(path, &saved)
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -809,6 +933,8 @@ impl Registry {
         )
     }
 }
+
+pub mod history;
 
 #[cfg(test)]
 mod tests;

@@ -65,6 +65,10 @@ pub enum ServerError {
     BundleEndpoint(#[from] crate::federation::endpoint::EndpointError),
 }
 
+/// Where in the data directory the registry's change history is saved
+/// when the server stops (see `registry::history`).
+const SYNC_HISTORY_FILE: &str = "sync-history.json";
+
 /// The sockets the server serves on, bound by the caller so tests can use
 /// ephemeral ports and temporary paths.
 #[derive(Debug)]
@@ -89,6 +93,11 @@ pub async fn run(
     let apis = apis(&config, &core, catalog.attestors, listeners, stop.clone()).await?;
     let served = within_grace(apis, stop, SHUTDOWN_GRACE).await;
     background.finish(&core).await;
+    // For the next start: agents then resume their Sync streams.
+    let history = config.data_dir.join(SYNC_HISTORY_FILE);
+    if let Err(e) = core.registry.save_history(&history) {
+        warn!(path = %history.display(), error = %e, "could not save the Sync history; agents will take a full snapshot after the next start");
+    }
     served.unwrap_or(Ok(()))?;
     info!("sigil-server stopped");
     Ok(())
@@ -136,7 +145,12 @@ impl Core {
             catalog.upstream.take(),
         )
         .await?;
-        let registry = Registry::load(store.clone(), &config.trust_domain).await?;
+        let registry = Registry::load_resumable(
+            store.clone(),
+            &config.trust_domain,
+            Some(&config.data_dir.join(SYNC_HISTORY_FILE)),
+        )
+        .await?;
         // The CA follows the bundle (other replicas' publications) through
         // the registry's reading of the feed; a change between the CA's
         // start and the registry's load is read once here.

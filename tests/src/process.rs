@@ -198,8 +198,13 @@ impl Proc {
 
     /// [`Proc::launch`] for async callers.
     async fn launch_async(&mut self) -> Result<()> {
+        self.launch_within_async(LAUNCH_LIMIT).await
+    }
+
+    /// [`Proc::launch_async`] waiting up to `limit` for health.
+    async fn launch_within_async(&mut self, limit: Duration) -> Result<()> {
         self.spawn()?;
-        let healthy = poll_until_async(LAUNCH_LIMIT, || self.launch_step()).await?;
+        let healthy = poll_until_async(limit, || self.launch_step()).await?;
         self.launched(healthy)
     }
 
@@ -368,6 +373,9 @@ pub struct ServerOptions {
     /// A program (with arguments) that execs the server binary, e.g.
     /// `env VAR=value` to give it environment variables.
     pub launcher: Vec<String>,
+    /// Extra lines for the `[server]` section (e.g.
+    /// `max_connections = 100000`), which `extra` cannot add to.
+    pub server_section: String,
 }
 
 impl ServerOptions {
@@ -390,6 +398,7 @@ impl Default for ServerOptions {
             log_level: "info".into(),
             admin_mtls: false,
             launcher: Vec::new(),
+            server_section: String::new(),
         }
     }
 }
@@ -455,6 +464,12 @@ impl ServerProcess {
             admin_socket.display(),
             options.log_level,
         );
+        if !options.server_section.is_empty() {
+            toml = toml.replace(
+                "[server]\n",
+                &format!("[server]\n{}\n", options.server_section.trim_end()),
+            );
+        }
         let admin_address = if options.admin_mtls {
             let a = format!("127.0.0.1:{}", free_port()?);
             toml = toml.replace(
@@ -694,6 +709,22 @@ impl ServerProcess {
     /// running (its clients see the server go away) while it waits.
     pub async fn stop_async(&mut self) -> Result<ExitStatus> {
         self.proc_.stop_async(STOP_GRACE).await
+    }
+
+    /// [`ServerProcess::stop_async`] waiting up to `grace` (a server with
+    /// much state may take longer than the default to stop).
+    pub async fn stop_within_async(&mut self, grace: Duration) -> Result<ExitStatus> {
+        self.proc_.stop_async(grace).await
+    }
+
+    /// Starts the stopped server again on the same config and data,
+    /// waiting up to `limit` for it to become healthy (a server loading
+    /// much state may take longer than the default).
+    pub async fn start_again_within_async(&mut self, limit: Duration) -> Result<()> {
+        if self.proc_.running() {
+            bail!("the server is still running");
+        }
+        self.proc_.launch_within_async(limit).await
     }
 
     /// SIGKILL and reap.

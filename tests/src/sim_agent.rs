@@ -12,7 +12,7 @@ use sigil_agent::node::{self, Bootstrap, Connection, NodeError};
 use sigil_agent::servers::{ServerAddresses, Servers, SystemResolver};
 use sigil_attestors::join_token::JoinTokenAgent;
 use sigil_identity::attestation::AgentNodeAttestor;
-use sigil_identity::tls::{SharedBundle, SvidResolver};
+use sigil_identity::tls::{SharedBundle, SpiffeServerVerifier, SvidResolver, authorize_id};
 use sigil_identity::{Bundle, SpiffeId};
 use sigil_proto::node::{self as pb, node_client::NodeClient};
 use tonic::Status;
@@ -146,6 +146,42 @@ impl SimAgent {
         .await
         .map_err(status)?;
         Ok(conn.client)
+    }
+
+    /// A node API client at `addr` presenting this agent's SVID, on its
+    /// own connection from the local address `source` (e.g. `127.0.0.2`):
+    /// spreading many connections over several source addresses keeps
+    /// them within each address's range of ephemeral ports.
+    pub async fn client_from(
+        &self,
+        addr: &str,
+        source: std::net::IpAddr,
+    ) -> Result<NodeClient<Channel>, Status> {
+        let target: std::net::SocketAddr = addr
+            .parse()
+            .map_err(|e| Status::invalid_argument(format!("bad server address {addr:?}: {e}")))?;
+        let resolver = Arc::new(SvidResolver::new(
+            sigil_identity::tls::certified_key(&self.chain, &self.key)
+                .map_err(|e| Status::internal(format!("bad agent SVID: {e}")))?,
+        ));
+        let verifier = Arc::new(SpiffeServerVerifier::new(
+            Arc::new(SharedBundle::new(self.bundle.clone())),
+            authorize_id(SpiffeId::server(&self.bundle.trust_domain)),
+        ));
+        let tls = sigil_identity::tls::client_config(verifier, Some(resolver))
+            .map_err(|e| Status::internal(format!("TLS config: {e}")))?;
+        let dial = move || async move {
+            let socket = match target {
+                std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+                std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+            };
+            socket.bind(std::net::SocketAddr::new(source, 0))?;
+            socket.connect(target).await
+        };
+        let channel = sigil_proto::channel::node_channel_via(addr, dial, Arc::new(tls))
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        Ok(NodeClient::new(channel))
     }
 
     /// A node API client to `server` presenting this agent's SVID.

@@ -46,6 +46,15 @@ fn telemetry_section() -> Result<String> {
     Ok(format!("\n[telemetry]\nbind = \"127.0.0.1:{port}\"\n"))
 }
 
+/// `SIGIL_BENCH_SERVER_LAUNCHER`, split at spaces: a program that execs
+/// the server, e.g. `heaptrack` for a heap profile of a scenario's server
+/// (its figures then include the profiler's cost).
+fn launcher() -> Vec<String> {
+    std::env::var("SIGIL_BENCH_SERVER_LAUNCHER")
+        .map(|l| l.split_whitespace().map(str::to_owned).collect())
+        .unwrap_or_default()
+}
+
 /// A server in a temporary directory.
 #[derive(Debug)]
 pub struct Cluster {
@@ -64,6 +73,12 @@ impl Cluster {
     /// Starts a server for benchmarks with `extra` TOML (e.g. a
     /// `[datastore]` section) and logging at `log_level`.
     pub fn start_with(extra: &str, log_level: &str) -> Result<Self> {
+        Self::start_with_server(extra, log_level, "")
+    }
+
+    /// [`Cluster::start_with`], with `server_section` lines added to the
+    /// server's `[server]` section (e.g. a higher `max_connections`).
+    pub fn start_with_server(extra: &str, log_level: &str, server_section: &str) -> Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("sigil-bench-")
             .tempdir()
@@ -71,6 +86,8 @@ impl Cluster {
         let options = ServerOptions {
             extra: format!("{SERVER_EXTRA}{}\n{extra}", telemetry_section()?),
             log_level: log_level.into(),
+            server_section: server_section.to_owned(),
+            launcher: launcher(),
             ..ServerOptions::default()
         };
         let server = ServerProcess::start(&dir.path().join("server"), &options)?;

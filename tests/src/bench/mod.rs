@@ -56,6 +56,12 @@ pub struct Options {
     /// With `--datastore postgres`: a connection string to a PostgreSQL
     /// server where each scenario creates a fresh database.
     pub postgres: Option<String>,
+    /// `--agents`: simulated agents of the scale scenario (instead of its
+    /// default).
+    pub agents: Option<usize>,
+    /// `--entries`: total entries of the scale scenario, spread evenly
+    /// over its agents (instead of its default).
+    pub entries: Option<usize>,
 }
 
 impl Options {
@@ -263,6 +269,66 @@ pub fn memory(pid: u32) -> Result<(u64, u64)> {
 /// Bytes as MiB.
 pub fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
+}
+
+/// Raises this process's open-file limit to at least `want` (soft and,
+/// when needed and allowed, hard); child processes (the server) inherit
+/// it. Returns the soft limit now in force.
+pub fn raise_fd_limit(want: u64) -> Result<u64> {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let now = getrlimit(Resource::Nofile);
+    let soft = now.current.unwrap_or(u64::MAX);
+    if soft >= want {
+        return Ok(soft);
+    }
+    let hard = now.maximum.unwrap_or(u64::MAX);
+    let limit = Rlimit {
+        current: Some(want),
+        maximum: Some(hard.max(want)),
+    };
+    if let Err(e) = setrlimit(Resource::Nofile, limit) {
+        // Without the privilege to raise the hard limit, go as far as it.
+        setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: Some(hard),
+                maximum: Some(hard),
+            },
+        )
+        .map_err(|e2| anyhow::anyhow!("cannot raise the open-file limit: {e2}"))?;
+        if hard < want {
+            bail!(
+                "the open-file limit is {hard} and raising it to {want} failed ({e}); \
+                 run as root or raise `ulimit -Hn` first"
+            );
+        }
+        return Ok(hard);
+    }
+    Ok(want)
+}
+
+/// CPU time (user + system) process `pid` has used so far.
+pub fn cpu_time(pid: u32) -> Result<Duration> {
+    let path = format!("/proc/{pid}/stat");
+    let text =
+        std::fs::read_to_string(&path).map_err(|e| anyhow::anyhow!("cannot read {path}: {e}"))?;
+    // Fields after the command name (which may hold spaces) in parentheses.
+    let rest = text
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .ok_or_else(|| anyhow::anyhow!("{path}: unexpected format"))?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of stat; here 12 and 13 (0-based
+    // 11 and 12) after the state field.
+    let ticks = |i: usize| -> Result<u64> {
+        fields
+            .get(i)
+            .and_then(|f| f.parse().ok())
+            .ok_or_else(|| anyhow::anyhow!("{path}: no field {i}"))
+    };
+    let total = ticks(11)? + ticks(12)?;
+    // /proc reports in USER_HZ, which Linux fixes at 100 for user space.
+    Ok(Duration::from_millis(total * 10))
 }
 
 /// A progress line on stderr.

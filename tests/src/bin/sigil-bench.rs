@@ -43,6 +43,17 @@ struct Cli {
     /// recorded), to compare with a run without it.
     #[arg(long)]
     telemetry: bool,
+    /// Simulated agents of the scale scenario, each with its own mTLS
+    /// connection and Sync stream [default: 1000; 50 with --quick]. Many
+    /// thousands need a high open-file limit (raised here when allowed,
+    /// e.g. as root) and several loopback source addresses (used
+    /// automatically).
+    #[arg(long, value_name = "N")]
+    agents: Option<usize>,
+    /// Total entries of the scale scenario, spread evenly over its agents
+    /// [default: 100 per agent; 40 with --quick].
+    #[arg(long, value_name = "N")]
+    entries: Option<usize>,
     /// Internal: run as the probe workload of the rotation scenario.
     #[arg(long, hide = true, value_name = "SOCKET")]
     probe_socket: Option<PathBuf>,
@@ -105,7 +116,12 @@ fn run() -> Result<()> {
     let options = Options {
         quick: cli.quick,
         postgres,
+        agents: cli.agents,
+        entries: cli.entries,
     };
+    if options.agents == Some(0) {
+        bail!("--agents must be at least 1");
+    }
     sigil_tests::bench::cluster::set_telemetry(cli.telemetry);
     if cli.telemetry {
         eprintln!("sigil-bench: telemetry on (servers and agents serve /metrics)");
