@@ -174,15 +174,15 @@ pub fn check_config(
     ca_ttl: Duration,
 ) -> Result<(), String> {
     issuer_path(&section.issuer)?;
-    if let Some(iss) = jwt_issuer {
-        if iss != section.issuer {
-            return Err(format!(
-                "oidc_discovery.issuer ({:?}) differs from ca.jwt_issuer ({iss:?}): relying parties \
-                 compare a token's iss with the discovery document's issuer, so set both to the \
-                 same URL",
-                section.issuer
-            ));
-        }
+    if let Some(iss) = jwt_issuer
+        && iss != section.issuer
+    {
+        return Err(format!(
+            "oidc_discovery.issuer ({:?}) differs from ca.jwt_issuer ({iss:?}): relying parties \
+             compare a token's iss with the discovery document's issuer, so set both to the \
+             same URL",
+            section.issuer
+        ));
     }
     if section.max_age < Duration::from_secs(1) || section.max_age > ca_ttl / 6 {
         return Err(format!(
