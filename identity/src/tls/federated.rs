@@ -123,16 +123,16 @@ mod tests {
         let own = SharedBundle::new(own);
         let anyone: crate::tls::Authorizer = Arc::new(|_: &SpiffeId| true);
         let now = UnixTime::now();
-        assert!(verify_peer(&own, None, &anyone, &peer, &[], now).is_err());
+        assert!(verify_peer(&own, None, None, &anyone, &peer, &[], now).is_err());
         let federated = FederatedBundles::new();
-        assert!(verify_peer(&own, Some(&federated), &anyone, &peer, &[], now).is_err());
+        assert!(verify_peer(&own, None, Some(&federated), &anyone, &peer, &[], now).is_err());
         federated.set([td2_other]);
         assert!(
-            verify_peer(&own, Some(&federated), &anyone, &peer, &[], now).is_err(),
+            verify_peer(&own, None, Some(&federated), &anyone, &peer, &[], now).is_err(),
             "another CA of td2 does not verify the peer"
         );
         federated.set([td2]);
-        let id = verify_peer(&own, Some(&federated), &anyone, &peer, &[], now).unwrap();
+        let id = verify_peer(&own, None, Some(&federated), &anyone, &peer, &[], now).unwrap();
         assert_eq!(id.as_str(), "spiffe://td2.test/peer");
         assert_eq!(
             federated.trust_domains(),
