@@ -154,6 +154,7 @@ fn a_revoked_svid_held_is_due_for_renewal_at_once() {
             entries: vec![entry.clone()],
             removed: vec![],
             bundle: None,
+            federated_bundles: vec![],
         },
     });
     let leaf = leaf(&a, &[0x42]);
