@@ -92,8 +92,8 @@ fn verify_peer(
     chain.push(end_entity.to_vec());
     chain.extend(intermediates.iter().map(|c| c.to_vec()));
     let trusted = federated::bundle_for(bundle.get(), federated, end_entity);
-    let id = verify_svid(&chain, &trusted, to_system_time(now))
-        .map_err(|e: SvidError| reject(e))?;
+    let id =
+        verify_svid(&chain, &trusted, to_system_time(now)).map_err(|e: SvidError| reject(e))?;
     if let Some(crls) = crls {
         let revoked = crls.get();
         if chain.iter().any(|c| revoked.is_revoked(c)) {
