@@ -92,7 +92,7 @@ fn federated(context: &spiffe::X509Context, own: &SpiffeId) -> Vec<Bundle> {
         .bundle_set()
         .iter()
         .filter_map(|(td, b)| {
-            let td = sigil_identity::TrustDomain::new(&td.to_string()).ok()?;
+            let td = sigil_identity::TrustDomain::new(td.as_ref()).ok()?;
             if td == own.trust_domain() {
                 return None;
             }
