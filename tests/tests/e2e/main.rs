@@ -24,3 +24,4 @@ mod register;
 mod remote_admin;
 mod revocation;
 mod rotation;
+mod x509_revoke;
