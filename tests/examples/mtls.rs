@@ -8,6 +8,12 @@
 //! copied into the live TLS configuration: the next handshake uses it, with
 //! no restart.
 //!
+//! The `spiffe` crate's source does not carry the CRLs the Workload API
+//! sends beside the bundles, so a second stream (`FetchX509Bundles`, with
+//! Sigil's own Workload API client) follows them: each set of CRLs that an
+//! authority of the bundle signed is swapped into both verifiers, and a
+//! revoked peer certificate is refused at the next handshake.
+//!
 //! ```sh
 //! export SPIFFE_ENDPOINT_SOCKET=unix:///path/to/agent/api.sock
 //! cargo run -p sigil-tests --example mtls -- server --listen 127.0.0.1:8443 \
@@ -30,9 +36,10 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Parser, Subcommand};
+use sigil_identity::crl::{Revoked, SharedCrls};
 use sigil_identity::tls::{
-    FederatedBundles, SharedBundle, SpiffeClientVerifier, SpiffeServerVerifier, SvidResolver,
-    authorize_id, certified_key, client_config, server_config,
+    Authorizer, FederatedBundles, SharedBundle, SpiffeClientVerifier, SpiffeServerVerifier,
+    SvidResolver, certified_key, client_config, server_config,
 };
 use sigil_identity::{Bundle, SpiffeId};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -50,9 +57,10 @@ struct Cli {
     /// The SPIFFE ID this process presents (one of its SVIDs).
     #[arg(long)]
     id: SpiffeId,
-    /// The only SPIFFE ID accepted from the peer.
-    #[arg(long)]
-    allow: SpiffeId,
+    /// A SPIFFE ID accepted from the peer (repeat to accept several; no
+    /// other is accepted).
+    #[arg(long, required = true)]
+    allow: Vec<SpiffeId>,
     #[command(subcommand)]
     role: Role,
 }
@@ -84,6 +92,10 @@ struct Identity {
     bundle: Arc<SharedBundle>,
     /// The bundles of the other trust domains the Workload API gives.
     federated: Arc<FederatedBundles>,
+    /// The revoked serials both verifiers check.
+    revoked: Arc<SharedCrls>,
+    /// The DER CRLs last received, re-verified when the bundle changes.
+    crls: std::sync::Mutex<Vec<Vec<u8>>>,
 }
 
 /// The X.509 bundles of trust domains other than `own` in `context`.
@@ -157,6 +169,8 @@ impl Identity {
             resolver: Arc::new(SvidResolver::new(key)),
             bundle: Arc::new(SharedBundle::new(bundle)),
             federated,
+            revoked: Arc::new(SharedCrls::default()),
+            crls: std::sync::Mutex::new(Vec::new()),
         });
         let live = identity.clone();
         tokio::spawn(async move {
@@ -167,6 +181,7 @@ impl Identity {
                         live.resolver.set(key);
                         live.bundle.set(Arc::new(bundle));
                         live.federated.set(others);
+                        live.check_crls();
                         eprintln!("identity {id}: rotated to serial {serial}");
                     }
                     Err(e) => eprintln!("identity {id}: update not usable: {e:#}"),
@@ -175,6 +190,53 @@ impl Identity {
         });
         Ok(identity)
     }
+
+    /// Takes the CRLs last received that an authority of the current
+    /// bundle signed.
+    fn check_crls(&self) {
+        let crls = self.crls.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let bundle = self.bundle.get();
+        let (revoked, errors) = Revoked::verified(&crls, &bundle);
+        for e in errors {
+            eprintln!("a CRL was not taken: {e}");
+        }
+        eprintln!("CRLs: {} of {} verified", revoked.issuers(), crls.len());
+        self.revoked.set(revoked);
+    }
+
+    /// Follows the CRLs of the Workload API's `FetchX509Bundles` stream
+    /// (reconnecting after a pause if it ends).
+    fn follow_crls(self: &Arc<Self>, socket: &str) {
+        let path = std::path::PathBuf::from(socket.strip_prefix("unix://").unwrap_or(socket));
+        let live = self.clone();
+        tokio::spawn(async move {
+            loop {
+                if let Err(e) = live.read_crls(&path).await {
+                    eprintln!("CRL stream: {e:#}");
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
+    }
+
+    async fn read_crls(&self, socket: &std::path::Path) -> Result<()> {
+        use sigil_agent::workload_client::{connect, request};
+        let mut client = connect(socket).await?;
+        let mut stream = client
+            .fetch_x509_bundles(request(sigil_proto::workload::X509BundlesRequest {}))
+            .await?
+            .into_inner();
+        while let Some(reply) = stream.message().await? {
+            *self.crls.lock().unwrap_or_else(|p| p.into_inner()) = reply.crl;
+            self.check_crls();
+        }
+        bail!("the agent ended the X.509 bundle stream")
+    }
+}
+
+/// Accepts exactly the SPIFFE IDs of `allow`.
+fn authorize_any(allow: Vec<SpiffeId>) -> Authorizer {
+    Arc::new(move |id: &SpiffeId| allow.contains(id))
 }
 
 /// The peer's SPIFFE ID and certificate serial after a handshake.
@@ -192,12 +254,13 @@ fn peer(certs: Option<&[rustls::pki_types::CertificateDer<'_>]>) -> Result<(Spif
 async fn serve(
     identity: Arc<Identity>,
     me: SpiffeId,
-    allow: SpiffeId,
+    allow: Vec<SpiffeId>,
     listen: SocketAddr,
 ) -> Result<()> {
     let verifier = Arc::new(
-        SpiffeClientVerifier::new(identity.bundle.clone(), authorize_id(allow), true)
-            .with_federated(identity.federated.clone()),
+        SpiffeClientVerifier::new(identity.bundle.clone(), authorize_any(allow), true)
+            .with_federated(identity.federated.clone())
+            .with_crls(identity.revoked.clone()),
     );
     let mut config = server_config(identity.resolver.clone(), verifier)?;
     config.alpn_protocols = vec![ALPN.to_vec()];
@@ -264,14 +327,15 @@ async fn request(
 
 async fn client(
     identity: Arc<Identity>,
-    allow: SpiffeId,
+    allow: Vec<SpiffeId>,
     to: SocketAddr,
     count: u64,
     interval: Duration,
 ) -> Result<()> {
     let verifier = Arc::new(
-        SpiffeServerVerifier::new(identity.bundle.clone(), authorize_id(allow))
-            .with_federated(identity.federated.clone()),
+        SpiffeServerVerifier::new(identity.bundle.clone(), authorize_any(allow))
+            .with_federated(identity.federated.clone())
+            .with_crls(identity.revoked.clone()),
     );
     let mut config = client_config(verifier, Some(identity.resolver.clone()))?;
     config.alpn_protocols = vec![ALPN.to_vec()];
@@ -306,6 +370,7 @@ async fn main() -> Result<()> {
         .await
         .map_err(|e| anyhow!("cannot reach the Workload API at {}: {e}", cli.socket))?;
     let identity = Identity::follow(Arc::new(source), cli.id.clone())?;
+    identity.follow_crls(&cli.socket);
     match cli.role {
         Role::Server { listen } => serve(identity, cli.id, cli.allow, listen).await,
         Role::Client {

@@ -26,3 +26,4 @@ mod register;
 mod remote_admin;
 mod revocation;
 mod rotation;
+mod x509_revoke;
