@@ -317,7 +317,7 @@ fn https_web_federation_and_bad_bundles_are_refused() {
     // The fake td3 endpoint (its own local CA), serving a good bundle first.
     let fake = rt.block_on(sigil_test_fakes::start());
     let td3_ca = ca_of(TD3);
-    fake.route("/bundle", 200, jwks(TD3, &[td3_ca.clone()], 5));
+    fake.route("/bundle", 200, jwks(TD3, std::slice::from_ref(&td3_ca), 5));
     let mut roots = ca_cert.pem();
     roots.push_str(&sigil_identity::pem::encode("CERTIFICATE", &fake.ca_der));
     std::fs::write(web.join("roots.pem"), roots).unwrap();
