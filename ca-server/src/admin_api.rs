@@ -8,6 +8,7 @@
 
 mod authority;
 pub mod mtls;
+mod revoke;
 
 use std::collections::{BTreeSet, HashMap};
 use std::os::unix::fs::MetadataExt;
@@ -803,7 +804,7 @@ impl Admin for AdminApi {
         req: Request<pb::RevokeX509SvidRequest>,
     ) -> Result<Response<pb::RevokeX509SvidResponse>, Status> {
         let caller = self.caller(&req)?;
-        crate::revocation::admin_revoke(self, &caller, req.into_inner())
+        revoke::admin_revoke(self, &caller, req.into_inner())
             .await
             .map(Response::new)
     }

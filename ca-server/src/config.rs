@@ -602,7 +602,12 @@ impl ServerConfig {
         }
         cfg.read_connection_file()?;
         cfg.validate()?;
-        crate::federation::validate_config(&cfg).map_err(ConfigError::Invalid)?;
+        crate::federation::validate_config(
+            &cfg.trust_domain,
+            &cfg.federation,
+            cfg.bundle_endpoint.as_ref(),
+        )
+        .map_err(ConfigError::Invalid)?;
         Ok(cfg)
     }
 

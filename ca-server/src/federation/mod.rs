@@ -35,7 +35,6 @@ use sigil_identity::{Bundle, SpiffeId, TrustDomain};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::config::ServerConfig;
 use crate::datastore::{Change, Changed, Datastore};
 use crate::registry::ChangeListener;
 
@@ -158,9 +157,13 @@ mod opt_human {
     }
 }
 
-/// Checks the federation parts of `cfg`; the message names the setting.
-pub fn validate_config(cfg: &ServerConfig) -> Result<(), String> {
-    let f = &cfg.federation;
+/// Checks the `[federation]` and `[bundle_endpoint]` sections of the
+/// server `own` trust domain; the message names the setting.
+pub fn validate_config(
+    own: &TrustDomain,
+    f: &FederationSection,
+    bundle_endpoint: Option<&BundleEndpointSection>,
+) -> Result<(), String> {
     if f.min_refresh.is_zero() || f.min_refresh > f.max_refresh {
         return Err(format!(
             "federation.min_refresh ({:?}) must be above zero and at most federation.max_refresh ({:?})",
@@ -170,7 +173,7 @@ pub fn validate_config(cfg: &ServerConfig) -> Result<(), String> {
     let mut seen = BTreeSet::new();
     for r in &f.federates_with {
         let td = &r.trust_domain;
-        if *td == cfg.trust_domain {
+        if td == own {
             return Err(format!(
                 "federation.federates_with: {td} is this server's own trust domain"
             ));
@@ -196,7 +199,7 @@ pub fn validate_config(cfg: &ServerConfig) -> Result<(), String> {
             _ => {}
         }
     }
-    if let Some(e) = &cfg.bundle_endpoint {
+    if let Some(e) = bundle_endpoint {
         match (e.profile, &e.cert_file, &e.key_file) {
             (ProfileKind::HttpsWeb, Some(_), Some(_)) | (ProfileKind::HttpsSpiffe, None, None) => {}
             (ProfileKind::HttpsWeb, _, _) => {
